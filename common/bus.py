@@ -1,0 +1,124 @@
+"""NATS connection and the JetStream topology (streams, consumers, buckets), created idempotently
+by whichever process starts first."""
+
+from __future__ import annotations
+
+import logging
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError
+from nats.js.kv import KeyValue
+
+from common import subjects
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_PAYLOAD = 1024 * 1024  # NATS' default; tensors never travel in messages
+
+
+async def connect(settings: Settings, name: str) -> NATS:
+    """Connect to the configured NATS (credentials from settings), reconnecting forever."""
+    if not settings.nats_url:
+        raise RuntimeError("no NATS server: set NATS_URL or run `lego up`")
+    options: dict = {"name": name, "max_reconnect_attempts": -1, "reconnect_time_wait": 0.5}
+    if settings.nats_user:
+        options["user"] = settings.nats_user
+        options["password"] = settings.nats_password
+    if settings.nats_creds_file:
+        options["user_credentials"] = str(settings.nats_creds_file)
+    return await nats.connect(settings.nats_url, **options)
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        await js.add_stream(config)
+    except BadRequestError:
+        await js.update_stream(config)  # exists with other settings: bring it to ours
+
+
+async def ensure_topology(js: JetStreamContext, settings: Settings) -> dict[str, KeyValue]:
+    """Create the streams and buckets if missing; returns the buckets by name."""
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=subjects.REQUESTS_STREAM,
+            subjects=[subjects.REQUESTS_SUBJECT],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            max_msg_size=MAX_PAYLOAD,
+            duplicate_window=120.0,
+        ),
+    )
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=subjects.TASKS_STREAM,
+            subjects=[subjects.TASKS_WILDCARD],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            max_msg_size=MAX_PAYLOAD,
+            duplicate_window=120.0,
+        ),
+    )
+    await _ensure_stream(
+        js,
+        StreamConfig(
+            name=subjects.RESULTS_STREAM,
+            subjects=[subjects.RESULTS_WILDCARD],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=settings.result_ttl_s,
+            max_msgs_per_subject=1,
+        ),
+    )
+    buckets = {
+        subjects.STATE_BUCKET: settings.result_ttl_s,
+        subjects.WORKFLOW_BUCKET: None,
+        subjects.JOIN_BUCKET: settings.tensor_ttl_s,
+        subjects.CANCEL_BUCKET: settings.tensor_ttl_s,
+    }
+    out = {}
+    for bucket, ttl in buckets.items():
+        try:
+            out[bucket] = await js.key_value(bucket)
+        except Exception:  # noqa: BLE001 - nats-py raises BucketNotFoundError or NotFoundError
+            out[bucket] = await js.create_key_value(
+                KeyValueConfig(bucket=bucket, ttl=ttl, history=1, storage=StorageType.FILE)
+            )
+    return out
+
+
+def consumer_config(durable: str, subject: str, settings: Settings) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=durable,
+        filter_subject=subject,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_wait=settings.ack_wait_s,
+        max_deliver=settings.max_deliver,
+        max_ack_pending=settings.max_ack_pending,
+    )
+
+
+async def pull_subscription(
+    js: JetStreamContext, stream: str, durable: str, subject: str, settings: Settings
+) -> JetStreamContext.PullSubscription:
+    """Bind to the durable pull consumer shared by every replica, creating it if needed."""
+    config = consumer_config(durable, subject, settings)
+    try:
+        await js.add_consumer(stream, config)
+    except BadRequestError:
+        log.debug("consumer %s exists with other settings; keeping it", durable)
+    return await js.pull_subscribe_bind(durable=durable, stream=stream)

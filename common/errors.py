@@ -1,0 +1,111 @@
+"""The one error hierarchy, and how each error maps to JetStream acks and HTTP statuses.
+
+    LegoError
+    ├── RequestError            the client's fault: never retried        -> term, HTTP 4xx
+    │   ├── InvalidField        a field out of its limits               -> 422
+    │   ├── PayloadTooLarge     body or image over its byte limit       -> 413
+    │   ├── UnknownWorkflow     no such workflow                        -> 404
+    │   └── NotFound            no such request / image                 -> 404
+    ├── Conflict                e.g. an id reused for another request    -> 409
+    ├── RetryableError          transient (a store hiccup, a model OOM)  -> nak with backoff
+    └── TerminalError           will fail again on any replica           -> term, request failed
+
+An exception that is not a LegoError raised by a model is treated as retryable until the task
+has been delivered max_deliver times; then the request fails with that error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class LegoError(Exception):
+    code = "internal"
+    http_status = 500
+    retryable = False
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, **self.details}
+
+
+class RequestError(LegoError):
+    code = "invalid_request"
+    http_status = 400
+
+
+class InvalidField(RequestError):
+    """A field is missing, malformed or out of range; names the field and the limit."""
+
+    code = "invalid_field"
+    http_status = 422
+
+    def __init__(self, field: str, message: str, limit: Any = None) -> None:
+        details: dict[str, Any] = {"field": field}
+        if limit is not None:
+            details["limit"] = limit
+        super().__init__(f"{field}: {message}", **details)
+        self.field = field
+
+
+class InvalidRequest(RequestError):
+    """Several field errors at once (every bad field is reported, not just the first)."""
+
+    code = "invalid_request"
+    http_status = 422
+
+    def __init__(self, errors: list[InvalidField]) -> None:
+        details: dict[str, Any] = {"errors": [e.to_dict() for e in errors]}
+        if len(errors) == 1:  # the common case reads like a single field error
+            details.update({k: v for k, v in errors[0].details.items()})
+        super().__init__("; ".join(e.message for e in errors), **details)
+        self.errors = errors
+
+
+class PayloadTooLarge(RequestError):
+    code = "payload_too_large"
+    http_status = 413
+
+    def __init__(self, field: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"{field}: {size} bytes exceed the limit of {limit} bytes",
+            field=field,
+            limit=limit,
+        )
+
+
+class UnknownWorkflow(RequestError):
+    code = "unknown_workflow"
+    http_status = 404
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(
+            f"workflow: unknown workflow {name!r}; known: {', '.join(sorted(known)) or 'none'}",
+            field="workflow",
+            known=sorted(known),
+        )
+
+
+class NotFound(RequestError):
+    code = "not_found"
+    http_status = 404
+
+
+class Conflict(LegoError):
+    code = "conflict"
+    http_status = 409
+
+
+class RetryableError(LegoError):
+    code = "retryable"
+    http_status = 503
+    retryable = True
+
+
+class TerminalError(LegoError):
+    code = "node_error"
+    http_status = 500

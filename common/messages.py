@@ -1,0 +1,193 @@
+"""Every wire message, as typed msgspec structs encoded as JSON. No pickle, ever.
+
+A client in any language needs two shapes (their JSON Schemas: ``lego schema``):
+
+- a generation request, published to ``lego.requests`` or POSTed to ``/v1/generations``: a flat
+  JSON object ``{"workflow": "txt2img", "prompt": "...", "seed": 1, ...}``; besides ``workflow``
+  and an optional client-chosen ``id``, every key is a parameter of the workflow;
+- ``RequestState``: the reply to a request, the body of ``GET /v1/generations/{id}`` and the
+  completion event on ``lego.results.<id>``.
+
+Everything else here travels between our own processes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import msgspec
+
+Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+
+#: keys of a generation request that are not workflow parameters
+ENVELOPE_KEYS: frozenset[str] = frozenset({"id", "workflow"})
+
+
+class TensorRef(msgspec.Struct, frozen=True):
+    """Where a tensor's bytes are: only this travels, the bytes stay in the store."""
+
+    store: str
+    key: str
+    dtype: str
+    shape: list[int]
+    nbytes: int
+
+
+class ErrorInfo(msgspec.Struct, omit_defaults=True):
+    code: str
+    message: str
+    node: str | None = None
+    field: str | None = None
+    limit: Any = None
+    details: dict[str, Any] = {}
+
+
+class NodeTiming(msgspec.Struct):
+    """One node's part of a request: how long its task waited, ran and moved tensors."""
+
+    node: str
+    pool: str
+    replica: str
+    queue_ms: float
+    run_ms: float
+    io_ms: float
+    attempt: int = 1
+    batch: int = 1
+
+
+class PlanNode(msgspec.Struct):
+    """A node of a compiled workflow. ``inputs`` maps an input name to ``"<node>.<output>"`` or
+    ``"request.<param>"`` (a tensor the ingress stored, such as an uploaded image)."""
+
+    kind: str
+    pool: str
+    op: str
+    inputs: dict[str, str] = {}
+
+
+class Plan(msgspec.Struct):
+    """The compiled DAG of one request; it travels with every task so nodes stay stateless."""
+
+    nodes: dict[str, PlanNode]
+    output: str  # "<node>.<output>": the finished image
+
+    @property
+    def output_node(self) -> str:
+        return self.output.split(".", 1)[0]
+
+    def predecessors(self, node: str) -> set[str]:
+        return {
+            src.split(".", 1)[0]
+            for src in self.nodes[node].inputs.values()
+            if not src.startswith("request.")
+        }
+
+    def successors(self, node: str) -> list[str]:
+        return [name for name in self.nodes if node in self.predecessors(name)]
+
+    def roots(self) -> list[str]:
+        return [name for name in self.nodes if not self.predecessors(name)]
+
+
+class Task(msgspec.Struct, omit_defaults=True):
+    """One unit of work for one pool: run ``plan.nodes[node]`` for ``request_id``."""
+
+    request_id: str
+    workflow: str
+    node: str
+    plan: Plan
+    params: dict[str, Any]
+    inputs: dict[str, TensorRef]
+    submitted_at: float
+    published_at: float
+    request_tensors: dict[str, TensorRef] = {}  # tensors the ingress stored (uploaded images)
+    meta: dict[str, Any] = {}
+    timings: list[NodeTiming] = []
+
+
+def merge_meta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Merge node metadata: warnings accumulate, other keys from ``b`` win."""
+    merged = {**a, **b}
+    warnings = [*a.get("warnings", []), *(w for w in b.get("warnings", []) if w not in
+                                             a.get("warnings", []))]
+    if warnings:
+        merged["warnings"] = warnings
+    return merged
+
+
+class JoinState(msgspec.Struct):
+    """Partial inputs of a node with several predecessors, kept in KV until all arrived."""
+
+    arrived: list[str]
+    inputs: dict[str, TensorRef]
+    meta: dict[str, Any]
+    timings: list[NodeTiming]
+
+
+class RequestState(msgspec.Struct, omit_defaults=True):
+    """Everything known about one request; lives in KV ``lego-requests``."""
+
+    id: str
+    workflow: str
+    status: Status
+    created_at: float
+    updated_at: float
+    params: dict[str, Any] = {}
+    warnings: list[str] = []
+    meta: dict[str, Any] = {}
+    timings: list[NodeTiming] = []
+    error: ErrorInfo | None = None
+    image: TensorRef | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+class ReplicaStatus(msgspec.Struct):
+    """What a replica reports about itself, once a second and when it changes state."""
+
+    replica: str
+    pool: str
+    kind: str
+    model: str
+    state: Literal["starting", "ready", "draining", "stopped"]
+    held: int
+    max_batch: int
+    load_s: float
+    tasks_done: int
+    tasks_failed: int
+    batches: int
+    batch_items: int
+    at: float
+
+
+class Progress(msgspec.Struct):
+    id: str
+    node: str
+    step: int
+    total: int
+
+
+def now() -> float:
+    return time.time()
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(message: msgspec.Struct | dict[str, Any]) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode(data: bytes, kind: type[msgspec.Struct]) -> Any:
+    """Decode ``data`` as ``kind``; raises msgspec.ValidationError / DecodeError when malformed."""
+    return msgspec.json.decode(data, type=kind)
+
+
+def json_schema(kind: type[msgspec.Struct]) -> dict[str, Any]:
+    return msgspec.json.schema(kind)

@@ -1,0 +1,42 @@
+"""What request validation needs to know about a model, read from its directory (tokenizer and
+config files only; no weights): token counts for truncation warnings, the native image size."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from common.models import (
+    component_config,
+    count_tokens,
+    load_tokenizer,
+    resolve_model_dir,
+    vae_scale_factor,
+)
+
+
+class LocalModelInfo:
+    """``common.workflow.ModelInfo`` over model directories on this host."""
+
+    def __init__(self, cache_dir: Path) -> None:
+        self.cache_dir = cache_dir
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019 - one instance per process
+    def _dir(self, model: str) -> Path:
+        return resolve_model_dir(model, self.cache_dir)
+
+    def count_tokens(self, model: str, text: str) -> tuple[int, int]:
+        tokenizer = load_tokenizer(self._dir(model))
+        return count_tokens(tokenizer, text), int(tokenizer.model_max_length)
+
+    @functools.lru_cache(maxsize=64)  # noqa: B019
+    def native_size(self, model: str) -> tuple[int, int]:
+        """As diffusers picks it when width/height are omitted: unet sample_size x VAE scale."""
+        model_dir = self._dir(model)
+        sample = component_config(model_dir, "unet")["sample_size"]
+        if isinstance(sample, list | tuple):
+            height, width = sample
+        else:
+            height = width = sample
+        scale = vae_scale_factor(model_dir)
+        return width * scale, height * scale

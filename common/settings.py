@@ -1,0 +1,112 @@
+"""One typed settings object per process, read once at start-up and passed down.
+
+Values come from keyword arguments, then ``LEGO_*`` environment variables (plus the usual
+``NATS_URL`` and ``REDIS_URL``), then an optional TOML/JSON/YAML config file named by
+``LEGO_CONFIG``. Nothing else in the code base reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "legodiffusion"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LEGO_", extra="ignore", frozen=True, populate_by_name=True
+    )
+
+    # --- servers -----------------------------------------------------------------------------
+    nats_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("NATS_URL", "LEGO_NATS_URL"),
+        description="NATS server with JetStream; None: `lego up` starts an embedded one.",
+    )
+    nats_user: str | None = None
+    nats_password: str | None = None
+    nats_creds_file: Path | None = None
+    redis_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("REDIS_URL", "LEGO_REDIS_URL"),
+        description="Redis for tensors; None: the host shared-memory store.",
+    )
+
+    # --- tensor store ------------------------------------------------------------------------
+    shm_root: Path = Path("/dev/shm/legodiffusion")
+    tensor_ttl_s: float = Field(900.0, gt=0, description="safety net for intermediate tensors")
+    result_ttl_s: float = Field(3600.0, gt=0, description="how long finished images are kept")
+
+    # --- models ------------------------------------------------------------------------------
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    base_model: str = Field(
+        "builtin:tiny-sd",
+        description="model directory used by the shipped workflows (a diffusers SD 1.x/2.x dir)",
+    )
+    upscaler_model: str = "builtin:tiny-upscaler"
+    device: str = "cpu"
+    torch_threads: int = Field(1, ge=1, description="intra-op threads per node process")
+
+    # --- delivery ----------------------------------------------------------------------------
+    ack_wait_s: float = Field(30.0, gt=0)
+    max_deliver: int = Field(3, ge=1)
+    max_ack_pending: int = Field(64, ge=1)
+    retry_backoff_s: float = Field(0.5, ge=0)
+    max_batch: int = Field(8, ge=1, description="default max batch of a node")
+    drain_timeout_s: float = Field(120.0, gt=0)
+
+    # --- gateway -----------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
+
+    # --- stack -------------------------------------------------------------------------------
+    run_dir: Path = Field(
+        default_factory=lambda: _default_cache_dir() / "run",
+        description="where a running `lego up` leaves its address for other lego commands",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @property
+    def store_kind(self) -> Literal["shm", "redis"]:
+        return "redis" if self.redis_url else "shm"
+
+    def child_env(self) -> dict[str, str]:
+        """Environment that hands these settings to a child process."""
+        env = dict(os.environ)
+        for name, value in self.model_dump().items():
+            if value is None:
+                env.pop(f"LEGO_{name.upper()}", None)
+                continue
+            env[f"LEGO_{name.upper()}"] = str(value)
+        env.pop("NATS_URL", None)
+        env.pop("REDIS_URL", None)
+        return env
+
+
+def load_settings(config_file: Path | str | None = None, **overrides: object) -> Settings:
+    """Settings from (lowest first) defaults, a config file, the environment, then overrides.
+
+    The config file is YAML or JSON with the field names of ``Settings``; ``LEGO_CONFIG`` names
+    one when ``config_file`` is not given.
+    """
+    import yaml
+
+    from_env = Settings()
+    path = config_file or os.environ.get("LEGO_CONFIG")
+    values: dict[str, object] = {}
+    if path:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path}: expected a mapping of setting names")
+        values.update(loaded)
+    values.update({name: getattr(from_env, name) for name in from_env.model_fields_set})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings.model_validate(values)

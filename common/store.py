@@ -1,0 +1,238 @@
+"""The tensor store: intermediate tensors and finished images live here, only refs travel.
+
+Two stores behind one interface:
+
+- ``ShmStore``: files in a host shared-memory directory (``/dev/shm``); a read maps the file
+  copy-on-write, so it costs no copy whatever the size. One host.
+- ``RedisStore``: Redis keys with a TTL. Several hosts.
+
+Format: the raw bytes of a contiguous tensor; dtype and shape travel in the ``TensorRef``. No
+pickle, so a store can never execute code on a reader.
+
+Keys are ``<area>/<request id>/<name>``; ``area`` is ``tmp`` (intermediates, deleted when the
+request ends) or ``out`` (finished images, kept ``result_ttl_s``). Everything under one
+``<area>/<request id>`` group is deleted at once, and expires by itself after its TTL if nobody
+deletes it (the safety net when a process dies).
+"""
+
+from __future__ import annotations
+
+import abc
+import mmap
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from common.messages import TensorRef
+from common.settings import Settings
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "uint8": torch.uint8,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+AREAS = ("tmp", "out")
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of ``tensor`` (copied only if it is not contiguous on the CPU)."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def tensor_from_buffer(buffer: object, dtype: str, shape: list[int]) -> torch.Tensor:
+    """A tensor over ``buffer`` without copying it."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}")
+    if len(memoryview(buffer)) == 0:  # type: ignore[arg-type]
+        return torch.empty(shape, dtype=_DTYPES[dtype])
+    with warnings.catch_warnings():
+        # Redis hands back immutable bytes; readers never write to inputs.
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.frombuffer(buffer, dtype=torch.uint8)  # type: ignore[arg-type]
+    return raw.view(_DTYPES[dtype]).reshape(shape)
+
+
+def dtype_name(tensor: torch.Tensor) -> str:
+    return _DTYPE_NAMES[tensor.dtype]
+
+
+def _check_key(key: str) -> tuple[str, str]:
+    parts = key.split("/")
+    if len(parts) < 3 or parts[0] not in AREAS or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"bad tensor key {key!r}: expected <tmp|out>/<request id>/<name>")
+    return parts[0], parts[1]
+
+
+class TensorStore(abc.ABC):
+    kind: str = ""
+
+    @abc.abstractmethod
+    async def put(self, key: str, tensor: torch.Tensor, ttl_s: float) -> TensorRef:
+        """Store ``tensor`` under ``key`` (overwriting: re-running a task is harmless)."""
+
+    @abc.abstractmethod
+    async def get(self, ref: TensorRef) -> torch.Tensor:
+        """The tensor ``ref`` points at; ``KeyError`` when it is gone."""
+
+    @abc.abstractmethod
+    async def delete_group(self, area: str, request_id: str) -> int:
+        """Delete every tensor of ``<area>/<request id>``; returns how many were deleted."""
+
+    @abc.abstractmethod
+    async def keys(self) -> list[str]:
+        """Every key currently stored (for tests and leak checks)."""
+
+    async def sweep(self) -> int:
+        """Delete expired groups where the backend has no TTL of its own."""
+        return 0
+
+    async def close(self) -> None:
+        return None
+
+    def _ref(self, key: str, tensor: torch.Tensor, nbytes: int) -> TensorRef:
+        return TensorRef(
+            store=self.kind, key=key, dtype=dtype_name(tensor), shape=list(tensor.shape),
+            nbytes=nbytes,
+        )
+
+    def _check_ref(self, ref: TensorRef) -> None:
+        if ref.store != self.kind:
+            raise ValueError(f"tensor {ref.key} is in the {ref.store!r} store, not {self.kind!r}")
+
+
+class ShmStore(TensorStore):
+    """Tensors as files in a shared-memory directory; reads are copy-free maps."""
+
+    kind = "shm"
+
+    def __init__(self, root: Path, tensor_ttl_s: float, result_ttl_s: float) -> None:
+        self.root = Path(root)
+        self.ttl_s = {"tmp": tensor_ttl_s, "out": result_ttl_s}
+        for area in AREAS:
+            (self.root / area).mkdir(parents=True, exist_ok=True)
+
+    async def put(self, key: str, tensor: torch.Tensor, ttl_s: float) -> TensorRef:
+        _check_key(key)
+        data = tensor_bytes(tensor)
+        path = self.root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # readers never see a half-written tensor
+        return self._ref(key, tensor, len(data))
+
+    async def get(self, ref: TensorRef) -> torch.Tensor:
+        self._check_ref(ref)
+        _check_key(ref.key)
+        try:
+            with open(self.root / ref.key, "rb") as f:
+                if ref.nbytes == 0:
+                    return tensor_from_buffer(b"", ref.dtype, ref.shape)
+                buffer = mmap.mmap(f.fileno(), ref.nbytes, access=mmap.ACCESS_COPY)
+        except FileNotFoundError:
+            raise KeyError(ref.key) from None
+        return tensor_from_buffer(buffer, ref.dtype, ref.shape)
+
+    async def delete_group(self, area: str, request_id: str) -> int:
+        group = self.root / area / request_id
+        count = sum(1 for p in group.rglob("*") if p.is_file()) if group.exists() else 0
+        shutil.rmtree(group, ignore_errors=True)
+        return count
+
+    async def keys(self) -> list[str]:
+        return sorted(
+            str(p.relative_to(self.root))
+            for area in AREAS
+            for p in (self.root / area).rglob("*")
+            if p.is_file()
+        )
+
+    async def sweep(self) -> int:
+        removed = 0
+        now = time.time()
+        for area in AREAS:
+            for group in (self.root / area).iterdir():
+                try:
+                    expired = group.stat().st_mtime < now - self.ttl_s[area]
+                except FileNotFoundError:
+                    continue
+                if expired:
+                    shutil.rmtree(group, ignore_errors=True)
+                    removed += 1
+        return removed
+
+
+class RedisStore(TensorStore):
+    """Tensors as Redis strings with a TTL, indexed per request group for deletion."""
+
+    kind = "redis"
+    PREFIX = "lego:t:"
+
+    def __init__(self, url: str) -> None:
+        import redis.asyncio as redis
+
+        self.client = redis.Redis.from_url(url)
+
+    def _index(self, area: str, request_id: str) -> str:
+        return f"lego:idx:{area}/{request_id}"
+
+    async def put(self, key: str, tensor: torch.Tensor, ttl_s: float) -> TensorRef:
+        area, request_id = _check_key(key)
+        data = tensor_bytes(tensor)
+        ttl_ms = int(ttl_s * 1000)
+        index = self._index(area, request_id)
+        async with self.client.pipeline(transaction=False) as pipe:
+            pipe.set(self.PREFIX + key, data, px=ttl_ms)
+            pipe.sadd(index, key)
+            pipe.pexpire(index, ttl_ms)
+            await pipe.execute()
+        return self._ref(key, tensor, len(data))
+
+    async def get(self, ref: TensorRef) -> torch.Tensor:
+        self._check_ref(ref)
+        data = await self.client.get(self.PREFIX + ref.key)
+        if data is None:
+            raise KeyError(ref.key)
+        return tensor_from_buffer(data, ref.dtype, ref.shape)
+
+    async def delete_group(self, area: str, request_id: str) -> int:
+        index = self._index(area, request_id)
+        members = await self.client.smembers(index)
+        keys = [self.PREFIX + m.decode() for m in members]
+        deleted = await self.client.delete(*keys) if keys else 0
+        await self.client.delete(index)
+        return int(deleted)
+
+    async def keys(self) -> list[str]:
+        found = [k.decode()[len(self.PREFIX) :] async for k in self.client.scan_iter(
+            match=self.PREFIX + "*", count=1000)]
+        return sorted(found)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def open_store(settings: Settings) -> TensorStore:
+    """The store the settings ask for: Redis when a URL is set, else shared memory."""
+    if settings.redis_url:
+        return RedisStore(settings.redis_url)
+    return ShmStore(settings.shm_root, settings.tensor_ttl_s, settings.result_ttl_s)
+
+
+def tensor_key(area: str, request_id: str, *names: str) -> str:
+    return "/".join((area, request_id, *names))

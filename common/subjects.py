@@ -1,0 +1,87 @@
+"""Every NATS subject, stream, consumer and key-value bucket name. No other module spells one.
+
+    lego.requests                 stream LEGO_REQUESTS (work queue), durable consumer "ingress":
+                                  generation requests from the gateway or straight from clients
+    lego.tasks.<pool>             stream LEGO_TASKS (work queue), one durable pull consumer per
+                                  pool: the tasks of one model node type
+    lego.results.<request id>     stream LEGO_RESULTS (kept result_ttl): one completion event
+    lego.progress.<request id>    core NATS: per-step progress, best effort
+    lego.replicas.<pool>          core NATS: every replica's status, once a second
+    KV lego-requests              request state, any gateway replica answers from it
+    KV lego-workflows             registered workflow specs (added at run time)
+    KV lego-joins                 rendezvous of DAG joins (a node with several inputs)
+    KV lego-cancels               cancelled request ids, watched by every node
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+REQUESTS_STREAM = "LEGO_REQUESTS"
+REQUESTS_SUBJECT = "lego.requests"
+INGRESS_CONSUMER = "ingress"
+
+TASKS_STREAM = "LEGO_TASKS"
+TASKS_WILDCARD = "lego.tasks.>"
+
+RESULTS_STREAM = "LEGO_RESULTS"
+RESULTS_WILDCARD = "lego.results.>"
+
+PROGRESS_WILDCARD = "lego.progress.>"
+REPLICAS_WILDCARD = "lego.replicas.>"
+
+STATE_BUCKET = "lego-requests"
+WORKFLOW_BUCKET = "lego-workflows"
+JOIN_BUCKET = "lego-joins"
+CANCEL_BUCKET = "lego-cancels"
+
+# JetStream publishes this when a task exhausted max_deliver without an ack (e.g. every replica
+# that took it was killed): the ingress turns it into a failed request instead of a silent drop.
+MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{TASKS_STREAM}.*"
+
+_TOKEN = re.compile(r"[^a-z0-9-]+")
+
+
+def pool_name(kind: str, model: str) -> str:
+    """Name of the replica pool serving ``kind`` for ``model`` (a model spec or path).
+
+    Every workflow that uses the same model for the same node type lands on the same pool.
+    """
+    base = model.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1].lower()
+    digest = hashlib.sha1(model.encode()).hexdigest()[:8]
+    slug = _TOKEN.sub("-", base).strip("-")[:40] or "model"
+    return f"{kind}-{slug}-{digest}"
+
+
+def task_subject(pool: str) -> str:
+    return f"lego.tasks.{pool}"
+
+
+def pool_consumer(pool: str) -> str:
+    return f"pool-{pool}"
+
+
+def result_subject(request_id: str) -> str:
+    return f"lego.results.{request_id}"
+
+
+def progress_subject(request_id: str) -> str:
+    return f"lego.progress.{request_id}"
+
+
+def replica_subject(pool: str) -> str:
+    return f"lego.replicas.{pool}"
+
+
+def task_msg_id(request_id: str, node: str) -> str:
+    """Nats-Msg-Id of a task: a re-published task (a replica died before acking) is dropped."""
+    return f"{request_id}:{node}"
+
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def valid_request_id(request_id: str) -> bool:
+    """Ids become subject tokens and store keys, so only a safe alphabet is allowed."""
+    return bool(_REQUEST_ID.match(request_id))

@@ -1,0 +1,152 @@
+"""Request state and the end of a request's life, shared by the ingress, the nodes and the gateway.
+
+State lives in the JetStream KV bucket ``lego-requests`` (so any gateway replica answers for any
+request, and a restart loses nothing). Every change is a compare-and-set, so concurrent writers
+(two branches of a DAG, a cancel racing a finish) never overwrite each other, and a request ends
+exactly once: whoever moves it to a terminal status publishes the completion event and deletes
+its intermediate tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from common import subjects
+from common.messages import (
+    ErrorInfo,
+    NodeTiming,
+    RequestState,
+    Status,
+    TensorRef,
+    decode,
+    encode,
+    now,
+)
+from common.store import TensorStore
+
+log = logging.getLogger(__name__)
+
+
+class RequestTracker:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        buckets: dict[str, KeyValue],
+        store: TensorStore,
+    ) -> None:
+        self.js = js
+        self.states = buckets[subjects.STATE_BUCKET]
+        self.cancels = buckets[subjects.CANCEL_BUCKET]
+        self.store = store
+
+    async def get(self, request_id: str) -> RequestState | None:
+        try:
+            entry = await self.states.get(request_id)
+        except KeyNotFoundError:
+            return None
+        if not entry.value:
+            return None
+        return decode(entry.value, RequestState)
+
+    async def create(self, state: RequestState) -> bool:
+        """Store a new request; False when the id is taken (an idempotent re-submission)."""
+        try:
+            await self.states.create(state.id, encode(state))
+        except KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def update(
+        self, request_id: str, change: Callable[[RequestState], RequestState | None]
+    ) -> RequestState | None:
+        """Apply ``change`` with compare-and-set, retrying on conflicts. ``change`` returns the
+        new state, or None to leave it as it is (then None is returned)."""
+        while True:
+            try:
+                entry = await self.states.get(request_id)
+            except KeyNotFoundError:
+                return None
+            state = decode(entry.value, RequestState)
+            new = change(state)
+            if new is None:
+                return None
+            new.updated_at = now()
+            try:
+                await self.states.update(request_id, encode(new), last=entry.revision)
+            except KeyWrongLastSequenceError:
+                continue
+            return new
+
+    async def mark_running(self, request_id: str) -> None:
+        def change(state: RequestState) -> RequestState | None:
+            if state.status != "queued":
+                return None
+            state.status = "running"
+            state.started_at = now()
+            return state
+
+        await self.update(request_id, change)
+
+    async def finish(
+        self,
+        request_id: str,
+        status: Status,
+        *,
+        error: ErrorInfo | None = None,
+        image: TensorRef | None = None,
+        meta: dict | None = None,
+        timings: list[NodeTiming] | None = None,
+    ) -> RequestState | None:
+        """End the request once: the first caller wins, later ones get None.
+
+        Publishes the completion event and deletes the request's intermediate tensors (and its
+        image unless it succeeded)."""
+
+        def change(state: RequestState) -> RequestState | None:
+            if state.done:
+                return None
+            state.status = status
+            state.finished_at = now()
+            state.started_at = state.started_at or state.finished_at
+            state.error = error
+            state.image = image
+            if meta:
+                state.meta.update(meta)
+                state.warnings = sorted({*state.warnings, *meta.get("warnings", [])})
+            if timings:
+                state.timings = timings
+            return state
+
+        final = await self.update(request_id, change)
+        if final is None:
+            return None
+        if status == "cancelled":
+            await self.cancels.put(request_id, b"1")
+        await self.publish_result(final)
+        await self.cleanup(request_id, keep_image=status == "succeeded")
+        return final
+
+    async def publish_result(self, state: RequestState) -> None:
+        await self.js.publish(
+            subjects.result_subject(state.id),
+            encode(state),
+            headers={"Nats-Msg-Id": f"{state.id}:result"},
+        )
+
+    async def cleanup(self, request_id: str, keep_image: bool) -> None:
+        await self.store.delete_group("tmp", request_id)
+        if not keep_image:
+            await self.store.delete_group("out", request_id)
+
+    async def cancel(self, request_id: str) -> RequestState | None:
+        """Cancel a request that has not ended; nodes drop its work at the next step boundary."""
+        return await self.finish(
+            request_id,
+            "cancelled",
+            error=ErrorInfo(code="cancelled", message="cancelled by the client"),
+        )

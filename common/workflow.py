@@ -1,0 +1,349 @@
+"""Workflows: a DAG of model nodes with typed parameters, validated and compiled to a Plan.
+
+A workflow file (YAML or JSON) names its models (diffusers directories or ``builtin:`` specs),
+its parameters with defaults and limits, its nodes (a node kind on a model) with the edges
+between them, and which node output is the finished image. This module is pure: no NATS, no
+torch. Validation raises ``InvalidRequest`` naming every bad field and its limit.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from common.errors import InvalidField, InvalidRequest, PayloadTooLarge
+from common.messages import ENVELOPE_KEYS, Plan, PlanNode
+from common.subjects import pool_name
+
+BUILTIN_DIR = Path(__file__).parent / "workflows"
+
+
+@dataclass(frozen=True)
+class KindSpec:
+    """The interface of a node kind: its op, the tensors it takes and makes, the params it reads."""
+
+    op: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    optional_inputs: tuple[str, ...] = ()
+
+
+KINDS: dict[str, KindSpec] = {
+    "text_encoder": KindSpec("encode", (), ("prompt_embeds",)),
+    "denoiser": KindSpec(
+        "denoise", ("prompt_embeds",), ("latents",), ("image_latents", "generator_state")
+    ),
+    "vae_encoder": KindSpec("encode_image", ("image",), ("image_latents", "generator_state")),
+    "vae_decoder": KindSpec("decode", ("latents",), ("image",)),
+    "safety_checker": KindSpec("check", ("image",), ("image",)),
+    "upscaler": KindSpec("upscale", ("latents",), ("latents",)),
+}
+
+
+class ParamSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["string", "integer", "number", "boolean", "image"]
+    description: str = ""
+    required: bool = False
+    default: Any = None
+    minimum: float | None = None
+    maximum: float | None = None
+    multiple_of: int | None = None
+    max_length: int | None = Field(None, description="characters, for strings")
+    choices: list[Any] | None = None
+    max_bytes: int | None = Field(None, description="decoded bytes, for images")
+    max_pixels: int | None = Field(None, description="width x height, for images")
+    min_side: int = Field(8, description="pixels, for images")
+    tokenizer: str | None = Field(
+        None, description="model whose tokenizer limits this prompt (reports truncation)"
+    )
+    random: bool = Field(False, description="pick a random value when absent (seeds)")
+    default_from: str | None = Field(
+        None, description="model whose native image size is the default (width, height)"
+    )
+
+
+class NodeSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str
+    model: str
+    inputs: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _known_kind(self) -> NodeSpec:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown node kind {self.kind!r}; known: {', '.join(KINDS)}")
+        return self
+
+
+class WorkflowSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    description: str = ""
+    models: dict[str, str]
+    params: dict[str, ParamSpec]
+    nodes: dict[str, NodeSpec]
+    output: str
+    #: seconds one request takes alone; deadlines default to a multiple of it
+    solo_latency_s: float | None = None
+
+    @model_validator(mode="after")
+    def _check_graph(self) -> WorkflowSpec:
+        for name, node in self.nodes.items():
+            if node.model not in self.models:
+                raise ValueError(f"node {name}: unknown model {node.model!r}")
+            kind = KINDS[node.kind]
+            allowed = set(kind.inputs) | set(kind.optional_inputs)
+            missing = set(kind.inputs) - set(node.inputs)
+            if missing:
+                raise ValueError(f"node {name}: missing inputs {sorted(missing)}")
+            for input_name, source in node.inputs.items():
+                if input_name not in allowed:
+                    raise ValueError(f"node {name}: {node.kind} has no input {input_name!r}")
+                self._check_source(f"node {name} input {input_name}", source)
+        self._check_source("output", self.output)
+        self._check_acyclic()
+        return self
+
+    def _check_source(self, where: str, source: str) -> None:
+        head, _, tail = source.partition(".")
+        if head == "request":
+            spec = self.params.get(tail)
+            if spec is None or spec.type != "image":
+                raise ValueError(f"{where}: {source!r} must name an image parameter")
+            return
+        if head not in self.nodes:
+            raise ValueError(f"{where}: {source!r} names no node")
+        if tail not in KINDS[self.nodes[head].kind].outputs:
+            raise ValueError(f"{where}: node {head} has no output {tail!r}")
+
+    def _check_acyclic(self) -> None:
+        state: dict[str, int] = {}
+
+        def visit(name: str) -> None:
+            if state.get(name) == 1:
+                raise ValueError(f"workflow has a cycle through node {name}")
+            if state.get(name) == 2:
+                return
+            state[name] = 1
+            for source in self.nodes[name].inputs.values():
+                head = source.split(".", 1)[0]
+                if head != "request":
+                    visit(head)
+            state[name] = 2
+
+        for name in self.nodes:
+            visit(name)
+
+    def pools(self) -> dict[str, tuple[str, str]]:
+        """pool name -> (node kind, model spec) for every node of this workflow."""
+        return {
+            pool_name(node.kind, self.models[node.model]): (node.kind, self.models[node.model])
+            for node in self.nodes.values()
+        }
+
+    def compile(self) -> Plan:
+        return Plan(
+            nodes={
+                name: PlanNode(
+                    kind=node.kind,
+                    pool=pool_name(node.kind, self.models[node.model]),
+                    op=KINDS[node.kind].op,
+                    inputs=dict(node.inputs),
+                )
+                for name, node in self.nodes.items()
+            },
+            output=self.output,
+        )
+
+
+def parse_workflow(data: dict[str, Any] | str | bytes) -> WorkflowSpec:
+    """A WorkflowSpec from a mapping or YAML/JSON text; ``InvalidRequest`` when malformed."""
+    if isinstance(data, str | bytes):
+        try:
+            data = yaml.safe_load(data)
+        except yaml.YAMLError as exc:
+            raise InvalidRequest([InvalidField("workflow", f"not YAML or JSON: {exc}")]) from None
+    if not isinstance(data, dict):
+        raise InvalidRequest([InvalidField("workflow", "expected a mapping")])
+    try:
+        return WorkflowSpec.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidRequest(
+            [
+                InvalidField(".".join(str(p) for p in err["loc"]) or "workflow", err["msg"])
+                for err in exc.errors()
+            ]
+        ) from None
+
+
+def builtin_workflows(models: dict[str, str] | None = None) -> dict[str, WorkflowSpec]:
+    """The shipped workflows, with their named models replaced by ``models`` where given."""
+    found = {}
+    for path in sorted(BUILTIN_DIR.glob("*.yaml")):
+        spec = parse_workflow(path.read_text())
+        if models:
+            replaced = {k: models.get(k, v) for k, v in spec.models.items()}
+            spec = spec.model_copy(update={"models": replaced})
+        found[spec.name] = spec
+    return found
+
+
+# --- request validation ---------------------------------------------------------------------
+
+class ModelInfo(Protocol):
+    """What validation needs to know about a model; supplied by the caller (it owns the files)."""
+
+    def count_tokens(self, model: str, text: str) -> tuple[int, int]:
+        """(tokens in ``text``, the model's token limit)."""
+        ...
+
+    def native_size(self, model: str) -> tuple[int, int]:
+        """(width, height) the model makes by default, as diffusers picks it."""
+        ...
+
+
+@dataclass
+class ValidRequest:
+    """A request that passed validation: JSON-safe params, decoded images, warnings."""
+
+    params: dict[str, Any]
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def validate_params(
+    spec: WorkflowSpec, raw: dict[str, Any], models: ModelInfo | None = None
+) -> ValidRequest:
+    """Check every parameter against its limits; every problem is reported, each naming the
+    field and the limit. Absent parameters take their defaults; seeds are drawn here so a
+    retried task reproduces the same image."""
+    errors: list[InvalidField] = []
+    out = ValidRequest(params={})
+    for key in raw:
+        if key not in spec.params and key not in ENVELOPE_KEYS:
+            errors.append(
+                InvalidField(
+                    key, f"unknown parameter for workflow {spec.name!r}",
+                    limit=sorted(spec.params),
+                )
+            )
+    for name, p in spec.params.items():
+        value = raw.get(name)
+        if value is None:
+            if p.required:
+                errors.append(InvalidField(name, "is required"))
+            elif p.random:
+                out.params[name] = secrets.randbelow(int(p.maximum or 2**32) + 1)
+            elif p.default_from and models is not None:
+                width, height = models.native_size(spec.models[p.default_from])
+                out.params[name] = height if name == "height" else width
+            elif p.default is not None:
+                out.params[name] = p.default
+            continue
+        try:
+            if p.type == "image":
+                image = _check_image(name, p, value)
+                out.images[name] = image
+                out.params[name] = {"width": image.shape[1], "height": image.shape[0]}
+            else:
+                out.params[name] = _check_scalar(name, p, value)
+                if p.tokenizer and models is not None and isinstance(value, str):
+                    count, limit = models.count_tokens(spec.models[p.tokenizer], value)
+                    if count > limit:
+                        out.warnings.append(
+                            f"{name}: {count} tokens exceed the model's limit of {limit}; "
+                            f"truncated to {limit} as diffusers does"
+                        )
+        except InvalidField as exc:
+            errors.append(exc)
+    if errors:
+        raise InvalidRequest(errors)
+    return out
+
+
+def _check_scalar(name: str, p: ParamSpec, value: Any) -> Any:
+    if p.type == "string":
+        if not isinstance(value, str):
+            raise InvalidField(name, "must be a string")
+        if p.max_length is not None and len(value) > p.max_length:
+            raise InvalidField(
+                name, f"{len(value)} characters exceed the limit of {p.max_length}", p.max_length
+            )
+    elif p.type == "boolean":
+        if not isinstance(value, bool):
+            raise InvalidField(name, "must be true or false")
+    else:
+        integer = p.type == "integer"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidField(name, "must be an integer" if integer else "must be a number")
+        if integer and isinstance(value, float):
+            if not value.is_integer():
+                raise InvalidField(name, "must be an integer")
+            value = int(value)
+        if not integer:
+            value = float(value)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise InvalidField(name, "must be a finite number")
+        if p.minimum is not None and value < p.minimum:
+            raise InvalidField(name, f"{value} is below the minimum of {_num(p.minimum)}",
+                               _num(p.minimum))
+        if p.maximum is not None and value > p.maximum:
+            raise InvalidField(name, f"{value} is above the maximum of {_num(p.maximum)}",
+                               _num(p.maximum))
+        if p.multiple_of and value % p.multiple_of:
+            raise InvalidField(name, f"{value} is not a multiple of {p.multiple_of}",
+                               p.multiple_of)
+    if p.choices is not None and value not in p.choices:
+        raise InvalidField(name, f"{value!r} is not one of {p.choices}", p.choices)
+    return value
+
+
+def _num(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x
+
+
+def _check_image(name: str, p: ParamSpec, value: Any) -> np.ndarray:
+    """Decode a base64 (or data: URL) PNG/JPEG/WebP into an RGB uint8 array (H, W, 3)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(value, str):
+        raise InvalidField(name, "must be a base64-encoded image (PNG, JPEG or WebP)")
+    if value.startswith("data:"):
+        value = value.partition(",")[2]
+    if p.max_bytes is not None and len(value) * 3 // 4 > p.max_bytes + 3:
+        raise PayloadTooLarge(name, len(value) * 3 // 4, p.max_bytes)  # type: ignore[arg-type]
+    try:
+        data = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidField(name, "is not valid base64") from None
+    if p.max_bytes is not None and len(data) > p.max_bytes:
+        raise PayloadTooLarge(name, len(data), p.max_bytes)  # type: ignore[arg-type]
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if p.max_pixels is not None and width * height > p.max_pixels:
+                raise InvalidField(
+                    name, f"{width}x{height} pixels exceed the limit of {p.max_pixels}",
+                    p.max_pixels,
+                )
+            if min(width, height) < p.min_side:
+                raise InvalidField(
+                    name, f"{width}x{height} is smaller than {p.min_side} pixels a side",
+                    p.min_side,
+                )
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        raise InvalidField(name, "is not a PNG, JPEG or WebP image") from None

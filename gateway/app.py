@@ -1,0 +1,314 @@
+"""The REST gateway (FastAPI). Requests go through the same ingress code as direct NATS clients;
+state is read from the KV bucket, so any replica answers for any request.
+
+    POST   /v1/generations               202 {id, status, ...}: queued
+    GET    /v1/generations/{id}          the request's state (?wait=S waits for the end)
+    GET    /v1/generations/{id}/image    the finished image as PNG
+    DELETE /v1/generations/{id}          cancel; nodes drop its work at the next step
+    GET    /v1/workflows                 registered workflows
+    POST   /v1/workflows                 register a workflow (YAML or JSON) at run time
+    GET    /healthz, /readyz             liveness, readiness
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from common import bus, subjects
+from common.errors import (
+    Conflict,
+    InvalidField,
+    InvalidRequest,
+    LegoError,
+    NotFound,
+    PayloadTooLarge,
+)
+from common.messages import Progress, RequestState, decode, encode, json_schema
+from common.modelinfo import LocalModelInfo
+from common.settings import Settings
+from common.store import open_store
+from common.tracking import RequestTracker
+from common.workflow import WorkflowSpec, builtin_workflows, parse_workflow
+from gateway.ingress import DIGEST_HEADER, Ingress, request_digest
+from gateway.registry import WorkflowRegistry
+
+log = logging.getLogger(__name__)
+
+GENERATION_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": (
+        "A generation request: `workflow` (default txt2img), an optional client-chosen `id` "
+        "(idempotency key), and the workflow's parameters (see GET /v1/workflows)."
+    ),
+    "properties": {
+        "id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+        "workflow": {"type": "string", "default": "txt2img"},
+        "prompt": {"type": "string"},
+        "negative_prompt": {"type": "string"},
+        "width": {"type": "integer"},
+        "height": {"type": "integer"},
+        "steps": {"type": "integer"},
+        "guidance": {"type": "number"},
+        "seed": {"type": "integer"},
+        "strength": {"type": "number"},
+        "image": {"type": "string", "description": "base64 PNG/JPEG/WebP (img2img)"},
+    },
+    "additionalProperties": True,
+}
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    content = encode(body) if not isinstance(body, bytes) else body
+    return Response(content, status_code=status, media_type="application/json", headers=headers)
+
+
+def error_response(exc: LegoError) -> JSONResponse:
+    return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status)
+
+
+class Gateway:
+    """The gateway's connections and shared state, opened in the app's lifespan."""
+
+    def __init__(self, settings: Settings, seed_workflows: dict[str, WorkflowSpec] | None,
+                 run_ingress: bool) -> None:
+        self.settings = settings
+        self.seed_workflows = seed_workflows
+        self.run_ingress = run_ingress
+        self.progress: OrderedDict[str, Progress] = OrderedDict()
+        self.ready = False
+
+    async def start(self) -> None:
+        settings = self.settings
+        self.nc = await bus.connect(settings, name="gateway")
+        self.js = self.nc.jetstream()
+        self.buckets = await bus.ensure_topology(self.js, settings)
+        self.store = open_store(settings)
+        self.tracker = RequestTracker(self.js, self.buckets, self.store)
+        self.registry = WorkflowRegistry(self.buckets[subjects.WORKFLOW_BUCKET])
+        await self.registry.start(self.seed_workflows)
+        self.ingress = Ingress(
+            settings, self.js, self.registry, self.tracker, self.store,
+            LocalModelInfo(settings.cache_dir / "models"),
+        )
+        self.progress_sub = await self.nc.subscribe(
+            subjects.PROGRESS_WILDCARD, cb=self._on_progress
+        )
+        self.stop_event = asyncio.Event()
+        self.ingress_task = (
+            asyncio.create_task(self.ingress.serve(self.stop_event)) if self.run_ingress else None
+        )
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        self.stop_event.set()
+        if self.ingress_task:
+            await self.ingress_task
+        await self.registry.stop()
+        await self.store.close()
+        await self.nc.drain()
+
+    async def _on_progress(self, msg: Any) -> None:
+        progress = decode(msg.data, Progress)
+        self.progress[progress.id] = progress
+        self.progress.move_to_end(progress.id)
+        while len(self.progress) > 10_000:
+            self.progress.popitem(last=False)
+
+    async def state(self, request_id: str) -> RequestState:
+        state = await self.tracker.get(request_id)
+        if state is None:
+            raise NotFound(f"id: no request {request_id!r}", field="id")
+        return state
+
+    async def wait(self, request_id: str, timeout_s: float) -> RequestState:
+        """The state once the request has ended, or as it is after ``timeout_s``."""
+        state = await self.state(request_id)
+        if state.done or timeout_s <= 0:
+            return state
+        watcher = await self.buckets[subjects.STATE_BUCKET].watch(request_id)
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for entry in watcher:
+                    if entry is not None and entry.value:
+                        state = decode(entry.value, RequestState)
+                        if state.done:
+                            break
+        except TimeoutError:
+            pass
+        finally:
+            await watcher.stop()
+        return state
+
+    def view(self, state: RequestState) -> dict[str, Any]:
+        """The public JSON of a request: its state, progress and links."""
+        body = orjson.loads(encode(state))
+        body.get("meta", {}).pop("digest", None)
+        progress = self.progress.get(state.id)
+        if progress and not state.done:
+            body["progress"] = {"node": progress.node, "step": progress.step,
+                                "total": progress.total}
+        body["links"] = {"self": f"/v1/generations/{state.id}"}
+        if state.status == "succeeded":
+            body["links"]["image"] = f"/v1/generations/{state.id}/image"
+        return body
+
+
+def create_app(
+    settings: Settings,
+    seed_workflows: dict[str, WorkflowSpec] | None = None,
+    run_ingress: bool = True,
+) -> FastAPI:
+    """The gateway app. ``seed_workflows`` are registered at start (``lego up`` passes the
+    shipped ones); ``run_ingress`` also consumes ``lego.requests`` in this process."""
+    gw = Gateway(settings, seed_workflows, run_ingress)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gw.start()
+        yield
+        await gw.stop()
+
+    app = FastAPI(
+        title="LegoDiffusion",
+        version="0.1.0",
+        description="Text-to-image workflows micro-served as model nodes on NATS JetStream.",
+        lifespan=lifespan,
+    )
+    app.state.gateway = gw
+
+    @app.exception_handler(LegoError)
+    async def _lego_error(request: Request, exc: LegoError) -> JSONResponse:
+        return error_response(exc)
+
+    async def read_json(request: Request) -> Any:
+        limit = settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge("body", int(declared), limit)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise PayloadTooLarge("body", len(body), limit)
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidRequest([InvalidField("body", f"not valid JSON: {exc}")]) from None
+
+    @app.post(
+        "/v1/generations",
+        status_code=202,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": GENERATION_SCHEMA}},
+            }
+        },
+        responses={202: {"description": "queued",
+                         "content": {"application/json": {"schema": json_schema(RequestState)}}},
+                   404: {"description": "unknown workflow"},
+                   409: {"description": "id reused for another request"},
+                   413: {"description": "body or image too large"},
+                   422: {"description": "a field out of its limits"}},
+    )
+    async def create_generation(request: Request) -> Response:
+        raw = await read_json(request)
+        request_id, spec, valid = gw.ingress.parse(raw)
+        digest = request_digest(spec.name, {k: v for k, v in raw.items() if k != "id"})
+        state, created = await gw.ingress.accept(request_id, spec, valid, digest)
+        if created:
+            pinned = gw.ingress.pinned({**raw, "id": request_id}, spec, valid)
+            await gw.js.publish(
+                subjects.REQUESTS_SUBJECT,
+                orjson.dumps(pinned),
+                headers={"Nats-Msg-Id": request_id, DIGEST_HEADER: digest},
+            )
+        return _json(gw.view(state), status=202,
+                     headers={"Location": f"/v1/generations/{request_id}"})
+
+    @app.get("/v1/generations/{request_id}")
+    async def get_generation(request_id: str, wait: float = 0.0) -> Response:
+        if not 0 <= wait <= 60:
+            raise InvalidRequest([InvalidField("wait", "must be between 0 and 60 seconds", 60)])
+        return _json(gw.view(await gw.wait(request_id, wait)))
+
+    @app.get("/v1/generations/{request_id}/image",
+             responses={200: {"content": {"image/png": {}}}})
+    async def get_image(request_id: str) -> Response:
+        state = await gw.state(request_id)
+        if state.status != "succeeded" or state.image is None:
+            raise Conflict(f"request {request_id} is {state.status}; no image", status=state.status)
+        try:
+            pixels = await gw.store.get(state.image)
+        except KeyError:
+            raise NotFound(f"the image of {request_id} has expired") from None
+        return Response(encode_png(pixels.numpy()), media_type="image/png")
+
+    @app.delete("/v1/generations/{request_id}")
+    async def cancel_generation(request_id: str) -> Response:
+        state = await gw.state(request_id)
+        if state.done:
+            raise Conflict(f"request {request_id} already {state.status}", status=state.status)
+        cancelled = await gw.tracker.cancel(request_id)
+        return _json(gw.view(cancelled or await gw.state(request_id)))
+
+    @app.get("/v1/workflows")
+    async def list_workflows() -> Response:
+        return _json({"workflows": [_workflow_view(s) for s in gw.registry.all().values()]})
+
+    @app.post("/v1/workflows", status_code=201)
+    async def add_workflow(request: Request) -> Response:
+        body = await request.body()
+        if len(body) > settings.max_body_bytes:
+            raise PayloadTooLarge("body", len(body), settings.max_body_bytes)
+        spec = parse_workflow(body)
+        await gw.registry.add(spec)
+        return _json(_workflow_view(spec), status=201)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        ok = gw.ready and gw.nc.is_connected
+        return _json({"ready": ok}, status=200 if ok else 503)
+
+    return app
+
+
+def _workflow_view(spec: WorkflowSpec) -> dict[str, Any]:
+    body = spec.model_dump(exclude_defaults=True)
+    body["pools"] = sorted(spec.pools())
+    return body
+
+
+def encode_png(pixels: Any) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[0]).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def serve(settings: Settings, seed_builtin: bool = False) -> None:
+    """Run the gateway (with an ingress consumer) until interrupted."""
+    import uvicorn
+
+    seed = builtin_workflows(
+        {"base": settings.base_model, "upscaler": settings.upscaler_model}
+    ) if seed_builtin else None
+    app = create_app(settings, seed)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+

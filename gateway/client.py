@@ -1,0 +1,161 @@
+"""A small Python client: over HTTP (``LegoClient``) or straight over NATS (``NatsClient``)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import orjson
+
+from common import subjects
+from common.messages import Progress, RequestState, decode
+from common.settings import Settings
+
+ProgressCallback = Callable[[dict[str, Any]], None]
+
+
+class LegoError(RuntimeError):
+    """The gateway refused a request or the request failed; ``body`` is the error JSON."""
+
+    def __init__(self, status: int, body: Any) -> None:
+        error = body.get("error", body) if isinstance(body, dict) else body
+        message = error.get("message", str(error)) if isinstance(error, dict) else str(error)
+        super().__init__(f"HTTP {status}: {message}" if status else message)
+        self.status = status
+        self.body = body
+
+
+class LegoClient:
+    """Talks to a gateway over HTTP."""
+
+    def __init__(self, base_url: str, timeout_s: float = 30.0) -> None:
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> LegoClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check(self, response: httpx.Response) -> httpx.Response:
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+            except ValueError:
+                body = {"message": response.text}
+            raise LegoError(response.status_code, body)
+        return response
+
+    def submit(self, workflow: str = "txt2img", **params: Any) -> dict[str, Any]:
+        body = {"workflow": workflow, **{k: v for k, v in params.items() if v is not None}}
+        return self._check(self.http.post("/v1/generations", json=body)).json()
+
+    def status(self, request_id: str, wait_s: float = 0.0) -> dict[str, Any]:
+        response = self.http.get(
+            f"/v1/generations/{request_id}", params={"wait": wait_s},
+            timeout=wait_s + 30,
+        )
+        return self._check(response).json()
+
+    def image(self, request_id: str) -> bytes:
+        return self._check(self.http.get(f"/v1/generations/{request_id}/image")).content
+
+    def cancel(self, request_id: str) -> dict[str, Any]:
+        return self._check(self.http.delete(f"/v1/generations/{request_id}")).json()
+
+    def workflows(self) -> list[dict[str, Any]]:
+        return self._check(self.http.get("/v1/workflows")).json()["workflows"]
+
+    def add_workflow(self, spec: dict[str, Any] | str) -> dict[str, Any]:
+        content = spec if isinstance(spec, str) else orjson.dumps(spec)
+        return self._check(self.http.post("/v1/workflows", content=content)).json()
+
+    def wait(
+        self, request_id: str, timeout_s: float = 600.0, on_progress: ProgressCallback | None = None
+    ) -> dict[str, Any]:
+        """Poll (long-polling 1 s at a time) until the request ends; report progress on the way."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            state = self.status(request_id, wait_s=1.0)
+            if on_progress is not None:
+                on_progress(state)
+            if state["status"] in ("succeeded", "failed", "cancelled"):
+                return state
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"request {request_id} still {state['status']}")
+
+    def generate(
+        self, workflow: str = "txt2img", *, timeout_s: float = 600.0,
+        on_progress: ProgressCallback | None = None, **params: Any,
+    ) -> tuple[dict[str, Any], bytes]:
+        """Submit, wait, and return (final state, PNG bytes); raises LegoError on failure."""
+        accepted = self.submit(workflow, **params)
+        state = self.wait(accepted["id"], timeout_s, on_progress)
+        if state["status"] != "succeeded":
+            raise LegoError(0, state.get("error") or state)
+        return state, self.image(accepted["id"])
+
+
+class NatsClient:
+    """Publishes requests straight to ``lego.requests`` and reads results from NATS; reads the
+    image from the tensor store named in the result (same host: shm; else Redis)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    async def __aenter__(self) -> NatsClient:
+        from common.bus import connect
+        from common.store import open_store
+
+        self.nc = await connect(self.settings, name="lego-client")
+        self.js = self.nc.jetstream()
+        self.store = open_store(self.settings)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.store.close()
+        await self.nc.drain()
+
+    async def generate(
+        self, request: dict[str, Any], timeout_s: float = 600.0,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> RequestState:
+        """Publish ``request`` (a generation request JSON object) and wait for its result."""
+        request = {"id": uuid.uuid4().hex, **request}
+        request_id = request["id"]
+        done: asyncio.Future[RequestState] = asyncio.get_running_loop().create_future()
+
+        async def on_result(msg: Any) -> None:
+            if not done.done():
+                done.set_result(decode(msg.data, RequestState))
+
+        async def on_step(msg: Any) -> None:
+            if on_progress is not None:
+                on_progress(decode(msg.data, Progress))
+
+        subs = [
+            await self.nc.subscribe(subjects.result_subject(request_id), cb=on_result),
+            await self.nc.subscribe(subjects.progress_subject(request_id), cb=on_step),
+        ]
+        try:
+            await self.js.publish(
+                subjects.REQUESTS_SUBJECT, orjson.dumps(request),
+                headers={"Nats-Msg-Id": request_id},
+            )
+            return await asyncio.wait_for(done, timeout_s)
+        finally:
+            for sub in subs:
+                await sub.unsubscribe()
+
+    async def image(self, state: RequestState) -> Any:
+        """The finished image as a (1, H, W, 3) uint8 tensor."""
+        if state.image is None:
+            raise LegoError(0, state.error.message if state.error else state.status)
+        return await self.store.get(state.image)

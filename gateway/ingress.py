@@ -1,0 +1,274 @@
+"""The one ingress path. Every request, POSTed to the gateway or published straight to
+``lego.requests``, is validated and planned here; the ingress then records its state and
+publishes the tasks of the workflow's root nodes. Nodes take it from there.
+
+Direct NATS clients publish the request JSON (see ``common.messages``) to ``lego.requests``,
+optionally with a ``Lego-Reply-To`` header naming a subject for the acceptance (or the error),
+and read the outcome from ``lego.results.<id>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import uuid
+from typing import Any
+
+import orjson
+import torch
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
+
+from common import bus, subjects
+from common.errors import Conflict, InvalidField, InvalidRequest, LegoError
+from common.messages import ErrorInfo, RequestState, Task, decode, encode, now
+from common.settings import Settings
+from common.store import TensorStore, tensor_key
+from common.tracking import RequestTracker
+from common.workflow import ModelInfo, ValidRequest, WorkflowSpec, validate_params
+from gateway.registry import WorkflowRegistry
+
+log = logging.getLogger(__name__)
+
+REPLY_HEADER = "Lego-Reply-To"
+#: set by the gateway, which already accepted the request under this content digest
+DIGEST_HEADER = "Lego-Digest"
+
+
+def error_info(exc: LegoError) -> ErrorInfo:
+    details = dict(exc.details)
+    return ErrorInfo(
+        code=exc.code,
+        message=exc.message,
+        field=details.pop("field", None),
+        limit=details.pop("limit", None),
+        details=details,
+    )
+
+
+def request_digest(workflow: str, params: dict[str, Any]) -> str:
+    """Identifies a submission's content, so a retried POST with the same id is idempotent."""
+    body = orjson.dumps({"workflow": workflow, **params}, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(body).hexdigest()[:32]
+
+
+class Ingress:
+    def __init__(
+        self,
+        settings: Settings,
+        js: JetStreamContext,
+        registry: WorkflowRegistry,
+        tracker: RequestTracker,
+        store: TensorStore,
+        models: ModelInfo | None,
+    ) -> None:
+        self.settings = settings
+        self.js = js
+        self.registry = registry
+        self.tracker = tracker
+        self.store = store
+        self.models = models
+
+    # --- shared by the gateway and the consumer -------------------------------------------------
+
+    def parse(self, raw: Any) -> tuple[str, WorkflowSpec, ValidRequest]:
+        """Validate a raw request (the same code for HTTP and NATS). Returns (id, spec, valid)."""
+        if not isinstance(raw, dict):
+            raise InvalidRequest([InvalidField("body", "must be a JSON object")])
+        request_id = raw.get("id")
+        if request_id is None:
+            request_id = uuid.uuid4().hex
+        elif not isinstance(request_id, str) or not subjects.valid_request_id(request_id):
+            raise InvalidRequest(
+                [InvalidField("id", "must be 1-64 characters of A-Z a-z 0-9 _ -", 64)]
+            )
+        workflow = raw.get("workflow", "txt2img")
+        if not isinstance(workflow, str):
+            raise InvalidRequest([InvalidField("workflow", "must be a string")])
+        spec = self.registry.get(workflow)
+        return request_id, spec, validate_params(spec, raw, self.models)
+
+    def pinned(self, raw: dict[str, Any], spec: WorkflowSpec, valid: ValidRequest) -> dict:
+        """``raw`` with the values validation chose (random seeds, defaults) written in, so
+        validating it again anywhere gives the same request."""
+        chosen = {k: v for k, v in valid.params.items() if spec.params[k].type != "image"}
+        return {**raw, **chosen}
+
+    async def accept(self, request_id: str, spec: WorkflowSpec, valid: ValidRequest,
+                     digest: str) -> tuple[RequestState, bool]:
+        """Record a new request as queued. Returns (state, created); re-submitting the same
+        content under the same id returns the existing state, other content is a conflict."""
+        at = now()
+        state = RequestState(
+            id=request_id,
+            workflow=spec.name,
+            status="queued",
+            created_at=at,
+            updated_at=at,
+            params=valid.params,
+            warnings=valid.warnings,
+            meta={"digest": digest},
+        )
+        if await self.tracker.create(state):
+            return state, True
+        existing = await self.tracker.get(request_id)
+        if existing is None:  # expired between the two calls
+            return await self.accept(request_id, spec, valid, digest)
+        if existing.meta.get("digest") != digest:
+            raise Conflict(
+                f"id: {request_id!r} is already used by another request", field="id"
+            )
+        return existing, False
+
+    # --- the consumer ----------------------------------------------------------------------------
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """Consume ``lego.requests`` (shared by every ingress replica) until ``stop``."""
+        sub = await bus.pull_subscription(
+            self.js, subjects.REQUESTS_STREAM, subjects.INGRESS_CONSUMER,
+            subjects.REQUESTS_SUBJECT, self.settings,
+        )
+        advisories = await self.js._nc.subscribe(
+            subjects.MAX_DELIVERIES_ADVISORY, queue="ingress", cb=self._on_max_deliveries
+        )
+        sweeper = asyncio.create_task(self._sweep_loop())
+        try:
+            while not stop.is_set():
+                try:
+                    msgs = await sub.fetch(16, timeout=0.5)
+                except (TimeoutError, asyncio.TimeoutError):
+                    continue
+                for msg in msgs:
+                    await self.handle(msg)
+        finally:
+            sweeper.cancel()
+            await advisories.unsubscribe()
+            await sub.unsubscribe()
+
+    async def handle(self, msg: Msg) -> None:
+        headers = msg.headers or {}
+        reply_to = headers.get(REPLY_HEADER)
+        request_id: str | None = None
+        try:
+            raw = orjson.loads(msg.data)
+        except orjson.JSONDecodeError as exc:
+            raw, error = None, InvalidRequest([InvalidField("body", f"not valid JSON: {exc}")])
+        else:
+            error = None
+        if isinstance(raw, dict) and isinstance(raw.get("id"), str):
+            candidate = raw["id"]
+            request_id = candidate if subjects.valid_request_id(candidate) else None
+        try:
+            if error is not None:
+                raise error
+            request_id, spec, valid = self.parse(raw)
+            digest = headers.get(DIGEST_HEADER) or request_digest(
+                spec.name, {k: v for k, v in raw.items() if k != "id"}
+            )
+            state, created = await self.accept(request_id, spec, valid, digest)
+            if not created:
+                # Planned before (a redelivery): keep the values chosen then, e.g. the seed.
+                valid.params.update(
+                    {k: v for k, v in state.params.items() if spec.params[k].type != "image"}
+                )
+            if state.status == "queued":
+                await self._plan(request_id, spec, valid)
+            reply = state
+        except LegoError as exc:
+            reply = await self._reject(request_id, raw, exc)
+        except Exception:
+            # Our fault, not the request's: let JetStream redeliver it.
+            log.exception("ingress failed on a request; will retry")
+            await msg.nak(delay=self.settings.retry_backoff_s)
+            return
+        if reply_to:
+            await self.js._nc.publish(reply_to, encode(reply))
+        await msg.ack()
+
+    async def _reject(self, request_id: str | None, raw: Any, exc: LegoError) -> RequestState:
+        at = now()
+        workflow = raw.get("workflow", "") if isinstance(raw, dict) else ""
+        state = RequestState(
+            id=request_id or "", workflow=str(workflow), status="failed", created_at=at,
+            updated_at=at, finished_at=at, error=error_info(exc),
+        )
+        if request_id and not isinstance(exc, Conflict):
+            if await self.tracker.create(state):
+                await self.tracker.publish_result(state)
+        return state
+
+    async def _plan(self, request_id: str, spec: WorkflowSpec, valid: ValidRequest) -> None:
+        plan = spec.compile()
+        request_tensors = {
+            name: await self.store.put(
+                tensor_key("tmp", request_id, "request", name),
+                torch.from_numpy(image.copy()).unsqueeze(0),
+                self.settings.tensor_ttl_s,
+            )
+            for name, image in valid.images.items()
+        }
+        state = await self.tracker.get(request_id)
+        submitted_at = state.created_at if state else now()
+        for root in plan.roots():
+            node = plan.nodes[root]
+            task = Task(
+                request_id=request_id,
+                workflow=spec.name,
+                node=root,
+                plan=plan,
+                params=valid.params,
+                inputs={
+                    name: request_tensors[source.split(".", 1)[1]]
+                    for name, source in node.inputs.items()
+                },
+                request_tensors=request_tensors,
+                submitted_at=submitted_at,
+                published_at=now(),
+                meta={"warnings": valid.warnings} if valid.warnings else {},
+            )
+            await self.js.publish(
+                subjects.task_subject(node.pool),
+                encode(task),
+                headers={"Nats-Msg-Id": subjects.task_msg_id(request_id, root)},
+            )
+
+    async def _on_max_deliveries(self, msg: Msg) -> None:
+        """A task exhausted its deliveries without an ack: fail its request, never drop it."""
+        try:
+            advisory = orjson.loads(msg.data)
+            stored = await self.js.get_msg(subjects.TASKS_STREAM, advisory["stream_seq"])
+            task = decode(stored.data, Task)
+        except (KeyNotFoundError, KeyError, orjson.JSONDecodeError, LegoError) as exc:
+            log.warning("max-deliveries advisory without a task: %s", exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - the message may be gone already
+            log.warning("max-deliveries advisory: %s", exc)
+            return
+        deliveries = advisory.get("deliveries", self.settings.max_deliver)
+        await self.tracker.finish(
+            task.request_id,
+            "failed",
+            error=ErrorInfo(
+                code="max_deliveries",
+                message=(
+                    f"node {task.node} ({task.plan.nodes[task.node].pool}) did not finish the "
+                    f"task in {deliveries} deliveries (its replicas died or hung)"
+                ),
+                node=task.node,
+            ),
+            timings=task.timings,
+        )
+        try:
+            await self.js.delete_msg(subjects.TASKS_STREAM, advisory["stream_seq"])
+        except Exception as exc:  # noqa: BLE001
+            log.debug("could not delete given-up task: %s", exc)
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(30)
+            try:
+                await self.store.sweep()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("store sweep failed: %s", exc)

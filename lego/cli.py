@@ -1,0 +1,254 @@
+"""The `lego` command line.
+
+    lego up                      the whole stack on this machine (embedded NATS, tiny models)
+    lego generate "a red fox"    one image, against a running stack or an embedded one
+    lego node KIND --model M     one replica of one model pool
+    lego gateway                 the REST gateway (with an ingress consumer)
+    lego ingress                 an ingress consumer alone (NATS-only deployments)
+    lego schema                  JSON Schemas of the request and the result
+    lego bench hop|e2e           benchmarks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from common.settings import Settings, load_settings
+
+
+def _settings(args: argparse.Namespace, **extra: object) -> Settings:
+    return load_settings(
+        getattr(args, "config", None),
+        base_model=_model_spec(getattr(args, "model", None)),
+        **extra,
+    )
+
+
+def _model_spec(model: str | None) -> str | None:
+    if model is None or model.startswith("builtin:"):
+        return model
+    return str(Path(model).expanduser().resolve())
+
+
+def _logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from lego.stack import Stack
+
+    settings = _settings(args)
+    _logging(settings)
+    stack = Stack(settings, port=args.port)
+    stop: list[bool] = []
+
+    def request_stop(*_: object) -> None:
+        stop.append(True)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    print("starting the stack (first run builds the tiny models)...", flush=True)
+    stack.start()
+    print(f"gateway  {stack.gateway_url}  (OpenAPI: {stack.gateway_url}/docs)")
+    print(f"nats     {stack.settings.nats_url}")
+    print(f"store    {stack.settings.store_kind}")
+    print(f"logs     {stack.settings.run_dir / 'logs'}")
+    print("ready; Ctrl-C stops (nodes finish what they hold first)", flush=True)
+    try:
+        stack.supervise(stop)
+    finally:
+        print("stopping...", flush=True)
+        stack.stop()
+    return 0
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from services.node import run_node
+
+    settings = load_settings(args.config)
+    _logging(settings)
+    run_node(args.kind, _model_spec(args.model) or settings.base_model, settings, args.max_batch)
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from gateway.app import serve
+
+    settings = load_settings(args.config, port=args.port)
+    _logging(settings)
+    serve(settings, seed_builtin=args.seed_builtin)
+    return 0
+
+
+def cmd_ingress(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from gateway.app import Gateway
+
+    settings = load_settings(args.config)
+    _logging(settings)
+
+    async def main() -> None:
+        gw = Gateway(settings, None, run_ingress=True)
+        await gw.start()
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, done.set)
+        await done.wait()
+        await gw.stop()
+
+    asyncio.run(main())
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import base64
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from gateway.client import LegoClient, LegoError
+    from lego.stack import Stack, running_stack
+
+    settings = _settings(args)
+    params = {
+        "prompt": args.prompt, "negative_prompt": args.negative, "seed": args.seed,
+        "steps": args.steps, "width": args.width, "height": args.height,
+        "guidance": args.guidance, "strength": args.strength,
+    }
+    if args.image:
+        params["image"] = base64.b64encode(Path(args.image).read_bytes()).decode()
+    stack = None
+    gateway = args.gateway
+    if gateway is None:
+        found = running_stack(settings)
+        if found and args.model and found.get("base_model") != settings.base_model:
+            print(f"error: the running stack serves {found.get('base_model')}; stop it or omit "
+                  "--model", file=sys.stderr)
+            return 2
+        if found:
+            gateway = found["gateway_url"]
+        else:
+            print("no running stack: starting an embedded one...", file=sys.stderr, flush=True)
+            import tempfile
+
+            run_dir = Path(tempfile.mkdtemp(prefix="lego-generate-"))
+            stack = Stack(settings.model_copy(update={"run_dir": run_dir}), quiet=True)
+            stack.start()
+            gateway = stack.gateway_url
+    try:
+        with LegoClient(gateway) as client, Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(),
+            TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+            transient=True,
+        ) as bar:
+            task = bar.add_task("queued", total=None)
+
+            def on_progress(state: dict) -> None:
+                step = state.get("progress")
+                if step:
+                    bar.update(task, description=step["node"], completed=step["step"],
+                               total=step["total"])
+                else:
+                    bar.update(task, description=state["status"])
+
+            try:
+                state, png = client.generate(args.workflow, on_progress=on_progress, **params)
+            except LegoError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                if exc.body:
+                    print(json.dumps(exc.body, indent=2), file=sys.stderr)
+                return 1
+        Path(args.output).write_bytes(png)
+        total_ms = sum(t["run_ms"] for t in state.get("timings", []))
+        print(f"wrote {args.output} (id {state['id']}, seed {state['params'].get('seed')}, "
+              f"model time {total_ms:.0f} ms)")
+        for warning in state.get("warnings", []):
+            print(f"warning: {warning}", file=sys.stderr)
+        return 0
+    finally:
+        if stack is not None:
+            stack.stop()
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from common.messages import RequestState, json_schema
+    from gateway.app import GENERATION_SCHEMA
+
+    print(json.dumps({"request": GENERATION_SCHEMA, "result": json_schema(RequestState)},
+                     indent=2))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lego import bench
+
+    return bench.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lego", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="settings file (YAML/JSON); also LEGO_CONFIG")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run the whole stack on this machine")
+    up.add_argument("--port", type=int, help="gateway port (default 8000, or a free one)")
+    up.add_argument("--model", help="diffusers SD 1.x/2.x directory for the shipped workflows")
+    up.set_defaults(func=cmd_up)
+
+    gen = sub.add_parser("generate", help="generate one image")
+    gen.add_argument("prompt")
+    gen.add_argument("-o", "--output", default="out.png")
+    gen.add_argument("--workflow", default="txt2img")
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--width", type=int)
+    gen.add_argument("--height", type=int)
+    gen.add_argument("--guidance", type=float)
+    gen.add_argument("--negative", help="negative prompt")
+    gen.add_argument("--image", help="input image file (img2img)")
+    gen.add_argument("--strength", type=float, help="img2img strength")
+    gen.add_argument("--model", help="diffusers SD directory (embedded stack)")
+    gen.add_argument("--gateway", help="gateway URL (default: the running stack, or embedded)")
+    gen.set_defaults(func=cmd_generate)
+
+    node = sub.add_parser("node", help="run one replica of a model pool")
+    node.add_argument("kind")
+    node.add_argument("--model", help="model spec or directory (default: the base model)")
+    node.add_argument("--max-batch", type=int)
+    node.set_defaults(func=cmd_node)
+
+    gw = sub.add_parser("gateway", help="run the REST gateway (and an ingress consumer)")
+    gw.add_argument("--port", type=int)
+    gw.add_argument("--seed-builtin", action="store_true", help="register the shipped workflows")
+    gw.set_defaults(func=cmd_gateway)
+
+    ing = sub.add_parser("ingress", help="run an ingress consumer without HTTP")
+    ing.set_defaults(func=cmd_ingress)
+
+    schema = sub.add_parser("schema", help="print the JSON Schemas of request and result")
+    schema.set_defaults(func=cmd_schema)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench.add_argument("which", choices=["hop", "e2e"])
+    bench.add_argument("--json", action="store_true")
+    bench.add_argument("--iterations", type=int, default=None)
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

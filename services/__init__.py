@@ -1,0 +1,1 @@
+"""Model nodes: one pure model core per node kind, all driven by one shared runner."""

@@ -1,0 +1,112 @@
+"""The seam between a node's model and its transport.
+
+A core executes one model: it loads weights once and advances a batch of work items. It knows
+nothing about NATS, the tensor store or messages; ``services.runner`` drives every core the same
+way, so a new model (or the profile-driven emulated executor) is a new core, not a new copy of
+the transport.
+
+Every core is iterative: the runner admits new items at each step boundary, calls ``step`` on a
+batch of compatible states, and finishes the states that are done. A one-shot model (text
+encoder, VAE) is a core whose items finish after a single step (``OneShotCore``).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass
+class WorkItem:
+    """One task for a node, with its inputs already loaded from the tensor store."""
+
+    request_id: str
+    op: str
+    params: dict[str, Any]
+    inputs: dict[str, torch.Tensor]
+
+
+@dataclass
+class Result:
+    """What a finished item produced: tensors to store and small metadata to report.
+
+    ``meta`` travels in messages (warnings such as prompt truncation, safety flags), so it
+    must stay small and JSON-serialisable.
+    """
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelCore(abc.ABC):
+    """One model, loaded once, advanced in batches. Pure compute: no I/O besides loading."""
+
+    #: node type, e.g. "text_encoder"; names the pool together with the model directory
+    kind: str = ""
+    #: the ops this core accepts in ``WorkItem.op``
+    ops: tuple[str, ...] = ()
+
+    def __init__(self, model_dir: Path, *, device: str = "cpu", max_batch: int = 8) -> None:
+        self.model_dir = Path(model_dir)
+        self.device = torch.device(device)
+        self.max_batch = max_batch
+
+    @abc.abstractmethod
+    def load(self) -> None:
+        """Load the weights (and warm up). Called once before any item."""
+
+    @abc.abstractmethod
+    def start(self, item: WorkItem) -> Any:
+        """Turn an item into per-item state; cheap preparation only."""
+
+    def batch_key(self, state: Any) -> Hashable:
+        """States with equal keys may advance together in one ``step`` call."""
+        return None
+
+    @abc.abstractmethod
+    def step(self, states: list[Any]) -> None:
+        """Advance every state by one unit of work, as one batch where the model allows."""
+
+    @abc.abstractmethod
+    def done(self, state: Any) -> bool:
+        """Whether ``finish`` may be called."""
+
+    def progress(self, state: Any) -> tuple[int, int]:
+        """(steps done, steps in total) for progress reports."""
+        return (1, 1) if self.done(state) else (0, 1)
+
+    @abc.abstractmethod
+    def finish(self, state: Any) -> Result:
+        """The outputs of a finished state."""
+
+
+class OneShotCore(ModelCore):
+    """A core whose items complete in one batched call of ``run``."""
+
+    @abc.abstractmethod
+    def run(self, items: list[WorkItem]) -> list[Result]:
+        """Run one batch; one result per item, in order."""
+
+    def start(self, item: WorkItem) -> Any:
+        return _OneShot(item)
+
+    def step(self, states: list[Any]) -> None:
+        for state, result in zip(states, self.run([s.item for s in states]), strict=True):
+            state.result = result
+
+    def done(self, state: Any) -> bool:
+        return state.result is not None
+
+    def finish(self, state: Any) -> Result:
+        return state.result
+
+
+@dataclass
+class _OneShot:
+    item: WorkItem
+    result: Result | None = None

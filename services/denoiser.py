@@ -1,0 +1,261 @@
+"""Denoiser node: the UNet loop of StableDiffusionPipeline / StableDiffusionImg2ImgPipeline,
+with step-level batching across requests.
+
+Every request keeps its own scheduler instance, its own CPU generator and its own latents; a
+``step`` runs ONE UNet forward over the rows of all states given (two rows per state with
+classifier-free guidance, one without), each row with its own timestep and text embedding, then
+applies guidance and the state's own ``scheduler.step``. A request that runs alone produces the
+same bits as diffusers; requests that share forwards match their solo results to float
+tolerance (a batched convolution may round differently from a single one).
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from common.errors import InvalidField
+from common.models import component_class, component_config, model_index, vae_scale_factor
+from services.core import ModelCore, Result, WorkItem
+
+_serials = itertools.count()
+
+
+@dataclass(eq=False)
+class DenoiseState:
+    request_id: str
+    scheduler: Any
+    generator: torch.Generator
+    latents: torch.Tensor  # (1, C, h, w)
+    embeds: torch.Tensor  # (rows, seq, dim): [negative, positive] with guidance, else [positive]
+    guidance: float
+    cfg: bool
+    timesteps: torch.Tensor  # (n,)
+    t_rows: torch.Tensor  # (n, rows): the timestep of every row of every step, a view
+    extra_step_kwargs: dict[str, Any]
+    timestep_cond: torch.Tensor | None = None  # (1, time_cond_proj_dim) for LCM-style UNets
+    i: int = 0
+    serial: int = field(default_factory=lambda: next(_serials))
+
+    @property
+    def rows(self) -> int:
+        return 2 if self.cfg else 1
+
+
+class DenoiserCore(ModelCore):
+    kind = "denoiser"
+    ops = ("denoise",)
+
+    def load(self) -> None:
+        unet_cls = component_class(self.model_dir, "unet")
+        self.unet = unet_cls.from_pretrained(self.model_dir, subfolder="unet")
+        self.unet.to(self.device).eval()
+        self.dtype = self.unet.dtype
+        self.in_channels = int(self.unet.config.in_channels)
+        self.time_cond_proj_dim = self.unet.config.time_cond_proj_dim
+        self.vae_scale_factor = vae_scale_factor(self.model_dir)
+        size = self.unet.config.sample_size  # diffusers' default height/width
+        size = size if isinstance(size, int) else size[0]
+        self.default_size = int(size) * self.vae_scale_factor
+
+        config = dict(component_config(self.model_dir, "scheduler"))
+        class_name = config.get("_class_name") or model_index(self.model_dir)["scheduler"][1]
+        import diffusers
+
+        self.scheduler_cls = getattr(diffusers, class_name)
+        # the SD pipelines patch outdated scheduler configs in __init__; do the same
+        if config.get("steps_offset", 1) != 1:
+            config["steps_offset"] = 1
+        if config.get("clip_sample", False) is True:
+            config["clip_sample"] = False
+        self.scheduler_config = config
+        step_params = set(inspect.signature(self.scheduler_cls.step).parameters)
+        self._accepts_eta = "eta" in step_params
+        self._accepts_generator = "generator" in step_params
+        self._cond_cache: tuple[tuple[int, ...], torch.Tensor, torch.Tensor | None] | None = None
+
+    # ---------------------------------------------------------------------------------------
+
+    def start(self, item: WorkItem) -> DenoiseState:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        if item.op not in self.ops:
+            raise InvalidField("op", f"{self.kind} does not do {item.op!r}")
+        p = item.params
+        steps = _int(p, "steps", 50, minimum=1)
+        guidance = _float(p, "guidance", 7.5)
+        seed = _int(p, "seed", 0, minimum=0)
+        cfg = guidance > 1 and self.time_cond_proj_dim is None
+
+        embeds = item.inputs.get("prompt_embeds")
+        if embeds is None or embeds.ndim != 3:
+            raise InvalidField("prompt_embeds", "needs a (rows, seq, dim) tensor")
+        if cfg and embeds.shape[0] != 2:
+            raise InvalidField(
+                "prompt_embeds", "guidance > 1 needs [negative, positive] embeddings (2 rows)"
+            )
+        if not cfg:
+            embeds = embeds[-1:]  # the positive row
+        embeds = embeds.to(device=self.device)
+        dtype = embeds.dtype  # diffusers makes its latents in prompt_embeds.dtype
+
+        scheduler = self.scheduler_cls.from_config(self.scheduler_config)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        scheduler.set_timesteps(steps, device=self.device)
+
+        if "image_latents" in item.inputs:  # img2img, as StableDiffusionImg2ImgPipeline
+            strength = _float(p, "strength", 0.8)
+            if not 0 <= strength <= 1:
+                raise InvalidField("strength", "must be in [0, 1]", limit=[0, 1])
+            state = item.inputs.get("generator_state")
+            if state is None:
+                raise InvalidField("generator_state", "img2img needs the VAE encoder's generator")
+            generator.set_state(state.to(torch.uint8).cpu())
+            init_timestep = min(int(steps * strength), steps)
+            t_start = max(steps - init_timestep, 0)
+            timesteps = scheduler.timesteps[t_start * scheduler.order :]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(t_start * scheduler.order)
+            if len(timesteps) == 0:
+                raise InvalidField("strength", f"steps * strength must be at least 1 ({steps=})")
+            image_latents = item.inputs["image_latents"].to(device=self.device, dtype=dtype)
+            if image_latents.ndim != 4 or image_latents.shape[0] != 1:
+                raise InvalidField("image_latents", "needs a (1, C, h, w) tensor")
+            latent_timestep = timesteps[:1].repeat(1)
+            noise = randn_tensor(
+                image_latents.shape, generator=generator, device=self.device, dtype=dtype
+            )
+            latents = scheduler.add_noise(image_latents, noise, latent_timestep)
+        else:  # txt2img, as StableDiffusionPipeline.prepare_latents
+            width = _int(p, "width", self.default_size, minimum=8)
+            height = _int(p, "height", self.default_size, minimum=8)
+            for name, value in (("width", width), ("height", height)):
+                if value % 8:
+                    raise InvalidField(name, "must be divisible by 8")
+            timesteps = scheduler.timesteps
+            shape = (
+                1,
+                self.in_channels,
+                height // self.vae_scale_factor,
+                width // self.vae_scale_factor,
+            )
+            latents = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+            latents = latents * scheduler.init_noise_sigma
+
+        extra: dict[str, Any] = {}
+        if self._accepts_eta:
+            extra["eta"] = _float(p, "eta", 0.0)
+        if self._accepts_generator:
+            extra["generator"] = generator
+
+        timestep_cond = None
+        if self.time_cond_proj_dim is not None:
+            from diffusers import StableDiffusionPipeline
+
+            w = torch.tensor(guidance - 1).repeat(1)
+            timestep_cond = StableDiffusionPipeline.get_guidance_scale_embedding(
+                None, w, embedding_dim=self.time_cond_proj_dim
+            ).to(device=self.device, dtype=latents.dtype)
+
+        rows = 2 if cfg else 1
+        return DenoiseState(
+            request_id=item.request_id,
+            scheduler=scheduler,
+            generator=generator,
+            latents=latents,
+            embeds=embeds,
+            guidance=guidance,
+            cfg=cfg,
+            timesteps=timesteps,
+            t_rows=timesteps[:, None].expand(len(timesteps), rows),
+            extra_step_kwargs=extra,
+            timestep_cond=timestep_cond,
+        )
+
+    def batch_key(self, state: DenoiseState) -> Hashable:
+        # states of different latent (or text) shapes cannot share a forward
+        return (tuple(state.latents.shape), tuple(state.embeds.shape[1:]), state.latents.dtype)
+
+    def step(self, states: list[DenoiseState]) -> None:
+        with torch.inference_mode():
+            inputs = []
+            for s in states:
+                t = s.timesteps[s.i]
+                x = s.scheduler.scale_model_input(s.latents, t)
+                inputs.append(x)
+                if s.cfg:
+                    inputs.append(x)
+            sample = torch.cat(inputs) if len(inputs) > 1 else inputs[0]
+            timestep = torch.cat([s.t_rows[s.i] for s in states])
+            cond, timestep_cond = self._conditioning(states)
+
+            noise = self.unet(
+                sample,
+                timestep,
+                encoder_hidden_states=cond,
+                timestep_cond=timestep_cond,
+                return_dict=False,
+            )[0]
+
+            row = 0
+            for s in states:
+                if s.cfg:
+                    uncond, text = noise[row : row + 1], noise[row + 1 : row + 2]
+                    pred = uncond + s.guidance * (text - uncond)
+                else:
+                    pred = noise[row : row + 1]
+                row += s.rows
+                t = s.timesteps[s.i]
+                s.latents = s.scheduler.step(
+                    pred, t, s.latents, **s.extra_step_kwargs, return_dict=False
+                )[0]
+                s.i += 1
+
+    def _conditioning(
+        self, states: list[DenoiseState]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-row text embeddings (and LCM guidance embeddings), concatenated once per set of
+        states: reused while the same states step together."""
+        key = tuple(s.serial for s in states)
+        if self._cond_cache is not None and self._cond_cache[0] == key:
+            return self._cond_cache[1], self._cond_cache[2]
+        cond = torch.cat([s.embeds for s in states]) if len(states) > 1 else states[0].embeds
+        timestep_cond = None
+        if self.time_cond_proj_dim is not None:
+            timestep_cond = torch.cat([s.timestep_cond for s in states])
+        self._cond_cache = (key, cond, timestep_cond)
+        return cond, timestep_cond
+
+    def done(self, state: DenoiseState) -> bool:
+        return state.i >= len(state.timesteps)
+
+    def progress(self, state: DenoiseState) -> tuple[int, int]:
+        return (state.i, len(state.timesteps))
+
+    def finish(self, state: DenoiseState) -> Result:
+        if self._cond_cache is not None and state.serial in self._cond_cache[0]:
+            self._cond_cache = None  # do not keep a finished request's embeddings alive
+        latents = state.latents.detach().cpu()
+        return Result(tensors={"latents": latents.clone() if latents.is_inference() else latents})
+
+
+def _int(params: dict[str, Any], name: str, default: int, minimum: int | None = None) -> int:
+    value = params.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+        raise InvalidField(name, "must be an integer")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise InvalidField(name, f"must be at least {minimum}", limit=minimum)
+    return value
+
+
+def _float(params: dict[str, Any], name: str, default: float) -> float:
+    value = params.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidField(name, "must be a number")
+    return float(value)

@@ -1,0 +1,163 @@
+"""Text encoder node: prompt -> ``prompt_embeds``, as ``StableDiffusionPipeline.encode_prompt``.
+
+Several items are encoded in ONE text-encoder forward when that is bit-identical to encoding
+them one by one on this machine and model (checked at load with a probe batch); otherwise they
+run one by one. With classifier-free guidance an item's output is ``cat([negative, positive])``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from common.errors import InvalidField
+from common.models import (
+    component_class,
+    component_config,
+    count_tokens,
+    truncation_warning,
+)
+from services.core import OneShotCore, Result, WorkItem
+
+
+class TextEncoderCore(OneShotCore):
+    kind = "text_encoder"
+    ops = ("encode",)
+
+    #: whether items may share one forward; None: decided at load by a bit-exactness probe
+    batch_exact: bool | None = None
+
+    def load(self) -> None:
+        tokenizer_cls = component_class(self.model_dir, "tokenizer")
+        encoder_cls = component_class(self.model_dir, "text_encoder")
+        self.tokenizer = tokenizer_cls.from_pretrained(self.model_dir, subfolder="tokenizer")
+        self.text_encoder = encoder_cls.from_pretrained(self.model_dir, subfolder="text_encoder")
+        self.text_encoder.to(self.device).eval()
+        self.max_length = int(self.tokenizer.model_max_length)
+        self.use_attention_mask = bool(
+            getattr(self.text_encoder.config, "use_attention_mask", False)
+        )
+        # diffusers: do_classifier_free_guidance = guidance > 1 and unet.time_cond_proj_dim is None
+        try:
+            self.time_cond_proj_dim = component_config(self.model_dir, "unet").get(
+                "time_cond_proj_dim"
+            )
+        except FileNotFoundError:
+            self.time_cond_proj_dim = None
+        if self.batch_exact is None:
+            self.batch_exact = self._probe_batching()
+
+    # ---------------------------------------------------------------------------------------
+
+    def start(self, item: WorkItem) -> Any:
+        if item.op not in self.ops:
+            raise InvalidField("op", f"{self.kind} does not do {item.op!r}")
+        params = item.params
+        if not isinstance(params.get("prompt"), str):
+            raise InvalidField("prompt", "must be a string")
+        negative = params.get("negative_prompt")
+        if negative is not None and not isinstance(negative, str):
+            raise InvalidField("negative_prompt", "must be a string")
+        try:
+            float(params.get("guidance", 7.5))
+        except (TypeError, ValueError):
+            raise InvalidField("guidance", "must be a number") from None
+        return super().start(item)
+
+    def _cfg(self, item: WorkItem) -> bool:
+        return float(item.params.get("guidance", 7.5)) > 1 and self.time_cond_proj_dim is None
+
+    def run(self, items: list[WorkItem]) -> list[Result]:
+        tok = self.tokenizer
+        prompts = [it.params["prompt"] for it in items]
+        cfg = [self._cfg(it) for it in items]
+        # None and "" both mean [""] to diffusers
+        negatives = [it.params.get("negative_prompt") or "" for it, c in zip(items, cfg) if c]
+
+        text_inputs = tok(
+            prompts,
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        ids = [text_inputs.input_ids]
+        masks = [text_inputs.attention_mask]
+        if negatives:
+            uncond = tok(
+                negatives,
+                padding="max_length",
+                max_length=text_inputs.input_ids.shape[1],  # = prompt_embeds.shape[1]
+                truncation=True,
+                return_tensors="pt",
+            )
+            ids.append(uncond.input_ids)
+            masks.append(uncond.attention_mask)
+        # rows: every prompt, then every negative prompt of a guided item
+        embeds = self._encode(torch.cat(ids), torch.cat(masks))
+
+        results = []
+        n_neg = 0
+        for i, (item, guided) in enumerate(zip(items, cfg, strict=True)):
+            positive = embeds[i : i + 1]
+            if guided:
+                negative = embeds[len(items) + n_neg : len(items) + n_neg + 1]
+                n_neg += 1
+                out = torch.cat([negative, positive])
+            else:
+                out = positive.clone()
+            results.append(Result(tensors={"prompt_embeds": _plain(out)}, meta=self._meta(item)))
+        return results
+
+    def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """One forward over all rows, or one per row when batching is not bit-exact."""
+        input_ids = input_ids.to(self.device)
+        mask = attention_mask.to(self.device) if self.use_attention_mask else None
+        with torch.inference_mode():
+            if self.batch_exact or input_ids.shape[0] == 1:
+                out = self.text_encoder(input_ids, attention_mask=mask)[0]
+            else:
+                out = torch.cat(
+                    [
+                        self.text_encoder(
+                            input_ids[r : r + 1],
+                            attention_mask=None if mask is None else mask[r : r + 1],
+                        )[0]
+                        for r in range(input_ids.shape[0])
+                    ]
+                )
+            return out.to(dtype=self.text_encoder.dtype)
+
+    def _meta(self, item: WorkItem) -> dict[str, Any]:
+        warnings = []
+        fields = [("prompt", item.params["prompt"])]
+        if self._cfg(item):
+            fields.append(("negative_prompt", item.params.get("negative_prompt") or ""))
+        for field, text in fields:
+            n = count_tokens(self.tokenizer, text)
+            if n > self.max_length:
+                warnings.append(truncation_warning(field, n, self.max_length))
+        return {"warnings": warnings} if warnings else {}
+
+    def _probe_batching(self) -> bool:
+        """Whether a batched forward gives the same bits as row-by-row forwards here."""
+        probe = ["a photo of a cat", "", "a painting of a red house by the sea, detailed"]
+        enc = self.tokenizer(
+            probe,
+            padding="max_length",
+            max_length=self.max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        self.batch_exact = True
+        batched = self._encode(enc.input_ids, enc.attention_mask)
+        self.batch_exact = False
+        single = self._encode(enc.input_ids, enc.attention_mask)
+        return bool(torch.equal(batched, single))
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A normal (not inference-mode) CPU tensor that consumers may modify in place."""
+    t = t.detach().cpu()
+    return t.clone() if t.is_inference() else t

@@ -1,0 +1,140 @@
+"""VAE nodes: latents -> uint8 images (decoder) and uint8 image -> latents (encoder, img2img).
+
+The decoder reproduces ``StableDiffusionPipeline``: ``vae.decode(latents / scaling_factor)``
+then ``VaeImageProcessor.postprocess`` and ``(x * 255).round().astype(uint8)``. Items of equal
+shape share one decode only when that gives the same bits as decoding them one by one (checked
+at load with a probe; on x86 CPUs a batched convolution usually rounds differently, so they run
+one by one there).
+
+The encoder reproduces ``StableDiffusionImg2ImgPipeline.prepare_latents``:
+``retrieve_latents(vae.encode(preprocess(PIL image)), generator) * scaling_factor`` with
+``generator = torch.Generator("cpu").manual_seed(seed)``, and hands the generator's state on so
+that the denoiser continues the same random stream (the noise for ``add_noise``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.errors import InvalidField
+from common.models import component_class, vae_scale_factor
+from services.core import OneShotCore, Result, WorkItem
+
+
+class _VaeCore(OneShotCore):
+    def load(self) -> None:
+        from diffusers.image_processor import VaeImageProcessor
+
+        vae_cls = component_class(self.model_dir, "vae")
+        self.vae = vae_cls.from_pretrained(self.model_dir, subfolder="vae")
+        self.vae.to(self.device).eval()
+        self.dtype = self.vae.dtype
+        self.scaling_factor = self.vae.config.scaling_factor
+        self.latent_channels = int(self.vae.config.latent_channels)
+        self.vae_scale_factor = vae_scale_factor(self.model_dir)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    def _check_op(self, item: WorkItem) -> None:
+        if item.op not in self.ops:
+            raise InvalidField("op", f"{self.kind} does not do {item.op!r}")
+
+
+class VaeDecoderCore(_VaeCore):
+    kind = "vae_decoder"
+    ops = ("decode",)
+
+    #: whether equal-shape items may share one decode; None: decided at load by a probe
+    batch_exact: bool | None = None
+
+    def load(self) -> None:
+        super().load()
+        if self.batch_exact is None:
+            self.batch_exact = self._probe_batching()
+
+    def start(self, item: WorkItem) -> Any:
+        self._check_op(item)
+        latents = item.inputs.get("latents")
+        if latents is None or latents.ndim != 4 or latents.shape[1] != self.latent_channels:
+            raise InvalidField("latents", f"needs a (N, {self.latent_channels}, h, w) tensor")
+        return super().start(item)
+
+    def run(self, items: list[WorkItem]) -> list[Result]:
+        latents = [it.inputs["latents"].to(device=self.device, dtype=self.dtype) for it in items]
+        images: list[torch.Tensor | None] = [None] * len(items)
+        if self.batch_exact:
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for i, lat in enumerate(latents):
+                groups.setdefault(tuple(lat.shape[1:]), []).append(i)
+            for idx in groups.values():
+                batch = self._decode(torch.cat([latents[i] for i in idx]))
+                start = 0
+                for i in idx:
+                    n = latents[i].shape[0]
+                    images[i] = batch[start : start + n]
+                    start += n
+        else:
+            for i, lat in enumerate(latents):
+                images[i] = self._decode(lat)
+        return [Result(tensors={"image": img}) for img in images]
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) latents -> (N, H, W, 3) uint8, as StableDiffusionPipeline does."""
+        with torch.inference_mode():
+            image = self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
+            image = self.image_processor.postprocess(image, output_type="np")
+        return torch.from_numpy(np.ascontiguousarray((image * 255).round().astype("uint8")))
+
+    def _probe_batching(self) -> bool:
+        gen = torch.Generator("cpu").manual_seed(0)
+        z = torch.randn(2, self.latent_channels, 8, 8, generator=gen).to(self.device, self.dtype)
+        with torch.inference_mode():
+            batched = self.vae.decode(z, return_dict=False)[0]
+            single = torch.cat(
+                [self.vae.decode(z[i : i + 1], return_dict=False)[0] for i in (0, 1)]
+            )
+        return bool(torch.equal(batched, single))
+
+
+class VaeEncoderCore(_VaeCore):
+    kind = "vae_encoder"
+    ops = ("encode_image",)
+
+    def start(self, item: WorkItem) -> Any:
+        self._check_op(item)
+        image = item.inputs.get("image")
+        if (
+            image is None
+            or image.dtype != torch.uint8
+            or image.ndim != 4
+            or image.shape[0] != 1
+            or image.shape[-1] != 3
+        ):
+            raise InvalidField("image", "needs a (1, H, W, 3) uint8 tensor")
+        if image.shape[1] < self.vae_scale_factor or image.shape[2] < self.vae_scale_factor:
+            raise InvalidField("image", f"must be at least {self.vae_scale_factor} pixels a side")
+        seed = item.params.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise InvalidField("seed", "must be a non-negative integer")
+        return super().start(item)
+
+    def run(self, items: list[WorkItem]) -> list[Result]:
+        # one by one: each item samples the latent distribution with its own generator
+        return [self._encode(item) for item in items]
+
+    def _encode(self, item: WorkItem) -> Result:
+        import PIL.Image
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import (
+            retrieve_latents,
+        )
+
+        pil = PIL.Image.fromarray(item.inputs["image"][0].cpu().numpy())
+        image = self.image_processor.preprocess(pil).to(device=self.device, dtype=self.dtype)
+        generator = torch.Generator("cpu").manual_seed(int(item.params.get("seed", 0)))
+        with torch.inference_mode():
+            latents = retrieve_latents(self.vae.encode(image), generator=generator)
+            latents = self.scaling_factor * latents
+        latents = latents.detach().cpu().clone()  # a normal tensor, not an inference one
+        return Result(tensors={"image_latents": latents, "generator_state": generator.get_state()})

@@ -1,0 +1,248 @@
+"""End to end through the real stack: nats-server, the gateway process and one process per
+model pool. Every shipped workflow through HTTP, direct NATS, bad input, cancel, idempotency,
+runtime workflows and cleanup after load."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import concurrent.futures
+import io
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+import torch
+from PIL import Image
+
+from common.messages import RequestState, decode
+from common.models import resolve_model_dir
+from common.store import open_store
+from gateway.client import LegoClient, LegoError, NatsClient
+from gateway.ingress import REPLY_HEADER
+from lego.stack import Stack
+from tests.conftest import nats_server
+from tests.stackutil import png_pixels, running_stack
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("e2e")
+    with nats_server(tmp / "nats") as url, running_stack(tmp, url, cache_dir) as st:
+        yield st
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[LegoClient]:
+    with LegoClient(stack.gateway_url) as c:
+        yield c
+
+
+def diffusers_image(model_dir: Path, **kw: object) -> np.ndarray:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model_dir, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the nodes run
+    try:
+        out = pipe(
+            kw["prompt"], negative_prompt=kw["negative_prompt"],
+            num_inference_steps=kw["steps"], guidance_scale=kw["guidance"],
+            height=kw["height"], width=kw["width"],
+            generator=torch.Generator("cpu").manual_seed(kw["seed"]), output_type="np",
+        ).images
+    finally:
+        torch.set_num_threads(threads)
+    return (out[0] * 255).round().astype(np.uint8)
+
+
+def test_txt2img_equals_diffusers(stack: Stack, client: LegoClient) -> None:
+    params = dict(prompt="a red fox in the snow", negative_prompt="blurry", steps=5,
+                  guidance=6.0, height=64, width=48, seed=1234)
+    state, png = client.generate("txt2img", **params)
+    served = png_pixels(png)
+    model_dir = resolve_model_dir(stack.settings.base_model, stack.settings.cache_dir / "models")
+    expected = diffusers_image(model_dir, **params)
+    assert served.shape == (64, 48, 3)
+    assert np.array_equal(served, expected)
+    assert [t["node"] for t in state["timings"]] == ["encode", "denoise", "decode"]
+
+
+@pytest.mark.parametrize(
+    ("workflow", "extra", "size"),
+    [
+        ("txt2img", {}, (64, 64)),
+        ("txt2img-safe", {}, (64, 64)),
+        ("txt2img-hires", {}, (128, 128)),
+        ("img2img", {"strength": 0.6}, (40, 56)),
+    ],
+)
+def test_every_workflow(client: LegoClient, workflow: str, extra: dict, size: tuple) -> None:
+    if workflow == "img2img":
+        buffer = io.BytesIO()
+        rng = np.random.default_rng(0)
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(buffer, "PNG")
+        extra = {**extra, "image": base64.b64encode(buffer.getvalue()).decode()}
+    state, png = client.generate(workflow, prompt="a lighthouse", seed=7, **extra)
+    assert state["status"] == "succeeded"
+    assert png_pixels(png).shape == (*size, 3)
+    if workflow == "txt2img-safe":
+        assert state["meta"]["nsfw"] == [False] or state["meta"]["nsfw"] == [True]
+    if workflow == "img2img":
+        assert {t["node"] for t in state["timings"]} == {
+            "encode", "encode_image", "denoise", "decode"}
+
+
+def test_direct_nats_request_matches_http(stack: Stack, client: LegoClient) -> None:
+    params = {"prompt": "a blue bird", "seed": 99, "steps": 3}
+    _, png = client.generate("txt2img", **params)
+
+    async def over_nats() -> tuple[RequestState, np.ndarray]:
+        async with NatsClient(stack.settings) as nats_client:
+            steps: list[int] = []
+            state = await nats_client.generate(
+                {"workflow": "txt2img", **params}, timeout_s=60,
+                on_progress=lambda p: steps.append(p.step),
+            )
+            pixels = (await nats_client.image(state)).numpy()[0]
+            return state, pixels, steps
+
+    state, pixels, steps = asyncio.run(over_nats())
+    assert state.status == "succeeded"
+    assert np.array_equal(pixels, png_pixels(png))
+    assert steps and steps[-1] == 3
+
+
+def test_bad_requests_get_clear_errors(client: LegoClient, stack: Stack) -> None:
+    http = client.http
+    r = http.post("/v1/generations", json={"workflow": "nope", "prompt": "x"})
+    assert r.status_code == 404 and "unknown workflow 'nope'" in r.json()["error"]["message"]
+    r = http.post("/v1/generations", json={"prompt": "x", "width": 4096, "steps": 0})
+    assert r.status_code == 422
+    errors = {e["field"]: e for e in r.json()["error"]["errors"]}
+    assert errors["width"]["limit"] == 2048 and errors["steps"]["limit"] == 1
+    r = http.post("/v1/generations", content=b"{not json")
+    assert r.status_code == 422 and r.json()["error"]["errors"][0]["field"] == "body"
+    r = http.post("/v1/generations", json=["a list"])
+    assert r.status_code == 422
+    r = http.post("/v1/generations", content=b"x" * (stack.settings.max_body_bytes + 1))
+    assert r.status_code == 413 and r.json()["error"]["field"] == "body"
+    r = http.post("/v1/generations", json={"workflow": "img2img", "prompt": "x",
+                                           "image": base64.b64encode(b"GIF89a...").decode()})
+    assert r.status_code == 422 and r.json()["error"]["errors"][0]["field"] == "image"
+    r = http.post("/v1/generations", json={"prompt": "x", "id": "bad id!"})
+    assert r.status_code == 422 and r.json()["error"]["errors"][0]["field"] == "id"
+    assert http.get("/v1/generations/nope").status_code == 404
+
+
+def test_long_prompt_is_truncated_and_said(client: LegoClient) -> None:
+    accepted = client.submit("txt2img", prompt="fox " * 120, seed=1)
+    assert any("truncated" in w and "77" in w for w in accepted["warnings"])
+    state = client.wait(accepted["id"], timeout_s=60)
+    assert state["status"] == "succeeded"
+    assert any("truncated" in w for w in state["warnings"])
+
+
+def test_malformed_nats_message_gets_an_error_and_consumer_survives(stack: Stack) -> None:
+    from common.bus import connect
+
+    async def scenario() -> list[RequestState]:
+        nc = await connect(stack.settings, name="test")
+        js = nc.jetstream()
+        replies = []
+        for body in (b"\xff not json", b'{"workflow": "txt2img", "steps": 0}'):
+            inbox = nc.new_inbox()
+            sub = await nc.subscribe(inbox)
+            await js.publish("lego.requests", body, headers={REPLY_HEADER: inbox})
+            replies.append(decode((await sub.next_msg(timeout=10)).data, RequestState))
+            await sub.unsubscribe()
+        await nc.drain()
+        return replies
+
+    bad_json, bad_field = asyncio.run(scenario())
+    assert bad_json.status == "failed" and bad_json.error.field == "body"
+    assert bad_field.status == "failed"
+    assert {e["field"] for e in bad_field.error.details["errors"]} == {"prompt", "steps"}
+    with LegoClient(stack.gateway_url) as c:  # the ingress still serves
+        assert c.generate("txt2img", prompt="still alive", steps=1)[0]["status"] == "succeeded"
+
+
+def test_idempotent_submission(client: LegoClient) -> None:
+    first = client.submit("txt2img", id="same-id-1", prompt="a cat", steps=2)
+    again = client.submit("txt2img", id="same-id-1", prompt="a cat", steps=2)
+    assert again["id"] == first["id"] == "same-id-1"
+    with pytest.raises(LegoError) as info:
+        client.submit("txt2img", id="same-id-1", prompt="a dog", steps=2)
+    assert info.value.status == 409
+    assert client.wait("same-id-1", timeout_s=60)["status"] == "succeeded"
+
+
+def test_cancel_drops_work_and_tensors(client: LegoClient, stack: Stack) -> None:
+    accepted = client.submit("txt2img", prompt="slow", steps=150, width=128, height=128)
+    deadline = time.monotonic() + 60
+    while "progress" not in client.status(accepted["id"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    cancelled = client.cancel(accepted["id"])
+    assert cancelled["status"] == "cancelled"
+    with pytest.raises(LegoError) as info:
+        client.image(accepted["id"])
+    assert info.value.status == 409
+    # the denoiser drops it at the next step: it is free for the next request right away
+    started = time.monotonic()
+    assert client.generate("txt2img", prompt="next", steps=2)[0]["status"] == "succeeded"
+    assert time.monotonic() - started < 20
+    assert client.status(accepted["id"])["status"] == "cancelled"
+    assert not [k for k in asyncio.run(_keys(stack)) if accepted["id"] in k]
+
+
+async def _keys(stack: Stack) -> list[str]:
+    store = open_store(stack.settings)
+    try:
+        return await store.keys()
+    finally:
+        await store.close()
+
+
+def test_workflow_added_at_run_time_reuses_pools(client: LegoClient) -> None:
+    spec = next(w for w in client.workflows() if w["name"] == "txt2img")
+    spec = {k: v for k, v in spec.items() if k != "pools"}
+    spec["name"] = "txt2img-quick"
+    spec["params"]["steps"]["default"] = 2
+    added = client.add_workflow(spec)
+    assert added["pools"] == next(w for w in client.workflows() if w["name"] == "txt2img")["pools"]
+    assert "txt2img-quick" in {w["name"] for w in client.workflows()}
+    state, _ = client.generate("txt2img-quick", prompt="fast")
+    assert state["params"]["steps"] == 2
+    bad = client.http.post("/v1/workflows", content=orjson.dumps({**spec, "output": "x.y"}))
+    assert bad.status_code == 422
+
+
+def test_nothing_left_behind_after_a_load_run(client: LegoClient, stack: Stack) -> None:
+    workflows = ["txt2img", "txt2img-safe", "txt2img-hires", "txt2img"] * 3
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(
+            lambda w: LegoClient(stack.gateway_url).generate(w, prompt="load", steps=2)[0],
+            workflows,
+        ))
+    assert all(r["status"] == "succeeded" for r in results)
+    keys = asyncio.run(_keys(stack))
+    assert not [k for k in keys if k.startswith("tmp/")]
+    ids = {r["id"] for r in results}
+    assert ids <= {k.split("/")[1] for k in keys if k.startswith("out/")}
+    # requests of different workflows shared a batch somewhere (the pools are shared)
+    assert max(t["batch"] for r in results for t in r["timings"]) >= 2
+
+
+def test_openapi_and_health(client: LegoClient) -> None:
+    schema = client.http.get("/openapi.json").json()
+    assert "/v1/generations" in schema["paths"]
+    assert client.http.get("/healthz").json() == {"status": "ok"}
+    assert client.http.get("/readyz").status_code == 200

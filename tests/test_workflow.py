@@ -1,0 +1,146 @@
+"""Pure tests: workflow specs, DAG checks, parameter validation."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.errors import InvalidRequest, PayloadTooLarge
+from common.workflow import builtin_workflows, parse_workflow, validate_params
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class FakeModels:
+    """Token counts without a tokenizer: one token per word plus the two specials."""
+
+    def count_tokens(self, model: str, text: str) -> tuple[int, int]:
+        return len(text.split()) + 2, 77
+
+    def native_size(self, model: str) -> tuple[int, int]:
+        return 64, 64
+
+
+def png_b64(width: int, height: int) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((height, width, 3), np.uint8)).save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_shipped_workflows_share_pools() -> None:
+    flows = builtin_workflows()
+    assert {"txt2img", "txt2img-safe", "txt2img-hires", "img2img"} <= set(flows)
+    txt2img = set(flows["txt2img"].pools())
+    for name in ("txt2img-safe", "txt2img-hires", "img2img"):
+        # every workflow reuses the text encoder, denoiser and decoder pools of txt2img
+        assert txt2img & set(flows[name].pools()) >= {p for p in txt2img if "vae_encoder" not in p}
+
+
+def test_img2img_is_a_real_join() -> None:
+    plan = builtin_workflows()["img2img"].compile()
+    assert sorted(plan.roots()) == ["encode", "encode_image"]
+    assert plan.predecessors("denoise") == {"encode", "encode_image"}
+    assert plan.successors("encode_image") == ["denoise"]
+
+
+def test_model_override_changes_pools() -> None:
+    a = builtin_workflows()["txt2img"].pools()
+    b = builtin_workflows({"base": "/models/sd15"})["txt2img"].pools()
+    assert set(a).isdisjoint(b)
+
+
+def test_defaults_and_seed_are_filled() -> None:
+    spec = builtin_workflows()["txt2img"]
+    valid = validate_params(spec, {"prompt": "a fox"}, FakeModels())
+    assert valid.params["steps"] == 4
+    assert valid.params["width"] == valid.params["height"] == 64
+    assert 0 <= valid.params["seed"] <= 4294967295
+    assert valid.warnings == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "limit"),
+    [
+        ({"prompt": "x", "width": 4}, "width", 8),
+        ({"prompt": "x", "width": 4096}, "width", 2048),
+        ({"prompt": "x", "height": 100}, "height", 8),
+        ({"prompt": "x", "steps": 0}, "steps", 1),
+        ({"prompt": "x", "steps": 151}, "steps", 150),
+        ({"prompt": "x", "guidance": -1}, "guidance", 0),
+        ({"prompt": "x", "guidance": 51}, "guidance", 50),
+        ({"prompt": "x", "seed": -1}, "seed", 0),
+        ({"prompt": "x" * 4001}, "prompt", 4000),
+        ({}, "prompt", None),
+        ({"prompt": 3}, "prompt", None),
+        ({"prompt": "x", "steps": "many"}, "steps", None),
+        ({"prompt": "x", "steps": True}, "steps", None),
+        ({"prompt": "x", "guidance": float("nan")}, "guidance", None),
+        ({"prompt": "x", "colour": "red"}, "colour", None),
+    ],
+)
+def test_invalid_fields_name_field_and_limit(raw: dict, field: str, limit: object) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        validate_params(builtin_workflows()["txt2img"], raw, FakeModels())
+    errors = info.value.to_dict()["errors"]
+    assert [e["field"] for e in errors] == [field]
+    if limit is not None:
+        assert errors[0]["limit"] == limit
+        assert str(limit) in errors[0]["message"]
+
+
+def test_every_bad_field_is_reported() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        validate_params(builtin_workflows()["txt2img"], {"width": 3, "steps": 0}, FakeModels())
+    assert {e.field for e in info.value.errors} == {"prompt", "width", "steps"}
+
+
+def test_long_prompt_is_accepted_with_a_warning() -> None:
+    valid = validate_params(builtin_workflows()["txt2img"], {"prompt": "fox " * 100},
+                            FakeModels())
+    assert len(valid.warnings) == 1
+    assert "prompt: 102 tokens exceed the model's limit of 77" in valid.warnings[0]
+
+
+def test_images_are_decoded_and_limited() -> None:
+    spec = builtin_workflows()["img2img"]
+    valid = validate_params(spec, {"prompt": "x", "image": png_b64(48, 32)}, FakeModels())
+    assert valid.images["image"].shape == (32, 48, 3)
+    assert valid.params["image"] == {"width": 48, "height": 32}
+    with pytest.raises(InvalidRequest, match="image: is not a PNG, JPEG or WebP"):
+        validate_params(spec, {"prompt": "x", "image": base64.b64encode(b"nope").decode()})
+    with pytest.raises(InvalidRequest, match="image: is not valid base64"):
+        validate_params(spec, {"prompt": "x", "image": "!!!"})
+    with pytest.raises(InvalidRequest, match="1048576"):
+        validate_params(spec, {"prompt": "x", "image": png_b64(1100, 1000)})
+    with pytest.raises(InvalidRequest, match="smaller than 8 pixels"):
+        validate_params(spec, {"prompt": "x", "image": png_b64(4, 4)})
+    with pytest.raises(InvalidRequest, match="strength: 1.5 is above the maximum of 1"):
+        validate_params(spec, {"prompt": "x", "image": png_b64(8, 8), "strength": 1.5})
+    huge = base64.b64encode(b"\0" * (5 * 1024 * 1024)).decode()
+    with pytest.raises(PayloadTooLarge):
+        validate_params(spec, {"prompt": "x", "image": huge})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"output": "nowhere.image"}, "names no node"),
+        ({"output": "encode.nothing"}, "has no output"),
+        ({"nodes": {"a": {"kind": "teleporter", "model": "base"}}}, "unknown node kind"),
+        ({"nodes": {"a": {"kind": "vae_decoder", "model": "base"}}}, "missing inputs"),
+        ({"nodes": {"a": {"kind": "vae_decoder", "model": "nope",
+                          "inputs": {"latents": "a.latents"}}}}, "unknown model"),
+        ({"nodes": {"a": {"kind": "upscaler", "model": "base", "inputs": {"latents": "b.latents"}},
+                    "b": {"kind": "upscaler", "model": "base", "inputs": {"latents": "a.latents"}}},
+          "output": "a.latents"}, "cycle"),
+    ],
+)
+def test_bad_workflows_are_refused(change: dict, message: str) -> None:
+    spec = builtin_workflows()["txt2img"].model_dump()
+    spec.update(change)
+    with pytest.raises(InvalidRequest, match=message):
+        parse_workflow(spec)
