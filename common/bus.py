@@ -50,28 +50,21 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
 
 async def ensure_topology(js: JetStreamContext, settings: Settings) -> dict[str, KeyValue]:
     """Create the streams and buckets if missing; returns the buckets by name."""
-    await _ensure_stream(
-        js,
-        StreamConfig(
-            name=subjects.REQUESTS_STREAM,
-            subjects=[subjects.REQUESTS_SUBJECT],
-            retention=RetentionPolicy.WORK_QUEUE,
-            storage=StorageType.FILE,
-            max_msg_size=MAX_PAYLOAD,
-            duplicate_window=120.0,
-        ),
-    )
-    await _ensure_stream(
-        js,
-        StreamConfig(
-            name=subjects.TASKS_STREAM,
-            subjects=[subjects.TASKS_WILDCARD],
-            retention=RetentionPolicy.WORK_QUEUE,
-            storage=StorageType.FILE,
-            max_msg_size=MAX_PAYLOAD,
-            duplicate_window=120.0,
-        ),
-    )
+    for name, subject in (
+        (subjects.REQUESTS_STREAM, subjects.REQUESTS_SUBJECT),
+        (subjects.TASKS_STREAM, subjects.TASKS_WILDCARD),
+    ):
+        await _ensure_stream(
+            js,
+            StreamConfig(
+                name=name,
+                subjects=[subject],
+                retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.FILE,
+                max_msg_size=MAX_PAYLOAD,
+                duplicate_window=120.0,  # Nats-Msg-Id de-duplication of re-published work
+            ),
+        )
     await _ensure_stream(
         js,
         StreamConfig(

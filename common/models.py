@@ -455,13 +455,6 @@ def count_tokens(tokenizer: CLIPTokenizer, text: str) -> int:
     return len(tokenizer(text, padding=False, truncation=False, verbose=False).input_ids)
 
 
-def truncation_warning(field: str, n_tokens: int, limit: int) -> str:
-    return (
-        f"{field}: {n_tokens} tokens exceed the model's limit of {limit}; "
-        "truncated as diffusers does"
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # reading a model directory without loading weights
 # --------------------------------------------------------------------------------------------

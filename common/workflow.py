@@ -203,6 +203,14 @@ def builtin_workflows(models: dict[str, str] | None = None) -> dict[str, Workflo
 
 # --- request validation ---------------------------------------------------------------------
 
+def truncation_warning(field: str, n_tokens: int, limit: int) -> str:
+    """The one wording of a truncation warning (validation and text encoders both report)."""
+    return (
+        f"{field}: {n_tokens} tokens exceed the model's limit of {limit}; "
+        "truncated as diffusers does"
+    )
+
+
 class ModelInfo(Protocol):
     """What validation needs to know about a model; supplied by the caller (it owns the files)."""
 
@@ -263,12 +271,16 @@ def validate_params(
                 if p.tokenizer and models is not None and isinstance(value, str):
                     count, limit = models.count_tokens(spec.models[p.tokenizer], value)
                     if count > limit:
-                        out.warnings.append(
-                            f"{name}: {count} tokens exceed the model's limit of {limit}; "
-                            f"truncated to {limit} as diffusers does"
-                        )
+                        out.warnings.append(truncation_warning(name, count, limit))
         except InvalidField as exc:
             errors.append(exc)
+    strength, steps = out.params.get("strength"), out.params.get("steps")
+    if not errors and strength is not None and steps is not None and int(steps * strength) < 1:
+        # diffusers' img2img runs int(steps * strength) steps and refuses zero
+        errors.append(InvalidField(
+            "strength", f"steps x strength = {steps * strength:g} runs no step; it must be >= 1",
+            1,
+        ))
     if errors:
         raise InvalidRequest(errors)
     return out

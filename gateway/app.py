@@ -116,7 +116,8 @@ class Gateway:
             await self.ingress_task
         await self.registry.stop()
         await self.store.close()
-        await self.nc.drain()
+        await self.nc.flush()
+        await self.nc.close()
 
     async def _on_progress(self, msg: Any) -> None:
         progress = decode(msg.data, Progress)

@@ -138,7 +138,7 @@ class Ingress:
             while not stop.is_set():
                 try:
                     msgs = await sub.fetch(16, timeout=0.5)
-                except (TimeoutError, asyncio.TimeoutError):
+                except TimeoutError:
                     continue
                 for msg in msgs:
                     await self.handle(msg)

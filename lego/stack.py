@@ -124,6 +124,15 @@ class Stack:
         self._write_stack_file()
         self._wait_ready(sorted(pools), timeout_s)
 
+    def add_node(self, kind: str, model: str | None = None) -> Child:
+        """Start one more replica of a pool (the autoscaler's job later; tests use it now)."""
+        model = model or self.settings.base_model
+        child = Child(f"node-{kind}-extra{len(self.children)}",
+                      [sys.executable, "-m", "lego.cli", "node", kind, "--model", model])
+        self.children.append(child)
+        self._spawn(child)
+        return child
+
     def _spawn(self, child: Child) -> None:
         env = self.settings.child_env()
         env["OMP_NUM_THREADS"] = str(self.settings.torch_threads)

@@ -17,7 +17,9 @@ from services.runner import NodeRunner
 log = logging.getLogger(__name__)
 
 
-def build_runner(kind: str, model: str, settings: Settings, max_batch: int | None = None) -> NodeRunner:
+def build_runner(
+    kind: str, model: str, settings: Settings, max_batch: int | None = None
+) -> NodeRunner:
     if kind not in CORES:
         raise SystemExit(f"unknown node kind {kind!r}; known: {', '.join(sorted(CORES))}")
     core = CORES[kind](

@@ -140,9 +140,13 @@ class NodeRunner:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await watcher.stop()
+            await sub.unsubscribe()
             await self._publish_status("stopped")
             await self.store.close()
-            await self.nc.drain()
+            # Everything held is acked: close rather than drain, which would wait on the
+            # pull subscription's leftover status messages.
+            await self.nc.flush()
+            await self.nc.close()
             log.info("%s stopped", self.replica)
 
     # --- fetching and admission ------------------------------------------------------------------
@@ -157,7 +161,7 @@ class NodeRunner:
                     continue
                 try:
                     msgs = await sub.fetch(room, timeout=1.0)
-                except (TimeoutError, asyncio.TimeoutError):
+                except TimeoutError:
                     continue
                 for msg in msgs:  # even when draining began meanwhile: they are ours now
                     held = await self._admit(msg)
@@ -185,16 +189,20 @@ class NodeRunner:
             started = time.perf_counter()
             inputs = {name: await self.store.get(ref) for name, ref in task.inputs.items()}
             held.io_s += time.perf_counter() - started
-            if held.attempt == 1 and task.node in task.plan.roots():
-                await self.tracker.mark_running(task.request_id)
-            held.state = self.core.start(
-                WorkItem(task.request_id, node.op, task.params, inputs)
-            )
         except KeyError as exc:
             # Inputs gone: the request ended (cancelled, failed) and was cleaned up.
             log.info("%s: inputs of %s gone (%s); dropping", self.replica, task.request_id, exc)
             await self._drop(held)
             return None
+        except Exception as exc:  # noqa: BLE001 - classified in _fail
+            await self._fail(held, exc)
+            return None
+        try:
+            if held.attempt == 1 and task.node in task.plan.roots():
+                await self.tracker.mark_running(task.request_id)
+            held.state = self.core.start(
+                WorkItem(task.request_id, node.op, task.params, inputs)
+            )
         except Exception as exc:  # noqa: BLE001 - classified in _fail
             await self._fail(held, exc)
             return None

@@ -12,12 +12,8 @@ from typing import Any
 import torch
 
 from common.errors import InvalidField
-from common.models import (
-    component_class,
-    component_config,
-    count_tokens,
-    truncation_warning,
-)
+from common.models import component_class, component_config, count_tokens
+from common.workflow import truncation_warning
 from services.core import OneShotCore, Result, WorkItem
 
 
@@ -73,7 +69,11 @@ class TextEncoderCore(OneShotCore):
         prompts = [it.params["prompt"] for it in items]
         cfg = [self._cfg(it) for it in items]
         # None and "" both mean [""] to diffusers
-        negatives = [it.params.get("negative_prompt") or "" for it, c in zip(items, cfg) if c]
+        negatives = [
+            it.params.get("negative_prompt") or ""
+            for it, c in zip(items, cfg, strict=True)
+            if c
+        ]
 
         text_inputs = tok(
             prompts,

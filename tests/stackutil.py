@@ -17,7 +17,9 @@ from lego.stack import Stack, free_port
 
 
 @contextlib.contextmanager
-def running_stack(tmp: Path, nats_url: str, cache_dir: Path, **overrides: object) -> Iterator[Stack]:
+def running_stack(
+    tmp: Path, nats_url: str, cache_dir: Path, **overrides: object
+) -> Iterator[Stack]:
     shm_root = Path("/dev/shm") / f"lego-test-{uuid.uuid4().hex[:12]}"
     settings = Settings(
         nats_url=nats_url, cache_dir=cache_dir, shm_root=shm_root, run_dir=tmp / "run",
@@ -34,3 +36,42 @@ def running_stack(tmp: Path, nats_url: str, cache_dir: Path, **overrides: object
 
 def png_pixels(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+class ReplicaWatch:
+    """Follows the replicas' status reports (``lego.replicas.>``)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.latest: dict[str, object] = {}
+
+    async def __aenter__(self) -> ReplicaWatch:
+        from common import bus, subjects
+        from common.messages import ReplicaStatus, decode
+
+        self.nc = await bus.connect(self.settings, name="test-watch")
+
+        async def on_status(msg: object) -> None:
+            status = decode(msg.data, ReplicaStatus)  # type: ignore[attr-defined]
+            self.latest[status.replica] = status
+
+        self.sub = await self.nc.subscribe(subjects.REPLICAS_WILDCARD, cb=on_status)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.nc.drain()
+
+    def ready(self, kind: str) -> list:
+        return [s for s in self.latest.values() if s.kind == kind and s.state == "ready"]
+
+    async def until(self, predicate, timeout_s: float = 120.0):  # noqa: ANN001, ANN201
+        import asyncio
+
+        async with asyncio.timeout(timeout_s):
+            while not (found := predicate()):
+                await asyncio.sleep(0.05)
+        return found
+
+
+def replica_pid(replica: str) -> int:
+    return int(replica.rsplit(":", 1)[1])

@@ -120,6 +120,9 @@ def test_images_are_decoded_and_limited() -> None:
         validate_params(spec, {"prompt": "x", "image": png_b64(4, 4)})
     with pytest.raises(InvalidRequest, match="strength: 1.5 is above the maximum of 1"):
         validate_params(spec, {"prompt": "x", "image": png_b64(8, 8), "strength": 1.5})
+    with pytest.raises(InvalidRequest, match="strength: steps x strength = 0.4 runs no step"):
+        validate_params(spec, {"prompt": "x", "image": png_b64(8, 8), "strength": 0.1,
+                               "steps": 4})
     huge = base64.b64encode(b"\0" * (5 * 1024 * 1024)).decode()
     with pytest.raises(PayloadTooLarge):
         validate_params(spec, {"prompt": "x", "image": huge})

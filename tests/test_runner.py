@@ -1,0 +1,91 @@
+"""The shared runner against a real nats-server, driving small test cores: bounded retries,
+the node's error on the request after max_deliver, recovery from a transient failure, joins."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import bus
+from common.messages import Plan, PlanNode, RequestState, Task, now
+from common.settings import Settings
+from common.store import open_store
+from common.tracking import RequestTracker
+from services.core import OneShotCore, Result, WorkItem
+from services.runner import NodeRunner
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class FlakyCore(OneShotCore):
+    """Doubles its input; raises on the first ``failures`` batches it sees."""
+
+    kind = "vae_decoder"
+    ops = ("decode",)
+
+    def __init__(self, failures: int) -> None:
+        super().__init__(Path("."), max_batch=4)
+        self.failures = failures
+        self.calls = 0
+
+    def load(self) -> None:
+        pass
+
+    def run(self, items: list[WorkItem]) -> list[Result]:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise RuntimeError(f"boom {self.calls}")
+        return [Result({"image": item.inputs["latents"] * 2}) for item in items]
+
+
+async def _run_one(settings: Settings, core: FlakyCore) -> RequestState:
+    nc = await bus.connect(settings, name="test")
+    js = nc.jetstream()
+    buckets = await bus.ensure_topology(js, settings)
+    store = open_store(settings)
+    tracker = RequestTracker(js, buckets, store)
+    runner = NodeRunner(core, "test-pool", "test-model", settings)
+    ready = asyncio.Event()
+    serving = asyncio.create_task(runner.serve(ready))
+    await ready.wait()
+    plan = Plan(nodes={"decode": PlanNode(kind="vae_decoder", pool="test-pool", op="decode")},
+                output="decode.image")
+    ref = await store.put("tmp/r1/request/latents", torch.ones(2, 2), 60)
+    at = now()
+    await tracker.create(RequestState(id="r1", workflow="t", status="queued", created_at=at,
+                                      updated_at=at))
+    task = Task(request_id="r1", workflow="t", node="decode", plan=plan, params={},
+                inputs={"latents": ref}, submitted_at=at, published_at=at)
+    from common.messages import encode
+
+    await js.publish("lego.tasks.test-pool", encode(task))
+    state = await tracker.get("r1")
+    async with asyncio.timeout(30):
+        while state is None or not state.done:
+            await asyncio.sleep(0.05)
+            state = await tracker.get("r1")
+    runner.drain()
+    await serving
+    await store.close()
+    await nc.close()
+    return state
+
+
+async def test_failure_is_retried_then_reported(settings: Settings) -> None:
+    settings = settings.model_copy(update={"max_deliver": 3})
+    state = await _run_one(settings, FlakyCore(failures=10))
+    assert state.status == "failed"
+    assert state.error.message == "RuntimeError: boom 3"
+    assert state.error.details["attempts"] == 3 and state.error.node == "decode"
+
+
+async def test_transient_failure_recovers(settings: Settings) -> None:
+    core = FlakyCore(failures=1)
+    state = await _run_one(settings, core)
+    assert state.status == "succeeded"
+    assert state.timings[0].attempt == 2
+    store = open_store(settings)
+    assert torch.equal(await store.get(state.image), torch.full((2, 2), 2.0))
