@@ -3,7 +3,9 @@ by whichever process starts first."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Any
 
 import nats
 from nats.aio.client import Client as NATS
@@ -26,6 +28,15 @@ from common.settings import Settings
 log = logging.getLogger(__name__)
 
 MAX_PAYLOAD = 1024 * 1024  # NATS' default; tensors never travel in messages
+
+
+def run_async(main: Any) -> Any:
+    """Run a process's main coroutine, on uvloop where it is installed (faster NATS I/O)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 async def connect(settings: Settings, name: str) -> NATS:

@@ -59,9 +59,12 @@ def tensor_from_buffer(buffer: object, dtype: str, shape: list[int]) -> torch.Te
         raise ValueError(f"unsupported dtype {dtype!r}")
     if len(memoryview(buffer)) == 0:  # type: ignore[arg-type]
         return torch.empty(shape, dtype=_DTYPES[dtype])
-    with warnings.catch_warnings():
-        # Redis hands back immutable bytes; readers never write to inputs.
-        warnings.simplefilter("ignore", UserWarning)
+    if isinstance(buffer, bytes):
+        with warnings.catch_warnings():
+            # Redis hands back immutable bytes; readers never write to inputs.
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.frombuffer(buffer, dtype=torch.uint8)
+    else:
         raw = torch.frombuffer(buffer, dtype=torch.uint8)  # type: ignore[arg-type]
     return raw.view(_DTYPES[dtype]).reshape(shape)
 
@@ -121,6 +124,7 @@ class ShmStore(TensorStore):
 
     def __init__(self, root: Path, tensor_ttl_s: float, result_ttl_s: float) -> None:
         self.root = Path(root)
+        self._root = str(self.root)
         self.ttl_s = {"tmp": tensor_ttl_s, "out": result_ttl_s}
         for area in AREAS:
             (self.root / area).mkdir(parents=True, exist_ok=True)
@@ -128,24 +132,35 @@ class ShmStore(TensorStore):
     async def put(self, key: str, tensor: torch.Tensor, ttl_s: float) -> TensorRef:
         _check_key(key)
         data = tensor_bytes(tensor)
-        path = self.root / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
+        path = os.path.join(self._root, key)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            view = data
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
         os.replace(tmp, path)  # readers never see a half-written tensor
         return self._ref(key, tensor, len(data))
 
     async def get(self, ref: TensorRef) -> torch.Tensor:
         self._check_ref(ref)
         _check_key(ref.key)
+        if ref.nbytes == 0:
+            return tensor_from_buffer(b"", ref.dtype, ref.shape)
         try:
-            with open(self.root / ref.key, "rb") as f:
-                if ref.nbytes == 0:
-                    return tensor_from_buffer(b"", ref.dtype, ref.shape)
-                buffer = mmap.mmap(f.fileno(), ref.nbytes, access=mmap.ACCESS_COPY)
+            fd = os.open(os.path.join(self._root, ref.key), os.O_RDONLY)
         except FileNotFoundError:
             raise KeyError(ref.key) from None
+        try:
+            buffer = mmap.mmap(fd, ref.nbytes, access=mmap.ACCESS_COPY)
+        finally:
+            os.close(fd)
         return tensor_from_buffer(buffer, ref.dtype, ref.shape)
 
     async def delete_group(self, area: str, request_id: str) -> int:

@@ -34,6 +34,9 @@ REPLICAS_WILDCARD = "lego.replicas.>"
 STATE_BUCKET = "lego-requests"
 WORKFLOW_BUCKET = "lego-workflows"
 JOIN_BUCKET = "lego-joins"
+#: every write to the state bucket is also a plain NATS message here: a gateway follows all of
+#: them with one subscription instead of one KV watcher per waiting client
+STATE_UPDATES = f"$KV.{STATE_BUCKET}.>"
 CANCEL_BUCKET = "lego-cancels"
 
 # JetStream publishes this when a task exhausted max_deliver without an ack (e.g. every replica

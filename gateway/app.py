@@ -39,7 +39,7 @@ from common.settings import Settings
 from common.store import open_store
 from common.tracking import RequestTracker
 from common.workflow import WorkflowSpec, builtin_workflows, parse_workflow
-from gateway.ingress import DIGEST_HEADER, Ingress, request_digest
+from gateway.ingress import ACCEPTED_HEADER, Ingress, request_digest
 from gateway.registry import WorkflowRegistry
 
 log = logging.getLogger(__name__)
@@ -103,11 +103,22 @@ class Gateway:
         self.progress_sub = await self.nc.subscribe(
             subjects.PROGRESS_WILDCARD, cb=self._on_progress
         )
+        self.waiters: dict[str, set[asyncio.Future[RequestState]]] = {}
+        self.state_sub = await self.nc.subscribe(subjects.STATE_UPDATES, cb=self._on_state)
+        await asyncio.to_thread(self._warm_up)
         self.stop_event = asyncio.Event()
         self.ingress_task = (
             asyncio.create_task(self.ingress.serve(self.stop_event)) if self.run_ingress else None
         )
         self.ready = True
+
+    def _warm_up(self) -> None:
+        """Load the tokenizers validation uses, so the first request does not pay for it."""
+        models = self.ingress.models
+        for spec in self.registry.all().values():
+            for param in spec.params.values():
+                if param.tokenizer and models is not None:
+                    models.count_tokens(spec.models[param.tokenizer], "warm up")
 
     async def stop(self) -> None:
         self.ready = False
@@ -132,24 +143,33 @@ class Gateway:
             raise NotFound(f"id: no request {request_id!r}", field="id")
         return state
 
+    async def _on_state(self, msg: Any) -> None:
+        waiters = self.waiters.get(msg.subject.rsplit(".", 1)[-1])
+        if not waiters or not msg.data:
+            return
+        state = decode(msg.data, RequestState)
+        if state.done:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(state)
+
     async def wait(self, request_id: str, timeout_s: float) -> RequestState:
         """The state once the request has ended, or as it is after ``timeout_s``."""
-        state = await self.state(request_id)
-        if state.done or timeout_s <= 0:
-            return state
-        watcher = await self.buckets[subjects.STATE_BUCKET].watch(request_id)
+        waiter: asyncio.Future[RequestState] = asyncio.get_running_loop().create_future()
+        self.waiters.setdefault(request_id, set()).add(waiter)
         try:
-            async with asyncio.timeout(timeout_s):
-                async for entry in watcher:
-                    if entry is not None and entry.value:
-                        state = decode(entry.value, RequestState)
-                        if state.done:
-                            break
-        except TimeoutError:
-            pass
+            state = await self.state(request_id)  # after subscribing: no end is missed
+            if state.done or timeout_s <= 0:
+                return state
+            try:
+                return await asyncio.wait_for(waiter, timeout_s)
+            except TimeoutError:
+                return await self.state(request_id)
         finally:
-            await watcher.stop()
-        return state
+            waiters = self.waiters[request_id]
+            waiters.discard(waiter)
+            if not waiters:
+                del self.waiters[request_id]
 
     def view(self, state: RequestState) -> dict[str, Any]:
         """The public JSON of a request: its state, progress and links."""
@@ -216,14 +236,18 @@ def create_app(
                 "content": {"application/json": {"schema": GENERATION_SCHEMA}},
             }
         },
-        responses={202: {"description": "queued",
+        responses={200: {"description": "finished (with ?wait)"},
+                   202: {"description": "queued",
                          "content": {"application/json": {"schema": json_schema(RequestState)}}},
                    404: {"description": "unknown workflow"},
                    409: {"description": "id reused for another request"},
                    413: {"description": "body or image too large"},
                    422: {"description": "a field out of its limits"}},
     )
-    async def create_generation(request: Request) -> Response:
+    async def create_generation(request: Request, wait: float = 0.0) -> Response:
+        """Queue a generation: 202 with its id. With ``?wait=S`` (up to 60 s) the response waits
+        for the end instead: 200 with the final state if it ended in time, else 202."""
+        _check_wait(wait)
         raw = await read_json(request)
         request_id, spec, valid = gw.ingress.parse(raw)
         digest = request_digest(spec.name, {k: v for k, v in raw.items() if k != "id"})
@@ -233,15 +257,17 @@ def create_app(
             await gw.js.publish(
                 subjects.REQUESTS_SUBJECT,
                 orjson.dumps(pinned),
-                headers={"Nats-Msg-Id": request_id, DIGEST_HEADER: digest},
+                headers={"Nats-Msg-Id": request_id, ACCEPTED_HEADER: repr(state.created_at)},
             )
-        return _json(gw.view(state), status=202,
+        if wait > 0:
+            state = await gw.wait(request_id, wait)
+        return _json(gw.view(state), status=200 if state.done and wait > 0 else 202,
                      headers={"Location": f"/v1/generations/{request_id}"})
 
     @app.get("/v1/generations/{request_id}")
     async def get_generation(request_id: str, wait: float = 0.0) -> Response:
-        if not 0 <= wait <= 60:
-            raise InvalidRequest([InvalidField("wait", "must be between 0 and 60 seconds", 60)])
+        """The request's state; with ``?wait=S`` (up to 60 s) once it has ended."""
+        _check_wait(wait)
         return _json(gw.view(await gw.wait(request_id, wait)))
 
     @app.get("/v1/generations/{request_id}/image",
@@ -289,6 +315,11 @@ def create_app(
     return app
 
 
+def _check_wait(wait: float) -> None:
+    if not 0 <= wait <= 60:
+        raise InvalidRequest([InvalidField("wait", f"{wait} is not between 0 and 60 seconds", 60)])
+
+
 def _workflow_view(spec: WorkflowSpec) -> dict[str, Any]:
     body = spec.model_dump(exclude_defaults=True)
     body["pools"] = sorted(spec.pools())
@@ -311,5 +342,6 @@ def serve(settings: Settings, seed_builtin: bool = False) -> None:
         {"base": settings.base_model, "upscaler": settings.upscaler_model}
     ) if seed_builtin else None
     app = create_app(settings, seed)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
+                loop="auto", http="auto")  # uvloop and httptools when installed
 

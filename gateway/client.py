@@ -53,9 +53,13 @@ class LegoClient:
             raise LegoError(response.status_code, body)
         return response
 
-    def submit(self, workflow: str = "txt2img", **params: Any) -> dict[str, Any]:
+    def submit(self, workflow: str = "txt2img", *, wait_s: float = 0.0,
+               **params: Any) -> dict[str, Any]:
+        """Queue a request; with ``wait_s`` the gateway answers once it ended (or wait_s passed)."""
         body = {"workflow": workflow, **{k: v for k, v in params.items() if v is not None}}
-        return self._check(self.http.post("/v1/generations", json=body)).json()
+        response = self.http.post("/v1/generations", json=body, params={"wait": wait_s},
+                                  timeout=wait_s + 30)
+        return self._check(response).json()
 
     def status(self, request_id: str, wait_s: float = 0.0) -> dict[str, Any]:
         response = self.http.get(
@@ -96,8 +100,11 @@ class LegoClient:
         on_progress: ProgressCallback | None = None, **params: Any,
     ) -> tuple[dict[str, Any], bytes]:
         """Submit, wait, and return (final state, PNG bytes); raises LegoError on failure."""
-        accepted = self.submit(workflow, **params)
-        state = self.wait(accepted["id"], timeout_s, on_progress)
+        # Without a progress display, one round trip: the gateway answers at the end.
+        accepted = self.submit(workflow, wait_s=0.0 if on_progress else 1.0, **params)
+        state = accepted
+        if state["status"] not in ("succeeded", "failed", "cancelled"):
+            state = self.wait(accepted["id"], timeout_s, on_progress)
         if state["status"] != "succeeded":
             raise LegoError(0, state.get("error") or state)
         return state, self.image(accepted["id"])

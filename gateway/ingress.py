@@ -33,8 +33,8 @@ from gateway.registry import WorkflowRegistry
 log = logging.getLogger(__name__)
 
 REPLY_HEADER = "Lego-Reply-To"
-#: set by the gateway, which already accepted the request under this content digest
-DIGEST_HEADER = "Lego-Digest"
+#: set by the gateway, which already accepted the request (its created_at)
+ACCEPTED_HEADER = "Lego-Accepted-At"
 
 
 def error_info(exc: LegoError) -> ErrorInfo:
@@ -137,11 +137,10 @@ class Ingress:
         try:
             while not stop.is_set():
                 try:
-                    msgs = await sub.fetch(16, timeout=0.5)
+                    [msg] = await sub.fetch(1, timeout=0.5)  # returns on the first arrival
                 except TimeoutError:
                     continue
-                for msg in msgs:
-                    await self.handle(msg)
+                await self.handle(msg)
         finally:
             sweeper.cancel()
             await advisories.unsubscribe()
@@ -164,9 +163,14 @@ class Ingress:
             if error is not None:
                 raise error
             request_id, spec, valid = self.parse(raw)
-            digest = headers.get(DIGEST_HEADER) or request_digest(
-                spec.name, {k: v for k, v in raw.items() if k != "id"}
-            )
+            accepted_at = headers.get(ACCEPTED_HEADER)
+            if accepted_at is not None:
+                # The gateway validated the same pinned content and recorded it as queued just
+                # before publishing; re-planning after a redelivery is harmless (Nats-Msg-Id).
+                await self._plan(request_id, spec, valid, float(accepted_at))
+                await msg.ack()
+                return
+            digest = request_digest(spec.name, {k: v for k, v in raw.items() if k != "id"})
             state, created = await self.accept(request_id, spec, valid, digest)
             if not created:
                 # Planned before (a redelivery): keep the values chosen then, e.g. the seed.
@@ -174,7 +178,7 @@ class Ingress:
                     {k: v for k, v in state.params.items() if spec.params[k].type != "image"}
                 )
             if state.status == "queued":
-                await self._plan(request_id, spec, valid)
+                await self._plan(request_id, spec, valid, state.created_at)
             reply = state
         except LegoError as exc:
             reply = await self._reject(request_id, raw, exc)
@@ -199,7 +203,9 @@ class Ingress:
                 await self.tracker.publish_result(state)
         return state
 
-    async def _plan(self, request_id: str, spec: WorkflowSpec, valid: ValidRequest) -> None:
+    async def _plan(
+        self, request_id: str, spec: WorkflowSpec, valid: ValidRequest, submitted_at: float
+    ) -> None:
         plan = spec.compile()
         request_tensors = {
             name: await self.store.put(
@@ -209,8 +215,6 @@ class Ingress:
             )
             for name, image in valid.images.items()
         }
-        state = await self.tracker.get(request_id)
-        submitted_at = state.created_at if state else now()
         for root in plan.roots():
             node = plan.nodes[root]
             task = Task(

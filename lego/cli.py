@@ -90,6 +90,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 def cmd_ingress(args: argparse.Namespace) -> int:
     import asyncio
 
+    from common.bus import run_async
     from gateway.app import Gateway
 
     settings = load_settings(args.config)
@@ -105,7 +106,7 @@ def cmd_ingress(args: argparse.Namespace) -> int:
         await done.wait()
         await gw.stop()
 
-    asyncio.run(main())
+    run_async(main())
     return 0
 
 

@@ -8,6 +8,7 @@ import signal
 
 import torch
 
+from common.bus import run_async
 from common.models import resolve_model_dir
 from common.settings import Settings
 from common.subjects import pool_name
@@ -41,4 +42,4 @@ def run_node(kind: str, model: str, settings: Settings, max_batch: int | None = 
             loop.add_signal_handler(sig, runner.drain)
         await runner.serve()
 
-    asyncio.run(main())
+    run_async(main())

