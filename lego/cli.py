@@ -247,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers says at import that torchvision is missing (its PIL fallback is what we use)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -31,10 +31,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator
         yield st
 
 
-async def _submit_slow(stack: Stack, client: LegoClient, seed: int):  # noqa: ANN202
-    """Once two denoisers are ready, submit a slow request; return (id, the replica on it)."""
+async def _submit_slow(stack: Stack, client: LegoClient, seed: int, replicas: int = 2):  # noqa: ANN202
+    """Once ``replicas`` denoisers are ready, submit a slow request; return (id, its replica)."""
     async with ReplicaWatch(stack.settings) as watch:
-        await watch.until(lambda: len(watch.ready("denoiser")) >= 2)
+        await watch.until(lambda: len(watch.ready("denoiser")) >= replicas)
         request_id = client.submit("txt2img", **{**SLOW, "seed": seed})["id"]
         await watch.until(lambda: client.status(request_id).get("progress"), timeout_s=60)
         [holder] = await watch.until(
@@ -85,3 +85,17 @@ def test_task_a_node_cannot_run_fails_its_request_at_once(stack: Stack) -> None:
     assert state["error"]["node"] == "decode"
     assert state["error"]["details"]["attempts"] == 1  # terminal: not retried
     assert "latents" in state["error"]["message"]
+
+
+def test_task_whose_replicas_all_died_fails_its_request(tmp_path: Path, cache_dir: Path) -> None:
+    """max_deliver=1: the only delivery dies with its replica, JetStream gives up and says so
+    (MAX_DELIVERIES advisory), and the ingress fails the request instead of dropping it."""
+    with nats_server(tmp_path / "nats") as url, running_stack(
+        tmp_path, url, cache_dir, ack_wait_s=2.0, max_deliver=1
+    ) as st, LegoClient(st.gateway_url) as client:
+        request_id, holder = asyncio.run(_submit_slow(st, client, seed=8, replicas=1))
+        os.kill(replica_pid(holder.replica), signal.SIGKILL)
+        state = client.wait(request_id, timeout_s=60)
+    assert state["status"] == "failed"
+    assert state["error"]["code"] == "max_deliveries"
+    assert state["error"]["node"] == "denoise"
