@@ -311,10 +311,12 @@ class NodeRunner:
                     self.settings.result_ttl_s,
                 )
                 timing.io_ms = round((held.io_s + time.perf_counter() - started) * 1000, 3)
-                await self.tracker.finish(
+                finished = await self.tracker.finish(
                     task.request_id, "succeeded", image=ref, meta=meta,
                     timings=[*task.timings, timing],
                 )
+                if finished is None:  # it ended meanwhile (cancelled): keep nothing of it
+                    await self.store.delete_group("out", task.request_id)
             else:
                 refs = await self._store_outputs(task, result.tensors)
                 timing.io_ms = round((held.io_s + time.perf_counter() - started) * 1000, 3)
