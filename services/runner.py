@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -73,7 +73,6 @@ class RunnerStats:
     batch_items: int = 0
     ready: bool = False
     draining: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class NodeRunner:
