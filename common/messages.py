@@ -164,6 +164,10 @@ class ReplicaStatus(msgspec.Struct):
     batches: int
     batch_items: int
     at: float
+    device: str = "cpu"
+    #: latency of recently finished tasks (queue + run + store I/O), milliseconds
+    p50_ms: float | None = None
+    p99_ms: float | None = None
 
 
 class Progress(msgspec.Struct):

@@ -27,15 +27,10 @@ from pathlib import Path
 import torch
 
 from common.bus import run_async
+from common.metrics import percentile
 from common.settings import Settings, load_settings
 
 HOP_SIZES = (32 * 1024, 256 * 1024, 1024 * 1024, 4 * 1024 * 1024)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 @contextlib.contextmanager

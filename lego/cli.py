@@ -5,6 +5,7 @@
     lego node KIND --model M     one replica of one model pool
     lego gateway                 the REST gateway (with an ingress consumer)
     lego ingress                 an ingress consumer alone (NATS-only deployments)
+    lego status [--json|--watch] per pool: replicas by state, lag, rates, latency, placement
     lego schema                  JSON Schemas of the request and the result
     lego bench hop|e2e           benchmarks
 """
@@ -180,6 +181,78 @@ def cmd_generate(args: argparse.Namespace) -> int:
             stack.stop()
 
 
+def _stack_settings(args: argparse.Namespace) -> Settings:
+    """Settings that reach the running stack: NATS_URL if set, else `lego up`'s stack file."""
+    from lego.stack import running_stack
+
+    settings = load_settings(args.config)
+    if settings.nats_url:
+        return settings
+    found = running_stack(settings)
+    if found is None:
+        raise SystemExit("no running stack: start one with `lego up`, or set NATS_URL")
+    return settings.model_copy(update={
+        "nats_url": found["nats_url"], "redis_url": found.get("redis_url"),
+    })
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from rich.console import Console
+    from rich.live import Live
+    from rich.table import Table
+
+    from autoscaler.observe import ClusterObserver
+    from common.bus import connect, run_async
+
+    settings = _stack_settings(args)
+
+    def table(views: dict) -> Table:
+        t = Table(title="LegoDiffusion pools")
+        for column in ("pool", "replicas", "ready", "start", "drain", "lag", "in/s", "out/s",
+                       "p50 ms", "p99 ms", "batch", "placement"):
+            t.add_column(column, justify="left" if column in ("pool", "placement") else "right")
+        for pool, view in views.items():
+            j = view.to_json()
+            t.add_row(pool, str(j["replicas"]), str(j["ready"]), str(j["starting"]),
+                      str(j["draining"]), str(j["lag"]), _fmt(j["arrival_rate"]),
+                      _fmt(j["completion_rate"]), _fmt(j["p50_ms"]), _fmt(j["p99_ms"]),
+                      _fmt(j["mean_batch"]),
+                      " ".join(f"{d}:{n}" for d, n in j["placement"].items()))
+        return t
+
+    async def main() -> None:
+        nc = await connect(settings, name="lego-status")
+        observer = ClusterObserver(nc)
+        await observer.start()
+        await asyncio.sleep(1.2)  # a report from every replica (they report once a second)
+        await observer.sample()
+        await asyncio.sleep(1.0)  # rates need a second sample
+        views = await observer.sample()
+        if args.json:
+            print(json.dumps({"models": {p: v.to_json() for p, v in views.items()}}, indent=2))
+        elif not args.watch:
+            Console().print(table(views))
+        else:
+            with Live(table(views), refresh_per_second=2) as live:
+                while True:
+                    await asyncio.sleep(1.0)
+                    live.update(table(await observer.sample()))
+        await observer.stop()
+        await nc.close()
+
+    try:
+        run_async(main())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from common.messages import RequestState, json_schema
     from gateway.app import GENERATION_SCHEMA
@@ -235,6 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ing = sub.add_parser("ingress", help="run an ingress consumer without HTTP")
     ing.set_defaults(func=cmd_ingress)
+
+    status = sub.add_parser("status", help="per pool: replicas, lag, rates, latency, batch")
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--watch", action="store_true", help="refresh every second")
+    status.set_defaults(func=cmd_status)
 
     schema = sub.add_parser("schema", help="print the JSON Schemas of request and result")
     schema.set_defaults(func=cmd_schema)

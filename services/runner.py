@@ -13,6 +13,7 @@ The model itself is a ``services.core.ModelCore``; nothing here knows which mode
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import socket
@@ -39,6 +40,7 @@ from common.messages import (
     merge_meta,
     now,
 )
+from common.metrics import percentile
 from common.settings import Settings
 from common.store import TensorStore, open_store, tensor_key
 from common.tracking import RequestTracker
@@ -91,6 +93,7 @@ class NodeRunner:
         self._stop = asyncio.Event()
         self._fetch_done = asyncio.Event()
         self._side_tasks: set[asyncio.Task] = set()
+        self._latencies_ms: collections.deque[float] = collections.deque(maxlen=256)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -326,6 +329,7 @@ class NodeRunner:
             return
         await held.msg.ack()
         self.stats.tasks_done += 1
+        self._latencies_ms.append(timing.queue_ms + timing.run_ms + timing.io_ms)
 
     async def _store_outputs(self, task: Task, tensors: dict) -> dict[str, TensorRef]:
         wanted = {
@@ -448,7 +452,8 @@ class NodeRunner:
             state=state, held=len(self._active) + len(self._admitted),  # type: ignore[arg-type]
             max_batch=self.core.max_batch, load_s=round(stats.loaded_s, 3),
             tasks_done=stats.tasks_done, tasks_failed=stats.tasks_failed, batches=stats.batches,
-            batch_items=stats.batch_items, at=now(),
+            batch_items=stats.batch_items, at=now(), device=str(self.core.device),
+            p50_ms=percentile(self._latencies_ms, 50), p99_ms=percentile(self._latencies_ms, 99),
         )
         await self.nc.publish(subjects.replica_subject(self.pool), encode(status))
 

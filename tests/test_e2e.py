@@ -278,3 +278,23 @@ def test_redis_store_end_to_end(tmp_path: Path, cache_dir: Path, redis_url: str)
         keys = asyncio.run(_keys(st))
         assert not [k for k in keys if k.startswith("tmp/")]
         assert {f"out/{s['id']}/image" for s in states} <= set(keys)
+
+
+def test_status_reports_every_pool(stack: Stack, client: LegoClient, capsys) -> None:  # noqa: ANN001
+    import json
+
+    from lego.cli import main
+
+    client.generate("txt2img", prompt="for the status", steps=2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NATS_URL", stack.settings.nats_url)
+        assert main(["status", "--json"]) == 0
+    models = json.loads(capsys.readouterr().out)["models"]
+    kinds = {m["kind"] for m in models.values()}
+    assert kinds == {"text_encoder", "denoiser", "vae_encoder", "vae_decoder",
+                     "safety_checker", "upscaler"}
+    for view in models.values():
+        assert view["replicas"] >= 1 and view["ready"] >= 1 and view["lag"] == 0
+        assert view["placement"] == {"cpu": view["replicas"]}
+    denoiser = next(m for m in models.values() if m["kind"] == "denoiser")
+    assert denoiser["p50_ms"] > 0 and denoiser["mean_batch"] >= 1

@@ -1,0 +1,130 @@
+"""What the cluster looks like right now: per pool, the JetStream lag of its consumer and what
+its replicas report (``lego.replicas.<pool>``). Read by `lego status` and the autoscaler loop;
+it only reads."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.client import Client as NATS
+
+from common import subjects
+from common.messages import ReplicaStatus, decode
+from common.metrics import percentile
+
+#: a replica silent for longer than this is gone (it reports once a second)
+REPLICA_EXPIRY_S = 3.0
+_POOL_PREFIX = subjects.pool_consumer("")
+
+
+@dataclass
+class PoolView:
+    """One pool as observed: its backlog, its replicas and their recent figures."""
+
+    pool: str
+    kind: str = ""
+    model: str = ""
+    lag: int = 0  # num_pending + num_ack_pending, as KEDA's NATS JetStream scaler counts it
+    pending: int = 0
+    ack_pending: int = 0
+    arrival_rate: float | None = None  # tasks/s since the previous sample
+    completion_rate: float | None = None
+    replicas: dict[str, int] = field(default_factory=dict)  # state -> count
+    placement: dict[str, int] = field(default_factory=dict)  # device -> replicas
+    mean_batch: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    load_s: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        live = sum(n for state, n in self.replicas.items() if state != "stopped")
+        return {
+            "kind": self.kind,
+            "model": self.model,
+            "replicas": live,
+            "ready": self.replicas.get("ready", 0),
+            "starting": self.replicas.get("starting", 0),
+            "draining": self.replicas.get("draining", 0),
+            "lag": self.lag,
+            "pending": self.pending,
+            "ack_pending": self.ack_pending,
+            "arrival_rate": _round(self.arrival_rate),
+            "completion_rate": _round(self.completion_rate),
+            "p50_ms": _round(self.p50_ms),
+            "p99_ms": _round(self.p99_ms),
+            "mean_batch": _round(self.mean_batch),
+            "load_s": _round(self.load_s),
+            "placement": self.placement,
+        }
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
+class ClusterObserver:
+    """Follows replica reports and samples consumer lag on demand."""
+
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.statuses: dict[str, tuple[float, ReplicaStatus]] = {}
+        self._previous: dict[str, tuple[float, int, int]] = {}  # pool -> (t, arrived, done)
+
+    async def start(self) -> None:
+        self._sub = await self.nc.subscribe(subjects.REPLICAS_WILDCARD, cb=self._on_status)
+
+    async def stop(self) -> None:
+        await self._sub.unsubscribe()
+
+    async def _on_status(self, msg: Any) -> None:
+        status = decode(msg.data, ReplicaStatus)
+        self.statuses[status.replica] = (time.monotonic(), status)
+
+    def live_statuses(self) -> list[ReplicaStatus]:
+        cutoff = time.monotonic() - REPLICA_EXPIRY_S
+        for replica in [r for r, (seen, _) in self.statuses.items() if seen < cutoff]:
+            del self.statuses[replica]
+        return [s for _, s in self.statuses.values() if s.state != "stopped"]
+
+    async def sample(self) -> dict[str, PoolView]:
+        """Every pool with a consumer or a live replica, with rates since the last sample."""
+        now_s = time.monotonic()
+        views: dict[str, PoolView] = {}
+        for info in await self.js.consumers_info(subjects.TASKS_STREAM):
+            if not info.name.startswith(_POOL_PREFIX):
+                continue
+            pool = info.name[len(_POOL_PREFIX):]
+            view = views.setdefault(pool, PoolView(pool))
+            view.pending = info.num_pending or 0
+            view.ack_pending = info.num_ack_pending or 0
+            view.lag = view.pending + view.ack_pending
+        by_pool: dict[str, list[ReplicaStatus]] = {}
+        for status in self.live_statuses():
+            by_pool.setdefault(status.pool, []).append(status)
+        for pool, statuses in by_pool.items():
+            view = views.setdefault(pool, PoolView(pool))
+            view.kind, view.model = statuses[0].kind, statuses[0].model
+            view.replicas = dict(Counter(s.state for s in statuses))
+            view.placement = dict(Counter(s.device for s in statuses))
+            batches = sum(s.batches for s in statuses)
+            view.mean_batch = sum(s.batch_items for s in statuses) / batches if batches else None
+            p50s = [s.p50_ms for s in statuses if s.p50_ms is not None]
+            p99s = [s.p99_ms for s in statuses if s.p99_ms is not None]
+            view.p50_ms = percentile(p50s, 50)
+            view.p99_ms = max(p99s) if p99s else None
+            view.load_s = max(s.load_s for s in statuses)
+        for pool, view in views.items():
+            statuses = by_pool.get(pool, [])
+            done = sum(s.tasks_done + s.tasks_failed for s in statuses)
+            arrived = done + view.lag  # what came in = what left + what still waits
+            previous = self._previous.get(pool)
+            if previous is not None and now_s > previous[0]:
+                dt = now_s - previous[0]
+                view.completion_rate = max(0.0, (done - previous[2]) / dt)
+                view.arrival_rate = max(0.0, (arrived - previous[1]) / dt)
+            self._previous[pool] = (now_s, arrived, done)
+        return dict(sorted(views.items()))
