@@ -39,9 +39,10 @@ JOIN_BUCKET = "lego-joins"
 STATE_UPDATES = f"$KV.{STATE_BUCKET}.>"
 CANCEL_BUCKET = "lego-cancels"
 
-# JetStream publishes this when a task exhausted max_deliver without an ack (e.g. every replica
-# that took it was killed): the ingress turns it into a failed request instead of a silent drop.
-MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{TASKS_STREAM}.*"
+# JetStream publishes this when a message exhausted max_deliver without an ack (every replica
+# that took a task was killed, or the ingress kept failing on a request): the ingress turns it
+# into a failed request instead of a silent drop.
+MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.*.*"
 
 _TOKEN = re.compile(r"[^a-z0-9-]+")
 

@@ -19,10 +19,9 @@ import orjson
 import torch
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError
 
 from common import bus, subjects
-from common.errors import Conflict, InvalidField, InvalidRequest, LegoError
+from common.errors import Conflict, InvalidField, InvalidRequest, LegoError, TerminalError
 from common.messages import ErrorInfo, RequestState, Task, decode, encode, now
 from common.settings import Settings
 from common.store import TensorStore, tensor_key
@@ -239,35 +238,57 @@ class Ingress:
             )
 
     async def _on_max_deliveries(self, msg: Msg) -> None:
-        """A task exhausted its deliveries without an ack: fail its request, never drop it."""
+        """A task or request exhausted its deliveries without an ack: fail the request, never
+        drop it silently."""
         try:
             advisory = orjson.loads(msg.data)
-            stored = await self.js.get_msg(subjects.TASKS_STREAM, advisory["stream_seq"])
-            task = decode(stored.data, Task)
-        except (KeyNotFoundError, KeyError, orjson.JSONDecodeError, LegoError) as exc:
-            log.warning("max-deliveries advisory without a task: %s", exc)
-            return
-        except Exception as exc:  # noqa: BLE001 - the message may be gone already
-            log.warning("max-deliveries advisory: %s", exc)
+            stream, seq = advisory["stream"], advisory["stream_seq"]
+            if stream not in (subjects.TASKS_STREAM, subjects.REQUESTS_STREAM):
+                return
+            stored = await self.js.get_msg(stream, seq)
+        except Exception as exc:  # noqa: BLE001 - malformed, or the message is gone already
+            log.warning("max-deliveries advisory without a message: %s", exc)
             return
         deliveries = advisory.get("deliveries", self.settings.max_deliver)
+        if stream == subjects.TASKS_STREAM:
+            await self._give_up_task(decode(stored.data, Task), deliveries)
+        else:
+            await self._give_up_request(stored.data, deliveries)
+        try:
+            await self.js.delete_msg(stream, seq)
+        except Exception as exc:  # noqa: BLE001
+            log.debug("could not delete a given-up message: %s", exc)
+
+    async def _give_up_task(self, task: Task, deliveries: int) -> None:
+        pool = task.plan.nodes[task.node].pool
         await self.tracker.finish(
             task.request_id,
             "failed",
             error=ErrorInfo(
                 code="max_deliveries",
                 message=(
-                    f"node {task.node} ({task.plan.nodes[task.node].pool}) did not finish the "
-                    f"task in {deliveries} deliveries (its replicas died or hung)"
+                    f"node {task.node} ({pool}) did not finish the task in {deliveries} "
+                    "deliveries (its replicas died or hung)"
                 ),
                 node=task.node,
             ),
             timings=task.timings,
         )
+
+    async def _give_up_request(self, data: bytes, deliveries: int) -> None:
         try:
-            await self.js.delete_msg(subjects.TASKS_STREAM, advisory["stream_seq"])
-        except Exception as exc:  # noqa: BLE001
-            log.debug("could not delete given-up task: %s", exc)
+            raw = orjson.loads(data)
+            request_id = raw["id"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return  # no id: nobody can be waiting for it
+        if not isinstance(request_id, str) or not subjects.valid_request_id(request_id):
+            return
+        error = TerminalError(
+            f"the ingress failed on this request {deliveries} times; see its logs",
+        )
+        finished = await self.tracker.finish(request_id, "failed", error=error_info(error))
+        if finished is None:  # never recorded (a direct NATS request): record the failure
+            await self._reject(request_id, raw, error)
 
     async def _sweep_loop(self) -> None:
         while True:
