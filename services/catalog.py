@@ -25,16 +25,3 @@ CORES: dict[str, type[ModelCore]] = {
         UpscalerCore,
     )
 }
-
-#: the model_index.json components each kind loads (a directory lacking one cannot host it)
-MODEL_SUBDIR_HINT: dict[str, tuple[str, ...]] = {
-    "text_encoder": ("tokenizer", "text_encoder"),
-    "denoiser": ("unet", "scheduler", "vae"),  # vae: only its config, for vae_scale_factor
-    "vae_decoder": ("vae",),
-    "vae_encoder": ("vae",),
-    "safety_checker": ("safety_checker", "feature_extractor"),
-    "upscaler": ("text_encoder", "tokenizer", "unet", "vae", "scheduler"),
-}
-
-#: op -> the kind that performs it
-OPS: dict[str, str] = {op: kind for kind, core in CORES.items() for op in core.ops}
