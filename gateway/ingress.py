@@ -47,6 +47,14 @@ def error_info(exc: LegoError) -> ErrorInfo:
     )
 
 
+def _client_id(raw: Any) -> str | None:
+    """The client-chosen id of a raw request, if it has a usable one."""
+    candidate = raw.get("id") if isinstance(raw, dict) else None
+    if isinstance(candidate, str) and subjects.valid_request_id(candidate):
+        return candidate
+    return None
+
+
 def request_digest(workflow: str, params: dict[str, Any]) -> str:
     """Identifies a submission's content, so a retried POST with the same id is idempotent."""
     body = orjson.dumps({"workflow": workflow, **params}, option=orjson.OPT_SORT_KEYS)
@@ -148,16 +156,13 @@ class Ingress:
     async def handle(self, msg: Msg) -> None:
         headers = msg.headers or {}
         reply_to = headers.get(REPLY_HEADER)
-        request_id: str | None = None
         try:
             raw = orjson.loads(msg.data)
         except orjson.JSONDecodeError as exc:
             raw, error = None, InvalidRequest([InvalidField("body", f"not valid JSON: {exc}")])
         else:
             error = None
-        if isinstance(raw, dict) and isinstance(raw.get("id"), str):
-            candidate = raw["id"]
-            request_id = candidate if subjects.valid_request_id(candidate) else None
+        request_id = _client_id(raw)
         try:
             if error is not None:
                 raise error
@@ -278,11 +283,11 @@ class Ingress:
     async def _give_up_request(self, data: bytes, deliveries: int) -> None:
         try:
             raw = orjson.loads(data)
-            request_id = raw["id"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            return  # no id: nobody can be waiting for it
-        if not isinstance(request_id, str) or not subjects.valid_request_id(request_id):
+        except orjson.JSONDecodeError:
             return
+        request_id = _client_id(raw)
+        if request_id is None:
+            return  # no usable id: nobody can be waiting for it
         error = TerminalError(
             f"the ingress failed on this request {deliveries} times; see its logs",
         )
