@@ -52,6 +52,20 @@ async def connect(settings: Settings, name: str) -> NATS:
     return await nats.connect(settings.nats_url, **options)
 
 
+async def close(nc: NATS, timeout_s: float = 5.0) -> None:
+    """Flush what is pending and close, without hanging when the server is already gone.
+
+    Close rather than drain: drain waits on a pull subscription's leftover status messages."""
+    try:
+        await asyncio.wait_for(nc.flush(), timeout_s)
+    except Exception as exc:  # noqa: BLE001 - the server went away first; nothing to flush to
+        log.warning("could not flush before closing: %s", exc)
+    try:
+        await nc.close()
+    except Exception as exc:  # noqa: BLE001
+        log.debug("close failed: %s", exc)
+
+
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
     try:
         await js.add_stream(config)

@@ -7,8 +7,10 @@
     │   ├── UnknownWorkflow     no such workflow                        -> 404
     │   └── NotFound            no such request / image                 -> 404
     ├── Conflict                e.g. an id reused for another request    -> 409
+    ├── Overloaded              the deadline cannot be met: rejected     -> 503 + Retry-After
     ├── RetryableError          transient (a store hiccup, a model OOM)  -> nak with backoff
     └── TerminalError           will fail again on any replica           -> term, request failed
+        └── DeadlineExceeded    its deadline passed while queued: dropped, not run
 
 An exception that is not a LegoError raised by a model is treated as retryable until the task
 has been delivered max_deliver times; then the request fails with that error.
@@ -100,6 +102,17 @@ class Conflict(LegoError):
     http_status = 409
 
 
+class Overloaded(LegoError):
+    """Admission control: the work queued ahead plus this request cannot finish in time."""
+
+    code = "overloaded"
+    http_status = 503
+
+    def __init__(self, message: str, retry_after_s: float, **details: Any) -> None:
+        super().__init__(message, retry_after_s=round(retry_after_s, 3), **details)
+        self.retry_after_s = retry_after_s
+
+
 class RetryableError(LegoError):
     code = "retryable"
     http_status = 503
@@ -109,3 +122,8 @@ class RetryableError(LegoError):
 class TerminalError(LegoError):
     code = "node_error"
     http_status = 500
+
+
+class DeadlineExceeded(TerminalError):
+    code = "deadline_exceeded"
+    http_status = 504

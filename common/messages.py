@@ -3,8 +3,9 @@
 A client in any language needs two shapes (their JSON Schemas: ``lego schema``):
 
 - a generation request, published to ``lego.requests`` or POSTed to ``/v1/generations``: a flat
-  JSON object ``{"workflow": "txt2img", "prompt": "...", "seed": 1, ...}``; besides ``workflow``
-  and an optional client-chosen ``id``, every key is a parameter of the workflow;
+  JSON object ``{"workflow": "txt2img", "prompt": "...", "seed": 1, ...}``; besides ``workflow``,
+  an optional client-chosen ``id`` and an optional ``deadline_s`` (seconds from submission;
+  default: the workflow's SLO), every key is a parameter of the workflow;
 - ``RequestState``: the reply to a request, the body of ``GET /v1/generations/{id}`` and the
   completion event on ``lego.results.<id>``.
 
@@ -22,7 +23,7 @@ Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
 #: keys of a generation request that are not workflow parameters
-ENVELOPE_KEYS: frozenset[str] = frozenset({"id", "workflow"})
+ENVELOPE_KEYS: frozenset[str] = frozenset({"id", "workflow", "deadline_s"})
 
 
 class TensorRef(msgspec.Struct, frozen=True):
@@ -105,6 +106,10 @@ class Task(msgspec.Struct, omit_defaults=True):
     request_tensors: dict[str, TensorRef] = {}  # tensors the ingress stored (uploaded images)
     meta: dict[str, Any] = {}
     timings: list[NodeTiming] = []
+    deadline_at: float | None = None  # epoch seconds; work still queued after it is dropped
+
+    def expired(self, at: float) -> bool:
+        return self.deadline_at is not None and at > self.deadline_at
 
 
 def merge_meta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
@@ -142,6 +147,7 @@ class RequestState(msgspec.Struct, omit_defaults=True):
     image: TensorRef | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    deadline_at: float | None = None
 
     @property
     def done(self) -> bool:
@@ -168,6 +174,26 @@ class ReplicaStatus(msgspec.Struct):
     #: latency of recently finished tasks (queue + run + store I/O), milliseconds
     p50_ms: float | None = None
     p99_ms: float | None = None
+    #: seconds from process start to ready (imports, weights, warm-up): the cold start
+    startup_s: float | None = None
+    #: compute per task, amortised over the batches it shared (1000/work_ms: tasks/s one replica
+    #: sustains at its recent batch sizes), mean of recent tasks
+    work_ms: float | None = None
+    #: the least compute a recent task took per step (its progress unit; one-shot tasks have
+    #: one): ``steps x unit_ms_min`` bounds a task's service time from below
+    unit_ms_min: float | None = None
+    tasks_dropped: int = 0
+
+
+class ScaleEvent(msgspec.Struct):
+    """The autoscaler changed a pool's replica count (published on ``lego.autoscaler.events``)."""
+
+    at: float
+    pool: str
+    before: int
+    after: int
+    reason: str
+    placement: list[str] = []
 
 
 class Progress(msgspec.Struct):

@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -487,6 +487,24 @@ def component_class(model_dir: Path | str, component: str) -> type:
     else:  # a pipeline module of diffusers, e.g. "stable_diffusion" for the safety checker
         module = importlib.import_module(f"diffusers.pipelines.{library}")
     return getattr(module, class_name)
+
+
+def weights_bytes(model_dir: Path | str, components: Iterable[str]) -> int:
+    """Bytes of the weight files a default ``from_pretrained`` reads for ``components`` (the
+    subfolders of a diffusers directory): what a replica holding them needs, since the cores
+    load weights in their stored dtype. Per subfolder only one format counts (safetensors, which
+    diffusers and transformers prefer, else ``.bin``) and dtype variants such as
+    ``*.fp16.safetensors`` are skipped: a real SD repository ships all of them side by side,
+    and summing them would count the same model several times."""
+    total = 0
+    for component in set(components):
+        folder = Path(model_dir) / component
+        for suffix in (".safetensors", ".bin"):
+            files = [f for f in folder.glob(f"*{suffix}") if "." not in f.name[: -len(suffix)]]
+            if files:
+                total += sum(f.stat().st_size for f in files)
+                break
+    return total
 
 
 def vae_scale_factor(model_dir: Path | str) -> int:

@@ -7,6 +7,7 @@ Values come from keyword arguments, then ``LEGO_*`` environment variables (plus 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -62,6 +63,41 @@ class Settings(BaseSettings):
     max_batch: int = Field(8, ge=1, description="default max batch of a node")
     drain_timeout_s: float = Field(120.0, gt=0)
 
+    # --- autoscaler --------------------------------------------------------------------------
+    autoscale: bool = Field(True, description="`lego up` runs the autoscaler (else 1 replica/pool)")
+    monolithic: bool = Field(
+        False, description="serve each workflow as one monolithic node type (the baseline)"
+    )
+    min_replicas: int = Field(1, ge=0, description="per pool; 0 allows scale to zero")
+    max_replicas: int = Field(8, ge=1, description="per pool")
+    replicas: dict[str, int] = Field(
+        default_factory=dict,
+        description="per node kind (or pool name) minimum, e.g. {denoiser: 2}; overrides min",
+    )
+    slots: int | None = Field(
+        None, ge=1,
+        description="replica slots shared by all pools; None: one per pool + one per CPU core",
+    )
+    devices: list[str] = Field(
+        default_factory=list,
+        description="devices to place replicas on, e.g. [cuda:0, cuda:1]; empty: this CPU host",
+    )
+    device_memory_bytes: int | None = Field(None, gt=0, description="per device; None: probe")
+    autoscale_tick_s: float = Field(0.5, gt=0, le=5)
+    scale_down_delay_s: float = Field(30.0, ge=0, description="stable window before shrinking")
+    #: the device this process runs on, as the autoscaler placed it (reported by replicas)
+    device_label: str | None = None
+
+    # --- admission ---------------------------------------------------------------------------
+    slo_factor: float = Field(
+        2.0, gt=0, description="default deadline = slo_factor x the workflow's solo latency"
+    )
+    slo_min_s: float = Field(
+        1.0, ge=0, description="floor of default deadlines (CPU scheduling noise is ~0.1 s)"
+    )
+    max_deadline_s: float = Field(3600.0, gt=0, description="largest deadline_s a request may ask")
+    admission: bool = Field(True, description="reject requests that cannot meet their deadline")
+
     # --- gateway -----------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -81,11 +117,14 @@ class Settings(BaseSettings):
     def child_env(self) -> dict[str, str]:
         """Environment that hands these settings to a child process."""
         env = dict(os.environ)
-        for name, value in self.model_dump().items():
+        for name, value in self.model_dump(mode="json").items():
             if value is None:
                 env.pop(f"LEGO_{name.upper()}", None)
                 continue
-            env[f"LEGO_{name.upper()}"] = str(value)
+            # pydantic-settings reads complex values (lists, dicts) from the environment as JSON
+            env[f"LEGO_{name.upper()}"] = (
+                json.dumps(value) if isinstance(value, list | dict) else str(value)
+            )
         env.pop("NATS_URL", None)
         env.pop("REDIS_URL", None)
         return env

@@ -7,6 +7,7 @@
     lego.results.<request id>     stream LEGO_RESULTS (kept result_ttl): one completion event
     lego.progress.<request id>    core NATS: per-step progress, best effort
     lego.replicas.<pool>          core NATS: every replica's status, once a second
+    lego.autoscaler.events        core NATS: the autoscaler's scale decisions (ScaleEvent)
     KV lego-requests              request state, any gateway replica answers from it
     KV lego-workflows             registered workflow specs (added at run time)
     KV lego-joins                 rendezvous of DAG joins (a node with several inputs)
@@ -30,6 +31,7 @@ RESULTS_WILDCARD = "lego.results.>"
 
 PROGRESS_WILDCARD = "lego.progress.>"
 REPLICAS_WILDCARD = "lego.replicas.>"
+AUTOSCALER_EVENTS = "lego.autoscaler.events"
 
 STATE_BUCKET = "lego-requests"
 WORKFLOW_BUCKET = "lego-workflows"

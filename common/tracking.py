@@ -131,11 +131,13 @@ class RequestTracker:
         await self.cleanup(request_id, keep_image=status == "succeeded")
         return final
 
-    async def publish_result(self, state: RequestState) -> None:
+    async def publish_result(self, state: RequestState, attempt: str = "result") -> None:
+        """The completion event. ``attempt`` names it for JetStream's de-duplication: a
+        rejection the client may retry past (overload) must not hide the later result."""
         await self.js.publish(
             subjects.result_subject(state.id),
             encode(state),
-            headers={"Nats-Msg-Id": f"{state.id}:result"},
+            headers={"Nats-Msg-Id": f"{state.id}:{attempt}"},
         )
 
     async def cleanup(self, request_id: str, keep_image: bool) -> None:

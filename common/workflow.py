@@ -147,14 +147,37 @@ class WorkflowSpec(BaseModel):
         for name in self.nodes:
             visit(name)
 
-    def pools(self) -> dict[str, tuple[str, str]]:
-        """pool name -> (node kind, model spec) for every node of this workflow."""
+    def monolithic_pool(self) -> str:
+        """The pool that serves this whole workflow in one process (the monolithic baseline)."""
+        return pool_name("monolithic", self.name)
+
+    def pools(self, *, monolithic: bool = False) -> dict[str, tuple[str, str]]:
+        """pool name -> (node kind, model spec) for every node of this workflow; with
+        ``monolithic``, the one pool -> ("monolithic", workflow name)."""
+        if monolithic:
+            return {self.monolithic_pool(): ("monolithic", self.name)}
         return {
             pool_name(node.kind, self.models[node.model]): (node.kind, self.models[node.model])
             for node in self.nodes.values()
         }
 
-    def compile(self) -> Plan:
+    def compile(self, *, monolithic: bool = False) -> Plan:
+        """The DAG of node tasks; with ``monolithic``, one node ``pipeline`` that runs the whole
+        workflow and takes every uploaded image the workflow reads (``request.<param>``)."""
+        if monolithic:
+            images = sorted({
+                source.split(".", 1)[1]
+                for node in self.nodes.values()
+                for source in node.inputs.values()
+                if source.startswith("request.")
+            })
+            pipeline = PlanNode(
+                kind="monolithic",
+                pool=self.monolithic_pool(),
+                op="run",
+                inputs={p: f"request.{p}" for p in images},
+            )
+            return Plan(nodes={"pipeline": pipeline}, output="pipeline.image")
         return Plan(
             nodes={
                 name: PlanNode(

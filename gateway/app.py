@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -31,16 +32,18 @@ from common.errors import (
     InvalidRequest,
     LegoError,
     NotFound,
+    Overloaded,
     PayloadTooLarge,
 )
 from common.messages import Progress, RequestState, decode, encode, json_schema
 from common.modelinfo import LocalModelInfo
+from common.registry import WorkflowRegistry
 from common.settings import Settings
 from common.store import open_store
 from common.tracking import RequestTracker
 from common.workflow import WorkflowSpec, builtin_workflows, parse_workflow
+from gateway.admission import LoadWatch
 from gateway.ingress import ACCEPTED_HEADER, Ingress, request_digest
-from gateway.registry import WorkflowRegistry
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +56,10 @@ GENERATION_SCHEMA: dict[str, Any] = {
     "properties": {
         "id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
         "workflow": {"type": "string", "default": "txt2img"},
+        "deadline_s": {
+            "type": "number", "exclusiveMinimum": 0,
+            "description": "seconds from submission; default: the workflow's SLO (2x solo)",
+        },
         "prompt": {"type": "string"},
         "negative_prompt": {"type": "string"},
         "width": {"type": "integer"},
@@ -73,7 +80,10 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 
 def error_response(exc: LegoError) -> JSONResponse:
-    return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status)
+    headers = None
+    if isinstance(exc, Overloaded):
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+    return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status, headers=headers)
 
 
 class Gateway:
@@ -96,9 +106,11 @@ class Gateway:
         self.tracker = RequestTracker(self.js, self.buckets, self.store)
         self.registry = WorkflowRegistry(self.buckets[subjects.WORKFLOW_BUCKET])
         await self.registry.start(self.seed_workflows)
+        self.loads = LoadWatch(self.nc)
+        await self.loads.start()
         self.ingress = Ingress(
             settings, self.js, self.registry, self.tracker, self.store,
-            LocalModelInfo(settings.cache_dir / "models"),
+            LocalModelInfo(settings.cache_dir / "models"), self.loads,
         )
         self.progress_sub = await self.nc.subscribe(
             subjects.PROGRESS_WILDCARD, cb=self._on_progress
@@ -125,10 +137,10 @@ class Gateway:
         self.stop_event.set()
         if self.ingress_task:
             await self.ingress_task
+        await self.loads.stop()
         await self.registry.stop()
         await self.store.close()
-        await self.nc.flush()
-        await self.nc.close()
+        await bus.close(self.nc)
 
     async def _on_progress(self, msg: Any) -> None:
         progress = decode(msg.data, Progress)
@@ -242,7 +254,8 @@ def create_app(
                    404: {"description": "unknown workflow"},
                    409: {"description": "id reused for another request"},
                    413: {"description": "body or image too large"},
-                   422: {"description": "a field out of its limits"}},
+                   422: {"description": "a field out of its limits"},
+                   503: {"description": "overloaded: the deadline cannot be met (Retry-After)"}},
     )
     async def create_generation(request: Request, wait: float = 0.0) -> Response:
         """Queue a generation: 202 with its id. With ``?wait=S`` (up to 60 s) the response waits
@@ -251,9 +264,11 @@ def create_app(
         raw = await read_json(request)
         request_id, spec, valid = gw.ingress.parse(raw)
         digest = request_digest(spec.name, {k: v for k, v in raw.items() if k != "id"})
-        state, created = await gw.ingress.accept(request_id, spec, valid, digest)
+        existing = await gw.tracker.get(request_id) if "id" in raw else None
+        deadline = None if existing is not None else gw.ingress.admit(raw, spec, valid)
+        state, created = await gw.ingress.accept(request_id, spec, valid, digest, deadline)
         if created:
-            pinned = gw.ingress.pinned({**raw, "id": request_id}, spec, valid)
+            pinned = gw.ingress.pinned({**raw, "id": request_id}, spec, valid, deadline)
             await gw.js.publish(
                 subjects.REQUESTS_SUBJECT,
                 orjson.dumps(pinned),

@@ -21,13 +21,22 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from common import bus, subjects
-from common.errors import Conflict, InvalidField, InvalidRequest, LegoError, TerminalError
-from common.messages import ErrorInfo, RequestState, Task, decode, encode, now
+from common.errors import (
+    Conflict,
+    DeadlineExceeded,
+    InvalidField,
+    InvalidRequest,
+    LegoError,
+    Overloaded,
+    TerminalError,
+)
+from common.messages import ErrorInfo, Plan, RequestState, Task, decode, encode, now
+from common.registry import WorkflowRegistry
 from common.settings import Settings
 from common.store import TensorStore, tensor_key
 from common.tracking import RequestTracker
 from common.workflow import ModelInfo, ValidRequest, WorkflowSpec, validate_params
-from gateway.registry import WorkflowRegistry
+from gateway import admission
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +79,21 @@ class Ingress:
         tracker: RequestTracker,
         store: TensorStore,
         models: ModelInfo | None,
+        loads: admission.LoadWatch | None = None,
     ) -> None:
+        """``loads``: the pools' queues and measured task times, for deadlines and admission
+        control (None: requests get a deadline only if they ask for one or the workflow
+        declares its solo latency, and nothing is rejected for load)."""
         self.settings = settings
         self.js = js
         self.registry = registry
         self.tracker = tracker
         self.store = store
         self.models = models
+        self.loads = loads
+        self.deadline_policy = admission.DeadlinePolicy(
+            settings.slo_factor, settings.slo_min_s, settings.max_deadline_s
+        )
 
     # --- shared by the gateway and the consumer -------------------------------------------------
 
@@ -97,14 +114,35 @@ class Ingress:
         spec = self.registry.get(workflow)
         return request_id, spec, validate_params(spec, raw, self.models)
 
-    def pinned(self, raw: dict[str, Any], spec: WorkflowSpec, valid: ValidRequest) -> dict:
-        """``raw`` with the values validation chose (random seeds, defaults) written in, so
-        validating it again anywhere gives the same request."""
+    def pinned(self, raw: dict[str, Any], spec: WorkflowSpec, valid: ValidRequest,
+               deadline_s: float | None) -> dict:
+        """``raw`` with the values validation chose (random seeds, defaults, the deadline)
+        written in, so validating it again anywhere gives the same request."""
         chosen = {k: v for k, v in valid.params.items() if spec.params[k].type != "image"}
-        return {**raw, **chosen}
+        pinned = {**raw, **chosen}
+        if deadline_s is not None:
+            pinned["deadline_s"] = deadline_s
+        return pinned
+
+    def plan(self, spec: WorkflowSpec) -> Plan:
+        return spec.compile(monolithic=self.settings.monolithic)
+
+    def admit(self, raw: dict[str, Any], spec: WorkflowSpec, valid: ValidRequest) -> float | None:
+        """The request's deadline (seconds from now), after admission control: raises
+        ``Overloaded`` when the work queued ahead cannot let it finish in time."""
+        plan = self.plan(spec)
+        loads = self.loads.loads if self.loads is not None else {}
+        steps = admission.steps_of(spec, valid.params, plan)
+        measured = admission.solo_latency_s(plan, loads, steps)
+        deadline = admission.deadline_s(raw, spec.solo_latency_s, measured, self.deadline_policy)
+        if deadline is not None and self.settings.admission and loads:
+            admission.check(spec.name, plan, loads, deadline, steps)
+        if self.loads is not None:
+            self.loads.admitted(plan)
+        return deadline
 
     async def accept(self, request_id: str, spec: WorkflowSpec, valid: ValidRequest,
-                     digest: str) -> tuple[RequestState, bool]:
+                     digest: str, deadline_s: float | None = None) -> tuple[RequestState, bool]:
         """Record a new request as queued. Returns (state, created); re-submitting the same
         content under the same id returns the existing state, other content is a conflict."""
         at = now()
@@ -117,12 +155,13 @@ class Ingress:
             params=valid.params,
             warnings=valid.warnings,
             meta={"digest": digest},
+            deadline_at=None if deadline_s is None else at + deadline_s,
         )
         if await self.tracker.create(state):
             return state, True
         existing = await self.tracker.get(request_id)
         if existing is None:  # expired between the two calls
-            return await self.accept(request_id, spec, valid, digest)
+            return await self.accept(request_id, spec, valid, digest, deadline_s)
         if existing.meta.get("digest") != digest:
             raise Conflict(
                 f"id: {request_id!r} is already used by another request", field="id"
@@ -169,20 +208,26 @@ class Ingress:
             request_id, spec, valid = self.parse(raw)
             accepted_at = headers.get(ACCEPTED_HEADER)
             if accepted_at is not None:
-                # The gateway validated the same pinned content and recorded it as queued just
-                # before publishing; re-planning after a redelivery is harmless (Nats-Msg-Id).
-                await self._plan(request_id, spec, valid, float(accepted_at))
+                # The gateway validated and admitted the same pinned content and recorded it as
+                # queued just before publishing; re-planning after a redelivery is harmless
+                # (Nats-Msg-Id).
+                at = float(accepted_at)
+                deadline = raw.get("deadline_s")
+                await self._plan(request_id, spec, valid, at,
+                                 None if deadline is None else at + float(deadline))
                 await msg.ack()
                 return
             digest = request_digest(spec.name, {k: v for k, v in raw.items() if k != "id"})
-            state, created = await self.accept(request_id, spec, valid, digest)
+            existing = await self.tracker.get(request_id)
+            deadline = None if existing is not None else self.admit(raw, spec, valid)
+            state, created = await self.accept(request_id, spec, valid, digest, deadline)
             if not created:
                 # Planned before (a redelivery): keep the values chosen then, e.g. the seed.
                 valid.params.update(
                     {k: v for k, v in state.params.items() if spec.params[k].type != "image"}
                 )
             if state.status == "queued":
-                await self._plan(request_id, spec, valid, state.created_at)
+                await self._plan(request_id, spec, valid, state.created_at, state.deadline_at)
             reply = state
         except LegoError as exc:
             reply = await self._reject(request_id, raw, exc)
@@ -202,15 +247,28 @@ class Ingress:
             id=request_id or "", workflow=str(workflow), status="failed", created_at=at,
             updated_at=at, finished_at=at, error=error_info(exc),
         )
-        if request_id and not isinstance(exc, Conflict):
+        if isinstance(exc, Overloaded):
+            # Not recorded: the client may retry under the same id once the queues drain.
+            if request_id:
+                await self.tracker.publish_result(state, attempt=f"overloaded-{at!r}")
+        elif request_id and not isinstance(exc, Conflict):
             if await self.tracker.create(state):
                 await self.tracker.publish_result(state)
         return state
 
     async def _plan(
-        self, request_id: str, spec: WorkflowSpec, valid: ValidRequest, submitted_at: float
+        self, request_id: str, spec: WorkflowSpec, valid: ValidRequest, submitted_at: float,
+        deadline_at: float | None,
     ) -> None:
-        plan = spec.compile()
+        if deadline_at is not None and now() > deadline_at:
+            # It waited in lego.requests past its deadline (the ingress was down or behind).
+            error = DeadlineExceeded(
+                f"the deadline passed {now() - deadline_at:.3f}s before the request was "
+                "planned; dropped, not run"
+            )
+            await self.tracker.finish(request_id, "failed", error=error_info(error))
+            return
+        plan = self.plan(spec)
         request_tensors = {
             name: await self.store.put(
                 tensor_key("tmp", request_id, "request", name),
@@ -235,6 +293,7 @@ class Ingress:
                 submitted_at=submitted_at,
                 published_at=now(),
                 meta={"warnings": valid.warnings} if valid.warnings else {},
+                deadline_at=deadline_at,
             )
             await self.js.publish(
                 subjects.task_subject(node.pool),

@@ -1,13 +1,15 @@
 """The `lego` command line.
 
     lego up                      the whole stack on this machine (embedded NATS, tiny models)
+    lego up --monolithic         the same, each workflow served as one monolithic node type
     lego generate "a red fox"    one image, against a running stack or an embedded one
     lego node KIND --model M     one replica of one model pool
+    lego autoscaler              the autoscaler alone (`lego up` runs one)
     lego gateway                 the REST gateway (with an ingress consumer)
     lego ingress                 an ingress consumer alone (NATS-only deployments)
     lego status [--json|--watch] per pool: replicas by state, lag, rates, latency, placement
     lego schema                  JSON Schemas of the request and the result
-    lego bench hop|e2e           benchmarks
+    lego bench hop|e2e|burst     benchmarks
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ def _logging(settings: Settings) -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     from lego.stack import Stack
 
-    settings = _settings(args)
+    settings = _settings(args, monolithic=args.monolithic or None,
+                         autoscale=False if args.no_autoscale else None)
     _logging(settings)
     stack = Stack(settings, port=args.port)
     stop: list[bool] = []
@@ -61,6 +64,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"gateway  {stack.gateway_url}  (OpenAPI: {stack.gateway_url}/docs)")
     print(f"nats     {stack.settings.nats_url}")
     print(f"store    {stack.settings.store_kind}")
+    print(f"serving  {'monolithic' if settings.monolithic else 'micro'}, "
+          f"{'autoscaled' if settings.autoscale else 'one replica per pool'}")
     print(f"logs     {stack.settings.run_dir / 'logs'}")
     print("ready; Ctrl-C stops (nodes finish what they hold first)", flush=True)
     try:
@@ -76,7 +81,39 @@ def cmd_node(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     _logging(settings)
-    run_node(args.kind, _model_spec(args.model) or settings.base_model, settings, args.max_batch)
+    # a monolithic node serves a workflow: --model names it, it is not a model directory
+    model = args.model if args.kind == "monolithic" else _model_spec(args.model)
+    run_node(args.kind, model or settings.base_model, settings, args.max_batch)
+    return 0
+
+
+def cmd_autoscaler(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from autoscaler.service import Autoscaler
+    from common.bus import run_async
+
+    settings = load_settings(args.config, monolithic=args.monolithic or None)
+    _logging(settings)
+    if args.backend == "kubernetes":
+        from autoscaler.backends.kubernetes import KubernetesBackend
+
+        backend = KubernetesBackend(namespace=args.namespace)
+    else:
+        from autoscaler.backends.local import LocalBackend
+
+        backend = LocalBackend(settings)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        # Local replicas are this process's children: they drain with it. Kubernetes
+        # Deployments outlive the autoscaler.
+        await Autoscaler(settings, backend).run(stop, stop_replicas=args.backend == "local")
+
+    run_async(main())
     return 0
 
 
@@ -203,8 +240,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rich.live import Live
     from rich.table import Table
 
-    from autoscaler.observe import ClusterObserver
     from common.bus import connect, run_async
+    from common.observe import ClusterObserver
 
     settings = _stack_settings(args)
 
@@ -277,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="run the whole stack on this machine")
     up.add_argument("--port", type=int, help="gateway port (default 8000, or a free one)")
     up.add_argument("--model", help="diffusers SD 1.x/2.x directory for the shipped workflows")
+    up.add_argument("--monolithic", action="store_true",
+                    help="the baseline: every workflow as one node type (its models in one "
+                         "process), scaled per workflow")
+    up.add_argument("--no-autoscale", action="store_true",
+                    help="one fixed replica per pool instead of the autoscaler")
     up.set_defaults(func=cmd_up)
 
     gen = sub.add_parser("generate", help="generate one image")
@@ -301,6 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--max-batch", type=int)
     node.set_defaults(func=cmd_node)
 
+    scaler = sub.add_parser("autoscaler", help="scale node replicas from queue lag")
+    scaler.add_argument("--backend", choices=["local", "kubernetes"], default="local")
+    scaler.add_argument("--namespace", default="legodiffusion", help="Kubernetes namespace")
+    scaler.add_argument("--monolithic", action="store_true", help="scale monolithic pools")
+    scaler.set_defaults(func=cmd_autoscaler)
+
     gw = sub.add_parser("gateway", help="run the REST gateway (and an ingress consumer)")
     gw.add_argument("--port", type=int)
     gw.add_argument("--seed-builtin", action="store_true", help="register the shipped workflows")
@@ -318,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(func=cmd_schema)
 
     bench = sub.add_parser("bench", help="benchmarks")
-    bench.add_argument("which", choices=["hop", "e2e"])
+    bench.add_argument("which", choices=["hop", "e2e", "burst"])
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--iterations", type=int, default=None)
     bench.set_defaults(func=cmd_bench)

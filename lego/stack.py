@@ -1,7 +1,9 @@
 """The stack on one machine: an embedded nats-server (unless NATS_URL is set), the gateway with
-its ingress, and one replica of every node pool that the shipped workflows use, as child
-processes that are restarted if they crash. Other `lego` commands find it through a small JSON
-file in the run directory."""
+its ingress, and the autoscaler, which runs the node replicas of every pool the shipped
+workflows use (micro-served, or one monolithic pool per workflow with ``monolithic``). Without
+the autoscaler (``autoscale=False``) the stack runs one replica of every pool itself. Children
+are restarted if they crash. Other `lego` commands find the stack through a small JSON file in
+the run directory."""
 
 from __future__ import annotations
 
@@ -111,22 +113,25 @@ class Stack:
         )
         pools: dict[str, tuple[str, str]] = {}
         for spec in workflows.values():
-            pools.update(spec.pools())
-        for _, model in sorted(set(pools.values())):
-            resolve_model_dir(model, settings.cache_dir / "models")  # build once, not per node
+            pools.update(spec.pools(monolithic=settings.monolithic))
+            for model in spec.models.values():
+                resolve_model_dir(model, settings.cache_dir / "models")  # build once, not per node
         lego = [sys.executable, "-m", "lego.cli"]
         self.children = [Child("gateway", [*lego, "gateway", "--seed-builtin"])]
-        self.children += [
-            Child(f"node-{kind}-{pool[-8:]}", [*lego, "node", kind, "--model", model])
-            for pool, (kind, model) in sorted(pools.items())
-        ]
+        if settings.autoscale:
+            self.children.append(Child("autoscaler", [*lego, "autoscaler"]))
+        else:
+            self.children += [
+                Child(f"node-{kind}-{pool[-8:]}", [*lego, "node", kind, "--model", model])
+                for pool, (kind, model) in sorted(pools.items())
+            ]
         for child in self.children:
             self._spawn(child)
         self._write_stack_file()
         self._wait_ready(sorted(pools), timeout_s)
 
     def add_node(self, kind: str, model: str | None = None) -> Child:
-        """Start one more replica of a pool (the autoscaler's job later; tests use it now)."""
+        """Start one more replica of a pool, outside the autoscaler's count (for tests)."""
         model = model or self.settings.base_model
         child = Child(f"node-{kind}-extra{len(self.children)}",
                       [sys.executable, "-m", "lego.cli", "node", kind, "--model", model])
@@ -206,6 +211,7 @@ class Stack:
             "redis_url": self.settings.redis_url,
             "shm_root": str(self.settings.shm_root),
             "base_model": self.settings.base_model,
+            "monolithic": self.settings.monolithic,
             "started_at": time.time(),
         }
         self.stack_file.write_text(json.dumps(info, indent=2))

@@ -2,11 +2,17 @@
 
 ``services.runner`` (and ``lego``) pick a core class by kind; each core is constructed as
 ``CORES[kind](model_dir, device=..., max_batch=...)`` and loads its component from a diffusers
-model directory with ``from_pretrained(model_dir, subfolder=...)``.
+model directory with ``from_pretrained(model_dir, subfolder=...)``. The footprints (weight bytes
+per replica) are what the autoscaler places replicas by.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+
+from common.models import weights_bytes
+from common.workflow import WorkflowSpec
 from services.core import ModelCore
 from services.denoiser import DenoiserCore
 from services.safety import SafetyCheckerCore
@@ -25,3 +31,28 @@ CORES: dict[str, type[ModelCore]] = {
         UpscalerCore,
     )
 }
+
+
+def footprint_bytes(kind: str, model_dir: Path) -> int:
+    """Weight bytes one replica of the micro node ``kind`` on ``model_dir`` holds."""
+    return weights_bytes(model_dir, CORES[kind].components)
+
+
+def workflow_components(
+    spec: WorkflowSpec, model_dirs: Mapping[str, Path]
+) -> dict[Path, tuple[str, ...]]:
+    """Per distinct model directory of ``spec`` (``model_dirs``: alias -> directory), the union
+    of the components its nodes load: in one process a component is held once, whichever nodes
+    use it (the VAE encoder and decoder share one VAE, as a diffusers pipeline does)."""
+    found: dict[Path, set[str]] = {}
+    for node in spec.nodes.values():
+        found.setdefault(Path(model_dirs[node.model]), set()).update(CORES[node.kind].components)
+    return {model_dir: tuple(sorted(parts)) for model_dir, parts in found.items()}
+
+
+def monolithic_footprint_bytes(spec: WorkflowSpec, model_dirs: Mapping[str, Path]) -> int:
+    """Weight bytes one monolithic replica of ``spec`` holds: every distinct model counted once."""
+    return sum(
+        weights_bytes(model_dir, parts)
+        for model_dir, parts in workflow_components(spec, model_dirs).items()
+    )

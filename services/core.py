@@ -50,6 +50,8 @@ class ModelCore(abc.ABC):
     kind: str = ""
     #: the ops this core accepts in ``WorkItem.op``
     ops: tuple[str, ...] = ()
+    #: the subfolders of the diffusers directory whose weights it loads (its memory footprint)
+    components: tuple[str, ...] = ()
 
     def __init__(self, model_dir: Path, *, device: str = "cpu", max_batch: int = 8) -> None:
         self.model_dir = Path(model_dir)

@@ -50,6 +50,7 @@ class DenoiseState:
 class DenoiserCore(ModelCore):
     kind = "denoiser"
     ops = ("denoise",)
+    components = ("unet",)
 
     def load(self) -> None:
         unet_cls = component_class(self.model_dir, "unet")

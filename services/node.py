@@ -1,4 +1,5 @@
-"""A node process: one replica of one model pool (``lego node KIND --model SPEC``)."""
+"""A node process: one replica of one model pool (``lego node KIND --model SPEC``), or of a whole
+workflow (``lego node monolithic --model WORKFLOW``, the monolithic baseline)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,16 @@ import signal
 
 import torch
 
-from common.bus import run_async
+from common import bus, subjects
+from common.errors import UnknownWorkflow
 from common.models import resolve_model_dir
+from common.registry import WorkflowRegistry
 from common.settings import Settings
 from common.subjects import pool_name
+from common.workflow import WorkflowSpec, builtin_workflows
 from services.catalog import CORES
+from services.core import ModelCore
+from services.monolithic import MonolithicCore
 from services.runner import NodeRunner
 
 log = logging.getLogger(__name__)
@@ -21,14 +27,47 @@ log = logging.getLogger(__name__)
 def build_runner(
     kind: str, model: str, settings: Settings, max_batch: int | None = None
 ) -> NodeRunner:
-    if kind not in CORES:
-        raise SystemExit(f"unknown node kind {kind!r}; known: {', '.join(sorted(CORES))}")
-    core = CORES[kind](
-        resolve_model_dir(model, settings.cache_dir / "models"),
-        device=settings.device,
-        max_batch=max_batch or settings.max_batch,
-    )
-    return NodeRunner(core, pool_name(kind, model), model, settings)
+    """The runner of one replica: ``model`` is a model spec, or for ``kind == "monolithic"`` the
+    name of the workflow to serve whole (builtin, else read from the workflow bucket: call this
+    outside a running event loop then, as ``run_node`` does)."""
+    max_batch = max_batch or settings.max_batch
+    models_dir = settings.cache_dir / "models"
+    core: ModelCore
+    if kind == MonolithicCore.kind:
+        spec = _workflow(model, settings)
+        dirs = {alias: resolve_model_dir(m, models_dir) for alias, m in spec.models.items()}
+        core = MonolithicCore(spec, dirs, device=settings.device, max_batch=max_batch)
+        pool = spec.monolithic_pool()
+    elif kind in CORES:
+        core = CORES[kind](
+            resolve_model_dir(model, models_dir), device=settings.device, max_batch=max_batch
+        )
+        pool = pool_name(kind, model)
+    else:
+        known = ", ".join(sorted([*CORES, MonolithicCore.kind]))
+        raise SystemExit(f"unknown node kind {kind!r}; known: {known}")
+    return NodeRunner(core, pool, model, settings)
+
+
+def _workflow(name: str, settings: Settings) -> WorkflowSpec:
+    """A shipped workflow on the configured models (as the gateway seeds them), else the one
+    registered at run time under ``name``."""
+    builtin = builtin_workflows({"base": settings.base_model, "upscaler": settings.upscaler_model})
+    if name in builtin:
+        return builtin[name]
+
+    async def fetch() -> WorkflowSpec:
+        nc = await bus.connect(settings, name=f"monolithic-{name}")
+        try:
+            bucket = await nc.jetstream().key_value(subjects.WORKFLOW_BUCKET)
+            return await WorkflowRegistry.fetch(bucket, name)
+        finally:
+            await nc.close()
+
+    try:
+        return bus.run_async(fetch())
+    except UnknownWorkflow as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def run_node(kind: str, model: str, settings: Settings, max_batch: int | None = None) -> None:
@@ -42,4 +81,4 @@ def run_node(kind: str, model: str, settings: Settings, max_batch: int | None = 
             loop.add_signal_handler(sig, runner.drain)
         await runner.serve()
 
-    run_async(main())
+    bus.run_async(main())

@@ -19,6 +19,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -26,7 +27,7 @@ from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from common import bus, subjects
-from common.errors import LegoError, RequestError, TerminalError
+from common.errors import DeadlineExceeded, LegoError, RequestError, TerminalError
 from common.messages import (
     ErrorInfo,
     JoinState,
@@ -49,6 +50,16 @@ from services.core import ModelCore, WorkItem
 log = logging.getLogger(__name__)
 
 
+def _process_age_s() -> float | None:
+    """Seconds since this process started (Linux), None where /proc cannot tell."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime_s = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime_s - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 @dataclass
 class Held:
     """A task this replica holds: fetched, not yet acked."""
@@ -59,6 +70,7 @@ class Held:
     attempt: int
     state: Any = None
     run_s: float = 0.0
+    work_s: float = 0.0  # run time amortised over the batch sizes it ran in
     io_s: float = 0.0
     batch: int = 1
     steps_reported: int = 0
@@ -67,6 +79,7 @@ class Held:
 @dataclass
 class RunnerStats:
     loaded_s: float = 0.0
+    startup_s: float | None = None
     tasks_done: int = 0
     tasks_failed: int = 0
     tasks_retried: int = 0
@@ -78,7 +91,19 @@ class RunnerStats:
 
 
 class NodeRunner:
-    def __init__(self, core: ModelCore, pool: str, model: str, settings: Settings) -> None:
+    def __init__(
+        self,
+        core: ModelCore,
+        pool: str,
+        model: str,
+        settings: Settings,
+        process_started: float | None = None,
+    ) -> None:
+        """``process_started``: ``time.monotonic()`` when the process began (default: read from
+        /proc), so the replica reports its whole cold start, imports included."""
+        if process_started is None:
+            process_started = time.monotonic() - (_process_age_s() or 0.0)
+        self.process_started = process_started
         self.core = core
         self.pool = pool
         self.model = model
@@ -94,6 +119,8 @@ class NodeRunner:
         self._fetch_done = asyncio.Event()
         self._side_tasks: set[asyncio.Task] = set()
         self._latencies_ms: collections.deque[float] = collections.deque(maxlen=256)
+        self._work_ms: collections.deque[float] = collections.deque(maxlen=256)
+        self._unit_ms: collections.deque[float] = collections.deque(maxlen=256)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -128,6 +155,7 @@ class NodeRunner:
             settings,
         )
         self.stats.ready = True
+        self.stats.startup_s = time.monotonic() - self.process_started
         await self._publish_status()
         log.info("%s ready (model loaded in %.2fs)", self.replica, self.stats.loaded_s)
         if ready is not None:
@@ -146,10 +174,7 @@ class NodeRunner:
             await sub.unsubscribe()
             await self._publish_status("stopped")
             await self.store.close()
-            # Everything held is acked: close rather than drain, which would wait on the
-            # pull subscription's leftover status messages.
-            await self.nc.flush()
-            await self.nc.close()
+            await bus.close(self.nc)  # everything held is acked
             log.info("%s stopped", self.replica)
 
     # --- fetching and admission ------------------------------------------------------------------
@@ -189,6 +214,9 @@ class NodeRunner:
         if task.request_id in self._cancelled:
             await self._drop(held)
             return None
+        if task.expired(fetched_at):
+            await self._expire(held)
+            return None
         node = task.plan.nodes[task.node]
         try:
             started = time.perf_counter()
@@ -225,6 +253,22 @@ class NodeRunner:
         # A late task may have written tensors after the cancel cleaned up.
         await self.store.delete_group("tmp", held.task.request_id)
 
+    async def _expire(self, held: Held) -> None:
+        """Its deadline passed: fail the request with a clear status instead of running it."""
+        task = held.task
+        late_s = now() - (task.deadline_at or 0.0)
+        error = DeadlineExceeded(
+            f"the deadline passed {late_s:.3f}s before node {task.node} finished; dropped, "
+            "not run", node=task.node, pool=self.pool,
+        )
+        await self.tracker.finish(
+            task.request_id, "failed",
+            error=ErrorInfo(code=error.code, message=error.message, node=task.node,
+                            details={"pool": self.pool}),
+            timings=task.timings,
+        )
+        await self._drop(held)
+
     async def _watch_cancels(self, watcher: Any) -> None:
         async for entry in watcher:
             if entry is not None and entry.value:
@@ -243,9 +287,13 @@ class NodeRunner:
             # Step boundary: newly fetched tasks join the running batch; cancelled ones leave.
             self._active.extend(self._admitted)
             self._admitted.clear()
+            at = now()
             for held in [h for h in self._active if h.task.request_id in self._cancelled]:
                 self._active.remove(held)
                 await self._drop(held)
+            for held in [h for h in self._active if h.task.expired(at)]:
+                self._active.remove(held)
+                await self._expire(held)
             if not self._active:
                 continue
             group = self._next_group()
@@ -263,6 +311,7 @@ class NodeRunner:
             self.stats.batch_items += len(group)
             for held in group:
                 held.run_s += elapsed
+                held.work_s += elapsed / len(group)
                 held.batch = max(held.batch, len(group))
             await self._report_progress(group)
             for held in [h for h in group if self.core.done(h.state)]:
@@ -330,6 +379,9 @@ class NodeRunner:
         await held.msg.ack()
         self.stats.tasks_done += 1
         self._latencies_ms.append(timing.queue_ms + timing.run_ms + timing.io_ms)
+        self._work_ms.append(held.work_s * 1000)
+        units = max(1, self.core.progress(held.state)[1])
+        self._unit_ms.append(held.run_s * 1000 / units)
 
     async def _store_outputs(self, task: Task, tensors: dict) -> dict[str, TensorRef]:
         wanted = {
@@ -452,8 +504,13 @@ class NodeRunner:
             state=state, held=len(self._active) + len(self._admitted),  # type: ignore[arg-type]
             max_batch=self.core.max_batch, load_s=round(stats.loaded_s, 3),
             tasks_done=stats.tasks_done, tasks_failed=stats.tasks_failed, batches=stats.batches,
-            batch_items=stats.batch_items, at=now(), device=str(self.core.device),
+            batch_items=stats.batch_items, at=now(),
+            device=self.settings.device_label or str(self.core.device),
             p50_ms=percentile(self._latencies_ms, 50), p99_ms=percentile(self._latencies_ms, 99),
+            startup_s=None if stats.startup_s is None else round(stats.startup_s, 3),
+            work_ms=round(sum(self._work_ms) / len(self._work_ms), 3) if self._work_ms else None,
+            unit_ms_min=round(min(self._unit_ms), 3) if self._unit_ms else None,
+            tasks_dropped=stats.tasks_dropped,
         )
         await self.nc.publish(subjects.replica_subject(self.pool), encode(status))
 

@@ -22,6 +22,7 @@ from services.core import OneShotCore, Result, WorkItem
 class SafetyCheckerCore(OneShotCore):
     kind = "safety_checker"
     ops = ("check",)
+    components = ("safety_checker",)  # the feature extractor has no weights
 
     #: whether several items may share one checker call; None: decided at load by a probe
     batch_exact: bool | None = None

@@ -20,6 +20,7 @@ from services.core import OneShotCore, Result, WorkItem
 class TextEncoderCore(OneShotCore):
     kind = "text_encoder"
     ops = ("encode",)
+    components = ("text_encoder",)  # the tokenizer has no weights
 
     #: whether items may share one forward; None: decided at load by a bit-exactness probe
     batch_exact: bool | None = None

@@ -21,6 +21,8 @@ from services.core import OneShotCore, Result, WorkItem
 class UpscalerCore(OneShotCore):
     kind = "upscaler"
     ops = ("upscale",)
+    #: the whole StableDiffusionLatentUpscalePipeline (its VAE too, though latents skip it)
+    components = ("text_encoder", "unet", "vae")
 
     def load(self) -> None:
         from diffusers import StableDiffusionLatentUpscalePipeline

@@ -25,6 +25,8 @@ from services.core import OneShotCore, Result, WorkItem
 
 
 class _VaeCore(OneShotCore):
+    components = ("vae",)
+
     def load(self) -> None:
         from diffusers.image_processor import VaeImageProcessor
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from nats.js.errors import KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
 
 from common.errors import UnknownWorkflow
@@ -41,6 +42,18 @@ class WorkflowRegistry:
 
         self._watch_task = asyncio.create_task(follow())
         await asyncio.wait_for(first.wait(), timeout=10)
+
+    @staticmethod
+    async def fetch(bucket: KeyValue, name: str) -> WorkflowSpec:
+        """One registered workflow, read once: a node that serves it needs no watcher."""
+        try:
+            return parse_workflow((await bucket.get(name)).value or b"")
+        except KeyNotFoundError:
+            try:
+                known = await bucket.keys()
+            except NoKeysError:
+                known = []
+            raise UnknownWorkflow(name, known) from None
 
     async def stop(self) -> None:
         if self._watch_task:

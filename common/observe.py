@@ -1,6 +1,6 @@
 """What the cluster looks like right now: per pool, the JetStream lag of its consumer and what
-its replicas report (``lego.replicas.<pool>``). Read by `lego status` and the autoscaler loop;
-it only reads."""
+its replicas report (``lego.replicas.<pool>``). Read by `lego status`, the autoscaler loop and
+the gateway's admission control; it only reads."""
 
 from __future__ import annotations
 
@@ -37,15 +37,31 @@ class PoolView:
     mean_batch: float | None = None
     p50_ms: float | None = None
     p99_ms: float | None = None
-    load_s: float | None = None
+    load_s: float | None = None  # weights loaded and warmed up, slowest replica
+    startup_s: float | None = None  # process start to ready, slowest replica
+    work_ms: float | None = None  # amortised compute per task, mean over replicas
+    unit_ms_min: float | None = None  # least compute per step of a task, over replicas
+    max_batch: int = 1
+
+    @property
+    def ready(self) -> int:
+        return self.replicas.get("ready", 0)
+
+    @property
+    def live(self) -> int:
+        return sum(n for state, n in self.replicas.items() if state != "stopped")
+
+    @property
+    def service_rate(self) -> float | None:
+        """Tasks/s one replica sustains, from its measured amortised compute per task."""
+        return 1000.0 / self.work_ms if self.work_ms else None
 
     def to_json(self) -> dict[str, Any]:
-        live = sum(n for state, n in self.replicas.items() if state != "stopped")
         return {
             "kind": self.kind,
             "model": self.model,
-            "replicas": live,
-            "ready": self.replicas.get("ready", 0),
+            "replicas": self.live,
+            "ready": self.ready,
             "starting": self.replicas.get("starting", 0),
             "draining": self.replicas.get("draining", 0),
             "lag": self.lag,
@@ -56,7 +72,9 @@ class PoolView:
             "p50_ms": _round(self.p50_ms),
             "p99_ms": _round(self.p99_ms),
             "mean_batch": _round(self.mean_batch),
+            "work_ms": _round(self.work_ms),
             "load_s": _round(self.load_s),
+            "startup_s": _round(self.startup_s),
             "placement": self.placement,
         }
 
@@ -72,6 +90,10 @@ class ClusterObserver:
         self.nc = nc
         self.js = nc.jetstream()
         self.statuses: dict[str, tuple[float, ReplicaStatus]] = {}
+        # Tasks each pool's replicas ever finished: replicas come and go, so the pool keeps the
+        # sum of every replica's last report (a replica's own counters only grow).
+        self._finished: dict[str, int] = {}
+        self._counted: dict[str, int] = {}  # replica -> finished as last counted
         self._previous: dict[str, tuple[float, int, int]] = {}  # pool -> (t, arrived, done)
 
     async def start(self) -> None:
@@ -83,11 +105,16 @@ class ClusterObserver:
     async def _on_status(self, msg: Any) -> None:
         status = decode(msg.data, ReplicaStatus)
         self.statuses[status.replica] = (time.monotonic(), status)
+        finished = status.tasks_done + status.tasks_failed + status.tasks_dropped
+        before = self._counted.get(status.replica, 0)
+        self._finished[status.pool] = self._finished.get(status.pool, 0) + finished - before
+        self._counted[status.replica] = finished
 
     def live_statuses(self) -> list[ReplicaStatus]:
         cutoff = time.monotonic() - REPLICA_EXPIRY_S
         for replica in [r for r, (seen, _) in self.statuses.items() if seen < cutoff]:
             del self.statuses[replica]
+            self._counted.pop(replica, None)
         return [s for _, s in self.statuses.values() if s.state != "stopped"]
 
     async def sample(self) -> dict[str, PoolView]:
@@ -110,6 +137,7 @@ class ClusterObserver:
             view.kind, view.model = statuses[0].kind, statuses[0].model
             view.replicas = dict(Counter(s.state for s in statuses))
             view.placement = dict(Counter(s.device for s in statuses))
+            view.max_batch = max(s.max_batch for s in statuses)
             batches = sum(s.batches for s in statuses)
             view.mean_batch = sum(s.batch_items for s in statuses) / batches if batches else None
             p50s = [s.p50_ms for s in statuses if s.p50_ms is not None]
@@ -117,9 +145,12 @@ class ClusterObserver:
             view.p50_ms = percentile(p50s, 50)
             view.p99_ms = max(p99s) if p99s else None
             view.load_s = max(s.load_s for s in statuses)
+            view.startup_s = _max(s.startup_s for s in statuses)
+            works = [s.work_ms for s in statuses if s.work_ms]
+            view.work_ms = sum(works) / len(works) if works else None
+            view.unit_ms_min = _min(s.unit_ms_min for s in statuses)
         for pool, view in views.items():
-            statuses = by_pool.get(pool, [])
-            done = sum(s.tasks_done + s.tasks_failed for s in statuses)
+            done = self._finished.get(pool, 0)
             arrived = done + view.lag  # what came in = what left + what still waits
             previous = self._previous.get(pool)
             if previous is not None and now_s > previous[0]:
@@ -128,3 +159,13 @@ class ClusterObserver:
                 view.arrival_rate = max(0.0, (arrived - previous[1]) / dt)
             self._previous[pool] = (now_s, arrived, done)
         return dict(sorted(views.items()))
+
+
+def _max(values: Any) -> float | None:
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+def _min(values: Any) -> float | None:
+    present = [v for v in values if v is not None]
+    return min(present) if present else None

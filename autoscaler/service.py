@@ -1,0 +1,227 @@
+"""The autoscaler process (`lego autoscaler`; `lego up` starts one).
+
+Every tick (0.5 s by default) it reads each pool's JetStream lag and its replicas' reports
+(``common.observe``), asks the pure ``policy.decide`` how many replicas every pool should
+have within the global budget, packs them onto devices (``placement.place``) and has the
+backend start or drain replicas. Pools come from the registered workflows (KV
+``lego-workflows``), so a workflow added at run time gets its pools without a restart. Every
+change is logged and published as a ``ScaleEvent`` on ``lego.autoscaler.events``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from autoscaler.backends import Backend, PoolLaunch, ReplicaInfo
+from autoscaler.placement import Device, place
+from autoscaler.policy import (
+    Budget,
+    PolicyConfig,
+    PolicyState,
+    PoolObservation,
+    PoolSpec,
+    decide,
+)
+from common import bus, subjects
+from common.messages import ScaleEvent, encode, now
+from common.models import resolve_model_dir
+from common.observe import ClusterObserver, PoolView
+from common.registry import WorkflowRegistry
+from common.settings import Settings
+from common.workflow import WorkflowSpec
+
+log = logging.getLogger(__name__)
+
+
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def devices_of(settings: Settings, slots: int) -> list[Device]:
+    """The devices replicas are placed on: the configured GPUs (each with its memory, the
+    slots split between them), or this host's CPU as one device with every slot."""
+    if not settings.devices:
+        memory = settings.device_memory_bytes or host_memory_bytes()
+        return [Device("cpu:0", memory, slots)]
+    base, extra = divmod(slots, len(settings.devices))
+    memory = settings.device_memory_bytes or _probe_memory(settings.devices[0])
+    return [Device(d, memory, base + (i < extra)) for i, d in enumerate(settings.devices)]
+
+
+def _probe_memory(device: str) -> int:
+    if device.startswith("cuda"):
+        import torch
+
+        index = int(device.partition(":")[2] or 0)
+        return int(torch.cuda.get_device_properties(index).total_memory)
+    return host_memory_bytes()
+
+
+@dataclass(frozen=True)
+class Pool:
+    launch: PoolLaunch
+    spec: PoolSpec
+
+
+class Autoscaler:
+    def __init__(
+        self, settings: Settings, backend: Backend, config: PolicyConfig | None = None
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.config = config or PolicyConfig(
+            tick_s=settings.autoscale_tick_s,
+            stable_window_s=max(settings.scale_down_delay_s, 1.0, settings.autoscale_tick_s),
+            downscale_delay_s=settings.scale_down_delay_s,
+        )
+        self.state: PolicyState | None = None
+        self._footprints: dict[str, int] = {}
+        self.ticks = 0
+
+    # --- what to scale --------------------------------------------------------------------
+
+    def pools(self, registry: WorkflowRegistry) -> dict[str, Pool]:
+        found: dict[str, Pool] = {}
+        for spec in registry.all().values():
+            for pool, (kind, model) in spec.pools(monolithic=self.settings.monolithic).items():
+                if pool not in found:
+                    launch = PoolLaunch(pool, kind, model)
+                    found[pool] = Pool(launch, self._pool_spec(launch, spec))
+        return found
+
+    def _pool_spec(self, launch: PoolLaunch, workflow: WorkflowSpec) -> PoolSpec:
+        pool, kind = launch.pool, launch.kind
+        s = self.settings
+        low = s.replicas.get(pool, s.replicas.get(kind, s.min_replicas))
+        return PoolSpec(
+            name=pool,
+            min_replicas=low,
+            max_replicas=max(s.max_replicas, low, 1),
+            scale_to_zero=low == 0,
+            memory_bytes=self._footprint(launch, workflow),
+            max_batch=s.max_batch,
+        )
+
+    def _footprint(self, launch: PoolLaunch, workflow: WorkflowSpec) -> int:
+        """A replica's memory: the weights it loads (read from the model directories, once)."""
+        if launch.pool not in self._footprints:
+            from services import catalog
+
+            def model_dir(spec: str) -> Path:
+                return resolve_model_dir(spec, self.settings.cache_dir / "models")
+
+            try:
+                if launch.kind == "monolithic":
+                    dirs = {alias: model_dir(m) for alias, m in workflow.models.items()}
+                    size = catalog.monolithic_footprint_bytes(workflow, dirs)
+                else:
+                    size = catalog.footprint_bytes(launch.kind, model_dir(launch.model))
+            except Exception as exc:  # noqa: BLE001 - placement still works by slots
+                log.warning("no memory footprint for %s: %s", launch.pool, exc)
+                size = 0
+            self._footprints[launch.pool] = size
+        return self._footprints[launch.pool]
+
+    def budget(self, pools: dict[str, Pool]) -> tuple[Budget, list[Device]]:
+        slots = self.settings.slots or len(pools) + (os.cpu_count() or 1)
+        devices = devices_of(self.settings, slots)
+        budget = Budget(slots=slots, devices=len(devices),
+                        device_memory_bytes=min(d.memory_bytes for d in devices))
+        return budget, devices
+
+    # --- one tick -------------------------------------------------------------------------
+
+    @staticmethod
+    def observe(
+        views: dict[str, PoolView], running: dict[str, list[ReplicaInfo]], pools: dict[str, Pool]
+    ) -> dict[str, PoolObservation]:
+        observations = {}
+        for pool in pools:
+            view = views.get(pool, PoolView(pool))
+            replicas = sum(1 for r in running.get(pool, []) if r.state == "running")
+            observations[pool] = PoolObservation(
+                lag=view.lag,
+                arrival_rate=view.arrival_rate or 0.0,
+                completion_rate=view.completion_rate or 0.0,
+                replicas=replicas,
+                ready=min(view.ready, replicas),
+                measured_service_rate_per_replica=view.service_rate,
+            )
+        return observations
+
+    async def tick(
+        self, registry: WorkflowRegistry, observer: ClusterObserver
+    ) -> list[ScaleEvent]:
+        pools = self.pools(registry)
+        if not pools:
+            return []
+        views = await observer.sample()
+        running = await self.backend.replicas()
+        observations = self.observe(views, running, pools)
+        budget, devices = self.budget(pools)
+        specs = {name: pool.spec for name, pool in pools.items()}
+        decision = decide(time.monotonic(), specs, observations, budget, self.state, self.config)
+        self.state = decision.state
+        current = {
+            pool: [r.device for r in replicas if r.state == "running"]
+            for pool, replicas in running.items() if pool in pools
+        }
+        if self.backend.places_replicas:
+            placement = place(decision.replicas, specs, devices, current).assignment
+        else:
+            placement = {pool: [""] * n for pool, n in decision.replicas.items()}
+        events = []
+        for pool, assigned in placement.items():
+            before = current.get(pool, [])
+            if Counter(assigned) == Counter(before):
+                continue
+            try:
+                await self.backend.scale(pools[pool].launch, assigned)
+            except Exception as exc:  # noqa: BLE001 - one pool's trouble must not stall others
+                log.error("%s: scaling to %d failed: %s", pool, len(assigned), exc)
+                continue
+            event = ScaleEvent(at=now(), pool=pool, before=len(before), after=len(assigned),
+                               reason=decision.reasons[pool], placement=sorted(assigned))
+            events.append(event)
+            log.info("%s: %d -> %d replicas (%s)", pool, event.before, event.after, event.reason)
+        self.ticks += 1
+        return events
+
+    # --- the loop -------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event, *, stop_replicas: bool = True) -> None:
+        nc = await bus.connect(self.settings, name="autoscaler")
+        js = nc.jetstream()
+        buckets = await bus.ensure_topology(js, self.settings)
+        registry = WorkflowRegistry(buckets[subjects.WORKFLOW_BUCKET])
+        await registry.start()
+        observer = ClusterObserver(nc)
+        await observer.start()
+        await self.backend.start()
+        period = self.settings.autoscale_tick_s
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    for event in await self.tick(registry, observer):
+                        await nc.publish(subjects.AUTOSCALER_EVENTS, encode(event))
+                except Exception:  # noqa: BLE001 - one bad tick must not stop scaling
+                    log.exception("autoscaler tick failed")
+                elapsed = time.monotonic() - started
+                try:
+                    await asyncio.wait_for(stop.wait(), max(0.0, period - elapsed))
+                except TimeoutError:
+                    pass
+        finally:
+            await self.backend.close(stop_replicas=stop_replicas)
+            with contextlib.suppress(Exception):  # NATS may be gone already
+                await observer.stop()
+                await registry.stop()
+            await bus.close(nc)

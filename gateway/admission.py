@@ -1,0 +1,203 @@
+"""Admission control: reject at the door what cannot meet its deadline.
+
+Every request has a deadline: the client's ``deadline_s``, else the workflow's SLO
+(``slo_factor`` x its solo latency, at least ``slo_min_s``). Before a request is accepted, the
+ingress computes a lower bound on when it could finish, given the work already queued in every
+pool it needs; if that is past the deadline, the request is rejected (HTTP 503 with Retry-After,
+or an error result on NATS) instead of timing out in a queue. Work whose deadline passes anyway
+is dropped by the node that finds it (``services.runner``), not run.
+
+The bound, for a DAG of nodes: a node cannot start before the tasks ahead of it are done
+(those queued in its pool and in the pools upstream of it, which will reach it first:
+``backlog x work / ready replicas``, FIFO, at the throughput recently measured) nor before its
+predecessors finish, and then takes at least its steps times the least time a step of its pool
+has taken. The functions here are pure; ``LoadWatch`` feeds them from the
+replicas' reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from common.errors import InvalidField, InvalidRequest, Overloaded
+from common.messages import Plan
+from common.observe import ClusterObserver
+from common.workflow import WorkflowSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PoolLoad:
+    """What admission needs to know about one pool."""
+
+    lag: int  # tasks queued or in progress
+    ready: int  # replicas serving
+    work_s: float | None = None  # amortised compute per task (1 / a replica's throughput)
+    step_s: float | None = None  # least compute one step of a task took
+
+    def clear_s(self, backlog: int) -> float:
+        """Seconds until ``backlog`` tasks are done here, at the measured throughput."""
+        if not backlog or not self.work_s:
+            return 0.0
+        return backlog * self.work_s / max(self.ready, 1)
+
+
+def steps_of(spec: WorkflowSpec, params: Mapping[str, Any], plan: Plan) -> dict[str, int]:
+    """Steps (progress units) each node of ``plan`` will run for these params: a denoiser its
+    ``steps`` (times img2img's ``strength``), any other node one; a monolithic node the sum."""
+
+    def steps(kind: str) -> int:
+        if kind != "denoiser":
+            return 1
+        n = params.get("steps", 1)
+        n = n if isinstance(n, int | float) and not isinstance(n, bool) else 1
+        strength = params.get("strength")
+        if isinstance(strength, int | float) and any(
+            "image_latents" in node.inputs for node in spec.nodes.values()
+        ):
+            n = int(n * strength)
+        return max(1, int(n))
+
+    per_spec_node = {name: steps(node.kind) for name, node in spec.nodes.items()}
+    return {
+        name: per_spec_node[name] if name in per_spec_node else sum(per_spec_node.values())
+        for name in plan.nodes
+    }
+
+
+def finish_bound_s(
+    plan: Plan, loads: Mapping[str, PoolLoad], steps: Mapping[str, int] | None = None
+) -> float:
+    """A lower bound on the seconds a new request of ``plan`` needs to finish, given the
+    queues now (pools without figures count as empty and instant)."""
+    memo: dict[str, float] = {}
+
+    def upstream(node: str) -> set[str]:
+        pools = {plan.nodes[node].pool}
+        for p in plan.predecessors(node):
+            pools |= upstream(p)
+        return pools
+
+    def done_by(node: str) -> float:
+        if node not in memo:
+            load = loads.get(plan.nodes[node].pool, PoolLoad(0, 0))
+            backlog = sum(loads[p].lag for p in upstream(node) if p in loads)
+            start = max([load.clear_s(backlog), *(done_by(p) for p in plan.predecessors(node))])
+            memo[node] = start + (load.step_s or 0.0) * (steps or {}).get(node, 1)
+        return memo[node]
+
+    return done_by(plan.output_node)
+
+
+def solo_latency_s(
+    plan: Plan, loads: Mapping[str, PoolLoad], steps: Mapping[str, int] | None = None
+) -> float | None:
+    """The request alone on an idle system, from measured step times; None until every pool
+    of it has finished a task."""
+    if any(loads.get(n.pool, PoolLoad(0, 0)).step_s is None for n in plan.nodes.values()):
+        return None
+    idle = {pool: PoolLoad(0, load.ready, load.work_s, load.step_s)
+            for pool, load in loads.items()}
+    return finish_bound_s(plan, idle, steps)
+
+
+@dataclass(frozen=True)
+class DeadlinePolicy:
+    slo_factor: float = 2.0
+    slo_min_s: float = 1.0
+    max_deadline_s: float = 3600.0
+
+
+def deadline_s(
+    raw: Mapping[str, Any], declared_solo_s: float | None, measured_solo_s: float | None,
+    policy: DeadlinePolicy,
+) -> float | None:
+    """The request's deadline in seconds from submission: its own ``deadline_s``, else the
+    workflow's SLO; None when neither is known (no solo latency declared or measured yet)."""
+    value = raw.get("deadline_s")
+    if value is not None:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise InvalidRequest([InvalidField("deadline_s", "must be a number of seconds > 0")])
+        if value > policy.max_deadline_s:
+            raise InvalidRequest([InvalidField(
+                "deadline_s", f"{value} exceeds the limit of {policy.max_deadline_s:g} s",
+                policy.max_deadline_s,
+            )])
+        return float(value)
+    solo = declared_solo_s if declared_solo_s is not None else measured_solo_s
+    if solo is None:
+        return None
+    return min(max(policy.slo_factor * solo, policy.slo_min_s), policy.max_deadline_s)
+
+
+def check(
+    workflow: str, plan: Plan, loads: Mapping[str, PoolLoad], deadline: float,
+    steps: Mapping[str, int] | None = None,
+) -> float:
+    """The finish bound; raises ``Overloaded`` (with when to retry) if it is past ``deadline``."""
+    bound = finish_bound_s(plan, loads, steps)
+    if bound > deadline:
+        queued = {n.pool: loads[n.pool].lag for n in plan.nodes.values() if n.pool in loads}
+        raise Overloaded(
+            f"{workflow}: the work queued ahead needs at least {bound:.2f}s, past the deadline "
+            f"of {deadline:.2f}s; retry later or with a larger deadline_s",
+            retry_after_s=max(1.0, math.ceil(bound - deadline)),
+            bound_s=round(bound, 3), deadline_s=round(deadline, 3), queued=queued,
+        )
+    return bound
+
+
+class LoadWatch:
+    """Keeps ``loads`` fresh from the replicas' reports and the consumers' lag."""
+
+    def __init__(self, nc: Any, period_s: float = 0.5) -> None:
+        self.observer = ClusterObserver(nc)
+        self.period_s = period_s
+        self.loads: dict[str, PoolLoad] = {}
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self.observer.start()
+        await self.refresh()
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.observer.stop()
+
+    def admitted(self, plan: Plan) -> None:
+        """Count a request admitted since the last sample into its root pools' lag, so that a
+        burst within one sampling period is not admitted as if the queues were empty."""
+        for root in plan.roots():
+            pool = plan.nodes[root].pool
+            load = self.loads.get(pool, PoolLoad(0, 0))
+            self.loads[pool] = PoolLoad(load.lag + 1, load.ready, load.work_s, load.step_s)
+
+    async def refresh(self) -> None:
+        views = await self.observer.sample()
+        self.loads = {
+            pool: PoolLoad(
+                lag=v.lag, ready=v.ready,
+                work_s=None if v.work_ms is None else v.work_ms / 1000,
+                step_s=None if v.unit_ms_min is None else v.unit_ms_min / 1000,
+            )
+            for pool, v in views.items()
+        }
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.period_s)
+            try:
+                await self.refresh()
+            except Exception as exc:  # noqa: BLE001 - keep the last view; NATS may be back soon
+                log.debug("load refresh failed: %s", exc)

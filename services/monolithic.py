@@ -1,0 +1,176 @@
+"""The monolithic baseline: a whole workflow in one process, like one diffusers pipeline per
+replica, served by the same runner, transport and autoscaler as the micro nodes.
+
+Every performance claim of the micro-service design is measured against this core, so it is
+tuned as well as a single process allows: it runs the very inner cores the micro nodes run
+(bit-identical results), loads each (node kind, model) once, keeps intermediate tensors in
+memory, runs independent DAG branches side by side, and batches continuously across requests
+at every stage.
+
+Scheduling: the runner steps the group of its oldest task's ``batch_key``. A key per stage would
+park a newly arrived request at the text encoder until the oldest request had run its whole
+pipeline, which is static batching. So every state shares one key, and one ``step`` is one
+iteration of the whole replica: each held request advances its in-progress node(s) by one unit,
+the nodes of all requests grouped by (inner core, inner batch key) into one inner batch each. A
+new request joins at the next step boundary: its prompt is encoded while the others denoise,
+then its denoising joins theirs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.errors import InvalidField
+from common.messages import merge_meta
+from common.workflow import WorkflowSpec
+from services.catalog import CORES, workflow_components
+from services.core import ModelCore, Result, WorkItem
+
+#: an inner core: (node kind, model directory)
+CoreKey = tuple[str, Path]
+
+
+@dataclass(eq=False)
+class PipelineState:
+    """One request's way through the workflow DAG, all in memory (nothing goes to the store)."""
+
+    request_id: str
+    params: dict[str, Any]
+    images: dict[str, torch.Tensor]  # the request's image inputs, by parameter name
+    running: dict[str, Any] = field(default_factory=dict)  # node -> inner core state
+    outputs: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # finished nodes
+    steps: dict[str, tuple[int, int]] = field(default_factory=dict)  # finished nodes' progress
+    meta: dict[str, Any] = field(default_factory=dict)
+    #: a failure of this request alone (a successor refused its inputs): raised by ``finish``,
+    #: so the runner fails this task without failing the others that stepped with it
+    error: Exception | None = None
+
+
+class MonolithicCore(ModelCore):
+    kind = "monolithic"
+    ops = ("run",)
+
+    def __init__(
+        self,
+        spec: WorkflowSpec,
+        model_dirs: Mapping[str, Path],
+        *,
+        device: str = "cpu",
+        max_batch: int = 8,
+    ) -> None:
+        """``model_dirs``: the spec's model aliases -> resolved diffusers directories."""
+        missing = {node.model for node in spec.nodes.values()} - set(model_dirs)
+        if missing:
+            raise ValueError(f"{spec.name}: no model directory for {sorted(missing)}")
+        dirs = {alias: Path(path) for alias, path in model_dirs.items()}
+        first = next(iter(spec.nodes.values())).model  # ModelCore wants one directory
+        super().__init__(dirs[first], device=device, max_batch=max_batch)
+        self.spec = spec
+        self.plan = spec.compile()
+        self.model_dirs = dirs
+        #: every node's inner core; nodes of one kind on one model directory share it
+        self.node_cores: dict[str, CoreKey] = {
+            name: (node.kind, dirs[node.model]) for name, node in spec.nodes.items()
+        }
+        by_model = workflow_components(spec, dirs)
+        self.components = tuple(sorted({c for parts in by_model.values() for c in parts}))
+        self.images = set(spec.compile(monolithic=True).nodes["pipeline"].inputs)
+        self.cores: dict[CoreKey, ModelCore] = {}
+
+    def load(self) -> None:
+        for kind, model_dir in dict.fromkeys(self.node_cores.values()):
+            core = CORES[kind](model_dir, device=str(self.device), max_batch=self.max_batch)
+            core.load()
+            self.cores[(kind, model_dir)] = core
+        # One VAE per model serves encoder and decoder, as in a pipeline (and as its footprint,
+        # ``workflow_components``, counts it); the second copy is freed here.
+        vaes: dict[Path, Any] = {}
+        for (kind, model_dir), core in self.cores.items():
+            if kind in ("vae_encoder", "vae_decoder"):
+                core.vae = vaes.setdefault(model_dir, core.vae)  # type: ignore[attr-defined]
+
+    def start(self, item: WorkItem) -> PipelineState:
+        if item.op not in self.ops:
+            raise InvalidField("op", f"{self.kind} does not do {item.op!r}")
+        missing = sorted(self.images - item.inputs.keys())
+        if missing:
+            raise InvalidField(missing[0], "is required: the image was not passed on")
+        state = PipelineState(item.request_id, item.params, dict(item.inputs))
+        self._start_ready(state)  # the roots; a refusal fails this request at admission
+        return state
+
+    def batch_key(self, state: PipelineState) -> Hashable:
+        """One key for all: ``step`` groups the nodes itself (see the module docstring)."""
+        return None
+
+    def step(self, states: list[PipelineState]) -> None:
+        groups: dict[tuple[CoreKey, Hashable], list[Any]] = {}
+        for state in states:
+            for node, inner in state.running.items():
+                key = self.node_cores[node]
+                groups.setdefault((key, self.cores[key].batch_key(inner)), []).append(inner)
+        for (key, _), inners in groups.items():
+            core = self.cores[key]
+            for i in range(0, len(inners), core.max_batch):
+                core.step(inners[i : i + core.max_batch])
+        for state in states:
+            try:
+                self._advance(state)
+            except Exception as exc:  # noqa: BLE001 - this request's failure, raised in finish
+                state.error = exc
+
+    def _advance(self, state: PipelineState) -> None:
+        """Finish the nodes that are done, keep their outputs, start what they unblocked."""
+        for node, inner in list(state.running.items()):
+            core = self.cores[self.node_cores[node]]
+            if core.done(inner):
+                del state.running[node]
+                state.steps[node] = core.progress(inner)
+                result = core.finish(inner)
+                state.outputs[node] = result.tensors
+                state.meta = merge_meta(state.meta, result.meta)
+        self._start_ready(state)
+
+    def _start_ready(self, state: PipelineState) -> None:
+        """Start every node whose predecessors have all finished (a join waits for all)."""
+        for name, node in self.plan.nodes.items():
+            if name in state.running or name in state.outputs:
+                continue
+            if not self.plan.predecessors(name) <= state.outputs.keys():
+                continue
+            inputs = {}
+            for input_name, source in node.inputs.items():
+                head, _, output = source.partition(".")
+                tensors = state.images if head == "request" else state.outputs[head]
+                inputs[input_name] = tensors[output]
+            core = self.cores[self.node_cores[name]]
+            state.running[name] = core.start(
+                WorkItem(state.request_id, node.op, state.params, inputs)
+            )
+
+    def done(self, state: PipelineState) -> bool:
+        return state.error is not None or self.plan.output_node in state.outputs
+
+    def progress(self, state: PipelineState) -> tuple[int, int]:
+        """Steps over the whole workflow; a node not started yet counts as one step to go."""
+        parts = [
+            state.steps.get(name)
+            or (
+                self.cores[self.node_cores[name]].progress(state.running[name])
+                if name in state.running
+                else (0, 1)
+            )
+            for name in self.plan.nodes
+        ]
+        return sum(done for done, _ in parts), sum(total for _, total in parts)
+
+    def finish(self, state: PipelineState) -> Result:
+        if state.error is not None:
+            raise state.error
+        node, _, name = self.plan.output.partition(".")
+        return Result(tensors={"image": state.outputs[node][name]}, meta=state.meta)
