@@ -277,11 +277,11 @@ def with_bounds(inner: PoolPolicy) -> PoolPolicy:
         if target > spec.max_replicas:
             target, reason = spec.max_replicas, f"max {spec.max_replicas}: {reason}"
         if target < floor:
-            if obs.replicas == 0 and active:
-                reason = f"cold start: lag {obs.lag} at 0 replicas; {reason}"
-            else:
+            if not (obs.replicas == 0 and active):
                 reason = f"min {floor}: {reason}"
             target = floor
+        if obs.replicas == 0 and active and target > 0:
+            reason = f"cold start: lag {obs.lag} at 0 replicas; {reason}"
         if target == 0 and obs.replicas > 0:
             idle_since = state.first_seen_s if state.last_active_s is None else state.last_active_s
             reason = f"scale to zero: idle {now - idle_since:.0f}s; {reason}"

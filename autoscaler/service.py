@@ -83,6 +83,8 @@ class Autoscaler:
         )
         self.state: PolicyState | None = None
         self._footprints: dict[str, int] = {}
+        self._consumers: set[str] = set()  # pools whose consumer is known to exist
+        self._arrivals: dict[str, float] = {}  # pool -> smoothed arrival rate
         self.ticks = 0
 
     # --- what to scale --------------------------------------------------------------------
@@ -99,7 +101,7 @@ class Autoscaler:
     def _pool_spec(self, launch: PoolLaunch, workflow: WorkflowSpec) -> PoolSpec:
         pool, kind = launch.pool, launch.kind
         s = self.settings
-        low = s.replicas.get(pool, s.replicas.get(kind, s.min_replicas))
+        low = s.min_replicas_of(pool, kind)
         return PoolSpec(
             name=pool,
             min_replicas=low,
@@ -138,17 +140,21 @@ class Autoscaler:
 
     # --- one tick -------------------------------------------------------------------------
 
-    @staticmethod
     def observe(
-        views: dict[str, PoolView], running: dict[str, list[ReplicaInfo]], pools: dict[str, Pool]
+        self, views: dict[str, PoolView], running: dict[str, list[ReplicaInfo]],
+        pools: dict[str, Pool],
     ) -> dict[str, PoolObservation]:
         observations = {}
         for pool in pools:
             view = views.get(pool, PoolView(pool))
             replicas = sum(1 for r in running.get(pool, []) if r.state == "running")
+            # Arrivals counted over one tick are noisy (one task in 0.5 s reads as 2/s): smooth
+            # them. A burst still shows at once, as lag.
+            rate = view.arrival_rate or 0.0
+            rate = self._arrivals[pool] = (rate + self._arrivals.get(pool, rate)) / 2
             observations[pool] = PoolObservation(
                 lag=view.lag,
-                arrival_rate=view.arrival_rate or 0.0,
+                arrival_rate=rate,
                 completion_rate=view.completion_rate or 0.0,
                 replicas=replicas,
                 ready=min(view.ready, replicas),
@@ -162,6 +168,12 @@ class Autoscaler:
         pools = self.pools(registry)
         if not pools:
             return []
+        for pool in pools.keys() - self._consumers:
+            await bus.ensure_consumer(
+                observer.js, subjects.TASKS_STREAM, subjects.pool_consumer(pool),
+                subjects.task_subject(pool), self.settings,
+            )
+            self._consumers.add(pool)
         views = await observer.sample()
         running = await self.backend.replicas()
         observations = self.observe(views, running, pools)

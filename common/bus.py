@@ -134,9 +134,17 @@ async def pull_subscription(
     js: JetStreamContext, stream: str, durable: str, subject: str, settings: Settings
 ) -> JetStreamContext.PullSubscription:
     """Bind to the durable pull consumer shared by every replica, creating it if needed."""
+    await ensure_consumer(js, stream, durable, subject, settings)
+    return await js.pull_subscribe_bind(durable=durable, stream=stream)
+
+
+async def ensure_consumer(
+    js: JetStreamContext, stream: str, durable: str, subject: str, settings: Settings
+) -> None:
+    """Create the durable consumer if missing. The autoscaler does so for every pool before
+    it has a replica, so that work waiting for a cold start shows up as lag."""
     config = consumer_config(durable, subject, settings)
     try:
         await js.add_consumer(stream, config)
     except BadRequestError:
         log.debug("consumer %s exists with other settings; keeping it", durable)
-    return await js.pull_subscribe_bind(durable=durable, stream=stream)

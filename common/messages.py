@@ -182,6 +182,7 @@ class ReplicaStatus(msgspec.Struct):
     #: the least compute a recent task took per step (its progress unit; one-shot tasks have
     #: one): ``steps x unit_ms_min`` bounds a task's service time from below
     unit_ms_min: float | None = None
+    steps_per_task: float | None = None  # mean over recent tasks
     tasks_dropped: int = 0
 
 

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
         description="model directory used by the shipped workflows (a diffusers SD 1.x/2.x dir)",
     )
     upscaler_model: str = "builtin:tiny-upscaler"
+    workflows: list[str] = Field(
+        default_factory=list, description="shipped workflows `lego up` registers (empty: all)"
+    )
     device: str = "cpu"
     torch_threads: int = Field(1, ge=1, description="intra-op threads per node process")
 
@@ -109,6 +112,10 @@ class Settings(BaseSettings):
         description="where a running `lego up` leaves its address for other lego commands",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def min_replicas_of(self, pool: str, kind: str) -> int:
+        """A pool's minimum: ``replicas[pool]``, else ``replicas[kind]``, else min_replicas."""
+        return self.replicas.get(pool, self.replicas.get(kind, self.min_replicas))
 
     @property
     def store_kind(self) -> Literal["shm", "redis"]:

@@ -122,6 +122,9 @@ class RequestTracker:
                 state.timings = timings
             return state
 
+        # Whoever ends it, the request is over: its intermediate tensors go first, so a client
+        # that sees the final state never finds them still there.
+        await self.store.delete_group("tmp", request_id)
         final = await self.update(request_id, change)
         if final is None:
             return None

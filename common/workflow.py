@@ -14,7 +14,7 @@ import io
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import yaml
@@ -23,6 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from common.errors import InvalidField, InvalidRequest, PayloadTooLarge
 from common.messages import ENVELOPE_KEYS, Plan, PlanNode
 from common.subjects import pool_name
+
+if TYPE_CHECKING:
+    from common.settings import Settings
 
 BUILTIN_DIR = Path(__file__).parent / "workflows"
 
@@ -382,3 +385,13 @@ def _check_image(name: str, p: ParamSpec, value: Any) -> np.ndarray:
             return np.asarray(img.convert("RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
         raise InvalidField(name, "is not a PNG, JPEG or WebP image") from None
+
+
+def shipped_workflows(settings: Settings) -> dict[str, WorkflowSpec]:
+    """The shipped workflows on the configured models, those ``settings.workflows`` names (or
+    all of them)."""
+    found = builtin_workflows({"base": settings.base_model, "upscaler": settings.upscaler_model})
+    unknown = set(settings.workflows) - set(found)
+    if unknown:
+        raise ValueError(f"workflows: unknown {sorted(unknown)}; shipped: {sorted(found)}")
+    return {n: s for n, s in found.items() if not settings.workflows or n in settings.workflows}

@@ -22,7 +22,7 @@ import contextlib
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from common.errors import InvalidField, InvalidRequest, Overloaded
@@ -41,12 +41,16 @@ class PoolLoad:
     ready: int  # replicas serving
     work_s: float | None = None  # amortised compute per task (1 / a replica's throughput)
     step_s: float | None = None  # least compute one step of a task took
+    steps_per_task: float = 1.0  # mean steps of recent tasks
+    admitted_steps: int = 0  # steps of requests admitted here since ``lag`` was sampled
 
     def clear_s(self, backlog: int) -> float:
-        """Seconds until ``backlog`` tasks are done here, at the measured throughput."""
-        if not backlog or not self.work_s:
+        """Seconds until ``backlog`` queued tasks, and the steps admitted since the lag was
+        sampled, are done here at the measured throughput."""
+        if not self.work_s:
             return 0.0
-        return backlog * self.work_s / max(self.ready, 1)
+        per_step = self.work_s / self.steps_per_task
+        return (backlog * self.work_s + self.admitted_steps * per_step) / max(self.ready, 1)
 
 
 def steps_of(spec: WorkflowSpec, params: Mapping[str, Any], plan: Plan) -> dict[str, int]:
@@ -103,8 +107,7 @@ def solo_latency_s(
     of it has finished a task."""
     if any(loads.get(n.pool, PoolLoad(0, 0)).step_s is None for n in plan.nodes.values()):
         return None
-    idle = {pool: PoolLoad(0, load.ready, load.work_s, load.step_s)
-            for pool, load in loads.items()}
+    idle = {pool: replace(load, lag=0, admitted_steps=0) for pool, load in loads.items()}
     return finish_bound_s(plan, idle, steps)
 
 
@@ -175,13 +178,14 @@ class LoadWatch:
                 await self._task
         await self.observer.stop()
 
-    def admitted(self, plan: Plan) -> None:
-        """Count a request admitted since the last sample into its root pools' lag, so that a
-        burst within one sampling period is not admitted as if the queues were empty."""
-        for root in plan.roots():
-            pool = plan.nodes[root].pool
-            load = self.loads.get(pool, PoolLoad(0, 0))
-            self.loads[pool] = PoolLoad(load.lag + 1, load.ready, load.work_s, load.step_s)
+    def admitted(self, plan: Plan, steps: Mapping[str, int]) -> None:
+        """Count the steps of a request admitted since the last sample, so that a burst within
+        one sampling period is not admitted as if the queues were empty."""
+        for name, node in plan.nodes.items():
+            load = self.loads.get(node.pool, PoolLoad(0, 0))
+            self.loads[node.pool] = replace(
+                load, admitted_steps=load.admitted_steps + steps.get(name, 1)
+            )
 
     async def refresh(self) -> None:
         views = await self.observer.sample()
@@ -190,6 +194,7 @@ class LoadWatch:
                 lag=v.lag, ready=v.ready,
                 work_s=None if v.work_ms is None else v.work_ms / 1000,
                 step_s=None if v.unit_ms_min is None else v.unit_ms_min / 1000,
+                steps_per_task=v.steps_per_task or 1.0,
             )
             for pool, v in views.items()
         }

@@ -41,7 +41,7 @@ from common.registry import WorkflowRegistry
 from common.settings import Settings
 from common.store import open_store
 from common.tracking import RequestTracker
-from common.workflow import WorkflowSpec, builtin_workflows, parse_workflow
+from common.workflow import WorkflowSpec, parse_workflow, shipped_workflows
 from gateway.admission import LoadWatch
 from gateway.ingress import ACCEPTED_HEADER, Ingress, request_digest
 
@@ -353,9 +353,7 @@ def serve(settings: Settings, seed_builtin: bool = False) -> None:
     """Run the gateway (with an ingress consumer) until interrupted."""
     import uvicorn
 
-    seed = builtin_workflows(
-        {"base": settings.base_model, "upscaler": settings.upscaler_model}
-    ) if seed_builtin else None
+    seed = shipped_workflows(settings) if seed_builtin else None
     app = create_app(settings, seed)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
                 loop="auto", http="auto")  # uvloop and httptools when installed

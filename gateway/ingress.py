@@ -138,7 +138,7 @@ class Ingress:
         if deadline is not None and self.settings.admission and loads:
             admission.check(spec.name, plan, loads, deadline, steps)
         if self.loads is not None:
-            self.loads.admitted(plan)
+            self.loads.admitted(plan, steps)
         return deadline
 
     async def accept(self, request_id: str, spec: WorkflowSpec, valid: ValidRequest,

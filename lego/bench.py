@@ -4,6 +4,8 @@
                               32 KiB .. 4 MiB tensors, each store, p50 / p99
     lego bench e2e [--json]   tiny txt2img through the whole stack at low load, against the
                               same models in one process (diffusers' pipeline)
+    lego bench burst [--json] steady load, then an 8x burst: micro-serving against the
+                              monolithic baseline, same slot budget (see lego.burst)
 
 Servers: NATS_URL / REDIS_URL when set, else a nats-server and a redis-server started here on
 free ports (the Redis rows are skipped when no redis-server is found).
@@ -259,6 +261,16 @@ def main(args: argparse.Namespace) -> int:
             for row in rows:
                 print(f"{row['store']:<6} {row['size_bytes'] // 1024:>6} KiB "
                       f"{row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f}")
+    elif args.which == "burst":
+        from lego.burst import BurstConfig, bench_burst, print_table
+
+        cfg = BurstConfig(**{k: v for k, v in vars(args).items()
+                             if k in BurstConfig.__dataclass_fields__ and v is not None})
+        results = bench_burst(settings, cfg)
+        if args.json:
+            print(json.dumps(results, indent=2))
+        else:
+            print_table(results)
     else:
         result = bench_e2e(settings, args.iterations or 30)
         if args.json:

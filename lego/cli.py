@@ -369,6 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("which", choices=["hop", "e2e", "burst"])
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--iterations", type=int, default=None)
+    burst = bench.add_argument_group("burst")
+    burst.add_argument("--rate", type=float, help="steady requests/s (default 1)")
+    burst.add_argument("--factor", type=float, help="burst rate / steady rate (default 8)")
+    burst.add_argument("--steady-s", type=float, help="seconds before the burst (default 15)")
+    burst.add_argument("--burst-s", type=float, help="seconds of burst (default 5)")
+    burst.add_argument("--after-s", type=float, help="seconds after the burst (default 25)")
+    burst.add_argument("--slots", type=int, help="replica slots for either system (default 4)")
     bench.set_defaults(func=cmd_bench)
     return parser
 

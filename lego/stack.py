@@ -24,7 +24,7 @@ import httpx
 
 from common.models import resolve_model_dir
 from common.settings import Settings
-from common.workflow import builtin_workflows
+from common.workflow import shipped_workflows
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +108,7 @@ class Stack:
         gateway_port = self.port if self.port is not None else free_port(settings.port)
         settings = self.settings = settings.model_copy(update={"port": gateway_port})
         self.gateway_url = f"http://{settings.host}:{gateway_port}"
-        workflows = builtin_workflows(
-            {"base": settings.base_model, "upscaler": settings.upscaler_model}
-        )
+        workflows = shipped_workflows(settings)
         pools: dict[str, tuple[str, str]] = {}
         for spec in workflows.values():
             pools.update(spec.pools(monolithic=settings.monolithic))
@@ -128,7 +126,10 @@ class Stack:
         for child in self.children:
             self._spawn(child)
         self._write_stack_file()
-        self._wait_ready(sorted(pools), timeout_s)
+        # pools the autoscaler may keep at zero start on demand; every other one is waited for
+        wanted = [p for p, (kind, _) in pools.items()
+                  if not settings.autoscale or settings.min_replicas_of(p, kind) > 0]
+        self._wait_ready(sorted(wanted), timeout_s)
 
     def add_node(self, kind: str, model: str | None = None) -> Child:
         """Start one more replica of a pool, outside the autoscaler's count (for tests)."""

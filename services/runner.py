@@ -121,6 +121,7 @@ class NodeRunner:
         self._latencies_ms: collections.deque[float] = collections.deque(maxlen=256)
         self._work_ms: collections.deque[float] = collections.deque(maxlen=256)
         self._unit_ms: collections.deque[float] = collections.deque(maxlen=256)
+        self._units: collections.deque[int] = collections.deque(maxlen=256)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -382,6 +383,7 @@ class NodeRunner:
         self._work_ms.append(held.work_s * 1000)
         units = max(1, self.core.progress(held.state)[1])
         self._unit_ms.append(held.run_s * 1000 / units)
+        self._units.append(units)
 
     async def _store_outputs(self, task: Task, tensors: dict) -> dict[str, TensorRef]:
         wanted = {
@@ -510,6 +512,7 @@ class NodeRunner:
             startup_s=None if stats.startup_s is None else round(stats.startup_s, 3),
             work_ms=round(sum(self._work_ms) / len(self._work_ms), 3) if self._work_ms else None,
             unit_ms_min=round(min(self._unit_ms), 3) if self._unit_ms else None,
+            steps_per_task=round(sum(self._units) / len(self._units), 3) if self._units else None,
             tasks_dropped=stats.tasks_dropped,
         )
         await self.nc.publish(subjects.replica_subject(self.pool), encode(status))

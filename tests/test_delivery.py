@@ -15,7 +15,7 @@ import pytest
 from gateway.client import LegoClient
 from lego.stack import Stack
 from tests.conftest import nats_server
-from tests.stackutil import ReplicaWatch, png_pixels, replica_pid, running_stack
+from tests.stackutil import ReplicaWatch, png_pixels, replica_pid, running_stack, wait_gone
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -67,8 +67,7 @@ def test_sigterm_drains(stack: Stack) -> None:
         assert state["status"] == "succeeded"
         denoise = next(t for t in state["timings"] if t["node"] == "denoise")
         assert denoise["attempt"] == 1 and denoise["replica"] == holder.replica
-        proc = next(c.proc for c in stack.children if c.proc and c.proc.pid == pid)
-        assert proc.wait(30) == 0
+        assert wait_gone(pid, timeout_s=30)
 
 
 def test_task_a_node_cannot_run_fails_its_request_at_once(stack: Stack) -> None:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import orjson
 import pytest
@@ -295,6 +296,41 @@ def test_status_reports_every_pool(stack: Stack, client: LegoClient, capsys) -> 
                      "safety_checker", "upscaler"}
     for view in models.values():
         assert view["replicas"] >= 1 and view["ready"] >= 1 and view["lag"] == 0
-        assert view["placement"] == {"cpu": view["replicas"]}
+        assert view["placement"] == {"cpu:0": view["replicas"]}  # the autoscaler placed them
     denoiser = next(m for m in models.values() if m["kind"] == "denoiser")
     assert denoiser["p50_ms"] > 0 and denoiser["mean_batch"] >= 1
+
+
+def test_admission_rejects_what_cannot_meet_its_deadline(stack: Stack, client: LegoClient) -> None:
+    """A burst of slow requests with a tight deadline: those the queue cannot finish in time
+    are rejected at once with 503, Retry-After and the reason, over HTTP and over NATS; the
+    admitted ones run, and none of the rejected ones left a trace."""
+    slow = {"prompt": "slow", "steps": 40, "width": 128, "height": 128}
+    started = time.monotonic()
+    client.generate("txt2img", **slow)  # the replicas measure such a request
+    deadline_s = round(2 * (time.monotonic() - started), 3)  # its SLO: twice its solo latency
+    slow["deadline_s"] = deadline_s
+    time.sleep(1.5)  # the replicas have reported their figures
+
+    async def burst() -> tuple[list[httpx.Response], RequestState]:
+        async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=60) as http:
+            responses = await asyncio.gather(*(
+                http.post("/v1/generations", json={**slow, "seed": i}) for i in range(30)
+            ))
+            async with NatsClient(stack.settings) as nats_client:
+                over_nats = await nats_client.generate({**slow, "seed": 99}, timeout_s=30)
+            return responses, over_nats
+
+    responses, over_nats = asyncio.run(burst())
+    rejected = [r for r in responses if r.status_code == 503]
+    admitted = [r for r in responses if r.status_code == 202]
+    assert rejected and admitted
+    error = rejected[0].json()["error"]
+    assert error["code"] == "overloaded" and "deadline" in error["message"]
+    assert int(rejected[0].headers["Retry-After"]) >= 1
+    assert error["deadline_s"] == deadline_s and error["bound_s"] > deadline_s
+    assert over_nats.status == "failed" and over_nats.error.code == "overloaded"
+    for r in admitted:  # admitted work ends: done in time, or dropped once late, never stuck
+        state = client.wait(r.json()["id"], timeout_s=120)
+        assert state["status"] == "succeeded" or state["error"]["code"] == "deadline_exceeded"
+    assert client.http.get(f"/v1/generations/{over_nats.id}").status_code == 404

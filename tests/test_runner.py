@@ -1,5 +1,6 @@
 """The shared runner against a real nats-server, driving small test cores: bounded retries,
-the node's error on the request after max_deliver, recovery from a transient failure, joins."""
+the node's error on the request after max_deliver, recovery from a transient failure, joins,
+work past its deadline dropped unrun."""
 
 from __future__ import annotations
 
@@ -41,7 +42,9 @@ class FlakyCore(OneShotCore):
         return [Result({"image": item.inputs["latents"] * 2}) for item in items]
 
 
-async def _run_one(settings: Settings, core: FlakyCore) -> RequestState:
+async def _run_one(
+    settings: Settings, core: FlakyCore, deadline_at: float | None = None
+) -> RequestState:
     nc = await bus.connect(settings, name="test")
     js = nc.jetstream()
     buckets = await bus.ensure_topology(js, settings)
@@ -58,7 +61,8 @@ async def _run_one(settings: Settings, core: FlakyCore) -> RequestState:
     await tracker.create(RequestState(id="r1", workflow="t", status="queued", created_at=at,
                                       updated_at=at))
     task = Task(request_id="r1", workflow="t", node="decode", plan=plan, params={},
-                inputs={"latents": ref}, submitted_at=at, published_at=at)
+                inputs={"latents": ref}, submitted_at=at, published_at=at,
+                deadline_at=deadline_at)
     from common.messages import encode
 
     await js.publish("lego.tasks.test-pool", encode(task))
@@ -89,3 +93,12 @@ async def test_transient_failure_recovers(settings: Settings) -> None:
     assert state.timings[0].attempt == 2
     store = open_store(settings)
     assert torch.equal(await store.get(state.image), torch.full((2, 2), 2.0))
+
+
+async def test_expired_task_is_dropped_not_run(settings: Settings) -> None:
+    core = FlakyCore(failures=0)
+    state = await _run_one(settings, core, deadline_at=now() - 0.01)
+    assert state.status == "failed"
+    assert state.error.code == "deadline_exceeded"
+    assert "dropped, not run" in state.error.message and state.error.node == "decode"
+    assert core.calls == 0
