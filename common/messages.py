@@ -186,6 +186,15 @@ class ReplicaStatus(msgspec.Struct):
     tasks_dropped: int = 0
 
 
+class ShedReport(msgspec.Struct):
+    """What one ingress rejected so far, per pool (cumulative task counts): demand the queues
+    never saw, which the autoscaler must still count, or shedding would hide an overload."""
+
+    source: str
+    shed: dict[str, int]
+    at: float
+
+
 class ScaleEvent(msgspec.Struct):
     """The autoscaler changed a pool's replica count (published on ``lego.autoscaler.events``)."""
 

@@ -12,7 +12,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 
 from common import subjects
-from common.messages import ReplicaStatus, decode
+from common.messages import ReplicaStatus, ShedReport, decode
 from common.metrics import percentile
 
 #: a replica silent for longer than this is gone (it reports once a second)
@@ -30,7 +30,8 @@ class PoolView:
     lag: int = 0  # num_pending + num_ack_pending, as KEDA's NATS JetStream scaler counts it
     pending: int = 0
     ack_pending: int = 0
-    arrival_rate: float | None = None  # tasks/s since the previous sample
+    arrival_rate: float | None = None  # tasks/s since the previous sample, shed ones included
+    shed_rate: float | None = None  # tasks/s admission control turned away
     completion_rate: float | None = None
     replicas: dict[str, int] = field(default_factory=dict)  # state -> count
     placement: dict[str, int] = field(default_factory=dict)  # device -> replicas
@@ -69,6 +70,7 @@ class PoolView:
             "pending": self.pending,
             "ack_pending": self.ack_pending,
             "arrival_rate": _round(self.arrival_rate),
+            "shed_rate": _round(self.shed_rate),
             "completion_rate": _round(self.completion_rate),
             "p50_ms": _round(self.p50_ms),
             "p99_ms": _round(self.p99_ms),
@@ -95,13 +97,22 @@ class ClusterObserver:
         # sum of every replica's last report (a replica's own counters only grow).
         self._finished: dict[str, int] = {}
         self._counted: dict[str, int] = {}  # replica -> finished as last counted
-        self._previous: dict[str, tuple[float, int, int]] = {}  # pool -> (t, arrived, done)
+        self._shed: dict[str, dict[str, int]] = {}  # ingress -> pool -> tasks turned away
+        self._previous: dict[str, tuple[float, int, int, int]] = {}  # (t, arrived, done, shed)
 
     async def start(self) -> None:
-        self._sub = await self.nc.subscribe(subjects.REPLICAS_WILDCARD, cb=self._on_status)
+        self._subs = [
+            await self.nc.subscribe(subjects.REPLICAS_WILDCARD, cb=self._on_status),
+            await self.nc.subscribe(subjects.ADMISSION_SHED, cb=self._on_shed),
+        ]
 
     async def stop(self) -> None:
-        await self._sub.unsubscribe()
+        for sub in self._subs:
+            await sub.unsubscribe()
+
+    async def _on_shed(self, msg: Any) -> None:
+        report = decode(msg.data, ShedReport)
+        self._shed[report.source] = report.shed
 
     async def _on_status(self, msg: Any) -> None:
         status = decode(msg.data, ReplicaStatus)
@@ -154,13 +165,16 @@ class ClusterObserver:
             view.steps_per_task = sum(steps) / len(steps) if steps else None
         for pool, view in views.items():
             done = self._finished.get(pool, 0)
-            arrived = done + view.lag  # what came in = what left + what still waits
+            shed = sum(counts.get(pool, 0) for counts in self._shed.values())
+            # what came in = what left + what still waits + what was turned away at the door
+            arrived = done + view.lag + shed
             previous = self._previous.get(pool)
             if previous is not None and now_s > previous[0]:
                 dt = now_s - previous[0]
                 view.completion_rate = max(0.0, (done - previous[2]) / dt)
                 view.arrival_rate = max(0.0, (arrived - previous[1]) / dt)
-            self._previous[pool] = (now_s, arrived, done)
+                view.shed_rate = max(0.0, (shed - previous[3]) / dt)
+            self._previous[pool] = (now_s, arrived, done, shed)
         return dict(sorted(views.items()))
 
 

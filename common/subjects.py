@@ -8,6 +8,7 @@
     lego.progress.<request id>    core NATS: per-step progress, best effort
     lego.replicas.<pool>          core NATS: every replica's status, once a second
     lego.autoscaler.events        core NATS: the autoscaler's scale decisions (ScaleEvent)
+    lego.admission.shed           core NATS: tasks each ingress turned away, per pool (ShedReport)
     KV lego-requests              request state, any gateway replica answers from it
     KV lego-workflows             registered workflow specs (added at run time)
     KV lego-joins                 rendezvous of DAG joins (a node with several inputs)
@@ -32,6 +33,7 @@ RESULTS_WILDCARD = "lego.results.>"
 PROGRESS_WILDCARD = "lego.progress.>"
 REPLICAS_WILDCARD = "lego.replicas.>"
 AUTOSCALER_EVENTS = "lego.autoscaler.events"
+ADMISSION_SHED = "lego.admission.shed"
 
 STATE_BUCKET = "lego-requests"
 WORKFLOW_BUCKET = "lego-workflows"

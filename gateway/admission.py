@@ -21,12 +21,15 @@ import asyncio
 import contextlib
 import logging
 import math
+import uuid
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from common import subjects
 from common.errors import InvalidField, InvalidRequest, Overloaded
-from common.messages import Plan
+from common.messages import Plan, ShedReport, encode, now
 from common.observe import ClusterObserver
 from common.workflow import WorkflowSpec
 
@@ -161,9 +164,12 @@ class LoadWatch:
     """Keeps ``loads`` fresh from the replicas' reports and the consumers' lag."""
 
     def __init__(self, nc: Any, period_s: float = 0.5) -> None:
+        self.nc = nc
         self.observer = ClusterObserver(nc)
         self.period_s = period_s
         self.loads: dict[str, PoolLoad] = {}
+        self.source = uuid.uuid4().hex[:12]
+        self.shed: Counter[str] = Counter()  # pool -> tasks turned away, ever
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -177,6 +183,10 @@ class LoadWatch:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.observer.stop()
+
+    def rejected(self, plan: Plan) -> None:
+        """Count a rejected request's tasks: the autoscaler adds them to the pools' demand."""
+        self.shed.update(node.pool for node in plan.nodes.values())
 
     def admitted(self, plan: Plan, steps: Mapping[str, int]) -> None:
         """Count the steps of a request admitted since the last sample, so that a burst within
@@ -203,6 +213,9 @@ class LoadWatch:
         while True:
             await asyncio.sleep(self.period_s)
             try:
+                if self.shed:
+                    report = ShedReport(self.source, dict(self.shed), now())
+                    await self.nc.publish(subjects.ADMISSION_SHED, encode(report))
                 await self.refresh()
             except Exception as exc:  # noqa: BLE001 - keep the last view; NATS may be back soon
                 log.debug("load refresh failed: %s", exc)

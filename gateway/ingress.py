@@ -136,7 +136,12 @@ class Ingress:
         measured = admission.solo_latency_s(plan, loads, steps)
         deadline = admission.deadline_s(raw, spec.solo_latency_s, measured, self.deadline_policy)
         if deadline is not None and self.settings.admission and loads:
-            admission.check(spec.name, plan, loads, deadline, steps)
+            try:
+                admission.check(spec.name, plan, loads, deadline, steps)
+            except Overloaded:
+                if self.loads is not None:
+                    self.loads.rejected(plan)
+                raise
         if self.loads is not None:
             self.loads.admitted(plan, steps)
         return deadline

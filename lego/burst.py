@@ -3,9 +3,10 @@ monolithic baseline under the same budget of replica slots.
 
 Each system runs as `lego up` would (gateway, autoscaler, node processes; admission control on)
 with only the txt2img workflow registered, so the budget is spent on one workflow in both. The
-load is open-loop: requests are sent on a fixed schedule whatever the answers, each with the
-deadline ``slo_factor`` x the workflow's solo latency (diffusers' pipeline in this process, one
-thread as a node has). Reported per system: seconds from the burst to the first scale-up
+monolithic baseline runs first: the workflow's solo latency is its median latency through that
+stack at idle (a pipeline served alone, HTTP included), and every request of both systems gets
+the deadline ``slo_factor`` x that. The load is open-loop: requests are sent on a fixed schedule
+whatever the answers. Reported per system: seconds from the burst to the first scale-up
 decision and to the new replicas being ready, SLO attainment before, during and after the
 burst, and requests rejected (503 at the door), dropped late (deadline_exceeded) and lost (no
 final state: must be 0).
@@ -169,8 +170,9 @@ def summarize(outcomes: list[Outcome], watch: Watch, burst_at: float, deadline_s
     }
 
 
-def run_system(settings: Settings, cfg: BurstConfig, monolithic: bool, deadline_s: float,
-               tmp: Path) -> dict:
+def run_system(settings: Settings, cfg: BurstConfig, monolithic: bool,
+               deadline_s: float | None, tmp: Path) -> tuple[dict, float]:
+    """One system's run, and the deadline used (measured here when ``deadline_s`` is None)."""
     from lego.stack import Stack, free_port
 
     name = "monolithic" if monolithic else "micro"
@@ -183,11 +185,17 @@ def run_system(settings: Settings, cfg: BurstConfig, monolithic: bool, deadline_
     stack.start()
     try:
         with httpx.Client(base_url=stack.gateway_url, timeout=60) as http:
-            for seed in range(3):  # warm up: every replica has run and measured once
+            solo = []
+            for seed in range(10):  # warm up, then the solo latency: one request at a time
+                started = time.perf_counter()
                 r = http.post("/v1/generations?wait=30", json={**REQUEST, "seed": seed,
                                                                "deadline_s": 600})
                 assert r.json()["status"] == "succeeded", r.text
-        time.sleep(1.5)  # their reports reached the gateway's admission control
+                solo.append(time.perf_counter() - started)
+        if deadline_s is None:
+            deadline_s = round(cfg.slo_factor * statistics.median(solo[3:]), 3)
+        # the warm-up's replicas are gone and the replicas' reports reached admission control
+        time.sleep(cfg.scale_down_delay_s + 2.0)
 
         async def run() -> dict:
             watch, stop = Watch(), asyncio.Event()
@@ -198,49 +206,27 @@ def run_system(settings: Settings, cfg: BurstConfig, monolithic: bool, deadline_
             await follower
             return summarize(outcomes, watch, start + cfg.steady_s, deadline_s)
 
-        return bus.run_async(run())
+        return bus.run_async(run()), deadline_s
     finally:
         stack.stop()
         shutil.rmtree(s.shm_root, ignore_errors=True)
 
 
-def solo_latency_s(settings: Settings, repeats: int = 7) -> float:
-    """The workflow alone: diffusers' pipeline on the same weights, one thread like a node."""
-    import torch
-
-    from lego.bench import _pipeline
-
-    pipe = _pipeline(settings)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(settings.torch_threads)
-    times = []
-    try:
-        for i in range(repeats):
-            started = time.perf_counter()
-            pipe(REQUEST["prompt"], num_inference_steps=REQUEST["steps"],
-                 guidance_scale=REQUEST["guidance"], width=REQUEST["width"],
-                 height=REQUEST["height"], generator=torch.Generator("cpu").manual_seed(i),
-                 output_type="pil")
-            times.append(time.perf_counter() - started)
-    finally:
-        torch.set_num_threads(threads)
-    return statistics.median(times[1:])
-
-
 def bench_burst(settings: Settings, cfg: BurstConfig) -> dict:
     from lego.bench import servers
 
-    solo_s = solo_latency_s(settings)
-    deadline_s = round(cfg.slo_factor * solo_s, 3)
+    deadline_s: float | None = None
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for system, monolithic in (("micro", False), ("monolithic", True)):
+        for system, monolithic in (("monolithic", True), ("micro", False)):
             # a fresh NATS per system: no stream, consumer or measurement carries over
             with servers(settings.model_copy(update={"nats_url": None}),
                          Path(tmp) / f"{system}-servers", False) as s:
-                results[system] = run_system(s, cfg, monolithic, deadline_s, Path(tmp))
+                results[system], deadline_s = run_system(s, cfg, monolithic, deadline_s,
+                                                         Path(tmp))
     results["config"] = {
-        "solo_s": round(solo_s, 4), "deadline_s": deadline_s, "rate": cfg.rate,
+        "solo_s": round(deadline_s / cfg.slo_factor, 4), "deadline_s": deadline_s,
+        "rate": cfg.rate,
         "burst_rate": cfg.rate * cfg.factor, "steady_s": cfg.steady_s, "burst_s": cfg.burst_s,
         "after_s": cfg.after_s, "slots": cfg.slots, "request": REQUEST,
     }
@@ -249,7 +235,7 @@ def bench_burst(settings: Settings, cfg: BurstConfig) -> dict:
 
 def print_table(results: dict) -> None:
     c = results["config"]
-    print(f"txt2img {c['request']['steps']} steps {c['request']['width']}px; solo "
+    print(f"txt2img {c['request']['steps']} steps {c['request']['width']}px; monolithic solo "
           f"{c['solo_s'] * 1000:.0f} ms, deadline {c['deadline_s'] * 1000:.0f} ms; "
           f"{c['rate']}/s for {c['steady_s']:g}s, {c['burst_rate']}/s for {c['burst_s']:g}s, "
           f"{c['rate']}/s for {c['after_s']:g}s; {c['slots']} slots")
