@@ -1,3 +1,4 @@
-"""The standalone autoscaler: reads each pool's JetStream lag and the replicas' status
-(``lego.replicas.<pool>``) and starts or drains node replicas. Planned in issue 3; until then
-`lego up` runs one replica per pool and restarts crashed ones."""
+"""The standalone autoscaler (`lego autoscaler`; `lego up` runs one): reads each pool's
+JetStream lag and its replicas' reports, decides replica counts with the pure ``policy``, packs
+them onto devices with ``placement`` and has a backend (``backends``: local processes or
+Kubernetes Deployments) start or drain replicas. ``service`` is the loop."""

@@ -186,7 +186,11 @@ def demand_policy(ctx: PoolContext) -> PoolResult:
     """Replicas that keep up with arrivals and drain the lag in target_backlog_drain_s."""
     obs, cfg = ctx.obs, ctx.config
     rate, source = service_rate(ctx.spec, obs)
-    demand = obs.arrival_rate + obs.lag / cfg.target_backlog_drain_s
+    # Without a measured or profiled rate, size by the backlog alone: a one-off task is both
+    # lag and a (noisy) arrival rate, and counting it twice at a guessed rate starts several
+    # replicas for one task. Once a rate is known, arrivals count too.
+    arrivals = obs.arrival_rate if source != "default" else 0.0
+    demand = arrivals + obs.lag / cfg.target_backlog_drain_s
     # Round before ceil so float noise (2.0000000001) does not add a replica.
     need = math.ceil(round(demand * cfg.headroom / rate, 9))
     reason = (

@@ -1,2 +1,3 @@
 """What every LegoDiffusion process shares: settings, wire messages, subjects, errors, the tensor
-store, workflow specs and model directories."""
+store, workflow specs and their registry, model directories, request tracking and the view of
+the cluster (pool lag and replica reports)."""

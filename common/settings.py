@@ -86,7 +86,7 @@ class Settings(BaseSettings):
         description="devices to place replicas on, e.g. [cuda:0, cuda:1]; empty: this CPU host",
     )
     device_memory_bytes: int | None = Field(None, gt=0, description="per device; None: probe")
-    autoscale_tick_s: float = Field(0.5, gt=0, le=5)
+    autoscale_tick_s: float = Field(0.25, gt=0, le=1)
     scale_down_delay_s: float = Field(30.0, ge=0, description="stable window before shrinking")
     #: the device this process runs on, as the autoscaler placed it (reported by replicas)
     device_label: str | None = None

@@ -1,2 +1,2 @@
-"""The way in: the ingress (one validation and planning path for HTTP and NATS requests), the
-REST gateway on top of it, and a small Python client."""
+"""The way in: the ingress (one validation and planning path for HTTP and NATS requests),
+admission control (deadlines, load shedding), the REST gateway on top, and a small client."""

@@ -248,14 +248,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     def table(views: dict) -> Table:
         t = Table(title="LegoDiffusion pools")
         for column in ("pool", "replicas", "ready", "start", "drain", "lag", "in/s", "out/s",
-                       "p50 ms", "p99 ms", "batch", "placement"):
+                       "shed/s", "p50 ms", "p99 ms", "batch", "cold s", "placement"):
             t.add_column(column, justify="left" if column in ("pool", "placement") else "right")
         for pool, view in views.items():
             j = view.to_json()
             t.add_row(pool, str(j["replicas"]), str(j["ready"]), str(j["starting"]),
                       str(j["draining"]), str(j["lag"]), _fmt(j["arrival_rate"]),
-                      _fmt(j["completion_rate"]), _fmt(j["p50_ms"]), _fmt(j["p99_ms"]),
-                      _fmt(j["mean_batch"]),
+                      _fmt(j["completion_rate"]), _fmt(j["shed_rate"]), _fmt(j["p50_ms"]),
+                      _fmt(j["p99_ms"]), _fmt(j["mean_batch"]), _fmt(j["startup_s"]),
                       " ".join(f"{d}:{n}" for d, n in j["placement"].items()))
         return t
 

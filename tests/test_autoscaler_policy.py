@@ -198,6 +198,19 @@ def test_cold_start_without_state_or_profile():
     assert "default" in d.reasons["vae"]
 
 
+def test_one_task_for_an_unmeasured_pool_starts_one_replica():
+    """One task is both lag and a burst of arrival rate; at a guessed service rate only the
+    backlog counts, so a cold start for one task starts one replica."""
+    pools = {"up": PoolSpec("up", min_replicas=0, scale_to_zero=True)}
+    obs = {"up": PoolObservation(lag=1, arrival_rate=4.0, replicas=0, ready=0)}
+    d = decide(0.0, pools, obs, Budget(slots=8), None)
+    assert d.replicas == {"up": 1} and "cold start" in d.reasons["up"]
+    # once measured, arrivals count: 4/s in at 2/s per replica, plus the lag
+    measured = {"up": PoolObservation(lag=1, arrival_rate=4.0, replicas=1, ready=1,
+                                      measured_service_rate_per_replica=2.0)}
+    assert decide(0.5, pools, measured, Budget(slots=8), d.state).replicas == {"up": 3}
+
+
 # --- scale-down -----------------------------------------------------------------------------
 
 

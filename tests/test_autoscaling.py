@@ -162,8 +162,9 @@ def test_pool_at_zero_cold_starts_while_work_waits(stack: Stack) -> None:
             assert start.before == 0 and start.after >= 1 and "cold start" in start.reason
             [state] = await _outcomes(http, [request_id])
             assert state["status"] == "succeeded", state
-            started = [s for s in watch.latest.values() if s.pool == upscaler]
-            assert len(started) == start.after
+            started = await watch.until(lambda: len(ready := [
+                s for s in watch.latest.values() if s.pool == upscaler and s.state == "ready"
+            ]) == start.after and ready, timeout_s=120)
             for replica in started:  # each says how long its cold start took
                 assert replica.startup_s is not None and replica.startup_s >= replica.load_s > 0
 
