@@ -113,7 +113,15 @@ def cmd_autoscaler(args: argparse.Namespace) -> int:
         # Deployments outlive the autoscaler.
         await Autoscaler(settings, backend).run(stop, stop_replicas=args.backend == "local")
 
-    run_async(main())
+    try:
+        run_async(main())
+    except Exception as exc:
+        from kubernetes.config import ConfigException
+
+        if isinstance(exc, ConfigException):  # no cluster to talk to: say so, no traceback
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
     return 0
 
 
