@@ -85,7 +85,6 @@ class Autoscaler:
         self._footprints: dict[str, int] = {}
         self._consumers: set[str] = set()  # pools whose consumer is known to exist
         self._arrivals: dict[str, float] = {}  # pool -> smoothed arrival rate
-        self.ticks = 0
 
     # --- what to scale --------------------------------------------------------------------
 
@@ -203,7 +202,6 @@ class Autoscaler:
                                reason=decision.reasons[pool], placement=sorted(assigned))
             events.append(event)
             log.info("%s: %d -> %d replicas (%s)", pool, event.before, event.after, event.reason)
-        self.ticks += 1
         return events
 
     # --- the loop -------------------------------------------------------------------------

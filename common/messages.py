@@ -45,6 +45,19 @@ class ErrorInfo(msgspec.Struct, omit_defaults=True):
     details: dict[str, Any] = {}
 
 
+def error_info(exc: Any, node: str | None = None) -> ErrorInfo:
+    """The wire form of a ``common.errors.LegoError``: its field and limit lifted out."""
+    details = dict(exc.details)
+    return ErrorInfo(
+        code=exc.code,
+        message=exc.message,
+        node=node,
+        field=details.pop("field", None),
+        limit=details.pop("limit", None),
+        details=details,
+    )
+
+
 class NodeTiming(msgspec.Struct):
     """One node's part of a request: how long its task waited, ran and moved tensors."""
 

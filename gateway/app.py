@@ -264,8 +264,7 @@ def create_app(
         raw = await read_json(request)
         request_id, spec, valid = gw.ingress.parse(raw)
         digest = request_digest(spec.name, {k: v for k, v in raw.items() if k != "id"})
-        existing = await gw.tracker.get(request_id) if "id" in raw else None
-        deadline = None if existing is not None else gw.ingress.admit(raw, spec, valid)
+        deadline = await gw.ingress.admit_new(request_id, raw, spec, valid)
         state, created = await gw.ingress.accept(request_id, spec, valid, digest, deadline)
         if created:
             pinned = gw.ingress.pinned({**raw, "id": request_id}, spec, valid, deadline)

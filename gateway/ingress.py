@@ -30,7 +30,16 @@ from common.errors import (
     Overloaded,
     TerminalError,
 )
-from common.messages import ErrorInfo, Plan, RequestState, Task, decode, encode, now
+from common.messages import (
+    ErrorInfo,
+    Plan,
+    RequestState,
+    Task,
+    decode,
+    encode,
+    error_info,
+    now,
+)
 from common.registry import WorkflowRegistry
 from common.settings import Settings
 from common.store import TensorStore, tensor_key
@@ -43,17 +52,6 @@ log = logging.getLogger(__name__)
 REPLY_HEADER = "Lego-Reply-To"
 #: set by the gateway, which already accepted the request (its created_at)
 ACCEPTED_HEADER = "Lego-Accepted-At"
-
-
-def error_info(exc: LegoError) -> ErrorInfo:
-    details = dict(exc.details)
-    return ErrorInfo(
-        code=exc.code,
-        message=exc.message,
-        field=details.pop("field", None),
-        limit=details.pop("limit", None),
-        details=details,
-    )
 
 
 def _client_id(raw: Any) -> str | None:
@@ -131,20 +129,29 @@ class Ingress:
         """The request's deadline (seconds from now), after admission control: raises
         ``Overloaded`` when the work queued ahead cannot let it finish in time."""
         plan = self.plan(spec)
-        loads = self.loads.loads if self.loads is not None else {}
         steps = admission.steps_of(spec, valid.params, plan)
+        watch = self.loads
+        loads = watch.loads if watch is not None else {}
         measured = admission.solo_latency_s(plan, loads, steps)
         deadline = admission.deadline_s(raw, spec.solo_latency_s, measured, self.deadline_policy)
-        if deadline is not None and self.settings.admission and loads:
+        if watch is None:
+            return deadline
+        if deadline is not None and self.settings.admission:
             try:
                 admission.check(spec.name, plan, loads, deadline, steps)
             except Overloaded:
-                if self.loads is not None:
-                    self.loads.rejected(plan)
+                watch.rejected(plan)
                 raise
-        if self.loads is not None:
-            self.loads.admitted(plan, steps)
+        watch.admitted(plan, steps)
         return deadline
+
+    async def admit_new(self, request_id: str, raw: dict[str, Any], spec: WorkflowSpec,
+                        valid: ValidRequest) -> float | None:
+        """``admit`` for a submission, except a retry of one accepted before under the same
+        client id: that one keeps its recorded deadline and is never turned away."""
+        if _client_id(raw) is not None and await self.tracker.get(request_id) is not None:
+            return None
+        return self.admit(raw, spec, valid)
 
     async def accept(self, request_id: str, spec: WorkflowSpec, valid: ValidRequest,
                      digest: str, deadline_s: float | None = None) -> tuple[RequestState, bool]:
@@ -223,8 +230,7 @@ class Ingress:
                 await msg.ack()
                 return
             digest = request_digest(spec.name, {k: v for k, v in raw.items() if k != "id"})
-            existing = await self.tracker.get(request_id)
-            deadline = None if existing is not None else self.admit(raw, spec, valid)
+            deadline = await self.admit_new(request_id, raw, spec, valid)
             state, created = await self.accept(request_id, spec, valid, digest, deadline)
             if not created:
                 # Planned before (a redelivery): keep the values chosen then, e.g. the seed.

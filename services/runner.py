@@ -38,6 +38,7 @@ from common.messages import (
     TensorRef,
     decode,
     encode,
+    error_info,
     merge_meta,
     now,
 )
@@ -58,6 +59,21 @@ def _process_age_s() -> float | None:
         return max(0.0, uptime_s - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):
         return None
+
+
+@dataclass(frozen=True)
+class TaskFigures:
+    """What one finished task tells about the replica's speed (reported in ReplicaStatus)."""
+
+    latency_ms: float  # queue + run + store I/O
+    work_ms: float  # compute amortised over the batches it shared
+    unit_ms: float  # compute per step
+    units: int  # steps
+
+
+def _mean(values: Any) -> float | None:
+    values = list(values)
+    return round(sum(values) / len(values), 3) if values else None
 
 
 @dataclass
@@ -91,19 +107,9 @@ class RunnerStats:
 
 
 class NodeRunner:
-    def __init__(
-        self,
-        core: ModelCore,
-        pool: str,
-        model: str,
-        settings: Settings,
-        process_started: float | None = None,
-    ) -> None:
-        """``process_started``: ``time.monotonic()`` when the process began (default: read from
-        /proc), so the replica reports its whole cold start, imports included."""
-        if process_started is None:
-            process_started = time.monotonic() - (_process_age_s() or 0.0)
-        self.process_started = process_started
+    def __init__(self, core: ModelCore, pool: str, model: str, settings: Settings) -> None:
+        # when the process began, so the replica reports its whole cold start, imports included
+        self.process_started = time.monotonic() - (_process_age_s() or 0.0)
         self.core = core
         self.pool = pool
         self.model = model
@@ -118,10 +124,7 @@ class NodeRunner:
         self._stop = asyncio.Event()
         self._fetch_done = asyncio.Event()
         self._side_tasks: set[asyncio.Task] = set()
-        self._latencies_ms: collections.deque[float] = collections.deque(maxlen=256)
-        self._work_ms: collections.deque[float] = collections.deque(maxlen=256)
-        self._unit_ms: collections.deque[float] = collections.deque(maxlen=256)
-        self._units: collections.deque[int] = collections.deque(maxlen=256)
+        self._recent: collections.deque[TaskFigures] = collections.deque(maxlen=256)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -260,14 +263,10 @@ class NodeRunner:
         late_s = now() - (task.deadline_at or 0.0)
         error = DeadlineExceeded(
             f"the deadline passed {late_s:.3f}s before node {task.node} finished; dropped, "
-            "not run", node=task.node, pool=self.pool,
+            "not run", pool=self.pool,
         )
-        await self.tracker.finish(
-            task.request_id, "failed",
-            error=ErrorInfo(code=error.code, message=error.message, node=task.node,
-                            details={"pool": self.pool}),
-            timings=task.timings,
-        )
+        await self.tracker.finish(task.request_id, "failed", error=error_info(error, task.node),
+                                  timings=task.timings)
         await self._drop(held)
 
     async def _watch_cancels(self, watcher: Any) -> None:
@@ -289,12 +288,13 @@ class NodeRunner:
             self._active.extend(self._admitted)
             self._admitted.clear()
             at = now()
-            for held in [h for h in self._active if h.task.request_id in self._cancelled]:
-                self._active.remove(held)
-                await self._drop(held)
-            for held in [h for h in self._active if h.task.expired(at)]:
-                self._active.remove(held)
-                await self._expire(held)
+            for held in list(self._active):
+                if held.task.request_id in self._cancelled:
+                    self._active.remove(held)
+                    await self._drop(held)
+                elif held.task.expired(at):
+                    self._active.remove(held)
+                    await self._expire(held)
             if not self._active:
                 continue
             group = self._next_group()
@@ -379,11 +379,11 @@ class NodeRunner:
             return
         await held.msg.ack()
         self.stats.tasks_done += 1
-        self._latencies_ms.append(timing.queue_ms + timing.run_ms + timing.io_ms)
-        self._work_ms.append(held.work_s * 1000)
         units = max(1, self.core.progress(held.state)[1])
-        self._unit_ms.append(held.run_s * 1000 / units)
-        self._units.append(units)
+        self._recent.append(TaskFigures(
+            latency_ms=timing.queue_ms + timing.run_ms + timing.io_ms,
+            work_ms=held.work_s * 1000, unit_ms=held.run_s * 1000 / units, units=units,
+        ))
 
     async def _store_outputs(self, task: Task, tensors: dict) -> dict[str, TensorRef]:
         wanted = {
@@ -498,9 +498,10 @@ class NodeRunner:
         await held.msg.term()
 
     async def _publish_status(self, state: str | None = None) -> None:
-        stats = self.stats
+        stats, recent = self.stats, self._recent
         if state is None:
             state = "draining" if stats.draining else "ready" if stats.ready else "starting"
+        latencies = [r.latency_ms for r in recent]
         status = ReplicaStatus(
             replica=self.replica, pool=self.pool, kind=self.core.kind, model=self.model,
             state=state, held=len(self._active) + len(self._admitted),  # type: ignore[arg-type]
@@ -508,11 +509,11 @@ class NodeRunner:
             tasks_done=stats.tasks_done, tasks_failed=stats.tasks_failed, batches=stats.batches,
             batch_items=stats.batch_items, at=now(),
             device=self.settings.device_label or str(self.core.device),
-            p50_ms=percentile(self._latencies_ms, 50), p99_ms=percentile(self._latencies_ms, 99),
+            p50_ms=percentile(latencies, 50), p99_ms=percentile(latencies, 99),
             startup_s=None if stats.startup_s is None else round(stats.startup_s, 3),
-            work_ms=round(sum(self._work_ms) / len(self._work_ms), 3) if self._work_ms else None,
-            unit_ms_min=round(min(self._unit_ms), 3) if self._unit_ms else None,
-            steps_per_task=round(sum(self._units) / len(self._units), 3) if self._units else None,
+            work_ms=_mean(r.work_ms for r in recent),
+            unit_ms_min=round(min(r.unit_ms for r in recent), 3) if recent else None,
+            steps_per_task=_mean(r.units for r in recent),
             tasks_dropped=stats.tasks_dropped,
         )
         await self.nc.publish(subjects.replica_subject(self.pool), encode(status))

@@ -67,7 +67,6 @@ class LocalBackend:
         self.settings = settings
         self.log_dir = log_dir or settings.run_dir / "logs"
         self._replicas: dict[str, list[LocalReplica]] = {}
-        self.restarts = 0
 
     async def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -112,7 +111,6 @@ class LocalBackend:
                 if now_s >= replica.restart_at:
                     replica.proc = self._spawn(replica.launch, replica.device)
                     replica.started, replica.restart_at = now_s, None
-                    self.restarts += 1
 
     async def replicas(self) -> dict[str, list[ReplicaInfo]]:
         self._reap()
