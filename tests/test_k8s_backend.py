@@ -1,14 +1,13 @@
-"""The Kubernetes backend against the stand-in API server (tests/kubeapi.py), and the shipped
-manifests in deploy/kubernetes/ checked offline against the kubernetes client's models."""
+"""The Kubernetes backend against the stand-in API server (tests/kubeapi.py), and what the
+shipped manifests in deploy/kubernetes/ promise it: one Deployment per pool, RBAC for scaling
+only. Every manifest's schema and cross-references: tests/test_deploy.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -27,16 +26,10 @@ from common.settings import Settings
 from common.subjects import pool_name
 from common.workflow import builtin_workflows
 from tests.kubeapi import DEPLOY_DIR, KubeApi, load_manifests, running
+from tests.manifests import generator as _generator
+from tests.manifests import to_model as _deserialize
 
 NS = "legodiffusion"
-
-
-def _generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("k8s_generate", DEPLOY_DIR / "generate.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _shipped_pools() -> dict[str, tuple[str, str]]:
@@ -98,51 +91,6 @@ def test_deployment_names_are_dns_labels_that_keep_the_hash() -> None:
 
 # --- manifests, offline ----------------------------------------------------------------------
 
-MODELS = {  # kubernetes client model of each kind the manifests use
-    "Namespace": "V1Namespace",
-    "ServiceAccount": "V1ServiceAccount",
-    "Role": "V1Role",
-    "RoleBinding": "V1RoleBinding",
-    "Deployment": "V1Deployment",
-}
-
-
-def _deserialize(doc: dict[str, Any]) -> Any:
-    api = k8s.ApiClient()
-    return api.deserialize(json.dumps(doc), MODELS[doc["kind"]], "application/json")
-
-
-@pytest.mark.parametrize("path", sorted(DEPLOY_DIR.glob("*.yaml")), ids=lambda p: p.name)
-def test_every_manifest_deserialises_into_client_models(path: Path) -> None:
-    docs = load_manifests([path])
-    assert docs, f"{path.name} has no documents"
-    api = k8s.ApiClient()
-    for doc in docs:
-        assert doc["kind"] in MODELS, f"{path.name}: unexpected kind {doc['kind']}"
-        obj = _deserialize(doc)
-        # the client drops fields it does not know: a round trip that loses nothing means no
-        # misspelt or misplaced field anywhere in the document
-        assert api.sanitize_for_serialization(obj) == doc, f"{path.name}: {doc['kind']}"
-        if doc["kind"] != "Namespace":
-            assert obj.metadata.namespace == NS
-        assert obj.metadata.labels["app.kubernetes.io/part-of"] == "legodiffusion"
-
-
-def test_expected_files_are_shipped() -> None:
-    names = {p.name for p in DEPLOY_DIR.glob("*.yaml")}
-    assert names == {"namespace.yaml", "nodes.yaml", "autoscaler.yaml"}
-    (namespace,) = load_manifests([DEPLOY_DIR / "namespace.yaml"])
-    assert namespace["kind"] == "Namespace" and namespace["metadata"]["name"] == NS
-
-
-def test_nodes_yaml_is_the_generated_output() -> None:
-    committed = (DEPLOY_DIR / "nodes.yaml").read_text()
-    assert committed == _generator().render(), (
-        "deploy/kubernetes/nodes.yaml is stale: "
-        "python deploy/kubernetes/generate.py > deploy/kubernetes/nodes.yaml"
-    )
-
-
 def test_every_shipped_pool_has_its_deployment() -> None:
     deployments = {
         d["metadata"]["name"]: _deserialize(d)
@@ -167,10 +115,14 @@ def test_every_shipped_pool_has_its_deployment() -> None:
         assert container.command == ["lego", "node", kind, "--model", model]
         assert container.image == "legodiffusion:latest"
         assert container.readiness_probe is None
-        env = {e.name: e.value for e in container.env}
-        assert env["NATS_URL"] == "nats://nats:4222"
-        assert env["REDIS_URL"] == "redis://redis:6379/0"
-        assert env["OMP_NUM_THREADS"].isdigit()
+        # settings from the shared ConfigMap (NATS_URL, REDIS_URL, ...: tests/test_deploy.py),
+        # passwords from the Secret
+        assert [ref.config_map_ref.name for ref in container.env_from] == [
+            "legodiffusion-settings"
+        ]
+        secrets = {e.name: e.value_from.secret_key_ref.key for e in container.env}
+        assert secrets == {"LEGO_NATS_PASSWORD": "nats-service-password",
+                           "LEGO_REDIS_PASSWORD": "redis-password"}
         assert container.resources.requests and container.resources.limits
 
 
@@ -410,5 +362,7 @@ def _speak_the_client_dialects(apps: k8s.AppsV1Api, kubeapi: KubeApi) -> None:
     selected = apps.list_namespaced_deployment(
         NS, label_selector="app.kubernetes.io/component!=node"
     )
-    assert [d.metadata.name for d in selected.items] == ["lego-autoscaler"]
+    assert sorted(d.metadata.name for d in selected.items) == [
+        "lego-autoscaler", "lego-gateway", "redis",
+    ]
     assert apps.list_namespaced_deployment("elsewhere").items == []
