@@ -5,9 +5,14 @@
     │   ├── InvalidField        a field out of its limits               -> 422
     │   ├── PayloadTooLarge     body or image over its byte limit       -> 413
     │   ├── UnknownWorkflow     no such workflow                        -> 404
-    │   └── NotFound            no such request / image                 -> 404
+    │   ├── NotFound            no such request / image                 -> 404
+    │   ├── Unauthorized        API key missing or unknown              -> 401 + WWW-Authenticate
+    │   └── RateLimited         the key's request rate is spent         -> 429 + Retry-After
     ├── Conflict                e.g. an id reused for another request    -> 409
     ├── Overloaded              the deadline cannot be met: rejected     -> 503 + Retry-After
+    ├── StillRunning            a synchronous call gave up waiting       -> 504
+    ├── ConfigError             a setting is wrong (e.g. NATS refused the credentials): the
+    │                           process cannot start
     ├── RetryableError          transient (a store hiccup, a model OOM)  -> nak with backoff
     └── TerminalError           will fail again on any replica           -> term, request failed
         └── DeadlineExceeded    its deadline passed while queued: dropped, not run
@@ -18,7 +23,13 @@ has been delivered max_deliver times; then the request fails with that error.
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+
+def retry_after_header(seconds: float) -> str:
+    """Retry-After takes whole seconds: round up, at least 1 (0 would invite a hot loop)."""
+    return str(max(1, math.ceil(seconds)))
 
 
 class LegoError(Exception):
@@ -33,6 +44,10 @@ class LegoError(Exception):
 
     def to_dict(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, **self.details}
+
+    def http_headers(self) -> dict[str, str]:
+        """Headers an HTTP error response carries besides the body (e.g. Retry-After)."""
+        return {}
 
 
 class RequestError(LegoError):
@@ -97,6 +112,36 @@ class NotFound(RequestError):
     http_status = 404
 
 
+class Unauthorized(RequestError):
+    """The gateway requires an API key (``Authorization: Bearer KEY``) and got none it knows."""
+
+    code = "unauthorized"
+    http_status = 401
+
+    def __init__(self, message: str, invalid_token: bool = False) -> None:
+        super().__init__(message)
+        self.invalid_token = invalid_token
+
+    def http_headers(self) -> dict[str, str]:
+        # RFC 6750: a present but unknown token says so; a missing one just names the scheme
+        return {"WWW-Authenticate": 'Bearer error="invalid_token"' if self.invalid_token
+                else "Bearer"}
+
+
+class RateLimited(RequestError):
+    """An API key sent requests faster than its rate limit allows."""
+
+    code = "rate_limited"
+    http_status = 429
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message, retry_after_s=round(retry_after_s, 3))
+        self.retry_after_s = retry_after_s
+
+    def http_headers(self) -> dict[str, str]:
+        return {"Retry-After": retry_after_header(self.retry_after_s)}
+
+
 class Conflict(LegoError):
     code = "conflict"
     http_status = 409
@@ -111,6 +156,24 @@ class Overloaded(LegoError):
     def __init__(self, message: str, retry_after_s: float, **details: Any) -> None:
         super().__init__(message, retry_after_s=round(retry_after_s, 3), **details)
         self.retry_after_s = retry_after_s
+
+    def http_headers(self) -> dict[str, str]:
+        return {"Retry-After": retry_after_header(self.retry_after_s)}
+
+
+class StillRunning(LegoError):
+    """A call that answers at the end (the OpenAI images API) waited its limit; the request
+    goes on and can be followed at its own URL."""
+
+    code = "still_running"
+    http_status = 504
+
+
+class ConfigError(LegoError):
+    """A setting is wrong in a way no retry fixes (credentials a server refuses, bad TLS)."""
+
+    code = "config_error"
+    http_status = 500
 
 
 class RetryableError(LegoError):

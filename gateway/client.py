@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -15,7 +15,11 @@ from common import subjects
 from common.messages import Progress, RequestState, decode
 from common.settings import Settings
 
-ProgressCallback = Callable[[dict[str, Any]], None]
+#: called with each Server-Sent Event of a request: ("state", body) or ("progress", step)
+EventCallback = Callable[[str, dict[str, Any]], None]
+TERMINAL = ("succeeded", "failed", "cancelled")
+#: a stream that stays silent this long is dead (the gateway pings every 15 s)
+_STREAM_READ_TIMEOUT_S = 60.0
 
 
 class LegoError(RuntimeError):
@@ -29,11 +33,36 @@ class LegoError(RuntimeError):
         self.body = body
 
 
-class LegoClient:
-    """Talks to a gateway over HTTP."""
+class SseParser:
+    """Reads a text/event-stream line by line as a browser's EventSource does: ``feed`` returns
+    (event, JSON data) when a blank line ends an event, else None."""
 
-    def __init__(self, base_url: str, timeout_s: float = 30.0) -> None:
-        self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s)
+    def __init__(self) -> None:
+        self.event, self.data = "message", []
+
+    def feed(self, line: str) -> tuple[str, Any] | None:
+        if not line:  # a blank line ends an event
+            found = (self.event, orjson.loads("\n".join(self.data))) if self.data else None
+            self.event, self.data = "message", []
+            return found
+        if not line.startswith(":"):  # ":" starts a comment (the keep-alive ping)
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "event":
+                self.event = value
+            elif name == "data":
+                self.data.append(value)
+        return None
+
+
+class LegoClient:
+    """Talks to a gateway over HTTP; ``api_key`` is sent as ``Authorization: Bearer``."""
+
+    def __init__(self, base_url: str, timeout_s: float = 30.0,
+                 api_key: str | None = None) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout_s,
+                                 headers=headers)
 
     def close(self) -> None:
         self.http.close()
@@ -81,30 +110,57 @@ class LegoClient:
         content = spec if isinstance(spec, str) else orjson.dumps(spec)
         return self._check(self.http.post("/v1/workflows", content=content)).json()
 
+    def events(self, request_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Follow a request over Server-Sent Events (``GET /v1/generations/{id}/events``):
+        ("state", body) first, ("progress", {"id", "node", "step", "total"}) per step, and
+        ("state", final body) last, after which the stream ends."""
+        timeout = httpx.Timeout(self.http.timeout.connect, read=_STREAM_READ_TIMEOUT_S)
+        with self.http.stream("GET", f"/v1/generations/{request_id}/events",
+                              timeout=timeout) as response:
+            if response.status_code >= 400:
+                response.read()
+                self._check(response)
+            parser = SseParser()
+            for line in response.iter_lines():
+                found = parser.feed(line)
+                if found is not None:
+                    yield found
+
     def wait(
-        self, request_id: str, timeout_s: float = 600.0, on_progress: ProgressCallback | None = None
+        self, request_id: str, timeout_s: float = 600.0, on_event: EventCallback | None = None
     ) -> dict[str, Any]:
-        """Poll (long-polling 1 s at a time) until the request ends; report progress on the way."""
+        """The final state once the request has ended. With ``on_event``, follow its events
+        (SSE) and hand each to ``on_event``; else long-poll, 1 s at a time. A broken stream
+        falls back to long-polling."""
         deadline = time.monotonic() + timeout_s
+        if on_event is not None:
+            try:
+                for event, data in self.events(request_id):
+                    on_event(event, data)
+                    if event == "state" and data["status"] in TERMINAL:
+                        return data
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"request {request_id} did not end in {timeout_s} s")
+            except httpx.TransportError:
+                pass  # the gateway went away mid-stream: another replica answers the polls
         while True:
             state = self.status(request_id, wait_s=1.0)
-            if on_progress is not None:
-                on_progress(state)
-            if state["status"] in ("succeeded", "failed", "cancelled"):
+            if state["status"] in TERMINAL:
                 return state
             if time.monotonic() > deadline:
                 raise TimeoutError(f"request {request_id} still {state['status']}")
 
     def generate(
         self, workflow: str = "txt2img", *, timeout_s: float = 600.0,
-        on_progress: ProgressCallback | None = None, **params: Any,
+        on_event: EventCallback | None = None, **params: Any,
     ) -> tuple[dict[str, Any], bytes]:
-        """Submit, wait, and return (final state, PNG bytes); raises LegoError on failure."""
+        """Submit, wait, and return (final state, PNG bytes); raises LegoError on failure.
+        ``on_event`` follows the request's progress (see ``events``)."""
         # Without a progress display, one round trip: the gateway answers at the end.
-        accepted = self.submit(workflow, wait_s=0.0 if on_progress else 1.0, **params)
+        accepted = self.submit(workflow, wait_s=0.0 if on_event else 1.0, **params)
         state = accepted
-        if state["status"] not in ("succeeded", "failed", "cancelled"):
-            state = self.wait(accepted["id"], timeout_s, on_progress)
+        if state["status"] not in TERMINAL:
+            state = self.wait(accepted["id"], timeout_s, on_event)
         if state["status"] != "succeeded":
             raise LegoError(0, state.get("error") or state)
         return state, self.image(accepted["id"])

@@ -1,0 +1,199 @@
+"""OpenAI-compatible images API: ``POST /v1/images/generations``.
+
+The official ``openai`` client works unchanged with ``base_url="<gateway>/v1"``::
+
+    client.images.generate(model="txt2img", prompt="a red fox", size="64x64", n=2,
+                           response_format="b64_json", extra_body={"seed": 1, "steps": 2})
+
+- ``model`` names the workflow (default ``txt2img``); ``size`` ``"WxH"`` sets width and height
+  (``"auto"`` or absent: the workflow's defaults); ``response_format`` is ``"url"`` (default,
+  as OpenAI's) or ``"b64_json"`` (a base64 PNG); ``user`` is accepted and ignored.
+- Every other field (``extra_body``: seed, steps, negative_prompt, guidance, deadline_s, ...)
+  goes to the workflow as it is, validated like ``POST /v1/generations``.
+- ``n`` > 1 runs n requests with seeds seed, seed+1, ..., seed+n-1 (without a seed each draws
+  its own); they run concurrently and the answer comes once all have ended.
+- Answer: ``{"created": UNIX_S, "data": [{"b64_json": ...} | {"url": ".../v1/generations/ID/
+  image"}]}``. Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``
+  with our HTTP status; ``param`` names the OpenAI field (width and height are ``size``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+
+from common.errors import (
+    Conflict,
+    DeadlineExceeded,
+    InvalidField,
+    InvalidRequest,
+    LegoError,
+    StillRunning,
+    TerminalError,
+)
+from common.messages import RequestState
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+DEFAULT_MODEL = "txt2img"
+MAX_N = 10  # as OpenAI's dall-e-2
+#: how long the call waits for its images (the openai client's own default timeout is 600 s)
+WAIT_S = 590.0
+
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+#: our field names as the OpenAI request spells them
+_PARAM_NAMES = {"width": "size", "height": "size", "workflow": "model"}
+_ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error"}
+
+REQUEST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["prompt"],
+    "properties": {
+        "model": {"type": "string", "default": DEFAULT_MODEL, "description": "workflow name"},
+        "prompt": {"type": "string"},
+        "n": {"type": "integer", "minimum": 1, "maximum": MAX_N, "default": 1},
+        "size": {"type": "string", "pattern": r"^(\d+x\d+|auto)$", "example": "512x512"},
+        "response_format": {"type": "string", "enum": ["url", "b64_json"], "default": "url"},
+        "user": {"type": "string", "description": "accepted and ignored"},
+        "seed": {"type": "integer", "description": "image i gets seed + i"},
+    },
+    "additionalProperties": {"description": "workflow parameters: steps, guidance, ..."},
+}
+
+
+def openai_error(exc: LegoError) -> JSONResponse:
+    """``exc`` in OpenAI's error shape, with its HTTP status and headers (Retry-After, ...)."""
+    status = exc.http_status
+    kind = _ERROR_TYPES.get(status) or ("invalid_request_error" if status < 500
+                                        else "server_error")
+    field = exc.details.get("field")
+    body = {"error": {"message": exc.message, "type": kind,
+                      "param": _PARAM_NAMES.get(field, field), "code": exc.code}}
+    return JSONResponse(body, status_code=status, headers=exc.http_headers())
+
+
+class OpenAIRoute(APIRoute):
+    """Routes whose errors, the API key check's included, answer in OpenAI's shape."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handler = super().get_route_handler()
+
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except LegoError as exc:
+                return openai_error(exc)
+
+        return handle
+
+
+router = APIRouter(route_class=OpenAIRoute, tags=["OpenAI-compatible"])
+
+
+@router.post(
+    "/v1/images/generations",
+    openapi_extra={"requestBody": {"required": True,
+                                   "content": {"application/json": {"schema": REQUEST_SCHEMA}}}},
+    responses={401: {"description": "missing or unknown API key"},
+               404: {"description": "unknown model (workflow)"},
+               422: {"description": "a field out of its limits (`param` names it)"},
+               429: {"description": "rate limit (Retry-After)"},
+               503: {"description": "overloaded (Retry-After)"},
+               504: {"description": "still running after the wait limit"}},
+)
+async def create_images(request: Request) -> Response:
+    """Generate ``n`` images with a workflow and answer once they are done (OpenAI's API)."""
+    gateway: Gateway = request.app.state.gateway
+    raws, response_format = to_requests(await gateway.read_json(request))
+    for raw in raws:  # every image valid before any is queued
+        gateway.ingress.parse(raw)
+    accepted: list[RequestState] = []
+    try:
+        for raw in raws:
+            accepted.append(await gateway.submit(raw))
+    except LegoError:  # e.g. overloaded half way: the others are not wanted alone
+        for state in accepted:
+            await gateway.tracker.cancel(state.id)
+        raise
+    finals = await asyncio.gather(*(gateway.wait(s.id, WAIT_S) for s in accepted))
+    data = []
+    for state in finals:
+        _check_succeeded(state)
+        if response_format == "b64_json":
+            png = await gateway.image_png(state)
+            data.append({"b64_json": base64.b64encode(png).decode()})
+        else:
+            base = str(request.base_url).rstrip("/")
+            data.append({"url": f"{base}/v1/generations/{state.id}/image"})
+    return JSONResponse({"created": int(time.time()), "data": data})
+
+
+def to_requests(body: Any) -> tuple[list[dict[str, Any]], str]:
+    """An OpenAI images request as our generation requests (one per image), and the
+    response format. Every malformed OpenAI field is reported at once."""
+    if not isinstance(body, dict):
+        raise InvalidRequest([InvalidField("body", "must be a JSON object")])
+    fields = dict(body)
+    fields.pop("user", None)  # OpenAI's end-user id for abuse monitoring: nothing to do here
+    workflow = fields.pop("model", None) or DEFAULT_MODEL
+    n = fields.pop("n", None)
+    n = 1 if n is None else n
+    size = fields.pop("size", None)
+    response_format = fields.pop("response_format", None) or "url"
+    errors: list[InvalidField] = []
+    for ours, theirs in (("workflow", "model"), ("id", None)):
+        if ours in fields:
+            errors.append(InvalidField(ours, f"not a field of this API; use {theirs}" if theirs
+                                       else "not a field of this API (each image gets its own)"))
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+        errors.append(InvalidField("n", f"must be an integer from 1 to {MAX_N}", MAX_N))
+    if size not in (None, "auto"):
+        match = _SIZE.match(size) if isinstance(size, str) else None
+        if match is None:
+            errors.append(InvalidField("size", "must be 'WIDTHxHEIGHT' (e.g. '512x512') or "
+                                       "'auto'"))
+        else:
+            fields["width"], fields["height"] = int(match[1]), int(match[2])
+    if response_format not in ("url", "b64_json"):
+        errors.append(InvalidField("response_format", "must be 'url' or 'b64_json'"))
+    if errors:
+        raise InvalidRequest(errors)
+    seed = fields.get("seed")
+    raws = []
+    for i in range(n):
+        raw = {**fields, "workflow": workflow}
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            raw["seed"] = seed + i
+        raws.append(raw)
+    return raws, response_format
+
+
+def _check_succeeded(state: RequestState) -> None:
+    """Raise the error of a request that did not succeed (or has not ended)."""
+    if not state.done:
+        raise StillRunning(
+            f"request {state.id} is still {state.status} after {WAIT_S:g} s; follow it at "
+            f"/v1/generations/{state.id}", id=state.id,
+        )
+    if state.status == "succeeded":
+        return
+    if state.status == "cancelled":
+        raise Conflict(f"request {state.id} was cancelled", id=state.id)
+    info = state.error
+    message = f"request {state.id} failed: {info.message if info else 'unknown error'}"
+    if info is not None and info.code == DeadlineExceeded.code:
+        raise DeadlineExceeded(message, id=state.id)
+    details = {"id": state.id, **({"field": info.field} if info and info.field else {})}
+    error = TerminalError(message, **details)
+    if info is not None:
+        error.code = info.code  # the node's own code (e.g. node_error) says more than ours
+    raise error
