@@ -15,12 +15,20 @@ from __future__ import annotations
 
 import bisect
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from common.models import emulated_profile
+
+if TYPE_CHECKING:
+    from common.workflow import WorkflowSpec
 
 #: the profiles shipped with the repository (copied from the paper's artifact)
 DEFAULT_PROFILE_DIR = Path(__file__).resolve().parent.parent / "data" / "profiles-h800"
+#: an emulated device's memory by default: the H800 the profiles were measured on
+EMULATED_DEVICE_BYTES = 80 * 10**9
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,29 @@ def parse_profile(data: dict[str, Any]) -> ModelProfile:
     )
 
 
+def batch_limits(directory: Path | str = DEFAULT_PROFILE_DIR) -> dict[str, int]:
+    """Per model, the batch size the paper's authors served it with for latency
+    (``model_batch.json`` beside or above the profile directory), if there is one."""
+    for candidate in (Path(directory) / "model_batch.json",
+                      Path(directory).parent / "model_batch.json"):
+        if candidate.is_file():
+            data = json.loads(candidate.read_text())
+            return {name: int(modes["latency_mode"]) for name, modes in data.items()}
+    return {}
+
+
+def batch_limit(profile: ModelProfile, limits: Mapping[str, int], mode: str = "default") -> int:
+    """The largest batch worth forming: the authors' latency-mode batch where they give one,
+    else the largest measured batch that costs at most 1.5 x a single item (beyond it a batch
+    only delays its rows)."""
+    if profile.name in limits:
+        return limits[profile.name]
+    curve = profile.curves.get(mode) or next(iter(profile.curves.values()))
+    first = curve[0]
+    single = first.at(1)
+    return max([b for b in first.batches if first.at(b) <= 1.5 * single] or [1])
+
+
 def load_profiles(directory: Path | str = DEFAULT_PROFILE_DIR) -> dict[str, ModelProfile]:
     """Every ``*.json`` profile in ``directory``, by model name."""
     found = {}
@@ -109,3 +140,101 @@ def load_profiles(directory: Path | str = DEFAULT_PROFILE_DIR) -> dict[str, Mode
     if not found:
         raise FileNotFoundError(f"no profiles (*.json) in {directory}")
     return found
+
+
+# --- the timing model of the emulated executor (services/emulated.py) ----------------------
+
+def profile_of(spec: str, profiles: Mapping[str, ModelProfile]) -> ModelProfile:
+    name = emulated_profile(spec)
+    if name not in profiles:
+        raise ValueError(f"{spec}: no profile {name!r}; profiled: {', '.join(sorted(profiles))}")
+    return profiles[name]
+
+
+#: profiles whose resolutions are given in latent pixels (1/8 a side), per ../shared/data/README
+_LATENT_UNITS = ("StableDiffusion3", "StableDiffusion35Large", "StableDiffusion3VAE",
+                 "StableDiffusion35LargeVAE")
+
+
+def _profile_size(profile: ModelProfile, height: int, width: int) -> tuple[int, int]:
+    if profile.name in _LATENT_UNITS:
+        return height // 8, width // 8
+    return height, width
+
+
+def profile_mode(profile: ModelProfile, kind: str) -> str:
+    """The profiled mode a node of ``kind`` pays (a VAE decoder: ``decode_latents``)."""
+    if kind == "vae_decoder" and "decode_latents" in profile.curves:
+        return "decode_latents"
+    return "default" if "default" in profile.curves else profile.modes[0]
+
+
+def call_seconds(profile: ModelProfile, kind: str, batch: int, height: int, width: int) -> float:
+    """Profiled seconds of one call of ``profile`` on ``batch`` rows at ``height`` x ``width``."""
+    h, w = _profile_size(profile, height, width)
+    return profile.execution_s(batch, mode=profile_mode(profile, kind), height=h, width=w)
+
+
+def cfg_of(params: Mapping[str, Any]) -> bool:
+    """Classifier-free guidance doubles a denoiser's rows (diffusers' rule: guidance > 1)."""
+    return float(params.get("guidance", 0.0) or 0.0) > 1.0
+
+
+def denoise_step_seconds(
+    base: ModelProfile, rows: int, cfg: bool, height: int, width: int,
+    controlnet_rows: Mapping[str, tuple[ModelProfile, int]] | None = None,
+) -> float:
+    """One denoising step of ``rows`` requests; ``controlnet_rows``: per ControlNet, (its
+    profile, the rows that use it)."""
+    factor = 2 if cfg else 1
+    seconds = call_seconds(base, "denoiser", rows * factor, height, width)
+    for profile, n in (controlnet_rows or {}).values():
+        if n:
+            seconds += call_seconds(profile, "denoiser", n * factor, height, width)
+    return seconds
+
+
+def node_solo_seconds(
+    kind: str, profile: ModelProfile, params: Mapping[str, Any],
+    adapters: Iterable[ModelProfile] = (),
+) -> float:
+    """Profiled seconds one request alone spends at a node of ``kind`` on ``profile``."""
+    height, width = int(params.get("height", 1024)), int(params.get("width", 1024))
+    if kind == "text_encoder":  # with CFG the negative prompt is encoded too
+        return call_seconds(profile, kind, 2 if cfg_of(params) else 1, height, width)
+    if kind != "denoiser":
+        return call_seconds(profile, kind, 1, height, width)
+    controlnets = {p.name: (p, 1) for p in adapters}
+    step = denoise_step_seconds(profile, 1, cfg_of(params), height, width, controlnets)
+    return int(params.get("steps", 1)) * step
+
+
+# --- footprints (what placement reserves) --------------------------------------------------
+
+def pipeline_models(spec: WorkflowSpec) -> list[str]:
+    """The distinct model specs a whole-workflow replica of ``spec`` holds, ControlNets too."""
+    used = [spec.models[n.model] for n in spec.nodes.values()]
+    used += [spec.models[n.controlnet] for n in spec.nodes.values() if n.controlnet]
+    return list(dict.fromkeys(used))
+
+
+def footprint_bytes(model: str, profiles: Mapping[str, ModelProfile],
+                    adapters: Iterable[str] = ()) -> int:
+    """Device memory of one micro replica on ``model`` with the ``adapters`` it may attach."""
+    return sum(profile_of(m, profiles).memory_bytes for m in [model, *adapters])
+
+
+def solo_latency_s(spec: WorkflowSpec, profiles: Mapping[str, ModelProfile],
+                   params: Mapping[str, Any] | None = None) -> float:
+    """Profiled seconds one request of ``spec`` takes alone: every node's time, in sequence
+    (as one pipeline runs them), with the workflow's default parameters."""
+    values = {name: p.default for name, p in spec.params.items() if p.default is not None}
+    values.update(params or {})
+    total = 0.0
+    for node in spec.nodes.values():
+        adapters = [profile_of(spec.models[node.controlnet], profiles)] if node.controlnet else []
+        total += node_solo_seconds(node.kind, profile_of(spec.models[node.model], profiles),
+                                   values, adapters)
+    return total
+
+

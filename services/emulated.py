@@ -1,0 +1,328 @@
+"""The profile-driven emulated executor: a GPU cluster on a CPU host, for issue 4's experiment.
+
+An ``EmulatedCore`` stands in for a model node (text encoder, denoiser, VAE decoder) on a model
+spec ``emulated:<Profile>`` (a file of ``data/profiles-h800``). Instead of running torch it
+waits the profiled time of its batch (interpolated between measured batch sizes, scaled to the
+resolution) and returns zero tensors of the real shapes and byte sizes, so the data plane
+carries real bytes. Transport, batching, tensor store, ingress and autoscaler are the real ones:
+the runner drives this core like any other.
+
+An ``EmulatedDevice`` is one GPU: its memory (80 GB for an H800) and its compute. Replicas on
+one device share its compute (one kernel stream: a step holds the device while it runs, so
+co-located replicas time-share it, as on a GPU without MPS) and its memory: a replica reserves
+its models' profiled memory when it loads, paying the profiled host-to-device load time, and
+frees it when it stops. A *swap* owner (the Clockwork-like baseline) is loaded lazily when it
+runs, evicting the least recently used owners that are not running.
+
+``time_scale`` K runs everything K times faster: every profiled time is divided by K.
+
+Timing (what ``step_seconds`` charges, per call):
+- text encoder: one forward pass of the batch;
+- denoiser: one step = one forward pass of the batch, at twice the batch with classifier-free
+  guidance (``guidance`` > 1; the profiles time one CFG branch), plus, per attached ControlNet,
+  its forward pass over the rows that use it (also doubled with CFG);
+- VAE decoder: ``decode_latents`` of the batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import threading
+import time
+import uuid
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from common.errors import InvalidField, TerminalError
+from common.models import EMULATED_PREFIX
+from common.profiles import (
+    EMULATED_DEVICE_BYTES,
+    ModelProfile,
+    batch_limit,
+    batch_limits,
+    call_seconds,
+    cfg_of,
+    denoise_step_seconds,
+    load_profiles,
+    pipeline_models,
+    profile_mode,
+    profile_of,
+)
+from common.settings import Settings
+from common.workflow import WorkflowSpec
+from services.core import ModelCore, Result, WorkItem
+
+
+class OutOfDeviceMemory(TerminalError):
+    code = "out_of_device_memory"
+    http_status = 507
+
+#: kinds the emulated executor can stand in for (the profiles time these models)
+EMULATED_KINDS = ("text_encoder", "denoiser", "vae_decoder")
+
+# --- output shapes -------------------------------------------------------------------------
+
+def _embed_shape(name: str) -> tuple[int, ...]:
+    if name.startswith("T5"):
+        return (1, 512 if "Flux" in name else 256, 4096)
+    if name == "CLIP_G":
+        return (1, 77, 1280)
+    return (1, 77, 768)
+
+
+def _latent_channels(name: str) -> int:
+    return 16 if name.startswith(("StableDiffusion3", "Flux")) else 4
+
+
+def output_tensors(kind: str, profile: ModelProfile, rows: int, height: int, width: int
+                   ) -> dict[str, torch.Tensor]:
+    """Zero tensors of the shapes and dtypes the real node makes (one request: ``rows`` 1)."""
+    if kind == "text_encoder":
+        return {"prompt_embeds": torch.zeros(_embed_shape(profile.name), dtype=torch.float16)}
+    if kind == "denoiser":
+        shape = (rows, _latent_channels(profile.name), height // 8, width // 8)
+        return {"latents": torch.zeros(shape, dtype=torch.float16)}
+    return {"image": torch.zeros((rows, height, width, 3), dtype=torch.uint8)}
+
+
+# --- the device ----------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class Owner:
+    """What holds memory on a device: one replica's models (for a monolithic replica, its whole
+    pipeline), loaded and swapped together."""
+
+    key: str
+    memory_bytes: int
+    load_s: float  # profiled host-to-device time of all of it
+    swap: bool = False  # loaded lazily when it runs; evictable when idle (the swap baseline)
+
+
+class EmulatedDevice:
+    """One emulated GPU: its memory and its compute, shared by the replicas placed on it (all
+    in this process: the emulated backend hosts a device's replicas together)."""
+
+    def __init__(self, id: str, memory_bytes: int, time_scale: float = 1.0) -> None:
+        if time_scale <= 0:
+            raise ValueError(f"time_scale must be > 0, got {time_scale}")
+        self.id = id
+        self.memory_bytes = memory_bytes
+        self.time_scale = time_scale
+        self._compute = threading.Lock()  # one step (or load) at a time: time-sharing
+        self._ledger = threading.Lock()
+        self._resident: collections.OrderedDict[str, int] = collections.OrderedDict()  # LRU
+        self.busy_s = 0.0  # emulated seconds of work done (for utilisation)
+        self.loads = 0
+        self.evictions = 0
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self._resident.values())
+
+    def resident(self, owner: Owner) -> bool:
+        return owner.key in self._resident
+
+    def wait(self, seconds: float) -> None:
+        """Sleep ``seconds`` of profiled time (divided by the time scale)."""
+        if seconds > 0:
+            time.sleep(seconds / self.time_scale)
+
+    def _admit(self, owner: Owner, nbytes: int, *, evict: bool) -> None:
+        with self._ledger:
+            held = self._resident.get(owner.key, 0)
+            while self.used_bytes - held + nbytes > self.memory_bytes:
+                victims = [k for k in self._resident if k != owner.key] if evict else []
+                if not victims:
+                    raise OutOfDeviceMemory(
+                        f"{self.id}: {owner.key} needs {nbytes / 1e9:.2f} GB; "
+                        f"{(self.memory_bytes - self.used_bytes + held) / 1e9:.2f} GB free of "
+                        f"{self.memory_bytes / 1e9:.0f} GB"
+                    )
+                del self._resident[victims[0]]  # least recently used first
+                self.evictions += 1
+            self._resident[owner.key] = nbytes
+            self._resident.move_to_end(owner.key)
+        self.loads += 1
+
+    def load(self, owner: Owner, nbytes: int | None = None, load_s: float | None = None) -> None:
+        """Make ``owner`` resident with ``nbytes`` (default: its memory; more once a ControlNet
+        is attached to it) and wait ``load_s`` (default: its load time); the device computes
+        nothing meanwhile."""
+        with self._compute:
+            self._admit(owner, nbytes or owner.memory_bytes, evict=owner.swap)
+            self.wait(owner.load_s if load_s is None else load_s)
+
+    def free(self, owner: Owner) -> None:
+        with self._ledger:
+            self._resident.pop(owner.key, None)
+
+    def run(self, owner: Owner, seconds: float) -> None:
+        """One call of ``seconds`` profiled time on this device's compute; a swap owner not
+        resident is loaded first (evicting the least recently used)."""
+        with self._compute:
+            if owner.swap and owner.key not in self._resident:
+                self._admit(owner, owner.memory_bytes, evict=True)
+                self.wait(owner.load_s)
+            with self._ledger:
+                if owner.key in self._resident:
+                    self._resident.move_to_end(owner.key)
+            self.wait(seconds)
+            self.busy_s += seconds
+
+
+_DEVICES: dict[str, EmulatedDevice] = {}
+_DEVICES_LOCK = threading.Lock()
+
+
+def emulated_device(id: str, memory_bytes: int, time_scale: float) -> EmulatedDevice:
+    """This process's device ``id`` (created on first use): replicas placed on one device id
+    share it."""
+    with _DEVICES_LOCK:
+        device = _DEVICES.get(id)
+        if device is None:
+            device = _DEVICES[id] = EmulatedDevice(id, memory_bytes, time_scale)
+        return device
+
+
+# --- the core ------------------------------------------------------------------------------
+
+@dataclass(eq=False)
+class EmulatedState:
+    item: WorkItem
+    total: int  # steps (denoiser) or 1
+    height: int
+    width: int
+    cfg: bool
+    adapters: tuple[str, ...]
+    done_steps: int = 0
+
+
+@dataclass(eq=False)
+class EmulatedCore(ModelCore):
+    """One model node on an emulated device; see the module docstring."""
+
+    node_kind: str
+    profile: ModelProfile
+    device: EmulatedDevice
+    owner: Owner
+    #: ControlNets this node may be asked to attach (model spec -> profile)
+    adapter_profiles: dict[str, ModelProfile] = field(default_factory=dict)
+    max_batch: int = 8
+    #: ControlNets already counted in the owner's memory (a monolithic pipeline holds its own)
+    attached: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if self.node_kind not in EMULATED_KINDS:
+            raise ValueError(f"the emulated executor has no {self.node_kind!r} (profiled: "
+                             f"{', '.join(EMULATED_KINDS)})")
+        self.kind = self.node_kind
+        self.ops = ()
+        self.components = ()
+
+    def load(self) -> None:
+        """Reserve the owner's memory, once per owner (a pipeline's inner cores share one)."""
+        if not self.owner.swap and not self.device.resident(self.owner):
+            self.device.load(self.owner)
+
+    def close(self) -> None:
+        self.device.free(self.owner)
+
+    def start(self, item: WorkItem) -> EmulatedState:
+        p = item.params
+        unknown = [a for a in item.adapters if a not in self.adapter_profiles]
+        if unknown:
+            raise InvalidField("controlnet", f"{unknown[0]} is not a profiled model",
+                               sorted(self.adapter_profiles))
+        total = int(p.get("steps", 1)) if self.node_kind == "denoiser" else 1
+        return EmulatedState(item, total, int(p.get("height", 1024)), int(p.get("width", 1024)),
+                             cfg_of(p), tuple(item.adapters))
+
+    def batch_key(self, state: EmulatedState) -> Hashable:
+        return (state.height, state.width, state.cfg)
+
+    def step(self, states: list[EmulatedState]) -> None:
+        first = states[0]
+        rows = len(states)
+        if self.node_kind == "denoiser":
+            for spec in sorted({a for s in states for a in s.adapters} - self.attached):
+                # a ControlNet's first use loads it next to the base model
+                self.attached.add(spec)
+                held = sum(self.adapter_profiles[a].memory_bytes for a in self.attached)
+                self.device.load(self.owner, self.owner.memory_bytes + held,
+                                 self.adapter_profiles[spec].load_s)
+            counts = collections.Counter(a for s in states for a in s.adapters)
+            controlnets = {a: (self.adapter_profiles[a], n) for a, n in counts.items()}
+            seconds = denoise_step_seconds(self.profile, rows, first.cfg, first.height,
+                                           first.width, controlnets)
+        else:  # a text encoder encodes the negative prompts too under CFG
+            factor = 2 if first.cfg and self.node_kind == "text_encoder" else 1
+            seconds = call_seconds(self.profile, self.node_kind, rows * factor, first.height,
+                                   first.width)
+        self.device.run(self.owner, seconds)
+        for state in states:
+            state.done_steps += 1
+
+    def done(self, state: EmulatedState) -> bool:
+        return state.done_steps >= state.total
+
+    def progress(self, state: EmulatedState) -> tuple[int, int]:
+        return state.done_steps, state.total
+
+    def finish(self, state: EmulatedState) -> Result:
+        return Result(output_tensors(self.node_kind, self.profile, 1, state.height, state.width))
+
+
+def batch_limit_of(kind: str, model: str, settings: Settings) -> int:
+    """The batch an emulated node of ``kind`` on ``model`` forms at most (``batch_limit``)."""
+    profile = profile_of(model, profiles_in(str(settings.profile_dir)))
+    limits = batch_limits(settings.profile_dir)
+    return batch_limit(profile, limits, profile_mode(profile, kind))
+
+
+def pipeline_batch_limit(spec: WorkflowSpec, settings: Settings) -> int:
+    """A whole-workflow replica batches as far as its denoiser does (its costliest stage)."""
+    return min([batch_limit_of(n.kind, spec.models[n.model], settings)
+                for n in spec.nodes.values() if n.kind == "denoiser"] or [settings.max_batch])
+
+
+@functools.lru_cache(maxsize=8)
+def profiles_in(directory: str) -> dict[str, ModelProfile]:
+    """The profiles of ``directory``, read once per process."""
+    return load_profiles(directory)
+
+
+def pipeline_owner(spec: WorkflowSpec, profiles: Mapping[str, ModelProfile], key: str,
+                   swap: bool = False) -> Owner:
+    """A monolithic replica's owner: every model of the pipeline, loaded (and swapped) as one."""
+    found = [profile_of(m, profiles) for m in pipeline_models(spec)]
+    return Owner(key, sum(p.memory_bytes for p in found), sum(p.load_s for p in found), swap)
+
+
+
+# --- building cores ------------------------------------------------------------------------
+
+def device_of(settings: Settings) -> EmulatedDevice:
+    """The emulated device this replica was placed on (``device_label``)."""
+    label = settings.device_label or "emu:0"
+    return emulated_device(label, settings.device_memory_bytes or EMULATED_DEVICE_BYTES,
+                           settings.time_scale)
+
+
+def build_core(kind: str, model: str, settings: Settings, *, max_batch: int,
+               owner: Owner | None = None) -> EmulatedCore:
+    """A micro replica's core (``owner`` None: it owns its model) or a pipeline's inner one."""
+    profiles = profiles_in(str(settings.profile_dir))
+    profile = profile_of(model, profiles)
+    adapters = {f"{EMULATED_PREFIX}{name}": p for name, p in profiles.items()}
+    max_batch = min(max_batch, batch_limit_of(kind, model, settings))
+    return EmulatedCore(
+        kind, profile, device_of(settings),
+        owner or Owner(f"{kind}:{model}@{uuid.uuid4().hex[:8]}", profile.memory_bytes,
+                       profile.load_s, swap=settings.swap),
+        adapter_profiles=adapters, max_batch=max_batch,
+        # a pipeline's owner already counts its ControlNets
+        attached=set(adapters) if owner is not None else set(),
+    )

@@ -1,0 +1,201 @@
+"""The emulated GPU cluster (issue 4), pure parts: traces, the profiles' timing model, the
+emulated device (memory, LRU swapping, time-shared compute), the emulated core, the workloads
+and the static splits. The checks through a real stack are in test_emulation_e2e.py."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from common.profiles import (
+    DEFAULT_PROFILE_DIR,
+    batch_limit,
+    batch_limits,
+    call_seconds,
+    denoise_step_seconds,
+    load_profiles,
+)
+from common.traces import (
+    Arrival,
+    duration_s,
+    parse_trace,
+    speed_up,
+    spike,
+    trace_for_scale,
+    zipf_choices,
+)
+from common.workloads import (
+    flux3_split,
+    load_workload,
+    micro_provision,
+    static_split,
+)
+from services.core import WorkItem
+from services.emulated import EmulatedCore, EmulatedDevice, OutOfDeviceMemory, Owner
+
+pytestmark = pytest.mark.timeout(60)
+PROFILES = load_profiles()
+GB = 10**9
+
+
+def test_trace_parsing_and_scaling():
+    arrivals = parse_trace("A 1.5\nB 0\n\n# comment\nC 2\n")
+    assert arrivals == [Arrival(0.0, "A"), Arrival(1.5, "B"), Arrival(1.5, "C")]
+    assert duration_s(speed_up(arrivals, 3)) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="line 2"):
+        parse_trace("A 1\nB x\n")
+    with pytest.raises(ValueError, match=">= 0"):
+        parse_trace("A -1\n")
+    one, two = trace_for_scale(1.0), trace_for_scale(2.0)
+    assert len(one) == 89 and len(two) == 178  # the shipped traces
+    three = trace_for_scale(3.0)  # between shipped scales: 2 made 1.5x denser, same span
+    assert len(three) == pytest.approx(1.5 * len(two), abs=2)
+    assert duration_s(three) <= duration_s(two)
+    eight = trace_for_scale(8.0)  # above them: 4, twice as dense, repeated
+    assert len(eight) == pytest.approx(2 * len(trace_for_scale(4.0)), abs=8)
+    quarter, half = trace_for_scale(0.25), trace_for_scale(0.5)  # below: slowed, cut at span
+    assert len(quarter) < len(half) and duration_s(quarter) <= duration_s(half)
+
+
+def test_spike_multiplies_the_rate_in_its_window_only():
+    base = [Arrival(float(t), "A") for t in range(60)]
+    spiked = spike(base, at_s=20, length_s=10, factor=4)
+    inside = [a for a in spiked if 20 <= a.at_s < 30]
+    assert len(inside) == pytest.approx(40, abs=1) and len(spiked) - len(base) == len(inside) - 10
+    assert spike(base, at_s=20, length_s=10, factor=1) == base
+    assert zipf_choices(list("abc"), 5, seed=1) == zipf_choices(list("abc"), 5, seed=1)
+    picks = zipf_choices([str(i) for i in range(12)], 20000, seed=0)
+    assert picks.count("0") / picks.count("1") == pytest.approx(2.0, rel=0.1)  # 1/r weights
+
+
+def test_timing_model_follows_the_profiles():
+    flux = PROFILES["Flux1Schnell"]
+    # one CFG step of one request = the profiled forward at batch 2 (two branches)
+    assert denoise_step_seconds(flux, 1, True, 1024, 1024) == pytest.approx(0.4309, abs=1e-4)
+    assert denoise_step_seconds(flux, 1, False, 1024, 1024) == pytest.approx(0.2237, abs=1e-4)
+    canny = PROFILES["Flux1DevControlNetCanny"]
+    with_cn = denoise_step_seconds(flux, 1, True, 1024, 1024, {"c": (canny, 1)})
+    assert with_cn == pytest.approx(0.4309 + 0.0202, abs=1e-4)
+    # SD3 profiles are in latent pixels: a 1024x1024 image is their 128x128
+    assert call_seconds(PROFILES["StableDiffusion3"], "denoiser", 1, 1024, 1024) == \
+        pytest.approx(0.0370, abs=1e-4)
+    assert call_seconds(PROFILES["Flux1VAE"], "vae_decoder", 1, 1024, 1024) == \
+        pytest.approx(0.2531, abs=1e-4)
+    limits = batch_limits(DEFAULT_PROFILE_DIR)
+    assert batch_limit(flux, limits) == 1  # the authors served Flux one at a time
+    assert batch_limit(PROFILES["Flux1VAE"], limits, "decode_latents") == 2  # curve rule
+
+
+def test_flux3_solo_latencies_match_the_papers_measurements():
+    """Our profile sums against vanilla diffusers' measured solo latency (README of the data):
+    txt2img and Canny within 3%; Depth is measured 14% slower there (its depth estimation is
+    not a profiled model), so our deadlines for it are tighter than the paper's."""
+    flux3 = load_workload("flux3", DEFAULT_PROFILE_DIR)
+    solo = {n: s.solo_latency_s for n, s in flux3.workflows.items()}
+    assert solo["flux-schnell-txt2img"] == pytest.approx(1.9871, rel=0.03)
+    assert solo["flux-schnell-canny"] == pytest.approx(2.0688, rel=0.03)
+    assert solo["flux-schnell-depth"] < 2.4
+    scaled = load_workload("flux3", DEFAULT_PROFILE_DIR, time_scale=4)
+    assert scaled.workflows["flux-schnell-txt2img"].solo_latency_s == \
+        pytest.approx(solo["flux-schnell-txt2img"] / 4)
+    # the capacity bound the issue states: about 3.8 requests/s on 8 H800s
+    assert flux3.capacity_rps(8, trace_for_scale(1.0)) == pytest.approx(3.8, rel=0.05)
+
+
+def test_device_memory_is_reserved_and_oom_is_clear():
+    device = EmulatedDevice("emu:0", 80 * GB, time_scale=1000)
+    a, b = Owner("a", 50 * GB, 1.0), Owner("b", 40 * GB, 1.0)
+    device.load(a)
+    with pytest.raises(OutOfDeviceMemory, match="needs 40.00 GB; 30.00 GB free of 80 GB"):
+        device.load(b)
+    device.free(a)
+    device.load(b)
+    assert device.used_bytes == 40 * GB
+
+
+def test_swap_owners_are_loaded_when_run_and_evicted_least_recently_used():
+    device = EmulatedDevice("emu:0", 80 * GB, time_scale=100)
+    owners = [Owner(name, 35 * GB, 3.0, swap=True) for name in "abc"]
+    started = time.perf_counter()
+    device.run(owners[0], 0.0)  # loads a: 3 s / 100
+    device.run(owners[1], 0.0)  # loads b
+    device.run(owners[0], 0.0)  # a resident: no load, and now the most recently used
+    assert time.perf_counter() - started == pytest.approx(0.06, abs=0.02)
+    device.run(owners[2], 0.0)  # c evicts b, the least recently used
+    assert device.resident(owners[0]) and device.resident(owners[2])
+    assert not device.resident(owners[1])
+    assert device.evictions == 1
+
+
+def test_replicas_on_one_device_share_its_compute():
+    """Two replicas stepping at once: on one device they take turns (twice the time); on two
+    devices they run side by side."""
+
+    def elapsed(devices: list[EmulatedDevice]) -> float:
+        owners = [Owner(f"r{i}", GB, 0.0) for i in range(2)]
+        threads = [threading.Thread(target=devices[i % len(devices)].run, args=(o, 2.0))
+                   for i, o in enumerate(owners)]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return time.perf_counter() - started
+
+    shared = elapsed([EmulatedDevice("emu:0", 80 * GB, time_scale=20)])
+    apart = elapsed([EmulatedDevice(f"emu:{i}", 80 * GB, time_scale=20) for i in range(2)])
+    assert shared == pytest.approx(0.2, rel=0.25)
+    assert apart == pytest.approx(0.1, rel=0.25)
+
+
+def test_one_request_on_the_emulated_core_takes_its_profiled_steps():
+    """The first honesty check, in process: one request's denoise equals steps x its
+    profiled step (with CFG and a ControlNet) within 5%; outputs have the real shapes."""
+    device = EmulatedDevice("emu:0", 80 * GB, time_scale=4)
+    flux, canny = PROFILES["Flux1Schnell"], PROFILES["Flux1DevControlNetCanny"]
+    core = EmulatedCore("denoiser", flux, device, Owner("d", flux.memory_bytes, flux.load_s),
+                        adapter_profiles={"emulated:Flux1DevControlNetCanny": canny},
+                        attached={"emulated:Flux1DevControlNetCanny"})
+    core.load()
+    assert device.used_bytes == flux.memory_bytes
+    params = {"steps": 4, "guidance": 7.0, "height": 1024, "width": 1024}
+    state = core.start(WorkItem("r", "denoise", params, {},
+                                ("emulated:Flux1DevControlNetCanny",)))
+    started = time.perf_counter()
+    while not core.done(state):
+        core.step([state])
+    took = time.perf_counter() - started
+    expected = 4 * denoise_step_seconds(flux, 1, True, 1024, 1024, {"c": (canny, 1)}) / 4
+    assert took == pytest.approx(expected, rel=0.05)
+    latents = core.finish(state).tensors["latents"]
+    assert tuple(latents.shape) == (1, 16, 128, 128) and latents.nbytes == 524288
+
+
+def test_static_splits():
+    flux3 = load_workload("flux3", DEFAULT_PROFILE_DIR)
+    devices = [f"emu:{i}" for i in range(8)]
+    shares = flux3.shares(trace_for_scale(1.0))
+    proportional = static_split(flux3, shares, devices, 80 * GB)
+    assert {w: len(d) for w, d in proportional.items()} == {
+        "flux-schnell-txt2img": 3, "flux-schnell-canny": 3, "flux-schnell-depth": 2}
+    assert proportional == flux3_split(flux3, "static", devices)  # the paper's 3/3/2
+    assert [len(d) for d in flux3_split(flux3, "shepherd", devices).values()] == [4, 2, 2]
+    mix12 = load_workload("mix12", DEFAULT_PROFILE_DIR)
+    split = static_split(mix12, mix12.shares(trace_for_scale(1.0)), devices, 80 * GB)
+    assert set(split) == set(mix12.workflows)  # every workflow has a place
+    used: dict[str, int] = {}
+    for workflow, where in split.items():
+        for device in where:
+            used[device] = used.get(device, 0) + mix12.pipeline_bytes(workflow)
+    assert max(used.values()) <= 80 * GB and set(used) == set(devices)
+
+
+def test_micro_provisioning_uses_every_device():
+    for name in ("flux3", "mix12"):
+        workload = load_workload(name, DEFAULT_PROFILE_DIR)
+        counts = micro_provision(workload, workload.shares(trace_for_scale(1.0)), 8)
+        denoisers = {p: n for p, n in counts.items() if p.startswith("denoiser-")}
+        assert sum(denoisers.values()) == 7 and min(denoisers.values()) >= 1
+        assert all(n == 1 for p, n in counts.items() if p not in denoisers)
