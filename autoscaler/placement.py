@@ -1,7 +1,9 @@
 """Where replicas run: pack pool replicas onto devices (GPUs or CPU hosts).
 
-First-fit decreasing by memory, so a large model is placed while devices are still empty and
-the small ones (text encoder, VAE, safety checker) fill what is left together. A replica takes
+Largest first by memory, so a large model is placed while devices are still empty, each replica
+on the fitting device with the most free slots (then memory): replicas spread over the devices,
+since co-located replicas share a device's compute, and the small ones (text encoder, VAE,
+safety checker) fill what is left. A replica takes
 ``slots_per_replica`` slots and ``memory_bytes`` on exactly one device: a model that needs a
 whole GPU declares as many slots as the device has, so nothing shares it. Running replicas stay
 where they are while still wanted, because moving one means a cold start.
@@ -85,12 +87,15 @@ def place(
                 take(device_id, spec)
                 assignment[name].append(device_id)
 
-    # 2. First-fit decreasing for the rest, one replica at a time.
+    # 2. Largest first for the rest, one replica at a time, each on the fitting device with the
+    # most free slots (then memory): replicas spread, since co-located ones share its compute.
     unplaced: dict[str, int] = {}
     for name in order:
         spec = pools[name]
         for _ in range(replicas[name] - len(assignment[name])):
-            device_id = next((d for d in ids if fits_on(d, spec)), None)
+            fitting = [d for d in ids if fits_on(d, spec)]
+            device_id = max(fitting, key=lambda d: (free_slots[d], free_memory[d], -ids.index(d)),
+                            default=None)
             if device_id is None:
                 unplaced[name] = unplaced.get(name, 0) + 1
                 continue

@@ -5,7 +5,9 @@ Every tick (0.5 s by default) it reads each pool's JetStream lag and its replica
 have within the global budget, packs them onto devices (``placement.place``) and has the
 backend start or drain replicas. Pools come from the registered workflows (KV
 ``lego-workflows``), so a workflow added at run time gets its pools without a restart. Every
-change is logged and published as a ``ScaleEvent`` on ``lego.autoscaler.events``.
+change is logged and published as a ``ScaleEvent`` on ``lego.autoscaler.events``. Its
+Prometheus metrics (``lego_pool_*``: lag, replicas by state, desired replicas; scale events)
+are served on ``autoscaler_metrics_port``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,15 +32,26 @@ from autoscaler.policy import (
     PoolSpec,
     decide,
 )
-from common import bus, subjects
+from common import bus, metrics, subjects
 from common.messages import ScaleEvent, encode, now
-from common.models import resolve_model_dir
+from common.models import is_emulated, resolve_model_dir
 from common.observe import ClusterObserver, PoolView
+from common.profiles import (
+    EMULATED_DEVICE_BYTES,
+    footprint_bytes,
+    load_profiles,
+    pipeline_models,
+    profile_of,
+)
 from common.registry import WorkflowRegistry
 from common.settings import Settings
 from common.workflow import WorkflowSpec
 
 log = logging.getLogger(__name__)
+
+#: replica slots per GPU (or emulated GPU) when ``slots`` is not set: a denoiser or a whole
+#: pipeline takes all of them (``exclusive_kinds``), small models share a device
+DEVICE_SLOTS = 8
 
 
 def host_memory_bytes() -> int:
@@ -56,6 +70,8 @@ def devices_of(settings: Settings, slots: int) -> list[Device]:
 
 
 def _probe_memory(device: str) -> int:
+    if device.startswith("emu"):
+        return EMULATED_DEVICE_BYTES
     if device.startswith("cuda"):
         import torch
 
@@ -90,28 +106,39 @@ class Autoscaler:
 
     def pools(self, registry: WorkflowRegistry) -> dict[str, Pool]:
         found: dict[str, Pool] = {}
-        for spec in registry.all().values():
+        specs = registry.all().values()
+        for spec in specs:
             for pool, (kind, model) in spec.pools(monolithic=self.settings.monolithic).items():
                 if pool not in found:
                     launch = PoolLaunch(pool, kind, model)
-                    found[pool] = Pool(launch, self._pool_spec(launch, spec))
+                    found[pool] = Pool(launch, self._pool_spec(launch, spec, specs))
         return found
 
-    def _pool_spec(self, launch: PoolLaunch, workflow: WorkflowSpec) -> PoolSpec:
+    def _pool_spec(
+        self, launch: PoolLaunch, workflow: WorkflowSpec, workflows: Iterable[WorkflowSpec]
+    ) -> PoolSpec:
         pool, kind = launch.pool, launch.kind
         s = self.settings
         low = s.min_replicas_of(pool, kind)
+        gpus = [d for d in s.devices if not d.startswith("cpu")]
+        # one device must hold every pool, so nothing takes it whole there
+        exclusive = len(gpus) > 1 and kind in s.exclusive_kinds
         return PoolSpec(
             name=pool,
             min_replicas=low,
             max_replicas=max(s.max_replicas, low, 1),
             scale_to_zero=low == 0,
-            memory_bytes=self._footprint(launch, workflow),
+            slots_per_replica=self.slots_per_device() if exclusive else 1,
+            memory_bytes=self._footprint(launch, workflow, workflows),
             max_batch=s.max_batch,
         )
 
-    def _footprint(self, launch: PoolLaunch, workflow: WorkflowSpec) -> int:
-        """A replica's memory: the weights it loads (read from the model directories, once)."""
+    def _footprint(
+        self, launch: PoolLaunch, workflow: WorkflowSpec, workflows: Iterable[WorkflowSpec]
+    ) -> int:
+        """A replica's memory: the weights it loads (read from the model directories, once;
+        for emulated models their profiled memory, with every ControlNet a workflow attaches
+        at this pool)."""
         if launch.pool not in self._footprints:
             from services import catalog
 
@@ -119,7 +146,9 @@ class Autoscaler:
                 return resolve_model_dir(spec, self.settings.cache_dir / "models")
 
             try:
-                if launch.kind == "monolithic":
+                if is_emulated(launch.model) or self.settings.workload:
+                    size = self._emulated_footprint(launch, workflow, workflows)
+                elif launch.kind == "monolithic":
                     dirs = {alias: model_dir(m) for alias, m in workflow.models.items()}
                     size = catalog.monolithic_footprint_bytes(workflow, dirs)
                 else:
@@ -130,8 +159,31 @@ class Autoscaler:
             self._footprints[launch.pool] = size
         return self._footprints[launch.pool]
 
+    def _emulated_footprint(
+        self, launch: PoolLaunch, workflow: WorkflowSpec, workflows: Iterable[WorkflowSpec]
+    ) -> int:
+        profiles = load_profiles(self.settings.profile_dir)
+        if launch.kind == "monolithic":
+            return sum(profile_of(m, profiles).memory_bytes for m in pipeline_models(workflow))
+        adapters = {
+            spec.models[node.controlnet]
+            for spec in workflows
+            for node in spec.nodes.values()
+            if node.controlnet and spec.models[node.model] == launch.model
+            and node.kind == launch.kind
+        }
+        return footprint_bytes(launch.model, profiles, sorted(adapters))
+
+    def slots_per_device(self) -> int:
+        """Replica slots each configured device offers (a whole-device replica takes all)."""
+        return max(1, (self.settings.slots or DEVICE_SLOTS * len(self.settings.devices))
+                   // max(1, len(self.settings.devices)))
+
     def budget(self, pools: dict[str, Pool]) -> tuple[Budget, list[Device]]:
-        slots = self.settings.slots or len(pools) + (os.cpu_count() or 1)
+        if self.settings.devices:
+            slots = self.settings.slots or DEVICE_SLOTS * len(self.settings.devices)
+        else:
+            slots = self.settings.slots or len(pools) + (os.cpu_count() or 1)
         devices = devices_of(self.settings, slots)
         budget = Budget(slots=slots, devices=len(devices),
                         device_memory_bytes=min(d.memory_bytes for d in devices))
@@ -178,16 +230,26 @@ class Autoscaler:
         observations = self.observe(views, running, pools)
         budget, devices = self.budget(pools)
         specs = {name: pool.spec for name, pool in pools.items()}
-        decision = decide(time.monotonic(), specs, observations, budget, self.state, self.config)
-        self.state = decision.state
         current = {
             pool: [r.device for r in replicas if r.state == "running"]
             for pool, replicas in running.items() if pool in pools
         }
-        if self.backend.places_replicas:
-            placement = place(decision.replicas, specs, devices, current).assignment
+        if self.settings.assignment:  # a static baseline: placed once, never rescaled
+            placement = {pool: list(self.settings.assignment.get(pool, [])) for pool in pools}
+            reasons = dict.fromkeys(pools, "fixed assignment")
+        elif self.state is None and self.settings.initial_replicas:
+            # provisioned up front; from the next tick the policy rules (it shrinks a pool only
+            # after its stable window, so the provisioning holds until the load is known)
+            initial = {pool: max(spec.min_replicas, self.settings.initial_replicas.get(pool, 0))
+                       for pool, spec in specs.items()}
+            placement = self._place(initial, specs, devices, current)
+            reasons = dict.fromkeys(pools, "initial provisioning")
+            self.state = PolicyState()
         else:
-            placement = {pool: [""] * n for pool, n in decision.replicas.items()}
+            decision = decide(time.monotonic(), specs, observations, budget, self.state,
+                              self.config)
+            self.state, reasons = decision.state, decision.reasons
+            placement = self._place(decision.replicas, specs, devices, current)
         events = []
         for pool, assigned in placement.items():
             before = current.get(pool, [])
@@ -199,14 +261,24 @@ class Autoscaler:
                 log.error("%s: scaling to %d failed: %s", pool, len(assigned), exc)
                 continue
             event = ScaleEvent(at=now(), pool=pool, before=len(before), after=len(assigned),
-                               reason=decision.reasons[pool], placement=sorted(assigned))
+                               reason=reasons[pool], placement=sorted(assigned))
             events.append(event)
             log.info("%s: %d -> %d replicas (%s)", pool, event.before, event.after, event.reason)
+        metrics.record_autoscaler(views, {p: len(a) for p, a in placement.items()}, events)
         return events
+
+    def _place(
+        self, replicas: dict[str, int], specs: dict[str, PoolSpec], devices: list[Device],
+        current: dict[str, list[str]],
+    ) -> dict[str, list[str]]:
+        if self.backend.places_replicas:
+            return place(replicas, specs, devices, current).assignment
+        return {pool: [""] * n for pool, n in replicas.items()}
 
     # --- the loop -------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event, *, stop_replicas: bool = True) -> None:
+        metrics.serve(self.settings.autoscaler_metrics_port, self.settings.host)
         nc = await bus.connect(self.settings, name="autoscaler")
         js = nc.jetstream()
         buckets = await bus.ensure_topology(js, self.settings)

@@ -4,10 +4,12 @@ by whichever process starts first."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import ssl
 from typing import Any
 
-import nats
+from nats import errors as nats_errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -23,6 +25,7 @@ from nats.js.errors import BadRequestError
 from nats.js.kv import KeyValue
 
 from common import subjects
+from common.errors import ConfigError
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,16 +43,67 @@ def run_async(main: Any) -> Any:
 
 
 async def connect(settings: Settings, name: str) -> NATS:
-    """Connect to the configured NATS (credentials from settings), reconnecting forever."""
+    """Connect to the configured NATS (credentials and TLS from settings), reconnecting forever
+    while the server is unreachable; a server that refuses the credentials or the TLS handshake
+    raises ``ConfigError`` at once instead (retrying would never succeed)."""
     if not settings.nats_url:
         raise RuntimeError("no NATS server: set NATS_URL or run `lego up`")
-    options: dict = {"name": name, "max_reconnect_attempts": -1, "reconnect_time_wait": 0.5}
+    options: dict = {"name": name, "max_reconnect_attempts": -1, "reconnect_time_wait": 0.5,
+                     **_auth_options(settings)}
+    if settings.nats_inbox_prefix:  # a least-privilege client account may read only these
+        options["inbox_prefix"] = settings.nats_inbox_prefix
+    nc = NATS()
+    connecting = True
+
+    async def on_error(exc: Exception) -> None:
+        # nats-py retries a refused first connect forever; raising here ends its connect loop
+        if connecting and _refused(exc):
+            raise ConfigError(
+                f"NATS at {settings.nats_url} refused {name}: {exc or type(exc).__name__} "
+                "(check nats_user/nats_password, nats_creds_file, nats_nkey_seed_file and "
+                "the nats_tls_* settings)"
+            ) from exc
+        log.error("nats: %s", exc or type(exc).__name__)
+
+    try:
+        await nc.connect(settings.nats_url, error_cb=on_error, **options)
+    except ConfigError:
+        # after a failed TLS handshake close() can wait forever on the half-open transport
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), 1.0)
+        raise
+    connecting = False
+    return nc
+
+
+def _auth_options(settings: Settings) -> dict[str, Any]:
+    """nats.connect's credential and TLS options from the settings."""
+    options: dict[str, Any] = {}
     if settings.nats_user:
         options["user"] = settings.nats_user
         options["password"] = settings.nats_password
     if settings.nats_creds_file:
         options["user_credentials"] = str(settings.nats_creds_file)
-    return await nats.connect(settings.nats_url, **options)
+    if settings.nats_nkey_seed_file:
+        options["nkeys_seed"] = str(settings.nats_nkey_seed_file)
+    if settings.nats_tls_ca_file or settings.nats_tls_cert_file:
+        tls = ssl.create_default_context(
+            cafile=str(settings.nats_tls_ca_file) if settings.nats_tls_ca_file else None
+        )
+        if settings.nats_tls_cert_file:
+            tls.load_cert_chain(
+                str(settings.nats_tls_cert_file),
+                str(settings.nats_tls_key_file) if settings.nats_tls_key_file else None,
+            )
+        options["tls"] = tls
+    return options
+
+
+def _refused(exc: Exception) -> bool:
+    """Whether the server turned this client away (credentials, TLS), not merely unreachable."""
+    return isinstance(exc, nats_errors.AuthorizationError | ssl.SSLError) or (
+        isinstance(exc, nats_errors.Error) and "authorization violation" in str(exc).lower()
+    )
 
 
 async def close(nc: NATS, timeout_s: float = 5.0) -> None:
@@ -88,6 +142,7 @@ async def ensure_topology(js: JetStreamContext, settings: Settings) -> dict[str,
                 storage=StorageType.FILE,
                 max_msg_size=MAX_PAYLOAD,
                 duplicate_window=120.0,  # Nats-Msg-Id de-duplication of re-published work
+                num_replicas=settings.stream_replicas,
             ),
         )
     await _ensure_stream(
@@ -99,6 +154,7 @@ async def ensure_topology(js: JetStreamContext, settings: Settings) -> dict[str,
             storage=StorageType.FILE,
             max_age=settings.result_ttl_s,
             max_msgs_per_subject=1,
+            num_replicas=settings.stream_replicas,
         ),
     )
     buckets = {
@@ -113,7 +169,8 @@ async def ensure_topology(js: JetStreamContext, settings: Settings) -> dict[str,
             out[bucket] = await js.key_value(bucket)
         except Exception:  # noqa: BLE001 - nats-py raises BucketNotFoundError or NotFoundError
             out[bucket] = await js.create_key_value(
-                KeyValueConfig(bucket=bucket, ttl=ttl, history=1, storage=StorageType.FILE)
+                KeyValueConfig(bucket=bucket, ttl=ttl, history=1, storage=StorageType.FILE,
+                               replicas=settings.stream_replicas)
             )
     return out
 

@@ -79,6 +79,8 @@ class PlanNode(msgspec.Struct):
     pool: str
     op: str
     inputs: dict[str, str] = {}
+    #: model specs of adapters (ControlNets) applied at this node; they share its pool
+    adapters: list[str] = []
 
 
 class Plan(msgspec.Struct):
@@ -197,6 +199,8 @@ class ReplicaStatus(msgspec.Struct):
     unit_ms_min: float | None = None
     steps_per_task: float | None = None  # mean over recent tasks
     tasks_dropped: int = 0
+    #: its Prometheus endpoint's port (``node_metrics_port``; 0 there: the one the OS picked)
+    metrics_port: int | None = None
 
 
 class ShedReport(msgspec.Struct):

@@ -9,6 +9,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 from nats.aio.client import Client as NATS
 
 from common import subjects
@@ -80,6 +81,17 @@ class PoolView:
             "startup_s": _round(self.startup_s),
             "placement": self.placement,
         }
+
+
+def cluster_json(views: dict[str, PoolView], statuses: list[ReplicaStatus]) -> dict[str, Any]:
+    """The cluster as JSON, as `lego status --json` prints it and ``GET /v1/cluster`` serves
+    it: per pool its figures, and every live replica's last report (its pool, state and
+    ``device``, the device label it runs on)."""
+    return {
+        "models": {pool: view.to_json() for pool, view in views.items()},
+        "replicas": sorted((msgspec.structs.asdict(s) for s in statuses),
+                           key=lambda r: (r["pool"], r["replica"])),
+    }
 
 
 def _round(x: float | None) -> float | None:

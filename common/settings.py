@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -34,10 +34,25 @@ class Settings(BaseSettings):
     nats_user: str | None = None
     nats_password: str | None = None
     nats_creds_file: Path | None = None
+    nats_nkey_seed_file: Path | None = Field(None, description="NKEY seed file (nkey auth)")
+    nats_tls_ca_file: Path | None = Field(None, description="CA bundle that signed the server")
+    nats_tls_cert_file: Path | None = Field(None, description="client certificate (mutual TLS)")
+    nats_tls_key_file: Path | None = Field(None, description="the client certificate's key")
+    nats_inbox_prefix: str | None = Field(
+        None, description="reply inboxes under this prefix (the client account of "
+        "deploy/nats-accounts.conf may read only _INBOX_client.>)",
+    )
+    stream_replicas: int = Field(
+        1, ge=1, le=5, description="JetStream replicas of streams and buckets (3 on a "
+        "3-node NATS cluster, so each survives a node)",
+    )
     redis_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("REDIS_URL", "LEGO_REDIS_URL"),
         description="Redis for tensors; None: the host shared-memory store.",
+    )
+    redis_password: str | None = Field(
+        None, description="Redis AUTH password (unless REDIS_URL carries one)"
     )
 
     # --- tensor store ------------------------------------------------------------------------
@@ -90,6 +105,33 @@ class Settings(BaseSettings):
     scale_down_delay_s: float = Field(30.0, ge=0, description="stable window before shrinking")
     #: the device this process runs on, as the autoscaler placed it (reported by replicas)
     device_label: str | None = None
+    assignment: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="fixed placement, pool -> device per replica; set: no autoscaling policy "
+        "(the static baselines)",
+    )
+    initial_replicas: dict[str, int] = Field(
+        default_factory=dict,
+        description="pool -> replicas the autoscaler starts with (then its policy rules, down "
+        "to each pool's minimum)",
+    )
+    exclusive_kinds: list[str] = Field(
+        default_factory=lambda: ["denoiser", "monolithic"],
+        description="on GPUs (or emulated ones) a replica of these kinds takes a whole device",
+    )
+
+    # --- emulated GPU cluster (lego up --emulate) ---------------------------------------------
+    workload: Literal["flux3", "mix12"] | None = Field(
+        None, description="serve this emulated workload's workflows instead of the shipped ones"
+    )
+    profile_dir: Path = Field(
+        default_factory=lambda: Path(__file__).resolve().parent.parent / "data" / "profiles-h800",
+        description="per-model GPU profiles the emulated executor waits",
+    )
+    time_scale: float = Field(1.0, gt=0, description="emulation runs this many times faster")
+    swap: bool = Field(
+        False, description="replicas load lazily and are swapped LRU on their device (baseline)"
+    )
 
     # --- admission ---------------------------------------------------------------------------
     slo_factor: float = Field(
@@ -105,6 +147,44 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    api_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description="bearer tokens the gateway accepts on /v1/*, {name: token} or a list of "
+        "tokens (named key-1, key-2, ...); empty: no authentication",
+    )
+    api_key: str | None = Field(
+        None, description="the key `lego` commands send to a gateway (default: the first of "
+        "api_keys)",
+    )
+    rate_limit_rps: float = Field(
+        0.0, ge=0, description="requests per second per API key (token bucket); 0: no limit"
+    )
+    rate_limit_burst: int = Field(20, ge=1, description="requests an idle API key may burst")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _name_api_keys(cls, value: object) -> object:
+        if isinstance(value, list | tuple):  # a bare list of tokens: name them by position
+            return {f"key-{i}": token for i, token in enumerate(value, start=1)}
+        return value
+
+    # --- observability -----------------------------------------------------------------------
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP collector for traces, e.g. http://localhost:4318; tracing is off "
+        "unless this or trace_dir is set",
+    )
+    trace_dir: Path | None = Field(
+        None, description="also write finished spans as JSON lines, one file per process"
+    )
+    node_metrics_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="Prometheus port of every node replica; 0: a free one, reported in its "
+        "status; None: none",
+    )
+    autoscaler_metrics_port: int | None = Field(
+        9464, ge=0, le=65535, description="Prometheus port of the autoscaler; None: none"
+    )
 
     # --- stack -------------------------------------------------------------------------------
     run_dir: Path = Field(

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from common import metrics, telemetry
 from common.messages import TensorRef
 from common.settings import Settings
 
@@ -198,10 +199,12 @@ class RedisStore(TensorStore):
     kind = "redis"
     PREFIX = "lego:t:"
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, password: str | None = None) -> None:
+        """``password``: Redis AUTH, for a URL without one (a password in the URL wins)."""
         import redis.asyncio as redis
 
-        self.client = redis.Redis.from_url(url)
+        options = {"password": password} if password else {}
+        self.client = redis.Redis.from_url(url, **options)
 
     def _index(self, area: str, request_id: str) -> str:
         return f"lego:idx:{area}/{request_id}"
@@ -242,11 +245,51 @@ class RedisStore(TensorStore):
         await self.client.aclose()
 
 
+class ObservedStore(TensorStore):
+    """Another store, its operations and bytes counted (``lego_store_*`` metrics) and, when
+    tracing is on, each get and put a span of the current trace."""
+
+    def __init__(self, inner: TensorStore) -> None:
+        self.inner = inner
+        self.kind = inner.kind
+        ops = metrics.STORE_OPERATIONS
+        self._ops = {op: ops.labels(inner.kind, op) for op in ("get", "put", "delete")}
+        self._bytes = {op: metrics.STORE_BYTES.labels(inner.kind, op) for op in ("get", "put")}
+
+    async def put(self, key: str, tensor: torch.Tensor, ttl_s: float) -> TensorRef:
+        with telemetry.span("store.put", {"lego.store.key": key}):
+            ref = await self.inner.put(key, tensor, ttl_s)
+        self._ops["put"].inc()
+        self._bytes["put"].inc(ref.nbytes)
+        return ref
+
+    async def get(self, ref: TensorRef) -> torch.Tensor:
+        with telemetry.span("store.get", {"lego.store.key": ref.key}):
+            tensor = await self.inner.get(ref)
+        self._ops["get"].inc()
+        self._bytes["get"].inc(ref.nbytes)
+        return tensor
+
+    async def delete_group(self, area: str, request_id: str) -> int:
+        deleted = await self.inner.delete_group(area, request_id)
+        self._ops["delete"].inc(deleted)
+        return deleted
+
+    async def keys(self) -> list[str]:
+        return await self.inner.keys()
+
+    async def sweep(self) -> int:
+        return await self.inner.sweep()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
 def open_store(settings: Settings) -> TensorStore:
-    """The store the settings ask for: Redis when a URL is set, else shared memory."""
+    """The store the settings ask for: Redis when a URL is set, else shared memory (observed)."""
     if settings.redis_url:
-        return RedisStore(settings.redis_url)
-    return ShmStore(settings.shm_root, settings.tensor_ttl_s, settings.result_ttl_s)
+        return ObservedStore(RedisStore(settings.redis_url, settings.redis_password))
+    return ObservedStore(ShmStore(settings.shm_root, settings.tensor_ttl_s, settings.result_ttl_s))
 
 
 def tensor_key(area: str, request_id: str, *names: str) -> str:

@@ -43,7 +43,9 @@ class KindSpec:
 KINDS: dict[str, KindSpec] = {
     "text_encoder": KindSpec("encode", (), ("prompt_embeds",)),
     "denoiser": KindSpec(
-        "denoise", ("prompt_embeds",), ("latents",), ("image_latents", "generator_state")
+        "denoise", ("prompt_embeds",), ("latents",),
+        # a second and third text encoder's embeddings (SD3: CLIP-L, CLIP-G, T5; Flux: CLIP, T5)
+        ("image_latents", "generator_state", "prompt_embeds_2", "prompt_embeds_3"),
     ),
     "vae_encoder": KindSpec("encode_image", ("image",), ("image_latents", "generator_state")),
     "vae_decoder": KindSpec("decode", ("latents",), ("image",)),
@@ -82,11 +84,16 @@ class NodeSpec(BaseModel):
     kind: str
     model: str
     inputs: dict[str, str] = {}
+    controlnet: str | None = Field(
+        None, description="model alias of a ControlNet applied at every step (denoisers only)"
+    )
 
     @model_validator(mode="after")
     def _known_kind(self) -> NodeSpec:
         if self.kind not in KINDS:
             raise ValueError(f"unknown node kind {self.kind!r}; known: {', '.join(KINDS)}")
+        if self.controlnet is not None and self.kind != "denoiser":
+            raise ValueError(f"controlnet: only a denoiser takes one, not a {self.kind}")
         return self
 
 
@@ -107,6 +114,8 @@ class WorkflowSpec(BaseModel):
         for name, node in self.nodes.items():
             if node.model not in self.models:
                 raise ValueError(f"node {name}: unknown model {node.model!r}")
+            if node.controlnet is not None and node.controlnet not in self.models:
+                raise ValueError(f"node {name}: unknown controlnet model {node.controlnet!r}")
             kind = KINDS[node.kind]
             allowed = set(kind.inputs) | set(kind.optional_inputs)
             missing = set(kind.inputs) - set(node.inputs)
@@ -188,6 +197,7 @@ class WorkflowSpec(BaseModel):
                     pool=pool_name(node.kind, self.models[node.model]),
                     op=KINDS[node.kind].op,
                     inputs=dict(node.inputs),
+                    adapters=[self.models[node.controlnet]] if node.controlnet else [],
                 )
                 for name, node in self.nodes.items()
             },
@@ -389,8 +399,16 @@ def _check_image(name: str, p: ParamSpec, value: Any) -> np.ndarray:
 
 def shipped_workflows(settings: Settings) -> dict[str, WorkflowSpec]:
     """The shipped workflows on the configured models, those ``settings.workflows`` names (or
-    all of them)."""
-    found = builtin_workflows({"base": settings.base_model, "upscaler": settings.upscaler_model})
+    all of them); with ``settings.workload``, that emulated workload's workflows instead."""
+    if settings.workload:
+        from common.workloads import load_workload  # it reads workflows: import when needed
+
+        found = load_workload(settings.workload, settings.profile_dir,
+                              settings.time_scale).workflows
+    else:
+        found = builtin_workflows(
+            {"base": settings.base_model, "upscaler": settings.upscaler_model}
+        )
     unknown = set(settings.workflows) - set(found)
     if unknown:
         raise ValueError(f"workflows: unknown {sorted(unknown)}; shipped: {sorted(found)}")

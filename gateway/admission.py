@@ -8,8 +8,9 @@ or an error result on NATS) instead of timing out in a queue. Work whose deadlin
 is dropped by the node that finds it (``services.runner``), not run.
 
 The bound, for a DAG of nodes: a node cannot start before the tasks ahead of it are done
-(those queued in its pool and in the pools upstream of it, which will reach it first:
-``backlog x work / ready replicas``, FIFO, at the throughput recently measured) nor before its
+(those queued in its pool, and those queued or in progress in the pools upstream of it, which
+will reach it first: ``backlog x work / ready replicas``, FIFO, at the throughput
+recently measured) nor before its
 predecessors finish, and then takes at least its steps times the least time a step of its pool
 has taken. The functions here are pure; ``LoadWatch`` feeds them from the
 replicas' reports.
@@ -40,12 +41,20 @@ log = logging.getLogger(__name__)
 class PoolLoad:
     """What admission needs to know about one pool."""
 
-    lag: int  # tasks queued or in progress
+    lag: int  # tasks queued (and in progress, unless counted in ``in_progress``)
     ready: int  # replicas serving
     work_s: float | None = None  # amortised compute per task (1 / a replica's throughput)
     step_s: float | None = None  # least compute one step of a task took
     steps_per_task: float = 1.0  # mean steps of recent tasks
     admitted_steps: int = 0  # steps of requests admitted here since ``lag`` was sampled
+    in_progress: int = 0  # tasks a replica of this pool holds (fetched, running)
+
+    def ahead(self, upstream: bool) -> int:
+        """Tasks of this pool a new one surely waits for: the queued ones, and when the pool is
+        upstream of the node also those in progress (they will all reach the node first). At
+        the node's own pool a task in progress may be about to finish: a lower bound counts
+        it as done."""
+        return self.lag + (self.in_progress if upstream else 0)
 
     def clear_s(self, backlog: int) -> float:
         """Seconds until ``backlog`` queued tasks, and the steps admitted since the lag was
@@ -95,7 +104,9 @@ def finish_bound_s(
     def done_by(node: str) -> float:
         if node not in memo:
             load = loads.get(plan.nodes[node].pool, PoolLoad(0, 0))
-            backlog = sum(loads[p].lag for p in upstream(node) if p in loads)
+            pool = plan.nodes[node].pool
+            backlog = sum(loads[p].ahead(upstream=p != pool) for p in upstream(node)
+                          if p in loads)
             start = max([load.clear_s(backlog), *(done_by(p) for p in plan.predecessors(node))])
             memo[node] = start + (load.step_s or 0.0) * (steps or {}).get(node, 1)
         return memo[node]
@@ -150,7 +161,8 @@ def check(
     """The finish bound; raises ``Overloaded`` (with when to retry) if it is past ``deadline``."""
     bound = finish_bound_s(plan, loads, steps)
     if bound > deadline:
-        queued = {n.pool: loads[n.pool].lag for n in plan.nodes.values() if n.pool in loads}
+        queued = {n.pool: loads[n.pool].lag + loads[n.pool].in_progress
+                  for n in plan.nodes.values() if n.pool in loads}
         raise Overloaded(
             f"{workflow}: the work queued ahead needs at least {bound:.2f}s, past the deadline "
             f"of {deadline:.2f}s; retry later or with a larger deadline_s",
@@ -201,7 +213,7 @@ class LoadWatch:
         views = await self.observer.sample()
         self.loads = {
             pool: PoolLoad(
-                lag=v.lag, ready=v.ready,
+                lag=v.pending, in_progress=v.ack_pending, ready=v.ready,
                 work_s=None if v.work_ms is None else v.work_ms / 1000,
                 step_s=None if v.unit_ms_min is None else v.unit_ms_min / 1000,
                 steps_per_task=v.steps_per_task or 1.0,

@@ -4,10 +4,15 @@ state is read from the KV bucket, so any replica answers for any request.
     POST   /v1/generations               202 {id, status, ...}: queued
     GET    /v1/generations/{id}          the request's state (?wait=S waits for the end)
     GET    /v1/generations/{id}/image    the finished image as PNG
+    GET    /v1/generations/{id}/events   state, per-step progress, final state (SSE; events.py)
     DELETE /v1/generations/{id}          cancel; nodes drop its work at the next step
+    POST   /v1/images/generations        OpenAI-compatible images API (openai_api.py)
     GET    /v1/workflows                 registered workflows
     POST   /v1/workflows                 register a workflow (YAML or JSON) at run time
     GET    /healthz, /readyz             liveness, readiness
+    GET    /metrics                      Prometheus metrics (common/metrics.py)
+
+With ``api_keys`` set, /v1/* needs ``Authorization: Bearer KEY`` (auth.py).
 """
 
 from __future__ import annotations
@@ -16,23 +21,21 @@ import asyncio
 import contextlib
 import io
 import logging
-import math
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
-from common import bus, subjects
+from common import bus, metrics, subjects, telemetry
 from common.errors import (
     Conflict,
     InvalidField,
     InvalidRequest,
     LegoError,
     NotFound,
-    Overloaded,
     PayloadTooLarge,
 )
 from common.messages import Progress, RequestState, decode, encode, json_schema
@@ -42,6 +45,7 @@ from common.settings import Settings
 from common.store import open_store
 from common.tracking import RequestTracker
 from common.workflow import WorkflowSpec, parse_workflow, shipped_workflows
+from gateway import auth, events, openai_api, ui
 from gateway.admission import LoadWatch
 from gateway.ingress import ACCEPTED_HEADER, Ingress, request_digest
 
@@ -80,10 +84,8 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 
 def error_response(exc: LegoError) -> JSONResponse:
-    headers = None
-    if isinstance(exc, Overloaded):
-        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
-    return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status, headers=headers)
+    return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status,
+                        headers=exc.http_headers())
 
 
 class Gateway:
@@ -155,6 +157,50 @@ class Gateway:
             raise NotFound(f"id: no request {request_id!r}", field="id")
         return state
 
+    async def read_json(self, request: Request) -> Any:
+        """The request's JSON body, refused past ``max_body_bytes`` before it is all read."""
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge("body", int(declared), limit)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise PayloadTooLarge("body", len(body), limit)
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidRequest([InvalidField("body", f"not valid JSON: {exc}")]) from None
+
+    async def submit(self, raw: Any) -> RequestState:
+        """Validate, admit and queue a generation request (the state it was accepted with; an
+        idempotent re-submission gets the existing request's)."""
+        request_id, spec, valid = self.ingress.parse(raw)
+        digest = request_digest(spec.name, {k: v for k, v in raw.items() if k != "id"})
+        deadline = await self.ingress.admit_new(request_id, raw, spec, valid)
+        state, created = await self.ingress.accept(request_id, spec, valid, digest, deadline)
+        if created:
+            pinned = self.ingress.pinned({**raw, "id": request_id}, spec, valid, deadline)
+            await self.js.publish(
+                subjects.REQUESTS_SUBJECT,
+                orjson.dumps(pinned),
+                headers=telemetry.inject(  # the ingress's span continues this request's trace
+                    {"Nats-Msg-Id": request_id, ACCEPTED_HEADER: repr(state.created_at)}
+                ),
+            )
+        return state
+
+    async def image_png(self, state: RequestState) -> bytes:
+        """The finished image of a succeeded request, as PNG."""
+        if state.status != "succeeded" or state.image is None:
+            raise Conflict(f"request {state.id} is {state.status}; no image", status=state.status)
+        try:
+            pixels = await self.store.get(state.image)
+        except KeyError:
+            raise NotFound(f"the image of {state.id} has expired") from None
+        return encode_png(pixels.numpy())
+
     async def _on_state(self, msg: Any) -> None:
         waiters = self.waiters.get(msg.subject.rsplit(".", 1)[-1])
         if not waiters or not msg.data:
@@ -212,32 +258,24 @@ def create_app(
         yield
         await gw.stop()
 
+    guard = auth.ApiKeyGuard(settings)
     app = FastAPI(
         title="LegoDiffusion",
         version="0.1.0",
         description="Text-to-image workflows micro-served as model nodes on NATS JetStream.",
         lifespan=lifespan,
+        dependencies=[Depends(guard)] if guard.enabled else None,  # API keys on /v1/*
     )
     app.state.gateway = gw
+    if telemetry.setup_tracing(settings, "lego-gateway"):
+        app.add_middleware(telemetry.HttpTracing)  # a trace starts at the HTTP request
+    app.include_router(ui.router)  # the web page and GET /v1/cluster
+    app.include_router(events.router)  # GET /v1/generations/{id}/events (SSE)
+    app.include_router(openai_api.router)  # POST /v1/images/generations
 
     @app.exception_handler(LegoError)
     async def _lego_error(request: Request, exc: LegoError) -> JSONResponse:
         return error_response(exc)
-
-    async def read_json(request: Request) -> Any:
-        limit = settings.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge("body", int(declared), limit)
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise PayloadTooLarge("body", len(body), limit)
-        try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidRequest([InvalidField("body", f"not valid JSON: {exc}")]) from None
 
     @app.post(
         "/v1/generations",
@@ -261,18 +299,8 @@ def create_app(
         """Queue a generation: 202 with its id. With ``?wait=S`` (up to 60 s) the response waits
         for the end instead: 200 with the final state if it ended in time, else 202."""
         _check_wait(wait)
-        raw = await read_json(request)
-        request_id, spec, valid = gw.ingress.parse(raw)
-        digest = request_digest(spec.name, {k: v for k, v in raw.items() if k != "id"})
-        deadline = await gw.ingress.admit_new(request_id, raw, spec, valid)
-        state, created = await gw.ingress.accept(request_id, spec, valid, digest, deadline)
-        if created:
-            pinned = gw.ingress.pinned({**raw, "id": request_id}, spec, valid, deadline)
-            await gw.js.publish(
-                subjects.REQUESTS_SUBJECT,
-                orjson.dumps(pinned),
-                headers={"Nats-Msg-Id": request_id, ACCEPTED_HEADER: repr(state.created_at)},
-            )
+        state = await gw.submit(await gw.read_json(request))
+        request_id = state.id
         if wait > 0:
             state = await gw.wait(request_id, wait)
         return _json(gw.view(state), status=200 if state.done and wait > 0 else 202,
@@ -287,14 +315,7 @@ def create_app(
     @app.get("/v1/generations/{request_id}/image",
              responses={200: {"content": {"image/png": {}}}})
     async def get_image(request_id: str) -> Response:
-        state = await gw.state(request_id)
-        if state.status != "succeeded" or state.image is None:
-            raise Conflict(f"request {request_id} is {state.status}; no image", status=state.status)
-        try:
-            pixels = await gw.store.get(state.image)
-        except KeyError:
-            raise NotFound(f"the image of {request_id} has expired") from None
-        return Response(encode_png(pixels.numpy()), media_type="image/png")
+        return Response(await gw.image_png(await gw.state(request_id)), media_type="image/png")
 
     @app.delete("/v1/generations/{request_id}")
     async def cancel_generation(request_id: str) -> Response:
@@ -325,6 +346,10 @@ def create_app(
     async def readyz() -> Response:
         ok = gw.ready and gw.nc.is_connected
         return _json({"ready": ok}, status=200 if ok else 503)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
 
     return app
 

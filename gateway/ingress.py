@@ -20,7 +20,7 @@ import torch
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from common import bus, subjects
+from common import bus, metrics, subjects, telemetry
 from common.errors import (
     Conflict,
     DeadlineExceeded,
@@ -50,6 +50,7 @@ from gateway import admission
 log = logging.getLogger(__name__)
 
 REPLY_HEADER = "Lego-Reply-To"
+DEFAULT_WORKFLOW = "txt2img"
 #: set by the gateway, which already accepted the request (its created_at)
 ACCEPTED_HEADER = "Lego-Accepted-At"
 
@@ -60,6 +61,12 @@ def _client_id(raw: Any) -> str | None:
     if isinstance(candidate, str) and subjects.valid_request_id(candidate):
         return candidate
     return None
+
+
+def _count(workflow: str, outcome: str) -> None:
+    """A submission's outcome: counted (``lego_requests_total``) and noted on its trace."""
+    metrics.REQUESTS.labels(workflow, outcome).inc()
+    telemetry.annotate({"lego.workflow": workflow, "lego.outcome": outcome})
 
 
 def request_digest(workflow: str, params: dict[str, Any]) -> str:
@@ -95,8 +102,22 @@ class Ingress:
 
     # --- shared by the gateway and the consumer -------------------------------------------------
 
+    def _known(self, workflow: Any) -> str:
+        """``workflow`` as a metric label: a registered name, else "unknown" (clients choose
+        it, so it must not mint label values)."""
+        known = isinstance(workflow, str) and workflow in self.registry.all()
+        return workflow if known else "unknown"
+
     def parse(self, raw: Any) -> tuple[str, WorkflowSpec, ValidRequest]:
         """Validate a raw request (the same code for HTTP and NATS). Returns (id, spec, valid)."""
+        try:
+            return self._parse(raw)
+        except LegoError:
+            workflow = raw.get("workflow", DEFAULT_WORKFLOW) if isinstance(raw, dict) else None
+            _count(self._known(workflow), "invalid")
+            raise
+
+    def _parse(self, raw: Any) -> tuple[str, WorkflowSpec, ValidRequest]:
         if not isinstance(raw, dict):
             raise InvalidRequest([InvalidField("body", "must be a JSON object")])
         request_id = raw.get("id")
@@ -106,7 +127,7 @@ class Ingress:
             raise InvalidRequest(
                 [InvalidField("id", "must be 1-64 characters of A-Z a-z 0-9 _ -", 64)]
             )
-        workflow = raw.get("workflow", "txt2img")
+        workflow = raw.get("workflow", DEFAULT_WORKFLOW)
         if not isinstance(workflow, str):
             raise InvalidRequest([InvalidField("workflow", "must be a string")])
         spec = self.registry.get(workflow)
@@ -141,6 +162,7 @@ class Ingress:
                 admission.check(spec.name, plan, loads, deadline, steps)
             except Overloaded:
                 watch.rejected(plan)
+                _count(spec.name, "overloaded")
                 raise
         watch.admitted(plan, steps)
         return deadline
@@ -170,14 +192,17 @@ class Ingress:
             deadline_at=None if deadline_s is None else at + deadline_s,
         )
         if await self.tracker.create(state):
+            _count(spec.name, "accepted")
             return state, True
         existing = await self.tracker.get(request_id)
         if existing is None:  # expired between the two calls
             return await self.accept(request_id, spec, valid, digest, deadline_s)
         if existing.meta.get("digest") != digest:
+            _count(spec.name, "conflict")
             raise Conflict(
                 f"id: {request_id!r} is already used by another request", field="id"
             )
+        _count(spec.name, "duplicate")
         return existing, False
 
     # --- the consumer ----------------------------------------------------------------------------
@@ -191,6 +216,10 @@ class Ingress:
         advisories = await self.js._nc.subscribe(
             subjects.MAX_DELIVERIES_ADVISORY, queue="ingress", cb=self._on_max_deliveries
         )
+        # every state change reaches one ingress replica: each request's end is counted once
+        endings = await self.js._nc.subscribe(
+            subjects.STATE_UPDATES, queue="ingress", cb=self._on_state
+        )
         sweeper = asyncio.create_task(self._sweep_loop())
         try:
             while not stop.is_set():
@@ -202,9 +231,22 @@ class Ingress:
         finally:
             sweeper.cancel()
             await advisories.unsubscribe()
+            await endings.unsubscribe()
             await sub.unsubscribe()
 
     async def handle(self, msg: Msg) -> None:
+        """Accept (or reject) and plan one request of ``lego.requests``: a span of the request's
+        trace, the child of the gateway's when the gateway sent it."""
+        with telemetry.span("ingress", headers=msg.headers, kind=telemetry.SpanKind.CONSUMER):
+            await self._handle(msg)
+
+    async def _on_state(self, msg: Msg) -> None:
+        if msg.data:  # empty: a deletion
+            state = decode(msg.data, RequestState)
+            if state.done:
+                metrics.REQUESTS_FINISHED.labels(self._known(state.workflow), state.status).inc()
+
+    async def _handle(self, msg: Msg) -> None:
         headers = msg.headers or {}
         reply_to = headers.get(REPLY_HEADER)
         try:
@@ -279,6 +321,7 @@ class Ingress:
             )
             await self.tracker.finish(request_id, "failed", error=error_info(error))
             return
+        telemetry.annotate({"lego.request_id": request_id, "lego.workflow": spec.name})
         plan = self.plan(spec)
         request_tensors = {
             name: await self.store.put(
@@ -309,7 +352,7 @@ class Ingress:
             await self.js.publish(
                 subjects.task_subject(node.pool),
                 encode(task),
-                headers={"Nats-Msg-Id": subjects.task_msg_id(request_id, root)},
+                headers=telemetry.inject({"Nats-Msg-Id": subjects.task_msg_id(request_id, root)}),
             )
 
     async def _on_max_deliveries(self, msg: Msg) -> None:

@@ -1,7 +1,8 @@
 """Benchmarks: commands that print figures (never timed tests).
 
     lego bench hop [--json]   one node hop: store put, publish task, fetch, store get, ack;
-                              32 KiB .. 4 MiB tensors, each store, p50 / p99
+                              32 KiB .. 4 MiB tensors, each store, p50 / p99; uninstrumented,
+                              and instrumented with tracing off and on
     lego bench e2e [--json]   tiny txt2img through the whole stack at low load, against the
                               same models in one process (diffusers' pipeline)
     lego bench burst [--json] steady load, then an 8x burst: micro-serving against the
@@ -20,11 +21,13 @@ import json
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -79,24 +82,70 @@ def _redis_binary() -> str | None:
 # --- hop ---------------------------------------------------------------------------------------
 
 
-def _open_store(settings: Settings, store_kind: str):  # noqa: ANN202
-    from common.store import RedisStore, ShmStore
-
-    if store_kind == "shm":
-        return ShmStore(settings.shm_root, 60, 60)
-    return RedisStore(settings.redis_url or "")
+#: "bare": the hop without any instrumentation (as before tracing and metrics existed); "off":
+#: as the ingress and the nodes do it now (store metrics, tracing guards) with tracing off, the
+#: default; "on": the same with tracing on, spans exported to a JSON-lines file
+HOP_MODES = ("bare", "off", "on")
 
 
-async def _hop(settings: Settings, store_kind: str, size: int, iterations: int) -> list[float]:
+def _open_store(settings: Settings, store_kind: str, mode: str):  # noqa: ANN202
+    from common.store import ObservedStore, RedisStore, ShmStore
+
+    store = (ShmStore(settings.shm_root, 60, 60) if store_kind == "shm"
+             else RedisStore(settings.redis_url or ""))
+    return store if mode == "bare" else ObservedStore(store)
+
+
+async def _send(mode: str, store: Any, js: Any, pool: str, key: str,
+                tensor: torch.Tensor) -> None:
+    """The producer's half of a hop: store the tensor, publish its task (in a span, with its
+    ``traceparent``, unless bare)."""
+    from common import subjects, telemetry
+    from common.messages import encode
+
+    msg_id = f"{pool}:{key}"  # de-duplicated like a task (keys repeat from run to run)
+    if mode == "bare":
+        ref = await store.put(key, tensor, 60)
+        await js.publish(subjects.task_subject(pool), encode(ref), headers={"Nats-Msg-Id": msg_id})
+        return
+    with telemetry.span("hop"):
+        ref = await store.put(key, tensor, 60)
+        await js.publish(subjects.task_subject(pool), encode(ref),
+                         headers=telemetry.inject({"Nats-Msg-Id": msg_id}))
+
+
+async def _receive(mode: str, store: Any, msg: Any) -> torch.Tensor:
+    """The consumer's half: get the tensor and ack (in a span continuing the producer's trace,
+    unless bare), as a node does."""
+    from common import telemetry
+    from common.messages import TensorRef, decode
+
+    ref = decode(msg.data, TensorRef)
+    if mode == "bare":
+        data = await store.get(ref)
+        await msg.ack()
+        return data
+    span = telemetry.start_span("node hop", headers=msg.headers)
+    with telemetry.within(span):
+        data = await store.get(ref)
+    await msg.ack()
+    telemetry.end(span)
+    return data
+
+
+def _hop_settings(settings: Settings, mode: str, tmp: Path) -> Settings:
+    return settings.model_copy(update={"trace_dir": tmp / "traces" if mode == "on" else None})
+
+
+async def _hop(settings: Settings, store_kind: str, size: int, iterations: int,
+               mode: str) -> list[float]:
     """Seconds per hop, as nodes pay it: the producer stores the tensor and publishes the task;
     the consumer, another process with a fetch waiting like an idle node's, fetches, gets the
     tensor from the store and acks, then reports its clock (CLOCK_MONOTONIC is system-wide)."""
-    import sys
+    from common import bus, subjects, telemetry
 
-    from common import bus, subjects
-    from common.messages import encode
-
-    store = _open_store(settings, store_kind)
+    telemetry.setup_tracing(settings, "bench-producer")
+    store = _open_store(settings, store_kind, mode)
     producer = await bus.connect(settings, name="bench-producer")
     pjs = producer.jetstream()
     await bus.ensure_topology(pjs, settings)
@@ -104,7 +153,7 @@ async def _hop(settings: Settings, store_kind: str, size: int, iterations: int) 
     reports = await producer.subscribe(f"bench.done.{pool}")
     consumer = await asyncio.create_subprocess_exec(
         sys.executable, "-c", "import sys, lego.bench as b; b.hop_consumer(*sys.argv[1:])",
-        settings.model_dump_json(), store_kind, pool,
+        settings.model_dump_json(), store_kind, pool, mode,
     )
     await reports.next_msg(timeout=60)  # the consumer is bound and fetching
     tensor = torch.randint(0, 255, (size,), dtype=torch.uint8)
@@ -113,8 +162,7 @@ async def _hop(settings: Settings, store_kind: str, size: int, iterations: int) 
         for i in range(iterations + 10):
             request_id = f"bench{i}"
             started = time.perf_counter()
-            ref = await store.put(f"tmp/{request_id}/hop/x", tensor, 60)
-            await pjs.publish(subjects.task_subject(pool), encode(ref))
+            await _send(mode, store, pjs, pool, f"tmp/{request_id}/hop/x", tensor)
             finished = float((await reports.next_msg(timeout=30)).data)
             if i >= 10:  # warm-up
                 samples.append(finished - started)
@@ -125,18 +173,19 @@ async def _hop(settings: Settings, store_kind: str, size: int, iterations: int) 
         await pjs.delete_consumer(subjects.TASKS_STREAM, subjects.pool_consumer(pool))
         await store.close()
         await producer.close()
+        telemetry.shutdown()
     return samples
 
 
-def hop_consumer(settings_json: str, store_kind: str, pool: str) -> None:
+def hop_consumer(settings_json: str, store_kind: str, pool: str, mode: str) -> None:
     """The consuming side of ``_hop``, run in its own process."""
-    from common import bus, subjects
-    from common.messages import TensorRef, decode
+    from common import bus, subjects, telemetry
 
     settings = Settings.model_validate_json(settings_json)
+    telemetry.setup_tracing(settings, "bench-consumer")
 
     async def consume() -> None:
-        store = _open_store(settings, store_kind)
+        store = _open_store(settings, store_kind, mode)
         nc = await bus.connect(settings, name="bench-consumer")
         sub = await bus.pull_subscription(
             nc.jetstream(), subjects.TASKS_STREAM, subjects.pool_consumer(pool),
@@ -150,8 +199,7 @@ def hop_consumer(settings_json: str, store_kind: str, pool: str) -> None:
             except TimeoutError:
                 continue
             for msg in msgs:
-                data = await store.get(decode(msg.data, TensorRef))
-                await msg.ack()
+                data = await _receive(mode, store, msg)
                 finished = time.perf_counter()
                 assert data.numel() > 0
                 await nc.publish(report, repr(finished).encode())
@@ -168,12 +216,14 @@ def bench_hop(settings: Settings, iterations: int) -> list[dict]:
         try:
             for kind in kinds:
                 for size in HOP_SIZES:
-                    samples = run_async(_hop(s, kind, size, iterations))
-                    rows.append({
-                        "store": kind, "size_bytes": size,
-                        "p50_ms": round(percentile(samples, 50) * 1000, 3),
-                        "p99_ms": round(percentile(samples, 99) * 1000, 3),
-                    })
+                    for mode in HOP_MODES:
+                        samples = run_async(_hop(_hop_settings(s, mode, Path(tmp)), kind, size,
+                                                 iterations, mode))
+                        rows.append({
+                            "store": kind, "size_bytes": size, "tracing": mode,
+                            "p50_ms": round(percentile(samples, 50) * 1000, 3),
+                            "p99_ms": round(percentile(samples, 99) * 1000, 3),
+                        })
         finally:
             shutil.rmtree(s.shm_root, ignore_errors=True)
     return rows
@@ -257,10 +307,14 @@ def main(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
-            print(f"{'store':<6} {'size':>9} {'p50 ms':>8} {'p99 ms':>8}")
-            for row in rows:
-                print(f"{row['store']:<6} {row['size_bytes'] // 1024:>6} KiB "
-                      f"{row['p50_ms']:>8.3f} {row['p99_ms']:>8.3f}")
+            print(f"{'':17}" + "".join(f"{mode:>18}" for mode in HOP_MODES))
+            print(f"{'store':<6} {'size':>9}" + "   p50 ms   p99 ms" * len(HOP_MODES))
+            for i in range(0, len(rows), len(HOP_MODES)):
+                row = rows[i]
+                print(f"{row['store']:<6} {row['size_bytes'] // 1024:>6} KiB" + "".join(
+                    f"{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}" for r in rows[i:i + len(HOP_MODES)]))
+    elif args.which in ("slo", "sweep"):
+        return _emulated(settings, args)
     elif args.which == "burst":
         from lego.burst import BurstConfig, bench_burst, print_table
 
@@ -280,4 +334,44 @@ def main(args: argparse.Namespace) -> int:
                   f"{result['micro_p99_ms']:.1f} ms")
             print(f"in-process    {result['inprocess_ms']:8.1f} ms (p50, diffusers pipeline)")
             print(f"ratio         {result['ratio']:8.3f}  (target <= 1.10)")
+    return 0
+
+
+def _emulated(settings: Settings, args: argparse.Namespace) -> int:
+    from lego import experiment
+
+    if args.which == "slo":
+        run = experiment.SloRun(
+            args.system, args.workload or "flux3",
+            experiment.trace_arrivals(args.trace, args.rate_scale), args.devices,
+            args.time_scale or 1.0,
+        )
+        result = experiment.run_slo(settings, run)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            experiment.print_slo(result)
+        return 0
+    workloads = [args.workload] if args.workload else ["flux3", "mix12"]
+    scales = ([float(x) for x in args.scales.split(",")] if args.scales
+              else experiment.RATE_SCALES)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"workloads": {}, "config": {
+        "devices": args.devices, "time_scale": args.time_scale or 8.0, "scales": list(scales),
+    }}
+    for workload in workloads:
+        result = experiment.sweep_workload(
+            settings, workload, devices=args.devices, time_scale=args.time_scale or 8.0,
+            scales=scales, bursts=not args.no_bursts,
+            log=(lambda line: print(line, file=sys.stderr, flush=True)),
+        )
+        path = args.out / f"sweep-{workload}.png"
+        experiment.plot(workload, result, path)
+        result["plot"] = str(path)
+        results["workloads"][workload] = result
+        (args.out / "sweep.json").write_text(json.dumps(results, indent=2))
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        experiment.print_sweep(results)
     return 0

@@ -77,10 +77,10 @@ def schedule(cfg: BurstConfig) -> list[tuple[float, str]]:
     return plan
 
 
-async def _one(http: httpx.AsyncClient, outcome: Outcome, deadline_s: float, seed: int) -> None:
+async def submit(http: httpx.AsyncClient, outcome: Outcome, body: dict) -> None:
+    """Send one generation and wait for its end; ``outcome`` records how it ended."""
     try:
-        r = await http.post("/v1/generations",
-                            json={**REQUEST, "seed": seed, "deadline_s": deadline_s})
+        r = await http.post("/v1/generations", json=body)
         if r.status_code == 503:
             outcome.status, outcome.error = "rejected", r.json()["error"]["code"]
             return
@@ -107,7 +107,8 @@ async def _run_load(url: str, cfg: BurstConfig, deadline_s: float) -> tuple[floa
             await asyncio.sleep(max(0.0, start + offset - time.time()))
             outcome = Outcome(phase, time.time())
             outcomes.append(outcome)
-            tasks.append(asyncio.create_task(_one(http, outcome, deadline_s, seed)))
+            body = {**REQUEST, "seed": seed, "deadline_s": deadline_s}
+            tasks.append(asyncio.create_task(submit(http, outcome, body)))
         await asyncio.gather(*tasks)
     return start, outcomes
 

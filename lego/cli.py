@@ -50,6 +50,16 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     settings = _settings(args, monolithic=args.monolithic or None,
                          autoscale=False if args.no_autoscale else None)
+    if args.emulate:
+        from lego.systems import emulated_settings
+
+        settings = emulated_settings(
+            settings, system=args.system, workload=args.workload, devices=args.devices,
+            profile_dir=args.profile, time_scale=args.time_scale,
+        )
+    elif args.system or args.workload or args.profile or args.time_scale or args.devices:
+        raise SystemExit("--system, --workload, --devices, --profile and --time-scale go with "
+                         "--emulate")
     _logging(settings)
     stack = Stack(settings, port=args.port)
     stop: list[bool] = []
@@ -66,6 +76,12 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"store    {stack.settings.store_kind}")
     print(f"serving  {'monolithic' if settings.monolithic else 'micro'}, "
           f"{'autoscaled' if settings.autoscale else 'one replica per pool'}")
+    if settings.workload:
+        from common.workflow import shipped_workflows
+
+        print(f"emulated {settings.workload} on {len(settings.devices)} devices "
+              f"({settings.profile_dir.name}, {args.system or 'micro'}, time scale "
+              f"{settings.time_scale:g}): {', '.join(sorted(shipped_workflows(settings)))}")
     print(f"logs     {stack.settings.run_dir / 'logs'}")
     print("ready; Ctrl-C stops (nodes finish what they hold first)", flush=True)
     try:
@@ -95,10 +111,17 @@ def cmd_autoscaler(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config, monolithic=args.monolithic or None)
     _logging(settings)
+    if args.backend == "auto":
+        emulated = settings.workload or any(d.startswith("emu") for d in settings.devices)
+        args.backend = "emulated" if emulated else "local"
     if args.backend == "kubernetes":
         from autoscaler.backends.kubernetes import KubernetesBackend
 
         backend = KubernetesBackend(namespace=args.namespace)
+    elif args.backend == "emulated":
+        from autoscaler.backends.emulated import EmulatedBackend
+
+        backend = EmulatedBackend(settings)
     else:
         from autoscaler.backends.local import LocalBackend
 
@@ -111,7 +134,7 @@ def cmd_autoscaler(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         # Local replicas are this process's children: they drain with it. Kubernetes
         # Deployments outlive the autoscaler.
-        await Autoscaler(settings, backend).run(stop, stop_replicas=args.backend == "local")
+        await Autoscaler(settings, backend).run(stop, stop_replicas=args.backend != "kubernetes")
 
     try:
         run_async(main())
@@ -191,24 +214,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
             stack = Stack(settings.model_copy(update={"run_dir": run_dir}), quiet=True)
             stack.start()
             gateway = stack.gateway_url
+    api_key = settings.api_key or next(iter(settings.api_keys.values()), None)
     try:
-        with LegoClient(gateway) as client, Progress(
+        with LegoClient(gateway, api_key=api_key) as client, Progress(
             TextColumn("[bold]{task.description}"), BarColumn(),
             TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
             transient=True,
         ) as bar:
             task = bar.add_task("queued", total=None)
 
-            def on_progress(state: dict) -> None:
-                step = state.get("progress")
+            def on_event(event: str, data: dict) -> None:
+                # the gateway's Server-Sent Events: a state, each node's steps, the final state
+                step = data if event == "progress" else data.get("progress")
                 if step:
                     bar.update(task, description=step["node"], completed=step["step"],
                                total=step["total"])
                 else:
-                    bar.update(task, description=state["status"])
+                    bar.update(task, description=data["status"])
 
             try:
-                state, png = client.generate(args.workflow, on_progress=on_progress, **params)
+                state, png = client.generate(args.workflow, on_event=on_event, **params)
             except LegoError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 if exc.body:
@@ -249,7 +274,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from common.bus import connect, run_async
-    from common.observe import ClusterObserver
+    from common.observe import ClusterObserver, cluster_json
 
     settings = _stack_settings(args)
 
@@ -276,7 +301,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         await asyncio.sleep(1.0)  # rates need a second sample
         views = await observer.sample()
         if args.json:
-            print(json.dumps({"models": {p: v.to_json() for p, v in views.items()}}, indent=2))
+            print(json.dumps(cluster_json(views, observer.live_statuses()), indent=2))
         elif not args.watch:
             Console().print(table(views))
         else:
@@ -327,6 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "process), scaled per workflow")
     up.add_argument("--no-autoscale", action="store_true",
                     help="one fixed replica per pool instead of the autoscaler")
+    emu = up.add_argument_group("emulated GPU cluster (profile-driven executor; issue 4)")
+    emu.add_argument("--emulate", action="store_true",
+                     help="run emulated GPUs: models wait their profiled times")
+    emu.add_argument("--devices", type=int, help="emulated GPUs (default 8)")
+    emu.add_argument("--profile", type=Path, help="profile directory (default data/profiles-h800)")
+    emu.add_argument("--workload", choices=["flux3", "mix12"], help="default flux3")
+    emu.add_argument("--system", choices=["micro", "static", "swap", "shepherd",
+                                          "mono-autoscale"], help="default micro")
+    emu.add_argument("--time-scale", type=float, help="run K times faster (default 1)")
     up.set_defaults(func=cmd_up)
 
     gen = sub.add_parser("generate", help="generate one image")
@@ -352,7 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     node.set_defaults(func=cmd_node)
 
     scaler = sub.add_parser("autoscaler", help="scale node replicas from queue lag")
-    scaler.add_argument("--backend", choices=["local", "kubernetes"], default="local")
+    scaler.add_argument("--backend", choices=["auto", "local", "kubernetes", "emulated"],
+                        default="auto",
+                        help="auto: emulated with emulated devices (lego up --emulate), else local")
     scaler.add_argument("--namespace", default="legodiffusion", help="Kubernetes namespace")
     scaler.add_argument("--monolithic", action="store_true", help="scale monolithic pools")
     scaler.set_defaults(func=cmd_autoscaler)
@@ -374,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(func=cmd_schema)
 
     bench = sub.add_parser("bench", help="benchmarks")
-    bench.add_argument("which", choices=["hop", "e2e", "burst"])
+    bench.add_argument("which", choices=["hop", "e2e", "burst", "slo", "sweep"])
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--iterations", type=int, default=None)
     burst = bench.add_argument_group("burst")
@@ -384,6 +420,22 @@ def build_parser() -> argparse.ArgumentParser:
     burst.add_argument("--burst-s", type=float, help="seconds of burst (default 5)")
     burst.add_argument("--after-s", type=float, help="seconds after the burst (default 25)")
     burst.add_argument("--slots", type=int, help="replica slots for either system (default 4)")
+    slo = bench.add_argument_group("slo and sweep (the emulated GPU cluster)")
+    slo.add_argument("--system", choices=["micro", "static", "swap", "shepherd",
+                                          "mono-autoscale"], default="micro")
+    slo.add_argument("--workload", choices=["flux3", "mix12"],
+                     help="default flux3 (slo) or both (sweep)")
+    slo.add_argument("--trace", help="trace file (TENANT INTERVAL per line); default: the "
+                                     "shipped trace at --rate-scale")
+    slo.add_argument("--rate-scale", type=float, help="with no --trace (default 1)")
+    slo.add_argument("--devices", type=int, default=8, help="emulated GPUs (default 8)")
+    slo.add_argument("--time-scale", type=float, help="run K times faster (slo: default 1; "
+                                                      "sweep: default 8)")
+    slo.add_argument("--scales", help="sweep: comma-separated rate scales (default "
+                                      "0.5,1,2,3,4,5,6,8)")
+    slo.add_argument("--no-bursts", action="store_true", help="sweep: skip the burst ratio")
+    slo.add_argument("--out", type=Path, default=Path("bench-results"),
+                     help="sweep: where the plots and JSON go (default bench-results/)")
     bench.set_defaults(func=cmd_bench)
     return parser
 

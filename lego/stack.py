@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 
-from common.models import resolve_model_dir
+from common.models import is_emulated, resolve_model_dir
 from common.settings import Settings
 from common.workflow import shipped_workflows
 
@@ -113,7 +113,8 @@ class Stack:
         for spec in workflows.values():
             pools.update(spec.pools(monolithic=settings.monolithic))
             for model in spec.models.values():
-                resolve_model_dir(model, settings.cache_dir / "models")  # build once, not per node
+                if not is_emulated(model):  # build once, not per node
+                    resolve_model_dir(model, settings.cache_dir / "models")
         lego = [sys.executable, "-m", "lego.cli"]
         self.children = [Child("gateway", [*lego, "gateway", "--seed-builtin"])]
         if settings.autoscale:
@@ -123,12 +124,24 @@ class Stack:
                 Child(f"node-{kind}-{pool[-8:]}", [*lego, "node", kind, "--model", model])
                 for pool, (kind, model) in sorted(pools.items())
             ]
-        for child in self.children:
-            self._spawn(child)
-        self._write_stack_file()
+        try:
+            for child in self.children:
+                self._spawn(child)
+            self._write_stack_file()
+            self._wait_for_pools(pools, timeout_s)
+        except BaseException:  # a failed start leaves no children (nor nats-server) behind
+            self.stop(timeout_s=10)
+            raise
+
+    def _wait_for_pools(self, pools: dict[str, tuple[str, str]], timeout_s: float) -> None:
+        settings = self.settings
         # pools the autoscaler may keep at zero start on demand; every other one is waited for
-        wanted = [p for p, (kind, _) in pools.items()
-                  if not settings.autoscale or settings.min_replicas_of(p, kind) > 0]
+        if settings.assignment:
+            wanted = [p for p in pools if settings.assignment.get(p)]
+        else:
+            wanted = [p for p, (kind, _) in pools.items()
+                      if not settings.autoscale or settings.min_replicas_of(p, kind) > 0
+                      or settings.initial_replicas.get(p, 0) > 0]
         self._wait_ready(sorted(wanted), timeout_s)
 
     def add_node(self, kind: str, model: str | None = None) -> Child:

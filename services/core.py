@@ -29,6 +29,8 @@ class WorkItem:
     op: str
     params: dict[str, Any]
     inputs: dict[str, torch.Tensor]
+    #: model specs of the adapters (ControlNets) the workflow attaches at this node
+    adapters: tuple[str, ...] = ()
 
 
 @dataclass
@@ -61,6 +63,9 @@ class ModelCore(abc.ABC):
     @abc.abstractmethod
     def load(self) -> None:
         """Load the weights (and warm up). Called once before any item."""
+
+    def close(self) -> None:  # noqa: B027 - optional: most cores hold nothing to give back
+        """Release what ``load`` took when the replica stops (process exit frees the rest)."""
 
     @abc.abstractmethod
     def start(self, item: WorkItem) -> Any:

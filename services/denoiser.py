@@ -87,6 +87,12 @@ class DenoiserCore(ModelCore):
 
         if item.op not in self.ops:
             raise InvalidField("op", f"{self.kind} does not do {item.op!r}")
+        if item.adapters:
+            raise InvalidField("controlnet", "this denoiser runs no ControlNet (only the "
+                               "emulated executor does)")
+        extra = sorted({"prompt_embeds_2", "prompt_embeds_3"} & item.inputs.keys())
+        if extra:
+            raise InvalidField(extra[0], "this denoiser takes one text encoder's embeddings")
         p = item.params
         steps = _int(p, "steps", 50, minimum=1)
         guidance = _float(p, "guidance", 7.5)

@@ -18,7 +18,7 @@ then its denoising joins theirs.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,12 +62,18 @@ class MonolithicCore(ModelCore):
         *,
         device: str = "cpu",
         max_batch: int = 8,
+        make_inner: Callable[[str, Path], ModelCore] | None = None,
     ) -> None:
-        """``model_dirs``: the spec's model aliases -> resolved diffusers directories."""
+        """``model_dirs``: the spec's model aliases -> resolved diffusers directories.
+        ``make_inner(kind, model_dir)`` builds an inner core (default: the catalog's core for
+        the kind; the emulated executor passes its own, with model specs for directories)."""
         missing = {node.model for node in spec.nodes.values()} - set(model_dirs)
         if missing:
             raise ValueError(f"{spec.name}: no model directory for {sorted(missing)}")
         dirs = {alias: Path(path) for alias, path in model_dirs.items()}
+        self.make_inner = make_inner or (
+            lambda kind, model_dir: CORES[kind](model_dir, device=device, max_batch=max_batch)
+        )
         first = next(iter(spec.nodes.values())).model  # ModelCore wants one directory
         super().__init__(dirs[first], device=device, max_batch=max_batch)
         self.spec = spec
@@ -84,15 +90,19 @@ class MonolithicCore(ModelCore):
 
     def load(self) -> None:
         for kind, model_dir in dict.fromkeys(self.node_cores.values()):
-            core = CORES[kind](model_dir, device=str(self.device), max_batch=self.max_batch)
+            core = self.make_inner(kind, model_dir)
             core.load()
             self.cores[(kind, model_dir)] = core
         # One VAE per model serves encoder and decoder, as in a pipeline (and as its footprint,
         # ``workflow_components``, counts it); the second copy is freed here.
         vaes: dict[Path, Any] = {}
         for (kind, model_dir), core in self.cores.items():
-            if kind in ("vae_encoder", "vae_decoder"):
+            if kind in ("vae_encoder", "vae_decoder") and hasattr(core, "vae"):
                 core.vae = vaes.setdefault(model_dir, core.vae)  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        for core in self.cores.values():
+            core.close()
 
     def start(self, item: WorkItem) -> PipelineState:
         if item.op not in self.ops:
@@ -150,7 +160,7 @@ class MonolithicCore(ModelCore):
                 inputs[input_name] = tensors[output]
             core = self.cores[self.node_cores[name]]
             state.running[name] = core.start(
-                WorkItem(state.request_id, node.op, state.params, inputs)
+                WorkItem(state.request_id, node.op, state.params, inputs, tuple(node.adapters))
             )
 
     def done(self, state: PipelineState) -> bool:

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+from pathlib import Path
 
 import torch
 
 from common import bus, subjects
 from common.errors import UnknownWorkflow
-from common.models import resolve_model_dir
+from common.models import is_emulated, resolve_model_dir
 from common.registry import WorkflowRegistry
 from common.settings import Settings
 from common.subjects import pool_name
-from common.workflow import WorkflowSpec, builtin_workflows
+from common.workflow import WorkflowSpec, shipped_workflows
+from services import emulated
 from services.catalog import CORES
 from services.core import ModelCore
 from services.monolithic import MonolithicCore
@@ -25,36 +28,56 @@ log = logging.getLogger(__name__)
 
 
 def build_runner(
-    kind: str, model: str, settings: Settings, max_batch: int | None = None
+    kind: str, model: str, settings: Settings, max_batch: int | None = None,
+    replica: str | None = None,
 ) -> NodeRunner:
     """The runner of one replica: ``model`` is a model spec, or for ``kind == "monolithic"`` the
-    name of the workflow to serve whole (builtin, else read from the workflow bucket: call this
-    outside a running event loop then, as ``run_node`` does)."""
+    name of the workflow to serve whole (shipped, else read from the workflow bucket: call this
+    outside a running event loop then, as ``run_node`` does). ``emulated:`` models get the
+    emulated executor on the device ``settings.device_label`` names. ``replica``: its id when
+    a process hosts several."""
     max_batch = max_batch or settings.max_batch
     models_dir = settings.cache_dir / "models"
     core: ModelCore
     if kind == MonolithicCore.kind:
         spec = _workflow(model, settings)
-        dirs = {alias: resolve_model_dir(m, models_dir) for alias, m in spec.models.items()}
-        core = MonolithicCore(spec, dirs, device=settings.device, max_batch=max_batch)
+        if all(is_emulated(m) for m in spec.models.values()):
+            owner = emulated.pipeline_owner(
+                spec, emulated.profiles_in(str(settings.profile_dir)),
+                replica or f"{spec.name}@{os.getpid()}", swap=settings.swap,
+            )
+            max_batch = min(max_batch, emulated.pipeline_batch_limit(spec, settings))
+            core = MonolithicCore(
+                spec, {alias: Path(m) for alias, m in spec.models.items()}, max_batch=max_batch,
+                make_inner=lambda kind, ref: emulated.build_core(
+                    kind, str(ref), settings, max_batch=max_batch, owner=owner
+                ),
+            )
+        else:
+            dirs = {alias: resolve_model_dir(m, models_dir) for alias, m in spec.models.items()}
+            core = MonolithicCore(spec, dirs, device=settings.device, max_batch=max_batch)
         pool = spec.monolithic_pool()
     elif kind in CORES:
-        core = CORES[kind](
-            resolve_model_dir(model, models_dir), device=settings.device, max_batch=max_batch
-        )
+        if is_emulated(model):
+            core = emulated.build_core(kind, model, settings, max_batch=max_batch)
+        else:
+            core = CORES[kind](
+                resolve_model_dir(model, models_dir), device=settings.device, max_batch=max_batch
+            )
         pool = pool_name(kind, model)
     else:
         known = ", ".join(sorted([*CORES, MonolithicCore.kind]))
         raise SystemExit(f"unknown node kind {kind!r}; known: {known}")
-    return NodeRunner(core, pool, model, settings)
+    return NodeRunner(core, pool, model, settings, replica=replica)
 
 
 def _workflow(name: str, settings: Settings) -> WorkflowSpec:
-    """A shipped workflow on the configured models (as the gateway seeds them), else the one
-    registered at run time under ``name``."""
-    builtin = builtin_workflows({"base": settings.base_model, "upscaler": settings.upscaler_model})
-    if name in builtin:
-        return builtin[name]
+    """A shipped workflow on the configured models (as the gateway seeds them; an emulated
+    workload's with ``settings.workload``), else the one registered at run time under
+    ``name``."""
+    shipped = shipped_workflows(settings.model_copy(update={"workflows": []}))
+    if name in shipped:
+        return shipped[name]
 
     async def fetch() -> WorkflowSpec:
         nc = await bus.connect(settings, name=f"monolithic-{name}")

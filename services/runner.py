@@ -26,7 +26,7 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
-from common import bus, subjects
+from common import bus, metrics, subjects, telemetry
 from common.errors import DeadlineExceeded, LegoError, RequestError, TerminalError
 from common.messages import (
     ErrorInfo,
@@ -90,6 +90,9 @@ class Held:
     io_s: float = 0.0
     batch: int = 1
     steps_reported: int = 0
+    ran_from: float = 0.0  # wall clock of its first step's start, and of its last step's end
+    ran_until: float = 0.0
+    span: Any = None  # its trace span, when tracing is on
 
 
 @dataclass
@@ -107,15 +110,24 @@ class RunnerStats:
 
 
 class NodeRunner:
-    def __init__(self, core: ModelCore, pool: str, model: str, settings: Settings) -> None:
+    def __init__(
+        self, core: ModelCore, pool: str, model: str, settings: Settings,
+        replica: str | None = None,
+    ) -> None:
+        """``replica``: its id, unique in the cluster (default: pool@host:pid, for one replica
+        per process; a process hosting several, as the emulated backend does, names each)."""
         # when the process began, so the replica reports its whole cold start, imports included
-        self.process_started = time.monotonic() - (_process_age_s() or 0.0)
+        self.process_started = time.monotonic() - (
+            0.0 if replica else (_process_age_s() or 0.0)
+        )
         self.core = core
         self.pool = pool
         self.model = model
         self.settings = settings
-        self.replica = f"{pool}@{socket.gethostname()}:{os.getpid()}"
+        self.replica = replica or f"{pool}@{socket.gethostname()}:{os.getpid()}"
         self.stats = RunnerStats()
+        self.metrics = metrics.NodeMetrics(pool)
+        self.metrics_port: int | None = None
         self._admitted: list[Held] = []
         self._active: list[Held] = []
         self._cancelled: set[str] = set()
@@ -137,6 +149,8 @@ class NodeRunner:
 
     async def serve(self, ready: asyncio.Event | None = None) -> None:
         settings = self.settings
+        telemetry.setup_tracing(settings, "lego-node")
+        self.metrics_port = metrics.serve(settings.node_metrics_port, settings.host)
         self.nc = await bus.connect(settings, name=self.replica)
         self.js = self.nc.jetstream()
         buckets = await bus.ensure_topology(self.js, settings)
@@ -177,6 +191,7 @@ class NodeRunner:
             await watcher.stop()
             await sub.unsubscribe()
             await self._publish_status("stopped")
+            self.core.close()
             await self.store.close()
             await bus.close(self.nc)  # everything held is acked
             log.info("%s stopped", self.replica)
@@ -215,6 +230,9 @@ class NodeRunner:
             await msg.term()
             return None
         held = Held(msg, task, fetched_at, msg.metadata.num_delivered or 1)
+        self.metrics.queue_wait.observe(max(0.0, fetched_at - task.published_at))
+        if telemetry.enabled():
+            self._trace(held)
         if task.request_id in self._cancelled:
             await self._drop(held)
             return None
@@ -224,7 +242,8 @@ class NodeRunner:
         node = task.plan.nodes[task.node]
         try:
             started = time.perf_counter()
-            inputs = {name: await self.store.get(ref) for name, ref in task.inputs.items()}
+            with telemetry.within(held.span):
+                inputs = {name: await self.store.get(ref) for name, ref in task.inputs.items()}
             held.io_s += time.perf_counter() - started
         except KeyError as exc:
             # Inputs gone: the request ended (cancelled, failed) and was cleaned up.
@@ -239,20 +258,35 @@ class NodeRunner:
                 # Off the critical path: a compare-and-set that only moves queued -> running.
                 self._spawn(self.tracker.mark_running(task.request_id))
             held.state = self.core.start(
-                WorkItem(task.request_id, node.op, task.params, inputs)
+                WorkItem(task.request_id, node.op, task.params, inputs, tuple(node.adapters))
             )
         except Exception as exc:  # noqa: BLE001 - classified in _fail
             await self._fail(held, exc)
             return None
         return held
 
+    def _trace(self, held: Held) -> None:
+        """Start the task's span, the child of its publisher's (``traceparent`` in the message
+        headers), from its publication on; its queue wait is the first child."""
+        task = held.task
+        held.span = telemetry.start_span(
+            f"node {task.node}",
+            {"lego.request_id": task.request_id, "lego.workflow": task.workflow,
+             "lego.node": task.node, "lego.pool": self.pool, "lego.replica": self.replica,
+             "lego.attempt": held.attempt},
+            headers=held.msg.headers, start_s=task.published_at,
+            kind=telemetry.SpanKind.CONSUMER,
+        )
+        telemetry.record_span("queue_wait", held.span, task.published_at, held.fetched_at)
+
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
 
-    async def _drop(self, held: Held) -> None:
+    async def _drop(self, held: Held, outcome: str = "dropped") -> None:
         self.stats.tasks_dropped += 1
+        telemetry.end(held.span, outcome=outcome)
         await held.msg.term()
         # A late task may have written tensors after the cancel cleaned up.
         await self.store.delete_group("tmp", held.task.request_id)
@@ -267,7 +301,7 @@ class NodeRunner:
         )
         await self.tracker.finish(task.request_id, "failed", error=error_info(error, task.node),
                                   timings=task.timings)
-        await self._drop(held)
+        await self._drop(held, "expired")
 
     async def _watch_cancels(self, watcher: Any) -> None:
         async for entry in watcher:
@@ -308,16 +342,21 @@ class NodeRunner:
                 self._room.set()
                 continue
             elapsed = time.perf_counter() - started
+            ended_at = now()
             self.stats.batches += 1
             self.stats.batch_items += len(group)
+            self.metrics.batch_size.observe(len(group))
             for held in group:
+                held.ran_from = held.ran_from or ended_at - elapsed
+                held.ran_until = ended_at
                 held.run_s += elapsed
                 held.work_s += elapsed / len(group)
                 held.batch = max(held.batch, len(group))
             await self._report_progress(group)
             for held in [h for h in group if self.core.done(h.state)]:
                 self._active.remove(held)
-                await self._complete(held)
+                with telemetry.within(held.span):  # its store I/O and successors belong to it
+                    await self._complete(held)
             self._room.set()
 
     def _next_group(self) -> list[Held]:
@@ -340,6 +379,9 @@ class NodeRunner:
 
     async def _complete(self, held: Held) -> None:
         task = held.task
+        units = max(1, self.core.progress(held.state)[1])
+        telemetry.record_span("execute", held.span, held.ran_from, held.ran_until,
+                              {"lego.steps": units, "lego.batch": held.batch})
         try:
             result = self.core.finish(held.state)
             started = time.perf_counter()
@@ -379,7 +421,8 @@ class NodeRunner:
             return
         await held.msg.ack()
         self.stats.tasks_done += 1
-        units = max(1, self.core.progress(held.state)[1])
+        self.metrics.execution.observe(held.run_s)
+        telemetry.end(held.span, outcome="done")
         self._recent.append(TaskFigures(
             latency_ms=timing.queue_ms + timing.run_ms + timing.io_ms,
             work_ms=held.work_s * 1000, unit_ms=held.run_s * 1000 / units, units=units,
@@ -434,7 +477,9 @@ class NodeRunner:
         await self.js.publish(
             subjects.task_subject(node.pool),
             encode(downstream),
-            headers={"Nats-Msg-Id": subjects.task_msg_id(task.request_id, successor)},
+            headers=telemetry.inject(
+                {"Nats-Msg-Id": subjects.task_msg_id(task.request_id, successor)}
+            ),
         )
 
     async def _join(
@@ -478,6 +523,7 @@ class NodeRunner:
         task = held.task
         final_attempt = held.attempt >= self.settings.max_deliver
         terminal = isinstance(exc, RequestError | TerminalError)
+        telemetry.end(held.span, exc, "failed" if terminal or final_attempt else "retried")
         if not terminal and not final_attempt:
             self.stats.tasks_retried += 1
             log.warning(
@@ -514,8 +560,9 @@ class NodeRunner:
             work_ms=_mean(r.work_ms for r in recent),
             unit_ms_min=round(min(r.unit_ms for r in recent), 3) if recent else None,
             steps_per_task=_mean(r.units for r in recent),
-            tasks_dropped=stats.tasks_dropped,
+            tasks_dropped=stats.tasks_dropped, metrics_port=self.metrics_port,
         )
+        metrics.REPLICA_REPORTS.report(status)
         await self.nc.publish(subjects.replica_subject(self.pool), encode(status))
 
     async def _status_loop(self) -> None:

@@ -488,11 +488,12 @@ def test_placement_respects_device_memory():
         "vae": PoolSpec("vae", memory_bytes=1 * GB),
     }
     p = place({"flux": 2, "t5": 2, "vae": 3}, pools, gpus(3, memory=24 * GB, slots=8))
-    # flux fills gpu0 and gpu1 (2 GiB left each), both t5 share gpu2 (4 GiB left); vae fills.
+    # flux fills gpu0 and gpu1 (2 GiB left each), both t5 share gpu2 (4 GiB left); the vae
+    # replicas spread, one per device (each the one with the most free slots).
     assert p.assignment == {
         "flux": ["gpu0", "gpu1"],
         "t5": ["gpu2", "gpu2"],
-        "vae": ["gpu0", "gpu0", "gpu1"],
+        "vae": ["gpu0", "gpu1", "gpu2"],
     }
     used: dict[str, int] = {}
     for name, ids in p.assignment.items():

@@ -4,7 +4,10 @@
   spawned with ``lego node``, pinned to a device (CUDA_VISIBLE_DEVICES or a CPU slot),
   restarted when they crash, drained with SIGTERM when no longer wanted;
 - ``autoscaler.backends.kubernetes.KubernetesBackend``: one Deployment per pool, scaled through
-  the Deployment ``scale`` subresource; Kubernetes places and restarts the pods.
+  the Deployment ``scale`` subresource; Kubernetes places and restarts the pods;
+- ``autoscaler.backends.emulated.EmulatedBackend``: replicas of ``emulated:`` models on emulated
+  GPUs (``lego up --emulate``), hosted in the autoscaler's process so that a device's replicas
+  share its emulated memory and compute.
 
 A backend only carries out decisions; which pool gets how many replicas where is decided by the
 pure ``autoscaler.policy`` and ``autoscaler.placement``.
@@ -12,8 +15,10 @@ pure ``autoscaler.policy`` and ``autoscaler.placement``.
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Generic, Literal, Protocol, TypeVar
 
 
 @dataclass(frozen=True)
@@ -55,3 +60,57 @@ class Backend(Protocol):
 
     async def close(self, *, stop_replicas: bool) -> None:
         """Release resources; with ``stop_replicas`` also drain and stop every replica."""
+
+
+R = TypeVar("R")
+
+
+def reconcile(
+    running: Sequence[R], devices: list[str], device_of: Callable[[R], str]
+) -> tuple[list[R], list[str]]:
+    """Which of a pool's ``running`` replicas (oldest first) to drain, and on which devices to
+    start new ones, so that it runs one replica per entry of ``devices``. The oldest replicas
+    on a wanted device stay: they are warm."""
+    wanted = Counter(devices)
+    keep = []
+    for replica in running:
+        if wanted[device_of(replica)] > 0:
+            wanted[device_of(replica)] -= 1
+            keep.append(replica)
+    surplus = [r for r in running if r not in keep]
+    return surplus, [d for d, n in sorted(wanted.items()) for _ in range(n)]
+
+
+class HostedReplicas(Generic[R]):
+    """What a backend that starts replicas itself (local processes, emulated devices) keeps: per
+    pool its replicas, each with ``id``, ``device``, ``started`` and ``stopping``. Subclasses
+    say how one starts (``_start``) and is asked to drain (``_stop``)."""
+
+    def __init__(self) -> None:
+        self._replicas: dict[str, list[R]] = {}
+
+    def _start(self, launch: PoolLaunch, device: str) -> R:
+        raise NotImplementedError
+
+    def _stop(self, replica: R) -> None:
+        raise NotImplementedError
+
+    def _info(self) -> dict[str, list[ReplicaInfo]]:
+        return {
+            pool: [
+                ReplicaInfo(r.id, pool, r.device,  # type: ignore[attr-defined]
+                            "stopping" if r.stopping else "running")  # type: ignore[attr-defined]
+                for r in replicas
+            ]
+            for pool, replicas in self._replicas.items()
+        }
+
+    async def scale(self, launch: PoolLaunch, devices: list[str]) -> None:
+        replicas = self._replicas.setdefault(launch.pool, [])
+        running = sorted((r for r in replicas if not r.stopping),  # type: ignore[attr-defined]
+                         key=lambda r: r.started)  # type: ignore[attr-defined]
+        surplus, start_on = reconcile(running, devices, lambda r: r.device)  # type: ignore
+        for replica in surplus:
+            self._stop(replica)
+        for device in start_on:
+            replicas.append(self._start(launch, device))

@@ -16,11 +16,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from autoscaler.backends import PoolLaunch, ReplicaInfo
+from autoscaler.backends import HostedReplicas, PoolLaunch, ReplicaInfo
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -60,13 +59,13 @@ def node_argv(launch: PoolLaunch) -> list[str]:
     return [sys.executable, "-m", "lego.cli", "node", launch.kind, "--model", launch.model]
 
 
-class LocalBackend:
+class LocalBackend(HostedReplicas[LocalReplica]):
     places_replicas = True
 
     def __init__(self, settings: Settings, log_dir: Path | None = None) -> None:
         self.settings = settings
         self.log_dir = log_dir or settings.run_dir / "logs"
-        self._replicas: dict[str, list[LocalReplica]] = {}
+        super().__init__()
 
     async def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -114,28 +113,10 @@ class LocalBackend:
 
     async def replicas(self) -> dict[str, list[ReplicaInfo]]:
         self._reap()
-        return {
-            pool: [
-                ReplicaInfo(r.id, pool, r.device, "stopping" if r.stopping else "running")
-                for r in replicas
-            ]
-            for pool, replicas in self._replicas.items()
-        }
+        return self._info()
 
-    async def scale(self, launch: PoolLaunch, devices: list[str]) -> None:
-        replicas = self._replicas.setdefault(launch.pool, [])
-        wanted = Counter(devices)
-        keep: list[LocalReplica] = []
-        for replica in sorted((r for r in replicas if not r.stopping), key=lambda r: r.started):
-            if wanted[replica.device] > 0:  # oldest first: they are warm
-                wanted[replica.device] -= 1
-                keep.append(replica)
-        for replica in replicas:
-            if not replica.stopping and replica not in keep:
-                self._stop(replica)
-        for device, count in sorted(wanted.items()):
-            for _ in range(count):
-                replicas.append(LocalReplica(launch, device, self._spawn(launch, device)))
+    def _start(self, launch: PoolLaunch, device: str) -> LocalReplica:
+        return LocalReplica(launch, device, self._spawn(launch, device))
 
     def _stop(self, replica: LocalReplica) -> None:
         replica.stopping = True
