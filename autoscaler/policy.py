@@ -84,6 +84,9 @@ class PolicyConfig:
     downscale_delay_s: float = 30.0  # quiet time after a pool's last scale-up before it shrinks
     headroom: float = 1.1
     scale_to_zero_after_s: float = 60.0
+    #: keep idle replicas while the budget has room for them and every pool's need (a fixed
+    #: cluster, where an idle GPU costs nothing and a replica shrunk away means a cold start)
+    keep_idle: bool = False
 
     def __post_init__(self) -> None:
         if not (self.tick_s > 0 and self.target_backlog_drain_s > 0 and self.headroom > 0):
@@ -399,7 +402,15 @@ def decide(
         obs = observations.get(name)
         return 0.0 if obs is None else backlog_cost(pools[name], obs, config, replicas)
 
-    final = allocate(wanted, floors, current, cost, _budget_check(pools, budget))
+    fits_budget = _budget_check(pools, budget)
+    if config.keep_idle:
+        kept = {name: max(wanted[name], current[name]) for name in wanted}
+        if kept != wanted and fits_budget(kept):
+            for name in wanted:
+                if kept[name] > wanted[name]:
+                    reasons[name] += f"; kept {kept[name]}: nothing else needs the room"
+            wanted = floors = kept
+    final = allocate(wanted, floors, current, cost, fits_budget)
 
     for name, count in final.items():
         if count < wanted[name]:

@@ -96,6 +96,7 @@ class Autoscaler:
             tick_s=settings.autoscale_tick_s,
             stable_window_s=max(settings.scale_down_delay_s, 1.0, settings.autoscale_tick_s),
             downscale_delay_s=settings.scale_down_delay_s,
+            keep_idle=settings.keep_idle_replicas,
         )
         self.state: PolicyState | None = None
         self._footprints: dict[str, int] = {}

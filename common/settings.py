@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     device_memory_bytes: int | None = Field(None, gt=0, description="per device; None: probe")
     autoscale_tick_s: float = Field(0.25, gt=0, le=1)
     scale_down_delay_s: float = Field(30.0, ge=0, description="stable window before shrinking")
+    keep_idle_replicas: bool = Field(
+        False, description="shrink a pool only when another needs the room (a fixed cluster)"
+    )
     #: the device this process runs on, as the autoscaler placed it (reported by replicas)
     device_label: str | None = None
     assignment: dict[str, list[str]] = Field(

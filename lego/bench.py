@@ -357,11 +357,11 @@ def _emulated(settings: Settings, args: argparse.Namespace) -> int:
               else experiment.RATE_SCALES)
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {"workloads": {}, "config": {
-        "devices": args.devices, "time_scale": args.time_scale or 8.0, "scales": list(scales),
+        "devices": args.devices, "time_scale": args.time_scale or 4.0, "scales": list(scales),
     }}
     for workload in workloads:
         result = experiment.sweep_workload(
-            settings, workload, devices=args.devices, time_scale=args.time_scale or 8.0,
+            settings, workload, devices=args.devices, time_scale=args.time_scale or 4.0,
             scales=scales, bursts=not args.no_bursts,
             log=(lambda line: print(line, file=sys.stderr, flush=True)),
         )

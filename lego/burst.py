@@ -53,7 +53,8 @@ class Outcome:
     sent_at: float  # wall clock
     status: str = "lost"  # succeeded, failed, rejected, lost
     error: str | None = None
-    latency_s: float | None = None
+    latency_s: float | None = None  # as the client saw it (HTTP included)
+    served_s: float | None = None  # from the gateway's acceptance to the end, as recorded
 
 
 @dataclass
@@ -91,6 +92,7 @@ async def submit(http: httpx.AsyncClient, outcome: Outcome, body: dict) -> None:
             if state["status"] in ("succeeded", "failed", "cancelled"):
                 break
         outcome.latency_s = time.time() - outcome.sent_at
+        outcome.served_s = state["updated_at"] - state["created_at"]
         outcome.status = "succeeded" if state["status"] == "succeeded" else "failed"
         outcome.error = (state.get("error") or {}).get("code")
     except httpx.HTTPError as exc:  # counted as lost: no final state came back

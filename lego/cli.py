@@ -430,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     slo.add_argument("--rate-scale", type=float, help="with no --trace (default 1)")
     slo.add_argument("--devices", type=int, default=8, help="emulated GPUs (default 8)")
     slo.add_argument("--time-scale", type=float, help="run K times faster (slo: default 1; "
-                                                      "sweep: default 8)")
+                                                      "sweep: default 4)")
     slo.add_argument("--scales", help="sweep: comma-separated rate scales (default "
                                       "0.5,1,2,3,4,5,6,8)")
     slo.add_argument("--no-bursts", action="store_true", help="sweep: skip the burst ratio")

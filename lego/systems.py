@@ -53,6 +53,8 @@ def emulated_settings(
         "slo_min_s": 0.0, "autoscale": True, "max_replicas": n,
         "monolithic": system != "micro", "admission": system in ("micro", "mono-autoscale"),
         "swap": system == "swap", "assignment": {}, "replicas": {}, "initial_replicas": {},
+        # a fixed cluster: an idle device costs nothing, so pools shrink only for another's need
+        "keep_idle_replicas": True,
         # replicas of one (emulated) GPU each batch as the profiles allow
         "max_batch": base.max_batch,
     }

@@ -16,7 +16,7 @@ runs, evicting the least recently used owners that are not running.
 
 ``time_scale`` K runs everything K times faster: every profiled time is divided by K.
 
-Timing (what ``step_seconds`` charges, per call):
+Timing (the model is ``common.profiles``'; what one ``step`` charges):
 - text encoder: one forward pass of the batch;
 - denoiser: one step = one forward pass of the batch, at twice the batch with classifier-free
   guidance (``guidance`` > 1; the profiles time one CFG branch), plus, per attached ControlNet,
@@ -299,7 +299,6 @@ def pipeline_owner(spec: WorkflowSpec, profiles: Mapping[str, ModelProfile], key
     """A monolithic replica's owner: every model of the pipeline, loaded (and swapped) as one."""
     found = [profile_of(m, profiles) for m in pipeline_models(spec)]
     return Owner(key, sum(p.memory_bytes for p in found), sum(p.load_s for p in found), swap)
-
 
 
 # --- building cores ------------------------------------------------------------------------

@@ -531,3 +531,35 @@ def test_placement_reports_unplaced_replicas():
     assert not p.complete and not fits({"unet": 3}, pools, gpus(2))
     assert fits({"unet": 2}, pools, gpus(2))
     assert place({"unet": 3, "vae": 5}, pools, gpus(2)) == p
+
+
+@pytest.mark.timeout(10)
+def test_keep_idle_holds_replicas_until_another_pool_needs_the_room():
+    """On a fixed cluster (keep_idle) an idle pool keeps its replicas past its stable window,
+    and gives them up as soon as another pool's need does not fit beside them."""
+    config = PolicyConfig(tick_s=0.5, stable_window_s=2.0, downscale_delay_s=0.0,
+                          keep_idle=True)
+    pools = specs("unet", "vae")
+    idle = {"unet": obs(replicas=5), "vae": obs(replicas=1)}
+    state = None
+    for t in range(10):  # 5 s of nothing: far past the 2 s window
+        d = decide(t * 0.5, pools, idle, Budget(slots=8), state, config)
+        state = d.state
+    assert d.replicas == {"unet": 5, "vae": 1}
+    assert "nothing else needs the room" in d.reasons["unet"]
+    # a need that fits beside the idle replicas leaves them: 5 + 3 <= 8
+    d = decide(5.0, pools, {"unet": obs(replicas=5), "vae": obs(lag=50)}, Budget(slots=8),
+               state, config)
+    assert d.replicas == {"unet": 5, "vae": 3}
+    # one that does not (the vae needs 5 or more) makes the idle pool shrink to its need
+    busy = {"unet": obs(replicas=5), "vae": obs(lag=100)}
+    d = decide(5.0, pools, busy, Budget(slots=8), state, config)
+    assert d.replicas["vae"] > 1 and d.replicas["unet"] < 5
+    assert sum(d.replicas.values()) <= 8
+    # without keep_idle the same idle pool shrinks once its window has passed
+    state = None
+    for t in range(10):
+        d = decide(t * 0.5, pools, idle, Budget(slots=8), state,
+                   PolicyConfig(tick_s=0.5, stable_window_s=2.0, downscale_delay_s=0.0))
+        state = d.state
+    assert d.replicas["unet"] < 5
