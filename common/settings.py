@@ -145,6 +145,9 @@ class Settings(BaseSettings):
     )
     max_deadline_s: float = Field(3600.0, gt=0, description="largest deadline_s a request may ask")
     admission: bool = Field(True, description="reject requests that cannot meet their deadline")
+    admission_sample_s: float = Field(
+        0.5, gt=0, le=5, description="how often admission control samples the queues"
+    )
 
     # --- gateway -----------------------------------------------------------------------------
     host: str = "127.0.0.1"

@@ -160,9 +160,10 @@ def flux3_split(workload: Workload, system: str, devices: Sequence[str]) -> dict
 
 def micro_provision(workload: Workload, shares: Mapping[str, float], devices: int,
                     small_devices: int = 1) -> dict[str, int]:
-    """Initial replicas for micro-serving: one of every small pool (text encoders, VAEs: they
-    share ``small_devices``), and the other devices split between the denoiser pools in
-    proportion to their share of the denoising work, each at least one."""
+    """Initial replicas for micro-serving: one of every small pool (text encoders, VAEs), and
+    the devices but ``small_devices`` (0: the small pools share devices with denoisers) split
+    between the denoiser pools in proportion to their share of the denoising work, each at
+    least one."""
     work: dict[str, float] = {}
     small: set[str] = set()
     for name, spec in workload.workflows.items():

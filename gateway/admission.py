@@ -61,8 +61,13 @@ class PoolLoad:
         sampled, are done here at the measured throughput."""
         if not self.work_s:
             return 0.0
-        per_step = self.work_s / self.steps_per_task
-        return (backlog * self.work_s + self.admitted_steps * per_step) / max(self.ready, 1)
+        # the fastest a task has gone: its steps at the least step time, unless batching made
+        # tasks cheaper still (the mean amortised work): a bound, not an average
+        per_task = self.work_s
+        if self.step_s:
+            per_task = min(per_task, self.step_s * self.steps_per_task)
+        per_step = per_task / self.steps_per_task
+        return (backlog * per_task + self.admitted_steps * per_step) / max(self.ready, 1)
 
 
 def steps_of(spec: WorkflowSpec, params: Mapping[str, Any], plan: Plan) -> dict[str, int]:

@@ -49,12 +49,13 @@ def emulated_settings(
         # the autoscaler reacts on the emulated clock too
         "autoscale_tick_s": max(0.05, base.autoscale_tick_s / (time_scale or 1.0)),
         "scale_down_delay_s": base.scale_down_delay_s / (time_scale or 1.0),
+        "admission_sample_s": max(0.05, base.admission_sample_s / (time_scale or 1.0)),
         "profile_dir": profile_dir, "time_scale": time_scale or 1.0, "workflows": [],
         "slo_min_s": 0.0, "autoscale": True, "max_replicas": n,
         "monolithic": system != "micro", "admission": system in ("micro", "mono-autoscale"),
         "swap": system == "swap", "assignment": {}, "replicas": {}, "initial_replicas": {},
         # a fixed cluster: an idle device costs nothing, so pools shrink only for another's need
-        "keep_idle_replicas": True,
+        "keep_idle_replicas": True, "exclusive_kinds": base.exclusive_kinds,
         # replicas of one (emulated) GPU each batch as the profiles allow
         "max_batch": base.max_batch,
     }
@@ -68,8 +69,10 @@ def emulated_settings(
         split = static_split(loaded, shares, ids, EMULATED_DEVICE_BYTES)
     if system == "micro":
         # the autoscaled systems start provisioned for the expected mix (as the static split
-        # is), then follow the load: scaling down idle pools frees devices for bursts
-        update["initial_replicas"] = micro_provision(loaded, shares, n)
+        # is), then follow the load. Micro's small models (encoders, VAEs) share the devices
+        # with the denoisers, time-sharing them, rather than take devices of their own.
+        update["initial_replicas"] = micro_provision(loaded, shares, n, small_devices=0)
+        update["exclusive_kinds"] = ["monolithic"]
     elif system == "mono-autoscale":
         # one pipeline per device: the static split's dedicated replicas to start with; every
         # pipeline may go to zero (Mix-12 has more workflows than devices) and cold-start

@@ -26,10 +26,12 @@ POOL = {name: node.pool for name, node in PLAN.nodes.items()}  # encode, denoise
 
 
 def loads(**lags: int) -> dict[str, PoolLoad]:
-    figures = {"encode": (0.01, 0.01), "denoise": (0.2, 0.05), "decode": (0.02, 0.02)}
+    # (work per task, least step time, steps per task)
+    figures = {"encode": (0.01, 0.01, 1), "denoise": (0.2, 0.05, 4), "decode": (0.02, 0.02, 1)}
     return {
-        POOL[node]: PoolLoad(lag=lags.get(node, 0), ready=1, work_s=work, step_s=step)
-        for node, (work, step) in figures.items()
+        POOL[node]: PoolLoad(lag=lags.get(node, 0), ready=1, work_s=work, step_s=step,
+                             steps_per_task=steps)
+        for node, (work, step, steps) in figures.items()
     }
 
 
@@ -47,7 +49,7 @@ def test_queues_ahead_raise_the_bound() -> None:
     # tasks queued upstream reach the denoiser first, so they count there too
     assert finish_bound_s(PLAN, loads(encode=10), steps) == pytest.approx(2.0 + 0.2 + 0.02)
     # two ready replicas halve the wait
-    two = {p: PoolLoad(x.lag, 2, x.work_s, x.step_s) for p, x in loads(denoise=10).items()}
+    two = {p: replace(x, ready=2) for p, x in loads(denoise=10).items()}
     assert finish_bound_s(PLAN, two, steps) == pytest.approx(1.0 + 0.2 + 0.02)
 
 
@@ -104,3 +106,12 @@ def test_rejection_says_why_and_when_to_retry() -> None:
     assert exc.retry_after_s == 4  # bound 4.22 s - deadline 1 s, rounded up
     assert exc.details["queued"][POOL["denoise"]] == 20
     assert "deadline" in exc.message
+
+
+def test_the_bound_takes_the_fastest_a_task_has_gone() -> None:
+    """A task's cost ahead is at most its steps at the least step time seen, even when the
+    mean amortised work (time-shared, noisy) is higher: a bound, not an average."""
+    steps = {"encode": 1, "denoise": 4, "decode": 1}
+    slow = loads(denoise=10)
+    slow[POOL["denoise"]] = replace(slow[POOL["denoise"]], work_s=0.5)  # mean: 0.5 s a task
+    assert finish_bound_s(PLAN, slow, steps) == pytest.approx(10 * 0.2 + 0.2 + 0.02)

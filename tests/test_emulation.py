@@ -195,7 +195,10 @@ def test_static_splits():
 def test_micro_provisioning_uses_every_device():
     for name in ("flux3", "mix12"):
         workload = load_workload(name, DEFAULT_PROFILE_DIR)
-        counts = micro_provision(workload, workload.shares(trace_for_scale(1.0)), 8)
+        shares = workload.shares(trace_for_scale(1.0))
+        counts = micro_provision(workload, shares, 8)
         denoisers = {p: n for p, n in counts.items() if p.startswith("denoiser-")}
         assert sum(denoisers.values()) == 7 and min(denoisers.values()) >= 1
+        shared = micro_provision(workload, shares, 8, small_devices=0)
+        assert sum(n for p, n in shared.items() if p.startswith("denoiser-")) == 8
         assert all(n == 1 for p, n in counts.items() if p not in denoisers)
