@@ -18,7 +18,6 @@ micro's sustained rate as a fraction of the capacity bound, a table and a PNG pl
 from __future__ import annotations
 
 import asyncio
-import math
 import shutil
 import statistics
 import tempfile
@@ -192,10 +191,10 @@ def sustained(rows: list[dict], system: str) -> float:
 
 
 def ratio(micro: float, baselines: list[float]) -> float | None:
+    """micro / the best baseline; None when no baseline held even the lowest load measured
+    (the ratio is then unbounded by this sweep: the rows say how far micro went)."""
     best = max(baselines, default=0.0)
-    if best <= 0:
-        return None if micro <= 0 else math.inf
-    return round(micro / best, 3)
+    return None if best <= 0 else round(micro / best, 3)
 
 
 def burst_arrivals(base_scale: float, factor: float) -> list[Arrival]:
