@@ -123,13 +123,17 @@ class Autoscaler:
         low = s.min_replicas_of(pool, kind)
         gpus = [d for d in s.devices if not d.startswith("cpu")]
         # one device must hold every pool, so nothing takes it whole there
-        exclusive = len(gpus) > 1 and kind in s.exclusive_kinds
+        slots = 1
+        if len(gpus) > 1 and kind in s.exclusive_kinds:
+            slots = self.slots_per_device()
+        elif len(gpus) > 1 and kind in s.one_per_device_kinds:
+            slots = self.slots_per_device() // 2 + 1  # more than half: one such per device
         return PoolSpec(
             name=pool,
             min_replicas=low,
             max_replicas=max(s.max_replicas, low, 1),
             scale_to_zero=low == 0,
-            slots_per_replica=self.slots_per_device() if exclusive else 1,
+            slots_per_replica=slots,
             memory_bytes=self._footprint(launch, workflow, workflows),
             max_batch=s.max_batch,
         )

@@ -122,6 +122,11 @@ class Settings(BaseSettings):
         default_factory=lambda: ["denoiser", "monolithic"],
         description="on GPUs (or emulated ones) a replica of these kinds takes a whole device",
     )
+    one_per_device_kinds: list[str] = Field(
+        default_factory=list,
+        description="on GPUs, at most one replica of these kinds per device; smaller models "
+        "may share it (instead of exclusive_kinds)",
+    )
 
     # --- emulated GPU cluster (lego up --emulate) ---------------------------------------------
     workload: Literal["flux3", "mix12"] | None = Field(

@@ -56,6 +56,7 @@ def emulated_settings(
         "swap": system == "swap", "assignment": {}, "replicas": {}, "initial_replicas": {},
         # a fixed cluster: an idle device costs nothing, so pools shrink only for another's need
         "keep_idle_replicas": True, "exclusive_kinds": base.exclusive_kinds,
+        "one_per_device_kinds": base.one_per_device_kinds,
         # replicas of one (emulated) GPU each batch as the profiles allow
         "max_batch": base.max_batch,
     }
@@ -72,7 +73,10 @@ def emulated_settings(
         # is), then follow the load. Micro's small models (encoders, VAEs) share the devices
         # with the denoisers, time-sharing them, rather than take devices of their own.
         update["initial_replicas"] = micro_provision(loaded, shares, n, small_devices=0)
+        # denoisers one per device (a cheap one stepping in turn with Flux-dev's 7x longer
+        # steps would miss its deadline); encoders and VAEs beside them
         update["exclusive_kinds"] = ["monolithic"]
+        update["one_per_device_kinds"] = ["denoiser"]
     elif system == "mono-autoscale":
         # one pipeline per device: the static split's dedicated replicas to start with; every
         # pipeline may go to zero (Mix-12 has more workflows than devices) and cold-start

@@ -202,3 +202,32 @@ def test_micro_provisioning_uses_every_device():
         shared = micro_provision(workload, shares, 8, small_devices=0)
         assert sum(n for p, n in shared.items() if p.startswith("denoiser-")) == 8
         assert all(n == 1 for p, n in counts.items() if p not in denoisers)
+
+
+def test_micro_keeps_denoisers_one_per_device_and_lets_small_models_share():
+    """Placement of the micro system's pools: a denoiser takes more than half a device's
+    slots (so two never time-share a device), encoders and VAEs one slot each."""
+    from autoscaler.placement import place
+    from autoscaler.service import Autoscaler
+    from common.settings import Settings
+    from common.workflow import shipped_workflows
+    from lego.systems import emulated_settings
+
+    settings = emulated_settings(Settings(), system="micro", workload="mix12")
+    scaler = Autoscaler(settings, backend=None)  # type: ignore[arg-type]
+    specs = list(shipped_workflows(settings).values())
+    pools = {}
+    for spec in specs:
+        for pool, (kind, model) in spec.pools().items():
+            from autoscaler.backends import PoolLaunch
+
+            pools[pool] = scaler._pool_spec(PoolLaunch(pool, kind, model), spec, specs)
+    _, devices = scaler.budget({})
+    placed = place(settings.initial_replicas, pools, devices)
+    assert placed.complete
+    per_device: dict[str, list[str]] = {}
+    for pool, where in placed.assignment.items():
+        for device in where:
+            per_device.setdefault(device, []).append(pool)
+    assert all(sum(p.startswith("denoiser-") for p in ps) == 1 for ps in per_device.values())
+    assert any(len(ps) > 1 for ps in per_device.values())  # small models sit beside them
