@@ -39,9 +39,9 @@ from common.observe import ClusterObserver, PoolView
 from common.profiles import (
     EMULATED_DEVICE_BYTES,
     footprint_bytes,
-    load_profiles,
     pipeline_models,
     profile_of,
+    profiles_in,
 )
 from common.registry import WorkflowRegistry
 from common.settings import Settings
@@ -167,7 +167,7 @@ class Autoscaler:
     def _emulated_footprint(
         self, launch: PoolLaunch, workflow: WorkflowSpec, workflows: Iterable[WorkflowSpec]
     ) -> int:
-        profiles = load_profiles(self.settings.profile_dir)
+        profiles = profiles_in(self.settings.profile_dir)
         if launch.kind == "monolithic":
             return sum(profile_of(m, profiles).memory_bytes for m in pipeline_models(workflow))
         adapters = {

@@ -14,6 +14,7 @@ pixel count, which is how convolution and attention-over-patches cost grows to f
 from __future__ import annotations
 
 import bisect
+import functools
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -108,6 +109,7 @@ def parse_profile(data: dict[str, Any]) -> ModelProfile:
     )
 
 
+@functools.lru_cache(maxsize=8)
 def batch_limits(directory: Path | str = DEFAULT_PROFILE_DIR) -> dict[str, int]:
     """Per model, the batch size the paper's authors served it with for latency
     (``model_batch.json`` beside or above the profile directory), if there is one."""
@@ -140,6 +142,12 @@ def load_profiles(directory: Path | str = DEFAULT_PROFILE_DIR) -> dict[str, Mode
     if not found:
         raise FileNotFoundError(f"no profiles (*.json) in {directory}")
     return found
+
+
+@functools.lru_cache(maxsize=8)
+def profiles_in(directory: Path | str) -> dict[str, ModelProfile]:
+    """``load_profiles``, read once per process and directory (shared: do not modify)."""
+    return load_profiles(directory)
 
 
 # --- the timing model of the emulated executor (services/emulated.py) ----------------------

@@ -22,10 +22,10 @@ from pathlib import Path
 
 from common.profiles import (
     ModelProfile,
-    load_profiles,
     node_solo_seconds,
     pipeline_models,
     profile_of,
+    profiles_in,
     solo_latency_s,
 )
 from common.subjects import pool_name
@@ -94,7 +94,7 @@ class Workload:
 def load_workload(name: str, profile_dir: Path | str, time_scale: float = 1.0) -> Workload:
     if name not in WORKLOADS:
         raise ValueError(f"workload: unknown {name!r}; known: {', '.join(WORKLOADS)}")
-    profiles = load_profiles(profile_dir)
+    profiles = profiles_in(profile_dir)
     found = {}
     for path in sorted((WORKLOAD_DIR / name).glob("*.yaml")):
         spec = parse_workflow(path.read_text())

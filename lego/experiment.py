@@ -46,7 +46,6 @@ SUSTAIN = 0.9
 #: SPIKE_AT_S into a BURST_WINDOW_S-second window of the base trace
 SPIKE_S, SPIKE_AT_S, BURST_WINDOW_S = 10.0, 20.0, 60.0
 BURST_FACTORS = (2, 4, 8, 16, 32, 64)
-#: requests per second of the traces at rate scale 1
 PROMPT = "a lighthouse on a cliff at dawn"
 
 
@@ -217,8 +216,9 @@ def sweep_workload(
             log(_row_line(rows[-1]))
     rate = {s: sustained(rows, s) for s in systems}
     loaded: Workload = load_workload(workload, base.profile_dir)
-    capacity = loaded.capacity_rps(devices, trace_for_scale(1.0))
-    rps_at_1 = len(trace_for_scale(1.0)) / duration_s(trace_for_scale(1.0))
+    at_1 = trace_for_scale(1.0)
+    capacity = loaded.capacity_rps(devices, at_1)
+    rps_at_1 = len(at_1) / duration_s(at_1)
     out: dict[str, Any] = {
         "rate_ratio": ratio(rate["micro"], [v for s, v in rate.items() if s != "micro"]),
         "capacity_fraction": round(rate["micro"] * rps_at_1 / capacity, 3),

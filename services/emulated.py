@@ -27,7 +27,6 @@ Timing (the model is ``common.profiles``'; what one ``step`` charges):
 from __future__ import annotations
 
 import collections
-import functools
 import threading
 import time
 import uuid
@@ -46,10 +45,10 @@ from common.profiles import (
     call_seconds,
     cfg_of,
     denoise_step_seconds,
-    load_profiles,
     pipeline_models,
     profile_mode,
     profile_of,
+    profiles_in,
 )
 from common.settings import Settings
 from common.workflow import WorkflowSpec
@@ -114,8 +113,6 @@ class EmulatedDevice:
         self._compute = threading.Lock()  # one step (or load) at a time: time-sharing
         self._ledger = threading.Lock()
         self._resident: collections.OrderedDict[str, int] = collections.OrderedDict()  # LRU
-        self.busy_s = 0.0  # emulated seconds of work done (for utilisation)
-        self.loads = 0
         self.evictions = 0
 
     @property
@@ -145,7 +142,6 @@ class EmulatedDevice:
                 self.evictions += 1
             self._resident[owner.key] = nbytes
             self._resident.move_to_end(owner.key)
-        self.loads += 1
 
     def load(self, owner: Owner, nbytes: int | None = None, load_s: float | None = None) -> None:
         """Make ``owner`` resident with ``nbytes`` (default: its memory; more once a ControlNet
@@ -170,7 +166,6 @@ class EmulatedDevice:
                 if owner.key in self._resident:
                     self._resident.move_to_end(owner.key)
             self.wait(seconds)
-            self.busy_s += seconds
 
 
 _DEVICES: dict[str, EmulatedDevice] = {}
@@ -277,7 +272,7 @@ class EmulatedCore(ModelCore):
 
 def batch_limit_of(kind: str, model: str, settings: Settings) -> int:
     """The batch an emulated node of ``kind`` on ``model`` forms at most (``batch_limit``)."""
-    profile = profile_of(model, profiles_in(str(settings.profile_dir)))
+    profile = profile_of(model, profiles_in(settings.profile_dir))
     limits = batch_limits(settings.profile_dir)
     return batch_limit(profile, limits, profile_mode(profile, kind))
 
@@ -286,12 +281,6 @@ def pipeline_batch_limit(spec: WorkflowSpec, settings: Settings) -> int:
     """A whole-workflow replica batches as far as its denoiser does (its costliest stage)."""
     return min([batch_limit_of(n.kind, spec.models[n.model], settings)
                 for n in spec.nodes.values() if n.kind == "denoiser"] or [settings.max_batch])
-
-
-@functools.lru_cache(maxsize=8)
-def profiles_in(directory: str) -> dict[str, ModelProfile]:
-    """The profiles of ``directory``, read once per process."""
-    return load_profiles(directory)
 
 
 def pipeline_owner(spec: WorkflowSpec, profiles: Mapping[str, ModelProfile], key: str,
@@ -313,7 +302,7 @@ def device_of(settings: Settings) -> EmulatedDevice:
 def build_core(kind: str, model: str, settings: Settings, *, max_batch: int,
                owner: Owner | None = None) -> EmulatedCore:
     """A micro replica's core (``owner`` None: it owns its model) or a pipeline's inner one."""
-    profiles = profiles_in(str(settings.profile_dir))
+    profiles = profiles_in(settings.profile_dir)
     profile = profile_of(model, profiles)
     adapters = {f"{EMULATED_PREFIX}{name}": p for name, p in profiles.items()}
     max_batch = min(max_batch, batch_limit_of(kind, model, settings))

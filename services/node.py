@@ -14,6 +14,7 @@ import torch
 from common import bus, subjects
 from common.errors import UnknownWorkflow
 from common.models import is_emulated, resolve_model_dir
+from common.profiles import profiles_in
 from common.registry import WorkflowRegistry
 from common.settings import Settings
 from common.subjects import pool_name
@@ -43,7 +44,7 @@ def build_runner(
         spec = _workflow(model, settings)
         if all(is_emulated(m) for m in spec.models.values()):
             owner = emulated.pipeline_owner(
-                spec, emulated.profiles_in(str(settings.profile_dir)),
+                spec, profiles_in(settings.profile_dir),
                 replica or f"{spec.name}@{os.getpid()}", swap=settings.swap,
             )
             max_batch = min(max_batch, emulated.pipeline_batch_limit(spec, settings))
