@@ -10,7 +10,9 @@ and read the outcome from ``lego.results.<id>``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import heapq
 import logging
 import uuid
 from typing import Any
@@ -53,6 +55,9 @@ REPLY_HEADER = "Lego-Reply-To"
 DEFAULT_WORKFLOW = "txt2img"
 #: set by the gateway, which already accepted the request (its created_at)
 ACCEPTED_HEADER = "Lego-Accepted-At"
+#: how long past its deadline a request may still be finishing (its last node storing the
+#: image) before the ingress ends it as late
+DEADLINE_GRACE_S = 1.0
 
 
 def _client_id(raw: Any) -> str | None:
@@ -99,6 +104,9 @@ class Ingress:
         self.deadline_policy = admission.DeadlinePolicy(
             settings.slo_factor, settings.slo_min_s, settings.max_deadline_s
         )
+        # (deadline_at, request id) of the requests this replica planned, soonest first
+        self._deadlines: list[tuple[float, str]] = []
+        self._deadline_added = asyncio.Event()
 
     # --- shared by the gateway and the consumer -------------------------------------------------
 
@@ -221,6 +229,7 @@ class Ingress:
             subjects.STATE_UPDATES, queue="ingress", cb=self._on_state
         )
         sweeper = asyncio.create_task(self._sweep_loop())
+        expirer = asyncio.create_task(self._deadline_loop())
         try:
             while not stop.is_set():
                 try:
@@ -230,6 +239,7 @@ class Ingress:
                 await self.handle(msg)
         finally:
             sweeper.cancel()
+            expirer.cancel()
             await advisories.unsubscribe()
             await endings.unsubscribe()
             await sub.unsubscribe()
@@ -354,6 +364,41 @@ class Ingress:
                 encode(task),
                 headers=telemetry.inject({"Nats-Msg-Id": subjects.task_msg_id(request_id, root)}),
             )
+        if deadline_at is not None:
+            heapq.heappush(self._deadlines, (deadline_at, request_id))
+            self._deadline_added.set()
+
+    async def _deadline_loop(self) -> None:
+        """End every request this replica planned by its deadline (plus a grace), whatever its
+        work is doing: a client learns it was too late then, not whenever a replica of a pool
+        that has none (scaled to zero, all crashed) gets round to dropping the task. The queued
+        tasks stay; the nodes drop them unrun when they fetch them."""
+        while True:
+            if not self._deadlines:
+                self._deadline_added.clear()
+                await self._deadline_added.wait()
+                continue
+            due = self._deadlines[0][0] + DEADLINE_GRACE_S - now()
+            if due > 0:
+                self._deadline_added.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._deadline_added.wait(), due)
+                continue
+            deadline_at, request_id = heapq.heappop(self._deadlines)
+            try:
+                await self._expire(request_id, deadline_at)
+            except Exception as exc:  # noqa: BLE001 - the nodes still drop its work when late
+                log.warning("could not end late request %s: %s", request_id, exc)
+
+    async def _expire(self, request_id: str, deadline_at: float) -> None:
+        state = await self.tracker.get(request_id)
+        if state is None or state.done:
+            return
+        error = DeadlineExceeded(
+            f"the deadline passed {now() - deadline_at:.3f}s ago and the request had not "
+            f"finished ({state.status}); its remaining work is dropped"
+        )
+        await self.tracker.finish(request_id, "failed", error=error_info(error))
 
     async def _on_max_deliveries(self, msg: Msg) -> None:
         """A task or request exhausted its deliveries without an ack: fail the request, never

@@ -1,5 +1,6 @@
 """The ingress against a real nats-server: a request it keeps failing on is failed through
-JetStream's MAX_DELIVERIES advisory, not left queued."""
+JetStream's MAX_DELIVERIES advisory, not left queued; a request nobody works on ends at its
+deadline."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from common import subjects
 from common.settings import Settings
 from common.workflow import builtin_workflows
 from gateway.app import Gateway
+from gateway.ingress import DEADLINE_GRACE_S
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -40,3 +42,28 @@ async def test_request_the_ingress_keeps_failing_on_is_failed(settings: Settings
     finally:
         await gw.stop()
 
+
+
+async def test_request_no_replica_takes_ends_at_its_deadline(settings: Settings) -> None:
+    """No node runs at all (a pool scaled to zero, or all its replicas dead): the request still
+    ends when its deadline passes, as deadline_exceeded, and its result event is published."""
+    gw = Gateway(settings, builtin_workflows(), run_ingress=True)
+    await gw.start()
+    try:
+        results = await gw.js._nc.subscribe(subjects.result_subject("late-1"))
+        await gw.js.publish(
+            subjects.REQUESTS_SUBJECT,
+            orjson.dumps({"id": "late-1", "workflow": "txt2img", "prompt": "x",
+                          "deadline_s": 0.5}),
+            headers={"Nats-Msg-Id": "late-1"},
+        )
+        msg = await results.next_msg(timeout=0.5 + DEADLINE_GRACE_S + 10)
+        state = await gw.tracker.get("late-1")
+        assert state is not None and state.status == "failed"
+        assert state.error is not None and state.error.code == "deadline_exceeded"
+        assert "had not finished (queued)" in state.error.message
+        assert orjson.loads(msg.data)["status"] == "failed"
+        assert state.deadline_at is not None and state.finished_at is not None
+        assert state.deadline_at <= state.finished_at < state.deadline_at + DEADLINE_GRACE_S + 5
+    finally:
+        await gw.stop()
