@@ -123,9 +123,13 @@ def test_burst_scales_up_fast_then_drains_without_loss(stack: Stack) -> None:
             failed = [s for s in states if s["status"] != "succeeded"]
             assert not failed, failed[:3]
             assert "down" in down.reason
-            draining = [s for s in watch.latest.values()
+
+            def drained() -> list:
+                return [s for s in watch.latest.values()
                         if s.kind == "denoiser" and s.state in ("draining", "stopped")]
-            assert draining, "a denoiser replica should have drained"
+
+            # the replica told to stop reports it (promptly, unless the machine is busy)
+            draining = await watch.until(drained, timeout_s=60)
             for status in draining:
                 assert wait_gone(replica_pid(status.replica), timeout_s=60)
 
