@@ -9,11 +9,10 @@ is dropped by the node that finds it (``services.runner``), not run.
 
 The bound, for a DAG of nodes: a node cannot start before the tasks ahead of it are done
 (those queued in its pool, and those queued or in progress in the pools upstream of it, which
-will reach it first: ``backlog x work / ready replicas``, FIFO, at the throughput
-recently measured) nor before its
-predecessors finish, and then takes at least its steps times the least time a step of its pool
-has taken. The functions here are pure; ``LoadWatch`` feeds them from the
-replicas' reports.
+will reach it first: ``backlog x work / ready replicas``, FIFO, at the throughput recently
+measured) nor before its predecessors finish, and then takes at least its steps times the
+least time a step of its pool has taken. The functions here are pure; ``LoadWatch`` feeds
+them from the replicas' reports.
 """
 
 from __future__ import annotations
@@ -58,16 +57,15 @@ class PoolLoad:
 
     def clear_s(self, backlog: int) -> float:
         """Seconds until ``backlog`` queued tasks, and the steps admitted since the lag was
-        sampled, are done here at the measured throughput."""
+        sampled, are done here at the measured throughput: the mean work a task amortised
+        over its batches, as the replicas have recently gone (time-sharing a device with
+        other pools included), not the fastest a task went; under overload the fastest
+        admitted work that then missed its deadline and took device time from work that
+        would have met it."""
         if not self.work_s:
             return 0.0
-        # the fastest a task has gone: its steps at the least step time, unless batching made
-        # tasks cheaper still (the mean amortised work): a bound, not an average
-        per_task = self.work_s
-        if self.step_s:
-            per_task = min(per_task, self.step_s * self.steps_per_task)
-        per_step = per_task / self.steps_per_task
-        return (backlog * per_task + self.admitted_steps * per_step) / max(self.ready, 1)
+        per_step = self.work_s / self.steps_per_task
+        return (backlog * self.work_s + self.admitted_steps * per_step) / max(self.ready, 1)
 
 
 def steps_of(spec: WorkflowSpec, params: Mapping[str, Any], plan: Plan) -> dict[str, int]:

@@ -108,10 +108,13 @@ def test_rejection_says_why_and_when_to_retry() -> None:
     assert "deadline" in exc.message
 
 
-def test_the_bound_takes_the_fastest_a_task_has_gone() -> None:
-    """A task's cost ahead is at most its steps at the least step time seen, even when the
-    mean amortised work (time-shared, noisy) is higher: a bound, not an average."""
+def test_queues_clear_at_the_measured_throughput_own_steps_at_the_fastest() -> None:
+    """The work ahead clears at the mean work a task has amortised (slower when replicas
+    time-share their device), the request's own steps at the least step time seen."""
     steps = {"encode": 1, "denoise": 4, "decode": 1}
     slow = loads(denoise=10)
     slow[POOL["denoise"]] = replace(slow[POOL["denoise"]], work_s=0.5)  # mean: 0.5 s a task
-    assert finish_bound_s(PLAN, slow, steps) == pytest.approx(10 * 0.2 + 0.2 + 0.02)
+    assert finish_bound_s(PLAN, slow, steps) == pytest.approx(10 * 0.5 + 4 * 0.05 + 0.02)
+    idle = loads()
+    idle[POOL["denoise"]] = replace(idle[POOL["denoise"]], work_s=0.5)
+    assert finish_bound_s(PLAN, idle, steps) == pytest.approx(0.01 + 4 * 0.05 + 0.02)
