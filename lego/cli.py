@@ -432,8 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     slo.add_argument("--time-scale", type=float, help="run K times faster (slo: default 1; "
                                                       "sweep: default 4)")
     slo.add_argument("--scales", help="sweep: comma-separated rate scales (default "
-                                      "0.5,1,2,3,4,5,6,8; mix12 adds 0.25,0.75,1.25,1.5 "
-                                      "and drops 5 and 6)")
+                                      "flux3 0.5,1,2,3,4,4.5,5,6,8; mix12 0.25,0.5,0.75,1,"
+                                      "1.25,1.5,2,3,4,8)")
     slo.add_argument("--no-bursts", action="store_true", help="sweep: skip the burst ratio")
     slo.add_argument("--out", type=Path, default=Path("bench-results"),
                      help="sweep: where the plots and JSON go (default bench-results/)")
