@@ -204,6 +204,16 @@ def burst_arrivals(base_scale: float, factor: float) -> list[Arrival]:
     return spike(window, at_s=SPIKE_AT_S, length_s=SPIKE_S, factor=factor)
 
 
+def _run_row(base: Settings, run: SloRun, log: Callable[[str], None]) -> dict[str, Any]:
+    """One cell of the sweep; a stack that fails to start (a transient on a loaded host) gets
+    one more try rather than ending an hour-long sweep."""
+    try:
+        return run_slo(base, run)
+    except RuntimeError as exc:
+        log(f"  {run.workload} {run.system}: {exc}; trying once more")
+        return run_slo(base, run)
+
+
 def sweep_workload(
     base: Settings, workload: str, *, devices: int, time_scale: float,
     scales: Sequence[float] | None = None, bursts: bool = True,
@@ -216,8 +226,8 @@ def sweep_workload(
     rows: list[dict] = []
     for system in systems:
         for scale in scales:
-            result = run_slo(base, SloRun(system, workload, trace_for_scale(scale), devices,
-                                          time_scale))
+            result = _run_row(base, SloRun(system, workload, trace_for_scale(scale), devices,
+                                           time_scale), log)
             rows.append({"rate_scale": scale, **result})
             log(_row_line(rows[-1]))
     rate = {s: sustained(rows, s) for s in systems}
@@ -242,9 +252,9 @@ def sweep_workload(
         for system in systems:
             absorbed[system] = 1.0
             for factor in BURST_FACTORS:
-                result = run_slo(base, SloRun(system, workload,
-                                              burst_arrivals(base_scale, factor), devices,
-                                              time_scale))
+                result = _run_row(base, SloRun(system, workload,
+                                               burst_arrivals(base_scale, factor), devices,
+                                               time_scale), log)
                 burst_rows.append({"base_rate_scale": base_scale, "factor": factor, **result})
                 log(f"  burst x{factor:<3g} " + _row_line(burst_rows[-1]))
                 if (result["slo_attainment"] or 0) < SUSTAIN:
