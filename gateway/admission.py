@@ -2,8 +2,8 @@
 
 Every request has a deadline: the client's ``deadline_s``, else the workflow's SLO
 (``slo_factor`` x its solo latency, at least ``slo_min_s``). Before a request is accepted, the
-ingress computes a lower bound on when it could finish, given the work already queued in every
-pool it needs; if that is past the deadline, the request is rejected (HTTP 503 with Retry-After,
+ingress estimates the earliest it could finish, given the work already queued in every pool it
+needs; if that is past the deadline, the request is rejected (HTTP 503 with Retry-After,
 or an error result on NATS) instead of timing out in a queue. Work whose deadline passes anyway
 is dropped by the node that finds it (``services.runner``), not run.
 
@@ -59,9 +59,9 @@ class PoolLoad:
         """Seconds until ``backlog`` queued tasks, and the steps admitted since the lag was
         sampled, are done here at the measured throughput: the mean work a task amortised
         over its batches, as the replicas have recently gone (time-sharing a device with
-        other pools included), not the fastest a task went; under overload the fastest
-        admitted work that then missed its deadline and took device time from work that
-        would have met it."""
+        other pools included). Not the fastest a task went: under overload, that let in
+        work which then missed its deadline, taking device time from work that would not
+        have."""
         if not self.work_s:
             return 0.0
         per_step = self.work_s / self.steps_per_task
@@ -94,8 +94,9 @@ def steps_of(spec: WorkflowSpec, params: Mapping[str, Any], plan: Plan) -> dict[
 def finish_bound_s(
     plan: Plan, loads: Mapping[str, PoolLoad], steps: Mapping[str, int] | None = None
 ) -> float:
-    """A lower bound on the seconds a new request of ``plan`` needs to finish, given the
-    queues now (pools without figures count as empty and instant)."""
+    """The earliest a new request of ``plan`` could finish, in seconds, given the queues now
+    (cleared at the measured throughput; its own steps at the least step time; pools without
+    figures count as empty and instant)."""
     memo: dict[str, float] = {}
 
     def upstream(node: str) -> set[str]:
