@@ -122,8 +122,7 @@ class Autoscaler:
         s = self.settings
         low = s.min_replicas_of(pool, kind)
         gpus = [d for d in s.devices if not d.startswith("cpu")]
-        # one device must hold every pool, so nothing takes it whole there
-        slots = 1
+        slots = 1  # on one device (which must hold every pool) nothing takes it whole
         if len(gpus) > 1 and kind in s.exclusive_kinds:
             slots = self.slots_per_device()
         elif len(gpus) > 1 and kind in s.one_per_device_kinds:

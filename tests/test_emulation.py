@@ -207,6 +207,7 @@ def test_micro_provisioning_uses_every_device():
 def test_micro_keeps_denoisers_one_per_device_and_lets_small_models_share():
     """Placement of the micro system's pools: a denoiser takes more than half a device's
     slots (so two never time-share a device), encoders and VAEs one slot each."""
+    from autoscaler.backends import PoolLaunch
     from autoscaler.placement import place
     from autoscaler.service import Autoscaler
     from common.settings import Settings
@@ -219,8 +220,6 @@ def test_micro_keeps_denoisers_one_per_device_and_lets_small_models_share():
     pools = {}
     for spec in specs:
         for pool, (kind, model) in spec.pools().items():
-            from autoscaler.backends import PoolLaunch
-
             pools[pool] = scaler._pool_spec(PoolLaunch(pool, kind, model), spec, specs)
     _, devices = scaler.budget({})
     placed = place(settings.initial_replicas, pools, devices)
