@@ -32,6 +32,8 @@ from autoscaler.policy import (
     PoolSpec,
     decide,
 )
+from autoscaler.residency import PoolNeed, Residency, copies_wanted
+from autoscaler.residency import plan as plan_residency
 from common import bus, metrics, subjects
 from common.messages import ScaleEvent, encode, now
 from common.models import is_emulated, resolve_model_dir
@@ -102,6 +104,7 @@ class Autoscaler:
         self._footprints: dict[str, int] = {}
         self._consumers: set[str] = set()  # pools whose consumer is known to exist
         self._arrivals: dict[str, float] = {}  # pool -> smoothed arrival rate
+        self._residency_state: Residency | None = None
 
     # --- what to scale --------------------------------------------------------------------
 
@@ -238,7 +241,9 @@ class Autoscaler:
             pool: [r.device for r in replicas if r.state == "running"]
             for pool, replicas in running.items() if pool in pools
         }
-        if self.settings.assignment:  # a static baseline: placed once, never rescaled
+        if self.settings.device_hosts and self.backend.places_replicas:
+            placement, reasons = self._residency(pools, observations, devices, current)
+        elif self.settings.assignment:  # a static baseline: placed once, never rescaled
             placement = {pool: list(self.settings.assignment.get(pool, [])) for pool in pools}
             reasons = dict.fromkeys(pools, "fixed assignment")
         elif self.state is None and self.settings.initial_replicas:
@@ -270,6 +275,33 @@ class Autoscaler:
             log.info("%s: %d -> %d replicas (%s)", pool, event.before, event.after, event.reason)
         metrics.record_autoscaler(views, {p: len(a) for p, a in placement.items()}, events)
         return events
+
+    def _residency(
+        self, pools: dict[str, Pool], observations: dict[str, PoolObservation],
+        devices: list[Device], current: dict[str, list[str]],
+    ) -> tuple[dict[str, list[str]], dict[str, str]]:
+        """Device hosts: which models each device holds (``autoscaler.residency``)."""
+        wants = {}
+        for name, pool in pools.items():
+            obs = observations[name]
+            rate = obs.measured_service_rate_per_replica
+            service_s = 1.0 / rate if rate else 0.0
+            wants[name] = max(
+                pool.spec.min_replicas,
+                self.settings.initial_replicas.get(name, 0) if self._residency_state is None
+                else 0,
+                copies_wanted(obs.arrival_rate, service_s, lag=obs.lag,
+                              target_wait_s=max(service_s, self.settings.autoscale_tick_s),
+                              most=len(devices)),
+            )
+        state = self._residency_state or Residency(self.config.stable_window_s)
+        held, self._residency_state = state.step(time.monotonic(), wants)
+        needs = {name: PoolNeed(name, pool.spec.memory_bytes, held[name])
+                 for name, pool in pools.items()}
+        placement = plan_residency(needs, devices, current)
+        reasons = {name: f"resident on {len(placement[name])} of {len(devices)} devices "
+                   f"(wants {held[name]})" for name in pools}
+        return placement, reasons
 
     def _place(
         self, replicas: dict[str, int], specs: dict[str, PoolSpec], devices: list[Device],

@@ -81,6 +81,9 @@ class PlanNode(msgspec.Struct):
     inputs: dict[str, str] = {}
     #: model specs of adapters (ControlNets) applied at this node; they share its pool
     adapters: list[str] = []
+    #: estimated compute of this node for this request, seconds (its steps at the step time the
+    #: pool has shown; 0 when not yet measured): device hosts order work by the slack it leaves
+    est_s: float = 0.0
 
 
 class Plan(msgspec.Struct):
@@ -106,6 +109,12 @@ class Plan(msgspec.Struct):
     def roots(self) -> list[str]:
         return [name for name in self.nodes if not self.predecessors(name)]
 
+    def tail_s(self, node: str) -> float:
+        """Estimated work still to run after ``node`` finishes: its longest chain of
+        successors, by their ``est_s``."""
+        return max((self.nodes[s].est_s + self.tail_s(s) for s in self.successors(node)),
+                   default=0.0)
+
 
 class Task(msgspec.Struct, omit_defaults=True):
     """One unit of work for one pool: run ``plan.nodes[node]`` for ``request_id``."""
@@ -122,6 +131,8 @@ class Task(msgspec.Struct, omit_defaults=True):
     meta: dict[str, Any] = {}
     timings: list[NodeTiming] = []
     deadline_at: float | None = None  # epoch seconds; work still queued after it is dropped
+    #: times a busy device host handed it back to its pool's queue for an idle one to take
+    handoffs: int = 0
 
     def expired(self, at: float) -> bool:
         return self.deadline_at is not None and at > self.deadline_at

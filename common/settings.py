@@ -81,6 +81,28 @@ class Settings(BaseSettings):
     max_batch: int = Field(8, ge=1, description="default max batch of a node")
     drain_timeout_s: float = Field(120.0, gt=0)
 
+    # --- device hosts (services/host.py) -------------------------------------------------------
+    host_scheduler: Literal["least_slack", "fifo"] = Field(
+        "least_slack", description="which held task a device runs next: least deadline slack "
+        "(the work ahead of it counted), or arrival order",
+    )
+    host_eligible_s: float = Field(
+        0.01, ge=0, description="a host fetches another pool's task only while the work it "
+        "holds for its other pools is under this (pull when nearly idle)",
+    )
+    host_poll_s: float = Field(
+        0.25, gt=0, description="longest wait of one fetch: a host that gets busy meanwhile "
+        "may still receive the task (it then hands it back), so keep it short",
+    )
+    host_max_handoffs: int = Field(
+        8, ge=0, description="times a task fetched by a host that got busy meanwhile may be "
+        "handed back to its queue for an idle device (then the host keeps it)",
+    )
+    device_hosts: bool = Field(
+        False, description="the emulated backend runs one host per device, serving every "
+        "pool resident there (else one host per replica)",
+    )
+
     # --- autoscaler --------------------------------------------------------------------------
     autoscale: bool = Field(True, description="`lego up` runs the autoscaler (else 1 replica/pool)")
     monolithic: bool = Field(

@@ -82,9 +82,10 @@ def replica_subject(pool: str) -> str:
     return f"lego.replicas.{pool}"
 
 
-def task_msg_id(request_id: str, node: str) -> str:
-    """Nats-Msg-Id of a task: a re-published task (a replica died before acking) is dropped."""
-    return f"{request_id}:{node}"
+def task_msg_id(request_id: str, node: str, handoffs: int = 0) -> str:
+    """Nats-Msg-Id of a task: a re-published task (a replica died before acking) is dropped.
+    A task a busy host handed back is a new message: its hand-off count tells it apart."""
+    return f"{request_id}:{node}" + (f":h{handoffs}" if handoffs else "")
 
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

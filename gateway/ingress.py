@@ -154,6 +154,17 @@ class Ingress:
     def plan(self, spec: WorkflowSpec) -> Plan:
         return spec.compile(monolithic=self.settings.monolithic)
 
+    def estimated(self, plan: Plan, spec: WorkflowSpec, params: dict[str, Any]) -> Plan:
+        """``plan`` with each node's estimated compute (its steps at the least step time its
+        pool has shown), so that device hosts can tell how much work is left after a node."""
+        loads = self.loads.loads if self.loads is not None else {}
+        steps = admission.steps_of(spec, params, plan)
+        for name, node in plan.nodes.items():
+            load = loads.get(node.pool)
+            if load is not None and load.step_s:
+                node.est_s = round(steps.get(name, 1) * load.step_s, 6)
+        return plan
+
     def admit(self, raw: dict[str, Any], spec: WorkflowSpec, valid: ValidRequest) -> float | None:
         """The request's deadline (seconds from now), after admission control: raises
         ``Overloaded`` when the work queued ahead cannot let it finish in time."""
@@ -332,7 +343,7 @@ class Ingress:
             await self.tracker.finish(request_id, "failed", error=error_info(error))
             return
         telemetry.annotate({"lego.request_id": request_id, "lego.workflow": spec.name})
-        plan = self.plan(spec)
+        plan = self.estimated(self.plan(spec), spec, valid.params)
         request_tensors = {
             name: await self.store.put(
                 tensor_key("tmp", request_id, "request", name),

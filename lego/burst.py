@@ -55,6 +55,7 @@ class Outcome:
     error: str | None = None
     latency_s: float | None = None  # as the client saw it (HTTP included)
     served_s: float | None = None  # from the gateway's acceptance to the end, as recorded
+    timings: list[dict] = field(default_factory=list)  # per node: queue, run and I/O ms
 
 
 @dataclass
@@ -95,6 +96,7 @@ async def submit(http: httpx.AsyncClient, outcome: Outcome, body: dict) -> None:
         outcome.served_s = state["updated_at"] - state["created_at"]
         outcome.status = "succeeded" if state["status"] == "succeeded" else "failed"
         outcome.error = (state.get("error") or {}).get("code")
+        outcome.timings = state.get("timings") or []
     except httpx.HTTPError as exc:  # counted as lost: no final state came back
         outcome.error = f"{type(exc).__name__}: {exc}"
 

@@ -50,10 +50,15 @@ def emulated_settings(
         "autoscale_tick_s": max(0.05, base.autoscale_tick_s / (time_scale or 1.0)),
         "scale_down_delay_s": base.scale_down_delay_s / (time_scale or 1.0),
         "admission_sample_s": max(0.05, base.admission_sample_s / (time_scale or 1.0)),
+        "host_eligible_s": base.host_eligible_s / (time_scale or 1.0),
+        # a task fetched by a host that got busy may be handed on past every other device
+        "host_max_handoffs": max(base.host_max_handoffs, n),
         "profile_dir": profile_dir, "time_scale": time_scale or 1.0, "workflows": [],
         "slo_min_s": 0.0, "autoscale": True, "max_replicas": n,
         "monolithic": system != "micro", "admission": system in ("micro", "mono-autoscale"),
         "swap": system == "swap", "assignment": {}, "replicas": {}, "initial_replicas": {},
+        # the baselines serve one pipeline after another, first come first served
+        "host_scheduler": "least_slack" if system == "micro" else "fifo",
         # a fixed cluster: an idle device costs nothing, so pools shrink only for another's need
         "keep_idle_replicas": True, "exclusive_kinds": base.exclusive_kinds,
         "one_per_device_kinds": base.one_per_device_kinds,
@@ -69,14 +74,13 @@ def emulated_settings(
     else:
         split = static_split(loaded, shares, ids, EMULATED_DEVICE_BYTES)
     if system == "micro":
-        # the autoscaled systems start provisioned for the expected mix (as the static split
-        # is), then follow the load. Micro's small models (encoders, VAEs) share the devices
-        # with the denoisers, time-sharing them, rather than take devices of their own.
+        # one device host per GPU, serving every model resident on it and running the most
+        # urgent step next; the autoscaler decides residency, starting from copies in
+        # proportion to each model's expected work and filling memory from there
+        update["device_hosts"] = True
         update["initial_replicas"] = micro_provision(loaded, shares, n, small_devices=0)
-        # denoisers one per device (a cheap one stepping in turn with Flux-dev's 7x longer
-        # steps would miss its deadline); encoders and VAEs beside them
-        update["exclusive_kinds"] = ["monolithic"]
-        update["one_per_device_kinds"] = ["denoiser"]
+        update["exclusive_kinds"] = []
+        update["one_per_device_kinds"] = []
     elif system == "mono-autoscale":
         # one pipeline per device: the static split's dedicated replicas to start with; every
         # pipeline may go to zero (Mix-12 has more workflows than devices) and cold-start

@@ -32,11 +32,21 @@ def build_runner(
     kind: str, model: str, settings: Settings, max_batch: int | None = None,
     replica: str | None = None,
 ) -> NodeRunner:
-    """The runner of one replica: ``model`` is a model spec, or for ``kind == "monolithic"`` the
-    name of the workflow to serve whole (shipped, else read from the workflow bucket: call this
-    outside a running event loop then, as ``run_node`` does). ``emulated:`` models get the
-    emulated executor on the device ``settings.device_label`` names. ``replica``: its id when
-    a process hosts several."""
+    """The runner of one replica (``build_core``'s core on a host of its own). ``replica``:
+    its id when a process hosts several."""
+    core, pool = build_core(kind, model, settings, max_batch, replica)
+    return NodeRunner(core, pool, model, settings, replica=replica)
+
+
+def build_core(
+    kind: str, model: str, settings: Settings, max_batch: int | None = None,
+    replica: str | None = None,
+) -> tuple[ModelCore, str]:
+    """The core of one replica and its pool: ``model`` is a model spec, or for ``kind ==
+    "monolithic"`` the name of the workflow to serve whole (shipped, else read from the
+    workflow bucket: call this outside a running event loop then, as ``run_node`` does).
+    ``emulated:`` models get the emulated executor on the device ``settings.device_label``
+    names."""
     max_batch = max_batch or settings.max_batch
     models_dir = settings.cache_dir / "models"
     core: ModelCore
@@ -57,19 +67,17 @@ def build_runner(
         else:
             dirs = {alias: resolve_model_dir(m, models_dir) for alias, m in spec.models.items()}
             core = MonolithicCore(spec, dirs, device=settings.device, max_batch=max_batch)
-        pool = spec.monolithic_pool()
-    elif kind in CORES:
+        return core, spec.monolithic_pool()
+    if kind in CORES:
         if is_emulated(model):
             core = emulated.build_core(kind, model, settings, max_batch=max_batch)
         else:
             core = CORES[kind](
                 resolve_model_dir(model, models_dir), device=settings.device, max_batch=max_batch
             )
-        pool = pool_name(kind, model)
-    else:
-        known = ", ".join(sorted([*CORES, MonolithicCore.kind]))
-        raise SystemExit(f"unknown node kind {kind!r}; known: {known}")
-    return NodeRunner(core, pool, model, settings, replica=replica)
+        return core, pool_name(kind, model)
+    known = ", ".join(sorted([*CORES, MonolithicCore.kind]))
+    raise SystemExit(f"unknown node kind {kind!r}; known: {known}")
 
 
 def _workflow(name: str, settings: Settings) -> WorkflowSpec:

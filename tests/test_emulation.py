@@ -204,29 +204,37 @@ def test_micro_provisioning_uses_every_device():
         assert all(n == 1 for p, n in counts.items() if p not in denoisers)
 
 
-def test_micro_keeps_denoisers_one_per_device_and_lets_small_models_share():
-    """Placement of the micro system's pools: a denoiser takes more than half a device's
-    slots (so two never time-share a device), encoders and VAEs one slot each."""
+def test_micro_residency_places_every_model_and_fills_memory_by_need():
+    """Micro's device hosts at start: every pool resident somewhere, no device over its
+    memory, and memory filled with copies in proportion to need (on Flux-3 every model fits on
+    every device; on Mix-12 the busiest denoiser gets the most devices)."""
     from autoscaler.backends import PoolLaunch
-    from autoscaler.placement import place
+    from autoscaler.residency import PoolNeed, plan
     from autoscaler.service import Autoscaler
     from common.settings import Settings
     from common.workflow import shipped_workflows
     from lego.systems import emulated_settings
 
-    settings = emulated_settings(Settings(), system="micro", workload="mix12")
-    scaler = Autoscaler(settings, backend=None)  # type: ignore[arg-type]
-    specs = list(shipped_workflows(settings).values())
-    pools = {}
-    for spec in specs:
-        for pool, (kind, model) in spec.pools().items():
-            pools[pool] = scaler._pool_spec(PoolLaunch(pool, kind, model), spec, specs)
-    _, devices = scaler.budget({})
-    placed = place(settings.initial_replicas, pools, devices)
-    assert placed.complete
-    per_device: dict[str, list[str]] = {}
-    for pool, where in placed.assignment.items():
-        for device in where:
-            per_device.setdefault(device, []).append(pool)
-    assert all(sum(p.startswith("denoiser-") for p in ps) == 1 for ps in per_device.values())
-    assert any(len(ps) > 1 for ps in per_device.values())  # small models sit beside them
+    for workload in ("flux3", "mix12"):
+        settings = emulated_settings(Settings(), system="micro", workload=workload)
+        assert settings.device_hosts
+        scaler = Autoscaler(settings, backend=None)  # type: ignore[arg-type]
+        specs = list(shipped_workflows(settings).values())
+        pools = {}
+        for spec in specs:
+            for pool, (kind, model) in spec.pools().items():
+                pools[pool] = scaler._pool_spec(PoolLaunch(pool, kind, model), spec, specs)
+        _, devices = scaler.budget({})
+        needs = {p: PoolNeed(p, spec.memory_bytes, settings.initial_replicas.get(p, 1))
+                 for p, spec in pools.items()}
+        placed = plan(needs, devices)
+        assert all(placed[p] for p in pools)
+        for device in devices:
+            used = sum(pools[p].memory_bytes for p, where in placed.items() if device.id in where)
+            assert used <= device.memory_bytes
+        if workload == "flux3":
+            assert all(len(where) == len(devices) for where in placed.values())
+        else:
+            copies = {p: len(w) for p, w in placed.items() if p.startswith("denoiser-")}
+            busiest = max(copies, key=lambda p: settings.initial_replicas.get(p, 0))
+            assert copies[busiest] == max(copies.values()) and min(copies.values()) >= 1

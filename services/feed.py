@@ -1,0 +1,524 @@
+"""A pool's feed on a device host: the life of one task, from fetch to ack.
+
+Each pool resident on a device has one ``PoolFeed`` on that device's host (``services.host``).
+It binds to the pool's durable JetStream pull consumer (shared by every device that holds the
+model), fetches a task when the host says it could start it soon, loads its input tensors from
+the store and turns it into the core's per-item state; once the host's step loop has finished
+the task, the feed stores its outputs, publishes the successors' tasks (or records its part of
+a join, or finishes the request) and only then acks. Transient failures are retried (nak) up
+to ``max_deliver``; terminal ones fail the request. Cancelled and expired work is dropped.
+
+The feed never runs the model: which batch runs when is the host's decision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from nats.aio.msg import Msg
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+from common import bus, metrics, subjects, telemetry
+from common.errors import DeadlineExceeded, LegoError, RequestError, TerminalError
+from common.messages import (
+    ErrorInfo,
+    JoinState,
+    NodeTiming,
+    Progress,
+    ReplicaStatus,
+    Task,
+    TensorRef,
+    decode,
+    encode,
+    error_info,
+    merge_meta,
+    now,
+)
+from common.metrics import percentile
+from common.store import tensor_key
+from services.core import ModelCore, WorkItem
+
+if TYPE_CHECKING:
+    from services.host import DeviceHost
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TaskFigures:
+    """What one finished task tells about the replica's speed (reported in ReplicaStatus)."""
+
+    latency_ms: float  # queue + run + store I/O
+    work_ms: float  # compute amortised over the batches it shared
+    unit_ms: float  # compute per step
+    units: int  # steps
+
+
+def _mean(values: Any) -> float | None:
+    values = list(values)
+    return round(sum(values) / len(values), 3) if values else None
+
+
+@dataclass(eq=False)
+class Held:
+    """A task this host holds: fetched, not yet acked."""
+
+    feed: PoolFeed
+    msg: Msg
+    task: Task
+    fetched_at: float
+    attempt: int
+    state: Any = None
+    run_s: float = 0.0
+    work_s: float = 0.0  # run time amortised over the batch sizes it ran in
+    io_s: float = 0.0
+    batch: int = 1
+    steps_reported: int = 0
+    ran_from: float = 0.0  # wall clock of its first step's start, and of its last step's end
+    ran_until: float = 0.0
+    span: Any = None  # its trace span, when tracing is on
+
+
+@dataclass
+class FeedStats:
+    loaded_s: float = 0.0
+    startup_s: float | None = None
+    tasks_done: int = 0
+    tasks_failed: int = 0
+    tasks_retried: int = 0
+    tasks_dropped: int = 0
+    tasks_handed_back: int = 0
+    batches: int = 0
+    batch_items: int = 0
+    ready: bool = False
+    draining: bool = False
+
+
+class PoolFeed:
+    """One pool on one host (a replica of the pool, as the autoscaler and `lego status` see it)."""
+
+    def __init__(self, host: DeviceHost, core: ModelCore, pool: str, model: str,
+                 replica: str, process_started: float) -> None:
+        self.host = host
+        self.core = core
+        self.pool = pool
+        self.model = model
+        self.replica = replica
+        self.process_started = process_started
+        self.stats = FeedStats()
+        self.metrics = metrics.NodeMetrics(pool)
+        self.held: list[Held] = []
+        #: measured compute of one step of this pool on this device (seconds; None: not yet)
+        self.step_s: float | None = None
+        self.least_step_s: float | None = None  # of one task alone
+        self.stopping = False
+        self.done = asyncio.Event()  # drained: fetching stopped, nothing held
+        self._fetch_ended = False
+        self._recent: collections.deque[TaskFigures] = collections.deque(maxlen=256)
+        self._sub: Any = None
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the model and bind to the pool's consumer."""
+        settings = self.host.settings
+        started = time.perf_counter()
+        await asyncio.to_thread(self.core.load)
+        self.stats.loaded_s = time.perf_counter() - started
+        self._sub = await bus.pull_subscription(
+            self.host.js, subjects.TASKS_STREAM, subjects.pool_consumer(self.pool),
+            subjects.task_subject(self.pool), settings,
+        )
+        self.stats.ready = True
+        self.stats.startup_s = time.monotonic() - self.process_started
+        await self.publish_status()
+        log.info("%s ready (model loaded in %.2fs)", self.replica, self.stats.loaded_s)
+
+    def drain(self) -> None:
+        """Stop fetching; what is held is finished and acked, then ``done`` is set."""
+        self.stopping = True
+        self.stats.draining = True
+        self.host.changed()
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+        await self.publish_status("stopped")
+        self.core.close()
+        log.info("%s stopped", self.replica)
+
+    def check_done(self) -> None:
+        if self.stopping and not self.held and self._fetch_ended:
+            self.done.set()
+
+    # --- fetching and admission ------------------------------------------------------------------
+
+    async def fetch_loop(self) -> None:
+        poll_s = self.host.settings.host_poll_s
+        try:
+            while not self.stopping:
+                if not self.host.may_fetch(self):
+                    await self.host.wait_changed()
+                    continue
+                try:
+                    # One at a time: a single fetch returns on the first arrival, and the host
+                    # only asks when it could start the task soon (work waits in JetStream,
+                    # where any device holding the model can take it).
+                    [msg] = await self._sub.fetch(1, timeout=poll_s)
+                except TimeoutError:
+                    continue
+                held = await self._admit(msg)  # even if draining began meanwhile: it is ours
+                if held is not None:
+                    self.host.hold(held)
+        finally:
+            self._fetch_ended = True
+            self.check_done()
+
+    async def _admit(self, msg: Msg) -> Held | None:
+        host = self.host
+        fetched_at = now()
+        try:
+            task = decode(msg.data, Task)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            log.error("%s: dropping a malformed task: %s", self.replica, exc)
+            await msg.term()
+            return None
+        held = Held(self, msg, task, fetched_at, msg.metadata.num_delivered or 1)
+        self.metrics.queue_wait.observe(max(0.0, fetched_at - task.published_at))
+        if telemetry.enabled():
+            self._trace(held)
+        if task.request_id in host.cancelled:
+            await self.drop(held)
+            return None
+        if task.expired(fetched_at) or self.doomed(held, fetched_at):
+            await self.expire(held)
+            return None
+        if not host.may_start(self) and task.handoffs < host.settings.host_max_handoffs:
+            await self._hand_back(held)
+            return None
+        node = task.plan.nodes[task.node]
+        try:
+            started = time.perf_counter()
+            with telemetry.within(held.span):
+                inputs = {name: await host.store.get(ref) for name, ref in task.inputs.items()}
+            held.io_s += time.perf_counter() - started
+        except KeyError as exc:
+            # Inputs gone: the request ended (cancelled, failed) and was cleaned up.
+            log.info("%s: inputs of %s gone (%s); dropping", self.replica, task.request_id, exc)
+            await self.drop(held)
+            return None
+        except Exception as exc:  # noqa: BLE001 - classified in fail
+            await self.fail(held, exc)
+            return None
+        try:
+            if held.attempt == 1 and task.node in task.plan.roots():
+                # Off the critical path: a compare-and-set that only moves queued -> running.
+                host.spawn(host.tracker.mark_running(task.request_id))
+            held.state = self.core.start(
+                WorkItem(task.request_id, node.op, task.params, inputs, tuple(node.adapters))
+            )
+        except Exception as exc:  # noqa: BLE001 - classified in fail
+            await self.fail(held, exc)
+            return None
+        return held
+
+    async def _hand_back(self, held: Held) -> None:
+        """The host got busy while this fetch waited (another pool's task came first): put the
+        task back in the pool's queue, as a new message, for a device that can start it now
+        (a nak would count as a failed delivery), then ack this one."""
+        task = msgspec.structs.replace(held.task, handoffs=held.task.handoffs + 1)
+        await self.host.js.publish(
+            subjects.task_subject(self.pool), encode(task),
+            headers=telemetry.inject({"Nats-Msg-Id": subjects.task_msg_id(
+                task.request_id, task.node, task.handoffs)}),
+        )
+        await held.msg.ack()
+        self.stats.tasks_handed_back += 1
+        telemetry.end(held.span, outcome="handed_back")
+
+    def _trace(self, held: Held) -> None:
+        """Start the task's span, the child of its publisher's (``traceparent`` in the message
+        headers), from its publication on; its queue wait is the first child."""
+        task = held.task
+        held.span = telemetry.start_span(
+            f"node {task.node}",
+            {"lego.request_id": task.request_id, "lego.workflow": task.workflow,
+             "lego.node": task.node, "lego.pool": self.pool, "lego.replica": self.replica,
+             "lego.attempt": held.attempt},
+            headers=held.msg.headers, start_s=task.published_at,
+            kind=telemetry.SpanKind.CONSUMER,
+        )
+        telemetry.record_span("queue_wait", held.span, task.published_at, held.fetched_at)
+
+    # --- what the host asks ---------------------------------------------------------------------
+
+    def work_s(self, held: Held, *, remaining: bool = True, least: bool = False) -> float:
+        """The held task's own compute here: what is still to run (or all of it), at the step
+        time measured on this device (smoothed, or the least seen), else at the plan's
+        estimate."""
+        node = held.task.plan.nodes[held.task.node]
+        if held.state is None:  # not started yet: as planned
+            return node.est_s
+        done, total = self.core.progress(held.state)
+        step_s = self.least_step_s if least else self.step_s
+        if step_s is None:
+            step_s = node.est_s / max(total, 1)
+        return max(0, total - done if remaining else total) * step_s
+
+    def doomed(self, held: Held, at: float) -> bool:
+        """Whether the request cannot finish by its deadline even if all its remaining work
+        ran now at the fastest this device and its pools have gone: running it would only take
+        time from work that can still make it."""
+        task = held.task
+        if task.deadline_at is None:
+            return False
+        least_s = self.work_s(held, least=True) + task.plan.tail_s(task.node)
+        return at + least_s > task.deadline_at
+
+    def ran(self, group: list[Held], elapsed_s: float, ended_at: float) -> None:
+        """Account one step of ``group`` that took ``elapsed_s``."""
+        self.stats.batches += 1
+        self.stats.batch_items += len(group)
+        self.metrics.batch_size.observe(len(group))
+        # smoothed, so one slow step (a load, a busy host) does not swing the estimates
+        self.step_s = elapsed_s if self.step_s is None else 0.7 * self.step_s + 0.3 * elapsed_s
+        if len(group) == 1:
+            self.least_step_s = min(elapsed_s, self.least_step_s or elapsed_s)
+        for held in group:
+            held.ran_from = held.ran_from or ended_at - elapsed_s
+            held.ran_until = ended_at
+            held.run_s += elapsed_s
+            held.work_s += elapsed_s / len(group)
+            held.batch = max(held.batch, len(group))
+
+    # --- ending a task --------------------------------------------------------------------------
+
+    async def drop(self, held: Held, outcome: str = "dropped") -> None:
+        self.stats.tasks_dropped += 1
+        telemetry.end(held.span, outcome=outcome)
+        await held.msg.term()
+        # A late task may have written tensors after the cancel cleaned up.
+        await self.host.store.delete_group("tmp", held.task.request_id)
+
+    async def expire(self, held: Held) -> None:
+        """Its deadline passed, or it can no longer be met: fail the request with a clear
+        status instead of running it."""
+        task = held.task
+        at = now()
+        late_s = at - (task.deadline_at or 0.0)
+        if late_s > 0:
+            why = f"the deadline passed {late_s:.3f}s before node {task.node} finished"
+        else:
+            needs_s = self.work_s(held, least=True) + task.plan.tail_s(task.node)
+            why = (f"node {task.node} and what follows need at least {needs_s:.3f}s, and "
+                   f"{-late_s:.3f}s are left before the deadline")
+        error = DeadlineExceeded(f"{why}; dropped, not run", pool=self.pool)
+        await self.host.tracker.finish(task.request_id, "failed",
+                                       error=error_info(error, task.node), timings=task.timings)
+        await self.drop(held, "expired")
+
+    async def report_progress(self, group: list[Held]) -> None:
+        for held in group:
+            step, total = self.core.progress(held.state)
+            if total > 1 and step > held.steps_reported:
+                held.steps_reported = step
+                progress = Progress(held.task.request_id, held.task.node, step, total)
+                await self.host.nc.publish(
+                    subjects.progress_subject(held.task.request_id), encode(progress)
+                )
+
+    async def complete(self, held: Held) -> None:
+        host, task = self.host, held.task
+        units = max(1, self.core.progress(held.state)[1])
+        telemetry.record_span("execute", held.span, held.ran_from, held.ran_until,
+                              {"lego.steps": units, "lego.batch": held.batch})
+        try:
+            result = self.core.finish(held.state)
+            started = time.perf_counter()
+            plan = task.plan
+            timing = NodeTiming(
+                node=task.node,
+                pool=self.pool,
+                replica=self.replica,
+                queue_ms=round(max(0.0, held.fetched_at - task.published_at) * 1000, 3),
+                run_ms=round(held.run_s * 1000, 3),
+                io_ms=0.0,
+                attempt=held.attempt,
+                batch=held.batch,
+            )
+            meta = merge_meta(task.meta, result.meta)
+            if task.node == plan.output_node:
+                name = plan.output.split(".", 1)[1]
+                ref = await host.store.put(
+                    tensor_key("out", task.request_id, name),
+                    result.tensors[name],
+                    host.settings.result_ttl_s,
+                )
+                timing.io_ms = round((held.io_s + time.perf_counter() - started) * 1000, 3)
+                finished = await host.tracker.finish(
+                    task.request_id, "succeeded", image=ref, meta=meta,
+                    timings=[*task.timings, timing],
+                )
+                if finished is None:  # it ended meanwhile (cancelled): keep nothing of it
+                    await host.store.delete_group("out", task.request_id)
+            else:
+                refs = await self._store_outputs(task, result.tensors)
+                timing.io_ms = round((held.io_s + time.perf_counter() - started) * 1000, 3)
+                for successor in plan.successors(task.node):
+                    await self._forward(task, successor, refs, meta, [*task.timings, timing])
+        except Exception as exc:  # noqa: BLE001 - classified in fail
+            await self.fail(held, exc)
+            return
+        await held.msg.ack()
+        self.stats.tasks_done += 1
+        self.metrics.execution.observe(held.run_s)
+        telemetry.end(held.span, outcome="done")
+        self._recent.append(TaskFigures(
+            latency_ms=timing.queue_ms + timing.run_ms + timing.io_ms,
+            work_ms=held.work_s * 1000, unit_ms=held.run_s * 1000 / units, units=units,
+        ))
+
+    async def _store_outputs(self, task: Task, tensors: dict) -> dict[str, TensorRef]:
+        wanted = {
+            source.split(".", 1)[1]
+            for successor in task.plan.successors(task.node)
+            for source in task.plan.nodes[successor].inputs.values()
+            if source.split(".", 1)[0] == task.node
+        }
+        return {
+            name: await self.host.store.put(
+                tensor_key("tmp", task.request_id, task.node, name),
+                tensors[name],
+                self.host.settings.tensor_ttl_s,
+            )
+            for name in sorted(wanted)
+        }
+
+    async def _forward(
+        self,
+        task: Task,
+        successor: str,
+        refs: dict[str, TensorRef],
+        meta: dict,
+        timings: list[NodeTiming],
+    ) -> None:
+        """Publish ``successor``'s task, or record our part of its join if it has other inputs."""
+        node = task.plan.nodes[successor]
+        inputs = {}
+        for name, source in node.inputs.items():
+            head, _, output = source.partition(".")
+            if head == task.node:
+                inputs[name] = refs[output]
+            elif head == "request":
+                inputs[name] = task.request_tensors[output]
+        if len(task.plan.predecessors(successor)) > 1:
+            joined = await self._join(task, successor, inputs, meta, timings)
+            if joined is None:
+                return  # others still to come; the last one publishes
+            inputs, meta, timings = joined.inputs, joined.meta, joined.timings
+        downstream = msgspec.structs.replace(
+            task,
+            node=successor,
+            inputs=inputs,
+            meta=meta,
+            timings=timings,
+            published_at=now(),
+        )
+        await self.host.js.publish(
+            subjects.task_subject(node.pool),
+            encode(downstream),
+            headers=telemetry.inject(
+                {"Nats-Msg-Id": subjects.task_msg_id(task.request_id, successor)}
+            ),
+        )
+
+    async def _join(
+        self,
+        task: Task,
+        successor: str,
+        inputs: dict[str, TensorRef],
+        meta: dict,
+        timings: list[NodeTiming],
+    ) -> JoinState | None:
+        """Compare-and-set our inputs into the join record; the completed join when we were last."""
+        joins = self.host.joins
+        key = f"{task.request_id}.{successor}"
+        needed = task.plan.predecessors(successor)
+        while True:
+            try:
+                entry = await joins.get(key)
+                state = decode(entry.value, JoinState)
+                revision = entry.revision
+            except KeyNotFoundError:
+                state, revision = JoinState(arrived=[], inputs={}, meta={}, timings=[]), None
+            if task.node not in state.arrived:
+                state.arrived.append(task.node)
+                state.inputs.update(inputs)
+                state.meta = merge_meta(state.meta, meta)
+                state.timings.extend(t for t in timings if t not in state.timings)
+            try:
+                if revision is None:
+                    await joins.create(key, encode(state))
+                else:
+                    await joins.update(key, encode(state), last=revision)
+            except KeyWrongLastSequenceError:
+                continue
+            if set(state.arrived) >= needed:
+                return state
+            return None
+
+    async def fail(self, held: Held, exc: Exception) -> None:
+        """Retry a transient failure (nak) until max_deliver; then fail the request with it."""
+        settings, task = self.host.settings, held.task
+        final_attempt = held.attempt >= settings.max_deliver
+        terminal = isinstance(exc, RequestError | TerminalError)
+        telemetry.end(held.span, exc, "failed" if terminal or final_attempt else "retried")
+        if not terminal and not final_attempt:
+            self.stats.tasks_retried += 1
+            log.warning(
+                "%s: %s attempt %d failed (%s: %s); retrying",
+                self.replica, task.request_id, held.attempt, type(exc).__name__, exc,
+            )
+            await held.msg.nak(delay=settings.retry_backoff_s * held.attempt)
+            return
+        self.stats.tasks_failed += 1
+        log.error("%s: %s failed: %s: %s", self.replica, task.request_id, type(exc).__name__, exc)
+        error = ErrorInfo(
+            code=exc.code if isinstance(exc, LegoError) else "node_error",
+            message=f"{type(exc).__name__}: {exc}",
+            node=task.node,
+            details={"attempts": held.attempt, "pool": self.pool},
+        )
+        await self.host.tracker.finish(task.request_id, "failed", error=error,
+                                       timings=task.timings)
+        await held.msg.term()
+
+    # --- reports --------------------------------------------------------------------------------
+
+    async def publish_status(self, state: str | None = None) -> None:
+        stats, recent = self.stats, self._recent
+        if state is None:
+            state = "draining" if stats.draining else "ready" if stats.ready else "starting"
+        latencies = [r.latency_ms for r in recent]
+        status = ReplicaStatus(
+            replica=self.replica, pool=self.pool, kind=self.core.kind, model=self.model,
+            state=state, held=len(self.held),  # type: ignore[arg-type]
+            max_batch=self.core.max_batch, load_s=round(stats.loaded_s, 3),
+            tasks_done=stats.tasks_done, tasks_failed=stats.tasks_failed, batches=stats.batches,
+            batch_items=stats.batch_items, at=now(),
+            device=self.host.device,
+            p50_ms=percentile(latencies, 50), p99_ms=percentile(latencies, 99),
+            startup_s=None if stats.startup_s is None else round(stats.startup_s, 3),
+            work_ms=_mean(r.work_ms for r in recent),
+            unit_ms_min=round(min(r.unit_ms for r in recent), 3) if recent else None,
+            steps_per_task=_mean(r.units for r in recent),
+            tasks_dropped=stats.tasks_dropped, metrics_port=self.host.metrics_port,
+        )
+        metrics.REPLICA_REPORTS.report(status)
+        await self.host.nc.publish(subjects.replica_subject(self.pool), encode(status))

@@ -1,0 +1,253 @@
+"""A device host: one step loop per device, serving every pool resident on it.
+
+A host owns one device (a GPU, an emulated GPU, or a CPU process's share of the host) and the
+pools whose models are resident there, each through a ``services.feed.PoolFeed`` bound to the
+pool's durable JetStream consumer: a host is a consumer of several subjects. Its one step loop
+runs, at every step boundary, the batch whose tasks are most urgent across all resident pools
+(``services.scheduling``: least slack by default), so a cheap step never waits behind a queue
+of expensive ones and a burst on one model uses every device that holds it. Feeds fetch only
+when the host could start their task soon, so work waits in JetStream where any device can take
+it. Finished tasks are completed (outputs stored, successors published, acked) while the next
+step already runs.
+
+``services.runner.NodeRunner`` is a host with one pool (a `lego node` process); the emulated
+cluster's backend runs one host per emulated GPU and adds or removes pools as the autoscaler
+decides where models are resident.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from common import bus, metrics, subjects, telemetry
+from common.messages import now
+from common.settings import Settings
+from common.store import TensorStore, open_store
+from common.tracking import RequestTracker
+from services import scheduling
+from services.core import ModelCore
+from services.feed import Held, PoolFeed
+
+log = logging.getLogger(__name__)
+
+
+class DeviceHost:
+    def __init__(self, settings: Settings, name: str, *, device: str | None = None,
+                 scheduler: scheduling.Scheduler | None = None) -> None:
+        self.settings = settings
+        self.name = name
+        self.device = device or settings.device_label or settings.device
+        self.policy = scheduler or scheduling.scheduler(settings.host_scheduler)
+        self.feeds: dict[str, PoolFeed] = {}  # replica id -> feed
+        self.cancelled: set[str] = set()
+        self.metrics_port: int | None = None
+        self._held: list[Held] = []  # tasks that still have steps to run
+        self._wake = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._stopping = False
+        self._side_tasks: set[asyncio.Task] = set()
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def serve(self, ready: asyncio.Event | None = None) -> None:
+        """Connect, then run the step loop until ``drain`` and every feed has finished."""
+        settings = self.settings
+        telemetry.setup_tracing(settings, "lego-node")
+        self.metrics_port = metrics.serve(settings.node_metrics_port, settings.host)
+        self.nc = await bus.connect(settings, name=self.name)
+        self.js = self.nc.jetstream()
+        buckets = await bus.ensure_topology(self.js, settings)
+        self.joins = buckets[subjects.JOIN_BUCKET]
+        self.store: TensorStore = open_store(settings)
+        self.tracker = RequestTracker(self.js, buckets, self.store)
+        watcher = await buckets[subjects.CANCEL_BUCKET].watchall()
+        background = [
+            asyncio.create_task(self._watch_cancels(watcher)),
+            asyncio.create_task(self._status_loop()),
+            asyncio.create_task(self._heartbeat_loop()),
+        ]
+        self._connected.set()
+        if ready is not None:
+            ready.set()
+        try:
+            await self._step_loop()
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            if self._side_tasks:
+                await asyncio.gather(*self._side_tasks, return_exceptions=True)
+            await watcher.stop()
+            await self.store.close()
+            await bus.close(self.nc)  # everything held is acked
+
+    def drain(self) -> None:
+        """Stop fetching everywhere; finish and ack what is held; then ``serve`` returns."""
+        self._stopping = True
+        for feed in list(self.feeds.values()):
+            feed.drain()
+        self.changed()
+
+    async def run_pool(self, core: ModelCore, pool: str, model: str, replica: str, *,
+                       ready: asyncio.Event | None = None,
+                       process_started: float | None = None) -> None:
+        """Make ``pool`` resident here: load its model, serve its tasks until ``drain_replica``
+        (or ``drain``), then unbind and give the model's memory back."""
+        await self._connected.wait()
+        feed = PoolFeed(self, core, pool, model, replica,
+                        time.monotonic() if process_started is None else process_started)
+        self.feeds[replica] = feed
+        if self._stopping:
+            feed.drain()
+        try:
+            await feed.start()
+            if ready is not None:
+                ready.set()
+            await feed.fetch_loop()
+            await feed.done.wait()
+        finally:
+            try:
+                await feed.close()
+            finally:
+                self.feeds.pop(replica, None)
+                self.changed()
+
+    def drain_replica(self, replica: str) -> None:
+        feed = self.feeds.get(replica)
+        if feed is not None:
+            feed.drain()
+
+    # --- what feeds ask -------------------------------------------------------------------------
+
+    def may_fetch(self, feed: PoolFeed) -> bool:
+        return not feed.stopping and self.may_start(feed)
+
+    def may_start(self, feed: PoolFeed) -> bool:
+        """Whether a new task of ``feed``'s pool would start soon here."""
+        others_s = sum(h.feed.work_s(h) for h in self._held if h.feed is not feed)
+        return scheduling.may_fetch(len(feed.held), feed.core.max_batch, others_s,
+                                    self.settings.host_eligible_s)
+
+    def changed(self) -> None:
+        """Wake whoever waits for the host's state to change (fetch loops, the step loop)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+        self._wake.set()
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+    def hold(self, held: Held) -> None:
+        held.feed.held.append(held)
+        self._held.append(held)
+        self.changed()
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    # --- the step loop --------------------------------------------------------------------------
+
+    async def _step_loop(self) -> None:
+        while True:
+            if not self._held:
+                if self._stopping and not self.feeds:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            # Step boundary: cancelled and expired work leaves; the most urgent batch runs.
+            at = now()
+            for held in list(self._held):
+                if held.task.request_id in self.cancelled:
+                    await self._end(held, held.feed.drop(held))
+                elif held.task.expired(at) or held.feed.doomed(held, at):
+                    await self._end(held, held.feed.expire(held))
+            if not self._held:
+                continue
+            group = self._next_group(at)
+            feed = group[0].feed
+            started = time.perf_counter()
+            try:
+                await asyncio.to_thread(feed.core.step, [h.state for h in group])
+            except Exception as exc:  # noqa: BLE001 - classified in fail
+                for held in group:
+                    await self._end(held, feed.fail(held, exc))
+                continue
+            feed.ran(group, time.perf_counter() - started, now())
+            await feed.report_progress(group)
+            for held in group:
+                if feed.core.done(held.state):
+                    self._held.remove(held)
+                    self.spawn(self._complete(held))  # overlapped with the next step
+            self.changed()
+
+    def _urgency(self, held: Held, at: float) -> scheduling.Urgency:
+        task = held.task
+        return scheduling.Urgency(
+            deadline_at=task.deadline_at,
+            work_s=held.feed.work_s(held, remaining=False) + task.plan.tail_s(task.node),
+            since=task.submitted_at,
+        )
+
+    def _next_group(self, at: float) -> list[Held]:
+        """The most urgent task and its batch-compatible peers of the same pool, most urgent
+        first, up to the pool's batch."""
+        urgencies = [self._urgency(h, at) for h in self._held]
+        ordered = [self._held[i] for i in scheduling.most_urgent(urgencies, at, self.policy)]
+        first = ordered[0]
+        core = first.feed.core
+        key = core.batch_key(first.state)
+        group = [h for h in ordered if h.feed is first.feed and core.batch_key(h.state) == key]
+        return group[: core.max_batch]
+
+    async def _end(self, held: Held, ending: Any) -> None:
+        """Take ``held`` off the step loop and out of its feed once ``ending`` has run."""
+        self._held.remove(held)
+        try:
+            await ending
+        finally:
+            self._forget(held)
+
+    async def _complete(self, held: Held) -> None:
+        try:
+            with telemetry.within(held.span):  # its store I/O and successors belong to it
+                await held.feed.complete(held)
+        finally:
+            self._forget(held)
+
+    def _forget(self, held: Held) -> None:
+        held.feed.held.remove(held)
+        held.feed.check_done()
+        self.changed()
+
+    # --- background -----------------------------------------------------------------------------
+
+    async def _watch_cancels(self, watcher: Any) -> None:
+        async for entry in watcher:
+            if entry is not None and entry.value:
+                self.cancelled.add(entry.key)
+                self._wake.set()
+
+    async def _status_loop(self) -> None:
+        while True:
+            for feed in list(self.feeds.values()):
+                await feed.publish_status()
+            await asyncio.sleep(1.0)
+
+    async def _heartbeat_loop(self) -> None:
+        """Tell JetStream we are still working on long tasks, so they are not redelivered."""
+        interval = self.settings.ack_wait_s / 3
+        while True:
+            await asyncio.sleep(interval)
+            for feed in list(self.feeds.values()):
+                for held in list(feed.held):
+                    try:
+                        await held.msg.in_progress()
+                    except Exception as exc:  # noqa: BLE001 - a lost connection shows elsewhere
+                        log.debug("in_progress failed: %s", exc)

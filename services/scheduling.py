@@ -1,0 +1,89 @@
+"""Which batch a device runs next, and when a device host may take more work: pure policy.
+
+A device host (``services.host``) holds the tasks of every pool resident on its device and,
+at every step boundary, asks its ``Scheduler`` which one is most urgent; the batch run next is
+that task with its batch-compatible peers of the same pool. No I/O and no clock here: the host
+passes the time and what it measured.
+
+- ``LeastSlack`` (the default): the task whose deadline is nearest once the work ahead of it
+  is counted runs first: slack = deadline - now - (its own steps at the step time measured on
+  this device + the estimated work of the nodes after it, ``Plan.tail_s``). A cheap SD3 step
+  therefore does not wait behind a queue of FLUX.1-dev steps, and a request about to miss its
+  deadline goes before one that has time to spare. A task's own work is counted whole, not
+  what remains of it: with the remainder, a running task's slack stays put while waiting ones
+  lose theirs, so two requests would take turns step by step and both finish late (the
+  thrashing of least-laxity-first); counted whole, the order is that of each task's latest
+  start, which does not change as tasks run. Tasks without a deadline have infinite slack
+  and run in arrival order after those with one.
+- ``Fifo``: arrival order (the monolithic baselines: one pipeline, one request after another).
+
+``may_fetch`` is the pull rule, as the DiFlow artifact's eligibility: a host asks a pool's
+consumer for another task only when it could start that task soon (the work held for other
+pools is under ``eligible_s``), so that work waits in JetStream, where any device holding the
+model can take it, and not in one host's memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Urgency:
+    """What the scheduler knows of one held task."""
+
+    deadline_at: float | None  # epoch seconds; None: no deadline
+    work_s: float  # its own compute plus the estimated work of the nodes after it
+    since: float  # when it was published: arrival order among equals
+
+    def slack_s(self, at: float) -> float:
+        if self.deadline_at is None:
+            return math.inf
+        return self.deadline_at - at - self.work_s
+
+
+class Scheduler(Protocol):
+    name: str
+
+    def order(self, urgency: Urgency, at: float) -> tuple[float, ...]:
+        """Sort key: the lowest runs first."""
+
+
+class LeastSlack:
+    name = "least_slack"
+
+    def order(self, urgency: Urgency, at: float) -> tuple[float, ...]:
+        return (urgency.slack_s(at), urgency.since)
+
+
+class Fifo:
+    name = "fifo"
+
+    def order(self, urgency: Urgency, at: float) -> tuple[float, ...]:
+        return (urgency.since,)
+
+
+SCHEDULERS: dict[str, type[LeastSlack] | type[Fifo]] = {"least_slack": LeastSlack, "fifo": Fifo}
+
+
+def scheduler(name: str) -> Scheduler:
+    try:
+        return SCHEDULERS[name]()
+    except KeyError:
+        raise ValueError(f"host_scheduler: unknown {name!r}; known: "
+                         f"{', '.join(SCHEDULERS)}") from None
+
+
+def most_urgent(urgencies: Sequence[Urgency], at: float, policy: Scheduler) -> list[int]:
+    """Indexes of ``urgencies``, most urgent first."""
+    return sorted(range(len(urgencies)), key=lambda i: policy.order(urgencies[i], at))
+
+
+def may_fetch(held: int, max_batch: int, others_work_s: float, eligible_s: float) -> bool:
+    """Whether a host may take one more task of a pool: the pool's batch has room and the work
+    it holds for its other pools would let the new task start within ``eligible_s`` (a task of
+    the same pool joins the running batch at the next step boundary)."""
+    return held < max_batch and others_work_s <= eligible_s

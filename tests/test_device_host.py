@@ -1,0 +1,206 @@
+"""Device hosts: the scheduling and residency policies (pure), and one host serving two pools
+against a real nats-server, running the more urgent task first."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from autoscaler.placement import Device
+from autoscaler.residency import PoolNeed, Residency, copies_wanted, erlang_c, plan
+from common import bus
+from common.messages import Plan, PlanNode, RequestState, Task, encode, now
+from common.settings import Settings
+from common.store import open_store
+from common.tracking import RequestTracker
+from services import scheduling
+from services.core import ModelCore, Result, WorkItem
+from services.host import DeviceHost
+
+GB = 10**9
+
+
+# --- scheduling (pure) ---------------------------------------------------------------------
+
+def test_least_slack_counts_the_work_ahead_and_fifo_the_arrival():
+    at = 100.0
+    # A: deadline in 10 s, 9 s of work ahead (1 s slack); B: deadline in 5 s, 1 s of work (4 s)
+    a = scheduling.Urgency(deadline_at=at + 10, work_s=9.0, since=2.0)
+    b = scheduling.Urgency(deadline_at=at + 5, work_s=1.0, since=1.0)
+    free = scheduling.Urgency(deadline_at=None, work_s=0.0, since=0.0)
+    assert a.slack_s(at) == 1.0 and free.slack_s(at) == math.inf
+    assert scheduling.most_urgent([b, free, a], at, scheduling.LeastSlack()) == [2, 0, 1]
+    assert scheduling.most_urgent([b, free, a], at, scheduling.Fifo()) == [1, 0, 2]
+    with pytest.raises(ValueError, match="host_scheduler"):
+        scheduling.scheduler("random")
+
+
+def test_a_host_fetches_only_when_it_could_start_the_task_soon():
+    assert scheduling.may_fetch(held=0, max_batch=1, others_work_s=0.0, eligible_s=0.01)
+    assert not scheduling.may_fetch(held=1, max_batch=1, others_work_s=0.0, eligible_s=0.01)
+    assert scheduling.may_fetch(held=3, max_batch=8, others_work_s=0.005, eligible_s=0.01)
+    assert not scheduling.may_fetch(held=0, max_batch=8, others_work_s=0.5, eligible_s=0.01)
+
+
+# --- residency (pure) ----------------------------------------------------------------------
+
+def test_erlang_c_matches_known_values():
+    assert erlang_c(1, 0.5) == pytest.approx(0.5)  # M/M/1: P(wait) = utilisation
+    assert erlang_c(2, 1.0) == pytest.approx(1 / 3)
+    assert erlang_c(2, 2.0) == 1.0 and erlang_c(3, 0.0) == 0.0
+
+
+def test_copies_cover_demand_and_the_wait_a_deadline_allows():
+    assert copies_wanted(0.0, 2.0, target_wait_s=2.0, most=8) == 0
+    # 0.1/s of a 10 s task: one copy keeps up on average, but a second request arriving while
+    # one runs would wait past its slack; Erlang C asks for more
+    assert copies_wanted(0.1, 10.0, target_wait_s=10.0, most=8) >= 2
+    # a cheap, rare task needs one
+    assert copies_wanted(0.1, 0.05, target_wait_s=0.05, most=8) == 1
+    assert copies_wanted(100.0, 1.0, target_wait_s=1.0, most=8) == 8  # capped
+    assert copies_wanted(0.0, 1.0, lag=8, drain_s=2.0, target_wait_s=1.0, most=8) == 4
+
+
+def test_wants_are_held_at_their_peak_over_the_window():
+    state = Residency(window_s=10.0)
+    held, state = state.step(0.0, {"a": 4})
+    held, state = state.step(5.0, {"a": 1})
+    assert held["a"] == 4
+    held, state = state.step(11.0, {"a": 1})
+    assert held["a"] == 1
+
+
+def test_residency_places_one_of_each_then_fills_memory_by_need():
+    devices = [Device(f"gpu:{i}", 80 * GB) for i in range(4)]
+    needs = {"big": PoolNeed("big", 30 * GB, want=4), "mid": PoolNeed("mid", 25 * GB, want=1),
+             "small": PoolNeed("small", 1 * GB, want=1)}
+    placed = plan(needs, devices)
+    assert all(placed[p] for p in needs)
+    assert len(placed["big"]) == 4 and len(placed["small"]) == 4
+    for d in devices:
+        assert sum(needs[p].memory_bytes for p, w in placed.items() if d.id in w) <= d.memory_bytes
+    # what runs stays where it is
+    again = plan(needs, devices, placed)
+    assert again == placed
+
+
+def test_a_pool_below_its_want_evicts_surplus_copies():
+    devices = [Device(f"gpu:{i}", 50 * GB) for i in range(3)]
+    current = {"a": ["gpu:0", "gpu:1", "gpu:2"]}  # a surplus copy on every device
+    needs = {"a": PoolNeed("a", 30 * GB, want=1), "b": PoolNeed("b", 30 * GB, want=2)}
+    placed = plan(needs, devices, current)
+    assert len(placed["b"]) == 2 and len(placed["a"]) == 1
+    assert not set(placed["a"]) & set(placed["b"])
+    # a pool at its want is not evicted for another's
+    tight = plan({**needs, "b": PoolNeed("b", 30 * GB, want=3)}, devices, placed)
+    assert len(tight["a"]) == 1 and len(tight["b"]) == 2
+
+
+# --- one host, two pools, a real nats-server -------------------------------------------------
+
+class RecordingCore(ModelCore):
+    """Each item runs ``params["steps"]`` steps of ``step_s``; every step is recorded."""
+
+    kind = "vae_decoder"
+    ops = ("decode",)
+
+    def __init__(self, name: str, log: list[str], lock: threading.Lock, step_s: float) -> None:
+        super().__init__(Path("."), max_batch=1)
+        self.name, self.log, self.lock, self.step_s = name, log, lock, step_s
+
+    def load(self) -> None:
+        pass
+
+    def start(self, item: WorkItem) -> Any:
+        return {"item": item, "done": 0, "total": int(item.params.get("steps", 1))}
+
+    def step(self, states: list[Any]) -> None:
+        time.sleep(self.step_s)
+        with self.lock:
+            self.log.extend(s["item"].request_id.split("-")[-1] for s in states)
+        for state in states:
+            state["done"] += 1
+
+    def done(self, state: Any) -> bool:
+        return state["done"] >= state["total"]
+
+    def progress(self, state: Any) -> tuple[int, int]:
+        return state["done"], state["total"]
+
+    def finish(self, state: Any) -> Result:
+        return Result({"image": torch.zeros(1, 2, 2, 3, dtype=torch.uint8)})
+
+
+async def _order(settings: Settings, scheduler: str) -> list[str]:
+    """Run a 4-step blocker on pool A; while it runs, submit X (pool C, deadline in 60 s) and
+    Y (pool B, deadline in 5 s); return the order of steps the one host ran."""
+    settings = settings.model_copy(update={
+        "host_scheduler": scheduler.replace("leastslack", "least_slack"),
+        "host_eligible_s": 60.0, "host_poll_s": 0.2})
+    nc = await bus.connect(settings, name="test")
+    js = nc.jetstream()
+    buckets = await bus.ensure_topology(js, settings)
+    store = open_store(settings)
+    tracker = RequestTracker(js, buckets, store)
+    log: list[str] = []
+    lock = threading.Lock()
+    host = DeviceHost(settings, "host@test", device="cpu:0")
+    serving = asyncio.create_task(host.serve())
+    names = ("pool-a", "pool-b", "pool-c")
+    ready = [asyncio.Event() for _ in names]
+    pools = [asyncio.create_task(host.run_pool(RecordingCore(p, log, lock, 0.3), p, "m", p,
+                                               ready=r))
+             for p, r in zip(names, ready, strict=True)]
+    for event in ready:
+        await event.wait()
+
+    async def submit(name: str, pool: str, steps: int, deadline_s: float | None) -> None:
+        request_id = f"{scheduler}-{name}"
+        at = now()
+        plan_ = Plan(nodes={"decode": PlanNode(kind="vae_decoder", pool=pool, op="decode")},
+                     output="decode.image")
+        await tracker.create(RequestState(id=request_id, workflow="t", status="queued",
+                                          created_at=at, updated_at=at))
+        task = Task(request_id=request_id, workflow="t", node="decode", plan=plan_,
+                    params={"steps": steps}, inputs={}, submitted_at=at, published_at=at,
+                    deadline_at=None if deadline_s is None else at + deadline_s)
+        await js.publish(f"lego.tasks.{pool}", encode(task))
+
+    await submit("blocker", "pool-a", 4, None)
+    async with asyncio.timeout(10):
+        while not log:
+            await asyncio.sleep(0.02)
+    await submit("x", "pool-c", 1, 60.0)
+    await asyncio.sleep(0.05)
+    await submit("y", "pool-b", 1, 5.0)
+    async with asyncio.timeout(30):
+        for name in ("blocker", "x", "y"):
+            request_id = f"{scheduler}-{name}"
+            state = await tracker.get(request_id)
+            while state is None or not state.done:
+                await asyncio.sleep(0.05)
+                state = await tracker.get(request_id)
+            assert state.status == "succeeded", state
+    host.drain()
+    await asyncio.gather(serving, *pools)
+    await store.close()
+    await nc.close()
+    return log
+
+
+@pytest.mark.timeout(90)
+async def test_one_host_serving_two_pools_runs_the_more_urgent_task_first(settings: Settings):
+    order = await _order(settings, "leastslack")
+    # Y (pool B, 5 s deadline) goes before X (pool C, 60 s), and both before the blocker's
+    # remaining steps (pool A, no deadline), though those came first
+    assert order[0] == "blocker" and order.index("y") < order.index("x")
+    assert order.index("x") < len(order) - 1 - order[::-1].index("blocker")
+    fifo = await _order(settings, "fifo")
+    assert fifo == ["blocker"] * 4 + ["x", "y"]
