@@ -176,6 +176,14 @@ class Settings(BaseSettings):
         0.5, gt=0, le=5, description="how often admission control samples the queues"
     )
 
+    # --- ingress: which admission rule, where replies may go ----------------------------------
+    admission_rule: Literal["lego", "paper"] = Field(
+        "lego", description="lego: the finish bound over the workflow's DAG (gateway/admission"
+        ".py); paper: the DiFlow artifact's early abort, max(queued work / devices, longest "
+        "piece) against the request's slack, skipped while fewer requests than devices are in "
+        "flight",
+    )
+
     # --- gateway -----------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)

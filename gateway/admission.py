@@ -11,8 +11,14 @@ The bound, for a DAG of nodes: a node cannot start before the tasks ahead of it 
 (those queued in its pool, and those queued or in progress in the pools upstream of it, which
 will reach it first: ``backlog x work / ready replicas``, FIFO, at the throughput recently
 measured) nor before its predecessors finish, and then takes at least its steps times the
-least time a step of its pool has taken. The functions here are pure; ``LoadWatch`` feeds
-them from the replicas' reports.
+least time a step of its pool has taken.
+
+The paper's rule (``admission_rule: paper``, the DiFlow artifact's early abort) is kept beside
+it for comparison: a request is rejected when the work in flight, max(queued work / devices,
+the longest single piece of it), exceeds its slack (deadline minus its own solo work); the
+check is skipped while fewer requests are in flight than there are devices. It sees the same
+per-pool figures (``paper_estimate``). The functions here are pure; ``LoadWatch`` feeds them
+from the replicas' reports.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import uuid
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal
 
 from common import subjects
 from common.errors import InvalidField, InvalidRequest, Overloaded
@@ -34,6 +40,8 @@ from common.observe import ClusterObserver
 from common.workflow import WorkflowSpec
 
 log = logging.getLogger(__name__)
+
+AdmissionRule = Literal["lego", "paper"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,8 @@ class PoolLoad:
     steps_per_task: float = 1.0  # mean steps of recent tasks
     admitted_steps: int = 0  # steps of requests admitted here since ``lag`` was sampled
     in_progress: int = 0  # tasks a replica of this pool holds (fetched, running)
+    admitted_requests: int = 0  # requests admitted here since ``lag`` was sampled
+    devices: frozenset[str] = frozenset()  # devices its ready replicas run on
 
     def ahead(self, upstream: bool) -> int:
         """Tasks of this pool a new one surely waits for: the queued ones, and when the pool is
@@ -62,10 +72,18 @@ class PoolLoad:
         other pools included). Not the fastest a task went: under overload, that let in
         work which then missed its deadline, taking device time from work that would not
         have."""
+        return self._work_s(backlog) / max(self.ready, 1)
+
+    def queued_work_s(self) -> float:
+        """Device-seconds of work this pool has to do: its tasks queued and in progress, and
+        the steps admitted since the lag was sampled, at the measured throughput."""
+        return self._work_s(self.lag + self.in_progress)
+
+    def _work_s(self, backlog: int) -> float:
         if not self.work_s:
             return 0.0
         per_step = self.work_s / self.steps_per_task
-        return (backlog * self.work_s + self.admitted_steps * per_step) / max(self.ready, 1)
+        return backlog * self.work_s + self.admitted_steps * per_step
 
 
 def steps_of(spec: WorkflowSpec, params: Mapping[str, Any], plan: Plan) -> dict[str, int]:
@@ -125,8 +143,51 @@ def solo_latency_s(
     of it has finished a task."""
     if any(loads.get(n.pool, PoolLoad(0, 0)).step_s is None for n in plan.nodes.values()):
         return None
-    idle = {pool: replace(load, lag=0, admitted_steps=0) for pool, load in loads.items()}
+    return _own_work_s(plan, loads, steps)
+
+
+def _own_work_s(
+    plan: Plan, loads: Mapping[str, PoolLoad], steps: Mapping[str, int] | None
+) -> float:
+    """The request's own path through ``plan`` on idle pools (unmeasured ones instant)."""
+    # in progress counts too: upstream of a node, finish_bound_s waits for those tasks
+    idle = {pool: replace(load, lag=0, in_progress=0, admitted_steps=0)
+            for pool, load in loads.items()}
     return finish_bound_s(plan, idle, steps)
+
+
+@dataclass(frozen=True)
+class PaperEstimate:
+    """The DiFlow artifact's view of the work in flight ahead of a new request."""
+
+    wait_s: float  # max(queued work / devices, the longest single piece of it)
+    devices: int  # the workers that work is spread over
+    in_flight: int  # requests in flight there (one outstanding task each)
+
+
+def paper_estimate(plan: Plan, loads: Mapping[str, PoolLoad]) -> PaperEstimate:
+    """The work in flight, as the paper's early abort estimates it, from the per-pool figures
+    admission sees.
+
+    Devices (the paper's workers): those a ready replica of the request's pools runs on, else
+    those any pool's ready replicas run on, at least 1. The work that competes for them: every
+    pool with a ready replica there, and the request's own pools (every pool when no device is
+    known). The artifact sums each in-flight request's remaining work; the pools' queues do not
+    say which task belongs to which request, so the longest single piece is the longest task
+    queued (a lower bound of the longest request), and a request in flight is one outstanding
+    task (its nodes are a chain; each runs after the previous one is done)."""
+    mine = {node.pool for node in plan.nodes.values()}
+    devices = frozenset().union(*(loads[p].devices for p in mine if p in loads))
+    devices = devices or frozenset().union(*(load.devices for load in loads.values()))
+    competing = [load for pool, load in loads.items()
+                 if pool in mine or load.devices & devices or not devices]
+    count = max(1, len(devices))
+    total_s = sum(load.queued_work_s() for load in competing)
+    longest_s = max((load.work_s or 0.0 for load in competing
+                     if load.lag + load.in_progress + load.admitted_requests), default=0.0)
+    in_flight = (sum(load.lag + load.in_progress for load in competing)
+                 + max((load.admitted_requests for load in competing), default=0))
+    return PaperEstimate(max(total_s / count, longest_s), count, in_flight)
 
 
 @dataclass(frozen=True)
@@ -160,20 +221,43 @@ def deadline_s(
 
 def check(
     workflow: str, plan: Plan, loads: Mapping[str, PoolLoad], deadline: float,
-    steps: Mapping[str, int] | None = None,
+    steps: Mapping[str, int] | None = None, rule: AdmissionRule = "lego",
 ) -> float:
-    """The finish bound; raises ``Overloaded`` (with when to retry) if it is past ``deadline``."""
+    """The estimated finish; raises ``Overloaded`` (with when to retry) if it is past
+    ``deadline``. ``rule``: ``lego``, the finish bound over the DAG; ``paper``, the DiFlow
+    artifact's (``paper_estimate`` against the request's slack)."""
+    if rule == "paper":
+        own = _own_work_s(plan, loads, steps)
+        estimate = paper_estimate(plan, loads)
+        slack = deadline - own
+        # with a device free for every request in flight, the new one starts at once
+        if estimate.in_flight >= estimate.devices and estimate.wait_s > slack:
+            raise Overloaded(
+                f"{workflow}: the work in flight needs {estimate.wait_s:.2f}s on "
+                f"{estimate.devices} device(s), past the slack of {slack:.2f}s (deadline "
+                f"{deadline:.2f}s minus its own {own:.2f}s); retry later or with a larger "
+                "deadline_s",
+                retry_after_s=max(1.0, math.ceil(estimate.wait_s - slack)),
+                wait_s=round(estimate.wait_s, 3), slack_s=round(slack, 3),
+                deadline_s=round(deadline, 3), devices=estimate.devices,
+                queued=_queued(plan, loads),
+            )
+        return estimate.wait_s + own
     bound = finish_bound_s(plan, loads, steps)
     if bound > deadline:
-        queued = {n.pool: loads[n.pool].lag + loads[n.pool].in_progress
-                  for n in plan.nodes.values() if n.pool in loads}
         raise Overloaded(
             f"{workflow}: the work queued ahead needs at least {bound:.2f}s, past the deadline "
             f"of {deadline:.2f}s; retry later or with a larger deadline_s",
             retry_after_s=max(1.0, math.ceil(bound - deadline)),
-            bound_s=round(bound, 3), deadline_s=round(deadline, 3), queued=queued,
+            bound_s=round(bound, 3), deadline_s=round(deadline, 3), queued=_queued(plan, loads),
         )
     return bound
+
+
+def _queued(plan: Plan, loads: Mapping[str, PoolLoad]) -> dict[str, int]:
+    """Tasks queued or in progress in each pool of ``plan``: a rejection's reason."""
+    return {n.pool: loads[n.pool].lag + loads[n.pool].in_progress
+            for n in plan.nodes.values() if n.pool in loads}
 
 
 class LoadWatch:
@@ -210,17 +294,23 @@ class LoadWatch:
         for name, node in plan.nodes.items():
             load = self.loads.get(node.pool, PoolLoad(0, 0))
             self.loads[node.pool] = replace(
-                load, admitted_steps=load.admitted_steps + steps.get(name, 1)
+                load, admitted_steps=load.admitted_steps + steps.get(name, 1),
+                admitted_requests=load.admitted_requests + 1,
             )
 
     async def refresh(self) -> None:
         views = await self.observer.sample()
+        ready_on: dict[str, set[str]] = {}
+        for status in self.observer.live_statuses():
+            if status.state == "ready":
+                ready_on.setdefault(status.pool, set()).add(status.device)
         self.loads = {
             pool: PoolLoad(
                 lag=v.pending, in_progress=v.ack_pending, ready=v.ready,
                 work_s=None if v.work_ms is None else v.work_ms / 1000,
                 step_s=None if v.unit_ms_min is None else v.unit_ms_min / 1000,
                 steps_per_task=v.steps_per_task or 1.0,
+                devices=frozenset(ready_on.get(pool, ())),
             )
             for pool, v in views.items()
         }

@@ -178,7 +178,8 @@ class Ingress:
             return deadline
         if deadline is not None and self.settings.admission:
             try:
-                admission.check(spec.name, plan, loads, deadline, steps)
+                admission.check(spec.name, plan, loads, deadline, steps,
+                                self.settings.admission_rule)
             except Overloaded:
                 watch.rejected(plan)
                 _count(spec.name, "overloaded")

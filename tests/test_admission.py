@@ -1,5 +1,6 @@
 """Admission control's pure parts: the finish bound over a workflow DAG, steps per node, the
-default deadline and its validation, and the rejection with its reason and Retry-After."""
+default deadline and its validation, the rejection with its reason and Retry-After, and the
+paper's rule (the DiFlow artifact's early abort) on hand-made pool loads."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from gateway.admission import (
     check,
     deadline_s,
     finish_bound_s,
+    paper_estimate,
     solo_latency_s,
     steps_of,
 )
@@ -118,3 +120,84 @@ def test_queues_clear_at_the_measured_throughput_own_steps_at_the_fastest() -> N
     idle = loads()
     idle[POOL["denoise"]] = replace(idle[POOL["denoise"]], work_s=0.5)
     assert finish_bound_s(PLAN, idle, steps) == pytest.approx(0.01 + 4 * 0.05 + 0.02)
+
+
+def test_solo_latency_ignores_the_tasks_in_progress() -> None:
+    """The solo latency (the default deadline's base) is the request alone on idle pools:
+    tasks in progress upstream are not waited for (they made it 1.22 s here, not 0.23 s)."""
+    steps = {"encode": 1, "denoise": 4, "decode": 1}
+    busy = loads()
+    busy[POOL["encode"]] = replace(busy[POOL["encode"]], in_progress=5)
+    assert solo_latency_s(PLAN, busy, steps) == pytest.approx(0.23)
+
+
+def on(devices: str, **lags: int) -> dict[str, PoolLoad]:
+    """``loads(**lags)`` with every pool's ready replicas on ``devices`` (comma-separated)."""
+    where = frozenset(devices.split(",")) if devices else frozenset()
+    return {pool: replace(load, devices=where) for pool, load in loads(**lags).items()}
+
+
+STEPS = {"encode": 1, "denoise": 4, "decode": 1}  # own work at the least step times: 0.23 s
+
+
+def test_paper_rule_is_queued_work_per_device_against_the_slack() -> None:
+    # 10 denoiser tasks of 0.2 s on 2 devices: 1 s of work each before ours can start
+    two = on("gpu:0,gpu:1", denoise=10)
+    estimate = paper_estimate(PLAN, two)
+    assert (estimate.wait_s, estimate.devices, estimate.in_flight) == (pytest.approx(1.0), 2, 10)
+    assert check("txt2img", PLAN, two, 1.3, STEPS, rule="paper") == pytest.approx(1.23)
+    with pytest.raises(Overloaded) as err:  # slack 1.2 - 0.23 = 0.97 < 1.0
+        check("txt2img", PLAN, two, 1.2, STEPS, rule="paper")
+    exc = err.value
+    assert exc.http_status == 503 and exc.retry_after_s == 1
+    assert exc.details["slack_s"] == pytest.approx(0.97) and exc.details["devices"] == 2
+    assert exc.details["queued"][POOL["denoise"]] == 10 and "slack" in exc.message
+    # the lego rule divides by the pool's ready replicas (1 here), not by the devices
+    with pytest.raises(Overloaded):
+        check("txt2img", PLAN, two, 1.3, STEPS)
+
+
+def test_paper_rule_skips_while_fewer_requests_than_devices_are_in_flight() -> None:
+    slow = on("gpu:0,gpu:1,gpu:2", denoise=2)
+    slow[POOL["denoise"]] = replace(slow[POOL["denoise"]], work_s=50.0)
+    assert paper_estimate(PLAN, slow).wait_s == pytest.approx(50.0)
+    assert check("txt2img", PLAN, slow, 1.0, STEPS, rule="paper") > 1.0  # 2 < 3: admitted
+    busier = {**slow, POOL["encode"]: replace(slow[POOL["encode"]], in_progress=1)}
+    with pytest.raises(Overloaded):  # 3 in flight on 3 devices
+        check("txt2img", PLAN, busier, 1.0, STEPS, rule="paper")
+
+
+def test_paper_rule_waits_at_least_the_longest_piece() -> None:
+    """Work does not split across devices: one 3 s task on 4 devices still takes 3 s."""
+    four = on("gpu:0,gpu:1,gpu:2,gpu:3", encode=3, denoise=1)
+    four[POOL["denoise"]] = replace(four[POOL["denoise"]], work_s=3.0)
+    estimate = paper_estimate(PLAN, four)
+    assert estimate.in_flight == 4 and estimate.devices == 4
+    assert estimate.wait_s == pytest.approx(3.0)  # not (3 x 0.01 + 3) / 4
+
+
+def test_paper_rule_counts_requests_admitted_since_the_sample() -> None:
+    """A burst inside one sampling period: no lag yet, but the admitted requests are in
+    flight and their steps are work."""
+    burst = on("gpu:0")
+    for node, pool in POOL.items():
+        burst[pool] = replace(burst[pool], admitted_requests=5, admitted_steps=5 * STEPS[node])
+    estimate = paper_estimate(PLAN, burst)
+    assert estimate.in_flight == 5
+    assert estimate.wait_s == pytest.approx(5 * (0.01 + 0.2 + 0.02))
+
+
+def test_paper_rule_devices_are_those_of_the_requests_pools() -> None:
+    """The workers are the devices the request's pools are ready on, and the work competing
+    for them that of the pools there; unknown, every device any pool reports; at least 1."""
+    other = "denoiser-other-pool"
+    mixed = on("gpu:0", denoise=4)
+    mixed[other] = PoolLoad(lag=100, ready=3, work_s=1.0, devices=frozenset({"gpu:5", "gpu:6"}))
+    estimate = paper_estimate(PLAN, mixed)
+    assert estimate.devices == 1 and estimate.wait_s == pytest.approx(0.8)  # gpu:5-6 apart
+    mixed[other] = replace(mixed[other], devices=frozenset({"gpu:0", "gpu:6"}))
+    assert paper_estimate(PLAN, mixed).wait_s == pytest.approx(100.8)  # shares gpu:0
+    unplaced = on("", denoise=4)
+    unplaced[other] = replace(mixed[other], lag=0)
+    assert paper_estimate(PLAN, unplaced).devices == 2  # the other pool's devices
+    assert paper_estimate(PLAN, on("", denoise=4)).devices == 1

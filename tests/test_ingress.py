@@ -1,6 +1,6 @@
 """The ingress against a real nats-server: a request it keeps failing on is failed through
 JetStream's MAX_DELIVERIES advisory, not left queued; a request nobody works on ends at its
-deadline."""
+deadline; the admission rule the settings name is the one applied."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import orjson
 import pytest
 
 from common import subjects
+from common.errors import Overloaded
 from common.settings import Settings
 from common.workflow import builtin_workflows
+from gateway.admission import PoolLoad
 from gateway.app import Gateway
 from gateway.ingress import DEADLINE_GRACE_S
 
@@ -65,5 +67,35 @@ async def test_request_no_replica_takes_ends_at_its_deadline(settings: Settings)
         assert orjson.loads(msg.data)["status"] == "failed"
         assert state.deadline_at is not None and state.finished_at is not None
         assert state.deadline_at <= state.finished_at < state.deadline_at + DEADLINE_GRACE_S + 5
+    finally:
+        await gw.stop()
+
+
+@pytest.mark.parametrize("rule", ["lego", "paper"])
+async def test_the_admission_rule_setting_picks_the_rule(settings: Settings, rule: str) -> None:
+    """Ten denoiser replicas, all on one device, 10 tasks queued: our rule sees ten replicas
+    clearing them (0.2 s), the paper's one device (2 s); with a 1 s deadline only the paper's
+    rejects, with the same 503 and Retry-After."""
+    settings = settings.model_copy(update={"admission_rule": rule, "admission_sample_s": 5.0})
+    gw = Gateway(settings, builtin_workflows(), run_ingress=False)
+    await gw.start()
+    try:
+        pools = {n.kind: n.pool for n in gw.ingress.plan(gw.registry.get("txt2img")).nodes.values()}
+        one_gpu = frozenset({"gpu:0"})
+        figures = {"text_encoder": (0, 0.01), "denoiser": (10, 0.2), "vae_decoder": (0, 0.02)}
+        gw.loads.loads = {  # as LoadWatch.refresh would sample them
+            pools[kind]: PoolLoad(lag=lag, ready=10 if kind == "denoiser" else 1, work_s=work,
+                                  step_s=work, devices=one_gpu)
+            for kind, (lag, work) in figures.items()
+        }
+        raw = {"workflow": "txt2img", "prompt": "x", "steps": 1, "deadline_s": 1.0}
+        if rule == "lego":
+            assert (await gw.submit(raw)).status == "queued"
+        else:
+            with pytest.raises(Overloaded) as err:
+                await gw.submit(raw)
+            assert err.value.http_status == 503 and "Retry-After" in err.value.http_headers()
+            assert err.value.details["devices"] == 1
+            assert gw.loads.shed[pools["denoiser"]] == 1  # counted for the autoscaler
     finally:
         await gw.stop()
