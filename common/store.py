@@ -12,7 +12,9 @@ pickle, so a store can never execute code on a reader.
 Keys are ``<area>/<request id>/<name>``; ``area`` is ``tmp`` (intermediates, deleted when the
 request ends) or ``out`` (finished images, kept ``result_ttl_s``). Everything under one
 ``<area>/<request id>`` group is deleted at once, and expires by itself after its TTL if nobody
-deletes it (the safety net when a process dies).
+deletes it (the safety net when a process dies). A key's request id must pass
+``subjects.valid_request_id``, and a shared-memory path must resolve inside the store's root: a
+key is never a way to read, write or delete anything else.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from common import metrics, telemetry
+from common import metrics, subjects, telemetry
 from common.messages import TensorRef
 from common.settings import Settings
 
@@ -74,10 +76,22 @@ def dtype_name(tensor: torch.Tensor) -> str:
     return _DTYPE_NAMES[tensor.dtype]
 
 
+def _check_group(area: str, request_id: str) -> None:
+    """``<area>/<request id>`` names a group: a known area and a valid request id."""
+    if area not in AREAS:
+        raise ValueError(f"bad tensor area {area!r}: expected one of {', '.join(AREAS)}")
+    if not subjects.valid_request_id(request_id):
+        raise ValueError(f"bad request id {request_id!r}: must be {subjects.REQUEST_ID_RULE}")
+
+
 def _check_key(key: str) -> tuple[str, str]:
     parts = key.split("/")
-    if len(parts) < 3 or parts[0] not in AREAS or any(p in ("", ".", "..") for p in parts):
+    if len(parts) < 3 or any(p in ("", ".", "..") for p in parts):
         raise ValueError(f"bad tensor key {key!r}: expected <tmp|out>/<request id>/<name>")
+    try:
+        _check_group(parts[0], parts[1])
+    except ValueError as exc:
+        raise ValueError(f"bad tensor key {key!r}: {exc}") from None
     return parts[0], parts[1]
 
 
@@ -125,15 +139,28 @@ class ShmStore(TensorStore):
 
     def __init__(self, root: Path, tensor_ttl_s: float, result_ttl_s: float) -> None:
         self.root = Path(root)
-        self._root = str(self.root)
         self.ttl_s = {"tmp": tensor_ttl_s, "out": result_ttl_s}
         for area in AREAS:
             (self.root / area).mkdir(parents=True, exist_ok=True)
+        self._real_root = os.path.realpath(self.root)
+
+    def _path(self, relative: str) -> str:
+        """The absolute path of ``relative`` (a checked key or group: no empty part, no "."
+        or ".."), refused if it would resolve outside the root: no part of it below the root
+        may be a symbolic link (one planted in the store could point anywhere). As strict as
+        comparing its realpath with the root's, at a fraction of the cost (every put and get)."""
+        path = self._real_root
+        for part in relative.split("/"):
+            path = f"{path}/{part}"
+            if os.path.islink(path):
+                raise ValueError(f"{relative!r} resolves outside the store's root: "
+                                 f"{path} is a symbolic link")
+        return path
 
     async def put(self, key: str, tensor: torch.Tensor, ttl_s: float) -> TensorRef:
         _check_key(key)
+        path = self._path(key)
         data = tensor_bytes(tensor)
-        path = os.path.join(self._root, key)
         tmp = f"{path}.{os.getpid()}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -155,7 +182,7 @@ class ShmStore(TensorStore):
         if ref.nbytes == 0:
             return tensor_from_buffer(b"", ref.dtype, ref.shape)
         try:
-            fd = os.open(os.path.join(self._root, ref.key), os.O_RDONLY)
+            fd = os.open(self._path(ref.key), os.O_RDONLY)
         except FileNotFoundError:
             raise KeyError(ref.key) from None
         try:
@@ -165,7 +192,8 @@ class ShmStore(TensorStore):
         return tensor_from_buffer(buffer, ref.dtype, ref.shape)
 
     async def delete_group(self, area: str, request_id: str) -> int:
-        group = self.root / area / request_id
+        _check_group(area, request_id)
+        group = Path(self._path(f"{area}/{request_id}"))
         count = sum(1 for p in group.rglob("*") if p.is_file()) if group.exists() else 0
         shutil.rmtree(group, ignore_errors=True)
         return count
@@ -223,12 +251,14 @@ class RedisStore(TensorStore):
 
     async def get(self, ref: TensorRef) -> torch.Tensor:
         self._check_ref(ref)
+        _check_key(ref.key)
         data = await self.client.get(self.PREFIX + ref.key)
         if data is None:
             raise KeyError(ref.key)
         return tensor_from_buffer(data, ref.dtype, ref.shape)
 
     async def delete_group(self, area: str, request_id: str) -> int:
+        _check_group(area, request_id)
         index = self._index(area, request_id)
         members = await self.client.smembers(index)
         keys = [self.PREFIX + m.decode() for m in members]

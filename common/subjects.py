@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import re
 
+from common.errors import InvalidField
+
 REQUESTS_STREAM = "LEGO_REQUESTS"
 REQUESTS_SUBJECT = "lego.requests"
 INGRESS_CONSUMER = "ingress"
@@ -71,11 +73,11 @@ def pool_consumer(pool: str) -> str:
 
 
 def result_subject(request_id: str) -> str:
-    return f"lego.results.{request_id}"
+    return f"lego.results.{check_request_id(request_id)}"
 
 
 def progress_subject(request_id: str) -> str:
-    return f"lego.progress.{request_id}"
+    return f"lego.progress.{check_request_id(request_id)}"
 
 
 def replica_subject(pool: str) -> str:
@@ -88,9 +90,21 @@ def task_msg_id(request_id: str, node: str, handoffs: int = 0) -> str:
     return f"{request_id}:{node}" + (f":h{handoffs}" if handoffs else "")
 
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: what a request id may be: it becomes a subject token, a KV key and a store path segment, so
+#: only characters that are none of NATS's separators and wildcards, no path step, no space
+REQUEST_ID_RULE = "1-64 characters of A-Z a-z 0-9 _ -"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-def valid_request_id(request_id: str) -> bool:
-    """Ids become subject tokens and store keys, so only a safe alphabet is allowed."""
-    return bool(_REQUEST_ID.match(request_id))
+def valid_request_id(request_id: object) -> bool:
+    """Whether ``request_id`` is a string of ``REQUEST_ID_RULE``: the one check every id
+    passes before it becomes a subject, a key or a path (client-chosen or generated)."""
+    # fullmatch: "$" would also accept a trailing newline
+    return isinstance(request_id, str) and _REQUEST_ID.fullmatch(request_id) is not None
+
+
+def check_request_id(request_id: object, field: str = "id") -> str:
+    """``request_id`` if valid, else ``InvalidField`` naming ``field`` and the rule."""
+    if isinstance(request_id, str) and valid_request_id(request_id):
+        return request_id
+    raise InvalidField(field, f"must be {REQUEST_ID_RULE}", 64)

@@ -27,7 +27,9 @@ from typing import Any
 
 import orjson
 from fastapi import Depends, FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common import bus, metrics, subjects, telemetry
 from common.errors import (
@@ -152,6 +154,11 @@ class Gateway:
             self.progress.popitem(last=False)
 
     async def state(self, request_id: str) -> RequestState:
+        """The request's state; ``NotFound`` for an unknown id, and for one no request can have
+        (checked before it becomes a KV key or a subject: ``>`` would follow every request)."""
+        if not subjects.valid_request_id(request_id):
+            raise NotFound(f"id: no request {request_id!r}; ids are {subjects.REQUEST_ID_RULE}",
+                           field="id")
         state = await self.tracker.get(request_id)
         if state is None:
             raise NotFound(f"id: no request {request_id!r}", field="id")
@@ -276,6 +283,13 @@ def create_app(
     @app.exception_handler(LegoError)
     async def _lego_error(request: Request, exc: LegoError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _no_route(request: Request, exc: StarletteHTTPException) -> Response:
+        # a path no route matches (an id with a "/" in it, say) is a 404 in the API's shape
+        if exc.status_code == 404:
+            return error_response(NotFound(f"no resource at {request.url.path!r}"))
+        return await http_exception_handler(request, exc)
 
     @app.post(
         "/v1/generations",

@@ -129,12 +129,12 @@ class Ingress:
         if not isinstance(raw, dict):
             raise InvalidRequest([InvalidField("body", "must be a JSON object")])
         request_id = raw.get("id")
-        if request_id is None:
-            request_id = uuid.uuid4().hex
-        elif not isinstance(request_id, str) or not subjects.valid_request_id(request_id):
-            raise InvalidRequest(
-                [InvalidField("id", "must be 1-64 characters of A-Z a-z 0-9 _ -", 64)]
+        try:  # a generated id passes the same check: it becomes a subject and keys alike
+            request_id = subjects.check_request_id(
+                uuid.uuid4().hex if request_id is None else request_id
             )
+        except InvalidField as exc:
+            raise InvalidRequest([exc]) from None
         workflow = raw.get("workflow", DEFAULT_WORKFLOW)
         if not isinstance(workflow, str):
             raise InvalidRequest([InvalidField("workflow", "must be a string")])
