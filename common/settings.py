@@ -183,6 +183,13 @@ class Settings(BaseSettings):
         "piece) against the request's slack, skipped while fewer requests than devices are in "
         "flight",
     )
+    reply_prefixes: list[str] = Field(
+        default_factory=lambda: ["_INBOX_client"],
+        description="subject prefixes a Lego-Reply-To header may name, besides _INBOX and "
+        "nats_inbox_prefix (the ingress replies with the service account's rights, so nothing "
+        "else: never $-subjects, lego.* or wildcards); the default is the client inbox of "
+        "deploy/nats-accounts.conf",
+    )
 
     # --- gateway -----------------------------------------------------------------------------
     host: str = "127.0.0.1"

@@ -13,12 +13,14 @@
     KV lego-workflows             registered workflow specs (added at run time)
     KV lego-joins                 rendezvous of DAG joins (a node with several inputs)
     KV lego-cancels               cancelled request ids, watched by every node
+    _INBOX.<...>                  a client's replies (``Lego-Reply-To``; ``reply_allowed``)
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 
 from common.errors import InvalidField
 
@@ -88,6 +90,29 @@ def task_msg_id(request_id: str, node: str, handoffs: int = 0) -> str:
     """Nats-Msg-Id of a task: a re-published task (a replica died before acking) is dropped.
     A task a busy host handed back is a new message: its hand-off count tells it apart."""
     return f"{request_id}:{node}" + (f":h{handoffs}" if handoffs else "")
+
+
+#: nats-py's (and every NATS client's) default inbox prefix: a client's replies arrive under it
+DEFAULT_INBOX_PREFIX = "_INBOX"
+#: never a reply's subject, whatever is configured: the ingress publishes with the service
+#: account's rights, so a reply there would be a client writing JetStream's API ($JS), a KV
+#: bucket ($KV: cancel another's request), the system account ($SYS) or our own subjects
+_RESERVED_REPLY_PREFIXES = ("$", "lego.")
+_REPLY_TOKEN = re.compile(r"[^\s*>.\x00-\x1f\x7f]+")  # no wildcard, separator or space
+_MAX_REPLY_CHARS = 256
+
+
+def reply_allowed(subject: object, prefixes: Iterable[str]) -> bool:
+    """Whether a client's ``Lego-Reply-To`` may name ``subject``: a literal subject (no
+    wildcard, no empty token, no space) under one of the inbox ``prefixes`` (each a subject
+    prefix like ``_INBOX``, matched token-wise), and never a reserved one."""
+    if not isinstance(subject, str) or not 0 < len(subject) <= _MAX_REPLY_CHARS:
+        return False
+    if subject.startswith(_RESERVED_REPLY_PREFIXES):
+        return False
+    if not all(_REPLY_TOKEN.fullmatch(token) for token in subject.split(".")):
+        return False
+    return any(subject.startswith(prefix.rstrip(".") + ".") for prefix in prefixes if prefix)
 
 
 #: what a request id may be: it becomes a subject token, a KV key and a store path segment, so

@@ -4,7 +4,9 @@ publishes the tasks of the workflow's root nodes. Nodes take it from there.
 
 Direct NATS clients publish the request JSON (see ``common.messages``) to ``lego.requests``,
 optionally with a ``Lego-Reply-To`` header naming a subject for the acceptance (or the error),
-and read the outcome from ``lego.results.<id>``.
+and read the outcome from ``lego.results.<id>``. Nothing in a message is trusted: its id passes
+``subjects.check_request_id``, and the reply goes only to a client's inbox
+(``subjects.reply_allowed``), never where the service account's rights would reach further.
 """
 
 from __future__ import annotations
@@ -104,6 +106,10 @@ class Ingress:
         self.deadline_policy = admission.DeadlinePolicy(
             settings.slo_factor, settings.slo_min_s, settings.max_deadline_s
         )
+        #: where a client's Lego-Reply-To may point: the clients' inboxes, nothing else
+        self.reply_prefixes = [subjects.DEFAULT_INBOX_PREFIX, *settings.reply_prefixes]
+        if settings.nats_inbox_prefix:
+            self.reply_prefixes.append(settings.nats_inbox_prefix)
         # (deadline_at, request id) of the requests this replica planned, soonest first
         self._deadlines: list[tuple[float, str]] = []
         self._deadline_added = asyncio.Event()
@@ -268,9 +274,21 @@ class Ingress:
             if state.done:
                 metrics.REQUESTS_FINISHED.labels(self._known(state.workflow), state.status).inc()
 
+    def _reply_to(self, headers: dict[str, str]) -> str | None:
+        """The header's reply subject if it is a client's inbox. The reply is published with
+        the service account's rights: anywhere else (``$KV.lego-cancels.<id>``, the JetStream
+        API, a pool's tasks) it would let a client do what its own account may not."""
+        reply_to = headers.get(REPLY_HEADER)
+        if not reply_to or subjects.reply_allowed(reply_to, self.reply_prefixes):
+            return reply_to or None
+        log.warning("ignored %s %r: replies go only to subjects under %s; the request goes on "
+                    "(its outcome is on its results subject)", REPLY_HEADER, reply_to[:200],
+                    ", ".join(self.reply_prefixes))
+        return None
+
     async def _handle(self, msg: Msg) -> None:
         headers = msg.headers or {}
-        reply_to = headers.get(REPLY_HEADER)
+        reply_to = self._reply_to(headers)
         try:
             raw = orjson.loads(msg.data)
         except orjson.JSONDecodeError as exc:
