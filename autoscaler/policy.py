@@ -57,6 +57,7 @@ class PoolObservation:
     """One tick's view of a pool, gathered by the I/O loop."""
 
     lag: int  # num_pending + num_ack_pending, as KEDA's JetStream scaler counts it
+    queued: int = 0  # num_pending: tasks no replica has taken yet
     arrival_rate: float  # tasks/s, smoothed by the caller
     completion_rate: float = 0.0  # tasks/s
     replicas: int  # current, starting ones included

@@ -44,25 +44,26 @@ def erlang_c(servers: int, offered: float) -> float:
 
 
 def copies_wanted(
-    rate_per_s: float, service_s: float, *, lag: int = 0, target_wait_s: float,
-    miss: float = 0.05, drain_s: float = 2.0, most: int,
+    rate_per_s: float, service_s: float, *, queued: int = 0, target_wait_s: float,
+    miss: float = 0.05, most: int,
 ) -> int:
-    """Least copies (at most ``most``) that keep up with ``rate_per_s`` plus the lag drained in
-    ``drain_s`` and make P(wait > target_wait_s) <= ``miss``; 0 for a pool with no work."""
-    if rate_per_s <= 0 and lag <= 0:
+    """Least copies (at most ``most``) that make P(wait > target_wait_s) <= ``miss`` at the
+    long-run ``rate_per_s``, plus one for each task queued now that no device has taken (a
+    burst: with deadlines a small multiple of the work, each needs a device soon); 0 for a
+    pool with no work. Not the lag with the tasks in progress: those have their device."""
+    if rate_per_s <= 0 and queued <= 0:
         return 0
     if service_s <= 0:
         return 1
-    demand = (rate_per_s + lag / drain_s) * service_s
-    copies = max(1, math.ceil(round(demand, 9)))
     offered = rate_per_s * service_s
+    copies = max(1, math.ceil(round(offered, 9)))
     while copies < most:
         mu = 1.0 / service_s
         waits = erlang_c(copies, offered)
         if waits * math.exp(-(copies * mu - rate_per_s) * target_wait_s) <= miss:
             break
         copies += 1
-    return min(copies, most)
+    return min(copies + queued, most)
 
 
 @dataclass(frozen=True)
@@ -74,12 +75,25 @@ class PoolNeed:
 
 @dataclass(frozen=True)
 class Residency:
-    """Wanted copies per pool, each held at its peak over ``window_s``."""
+    """Wanted copies per pool, each held at its peak over ``window_s``, and each pool's
+    long-run arrival rate (an exponential average over ``window_s``: copies of a large model
+    are not loaded, and others evicted for them, because of one request)."""
 
     window_s: float
     history: Mapping[str, tuple[tuple[float, int], ...]] = field(default_factory=dict)
+    rate_per_s: Mapping[str, float] = field(default_factory=dict)
+    at_s: float | None = None
 
-    def step(self, now_s: float, wants: Mapping[str, int]) -> tuple[dict[str, int], Residency]:
+    def rates(self, now_s: float, observed: Mapping[str, float]) -> dict[str, float]:
+        """The long-run rates after this tick's observed arrival rates."""
+        if self.at_s is None:
+            return {pool: 0.0 for pool in observed}
+        weight = min(1.0, max(0.0, now_s - self.at_s) / self.window_s)
+        return {pool: self.rate_per_s.get(pool, 0.0) * (1 - weight) + rate * weight
+                for pool, rate in observed.items()}
+
+    def step(self, now_s: float, wants: Mapping[str, int],
+             rates: Mapping[str, float] | None = None) -> tuple[dict[str, int], Residency]:
         history = {}
         held = {}
         for pool, want in wants.items():
@@ -87,7 +101,7 @@ class Residency:
                          if t > now_s - self.window_s)
             history[pool] = (*kept, (now_s, want))
             held[pool] = max(w for _, w in history[pool])
-        return held, Residency(self.window_s, history)
+        return held, Residency(self.window_s, history, dict(rates or self.rate_per_s), now_s)
 
 
 def plan(

@@ -212,6 +212,7 @@ class Autoscaler:
             rate = self._arrivals[pool] = (rate + self._arrivals.get(pool, rate)) / 2
             observations[pool] = PoolObservation(
                 lag=view.lag,
+                queued=view.pending,
                 arrival_rate=rate,
                 completion_rate=view.completion_rate or 0.0,
                 replicas=replicas,
@@ -281,6 +282,9 @@ class Autoscaler:
         devices: list[Device], current: dict[str, list[str]],
     ) -> tuple[dict[str, list[str]], dict[str, str]]:
         """Device hosts: which models each device holds (``autoscaler.residency``)."""
+        state = self._residency_state or Residency(self.config.stable_window_s)
+        at = time.monotonic()
+        rates = state.rates(at, {name: obs.arrival_rate for name, obs in observations.items()})
         wants = {}
         for name, pool in pools.items():
             obs = observations[name]
@@ -290,12 +294,11 @@ class Autoscaler:
                 pool.spec.min_replicas,
                 self.settings.initial_replicas.get(name, 0) if self._residency_state is None
                 else 0,
-                copies_wanted(obs.arrival_rate, service_s, lag=obs.lag,
+                copies_wanted(rates.get(name, 0.0), service_s, queued=obs.queued,
                               target_wait_s=max(service_s, self.settings.autoscale_tick_s),
                               most=len(devices)),
             )
-        state = self._residency_state or Residency(self.config.stable_window_s)
-        held, self._residency_state = state.step(time.monotonic(), wants)
+        held, self._residency_state = state.step(at, wants, rates)
         needs = {name: PoolNeed(name, pool.spec.memory_bytes, held[name])
                  for name, pool in pools.items()}
         placement = plan_residency(needs, devices, current)

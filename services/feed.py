@@ -42,12 +42,16 @@ from common.messages import (
 )
 from common.metrics import percentile
 from common.store import tensor_key
+from services import scheduling
 from services.core import ModelCore, WorkItem
 
 if TYPE_CHECKING:
     from services.host import DeviceHost
 
 log = logging.getLogger(__name__)
+
+#: single-task steps measured on a device before its least step time bounds anything
+_TRUSTED_STEPS = 8
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,12 @@ class PoolFeed:
         self.held: list[Held] = []
         #: measured compute of one step of this pool on this device (seconds; None: not yet)
         self.step_s: float | None = None
-        self.least_step_s: float | None = None  # of one task alone
+        self._least_single_s: float | None = None  # the least a step of one task took here
+        self._single_steps = 0
+        #: how long and how urgent this pool's tasks have recently been (``typical``)
+        self.typical_work_s: float | None = None
+        self.typical_slack_s: float | None = None
+        self.typical_tail_s = 0.0
         self.stopping = False
         self.done = asyncio.Event()  # drained: fetching stopped, nothing held
         self._fetch_ended = False
@@ -199,7 +208,8 @@ class PoolFeed:
         if task.expired(fetched_at) or self.doomed(held, fetched_at):
             await self.expire(held)
             return None
-        if not host.may_start(self) and task.handoffs < host.settings.host_max_handoffs:
+        self._learn(held, fetched_at)
+        if task.handoffs < host.settings.host_max_handoffs and not host.may_start(self, held):
             await self._hand_back(held)
             return None
         node = task.plan.nodes[task.node]
@@ -266,10 +276,39 @@ class PoolFeed:
         if held.state is None:  # not started yet: as planned
             return node.est_s
         done, total = self.core.progress(held.state)
-        step_s = self.least_step_s if least else self.step_s
-        if step_s is None:
-            step_s = node.est_s / max(total, 1)
+        planned_s = node.est_s / max(total, 1) if node.est_s else None
+        if least:  # a lower bound: the least of this device's and the pool's figures
+            step_s = min((s for s in (self.least_step_s, planned_s) if s), default=0.0)
+        else:
+            step_s = self.step_s if self.step_s is not None else planned_s or 0.0
         return max(0, total - done if remaining else total) * step_s
+
+    def _learn(self, held: Held, at: float) -> None:
+        """Remember how urgent and how long this pool's tasks are (smoothed), so the host can
+        judge, before fetching, whether a next one should come here."""
+        task = held.task
+        own_s = self.work_s(held, remaining=False)
+        self.typical_work_s = own_s if self.typical_work_s is None else (
+            0.8 * self.typical_work_s + 0.2 * own_s)
+        if task.deadline_at is not None:
+            slack_s = task.deadline_at - at - own_s - task.plan.tail_s(task.node)
+            self.typical_slack_s = slack_s if self.typical_slack_s is None else (
+                0.8 * self.typical_slack_s + 0.2 * slack_s)
+        self.typical_tail_s = task.plan.tail_s(task.node)
+
+    def typical(self, at: float) -> scheduling.Urgency:
+        """A task as urgent as this pool's recent ones, arriving now (no deadline while none
+        has been seen: it then waits for everything held)."""
+        work_s = (self.typical_work_s or 0.0) + self.typical_tail_s
+        deadline = None if self.typical_slack_s is None else at + self.typical_slack_s + work_s
+        return scheduling.Urgency(deadline, work_s, at, self.typical_work_s or 0.0)
+
+    @property
+    def least_step_s(self) -> float | None:
+        """The least a step of one task has taken here, once there are enough such steps to
+        trust it (a first step may include loading a ControlNet, or wait for another model's
+        load on the device)."""
+        return self._least_single_s if self._single_steps >= _TRUSTED_STEPS else None
 
     def doomed(self, held: Held, at: float) -> bool:
         """Whether the request cannot finish by its deadline even if all its remaining work
@@ -289,7 +328,8 @@ class PoolFeed:
         # smoothed, so one slow step (a load, a busy host) does not swing the estimates
         self.step_s = elapsed_s if self.step_s is None else 0.7 * self.step_s + 0.3 * elapsed_s
         if len(group) == 1:
-            self.least_step_s = min(elapsed_s, self.least_step_s or elapsed_s)
+            self._single_steps += 1
+            self._least_single_s = min(elapsed_s, self._least_single_s or elapsed_s)
         for held in group:
             held.ran_from = held.ran_from or ended_at - elapsed_s
             held.ran_until = ended_at
@@ -318,6 +358,9 @@ class PoolFeed:
             needs_s = self.work_s(held, least=True) + task.plan.tail_s(task.node)
             why = (f"node {task.node} and what follows need at least {needs_s:.3f}s, and "
                    f"{-late_s:.3f}s are left before the deadline")
+            log.info("%s: %s (least step here %s s, planned %s s for the node, %s s after)",
+                     self.replica, why, self.least_step_s, task.plan.nodes[task.node].est_s,
+                     task.plan.tail_s(task.node))
         error = DeadlineExceeded(f"{why}; dropped, not run", pool=self.pool)
         await self.host.tracker.finish(task.request_id, "failed",
                                        error=error_info(error, task.node), timings=task.timings)

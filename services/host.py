@@ -126,11 +126,19 @@ class DeviceHost:
     def may_fetch(self, feed: PoolFeed) -> bool:
         return not feed.stopping and self.may_start(feed)
 
-    def may_start(self, feed: PoolFeed) -> bool:
-        """Whether a new task of ``feed``'s pool would start soon here."""
-        others_s = sum(h.feed.work_s(h) for h in self._held if h.feed is not feed)
-        return scheduling.may_fetch(len(feed.held), feed.core.max_batch, others_s,
-                                    self.settings.host_eligible_s)
+    def may_start(self, feed: PoolFeed, held: Held | None = None) -> bool:
+        """Whether a task of ``feed``'s pool (``held``, just fetched, else one as urgent as
+        the pool's recent ones) would start soon here without making held work late."""
+        if len(feed.held) >= feed.core.max_batch:
+            return False
+        at = now()
+        if held is not None:
+            newcomer, own_s = self._urgency(held, at), feed.work_s(held, remaining=False)
+        else:
+            newcomer, own_s = feed.typical(at), feed.typical_work_s or 0.0
+        others = [self._urgency(h, at) for h in self._held if h.feed is not feed]
+        return scheduling.may_take(newcomer, own_s, others, at, self.policy,
+                                   self.settings.host_eligible_s)
 
     def changed(self) -> None:
         """Wake whoever waits for the host's state to change (fetch loops, the step loop)."""
@@ -193,6 +201,7 @@ class DeviceHost:
             deadline_at=task.deadline_at,
             work_s=held.feed.work_s(held, remaining=False) + task.plan.tail_s(task.node),
             since=task.submitted_at,
+            remaining_s=held.feed.work_s(held),
         )
 
     def _next_group(self, at: float) -> list[Held]:

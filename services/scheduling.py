@@ -17,10 +17,14 @@ passes the time and what it measured.
   and run in arrival order after those with one.
 - ``Fifo``: arrival order (the monolithic baselines: one pipeline, one request after another).
 
-``may_fetch`` is the pull rule, as the DiFlow artifact's eligibility: a host asks a pool's
-consumer for another task only when it could start that task soon (the work held for other
-pools is under ``eligible_s``), so that work waits in JetStream, where any device holding the
-model can take it, and not in one host's memory.
+``may_take`` is the pull rule, the DiFlow artifact's eligibility made deadline-aware: a host
+takes a task only when it could start it soon: the held work that would run before it (more
+urgent) is under ``eligible_s``, and the held work it would push back still keeps its slack.
+Before a fetch the host asks it of a typical task of the pool (as urgent as the pool's recent
+tasks were), after the fetch of the task itself (a host that cannot start it hands it back).
+So a device busy with a long FLUX.1-dev request still takes an urgent SD3 task and runs it at
+the next step boundary, while work that would only wait behind others waits in JetStream,
+where any device holding the model can take it, and not in one host's memory.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ class Urgency:
 
     deadline_at: float | None  # epoch seconds; None: no deadline
     work_s: float  # its own compute plus the estimated work of the nodes after it
-    since: float  # when it was published: arrival order among equals
+    since: float  # when its request arrived: arrival order among equals
+    remaining_s: float = 0.0  # its own compute still to run on this device
 
     def slack_s(self, at: float) -> float:
         if self.deadline_at is None:
@@ -82,8 +87,16 @@ def most_urgent(urgencies: Sequence[Urgency], at: float, policy: Scheduler) -> l
     return sorted(range(len(urgencies)), key=lambda i: policy.order(urgencies[i], at))
 
 
-def may_fetch(held: int, max_batch: int, others_work_s: float, eligible_s: float) -> bool:
-    """Whether a host may take one more task of a pool: the pool's batch has room and the work
-    it holds for its other pools would let the new task start within ``eligible_s`` (a task of
-    the same pool joins the running batch at the next step boundary)."""
-    return held < max_batch and others_work_s <= eligible_s
+def may_take(newcomer: Urgency, own_s: float, held: Sequence[Urgency], at: float,
+             policy: Scheduler, eligible_s: float) -> bool:
+    """Whether a device should take a task as urgent as ``newcomer`` (``own_s`` of compute
+    here) while it holds ``held`` (the tasks of its other pools: a task of the same pool joins
+    their batch at the next step boundary): the work that would run before it is under
+    ``eligible_s``, and every held task it would push back that can still make its deadline
+    still can after ``own_s`` more."""
+    rank = policy.order(newcomer, at)
+    ahead_s = sum(h.remaining_s for h in held if policy.order(h, at) <= rank)
+    if ahead_s > eligible_s:
+        return False
+    behind = [h.slack_s(at) for h in held if policy.order(h, at) > rank]
+    return all(slack - own_s >= 0 for slack in behind if slack >= 0)

@@ -42,11 +42,24 @@ def test_least_slack_counts_the_work_ahead_and_fifo_the_arrival():
         scheduling.scheduler("random")
 
 
-def test_a_host_fetches_only_when_it_could_start_the_task_soon():
-    assert scheduling.may_fetch(held=0, max_batch=1, others_work_s=0.0, eligible_s=0.01)
-    assert not scheduling.may_fetch(held=1, max_batch=1, others_work_s=0.0, eligible_s=0.01)
-    assert scheduling.may_fetch(held=3, max_batch=8, others_work_s=0.005, eligible_s=0.01)
-    assert not scheduling.may_fetch(held=0, max_batch=8, others_work_s=0.5, eligible_s=0.01)
+def test_a_host_takes_a_task_only_when_it_could_start_it_soon():
+    at, policy = 100.0, scheduling.LeastSlack()
+    idle: list[scheduling.Urgency] = []
+    urgent = scheduling.Urgency(deadline_at=at + 1.0, work_s=0.6, since=at, remaining_s=0.5)
+    relaxed = scheduling.Urgency(deadline_at=at + 60.0, work_s=0.6, since=at, remaining_s=0.5)
+    # a long request held, with 20 s of slack left (a FLUX.1-dev one, say)
+    long = scheduling.Urgency(deadline_at=at + 30.0, work_s=10.0, since=at - 5,
+                              remaining_s=8.0)
+    assert scheduling.may_take(relaxed, 0.5, idle, at, policy, eligible_s=0.01)
+    # the urgent task goes first and pushes the long one back by 0.5 s: it can afford that
+    assert scheduling.may_take(urgent, 0.5, [long], at, policy, eligible_s=0.01)
+    # the relaxed one would wait behind 8 s of held work: it stays in the queue
+    assert not scheduling.may_take(relaxed, 0.5, [long], at, policy, eligible_s=0.01)
+    # not when it would make the held request late
+    tight = scheduling.Urgency(deadline_at=at + 8.2, work_s=8.0, since=at - 5, remaining_s=8.0)
+    assert not scheduling.may_take(urgent, 0.5, [tight], at, policy, eligible_s=0.01)
+    # first come first served: whatever is held goes first
+    assert not scheduling.may_take(urgent, 0.5, [long], at, scheduling.Fifo(), eligible_s=0.01)
 
 
 # --- residency (pure) ----------------------------------------------------------------------
@@ -65,7 +78,8 @@ def test_copies_cover_demand_and_the_wait_a_deadline_allows():
     # a cheap, rare task needs one
     assert copies_wanted(0.1, 0.05, target_wait_s=0.05, most=8) == 1
     assert copies_wanted(100.0, 1.0, target_wait_s=1.0, most=8) == 8  # capped
-    assert copies_wanted(0.0, 1.0, lag=8, drain_s=2.0, target_wait_s=1.0, most=8) == 4
+    # tasks queued now that no device has taken: one more copy each
+    assert copies_wanted(0.0, 1.0, queued=3, target_wait_s=1.0, most=8) == 4
 
 
 def test_wants_are_held_at_their_peak_over_the_window():
@@ -75,6 +89,16 @@ def test_wants_are_held_at_their_peak_over_the_window():
     assert held["a"] == 4
     held, state = state.step(11.0, {"a": 1})
     assert held["a"] == 1
+
+
+def test_long_run_rates_follow_arrivals_slowly():
+    state = Residency(window_s=10.0)
+    assert state.rates(0.0, {"a": 4.0}) == {"a": 0.0}  # nothing known before the first tick
+    _, state = state.step(0.0, {"a": 1}, {"a": 0.0})
+    rates = state.rates(1.0, {"a": 4.0})  # one busy second moves a tenth of the way
+    assert rates["a"] == pytest.approx(0.4)
+    _, state = state.step(1.0, {"a": 1}, rates)
+    assert state.rates(31.0, {"a": 2.0})["a"] == pytest.approx(2.0)
 
 
 def test_residency_places_one_of_each_then_fills_memory_by_need():
