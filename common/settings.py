@@ -98,6 +98,11 @@ class Settings(BaseSettings):
         8, ge=0, description="times a task fetched by a host that got busy meanwhile may be "
         "handed back to its queue for an idle device (then the host keeps it)",
     )
+    drop_doomed: bool = Field(
+        True, description="drop a task whose request can no longer meet its deadline (its "
+        "remaining work at the fastest measured step times exceeds the time left), not only "
+        "one already past it",
+    )
     device_hosts: bool = Field(
         False, description="the emulated backend runs one host per device, serving every "
         "pool resident there (else one host per replica)",

@@ -315,7 +315,7 @@ class PoolFeed:
         ran now at the fastest this device and its pools have gone: running it would only take
         time from work that can still make it."""
         task = held.task
-        if task.deadline_at is None:
+        if task.deadline_at is None or not self.host.settings.drop_doomed:
             return False
         least_s = self.work_s(held, least=True) + task.plan.tail_s(task.node)
         return at + least_s > task.deadline_at
