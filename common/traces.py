@@ -2,6 +2,11 @@
 
 A trace file has one request per line, ``TENANT INTERVAL``: send the request, then wait
 INTERVAL seconds before the next line's. ``Arrival.at_s`` is the send time from the start.
+A line may name a workflow instead of a tenant, ``WORKFLOW INTERVAL`` (e.g.
+``flux-schnell-canny 0.5``): on every workload that request is that workflow, so any mix, or a
+burst on one workflow, can be replayed (``common.workloads.Workload.assign``; the shipped
+traces' tenants A/B/C map to Flux-3's workflows, and on Mix-12 a tenant that is not a workflow
+picks one by Zipf popularity).
 Pure: parsing and arithmetic, no clock. The benchmarks (``lego bench slo``/``sweep``) and the
 Locust load shapes (``loadtest/``) replay traces through these functions.
 """
@@ -35,7 +40,8 @@ def parse_trace(text: str) -> list[Arrival]:
             tenant, gap = parts[0], float(parts[1])
         except (IndexError, ValueError):
             raise ValueError(
-                f"trace line {number}: expected 'TENANT INTERVAL', got {line!r}"
+                f"trace line {number}: expected 'TENANT INTERVAL' (or 'WORKFLOW INTERVAL'), "
+                f"got {line!r}"
             ) from None
         if gap < 0 or gap != gap:
             raise ValueError(f"trace line {number}: interval {parts[1]} must be >= 0")
@@ -93,11 +99,14 @@ def duration_s(arrivals: Sequence[Arrival]) -> float:
 
 
 def spike(
-    base: Sequence[Arrival], *, at_s: float, length_s: float, factor: float, seed: int = 0
+    base: Sequence[Arrival], *, at_s: float, length_s: float, factor: float, seed: int = 0,
+    tenant: str | None = None,
 ) -> list[Arrival]:
     """``base`` with a burst: during [at_s, at_s + length_s) the arrival rate becomes ``factor``
-    times the base rate, the extra requests drawn (fixed seed) from the base's tenants in that
-    window at evenly spread times. ``factor`` 1 returns ``base``."""
+    times the base rate, the extra requests at evenly spread times (jittered, fixed seed), each
+    drawn from the base's tenants in that window, or all ``tenant`` when given (a workflow's
+    name: a burst on that workflow alone). The times do not depend on ``tenant``, so spikes
+    of one seed differ only in who sends. ``factor`` 1 returns ``base``."""
     if factor < 1:
         raise ValueError(f"factor must be >= 1, got {factor}")
     window = [a for a in base if at_s <= a.at_s < at_s + length_s]
@@ -105,10 +114,11 @@ def spike(
     extra = round((factor - 1) * max(len(window), rate * length_s))
     rng = random.Random(seed)
     tenants = [a.tenant for a in window] or [a.tenant for a in base]
-    added = [
-        Arrival(at_s + length_s * (i + rng.random()) / max(extra, 1), rng.choice(tenants))
-        for i in range(extra)
-    ]
+    added = []
+    for i in range(extra):
+        at = at_s + length_s * (i + rng.random()) / max(extra, 1)
+        drawn = rng.choice(tenants)  # drawn even when unused: same times for every tenant
+        added.append(Arrival(at, tenant or drawn))
     return sorted([*base, *added], key=lambda a: a.at_s)
 
 

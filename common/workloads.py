@@ -6,6 +6,8 @@ capacity bound, and the static baselines' device splits. Pure: files and arithme
 - ``mix12`` (the paper's workflow set): SD3-medium, SD3.5-large, FLUX.1-dev and FLUX.1-schnell,
   each as txt2img with CFG, + ControlNet Canny, + ControlNet Depth (Pose for SD3); requests
   arrive with the traces' gaps and pick a workflow by a fixed-seed Zipf popularity (s = 1).
+- On either, a trace line may name a workflow instead of a tenant: that request is that
+  workflow (``Workload.assign``).
 
 The workflow files are in ``data/workloads/<name>/``; their ``solo_latency_s`` (what deadlines
 default from) is computed here from the profiles: every node's profiled time at batch 1,
@@ -61,19 +63,38 @@ class Workload:
         return names
 
     def assign(self, arrivals: Sequence[Arrival], seed: int = 0) -> list[str]:
-        """The workflow of each arrival: by tenant on Flux-3, by Zipf popularity on Mix-12."""
+        """The workflow of each arrival. A tenant that names one of the workload's workflows
+        is that workflow, on every workload (a trace line ``WORKFLOW INTERVAL``, so a burst
+        can hit one workflow); otherwise by tenant on Flux-3 (A/B/C) and by Zipf popularity
+        on Mix-12. The Zipf picks go to the other arrivals in order, so adding named arrivals
+        to a trace leaves the others' workflows as they were."""
         if self.name == "flux3":
-            return [FLUX3_TENANTS[a.tenant] for a in arrivals]
-        return zipf_choices(self.popularity, len(arrivals), seed=seed)
+            return [a.tenant if a.tenant in self.workflows else self._tenant_workflow(a.tenant)
+                    for a in arrivals]
+        drawn = sum(a.tenant not in self.workflows for a in arrivals)
+        picks = iter(zipf_choices(self.popularity, drawn, seed=seed))
+        return [a.tenant if a.tenant in self.workflows else next(picks) for a in arrivals]
+
+    def _tenant_workflow(self, tenant: str) -> str:
+        if tenant not in FLUX3_TENANTS:
+            raise ValueError(f"flux3: unknown tenant {tenant!r}; a trace names A, B, C or a "
+                             f"workflow ({', '.join(sorted(self.workflows))})")
+        return FLUX3_TENANTS[tenant]
 
     def shares(self, arrivals: Sequence[Arrival]) -> dict[str, float]:
-        """Each workflow's share of the requests of ``arrivals`` (the expected Zipf share on
-        Mix-12)."""
+        """Each workflow's share of the requests of ``arrivals``: counted on Flux-3; on
+        Mix-12 the arrivals that name a workflow counted, the others at their expected Zipf
+        share."""
         if self.name == "flux3":
             counts = Counter(self.assign(arrivals))
             return {w: counts[w] / max(1, len(arrivals)) for w in self.popularity}
         weights = [1 / r for r in range(1, len(self.popularity) + 1)]
-        return {w: x / sum(weights) for w, x in zip(self.popularity, weights, strict=True)}
+        zipf = {w: x / sum(weights) for w, x in zip(self.popularity, weights, strict=True)}
+        named = Counter(a.tenant for a in arrivals if a.tenant in self.workflows)
+        if not named:
+            return zipf
+        drawn = len(arrivals) - sum(named.values())
+        return {w: (named[w] + drawn * zipf[w]) / len(arrivals) for w in self.popularity}
 
     def work_s(self, workflow: str) -> float:
         """Device-seconds of profiled work one request needs (unscaled: H800 seconds)."""

@@ -7,6 +7,9 @@
                               same models in one process (diffusers' pipeline)
     lego bench burst [--json] steady load, then an 8x burst: micro-serving against the
                               monolithic baseline, same slot budget (see lego.burst)
+    lego bench slo|sweep      the emulated GPU cluster's experiment (see lego.experiment)
+    lego bench bound          the best SLO attainment an idealised cluster reaches on a trace
+                              (see lego.bound; arithmetic, no stack)
 
 Servers: NATS_URL / REDIS_URL when set, else a nats-server and a redis-server started here on
 free ports (the Redis rows are skipped when no redis-server is found).
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import shutil
 import statistics
@@ -25,15 +29,18 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from common.bus import run_async
 from common.metrics import percentile
 from common.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from lego.experiment import SloRun
 
 HOP_SIZES = (32 * 1024, 256 * 1024, 1024 * 1024, 4 * 1024 * 1024)
 
@@ -313,7 +320,7 @@ def main(args: argparse.Namespace) -> int:
                 row = rows[i]
                 print(f"{row['store']:<6} {row['size_bytes'] // 1024:>6} KiB" + "".join(
                     f"{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}" for r in rows[i:i + len(HOP_MODES)]))
-    elif args.which in ("slo", "sweep"):
+    elif args.which in ("slo", "sweep", "bound"):
         return _emulated(settings, args)
     elif args.which == "burst":
         from lego.burst import BurstConfig, bench_burst, print_table
@@ -338,30 +345,57 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _emulated(settings: Settings, args: argparse.Namespace) -> int:
+    from common.workloads import load_workload
     from lego import experiment
+    from lego.bound import bound, print_bound
 
-    if args.which == "slo":
-        run = experiment.SloRun(
-            args.system, args.workload or "flux3",
-            experiment.trace_arrivals(args.trace, args.rate_scale), args.devices,
-            args.time_scale or 1.0,
-        )
-        result = experiment.run_slo(settings, run)
+    if args.repeat is not None and args.repeat < 1:
+        raise SystemExit(f"lego bench {args.which}: --repeat must be >= 1")
+    if args.which in ("slo", "bound"):
+        workload = load_workload(args.workload or "flux3", settings.profile_dir)
+        try:
+            burst = experiment.burst_workflow(workload, args.burst_workflow)
+            arrivals = functools.partial(
+                experiment.slo_arrivals, args.trace, args.rate_scale,
+                burst_factor=args.burst_factor, burst_workflow=burst)
+            arrivals(seed=0)  # a malformed trace or option fails here, before any stack
+            if args.which == "slo" and args.admission == "both":
+                raise ValueError("--admission both is for the sweep")
+            if args.admission:
+                settings = experiment.with_admission_rule(settings, args.admission)
+        except ValueError as exc:
+            raise SystemExit(f"lego bench {args.which}: {exc}") from None
+        if args.which == "bound":
+            result = bound(workload, arrivals(seed=0), args.devices,
+                           slo_factor=settings.slo_factor)
+            show = print_bound
+        else:
+            run = functools.partial(_slo_run, args.system, workload.name, arrivals,
+                                    args.devices, args.time_scale or 1.0)
+            result = experiment.repeat_slo(settings, run, args.repeat or 1)
+            show = experiment.print_slo
         if args.json:
             print(json.dumps(result, indent=2))
         else:
-            experiment.print_slo(result)
+            show(result)
         return 0
     workloads = [args.workload] if args.workload else ["flux3", "mix12"]
     scales = [float(x) for x in args.scales.split(",")] if args.scales else None
     args.out.mkdir(parents=True, exist_ok=True)
+    repeat = args.repeat or 3
+    try:
+        experiment.sweep_entrants(settings, workloads[0], args.admission or "lego")
+    except ValueError as exc:
+        raise SystemExit(f"lego bench sweep: {exc}") from None
     results: dict = {"workloads": {}, "config": {
-        "devices": args.devices, "time_scale": args.time_scale or 4.0,
+        "devices": args.devices, "time_scale": args.time_scale or 4.0, "repeat": repeat,
+        "admission": args.admission or "lego",
     }}
     for workload in workloads:
         result = experiment.sweep_workload(
             settings, workload, devices=args.devices, time_scale=args.time_scale or 4.0,
-            scales=scales, bursts=not args.no_bursts,
+            scales=scales, bursts=not args.no_bursts, repeat=repeat,
+            admission=args.admission or "lego",
             log=(lambda line: print(line, file=sys.stderr, flush=True)),
         )
         path = args.out / f"sweep-{workload}.png"
@@ -374,3 +408,11 @@ def _emulated(settings: Settings, args: argparse.Namespace) -> int:
     else:
         experiment.print_sweep(results)
     return 0
+
+
+def _slo_run(system: str, workload: str, arrivals: Callable[..., list], devices: int,
+             time_scale: float, seed: int) -> SloRun:
+    """Run ``seed``'s SloRun of ``lego bench slo`` (its spike drawn with that seed)."""
+    from lego.experiment import SloRun
+
+    return SloRun(system, workload, arrivals(seed=seed), devices, time_scale)

@@ -10,6 +10,7 @@
     lego status [--json|--watch] per pool: replicas by state, lag, rates, latency, placement
     lego schema                  JSON Schemas of the request and the result
     lego bench hop|e2e|burst     benchmarks
+    lego bench slo|sweep|bound   the emulated GPU cluster's experiment, and its physical limit
 """
 
 from __future__ import annotations
@@ -410,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(func=cmd_schema)
 
     bench = sub.add_parser("bench", help="benchmarks")
-    bench.add_argument("which", choices=["hop", "e2e", "burst", "slo", "sweep"])
+    bench.add_argument("which", choices=["hop", "e2e", "burst", "slo", "sweep", "bound"])
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--iterations", type=int, default=None)
     burst = bench.add_argument_group("burst")
@@ -420,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     burst.add_argument("--burst-s", type=float, help="seconds of burst (default 5)")
     burst.add_argument("--after-s", type=float, help="seconds after the burst (default 25)")
     burst.add_argument("--slots", type=int, help="replica slots for either system (default 4)")
-    slo = bench.add_argument_group("slo and sweep (the emulated GPU cluster)")
+    slo = bench.add_argument_group("slo, sweep and bound (the emulated GPU cluster)")
     slo.add_argument("--system", choices=["micro", "static", "swap", "shepherd",
                                           "mono-autoscale"], default="micro")
     slo.add_argument("--workload", choices=["flux3", "mix12"],
@@ -435,6 +436,17 @@ def build_parser() -> argparse.ArgumentParser:
                                       "flux3 0.5,1,2,3,4,4.5,5,6,8; mix12 0.25,0.5,0.75,1,"
                                       "1.25,1.5,2,3,4,8)")
     slo.add_argument("--no-bursts", action="store_true", help="sweep: skip the burst ratio")
+    slo.add_argument("--repeat", type=int, help="runs of each cell, seeds 0..N-1; the median "
+                                                "is reported (slo: default 1; sweep: 3)")
+    slo.add_argument("--burst-factor", type=float,
+                     help="slo, bound: the sweep's burst cell on this trace: its first 60 s "
+                          "with a 10 s spike of K x its rate at 20 s")
+    slo.add_argument("--burst-workflow",
+                     help="slo, bound: the spike's extra requests are all this workflow "
+                          "(a name, or hot/cold: the most/least popular); default: the mix")
+    slo.add_argument("--admission", choices=["lego", "paper", "both"],
+                     help="micro's admission rule (the admission_rule setting); sweep: both "
+                          "runs micro with each, as micro and micro-paper (default lego)")
     slo.add_argument("--out", type=Path, default=Path("bench-results"),
                      help="sweep: where the plots and JSON go (default bench-results/)")
     bench.set_defaults(func=cmd_bench)

@@ -65,3 +65,5 @@ def test_bench_slo_reports_the_issue_fields(tmp_path: Path):
     assert result["system"] == "micro" and result["requests"] == 4
     assert result["lost"] == 0
     assert result["slo_attainment"] is not None and 0 <= result["slo_attainment"] <= 1
+    # the idealised cluster meets all four: the third waits 1 s for a device, within its slack
+    assert result["bound_attainment"] == 1.0
