@@ -33,13 +33,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from common.bus import run_async
 from common.metrics import percentile
 from common.settings import Settings, load_settings
 
 if TYPE_CHECKING:
+    import torch
+
     from lego.experiment import SloRun
 
 HOP_SIZES = (32 * 1024, 256 * 1024, 1024 * 1024, 4 * 1024 * 1024)
@@ -149,6 +149,8 @@ async def _hop(settings: Settings, store_kind: str, size: int, iterations: int,
     """Seconds per hop, as nodes pay it: the producer stores the tensor and publishes the task;
     the consumer, another process with a fetch waiting like an idle node's, fetches, gets the
     tensor from the store and acks, then reports its clock (CLOCK_MONOTONIC is system-wide)."""
+    import torch  # here, not at the top: `lego bench bound|slo|sweep` never need it
+
     from common import bus, subjects, telemetry
 
     telemetry.setup_tracing(settings, "bench-producer")
@@ -246,6 +248,8 @@ def bench_e2e(settings: Settings, iterations: int) -> dict:
     """Median wall time from submitting to holding the image: micro-served (HTTP, through the
     gateway, ingress and three nodes, PNG download included) against diffusers' pipeline in
     this process. The two alternate request by request, so machine noise hits both alike."""
+    import torch
+
     from gateway.client import LegoClient
     from lego.stack import Stack, free_port
 
