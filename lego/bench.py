@@ -387,19 +387,20 @@ def _emulated(settings: Settings, args: argparse.Namespace) -> int:
     scales = [float(x) for x in args.scales.split(",")] if args.scales else None
     args.out.mkdir(parents=True, exist_ok=True)
     repeat = args.repeat or 3
+    systems = args.systems.split(",") if args.systems else None
     try:
-        experiment.sweep_entrants(settings, workloads[0], args.admission or "lego")
+        experiment.sweep_entrants(settings, workloads[0], args.admission or "lego", systems)
     except ValueError as exc:
         raise SystemExit(f"lego bench sweep: {exc}") from None
     results: dict = {"workloads": {}, "config": {
         "devices": args.devices, "time_scale": args.time_scale or 4.0, "repeat": repeat,
-        "admission": args.admission or "lego",
+        "admission": args.admission or "lego", "systems": systems,
     }}
     for workload in workloads:
         result = experiment.sweep_workload(
             settings, workload, devices=args.devices, time_scale=args.time_scale or 4.0,
             scales=scales, bursts=not args.no_bursts, repeat=repeat,
-            admission=args.admission or "lego",
+            admission=args.admission or "lego", systems=systems,
             log=(lambda line: print(line, file=sys.stderr, flush=True)),
         )
         path = args.out / f"sweep-{workload}.png"

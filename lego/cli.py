@@ -436,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "flux3 0.5,1,2,3,4,4.5,5,6,8; mix12 0.25,0.5,0.75,1,"
                                       "1.25,1.5,2,3,4,8)")
     slo.add_argument("--no-bursts", action="store_true", help="sweep: skip the burst ratio")
+    slo.add_argument("--systems", help="sweep: comma-separated baselines to compare micro with "
+                                       "(default all of the workload's)")
     slo.add_argument("--repeat", type=int, help="runs of each cell, seeds 0..N-1; the median "
                                                 "is reported (slo: default 1; sweep: 3)")
     slo.add_argument("--burst-factor", type=float,

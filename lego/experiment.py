@@ -322,13 +322,18 @@ def with_admission_rule(base: Settings, rule: str) -> Settings:
     return base
 
 
-def sweep_entrants(base: Settings, workload: str,
-                   admission: str = "lego") -> dict[str, tuple[str, Settings]]:
+def sweep_entrants(base: Settings, workload: str, admission: str = "lego",
+                   systems: Sequence[str] | None = None) -> dict[str, tuple[str, Settings]]:
     """The sweep's columns: system label -> (system, settings). Micro once per admission
-    rule asked for (``lego``, ``paper`` or ``both``), then the baselines."""
+    rule asked for (``lego``, ``paper`` or ``both``), then the baselines (``systems``: only
+    those of them)."""
+    unknown = sorted(set(systems or ()) - set(SYSTEMS))
+    if unknown:
+        raise ValueError(f"systems: unknown {', '.join(unknown)}; known: {', '.join(SYSTEMS)}")
     rules = ("lego", "paper") if admission == "both" else (admission,)
     entrants = {ADMISSION_LABELS[r]: ("micro", with_admission_rule(base, r)) for r in rules}
-    entrants.update({s: (s, base) for s in systems_for(workload) if s != "micro"})
+    entrants.update({s: (s, base) for s in systems_for(workload)
+                     if s != "micro" and (systems is None or s in systems)})
     return entrants
 
 
@@ -367,14 +372,15 @@ def _bound_absorbed(loaded: Workload, base_scale: float, workflow: str | None, d
 def sweep_workload(
     base: Settings, workload: str, *, devices: int, time_scale: float,
     scales: Sequence[float] | None = None, bursts: bool = True, repeat: int = 3,
-    admission: str = "lego", log: Callable[[str], None] = print,
+    admission: str = "lego", systems: Sequence[str] | None = None,
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Every system at every rate scale (default: the workload's), then the burst experiment
     on the highest base every system sustains (the lowest scale if one sustains none): a spike
     on the whole mix, on the most popular workflow, on the least popular one. Every cell is
     the median of ``repeat`` runs."""
     scales = scales or RATE_SCALES[workload]
-    entrants = sweep_entrants(base, workload, admission)
+    entrants = sweep_entrants(base, workload, admission, systems)
     micros = [label for label in ADMISSION_LABELS.values() if label in entrants]
     lead = micros[0]  # micro with our rule when it ran
     baselines = [label for label in entrants if label not in micros]
