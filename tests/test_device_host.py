@@ -162,61 +162,87 @@ class RecordingCore(ModelCore):
         return Result({"image": torch.zeros(1, 2, 2, 3, dtype=torch.uint8)})
 
 
-async def _order(settings: Settings, scheduler: str) -> list[str]:
-    """Run a 4-step blocker on pool A; while it runs, submit X (pool C, deadline in 60 s) and
-    Y (pool B, deadline in 5 s); return the order of steps the one host ran."""
-    settings = settings.model_copy(update={
-        "host_scheduler": scheduler.replace("leastslack", "least_slack"),
-        "host_eligible_s": 60.0, "host_poll_s": 0.2})
-    nc = await bus.connect(settings, name="test")
-    js = nc.jetstream()
-    buckets = await bus.ensure_topology(js, settings)
-    store = open_store(settings)
-    tracker = RequestTracker(js, buckets, store)
-    log: list[str] = []
-    lock = threading.Lock()
-    host = DeviceHost(settings, "host@test", device="cpu:0")
-    serving = asyncio.create_task(host.serve())
-    names = ("pool-a", "pool-b", "pool-c")
-    ready = [asyncio.Event() for _ in names]
-    pools = [asyncio.create_task(host.run_pool(RecordingCore(p, log, lock, 0.3), p, "m", p,
-                                               ready=r))
-             for p, r in zip(names, ready, strict=True)]
-    for event in ready:
-        await event.wait()
+class Harness:
+    """A real nats-server's bus, request tracking and device hosts started on it."""
 
-    async def submit(name: str, pool: str, steps: int, deadline_s: float | None) -> None:
-        request_id = f"{scheduler}-{name}"
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.log: list[str] = []
+        self.lock = threading.Lock()
+        self.hosts: list[tuple[DeviceHost, list[asyncio.Task]]] = []
+
+    async def __aenter__(self) -> Harness:
+        self.nc = await bus.connect(self.settings, name="test")
+        self.js = self.nc.jetstream()
+        buckets = await bus.ensure_topology(self.js, self.settings)
+        self.store = open_store(self.settings)
+        self.tracker = RequestTracker(self.js, buckets, self.store)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for host, _ in self.hosts:
+            host.drain()
+        await asyncio.gather(*(t for _, tasks in self.hosts for t in tasks))
+        await self.store.close()
+        await self.nc.close()
+
+    async def host(self, name: str, pools: tuple[str, ...], **settings: Any) -> DeviceHost:
+        """A host serving ``pools`` (0.3 s steps), once every pool is ready."""
+        host = DeviceHost(self.settings.model_copy(update=settings), name, device=name)
+        tasks = [asyncio.create_task(host.serve())]
+        ready = [asyncio.Event() for _ in pools]
+        tasks += [asyncio.create_task(host.run_pool(
+            RecordingCore(p, self.log, self.lock, 0.3), p, "m", f"{p}@{name}", ready=r))
+            for p, r in zip(pools, ready, strict=True)]
+        self.hosts.append((host, tasks))
+        for event in ready:
+            await event.wait()
+        return host
+
+    async def submit(self, request_id: str, pool: str, steps: int,
+                     deadline_s: float | None) -> None:
         at = now()
         plan_ = Plan(nodes={"decode": PlanNode(kind="vae_decoder", pool=pool, op="decode")},
                      output="decode.image")
-        await tracker.create(RequestState(id=request_id, workflow="t", status="queued",
-                                          created_at=at, updated_at=at))
+        await self.tracker.create(RequestState(id=request_id, workflow="t", status="queued",
+                                               created_at=at, updated_at=at))
         task = Task(request_id=request_id, workflow="t", node="decode", plan=plan_,
                     params={"steps": steps}, inputs={}, submitted_at=at, published_at=at,
                     deadline_at=None if deadline_s is None else at + deadline_s)
-        await js.publish(f"lego.tasks.{pool}", encode(task))
+        await self.js.publish(f"lego.tasks.{pool}", encode(task))
 
-    await submit("blocker", "pool-a", 4, None)
-    async with asyncio.timeout(10):
-        while not log:
-            await asyncio.sleep(0.02)
-    await submit("x", "pool-c", 1, 60.0)
-    await asyncio.sleep(0.05)
-    await submit("y", "pool-b", 1, 5.0)
-    async with asyncio.timeout(30):
-        for name in ("blocker", "x", "y"):
-            request_id = f"{scheduler}-{name}"
-            state = await tracker.get(request_id)
-            while state is None or not state.done:
-                await asyncio.sleep(0.05)
-                state = await tracker.get(request_id)
-            assert state.status == "succeeded", state
-    host.drain()
-    await asyncio.gather(serving, *pools)
-    await store.close()
-    await nc.close()
-    return log
+    async def finished(self, *request_ids: str) -> list[RequestState]:
+        states = []
+        async with asyncio.timeout(30):
+            for request_id in request_ids:
+                state = await self.tracker.get(request_id)
+                while state is None or not state.done:
+                    await asyncio.sleep(0.05)
+                    state = await self.tracker.get(request_id)
+                assert state.status == "succeeded", state
+                states.append(state)
+        return states
+
+    async def started(self) -> None:
+        async with asyncio.timeout(10):
+            while not self.log:
+                await asyncio.sleep(0.02)
+
+
+async def _order(settings: Settings, scheduler: str) -> list[str]:
+    """Run a 4-step blocker on pool A; while it runs, submit X (pool C, deadline in 60 s) and
+    Y (pool B, deadline in 5 s); return the order of steps the one host ran."""
+    async with Harness(settings) as h:
+        await h.host("cpu:0", ("pool-a", "pool-b", "pool-c"), host_eligible_s=60.0,
+                     host_poll_s=0.2,
+                     host_scheduler=scheduler.replace("leastslack", "least_slack"))
+        await h.submit(f"{scheduler}-blocker", "pool-a", 4, None)
+        await h.started()
+        await h.submit(f"{scheduler}-x", "pool-c", 1, 60.0)
+        await asyncio.sleep(0.05)
+        await h.submit(f"{scheduler}-y", "pool-b", 1, 5.0)
+        await h.finished(*(f"{scheduler}-{n}" for n in ("blocker", "x", "y")))
+    return h.log
 
 
 @pytest.mark.timeout(90)
@@ -228,3 +254,21 @@ async def test_one_host_serving_two_pools_runs_the_more_urgent_task_first(settin
     assert order.index("x") < len(order) - 1 - order[::-1].index("blocker")
     fifo = await _order(settings, "fifo")
     assert fifo == ["blocker"] * 4 + ["x", "y"]
+
+
+@pytest.mark.timeout(90)
+async def test_a_host_that_got_busy_hands_the_task_back_for_an_idle_one(settings: Settings):
+    """Host 1's fetch for pool A is outstanding when pool B's urgent work makes it busy; the A
+    task it then receives would wait behind that work, so it goes back to the queue and host 2,
+    idle, runs it."""
+    async with Harness(settings) as h:
+        busy = await h.host("gpu:1", ("pool-a", "pool-b"), host_poll_s=10.0)
+        await h.submit("urgent", "pool-b", 3, 1.5)  # 0.9 s of work, 0.6 s to spare
+        await h.started()
+        await h.submit("later", "pool-a", 3, 30.0)  # less urgent: it would wait 0.6 s
+        await asyncio.sleep(0.2)
+        await h.host("gpu:2", ("pool-a",), host_poll_s=0.2)
+        urgent, later = await h.finished("urgent", "later")
+        assert urgent.timings[-1].replica == "pool-b@gpu:1"
+        assert later.timings[-1].replica == "pool-a@gpu:2"
+        assert busy.feeds["pool-a@gpu:1"].stats.tasks_handed_back == 1
