@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -182,7 +183,15 @@ class PoolFeed:
                     [msg] = await self._sub.fetch(1, timeout=poll_s)
                 except TimeoutError:
                     continue
-                held = await self._admit(msg)  # even if draining began meanwhile: it is ours
+                try:
+                    held = await self._admit(msg)  # even if draining began meanwhile: ours
+                except Exception:  # noqa: BLE001 - the store or NATS failed: never stop fetching
+                    log.exception("%s: could not take a task; it will be redelivered",
+                                  self.replica)
+                    with contextlib.suppress(Exception):
+                        await msg.nak(delay=self.host.settings.retry_backoff_s)
+                    await asyncio.sleep(self.host.settings.retry_backoff_s)
+                    continue
                 if held is not None:
                     self.host.hold(held)
         finally:
@@ -210,8 +219,12 @@ class PoolFeed:
             return None
         self._learn(held, fetched_at)
         if task.handoffs < host.settings.host_max_handoffs and not host.may_start(self, held):
-            await self._hand_back(held)
-            return None
+            try:
+                await self._hand_back(held)
+                return None
+            except Exception as exc:  # noqa: BLE001 - then it runs here, later
+                log.warning("%s: could not hand %s back (%s); keeping it", self.replica,
+                            task.request_id, exc)
         node = task.plan.nodes[task.node]
         try:
             started = time.perf_counter()
