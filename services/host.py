@@ -188,7 +188,10 @@ class DeviceHost:
                     await self._end(held, feed.fail(held, exc))
                 continue
             feed.ran(group, time.perf_counter() - started, now())
-            await feed.report_progress(group)
+            try:
+                await feed.report_progress(group)
+            except Exception as exc:  # noqa: BLE001 - progress is best effort; steps go on
+                log.warning("%s: progress not published: %s", self.name, exc)
             for held in group:
                 if feed.core.done(held.state):
                     self._held.remove(held)
@@ -216,10 +219,14 @@ class DeviceHost:
         return group[: core.max_batch]
 
     async def _end(self, held: Held, ending: Any) -> None:
-        """Take ``held`` off the step loop and out of its feed once ``ending`` has run."""
+        """Take ``held`` off the step loop and out of its feed once ``ending`` has run. If
+        ending it fails (the store or NATS is down), its message is not acked and comes back
+        after the ack wait: the step loop goes on."""
         self._held.remove(held)
         try:
             await ending
+        except Exception:  # noqa: BLE001 - never stop the device's step loop
+            log.exception("%s: could not end %s's task", self.name, held.task.request_id)
         finally:
             self._forget(held)
 
