@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
@@ -100,6 +101,7 @@ class Gateway:
         self.run_ingress = run_ingress
         self.progress: OrderedDict[str, Progress] = OrderedDict()
         self.ready = False
+        self.started_at = time.time()  # the models' `created` in the OpenAI listing
 
     async def start(self) -> None:
         settings = self.settings

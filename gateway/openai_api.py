@@ -1,4 +1,5 @@
-"""OpenAI-compatible images API: ``POST /v1/images/generations``.
+"""OpenAI-compatible images API: ``POST /v1/images/generations``, and the model listing
+(``GET /v1/models``, ``GET /v1/models/{id}``: every workflow is a model).
 
 The official ``openai`` client works unchanged with ``base_url="<gateway>/v1"``::
 
@@ -97,6 +98,28 @@ class OpenAIRoute(APIRoute):
 
 
 router = APIRouter(route_class=OpenAIRoute, tags=["OpenAI-compatible"])
+
+
+def model_object(name: str, created: int) -> dict[str, Any]:
+    """A workflow as an OpenAI model object (what ``client.models.list()`` reads)."""
+    return {"id": name, "object": "model", "created": created, "owned_by": "legodiffusion"}
+
+
+@router.get("/v1/models", responses={401: {"description": "missing or unknown API key"}})
+async def list_models(request: Request) -> Response:
+    """The workflows, as OpenAI model objects: stock OpenAI clients list models first."""
+    gateway: Gateway = request.app.state.gateway
+    created = int(gateway.started_at)
+    return JSONResponse({"object": "list", "data": [
+        model_object(name, created) for name in sorted(gateway.registry.all())]})
+
+
+@router.get("/v1/models/{model}",
+            responses={401: {"description": "missing or unknown API key"},
+                       404: {"description": "unknown model (workflow)"}})
+async def get_model(model: str, request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    return JSONResponse(model_object(gateway.registry.get(model).name, int(gateway.started_at)))
 
 
 @router.post(

@@ -105,3 +105,17 @@ def test_raw_error_shape(stack: Stack) -> None:
     assert set(body) == {"error"}
     assert set(body["error"]) == {"message", "type", "param", "code"}
     assert body["error"]["param"] == "size" and "2048" in body["error"]["message"]
+
+
+def test_models_lists_the_workflows(stack: Stack, client: openai.OpenAI) -> None:
+    models = {m.id: m for m in client.models.list()}
+    assert set(models) == {"txt2img"}  # the stack registers only txt2img
+    assert models["txt2img"].object == "model" and models["txt2img"].owned_by == "legodiffusion"
+    assert client.models.retrieve("txt2img").id == "txt2img"
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("no-such-workflow")
+    assert caught.value.code == "unknown_workflow"
+    anonymous = openai.OpenAI(base_url=f"{stack.gateway_url}/v1", api_key="wrong",
+                              max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        anonymous.models.list()
