@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autoscaler.backends import Backend, PoolLaunch, ReplicaInfo
+from autoscaler.footprint import provider_for
 from autoscaler.placement import Device, place
 from autoscaler.policy import (
     Budget,
@@ -36,23 +37,16 @@ from autoscaler.residency import PoolNeed, Residency, copies_wanted
 from autoscaler.residency import plan as plan_residency
 from common import bus, metrics, subjects
 from common.messages import ScaleEvent, encode, now
-from common.models import is_emulated, resolve_model_dir
+from common.models import resolve_model_dir
 from common.observe import ClusterObserver, PoolView
-from common.profiles import (
-    EMULATED_DEVICE_BYTES,
-    footprint_bytes,
-    pipeline_models,
-    profile_of,
-    profiles_in,
-)
 from common.registry import WorkflowRegistry
 from common.settings import Settings
 from common.workflow import WorkflowSpec
 
 log = logging.getLogger(__name__)
 
-#: replica slots per GPU (or emulated GPU) when ``slots`` is not set: a denoiser or a whole
-#: pipeline takes all of them (``exclusive_kinds``), small models share a device
+#: replica slots per GPU when ``slots`` is not set: a denoiser or a whole pipeline takes all
+#: of them (``exclusive_kinds``), small models share a device
 DEVICE_SLOTS = 8
 
 
@@ -72,8 +66,6 @@ def devices_of(settings: Settings, slots: int) -> list[Device]:
 
 
 def _probe_memory(device: str) -> int:
-    if device.startswith("emu"):
-        return EMULATED_DEVICE_BYTES
     if device.startswith("cuda"):
         import torch
 
@@ -144,17 +136,18 @@ class Autoscaler:
         self, launch: PoolLaunch, workflow: WorkflowSpec, workflows: Iterable[WorkflowSpec]
     ) -> int:
         """A replica's memory: the weights it loads (read from the model directories, once;
-        for emulated models their profiled memory, with every ControlNet a workflow attaches
-        at this pool)."""
+        for a plug-in's models, what its provider says: ``autoscaler.footprint``)."""
         if launch.pool not in self._footprints:
             from services import catalog
 
             def model_dir(spec: str) -> Path:
                 return resolve_model_dir(spec, self.settings.cache_dir / "models")
 
+            provider = provider_for(launch.kind, launch.model, workflow)
             try:
-                if is_emulated(launch.model) or self.settings.workload:
-                    size = self._emulated_footprint(launch, workflow, workflows)
+                if provider is not None:
+                    size = provider(launch.kind, launch.model, workflow, workflows,
+                                    self.settings)
                 elif launch.kind == "monolithic":
                     dirs = {alias: model_dir(m) for alias, m in workflow.models.items()}
                     size = catalog.monolithic_footprint_bytes(workflow, dirs)
@@ -165,21 +158,6 @@ class Autoscaler:
                 size = 0
             self._footprints[launch.pool] = size
         return self._footprints[launch.pool]
-
-    def _emulated_footprint(
-        self, launch: PoolLaunch, workflow: WorkflowSpec, workflows: Iterable[WorkflowSpec]
-    ) -> int:
-        profiles = profiles_in(self.settings.profile_dir)
-        if launch.kind == "monolithic":
-            return sum(profile_of(m, profiles).memory_bytes for m in pipeline_models(workflow))
-        adapters = {
-            spec.models[node.controlnet]
-            for spec in workflows
-            for node in spec.nodes.values()
-            if node.controlnet and spec.models[node.model] == launch.model
-            and node.kind == launch.kind
-        }
-        return footprint_bytes(launch.model, profiles, sorted(adapters))
 
     def slots_per_device(self) -> int:
         """Replica slots each configured device offers (a whole-device replica takes all)."""

@@ -52,21 +52,6 @@ def is_builtin(spec: str) -> bool:
     return spec.startswith(BUILTIN_PREFIX)
 
 
-#: ``emulated:<Profile>``: no weights; the emulated executor waits the profile's times
-EMULATED_PREFIX = "emulated:"
-
-
-def is_emulated(spec: str) -> bool:
-    return spec.startswith(EMULATED_PREFIX)
-
-
-def emulated_profile(spec: str) -> str:
-    """The profile name of an ``emulated:`` model spec."""
-    if not is_emulated(spec):
-        raise ValueError(f"{spec!r} is not an emulated model (emulated:<Profile>)")
-    return spec[len(EMULATED_PREFIX):]
-
-
 def builtin_names() -> list[str]:
     return sorted(_BUILDERS)
 
@@ -78,8 +63,6 @@ def resolve_model_dir(spec: str, cache_dir: Path) -> Path:
     not a diffusers directory.
     """
     spec = str(spec)
-    if is_emulated(spec):
-        raise ValueError(f"{spec}: an emulated model has no directory (lego up --emulate)")
     if is_builtin(spec):
         name = spec[len(BUILTIN_PREFIX) :]
         if name not in _BUILDERS:

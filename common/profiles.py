@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.models import emulated_profile
-
 if TYPE_CHECKING:
     from common.workflow import WorkflowSpec
 
@@ -30,6 +28,16 @@ if TYPE_CHECKING:
 DEFAULT_PROFILE_DIR = Path(__file__).resolve().parent.parent / "data" / "profiles-h800"
 #: an emulated device's memory by default: the H800 the profiles were measured on
 EMULATED_DEVICE_BYTES = 80 * 10**9
+#: ``emulated:<Profile>``: a model with no weights, timed by its profile (the model scheme this
+#: package registers)
+EMULATED_PREFIX = "emulated:"
+
+
+def emulated_profile(spec: str) -> str:
+    """The profile name of an ``emulated:`` model spec."""
+    if not spec.startswith(EMULATED_PREFIX):
+        raise ValueError(f"{spec!r} is not an emulated model (emulated:<Profile>)")
+    return spec[len(EMULATED_PREFIX):]
 
 
 @dataclass(frozen=True)
@@ -110,9 +118,10 @@ def parse_profile(data: dict[str, Any]) -> ModelProfile:
 
 
 @functools.lru_cache(maxsize=8)
-def batch_limits(directory: Path | str = DEFAULT_PROFILE_DIR) -> dict[str, int]:
+def batch_limits(directory: Path | str | None = None) -> dict[str, int]:
     """Per model, the batch size the paper's authors served it with for latency
     (``model_batch.json`` beside or above the profile directory), if there is one."""
+    directory = directory or DEFAULT_PROFILE_DIR
     for candidate in (Path(directory) / "model_batch.json",
                       Path(directory).parent / "model_batch.json"):
         if candidate.is_file():
@@ -145,9 +154,10 @@ def load_profiles(directory: Path | str = DEFAULT_PROFILE_DIR) -> dict[str, Mode
 
 
 @functools.lru_cache(maxsize=8)
-def profiles_in(directory: Path | str) -> dict[str, ModelProfile]:
-    """``load_profiles``, read once per process and directory (shared: do not modify)."""
-    return load_profiles(directory)
+def profiles_in(directory: Path | str | None) -> dict[str, ModelProfile]:
+    """``load_profiles``, read once per process and directory (shared: do not modify); None:
+    the shipped profiles (the ``profile_dir`` setting's default)."""
+    return load_profiles(directory or DEFAULT_PROFILE_DIR)
 
 
 # --- the timing model of the emulated executor (services/emulated.py) ----------------------
@@ -230,6 +240,23 @@ def footprint_bytes(model: str, profiles: Mapping[str, ModelProfile],
                     adapters: Iterable[str] = ()) -> int:
     """Device memory of one micro replica on ``model`` with the ``adapters`` it may attach."""
     return sum(profile_of(m, profiles).memory_bytes for m in [model, *adapters])
+
+
+def pool_footprint_bytes(kind: str, model: str, workflow: WorkflowSpec,
+                         workflows: Iterable[WorkflowSpec], profiles: Mapping[str, ModelProfile]
+                         ) -> int:
+    """Device memory of one replica of a pool: a whole workflow's models (``kind``
+    "monolithic", found in ``workflow``), or ``model`` with every ControlNet a workflow attaches
+    to a node of ``kind`` on it."""
+    if kind == "monolithic":
+        return sum(profile_of(m, profiles).memory_bytes for m in pipeline_models(workflow))
+    adapters = {
+        spec.models[node.controlnet]
+        for spec in workflows
+        for node in spec.nodes.values()
+        if node.controlnet and spec.models[node.model] == model and node.kind == kind
+    }
+    return footprint_bytes(model, profiles, sorted(adapters))
 
 
 def solo_latency_s(spec: WorkflowSpec, profiles: Mapping[str, ModelProfile],

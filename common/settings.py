@@ -104,8 +104,8 @@ class Settings(BaseSettings):
         "one already past it",
     )
     device_hosts: bool = Field(
-        False, description="the emulated backend runs one host per device, serving every "
-        "pool resident there (else one host per replica)",
+        False, description="a backend that hosts replicas in its own process runs one host "
+        "per device, serving every pool resident there (else one host per replica)",
     )
 
     # --- autoscaler --------------------------------------------------------------------------
@@ -147,7 +147,7 @@ class Settings(BaseSettings):
     )
     exclusive_kinds: list[str] = Field(
         default_factory=lambda: ["denoiser", "monolithic"],
-        description="on GPUs (or emulated ones) a replica of these kinds takes a whole device",
+        description="on GPUs a replica of these kinds takes a whole device",
     )
     one_per_device_kinds: list[str] = Field(
         default_factory=list,
@@ -155,15 +155,21 @@ class Settings(BaseSettings):
         "may share it (instead of exclusive_kinds)",
     )
 
-    # --- emulated GPU cluster (lego up --emulate) ---------------------------------------------
-    workload: Literal["flux3", "mix12"] | None = Field(
-        None, description="serve this emulated workload's workflows instead of the shipped ones"
+    # --- plug-ins (optional machinery registered through seams; see services.schemes) ---------
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="modules `lego` imports at start-up, before anything else; each registers "
+        "its model scheme, backend or workflow source (env: LEGO_PLUGINS='[\"module\"]')",
     )
-    profile_dir: Path = Field(
-        default_factory=lambda: Path(__file__).resolve().parent.parent / "data" / "profiles-h800",
-        description="per-model GPU profiles the emulated executor waits",
+    workload: str | None = Field(
+        None, description="serve the workflows a plug-in registered under this name instead of "
+        "the shipped ones",
     )
-    time_scale: float = Field(1.0, gt=0, description="emulation runs this many times faster")
+    profile_dir: Path | None = Field(
+        None, description="per-model timing profiles a plug-in's cores read (None: its default)"
+    )
+    time_scale: float = Field(1.0, gt=0, description="a plug-in's clock runs this many times "
+                              "faster")
     swap: bool = Field(
         False, description="replicas load lazily and are swapped LRU on their device (baseline)"
     )

@@ -12,6 +12,7 @@ import base64
 import binascii
 import io
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -397,14 +398,27 @@ def _check_image(name: str, p: ParamSpec, value: Any) -> np.ndarray:
         raise InvalidField(name, "is not a PNG, JPEG or WebP image") from None
 
 
+#: a named set of workflows a plug-in serves instead of the shipped ones (``settings.workload``)
+WorkflowSource = Callable[["Settings"], dict[str, WorkflowSpec]]
+#: workload name -> where its workflows come from (plug-ins register: ``plugins`` setting)
+WORKFLOW_SOURCES: dict[str, WorkflowSource] = {}
+
+
+def register_workflow_source(name: str, source: WorkflowSource) -> None:
+    """``settings.workload == name`` serves ``source(settings)`` instead of the shipped ones."""
+    WORKFLOW_SOURCES[name] = source
+
+
 def shipped_workflows(settings: Settings) -> dict[str, WorkflowSpec]:
     """The shipped workflows on the configured models, those ``settings.workflows`` names (or
-    all of them); with ``settings.workload``, that emulated workload's workflows instead."""
+    all of them); with ``settings.workload``, that workload's workflows instead (from the
+    source a plug-in registered under its name)."""
     if settings.workload:
-        from common.workloads import load_workload  # it reads workflows: import when needed
-
-        found = load_workload(settings.workload, settings.profile_dir,
-                              settings.time_scale).workflows
+        source = WORKFLOW_SOURCES.get(settings.workload)
+        if source is None:
+            known = ", ".join(sorted(WORKFLOW_SOURCES)) or "none (the plugins setting loads them)"
+            raise ValueError(f"workload: unknown {settings.workload!r}; registered: {known}")
+        found = source(settings)
     else:
         found = builtin_workflows(
             {"base": settings.base_model, "upscaler": settings.upscaler_model}

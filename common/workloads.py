@@ -112,7 +112,9 @@ class Workload:
         return sum(profile_of(m, self.profiles).memory_bytes for m in pipeline_models(spec))
 
 
-def load_workload(name: str, profile_dir: Path | str, time_scale: float = 1.0) -> Workload:
+def load_workload(name: str, profile_dir: Path | str | None = None, time_scale: float = 1.0
+                  ) -> Workload:
+    """Workload ``name`` timed by the profiles in ``profile_dir`` (None: the shipped ones)."""
     if name not in WORKLOADS:
         raise ValueError(f"workload: unknown {name!r}; known: {', '.join(WORKLOADS)}")
     profiles = profiles_in(profile_dir)

@@ -107,26 +107,17 @@ def cmd_node(args: argparse.Namespace) -> int:
 def cmd_autoscaler(args: argparse.Namespace) -> int:
     import asyncio
 
+    from autoscaler.backends import auto_backend, build_backend
     from autoscaler.service import Autoscaler
     from common.bus import run_async
 
     settings = load_settings(args.config, monolithic=args.monolithic or None)
     _logging(settings)
-    if args.backend == "auto":
-        emulated = settings.workload or any(d.startswith("emu") for d in settings.devices)
-        args.backend = "emulated" if emulated else "local"
-    if args.backend == "kubernetes":
-        from autoscaler.backends.kubernetes import KubernetesBackend
-
-        backend = KubernetesBackend(namespace=args.namespace)
-    elif args.backend == "emulated":
-        from autoscaler.backends.emulated import EmulatedBackend
-
-        backend = EmulatedBackend(settings)
-    else:
-        from autoscaler.backends.local import LocalBackend
-
-        backend = LocalBackend(settings)
+    name = auto_backend(settings) if args.backend == "auto" else args.backend
+    try:
+        backend = build_backend(name, settings, namespace=args.namespace)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -135,7 +126,7 @@ def cmd_autoscaler(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         # Local replicas are this process's children: they drain with it. Kubernetes
         # Deployments outlive the autoscaler.
-        await Autoscaler(settings, backend).run(stop, stop_replicas=args.backend != "kubernetes")
+        await Autoscaler(settings, backend).run(stop, stop_replicas=name != "kubernetes")
 
     try:
         run_async(main())
@@ -387,9 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
     node.set_defaults(func=cmd_node)
 
     scaler = sub.add_parser("autoscaler", help="scale node replicas from queue lag")
-    scaler.add_argument("--backend", choices=["auto", "local", "kubernetes", "emulated"],
-                        default="auto",
-                        help="auto: emulated with emulated devices (lego up --emulate), else local")
+    scaler.add_argument("--backend", default="auto",
+                        help="local, kubernetes, or one a plug-in registers (emulated: lego up "
+                             "--emulate); auto (default): the plug-in's where it claims the "
+                             "settings, else local")
     scaler.add_argument("--namespace", default="legodiffusion", help="Kubernetes namespace")
     scaler.add_argument("--monolithic", action="store_true", help="scale monolithic pools")
     scaler.set_defaults(func=cmd_autoscaler)
@@ -455,10 +447,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def load_plugins(names: list[str]) -> None:
+    """Import the plug-in modules ``names`` (the ``plugins`` setting): each registers its
+    pieces through the seams (model schemes, footprints, backends, workflow sources)."""
+    import importlib
+
+    for name in names:
+        importlib.import_module(name)
+
+
 def main(argv: list[str] | None = None) -> int:
     # transformers says at import that torchvision is missing (its PIL fallback is what we use)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
+    # before any command: the processes `lego up` starts get ``plugins`` in their environment
+    load_plugins(load_settings(args.config).plugins)
     return args.func(args)
 
 

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import httpx
 
-from common.models import is_emulated, resolve_model_dir
+from common.models import resolve_model_dir
 from common.settings import Settings
 from common.workflow import shipped_workflows
+from services.schemes import scheme_of
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class Stack:
         for spec in workflows.values():
             pools.update(spec.pools(monolithic=settings.monolithic))
             for model in spec.models.values():
-                if not is_emulated(model):  # build once, not per node
+                if scheme_of(model) is None:  # build once, not per node
                     resolve_model_dir(model, settings.cache_dir / "models")
         lego = [sys.executable, "-m", "lego.cli"]
         self.children = [Child("gateway", [*lego, "gateway", "--seed-builtin"])]

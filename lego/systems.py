@@ -22,7 +22,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from common.profiles import EMULATED_DEVICE_BYTES
+import emulation  # noqa: F401 - registers the emulated scheme, backend and workloads
+from common.profiles import DEFAULT_PROFILE_DIR, EMULATED_DEVICE_BYTES
 from common.settings import Settings
 from common.traces import trace_for_scale
 from common.workloads import flux3_split, load_workload, micro_provision, static_split
@@ -42,9 +43,11 @@ def emulated_settings(
     workload = workload or "flux3"
     n = devices or 8
     ids = [f"emu:{i}" for i in range(n)]
-    profile_dir = profile_dir or base.profile_dir
+    profile_dir = profile_dir or base.profile_dir or DEFAULT_PROFILE_DIR
     loaded = load_workload(workload, profile_dir, time_scale or 1.0)
     update: dict = {
+        # every process of the stack imports the plug-in: it registers the emulated pieces
+        "plugins": list(dict.fromkeys([*base.plugins, "emulation"])),
         "workload": workload, "devices": ids, "device_memory_bytes": EMULATED_DEVICE_BYTES,
         # the autoscaler reacts on the emulated clock too
         "autoscale_tick_s": max(0.05, base.autoscale_tick_s / (time_scale or 1.0)),

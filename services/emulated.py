@@ -32,13 +32,14 @@ import time
 import uuid
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from common.errors import InvalidField, TerminalError
-from common.models import EMULATED_PREFIX
 from common.profiles import (
     EMULATED_DEVICE_BYTES,
+    EMULATED_PREFIX,
     ModelProfile,
     batch_limit,
     batch_limits,
@@ -53,6 +54,7 @@ from common.profiles import (
 from common.settings import Settings
 from common.workflow import WorkflowSpec
 from services.core import ModelCore, Result, WorkItem
+from services.monolithic import MonolithicCore
 
 
 class OutOfDeviceMemory(TerminalError):
@@ -313,4 +315,17 @@ def build_core(kind: str, model: str, settings: Settings, *, max_batch: int,
         adapter_profiles=adapters, max_batch=max_batch,
         # a pipeline's owner already counts its ControlNets
         attached=set(adapters) if owner is not None else set(),
+    )
+
+
+def build_pipeline_core(spec: WorkflowSpec, settings: Settings, *, max_batch: int,
+                        replica: str) -> MonolithicCore:
+    """A whole-workflow replica (the monolithic baselines): its inner cores share one owner,
+    so the pipeline is loaded (and swapped) as one."""
+    owner = pipeline_owner(spec, profiles_in(settings.profile_dir), replica, swap=settings.swap)
+    max_batch = min(max_batch, pipeline_batch_limit(spec, settings))
+    return MonolithicCore(
+        spec, {alias: Path(m) for alias, m in spec.models.items()}, max_batch=max_batch,
+        make_inner=lambda kind, ref: build_core(kind, str(ref), settings, max_batch=max_batch,
+                                                owner=owner),
     )

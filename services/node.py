@@ -7,23 +7,21 @@ import asyncio
 import logging
 import os
 import signal
-from pathlib import Path
 
 import torch
 
 from common import bus, subjects
 from common.errors import UnknownWorkflow
-from common.models import is_emulated, resolve_model_dir
-from common.profiles import profiles_in
+from common.models import resolve_model_dir
 from common.registry import WorkflowRegistry
 from common.settings import Settings
 from common.subjects import pool_name
 from common.workflow import WorkflowSpec, shipped_workflows
-from services import emulated
 from services.catalog import CORES
 from services.core import ModelCore
 from services.monolithic import MonolithicCore
 from services.runner import NodeRunner
+from services.schemes import SCHEMES, scheme_of, shared_scheme
 
 log = logging.getLogger(__name__)
 
@@ -45,32 +43,25 @@ def build_core(
     """The core of one replica and its pool: ``model`` is a model spec, or for ``kind ==
     "monolithic"`` the name of the workflow to serve whole (shipped, else read from the
     workflow bucket: call this outside a running event loop then, as ``run_node`` does).
-    ``emulated:`` models get the emulated executor on the device ``settings.device_label``
-    names."""
+    Models of a scheme a plug-in registered (``services.schemes``) get that plug-in's cores;
+    a workflow served whole does when all its models share the scheme."""
     max_batch = max_batch or settings.max_batch
     models_dir = settings.cache_dir / "models"
     core: ModelCore
     if kind == MonolithicCore.kind:
         spec = _workflow(model, settings)
-        if all(is_emulated(m) for m in spec.models.values()):
-            owner = emulated.pipeline_owner(
-                spec, profiles_in(settings.profile_dir),
-                replica or f"{spec.name}@{os.getpid()}", swap=settings.swap,
-            )
-            max_batch = min(max_batch, emulated.pipeline_batch_limit(spec, settings))
-            core = MonolithicCore(
-                spec, {alias: Path(m) for alias, m in spec.models.items()}, max_batch=max_batch,
-                make_inner=lambda kind, ref: emulated.build_core(
-                    kind, str(ref), settings, max_batch=max_batch, owner=owner
-                ),
-            )
+        scheme = shared_scheme(spec.models.values())
+        if scheme is not None:
+            core = SCHEMES[scheme].pipeline(spec, settings, max_batch=max_batch,
+                                            replica=replica or f"{spec.name}@{os.getpid()}")
         else:
             dirs = {alias: resolve_model_dir(m, models_dir) for alias, m in spec.models.items()}
             core = MonolithicCore(spec, dirs, device=settings.device, max_batch=max_batch)
         return core, spec.monolithic_pool()
     if kind in CORES:
-        if is_emulated(model):
-            core = emulated.build_core(kind, model, settings, max_batch=max_batch)
+        scheme = scheme_of(model)
+        if scheme is not None:
+            core = SCHEMES[scheme].node(kind, model, settings, max_batch=max_batch)
         else:
             core = CORES[kind](
                 resolve_model_dir(model, models_dir), device=settings.device, max_batch=max_batch
@@ -81,7 +72,7 @@ def build_core(
 
 
 def _workflow(name: str, settings: Settings) -> WorkflowSpec:
-    """A shipped workflow on the configured models (as the gateway seeds them; an emulated
+    """A shipped workflow on the configured models (as the gateway seeds them; a plug-in
     workload's with ``settings.workload``), else the one registered at run time under
     ``name``."""
     shipped = shipped_workflows(settings.model_copy(update={"workflows": []}))

@@ -5,9 +5,9 @@
   restarted when they crash, drained with SIGTERM when no longer wanted;
 - ``autoscaler.backends.kubernetes.KubernetesBackend``: one Deployment per pool, scaled through
   the Deployment ``scale`` subresource; Kubernetes places and restarts the pods;
-- ``autoscaler.backends.emulated.EmulatedBackend``: replicas of ``emulated:`` models on emulated
-  GPUs (``lego up --emulate``), hosted in the autoscaler's process so that a device's replicas
-  share its emulated memory and compute.
+- whatever a plug-in registers (``register_backend``), by name; `lego autoscaler --backend NAME`
+  builds one from ``BACKENDS``, and ``auto`` picks the first registered backend that claims
+  the settings, else ``local``.
 
 A backend only carries out decisions; which pool gets how many replicas where is decided by the
 pure ``autoscaler.policy`` and ``autoscaler.placement``.
@@ -18,7 +18,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Literal, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from common.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,59 @@ class Backend(Protocol):
 
     async def close(self, *, stop_replicas: bool) -> None:
         """Release resources; with ``stop_replicas`` also drain and stop every replica."""
+
+
+class BackendFactory(Protocol):
+    def __call__(self, settings: Settings, *, namespace: str) -> Backend:
+        """A backend for ``settings`` (``namespace``: where a platform backend works)."""
+        ...
+
+
+#: name -> how to build it (each imports its module when called: kubernetes is heavy)
+BACKENDS: dict[str, BackendFactory] = {}
+#: (name, whether it serves these settings), in registration order: what ``auto`` picks
+_CLAIMS: list[tuple[str, Callable[[Settings], bool]]] = []
+
+
+def register_backend(name: str, factory: BackendFactory,
+                     claims: Callable[[Settings], bool] | None = None) -> None:
+    """Make ``--backend name`` build ``factory``'s backend; ``claims``: ``auto`` picks it for
+    settings it returns true on."""
+    BACKENDS[name] = factory
+    if claims is not None:
+        _CLAIMS.append((name, claims))
+
+
+def auto_backend(settings: Settings) -> str:
+    """The backend ``auto`` means: the first registered one that claims ``settings``, else
+    ``local``."""
+    return next((name for name, claims in _CLAIMS if claims(settings)), "local")
+
+
+def build_backend(name: str, settings: Settings, *, namespace: str = "legodiffusion") -> Backend:
+    """The backend registered as ``name`` (``auto``: ``auto_backend``)."""
+    name = auto_backend(settings) if name == "auto" else name
+    factory = BACKENDS.get(name)
+    if factory is None:
+        raise ValueError(f"backend: unknown {name!r}; registered: {', '.join(sorted(BACKENDS))} "
+                         "(the plugins setting loads more)")
+    return factory(settings, namespace=namespace)
+
+
+def _local(settings: Settings, *, namespace: str) -> Backend:
+    from autoscaler.backends.local import LocalBackend
+
+    return LocalBackend(settings)
+
+
+def _kubernetes(settings: Settings, *, namespace: str) -> Backend:
+    from autoscaler.backends.kubernetes import KubernetesBackend
+
+    return KubernetesBackend(namespace=namespace)
+
+
+register_backend("local", _local)
+register_backend("kubernetes", _kubernetes)
 
 
 R = TypeVar("R")
