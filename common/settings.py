@@ -166,7 +166,7 @@ class Settings(BaseSettings):
         "the shipped ones",
     )
     profile_dir: Path | None = Field(
-        None, description="per-model timing profiles a plug-in's cores read (None: its default)"
+        None, description="per-model timings a plug-in's cores read (None: its default)"
     )
     time_scale: float = Field(1.0, gt=0, description="a plug-in's clock runs this many times "
                               "faster")

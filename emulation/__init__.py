@@ -43,9 +43,9 @@ from typing import TYPE_CHECKING
 
 from autoscaler.backends import register_backend
 from autoscaler.footprint import register_footprint
-from common.profiles import EMULATED_PREFIX
 from common.workflow import register_workflow_source
-from common.workloads import WORKLOADS
+from emulation.profiles import EMULATED_PREFIX
+from emulation.workloads import WORKLOADS
 from services.schemes import register_scheme
 
 if TYPE_CHECKING:
@@ -55,31 +55,31 @@ if TYPE_CHECKING:
     from services.core import ModelCore
 
 class _Cores:
-    """The ``emulated:`` scheme's cores, built by ``services.emulated`` (imported when first
+    """The ``emulated:`` scheme's cores, built by ``emulation.core`` (imported when first
     asked: it imports torch, which a gateway never needs)."""
 
     def node(self, kind: str, model: str, settings: Settings, *, max_batch: int) -> ModelCore:
-        from services.emulated import build_core
+        from emulation.core import build_core
 
         return build_core(kind, model, settings, max_batch=max_batch)
 
     def pipeline(self, spec: WorkflowSpec, settings: Settings, *, max_batch: int,
                  replica: str) -> ModelCore:
-        from services.emulated import build_pipeline_core
+        from emulation.core import build_pipeline_core
 
         return build_pipeline_core(spec, settings, max_batch=max_batch, replica=replica)
 
 
 def _footprint(kind: str, model: str, workflow: WorkflowSpec, workflows: Iterable[WorkflowSpec],
                settings: Settings) -> int:
-    from common.profiles import pool_footprint_bytes, profiles_in
+    from emulation.profiles import pool_footprint_bytes, profiles_in
 
     return pool_footprint_bytes(kind, model, workflow, workflows,
                                 profiles_in(settings.profile_dir))
 
 
 def _backend(settings: Settings, *, namespace: str) -> Backend:
-    from autoscaler.backends.emulated import EmulatedBackend
+    from emulation.backend import EmulatedBackend
 
     return EmulatedBackend(settings)
 
@@ -91,7 +91,7 @@ def _claims(settings: Settings) -> bool:
 
 
 def _workflows(workload: str, settings: Settings) -> dict[str, WorkflowSpec]:
-    from common.workloads import load_workload
+    from emulation.workloads import load_workload
 
     return load_workload(workload, settings.profile_dir, settings.time_scale).workflows
 

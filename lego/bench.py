@@ -7,9 +7,9 @@
                               same models in one process (diffusers' pipeline)
     lego bench burst [--json] steady load, then an 8x burst: micro-serving against the
                               monolithic baseline, same slot budget (see lego.burst)
-    lego bench slo|sweep      the emulated GPU cluster's experiment (see lego.experiment)
+    lego bench slo|sweep      the emulated GPU cluster's experiment (see emulation.experiment)
     lego bench bound          the best SLO attainment an idealised cluster reaches on a trace
-                              (see lego.bound; arithmetic, no stack)
+                              (see emulation.bound; arithmetic, no stack)
 
 Servers: NATS_URL / REDIS_URL when set, else a nats-server and a redis-server started here on
 free ports (the Redis rows are skipped when no redis-server is found).
@@ -40,7 +40,7 @@ from common.settings import Settings, load_settings
 if TYPE_CHECKING:
     import torch
 
-    from lego.experiment import SloRun
+    from emulation.experiment import SloRun
 
 HOP_SIZES = (32 * 1024, 256 * 1024, 1024 * 1024, 4 * 1024 * 1024)
 
@@ -349,9 +349,9 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _emulated(settings: Settings, args: argparse.Namespace) -> int:
-    from common.workloads import load_workload
-    from lego import experiment
-    from lego.bound import bound, print_bound
+    from emulation import experiment
+    from emulation.bound import bound, print_bound
+    from emulation.workloads import load_workload
 
     if args.repeat is not None and args.repeat < 1:
         raise SystemExit(f"lego bench {args.which}: --repeat must be >= 1")
@@ -418,6 +418,6 @@ def _emulated(settings: Settings, args: argparse.Namespace) -> int:
 def _slo_run(system: str, workload: str, arrivals: Callable[..., list], devices: int,
              time_scale: float, seed: int) -> SloRun:
     """Run ``seed``'s SloRun of ``lego bench slo`` (its spike drawn with that seed)."""
-    from lego.experiment import SloRun
+    from emulation.experiment import SloRun
 
     return SloRun(system, workload, arrivals(seed=seed), devices, time_scale)

@@ -52,7 +52,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     settings = _settings(args, monolithic=args.monolithic or None,
                          autoscale=False if args.no_autoscale else None)
     if args.emulate:
-        from lego.systems import emulated_settings
+        from emulation.systems import emulated_settings
 
         settings = emulated_settings(
             settings, system=args.system, workload=args.workload, devices=args.devices,
@@ -453,7 +453,10 @@ def load_plugins(names: list[str]) -> None:
     import importlib
 
     for name in names:
-        importlib.import_module(name)
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise SystemExit(f"plugins: cannot import {name!r}: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -115,7 +115,7 @@ class TraceReplay:
     greenlets of the requests in flight."""
 
     def __init__(self, options: LoadOptions) -> None:
-        from common.traces import load_trace, speed_up  # see loadtest/__init__.py
+        from emulation.traces import load_trace, speed_up  # see loadtest/__init__.py
 
         assert options.trace is not None
         self.arrivals = speed_up(load_trace(options.trace), options.time_scale)

@@ -177,7 +177,7 @@ def profile_model(name: str, config: dict[str, Any], device: str, batches: list[
 
 def comparison(measured: dict[str, Any], reference_dir: Path) -> str:
     """A table of this device's times against the reference profile's, batch by batch."""
-    from common.profiles import parse_profile
+    from emulation.profiles import parse_profile
 
     ours = parse_profile(measured)
     path = reference_dir / f"{ours.name}.json"

@@ -2,8 +2,8 @@
 
 A core executes one model: it loads weights once and advances a batch of work items. It knows
 nothing about NATS, the tensor store or messages; ``services.runner`` drives every core the same
-way, so a new model (or the profile-driven emulated executor) is a new core, not a new copy of
-the transport.
+way, so a new model (or a plug-in's stand-in for one: ``services.schemes``) is a new core, not a
+new copy of the transport.
 
 Every core is iterative: the runner admits new items at each step boundary, calls ``step`` on a
 batch of compatible states, and finishes the states that are done. A one-shot model (text

@@ -88,8 +88,7 @@ class DenoiserCore(ModelCore):
         if item.op not in self.ops:
             raise InvalidField("op", f"{self.kind} does not do {item.op!r}")
         if item.adapters:
-            raise InvalidField("controlnet", "this denoiser runs no ControlNet (only the "
-                               "emulated executor does)")
+            raise InvalidField("controlnet", "this denoiser runs no ControlNet")
         extra = sorted({"prompt_embeds_2", "prompt_embeds_3"} & item.inputs.keys())
         if extra:
             raise InvalidField(extra[0], "this denoiser takes one text encoder's embeddings")

@@ -1,6 +1,6 @@
 """A device host: one step loop per device, serving every pool resident on it.
 
-A host owns one device (a GPU, an emulated GPU, or a CPU process's share of the host) and the
+A host owns one device (a GPU, a stand-in GPU, or a CPU process's share of the host) and the
 pools whose models are resident there, each through a ``services.feed.PoolFeed`` bound to the
 pool's durable JetStream consumer: a host is a consumer of several subjects. Its one step loop
 runs, at every step boundary, the batch whose tasks are most urgent across all resident pools
@@ -10,9 +10,9 @@ when the host could start their task soon, so work waits in JetStream where any 
 it. Finished tasks are completed (outputs stored, successors published, acked) while the next
 step already runs.
 
-``services.runner.NodeRunner`` is a host with one pool (a `lego node` process); the emulated
-cluster's backend runs one host per emulated GPU and adds or removes pools as the autoscaler
-decides where models are resident.
+``services.runner.NodeRunner`` is a host with one pool (a `lego node` process); a backend that
+hosts replicas in its own process (``device_hosts``) runs one host per device and adds or
+removes pools as the autoscaler decides where models are resident.
 """
 
 from __future__ import annotations

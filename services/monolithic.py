@@ -66,7 +66,7 @@ class MonolithicCore(ModelCore):
     ) -> None:
         """``model_dirs``: the spec's model aliases -> resolved diffusers directories.
         ``make_inner(kind, model_dir)`` builds an inner core (default: the catalog's core for
-        the kind; the emulated executor passes its own, with model specs for directories)."""
+        the kind; a plug-in's model scheme passes its own, with model specs for directories)."""
         missing = {node.model for node in spec.nodes.values()} - set(model_dirs)
         if missing:
             raise ValueError(f"{spec.name}: no model directory for {sorted(missing)}")

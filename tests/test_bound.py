@@ -1,4 +1,4 @@
-"""The idealised cluster's SLO attainment (``lego.bound``): pure arithmetic, checked on small
+"""The idealised cluster's SLO attainment (``emulation.bound``): pure arithmetic, checked on small
 instances worked by hand, on the shipped traces against a plain FIFO reference, and for the
 schedule's own consistency (no device runs two requests at once, none starts before it
 arrives, every admitted one kept finishes by its deadline)."""
@@ -9,11 +9,11 @@ import heapq
 
 import pytest
 
-from common.profiles import DEFAULT_PROFILE_DIR
-from common.traces import Arrival, trace_for_scale
-from common.workloads import load_workload
-from lego.bound import Job, bound, schedule
-from lego.experiment import burst_arrivals
+from emulation.bound import Job, bound, schedule
+from emulation.experiment import burst_arrivals
+from emulation.profiles import DEFAULT_PROFILE_DIR
+from emulation.traces import Arrival, trace_for_scale
+from emulation.workloads import load_workload
 
 pytestmark = pytest.mark.timeout(60)
 FLUX3 = load_workload("flux3", DEFAULT_PROFILE_DIR)

@@ -9,7 +9,9 @@ import time
 
 import pytest
 
-from common.profiles import (
+from emulation.core import EmulatedCore
+from emulation.device import EmulatedDevice, OutOfDeviceMemory, Owner
+from emulation.profiles import (
     DEFAULT_PROFILE_DIR,
     batch_limit,
     batch_limits,
@@ -17,7 +19,7 @@ from common.profiles import (
     denoise_step_seconds,
     load_profiles,
 )
-from common.traces import (
+from emulation.traces import (
     Arrival,
     duration_s,
     parse_trace,
@@ -26,14 +28,13 @@ from common.traces import (
     trace_for_scale,
     zipf_choices,
 )
-from common.workloads import (
+from emulation.workloads import (
     flux3_split,
     load_workload,
     micro_provision,
     static_split,
 )
 from services.core import WorkItem
-from services.emulated import EmulatedCore, EmulatedDevice, OutOfDeviceMemory, Owner
 
 pytestmark = pytest.mark.timeout(60)
 PROFILES = load_profiles()
@@ -213,7 +214,7 @@ def test_micro_residency_places_every_model_and_fills_memory_by_need():
     from autoscaler.service import Autoscaler
     from common.settings import Settings
     from common.workflow import shipped_workflows
-    from lego.systems import emulated_settings
+    from emulation.systems import emulated_settings
 
     for workload in ("flux3", "mix12"):
         settings = emulated_settings(Settings(), system="micro", workload=workload)

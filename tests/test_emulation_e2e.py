@@ -13,10 +13,10 @@ import httpx
 import pytest
 
 from common.settings import Settings
-from common.traces import Arrival
-from lego.experiment import SloRun, run_slo
+from emulation.experiment import SloRun, run_slo
+from emulation.systems import SYSTEMS, emulated_settings
+from emulation.traces import Arrival
 from lego.stack import Stack, free_port
-from lego.systems import SYSTEMS, emulated_settings
 
 pytestmark = pytest.mark.timeout(300)
 WORKFLOW = "flux-schnell-txt2img"

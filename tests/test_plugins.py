@@ -72,7 +72,7 @@ def test_an_unknown_workload_names_the_registered_ones():
 
 
 def test_the_emulated_settings_load_the_plugin_in_every_child():
-    from lego.systems import emulated_settings
+    from emulation.systems import emulated_settings
 
     settings = emulated_settings(Settings(), system="micro", workload="flux3", devices=2)
     assert settings.plugins == ["emulation"]

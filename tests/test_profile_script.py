@@ -1,5 +1,5 @@
 """scripts/profile_denoiser.py in its CPU smoke mode: its profiles are what
-``common.profiles.parse_profile`` reads, at the batch sizes and resolutions asked for."""
+``emulation.profiles.parse_profile`` reads, at the batch sizes and resolutions asked for."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common.profiles import parse_profile
+from emulation.profiles import parse_profile
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.profiles import Curve, load_profiles, parse_profile
+from emulation.profiles import Curve, load_profiles, parse_profile
 
 PROFILES = load_profiles()
 

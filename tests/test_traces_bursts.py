@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from common.profiles import DEFAULT_PROFILE_DIR
 from common.settings import Settings
-from common.traces import Arrival, parse_trace, spike, trace_for_scale
-from common.workloads import load_workload
-from lego import experiment
+from emulation import experiment
+from emulation.profiles import DEFAULT_PROFILE_DIR
+from emulation.traces import Arrival, parse_trace, spike, trace_for_scale
+from emulation.workloads import load_workload
 
 pytestmark = pytest.mark.timeout(60)
 FLUX3 = load_workload("flux3", DEFAULT_PROFILE_DIR)

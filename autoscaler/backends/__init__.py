@@ -138,7 +138,7 @@ def reconcile(
 
 
 class HostedReplicas(Generic[R]):
-    """What a backend that starts replicas itself (local processes, emulated devices) keeps: per
+    """What a backend that starts replicas itself (local processes, in-process hosts) keeps: per
     pool its replicas, each with ``id``, ``device``, ``started`` and ``stopping``. Subclasses
     say how one starts (``_start``) and is asked to drain (``_stop``)."""
 

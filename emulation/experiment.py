@@ -1,7 +1,7 @@
 """`lego bench slo` and `lego bench sweep`: the paper's experiment on the emulated GPU cluster.
 
-``slo`` replays one trace against one system (``lego.systems``) on one workload
-(``common.workloads``): a fresh stack as `lego up --emulate` runs it, requests sent open-loop
+``slo`` replays one trace against one system (``emulation.systems``) on one workload
+(``emulation.workloads``): a fresh stack as `lego up --emulate` runs it, requests sent open-loop
 over HTTP at the trace's times (divided by the time scale), each with the default deadline,
 2 x its workflow's profiled solo latency. Reported: SLO attainment (finished within the
 deadline / all; rejected and late requests are misses), p50/p99 latency of finished requests,
@@ -9,7 +9,7 @@ goodput, and rejected, late and lost counts. Latencies and rates are in trace ti
 seconds x the time scale), so runs at different time scales compare directly.
 
 Beside every result, ``bound_attainment``: the best attainment an idealised cluster could
-reach on the same arrivals, workload, devices and workflow assignment (``lego.bound``), so a
+reach on the same arrivals, workload, devices and workflow assignment (``emulation.bound``), so a
 figure reads against what was possible, not only against the baselines.
 
 A cell can run ``repeat`` times (``--repeat``), run i with seed i (the workflow assignment on
@@ -49,11 +49,11 @@ import httpx
 from common.bus import run_async
 from common.metrics import percentile
 from common.settings import Settings
-from common.traces import Arrival, duration_s, load_trace, spike, trace_for_scale
-from common.workloads import Workload, load_workload
-from lego.bound import bound
+from emulation.bound import bound
+from emulation.systems import SYSTEMS, emulated_settings
+from emulation.traces import Arrival, duration_s, load_trace, spike, trace_for_scale
+from emulation.workloads import Workload, load_workload
 from lego.burst import Outcome, submit
-from lego.systems import SYSTEMS, emulated_settings
 
 #: rate scales of the sweep per workload (the shipped traces are 0.5, 1, 2 and 4; others are
 #: scaled): finer around each one's capacity bound (Flux-3: rate scale 5.22, whose 85% is

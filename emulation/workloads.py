@@ -22,7 +22,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.profiles import (
+from common.subjects import pool_name
+from common.workflow import WorkflowSpec, parse_workflow
+from emulation.profiles import (
     ModelProfile,
     node_solo_seconds,
     pipeline_models,
@@ -30,9 +32,7 @@ from common.profiles import (
     profiles_in,
     solo_latency_s,
 )
-from common.subjects import pool_name
-from common.traces import Arrival, zipf_choices
-from common.workflow import WorkflowSpec, parse_workflow
+from emulation.traces import Arrival, zipf_choices
 
 WORKLOAD_DIR = Path(__file__).resolve().parent.parent / "data" / "workloads"
 WORKLOADS = ("flux3", "mix12")

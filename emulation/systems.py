@@ -22,11 +22,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import emulation  # noqa: F401 - registers the emulated scheme, backend and workloads
-from common.profiles import DEFAULT_PROFILE_DIR, EMULATED_DEVICE_BYTES
 from common.settings import Settings
-from common.traces import trace_for_scale
-from common.workloads import flux3_split, load_workload, micro_provision, static_split
+from emulation.profiles import DEFAULT_PROFILE_DIR, EMULATED_DEVICE_BYTES
+from emulation.traces import trace_for_scale
+from emulation.workloads import flux3_split, load_workload, micro_provision, static_split
 
 SYSTEMS = ("micro", "static", "swap", "shepherd", "mono-autoscale")
 

@@ -1,34 +1,26 @@
-"""The profile-driven emulated executor: a GPU cluster on a CPU host, for issue 4's experiment.
+"""The profile-driven emulated executor: a model node's core on an emulated GPU.
 
 An ``EmulatedCore`` stands in for a model node (text encoder, denoiser, VAE decoder) on a model
 spec ``emulated:<Profile>`` (a file of ``data/profiles-h800``). Instead of running torch it
 waits the profiled time of its batch (interpolated between measured batch sizes, scaled to the
-resolution) and returns zero tensors of the real shapes and byte sizes, so the data plane
-carries real bytes. Transport, batching, tensor store, ingress and autoscaler are the real ones:
-the runner drives this core like any other.
+resolution) on its ``emulation.device.EmulatedDevice`` and returns zero tensors of the real
+shapes and byte sizes, so the data plane carries real bytes. Transport, batching, tensor store,
+ingress and autoscaler are the real ones: a host drives this core like any other.
 
-An ``EmulatedDevice`` is one GPU: its memory (80 GB for an H800) and its compute. Replicas on
-one device share its compute (one kernel stream: a step holds the device while it runs, so
-co-located replicas time-share it, as on a GPU without MPS) and its memory: a replica reserves
-its models' profiled memory when it loads, paying the profiled host-to-device load time, and
-frees it when it stops. A *swap* owner (the Clockwork-like baseline) is loaded lazily when it
-runs, evicting the least recently used owners that are not running.
-
-``time_scale`` K runs everything K times faster: every profiled time is divided by K.
-
-Timing (the model is ``common.profiles``'; what one ``step`` charges):
+Timing (the model is ``emulation.profiles``'; what one ``step`` charges):
 - text encoder: one forward pass of the batch;
 - denoiser: one step = one forward pass of the batch, at twice the batch with classifier-free
   guidance (``guidance`` > 1; the profiles time one CFG branch), plus, per attached ControlNet,
   its forward pass over the rows that use it (also doubled with CFG);
 - VAE decoder: ``decode_latents`` of the batch.
+
+``build_core`` and ``build_pipeline_core`` are what the ``emulated:`` scheme's factory calls
+(``services.node.build_core`` through ``services.schemes``).
 """
 
 from __future__ import annotations
 
 import collections
-import threading
-import time
 import uuid
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
@@ -36,9 +28,11 @@ from pathlib import Path
 
 import torch
 
-from common.errors import InvalidField, TerminalError
-from common.profiles import (
-    EMULATED_DEVICE_BYTES,
+from common.errors import InvalidField
+from common.settings import Settings
+from common.workflow import WorkflowSpec
+from emulation.device import EmulatedDevice, Owner, device_of
+from emulation.profiles import (
     EMULATED_PREFIX,
     ModelProfile,
     batch_limit,
@@ -51,15 +45,8 @@ from common.profiles import (
     profile_of,
     profiles_in,
 )
-from common.settings import Settings
-from common.workflow import WorkflowSpec
 from services.core import ModelCore, Result, WorkItem
 from services.monolithic import MonolithicCore
-
-
-class OutOfDeviceMemory(TerminalError):
-    code = "out_of_device_memory"
-    http_status = 507
 
 #: kinds the emulated executor can stand in for (the profiles time these models)
 EMULATED_KINDS = ("text_encoder", "denoiser", "vae_decoder")
@@ -87,101 +74,6 @@ def output_tensors(kind: str, profile: ModelProfile, rows: int, height: int, wid
         shape = (rows, _latent_channels(profile.name), height // 8, width // 8)
         return {"latents": torch.zeros(shape, dtype=torch.float16)}
     return {"image": torch.zeros((rows, height, width, 3), dtype=torch.uint8)}
-
-
-# --- the device ----------------------------------------------------------------------------
-
-@dataclass(eq=False)
-class Owner:
-    """What holds memory on a device: one replica's models (for a monolithic replica, its whole
-    pipeline), loaded and swapped together."""
-
-    key: str
-    memory_bytes: int
-    load_s: float  # profiled host-to-device time of all of it
-    swap: bool = False  # loaded lazily when it runs; evictable when idle (the swap baseline)
-
-
-class EmulatedDevice:
-    """One emulated GPU: its memory and its compute, shared by the replicas placed on it (all
-    in this process: the emulated backend hosts a device's replicas together)."""
-
-    def __init__(self, id: str, memory_bytes: int, time_scale: float = 1.0) -> None:
-        if time_scale <= 0:
-            raise ValueError(f"time_scale must be > 0, got {time_scale}")
-        self.id = id
-        self.memory_bytes = memory_bytes
-        self.time_scale = time_scale
-        self._compute = threading.Lock()  # one step (or load) at a time: time-sharing
-        self._ledger = threading.Lock()
-        self._resident: collections.OrderedDict[str, int] = collections.OrderedDict()  # LRU
-        self.evictions = 0
-
-    @property
-    def used_bytes(self) -> int:
-        return sum(self._resident.values())
-
-    def resident(self, owner: Owner) -> bool:
-        return owner.key in self._resident
-
-    def wait(self, seconds: float) -> None:
-        """Sleep ``seconds`` of profiled time (divided by the time scale)."""
-        if seconds > 0:
-            time.sleep(seconds / self.time_scale)
-
-    def _admit(self, owner: Owner, nbytes: int, *, evict: bool) -> None:
-        with self._ledger:
-            held = self._resident.get(owner.key, 0)
-            while self.used_bytes - held + nbytes > self.memory_bytes:
-                victims = [k for k in self._resident if k != owner.key] if evict else []
-                if not victims:
-                    raise OutOfDeviceMemory(
-                        f"{self.id}: {owner.key} needs {nbytes / 1e9:.2f} GB; "
-                        f"{(self.memory_bytes - self.used_bytes + held) / 1e9:.2f} GB free of "
-                        f"{self.memory_bytes / 1e9:.0f} GB"
-                    )
-                del self._resident[victims[0]]  # least recently used first
-                self.evictions += 1
-            self._resident[owner.key] = nbytes
-            self._resident.move_to_end(owner.key)
-
-    def load(self, owner: Owner, nbytes: int | None = None, load_s: float | None = None) -> None:
-        """Make ``owner`` resident with ``nbytes`` (default: its memory; more once a ControlNet
-        is attached to it) and wait ``load_s`` (default: its load time); the device computes
-        nothing meanwhile."""
-        with self._compute:
-            self._admit(owner, nbytes or owner.memory_bytes, evict=owner.swap)
-            self.wait(owner.load_s if load_s is None else load_s)
-
-    def free(self, owner: Owner) -> None:
-        with self._ledger:
-            self._resident.pop(owner.key, None)
-
-    def run(self, owner: Owner, seconds: float) -> None:
-        """One call of ``seconds`` profiled time on this device's compute; a swap owner not
-        resident is loaded first (evicting the least recently used)."""
-        with self._compute:
-            if owner.swap and owner.key not in self._resident:
-                self._admit(owner, owner.memory_bytes, evict=True)
-                self.wait(owner.load_s)
-            with self._ledger:
-                if owner.key in self._resident:
-                    self._resident.move_to_end(owner.key)
-            self.wait(seconds)
-
-
-_DEVICES: dict[str, EmulatedDevice] = {}
-_DEVICES_LOCK = threading.Lock()
-
-
-def emulated_device(id: str, memory_bytes: int, time_scale: float) -> EmulatedDevice:
-    """This process's device ``id`` (created on first use): replicas placed on one device id
-    share it."""
-    with _DEVICES_LOCK:
-        device = _DEVICES.get(id)
-        if device is None:
-            device = _DEVICES[id] = EmulatedDevice(id, memory_bytes, time_scale)
-        return device
 
 
 # --- the core ------------------------------------------------------------------------------
@@ -293,13 +185,6 @@ def pipeline_owner(spec: WorkflowSpec, profiles: Mapping[str, ModelProfile], key
 
 
 # --- building cores ------------------------------------------------------------------------
-
-def device_of(settings: Settings) -> EmulatedDevice:
-    """The emulated device this replica was placed on (``device_label``)."""
-    label = settings.device_label or "emu:0"
-    return emulated_device(label, settings.device_memory_bytes or EMULATED_DEVICE_BYTES,
-                           settings.time_scale)
-
 
 def build_core(kind: str, model: str, settings: Settings, *, max_batch: int,
                owner: Owner | None = None) -> EmulatedCore:

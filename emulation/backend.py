@@ -6,7 +6,7 @@ urgent batch across its pools. Otherwise (the monolithic baselines) each replica
 ``NodeRunner``, a host of its own, and replicas placed on one device time-share it. Either way
 the transport is the real one (NATS, the tensor store, batching, acks) over ``EmulatedCore``s,
 run as tasks in this process rather than as child processes: what is placed on one emulated
-device must share its memory ledger and its compute (``services.emulated.EmulatedDevice``),
+device must share its memory ledger and its compute (``emulation.device.EmulatedDevice``),
 and a 2-core host could not run dozens of Python processes without the host, not the emulated
 GPUs, becoming the bottleneck. Placement, scaling, draining and crash restarts are as with the
 local backend.

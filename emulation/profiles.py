@@ -160,7 +160,7 @@ def profiles_in(directory: Path | str | None) -> dict[str, ModelProfile]:
     return load_profiles(directory or DEFAULT_PROFILE_DIR)
 
 
-# --- the timing model of the emulated executor (services/emulated.py) ----------------------
+# --- the timing model of the emulated executor (emulation/core.py) ------------------------
 
 def profile_of(spec: str, profiles: Mapping[str, ModelProfile]) -> ModelProfile:
     name = emulated_profile(spec)

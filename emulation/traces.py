@@ -4,7 +4,7 @@ A trace file has one request per line, ``TENANT INTERVAL``: send the request, th
 INTERVAL seconds before the next line's. ``Arrival.at_s`` is the send time from the start.
 A line may name a workflow instead of a tenant, ``WORKFLOW INTERVAL`` (e.g.
 ``flux-schnell-canny 0.5``): on every workload that request is that workflow, so any mix, or a
-burst on one workflow, can be replayed (``common.workloads.Workload.assign``; the shipped
+burst on one workflow, can be replayed (``emulation.workloads.Workload.assign``; the shipped
 traces' tenants A/B/C map to Flux-3's workflows, and on Mix-12 a tenant that is not a workflow
 picks one by Zipf popularity).
 Pure: parsing and arithmetic, no clock. The benchmarks (``lego bench slo``/``sweep``) and the

@@ -60,8 +60,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from common.traces import Arrival, duration_s
-from common.workloads import Workload
+from emulation.traces import Arrival, duration_s
+from emulation.workloads import Workload
 
 #: finishing this close after a deadline counts as on time (float sums of profile times)
 EPS_S = 1e-9
