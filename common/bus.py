@@ -162,6 +162,7 @@ async def ensure_topology(js: JetStreamContext, settings: Settings) -> dict[str,
         subjects.WORKFLOW_BUCKET: None,
         subjects.JOIN_BUCKET: settings.tensor_ttl_s,
         subjects.CANCEL_BUCKET: settings.tensor_ttl_s,
+        subjects.RESIDENCY_BUCKET: None,  # what a device should hold lasts until rewritten
     }
     out = {}
     for bucket, ttl in buckets.items():

@@ -214,6 +214,26 @@ class ReplicaStatus(msgspec.Struct):
     metrics_port: int | None = None
 
 
+class ResidentPool(msgspec.Struct, frozen=True):
+    """A pool made resident on a device host: what `lego node KIND --model MODEL` would serve."""
+
+    pool: str
+    kind: str
+    model: str
+
+
+class HostResidency(msgspec.Struct):
+    """The pools that should be resident on one device host (KV ``lego-residency``, one key
+    per host): the autoscaler writes it, the host loads what is listed and drains the rest."""
+
+    pools: list[ResidentPool] = []
+
+    @classmethod
+    def of(cls, value: bytes | None) -> HostResidency:
+        """An entry's value; an empty one (the key was deleted or purged) lists nothing."""
+        return decode(value, cls) if value else cls()
+
+
 class ShedReport(msgspec.Struct):
     """What one ingress rejected so far, per pool (cumulative task counts): demand the queues
     never saw, which the autoscaler must still count, or shedding would hide an overload."""

@@ -104,8 +104,11 @@ class Settings(BaseSettings):
         "one already past it",
     )
     device_hosts: bool = Field(
-        False, description="a backend that hosts replicas in its own process runs one host "
-        "per device, serving every pool resident there (else one host per replica)",
+        False, description="one device host per device, serving every pool resident there: "
+        "with the local or Kubernetes backend `lego host` processes (`lego up` starts one per "
+        "device of ``devices``) whose pools the autoscaler writes to KV lego-residency; a "
+        "backend that hosts replicas in its own process runs the hosts there (else one host "
+        "per replica)",
     )
 
     # --- autoscaler --------------------------------------------------------------------------

@@ -13,6 +13,8 @@
     KV lego-workflows             registered workflow specs (added at run time)
     KV lego-joins                 rendezvous of DAG joins (a node with several inputs)
     KV lego-cancels               cancelled request ids, watched by every node
+    KV lego-residency             per device host (key: ``host_key``), the pools resident on
+                                  it (HostResidency): the autoscaler writes, the host follows
     _INBOX.<...>                  a client's replies (``Lego-Reply-To``; ``reply_allowed``)
 """
 
@@ -46,6 +48,7 @@ JOIN_BUCKET = "lego-joins"
 #: them with one subscription instead of one KV watcher per waiting client
 STATE_UPDATES = f"$KV.{STATE_BUCKET}.>"
 CANCEL_BUCKET = "lego-cancels"
+RESIDENCY_BUCKET = "lego-residency"
 
 # JetStream publishes this when a message exhausted max_deliver without an ack (every replica
 # that took a task was killed, or the ingress kept failing on a request): the ingress turns it
@@ -64,6 +67,19 @@ def pool_name(kind: str, model: str) -> str:
     digest = hashlib.sha1(model.encode()).hexdigest()[:8]
     slug = _TOKEN.sub("-", base).strip("-")[:40] or "model"
     return f"{kind}-{slug}-{digest}"
+
+
+_NOT_KEY = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+def host_key(name: str) -> str:
+    """A device host's key in ``RESIDENCY_BUCKET``: its name (a device such as ``cuda:0``, or a
+    pod name) with every character a key may not hold (``:``, and ``.``, a subject separator)
+    turned into ``-``: ``cuda:0`` -> ``cuda-0``."""
+    key = _NOT_KEY.sub("-", name).strip("-")
+    if not key:
+        raise ValueError(f"no device host key can be made of {name!r}")
+    return key
 
 
 def task_subject(pool: str) -> str:

@@ -4,6 +4,7 @@
     lego up --monolithic         the same, each workflow served as one monolithic node type
     lego generate "a red fox"    one image, against a running stack or an embedded one
     lego node KIND --model M     one replica of one model pool
+    lego host --device D         a device host: serves the pools the autoscaler makes resident
     lego autoscaler              the autoscaler alone (`lego up` runs one)
     lego gateway                 the REST gateway (with an ingress consumer)
     lego ingress                 an ingress consumer alone (NATS-only deployments)
@@ -104,10 +105,20 @@ def cmd_node(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_host(args: argparse.Namespace) -> int:
+    from services.hostproc import run_host
+
+    settings = load_settings(args.config)
+    _logging(settings)
+    run_host(settings, args.device, args.name)
+    return 0
+
+
 def cmd_autoscaler(args: argparse.Namespace) -> int:
     import asyncio
 
     from autoscaler.backends import auto_backend, build_backend
+    from autoscaler.backends.hosts import HostsBackend, host_processes
     from autoscaler.service import Autoscaler
     from common.bus import run_async
 
@@ -118,6 +129,13 @@ def cmd_autoscaler(args: argparse.Namespace) -> int:
         backend = build_backend(name, settings, namespace=args.namespace)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
+    if host_processes(settings, name):
+        # `lego host` processes (lego up's, or the lego-hosts pods) hold the pools: the
+        # autoscaler writes which pools each holds instead of starting replicas
+        if name == "kubernetes" and not settings.devices:
+            raise SystemExit("device_hosts with --backend kubernetes: set devices to the "
+                             "lego-hosts pod names (deploy/kubernetes/hosts/hosts.yaml does)")
+        backend = HostsBackend(settings)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -376,6 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--model", help="model spec or directory (default: the base model)")
     node.add_argument("--max-batch", type=int)
     node.set_defaults(func=cmd_node)
+
+    host = sub.add_parser("host", help="run a device host: one step loop on DEVICE serving "
+                          "every pool the autoscaler makes resident there (KV lego-residency)")
+    host.add_argument("--device", required=True,
+                      help="where its models load: cuda:N, or cpu:N (a share of this CPU)")
+    host.add_argument("--name", help="its name, as the autoscaler's devices list it (default: "
+                      "DEVICE); a pod name on Kubernetes")
+    host.set_defaults(func=cmd_host)
 
     scaler = sub.add_parser("autoscaler", help="scale node replicas from queue lag")
     scaler.add_argument("--backend", default="auto",

@@ -1,9 +1,10 @@
 """The stack on one machine: an embedded nats-server (unless NATS_URL is set), the gateway with
 its ingress, and the autoscaler, which runs the node replicas of every pool the shipped
 workflows use (micro-served, or one monolithic pool per workflow with ``monolithic``). Without
-the autoscaler (``autoscale=False``) the stack runs one replica of every pool itself. Children
-are restarted if they crash. Other `lego` commands find the stack through a small JSON file in
-the run directory."""
+the autoscaler (``autoscale=False``) the stack runs one replica of every pool itself. With
+``device_hosts`` it starts one `lego host` process per device instead, and the autoscaler
+decides which pools each holds. Children are restarted if they crash. Other `lego` commands
+find the stack through a small JSON file in the run directory."""
 
 from __future__ import annotations
 
@@ -120,6 +121,7 @@ class Stack:
         self.children = [Child("gateway", [*lego, "gateway", "--seed-builtin"])]
         if settings.autoscale:
             self.children.append(Child("autoscaler", [*lego, "autoscaler"]))
+            self.children += self._host_children(lego)
         else:
             self.children += [
                 Child(f"node-{kind}-{pool[-8:]}", [*lego, "node", kind, "--model", model])
@@ -133,6 +135,18 @@ class Stack:
         except BaseException:  # a failed start leaves no children (nor nats-server) behind
             self.stop(timeout_s=10)
             raise
+
+    def _host_children(self, lego: list[str]) -> list[Child]:
+        """With ``device_hosts`` (not emulated), one `lego host` process per device: the
+        autoscaler decides which pools each holds."""
+        from autoscaler.backends import auto_backend
+        from autoscaler.backends.hosts import host_devices, host_processes
+        from common.subjects import host_key
+
+        if not host_processes(self.settings, auto_backend(self.settings)):
+            return []
+        return [Child(f"host-{host_key(device)}", [*lego, "host", "--device", device])
+                for device in host_devices(self.settings)]
 
     def _wait_for_pools(self, pools: dict[str, tuple[str, str]], timeout_s: float) -> None:
         settings = self.settings
