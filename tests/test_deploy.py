@@ -8,6 +8,7 @@ the `lego` command line and the settings. Nothing here talks to a cluster or a D
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import pytest
 import yaml
 from pydantic import AliasChoices
 
+from autoscaler.backends.hosts import host_processes
 from autoscaler.backends.kubernetes import deployment_name
 from common import subjects
 from common.settings import Settings
@@ -37,14 +39,19 @@ KUBE = DEPLOY / "kubernetes"
 NS = "legodiffusion"
 IMAGE = "legodiffusion:latest"
 #: variables a lego container may set that are not settings
-NOT_SETTINGS = {"OMP_NUM_THREADS", "HF_HUB_OFFLINE", "LEGO_CONFIG"}
+NOT_SETTINGS = {"OMP_NUM_THREADS", "HF_HUB_OFFLINE", "LEGO_CONFIG",
+                "POD_NAME"}  # a host pod's name (downward API) for `lego host --name`
 
 # `kubectl apply -f deploy/kubernetes/` applies these (no recursion); keda/ is the alternative
 # to autoscaler.yaml, secrets/ an example that must never be applied as it is
 APPLIED = sorted(KUBE.glob("*.yaml"))
 KEDA = KUBE / "keda" / "scaledobjects.yaml"
 SECRET_EXAMPLE = KUBE / "secrets" / "credentials.example.yaml"
+# device hosts, one pod per GPU: applied with the rest instead of nodes.yaml
+HOSTS = KUBE / "hosts" / "hosts.yaml"
 EVERY_MANIFEST = sorted(KUBE.rglob("*.yaml"))
+#: what a cluster runs: one Deployment per pool, or device hosts
+MODES = {"nodes": APPLIED, "hosts": [p for p in APPLIED if p.name != "nodes.yaml"] + [HOSTS]}
 
 
 def _settings_env_names() -> set[str]:
@@ -241,14 +248,15 @@ def test_the_shipped_files() -> None:
         "namespace.yaml", "settings.yaml", "nats-config.yaml", "nats.yaml", "redis.yaml",
         "gateway.yaml", "autoscaler.yaml", "nodes.yaml",
     }
-    assert set(EVERY_MANIFEST) == {*APPLIED, KEDA, SECRET_EXAMPLE}
+    assert set(EVERY_MANIFEST) == {*APPLIED, KEDA, SECRET_EXAMPLE, HOSTS}
     (namespace,) = load_manifests([KUBE / "namespace.yaml"])
     assert namespace["kind"] == "Namespace" and namespace["metadata"]["name"] == NS
 
 
 def test_generated_files_are_up_to_date() -> None:
     module = generator()
-    assert set(module.GENERATED) == {"nodes.yaml", "keda/scaledobjects.yaml", "nats-config.yaml"}
+    assert set(module.GENERATED) == {"nodes.yaml", "keda/scaledobjects.yaml", "nats-config.yaml",
+                                     "hosts/hosts.yaml"}
     for name, render in module.GENERATED.items():
         assert (KUBE / name).read_text() == render(), (
             f"deploy/kubernetes/{name} is stale: python deploy/kubernetes/generate.py --write"
@@ -260,8 +268,8 @@ def test_generated_files_are_up_to_date() -> None:
 
 # --- Kubernetes: the manifests against each other ---------------------------------------------
 
-def _applied() -> list[dict[str, Any]]:
-    return load_manifests(APPLIED)
+def _applied(mode: str = "nodes") -> list[dict[str, Any]]:
+    return load_manifests(MODES[mode])
 
 
 def _by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
@@ -282,13 +290,39 @@ def _secret_keys() -> dict[str, dict[str, str]]:
             for name, doc in _by_kind(load_manifests([SECRET_EXAMPLE]), "Secret").items()}
 
 
-def _env_values(container: dict[str, Any]) -> dict[str, str]:
-    """A container's env, with the example Secret's values where it reads a Secret."""
+def _env_values(container: dict[str, Any], pod: str = "pod-0") -> dict[str, str]:
+    """A container's env, with the example Secret's values where it reads a Secret and
+    ``pod`` where it reads its pod's name."""
     secrets = _secret_keys()
     values = {}
     for env in container.get("env", []):
-        ref = env.get("valueFrom", {}).get("secretKeyRef")
-        values[env["name"]] = secrets[ref["name"]][ref["key"]] if ref else env["value"]
+        source = env.get("valueFrom", {})
+        if "secretKeyRef" in source:
+            ref = source["secretKeyRef"]
+            values[env["name"]] = secrets[ref["name"]][ref["key"]]
+        elif "fieldRef" in source:
+            assert source["fieldRef"]["fieldPath"] == "metadata.name", env
+            values[env["name"]] = pod
+        else:
+            values[env["name"]] = env["value"]
+    return values
+
+
+def _command(container: dict[str, Any], pod: str = "pod-0") -> list[str]:
+    """The container's command as Kubernetes runs it: ``$(VAR)`` replaced by its env."""
+    env = _env_values(container, pod)
+    return [re.sub(r"\$\((\w+)\)", lambda m: env[m[1]], arg) for arg in container["command"]]
+
+
+def _env_from(docs: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, str]:
+    """What the container's envFrom ConfigMaps give it (later ones win, as in Kubernetes); an
+    optional one that is not applied gives nothing."""
+    config_maps = _by_kind(docs, "ConfigMap")
+    values: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        found = config_maps.get(source["configMapRef"]["name"])
+        assert found or source["configMapRef"].get("optional"), source
+        values.update(found["data"] if found else {})
     return values
 
 
@@ -297,10 +331,12 @@ def test_names_are_unique() -> None:
     assert len(seen) == len(set(seen))
 
 
-def test_every_reference_resolves() -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_every_reference_resolves(mode: str) -> None:
     """ConfigMaps, Secrets and their keys, volumes, service accounts, Service selectors and
-    their named target ports: what only a real cluster would otherwise report, at run time."""
-    docs = _applied()
+    their named target ports: what only a real cluster would otherwise report, at run time.
+    An optional ConfigMap (the device hosts' settings) must exist in some mode."""
+    docs = _applied(mode)
     config_maps = _by_kind(docs, "ConfigMap")
     secrets = _secret_keys()
     accounts = _by_kind(docs, "ServiceAccount")
@@ -320,7 +356,9 @@ def test_every_reference_resolves() -> None:
                 assert all(i["key"] in data for i in volume["configMap"].get("items", []))
         for container in _containers(workload):
             for source in container.get("envFrom", []):
-                assert source["configMapRef"]["name"] in config_maps, name
+                ref = source["configMapRef"]
+                assert ref["name"] in config_maps or (ref.get("optional") and any(
+                    ref["name"] in _by_kind(_applied(m), "ConfigMap") for m in MODES)), name
             for env in container.get("env", []):
                 ref = env.get("valueFrom", {}).get("secretKeyRef")
                 if ref:
@@ -350,23 +388,25 @@ def _lego_containers(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str
                 yield workload["metadata"]["name"], container
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_lego_containers_run_real_commands_with_real_settings(
-    monkeypatch: pytest.MonkeyPatch,
+    mode: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    docs = _applied()
-    settings_data = _by_kind(docs, "ConfigMap")["legodiffusion-settings"]["data"]
-    assert set(settings_data) <= SETTINGS_ENV | NOT_SETTINGS
+    docs = _applied(mode)
+    for config_map in _by_kind(docs, "ConfigMap").values():
+        if config_map["metadata"]["name"].startswith("legodiffusion-"):
+            assert set(config_map["data"]) <= SETTINGS_ENV | NOT_SETTINGS
     services = _by_kind(docs, "Service")
     pod_users = {generator().POD_SECURITY["runAsUser"]}
     names = set()
     for name, container in _lego_containers(docs):
         names.add(name)
-        _lego_args(container["command"])
+        _lego_args(_command(container))
         env = {e["name"] for e in container.get("env", [])}
         assert env <= SETTINGS_ENV | NOT_SETTINGS, f"{name}: {env - SETTINGS_ENV}"
-        assert [s["configMapRef"]["name"] for s in container["envFrom"]] == [
-            "legodiffusion-settings"]
-        settings = _settings_from({**settings_data, **_env_values(container)}, monkeypatch)
+        assert container["envFrom"][0]["configMapRef"]["name"] == "legodiffusion-settings"
+        settings = _settings_from({**_env_from(docs, container), **_env_values(container)},
+                                  monkeypatch)
         assert settings.nats_user == "service"
         assert settings.nats_password == _secret_keys()["legodiffusion-credentials"][
             "nats-service-password"]
@@ -376,10 +416,50 @@ def test_lego_containers_run_real_commands_with_real_settings(
         pod_users.add(next(w for w in _workloads(docs) if w["metadata"]["name"] == name)[
             "spec"]["template"]["spec"]["securityContext"]["runAsUser"])
     assert {"lego-gateway", "lego-autoscaler"} <= names
+    nodes = {n for n in names if n not in ("lego-gateway", "lego-autoscaler")}
+    assert nodes == ({"lego-hosts"} if mode == "hosts" else
+                     {d["metadata"]["name"] for d in load_manifests([KUBE / "nodes.yaml"])})
     assert pod_users == {10001}  # the image's user (deploy/Dockerfile)
     gateway = dict(_lego_containers([_by_kind(docs, "Deployment")["lego-gateway"]]))
     args = _lego_args(gateway["lego-gateway"]["command"])
     assert args.command == "gateway" and args.seed_builtin and args.port == 8000
+
+
+def test_device_hosts_are_one_pod_per_gpu_that_the_autoscaler_lists(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """hosts/hosts.yaml: `lego host` on the pod's one GPU under its pod name, and the
+    autoscaler, reading the hosts' ConfigMap, writes residency for exactly those pods."""
+    docs = _applied("hosts")
+    hosts = _by_kind(docs, "StatefulSet")["lego-hosts"]
+    gpus = hosts["spec"]["replicas"]
+    pods = [f"lego-hosts-{i}" for i in range(gpus)]  # a StatefulSet's pod names
+    assert gpus >= 1 and hosts["spec"]["podManagementPolicy"] == "Parallel"
+    pod = hosts["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] > Settings().drain_timeout_s
+    (container,) = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    for name in pods:
+        args = _lego_args(_command(container, pod=name))
+        assert (args.command, args.device, args.name) == ("host", "cuda:0", name)
+        assert subjects.host_key(name) == name  # the pod name is its residency key as is
+
+    (autoscaler,) = _containers(_by_kind(docs, "Deployment")["lego-autoscaler"])
+    args = _lego_args(_command(autoscaler))
+    settings = _settings_from({**_env_from(docs, autoscaler), **_env_values(autoscaler)},
+                              monkeypatch)
+    assert args.command == "autoscaler" and host_processes(settings, args.backend)
+    assert settings.devices == pods and settings.device_memory_bytes
+    # the generator keeps the two in step for any number of GPUs
+    module = generator()
+    eight = [d for d in yaml.safe_load_all(module.render_hosts(gpus=8)) if d]
+    config, statefulset = eight
+    assert json.loads(config["data"]["LEGO_DEVICES"]) == [f"lego-hosts-{i}" for i in range(8)]
+    assert statefulset["spec"]["replicas"] == 8
+    # without the hosts' ConfigMap (one Deployment per pool) it scales Deployments as before
+    settings = _settings_from({**_env_from(_applied(), autoscaler), **_env_values(autoscaler)},
+                              monkeypatch)
+    assert not host_processes(settings, args.backend)
 
 
 def test_nats_is_a_three_node_jetstream_cluster(tmp_path: Path) -> None:
