@@ -1,4 +1,4 @@
-"""Replicas on emulated GPUs (``lego up --emulate``): the backend of issue 4's experiment.
+"""Replicas on emulated GPUs (``lego up --emulate``): the backend of the emulated cluster.
 
 With ``device_hosts`` (micro-serving) each emulated GPU has one ``services.host.DeviceHost``,
 and a replica is a pool made resident on that host: the host's one step loop runs the most

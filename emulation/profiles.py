@@ -1,7 +1,7 @@
 """Per-model GPU profiles (``data/profiles-h800/*.json``): how long one call takes at a batch
 size (and resolution), how much device memory the model holds, how long loading it takes.
 
-The emulated executor of issue 4 waits these times instead of running a model, and the
+The emulated executor waits these times instead of running a model, and the
 autoscaler can take a pool's service rate and footprint from them. Pure: reading JSON and
 arithmetic, no clock.
 

@@ -1,4 +1,4 @@
-"""The systems compared on the emulated cluster (issue 4), as settings of one stack.
+"""The systems compared on the emulated cluster, as settings of one stack.
 
 Every system runs the same processes (gateway with ingress, the autoscaler process hosting the
 emulated replicas, NATS, the tensor store) on the same emulated devices; they differ only in

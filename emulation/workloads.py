@@ -1,4 +1,4 @@
-"""The emulated cluster's workloads (issue 4): which workflows, who asks for which, the
+"""The emulated cluster's workloads: which workflows, who asks for which, the
 capacity bound, and the static baselines' device splits. Pure: files and arithmetic.
 
 - ``flux3`` (the paper's Figure 9(d)): FLUX.1-schnell txt2img with CFG, + ControlNet Canny,

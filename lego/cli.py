@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "process), scaled per workflow")
     up.add_argument("--no-autoscale", action="store_true",
                     help="one fixed replica per pool instead of the autoscaler")
-    emu = up.add_argument_group("emulated GPU cluster (profile-driven executor; issue 4)")
+    emu = up.add_argument_group("emulated GPU cluster (profile-driven executor)")
     emu.add_argument("--emulate", action="store_true",
                      help="run emulated GPUs: models wait their profiled times")
     emu.add_argument("--devices", type=int, help="emulated GPUs (default 8)")

@@ -1,4 +1,4 @@
-"""The emulated GPU cluster (issue 4), pure parts: traces, the profiles' timing model, the
+"""The emulated GPU cluster, pure parts: traces, the profiles' timing model, the
 emulated device (memory, LRU swapping, time-shared compute), the emulated core, the workloads
 and the static splits. The checks through a real stack are in test_emulation_e2e.py."""
 

@@ -1,4 +1,4 @@
-"""The emulation's honesty checks through the real system (issue 4): with one emulated device
+"""The emulation's honesty checks through the real system: with one emulated device
 and one request at a time, every system's latency equals the workflow's solo latency (the
 sum of its profiled steps) within 5%, so differences in the experiment come from the systems,
 not from the emulation. Also ``lego bench slo`` end to end on a short trace."""
