@@ -330,8 +330,11 @@ class PoolFeed:
         task = held.task
         if task.deadline_at is None or not self.host.settings.drop_doomed:
             return False
-        least_s = self.work_s(held, least=True) + task.plan.tail_s(task.node)
-        return at + least_s > task.deadline_at
+        return at + self.least_needed_s(held) > task.deadline_at
+
+    def least_needed_s(self, held: Held) -> float:
+        """The least the task and the nodes after it still need, at the fastest step times."""
+        return self.work_s(held, least=True) + held.task.plan.tail_s(held.task.node)
 
     def ran(self, group: list[Held], elapsed_s: float, ended_at: float) -> None:
         """Account one step of ``group`` that took ``elapsed_s``."""
@@ -368,7 +371,7 @@ class PoolFeed:
         if late_s > 0:
             why = f"the deadline passed {late_s:.3f}s before node {task.node} finished"
         else:
-            needs_s = self.work_s(held, least=True) + task.plan.tail_s(task.node)
+            needs_s = self.least_needed_s(held)
             why = (f"node {task.node} and what follows need at least {needs_s:.3f}s, and "
                    f"{-late_s:.3f}s are left before the deadline")
             log.info("%s: %s (least step here %s s, planned %s s for the node, %s s after)",
