@@ -91,6 +91,14 @@ def error_response(exc: LegoError) -> JSONResponse:
                         headers=exc.http_headers())
 
 
+def _remember(recent: OrderedDict[str, Any], key: str, value: Any, most: int = 10_000) -> None:
+    """Keep ``value`` under ``key`` among the ``most`` latest."""
+    recent[key] = value
+    recent.move_to_end(key)
+    while len(recent) > most:
+        recent.popitem(last=False)
+
+
 class Gateway:
     """The gateway's connections and shared state, opened in the app's lifespan."""
 
@@ -100,6 +108,9 @@ class Gateway:
         self.seed_workflows = seed_workflows
         self.run_ingress = run_ingress
         self.progress: OrderedDict[str, Progress] = OrderedDict()
+        # Final states handed to waiters: a core-NATS KV update can arrive before the stream has
+        # stored it, so a read right after could still see the state before the end.
+        self.ended: OrderedDict[str, RequestState] = OrderedDict()
         self.ready = False
         self.started_at = time.time()  # the models' `created` in the OpenAI listing
 
@@ -150,10 +161,7 @@ class Gateway:
 
     async def _on_progress(self, msg: Any) -> None:
         progress = decode(msg.data, Progress)
-        self.progress[progress.id] = progress
-        self.progress.move_to_end(progress.id)
-        while len(self.progress) > 10_000:
-            self.progress.popitem(last=False)
+        _remember(self.progress, progress.id, progress)
 
     async def state(self, request_id: str) -> RequestState:
         """The request's state; ``NotFound`` for an unknown id, and for one no request can have
@@ -164,7 +172,7 @@ class Gateway:
         state = await self.tracker.get(request_id)
         if state is None:
             raise NotFound(f"id: no request {request_id!r}", field="id")
-        return state
+        return state if state.done else self.ended.get(request_id, state)
 
     async def read_json(self, request: Request) -> Any:
         """The request's JSON body, refused past ``max_body_bytes`` before it is all read."""
@@ -216,6 +224,7 @@ class Gateway:
             return
         state = decode(msg.data, RequestState)
         if state.done:
+            _remember(self.ended, state.id, state)
             for waiter in waiters:
                 if not waiter.done():
                     waiter.set_result(state)
