@@ -377,7 +377,10 @@ class PoolFeed:
             log.info("%s: %s (least step here %s s, planned %s s for the node, %s s after)",
                      self.replica, why, self.least_step_s, task.plan.nodes[task.node].est_s,
                      task.plan.tail_s(task.node))
-        error = DeadlineExceeded(f"{why}; dropped, not run", pool=self.pool)
+        waited = f"; it waited {max(0.0, held.fetched_at - task.published_at):.3f}s for a device"
+        if task.handoffs:
+            waited += f" (handed back {task.handoffs} time(s))"
+        error = DeadlineExceeded(f"{why}{waited}; dropped, not run", pool=self.pool)
         await self.host.tracker.finish(task.request_id, "failed",
                                        error=error_info(error, task.node), timings=task.timings)
         await self.drop(held, "expired")
