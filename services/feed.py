@@ -220,7 +220,7 @@ class PoolFeed:
         self._learn(held, fetched_at)
         if task.handoffs < host.settings.host_max_handoffs and not host.may_start(self, held):
             try:
-                await self._hand_back(held)
+                await self.hand_back(held)
                 return None
             except Exception as exc:  # noqa: BLE001 - then it runs here, later
                 log.warning("%s: could not hand %s back (%s); keeping it", self.replica,
@@ -251,10 +251,10 @@ class PoolFeed:
             return None
         return held
 
-    async def _hand_back(self, held: Held) -> None:
-        """The host got busy while this fetch waited (another pool's task came first): put the
-        task back in the pool's queue, as a new message, for a device that can start it now
-        (a nak would count as a failed delivery), then ack this one."""
+    async def hand_back(self, held: Held) -> None:
+        """The host got busy while this fetch waited, or since (another pool's more urgent task
+        came first): put the task back in the pool's queue, as a new message, for a device
+        that can start it now (a nak would count as a failed delivery), then ack this one."""
         task = msgspec.structs.replace(held.task, handoffs=held.task.handoffs + 1)
         await self.host.js.publish(
             subjects.task_subject(self.pool), encode(task),

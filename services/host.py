@@ -176,6 +176,8 @@ class DeviceHost:
                     await self._end(held, held.feed.drop(held))
                 elif held.task.expired(at) or held.feed.doomed(held, at):
                     await self._end(held, held.feed.expire(held))
+            for held in self._overtaken(at):
+                await self._end(held, held.feed.hand_back(held))
             if not self._held:
                 continue
             group = self._next_group(at)
@@ -206,6 +208,19 @@ class DeviceHost:
             since=task.submitted_at,
             remaining_s=held.feed.work_s(held),
         )
+
+    def _overtaken(self, at: float) -> list[Held]:
+        """Held tasks not started yet that more urgent work taken since would keep waiting here
+        (``scheduling.overtaken``), while they may still be handed back."""
+        waiting = [h for h in self._held if not h.ran_from
+                   and h.task.handoffs < self.settings.host_max_handoffs]
+        if not waiting:
+            return []
+        urgency = {id(h): self._urgency(h, at) for h in self._held}
+        others = [[urgency[id(o)] for o in self._held if o.feed is not h.feed] for h in waiting]
+        chosen = scheduling.overtaken([urgency[id(h)] for h in waiting], others, at,
+                                      self.policy, self.settings.host_eligible_s)
+        return [waiting[i] for i in chosen]
 
     def _next_group(self, at: float) -> list[Held]:
         """The most urgent task and its batch-compatible peers of the same pool, most urgent

@@ -24,7 +24,9 @@ Before a fetch the host asks it of a typical task of the pool (as urgent as the 
 tasks were), after the fetch of the task itself (a host that cannot start it hands it back).
 So a device busy with a long FLUX.1-dev request still takes an urgent SD3 task and runs it at
 the next step boundary, while work that would only wait behind others waits in JetStream,
-where any device holding the model can take it, and not in one host's memory.
+where any device holding the model can take it, and not in one host's memory. ``overtaken``
+keeps it so after the fetch: a task not yet started that more urgent work taken since (an
+idle device's feeds all fetch at once) would keep waiting goes back to its queue.
 """
 
 from __future__ import annotations
@@ -94,9 +96,24 @@ def may_take(newcomer: Urgency, own_s: float, held: Sequence[Urgency], at: float
     their batch at the next step boundary): the work that would run before it is under
     ``eligible_s``, and every held task it would push back that can still make its deadline
     still can after ``own_s`` more."""
-    rank = policy.order(newcomer, at)
-    ahead_s = sum(h.remaining_s for h in held if policy.order(h, at) <= rank)
-    if ahead_s > eligible_s:
+    if ahead_s(newcomer, held, at, policy) > eligible_s:
         return False
+    rank = policy.order(newcomer, at)
     behind = [h.slack_s(at) for h in held if policy.order(h, at) > rank]
     return all(slack - own_s >= 0 for slack in behind if slack >= 0)
+
+
+def ahead_s(task: Urgency, others: Sequence[Urgency], at: float, policy: Scheduler) -> float:
+    """The work of ``others`` that runs before ``task`` on this device."""
+    rank = policy.order(task, at)
+    return sum(o.remaining_s for o in others if policy.order(o, at) <= rank)
+
+
+def overtaken(waiting: Sequence[Urgency], others: Sequence[Sequence[Urgency]], at: float,
+              policy: Scheduler, eligible_s: float) -> list[int]:
+    """Indexes of the ``waiting`` tasks (held, not started) that more urgent work taken since
+    (``others[i]``: the held tasks of the other pools) would now keep waiting longer than
+    ``eligible_s``: a device that can start them sooner should have them. A task that passed
+    ``may_take`` when it came stays unless something overtook it."""
+    return [i for i, task in enumerate(waiting)
+            if ahead_s(task, others[i], at, policy) > eligible_s]

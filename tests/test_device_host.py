@@ -62,6 +62,23 @@ def test_a_host_takes_a_task_only_when_it_could_start_it_soon():
     assert not scheduling.may_take(urgent, 0.5, [long], at, scheduling.Fifo(), eligible_s=0.01)
 
 
+def test_a_held_task_overtaken_by_more_urgent_work_goes_back():
+    """An idle device's feeds all fetch at once: a decode taken first, then a denoiser task
+    more urgent than it. The decode would now wait the denoiser's 1.8 s: it goes back to its
+    queue for a device that can start it sooner; behind a short step it stays."""
+    at, policy = 100.0, scheduling.LeastSlack()
+    decode = scheduling.Urgency(deadline_at=at + 2.0, work_s=0.25, since=at - 2,
+                                remaining_s=0.25)  # 1.75 s of slack
+    denoise = scheduling.Urgency(deadline_at=at + 3.5, work_s=2.05, since=at - 0.5,
+                                 remaining_s=1.8)  # 1.45 s: more urgent
+    clip = scheduling.Urgency(deadline_at=at + 3.9, work_s=2.1, since=at, remaining_s=0.005)
+    assert scheduling.overtaken([decode], [[denoise]], at, policy, eligible_s=0.01) == [0]
+    assert scheduling.overtaken([decode], [[clip]], at, policy, eligible_s=0.01) == []
+    assert scheduling.overtaken([decode, denoise], [[denoise], [decode]], at, policy,
+                                eligible_s=0.01) == [0]
+    assert scheduling.ahead_s(decode, [denoise, clip], at, policy) == pytest.approx(1.8)
+
+
 # --- residency (pure) ----------------------------------------------------------------------
 
 def test_erlang_c_matches_known_values():
