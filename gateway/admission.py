@@ -75,11 +75,12 @@ class PoolLoad:
         return self._work_s(backlog) / max(self.ready, 1)
 
     def queued_work_s(self) -> float:
-        """Device-seconds of work this pool has to do: its tasks queued and in progress, and
-        the steps admitted since the lag was sampled, at the measured throughput."""
-        return self._work_s(self.lag + self.in_progress)
+        """Device-seconds of work this pool still has to do: its tasks queued, half of those
+        in progress (on average half done), and the steps admitted since the lag was
+        sampled, at the measured throughput."""
+        return self._work_s(self.lag + self.in_progress / 2)
 
-    def _work_s(self, backlog: int) -> float:
+    def _work_s(self, backlog: float) -> float:
         if not self.work_s:
             return 0.0
         per_step = self.work_s / self.steps_per_task
@@ -176,18 +177,38 @@ def paper_estimate(plan: Plan, loads: Mapping[str, PoolLoad]) -> PaperEstimate:
     say which task belongs to which request, so the longest single piece is the longest task
     queued (a lower bound of the longest request), and a request in flight is one outstanding
     task (its nodes are a chain; each runs after the previous one is done)."""
-    mine = {node.pool for node in plan.nodes.values()}
-    devices = frozenset().union(*(loads[p].devices for p in mine if p in loads))
-    devices = devices or frozenset().union(*(load.devices for load in loads.values()))
-    competing = [load for pool, load in loads.items()
-                 if pool in mine or load.devices & devices or not devices]
-    count = max(1, len(devices))
+    count, competing = _sharing(plan, loads)
     total_s = sum(load.queued_work_s() for load in competing)
     longest_s = max((load.work_s or 0.0 for load in competing
                      if load.lag + load.in_progress + load.admitted_requests), default=0.0)
     in_flight = (sum(load.lag + load.in_progress for load in competing)
                  + max((load.admitted_requests for load in competing), default=0))
     return PaperEstimate(max(total_s / count, longest_s), count, in_flight)
+
+
+def _sharing(plan: Plan, loads: Mapping[str, PoolLoad]) -> tuple[int, list[PoolLoad]]:
+    """The devices a request of ``plan`` can run on (those a ready replica of its pools runs
+    on, else those of any pool; at least 1) and the pools whose work competes for them
+    (every pool with a ready replica there, and the request's own; all when no device is
+    known)."""
+    mine = {node.pool for node in plan.nodes.values()}
+    devices = frozenset().union(*(loads[p].devices for p in mine if p in loads))
+    devices = devices or frozenset().union(*(load.devices for load in loads.values()))
+    competing = [load for pool, load in loads.items()
+                 if pool in mine or load.devices & devices or not devices]
+    return max(1, len(devices)), competing
+
+
+def shared_wait_s(plan: Plan, loads: Mapping[str, PoolLoad]) -> float:
+    """When pools share devices (device hosts), the least a new request waits for the work
+    ahead of it in its own pools: their remaining work spread evenly over the devices that
+    hold them. The per-pool bound alone counts each pool's copies as devices of their own,
+    while its encoders, denoiser and decoder take turns on the same devices. Other models'
+    work on those devices is left out: the hosts run the most urgent step first, so work
+    with more slack (another model's longer requests) does not delay this one."""
+    mine = [loads[p] for p in {node.pool for node in plan.nodes.values()} if p in loads]
+    devices = frozenset().union(*(load.devices for load in mine))
+    return sum(load.queued_work_s() for load in mine) / max(1, len(devices))
 
 
 @dataclass(frozen=True)
@@ -222,9 +243,11 @@ def deadline_s(
 def check(
     workflow: str, plan: Plan, loads: Mapping[str, PoolLoad], deadline: float,
     steps: Mapping[str, int] | None = None, rule: AdmissionRule = "lego",
+    shared_devices: bool = False,
 ) -> float:
     """The estimated finish; raises ``Overloaded`` (with when to retry) if it is past
-    ``deadline``. ``rule``: ``lego``, the finish bound over the DAG; ``paper``, the DiFlow
+    ``deadline``. ``rule``: ``lego``, the finish bound over the DAG (with ``shared_devices``,
+    at least ``shared_wait_s`` plus the request's own work); ``paper``, the DiFlow
     artifact's (``paper_estimate`` against the request's slack)."""
     if rule == "paper":
         own = _own_work_s(plan, loads, steps)
@@ -244,6 +267,8 @@ def check(
             )
         return estimate.wait_s + own
     bound = finish_bound_s(plan, loads, steps)
+    if shared_devices:
+        bound = max(bound, shared_wait_s(plan, loads) + _own_work_s(plan, loads, steps))
     if bound > deadline:
         raise Overloaded(
             f"{workflow}: the work queued ahead needs at least {bound:.2f}s, past the deadline "

@@ -185,7 +185,7 @@ class Ingress:
         if deadline is not None and self.settings.admission:
             try:
                 admission.check(spec.name, plan, loads, deadline, steps,
-                                self.settings.admission_rule)
+                                self.settings.admission_rule, self.settings.device_hosts)
             except Overloaded:
                 watch.rejected(plan)
                 _count(spec.name, "overloaded")

@@ -17,6 +17,7 @@ from gateway.admission import (
     deadline_s,
     finish_bound_s,
     paper_estimate,
+    shared_wait_s,
     solo_latency_s,
     steps_of,
 )
@@ -201,3 +202,25 @@ def test_paper_rule_devices_are_those_of_the_requests_pools() -> None:
     unplaced[other] = replace(mixed[other], lag=0)
     assert paper_estimate(PLAN, unplaced).devices == 2  # the other pool's devices
     assert paper_estimate(PLAN, on("", denoise=4)).devices == 1
+
+
+def test_pools_sharing_devices_wait_for_their_work_together() -> None:
+    """With device hosts every pool of the request has a copy on each of 4 devices: the per-pool
+    bound counts 4 devices for each, but the pools' work takes turns on the same 4."""
+    shared = {pool: replace(load, ready=4) for pool, load in
+              on("gpu:0,gpu:1,gpu:2,gpu:3", denoise=8, decode=40).items()}
+    # per pool: denoise 8 x 0.2 / 4 = 0.4 s, then its own 0.2 s, then decode: 0.62 s
+    assert check("txt2img", PLAN, shared, 0.7, STEPS) == pytest.approx(0.62)
+    # together: (8 x 0.2 + 40 x 0.02) / 4 = 0.6 s of work ahead, then its own 0.23 s
+    assert shared_wait_s(PLAN, shared) == pytest.approx(0.6)
+    assert check("txt2img", PLAN, shared, 0.9, STEPS, shared_devices=True) == \
+        pytest.approx(0.83)
+    with pytest.raises(Overloaded):
+        check("txt2img", PLAN, shared, 0.7, STEPS, shared_devices=True)
+    # tasks in progress are half done on average
+    busy = {**shared, POOL["denoise"]: replace(shared[POOL["denoise"]], in_progress=4)}
+    assert shared_wait_s(PLAN, busy) == pytest.approx(0.6 + 4 * 0.2 / 2 / 4)
+    # another model's work on those devices does not count: the hosts run the most urgent
+    # step first, and its longer requests have more slack
+    other = PoolLoad(lag=100, ready=4, work_s=1.0, devices=frozenset({"gpu:0"}))
+    assert shared_wait_s(PLAN, {**shared, "denoiser-other-pool": other}) == pytest.approx(0.6)
