@@ -26,6 +26,10 @@ from common.settings import Settings
 from emulation.profiles import EMULATED_DEVICE_BYTES
 
 
+#: how long a load waits for memory that an eviction in progress still holds (wall seconds)
+MEMORY_WAIT_S = 30.0
+
+
 class OutOfDeviceMemory(TerminalError):
     """What a device was asked to hold does not fit in what it has free."""
 
@@ -87,13 +91,24 @@ class EmulatedDevice:
             self._resident[owner.key] = nbytes
             self._resident.move_to_end(owner.key)
 
-    def load(self, owner: Owner, nbytes: int | None = None, load_s: float | None = None) -> None:
+    def load(self, owner: Owner, nbytes: int | None = None, load_s: float | None = None,
+             memory_wait_s: float = MEMORY_WAIT_S) -> None:
         """Make ``owner`` resident with ``nbytes`` (default: its memory; more once a ControlNet
         is attached to it) and wait ``load_s`` (default: its load time); the device computes
-        nothing meanwhile."""
-        with self._compute:
-            self._admit(owner, nbytes or owner.memory_bytes, evict=owner.swap)
-            self.wait(owner.load_s if load_s is None else load_s)
+        nothing meanwhile. Memory an eviction still holds (a model draining its last task) is
+        waited for, up to ``memory_wait_s`` of wall time, with the device free meanwhile."""
+        give_up = time.monotonic() + memory_wait_s
+        while True:
+            with self._compute:
+                try:
+                    self._admit(owner, nbytes or owner.memory_bytes, evict=owner.swap)
+                except OutOfDeviceMemory:
+                    if time.monotonic() >= give_up:
+                        raise
+                else:
+                    self.wait(owner.load_s if load_s is None else load_s)
+                    return
+            time.sleep(0.01)
 
     def free(self, owner: Owner) -> None:
         with self._ledger:

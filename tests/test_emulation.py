@@ -110,10 +110,22 @@ def test_device_memory_is_reserved_and_oom_is_clear():
     a, b = Owner("a", 50 * GB, 1.0), Owner("b", 40 * GB, 1.0)
     device.load(a)
     with pytest.raises(OutOfDeviceMemory, match="needs 40.00 GB; 30.00 GB free of 80 GB"):
-        device.load(b)
+        device.load(b, memory_wait_s=0.05)
     device.free(a)
     device.load(b)
     assert device.used_bytes == 40 * GB
+
+
+def test_a_load_waits_for_memory_an_eviction_in_progress_frees():
+    device = EmulatedDevice("emu:0", 80 * GB, time_scale=1000)
+    a, b = Owner("a", 50 * GB, 1.0), Owner("b", 40 * GB, 1.0)
+    device.load(a)
+    freeing = threading.Timer(0.2, device.free, [a])  # a drains its last task, then frees
+    freeing.start()
+    started = time.perf_counter()
+    device.load(b)
+    assert time.perf_counter() - started >= 0.15
+    assert device.resident(b) and not device.resident(a)
 
 
 def test_swap_owners_are_loaded_when_run_and_evicted_least_recently_used():
