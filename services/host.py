@@ -226,7 +226,7 @@ class DeviceHost:
         """The most urgent task and its batch-compatible peers of the same pool, most urgent
         first, up to the pool's batch."""
         urgencies = [self._urgency(h, at) for h in self._held]
-        ordered = [self._held[i] for i in scheduling.most_urgent(urgencies, at, self.policy)]
+        ordered = [self._held[i] for i in scheduling.run_next(urgencies, at, self.policy)]
         first = ordered[0]
         core = first.feed.core
         key = core.batch_key(first.state)

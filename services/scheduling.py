@@ -15,6 +15,11 @@ passes the time and what it measured.
   thrashing of least-laxity-first); counted whole, the order is that of each task's latest
   start, which does not change as tasks run. Tasks without a deadline have infinite slack
   and run in arrival order after those with one.
+  One exception (``steals``): a task whose remaining work is a small share (a quarter) of
+  the least slack of the tasks ahead of it may run first, shortest first: a text encoder
+  or a decoder then no longer waits a whole FLUX.1-dev request on a busy device, and its
+  request's next task reaches the queue where any device can take it. Under load slack
+  shrinks and least slack orders alone.
 - ``Fifo``: arrival order (the monolithic baselines: one pipeline, one request after another).
 
 ``may_take`` is the pull rule, the DiFlow artifact's eligibility made deadline-aware: a host
@@ -33,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 
@@ -52,8 +57,14 @@ class Urgency:
         return self.deadline_at - at - self.work_s
 
 
+#: a task may run before more urgent ones when its work is at most this share of the least
+#: slack among them (``steals``)
+STEAL_SHARE = 0.25
+
+
 class Scheduler(Protocol):
     name: str
+    steal_share: float  # 0: never out of order
 
     def order(self, urgency: Urgency, at: float) -> tuple[float, ...]:
         """Sort key: the lowest runs first."""
@@ -61,6 +72,7 @@ class Scheduler(Protocol):
 
 class LeastSlack:
     name = "least_slack"
+    steal_share = STEAL_SHARE
 
     def order(self, urgency: Urgency, at: float) -> tuple[float, ...]:
         return (urgency.slack_s(at), urgency.since)
@@ -68,6 +80,7 @@ class LeastSlack:
 
 class Fifo:
     name = "fifo"
+    steal_share = 0.0
 
     def order(self, urgency: Urgency, at: float) -> tuple[float, ...]:
         return (urgency.since,)
@@ -89,6 +102,29 @@ def most_urgent(urgencies: Sequence[Urgency], at: float, policy: Scheduler) -> l
     return sorted(range(len(urgencies)), key=lambda i: policy.order(urgencies[i], at))
 
 
+def steals(task: Urgency, ahead: Sequence[Urgency], at: float, policy: Scheduler) -> bool:
+    """Whether ``task`` may run before the more urgent ``ahead``: its remaining work is a
+    small share of the least slack among them, so they hardly notice, while its request
+    moves on (an encoder done now publishes the request's denoiser task for any device to
+    take). Under load slack shrinks and the order is the policy's again."""
+    if not ahead:
+        return True
+    if policy.steal_share <= 0 or task.remaining_s <= 0:  # its work unknown: it keeps its turn
+        return False
+    least = min(a.slack_s(at) for a in ahead)
+    return task.remaining_s <= policy.steal_share * least
+
+
+def run_next(urgencies: Sequence[Urgency], at: float, policy: Scheduler) -> list[int]:
+    """Indexes of ``urgencies`` in the order to run them: the policy's, except that the
+    shortest task that ``steals`` from those ahead of it goes first."""
+    ordered = most_urgent(urgencies, at, policy)
+    stealers = [n for n, i in enumerate(ordered)
+                if steals(urgencies[i], [urgencies[j] for j in ordered[:n]], at, policy)]
+    first = min(stealers, key=lambda n: (urgencies[ordered[n]].remaining_s, n))
+    return [ordered[first], *ordered[:first], *ordered[first + 1:]]
+
+
 def may_take(newcomer: Urgency, own_s: float, held: Sequence[Urgency], at: float,
              policy: Scheduler, eligible_s: float) -> bool:
     """Whether a device should take a task as urgent as ``newcomer`` (``own_s`` of compute
@@ -96,7 +132,9 @@ def may_take(newcomer: Urgency, own_s: float, held: Sequence[Urgency], at: float
     their batch at the next step boundary): the work that would run before it is under
     ``eligible_s``, and every held task it would push back that can still make its deadline
     still can after ``own_s`` more."""
-    if ahead_s(newcomer, held, at, policy) > eligible_s:
+    newcomer = replace(newcomer, remaining_s=own_s)
+    if ahead_s(newcomer, held, at, policy) > eligible_s and not steals(
+            newcomer, _ahead_of(newcomer, held, at, policy), at, policy):
         return False
     rank = policy.order(newcomer, at)
     behind = [h.slack_s(at) for h in held if policy.order(h, at) > rank]
@@ -104,9 +142,14 @@ def may_take(newcomer: Urgency, own_s: float, held: Sequence[Urgency], at: float
 
 
 def ahead_s(task: Urgency, others: Sequence[Urgency], at: float, policy: Scheduler) -> float:
-    """The work of ``others`` that runs before ``task`` on this device."""
+    """The work of ``others`` that is more urgent than ``task`` on this device."""
+    return sum(o.remaining_s for o in _ahead_of(task, others, at, policy))
+
+
+def _ahead_of(task: Urgency, others: Sequence[Urgency], at: float,
+              policy: Scheduler) -> list[Urgency]:
     rank = policy.order(task, at)
-    return sum(o.remaining_s for o in others if policy.order(o, at) <= rank)
+    return [o for o in others if policy.order(o, at) <= rank]
 
 
 def overtaken(waiting: Sequence[Urgency], others: Sequence[Sequence[Urgency]], at: float,
@@ -116,4 +159,5 @@ def overtaken(waiting: Sequence[Urgency], others: Sequence[Sequence[Urgency]], a
     ``eligible_s``: a device that can start them sooner should have them. A task that passed
     ``may_take`` when it came stays unless something overtook it."""
     return [i for i, task in enumerate(waiting)
-            if ahead_s(task, others[i], at, policy) > eligible_s]
+            if ahead_s(task, others[i], at, policy) > eligible_s
+            and not steals(task, _ahead_of(task, others[i], at, policy), at, policy)]

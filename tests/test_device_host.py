@@ -4,6 +4,7 @@ against a real nats-server, running the more urgent task first."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import threading
 import time
@@ -53,8 +54,12 @@ def test_a_host_takes_a_task_only_when_it_could_start_it_soon():
     assert scheduling.may_take(relaxed, 0.5, idle, at, policy, eligible_s=0.01)
     # the urgent task goes first and pushes the long one back by 0.5 s: it can afford that
     assert scheduling.may_take(urgent, 0.5, [long], at, policy, eligible_s=0.01)
-    # the relaxed one would wait behind 8 s of held work: it stays in the queue
-    assert not scheduling.may_take(relaxed, 0.5, [long], at, policy, eligible_s=0.01)
+    # the relaxed one is less urgent, but its 0.5 s are a small share of the long one's 20 s
+    # of slack: it runs first, and its request moves on
+    assert scheduling.may_take(relaxed, 0.5, [long], at, policy, eligible_s=0.01)
+    # 6 s of relaxed work would wait behind 8 s of held work: it stays in the queue
+    bulky = scheduling.Urgency(deadline_at=at + 60.0, work_s=6.0, since=at, remaining_s=6.0)
+    assert not scheduling.may_take(bulky, 6.0, [long], at, policy, eligible_s=0.01)
     # not when it would make the held request late
     tight = scheduling.Urgency(deadline_at=at + 8.2, work_s=8.0, since=at - 5, remaining_s=8.0)
     assert not scheduling.may_take(urgent, 0.5, [tight], at, policy, eligible_s=0.01)
@@ -69,14 +74,20 @@ def test_a_held_task_overtaken_by_more_urgent_work_goes_back():
     at, policy = 100.0, scheduling.LeastSlack()
     decode = scheduling.Urgency(deadline_at=at + 2.0, work_s=0.25, since=at - 2,
                                 remaining_s=0.25)  # 1.75 s of slack
-    denoise = scheduling.Urgency(deadline_at=at + 3.5, work_s=2.05, since=at - 0.5,
-                                 remaining_s=1.8)  # 1.45 s: more urgent
+    denoise = scheduling.Urgency(deadline_at=at + 2.85, work_s=2.05, since=at - 1.1,
+                                 remaining_s=1.8)  # 0.8 s: more urgent, too little to share
     clip = scheduling.Urgency(deadline_at=at + 3.9, work_s=2.1, since=at, remaining_s=0.005)
     assert scheduling.overtaken([decode], [[denoise]], at, policy, eligible_s=0.01) == [0]
     assert scheduling.overtaken([decode], [[clip]], at, policy, eligible_s=0.01) == []
     assert scheduling.overtaken([decode, denoise], [[denoise], [decode]], at, policy,
                                 eligible_s=0.01) == [0]
     assert scheduling.ahead_s(decode, [denoise, clip], at, policy) == pytest.approx(1.8)
+    # with more slack the denoiser can spare the decode's 0.25 s: the decode runs first
+    relaxed = dataclasses.replace(denoise, deadline_at=at + 3.5)
+    assert scheduling.overtaken([decode], [[relaxed]], at, policy, eligible_s=0.01) == []
+    assert scheduling.run_next([relaxed, decode, clip], at, policy)[0] == 2  # the shortest
+    assert scheduling.run_next([denoise, decode], at, policy) == [0, 1]
+    assert scheduling.run_next([relaxed, decode], at, scheduling.Fifo()) == [1, 0]
 
 
 # --- residency (pure) ----------------------------------------------------------------------
