@@ -1,4 +1,5 @@
-"""The tensor store: intermediate tensors and finished images live here, only refs travel.
+"""The tensor store: intermediate tensors and finished images live here, only refs travel
+(and, beside an image, its encoded file once a reader asked for it: ``common.output_format``).
 
 Two stores behind one interface:
 
@@ -106,6 +107,14 @@ class TensorStore(abc.ABC):
     async def get(self, ref: TensorRef) -> torch.Tensor:
         """The tensor ``ref`` points at; ``KeyError`` when it is gone."""
 
+    async def put_bytes(self, key: str, data: bytes, ttl_s: float) -> TensorRef:
+        """Store a file's bytes (an encoded image) under ``key``, as a 1-D uint8 tensor."""
+        return await self.put(key, torch.frombuffer(bytearray(data), dtype=torch.uint8), ttl_s)
+
+    @abc.abstractmethod
+    async def get_bytes(self, key: str) -> bytes:
+        """The bytes stored under ``key`` whatever their size; ``KeyError`` when it is gone."""
+
     @abc.abstractmethod
     async def delete_group(self, area: str, request_id: str) -> int:
         """Delete every tensor of ``<area>/<request id>``; returns how many were deleted."""
@@ -191,6 +200,14 @@ class ShmStore(TensorStore):
             os.close(fd)
         return tensor_from_buffer(buffer, ref.dtype, ref.shape)
 
+    async def get_bytes(self, key: str) -> bytes:
+        _check_key(key)
+        try:
+            with open(self._path(key), "rb") as file:
+                return file.read()
+        except FileNotFoundError:
+            raise KeyError(key) from None
+
     async def delete_group(self, area: str, request_id: str) -> int:
         _check_group(area, request_id)
         group = Path(self._path(f"{area}/{request_id}"))
@@ -257,6 +274,13 @@ class RedisStore(TensorStore):
             raise KeyError(ref.key)
         return tensor_from_buffer(data, ref.dtype, ref.shape)
 
+    async def get_bytes(self, key: str) -> bytes:
+        _check_key(key)
+        data = await self.client.get(self.PREFIX + key)
+        if data is None:
+            raise KeyError(key)
+        return bytes(data)
+
     async def delete_group(self, area: str, request_id: str) -> int:
         _check_group(area, request_id)
         index = self._index(area, request_id)
@@ -299,6 +323,13 @@ class ObservedStore(TensorStore):
         self._ops["get"].inc()
         self._bytes["get"].inc(ref.nbytes)
         return tensor
+
+    async def get_bytes(self, key: str) -> bytes:
+        with telemetry.span("store.get", {"lego.store.key": key}):
+            data = await self.inner.get_bytes(key)
+        self._ops["get"].inc()
+        self._bytes["get"].inc(len(data))
+        return data
 
     async def delete_group(self, area: str, request_id: str) -> int:
         deleted = await self.inner.delete_group(area, request_id)

@@ -21,6 +21,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from common import output_format
 from common.errors import InvalidField, InvalidRequest, PayloadTooLarge
 from common.messages import ENVELOPE_KEYS, Plan, PlanNode
 from common.subjects import pool_name
@@ -109,6 +110,23 @@ class WorkflowSpec(BaseModel):
     output: str
     #: seconds one request takes alone; deadlines default to a multiple of it
     solo_latency_s: float | None = None
+
+    @model_validator(mode="after")
+    def _output_params(self) -> WorkflowSpec:
+        """Every workflow takes ``output_format`` and ``output_quality``; a workflow file may
+        declare them only to pick other defaults within the encoder's limits."""
+        for name, fields in output_format.PARAMS.items():
+            standard = ParamSpec(**fields)
+            declared = self.params.setdefault(name, standard)
+            free = {"default", "description"}
+            if declared.model_dump(exclude=free) != standard.model_dump(exclude=free):
+                raise ValueError(f"params.{name}: only its default may be changed; it is "
+                                 f"{standard.model_dump(exclude=free, exclude_defaults=True)}")
+            try:
+                _check_scalar(f"params.{name}.default", standard, declared.default)
+            except InvalidField as exc:
+                raise ValueError(exc.message) from None
+        return self
 
     @model_validator(mode="after")
     def _check_graph(self) -> WorkflowSpec:

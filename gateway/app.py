@@ -3,7 +3,7 @@ state is read from the KV bucket, so any replica answers for any request.
 
     POST   /v1/generations               202 {id, status, ...}: queued
     GET    /v1/generations/{id}          the request's state (?wait=S waits for the end)
-    GET    /v1/generations/{id}/image    the finished image as PNG
+    GET    /v1/generations/{id}/image    the finished image (PNG, JPEG or WebP, as requested)
     GET    /v1/generations/{id}/events   state, per-step progress, final state (SSE; events.py)
     DELETE /v1/generations/{id}          cancel; nodes drop its work at the next step
     POST   /v1/images/generations        OpenAI-compatible images API (openai_api.py)
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import time
 from collections import OrderedDict
@@ -32,7 +31,7 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from common import bus, metrics, subjects, telemetry
+from common import bus, metrics, output_format, subjects, telemetry
 from common.errors import (
     Conflict,
     InvalidField,
@@ -76,6 +75,16 @@ GENERATION_SCHEMA: dict[str, Any] = {
         "seed": {"type": "integer"},
         "strength": {"type": "number"},
         "image": {"type": "string", "description": "base64 PNG/JPEG/WebP (img2img)"},
+        "output_format": {
+            "type": "string", "enum": output_format.FORMATS,
+            "default": output_format.DEFAULT_FORMAT,
+            "description": "file format of GET /v1/generations/{id}/image",
+        },
+        "output_quality": {
+            "type": "integer", "minimum": output_format.MIN_QUALITY,
+            "maximum": output_format.MAX_QUALITY, "default": output_format.DEFAULT_QUALITY,
+            "description": "JPEG/WebP quality (PNG ignores it)",
+        },
     },
     "additionalProperties": True,
 }
@@ -208,15 +217,15 @@ class Gateway:
             )
         return state
 
-    async def image_png(self, state: RequestState) -> bytes:
-        """The finished image of a succeeded request, as PNG."""
+    async def image(self, state: RequestState) -> tuple[bytes, str]:
+        """The finished image of a succeeded request as (file bytes, media type), in the
+        format the request asked for (encoded by the first read, cached for the others)."""
         if state.status != "succeeded" or state.image is None:
             raise Conflict(f"request {state.id} is {state.status}; no image", status=state.status)
         try:
-            pixels = await self.store.get(state.image)
+            return await output_format.image_file(self.store, state, self.settings.result_ttl_s)
         except KeyError:
             raise NotFound(f"the image of {state.id} has expired") from None
-        return encode_png(pixels.numpy())
 
     async def _on_state(self, msg: Any) -> None:
         waiters = self.waiters.get(msg.subject.rsplit(".", 1)[-1])
@@ -337,10 +346,14 @@ def create_app(
         _check_wait(wait)
         return _json(gw.view(await gw.wait(request_id, wait)))
 
-    @app.get("/v1/generations/{request_id}/image",
-             responses={200: {"content": {"image/png": {}}}})
+    @app.get("/v1/generations/{request_id}/image", response_class=Response,
+             responses={200: {"content": {t: {} for t in output_format.MEDIA_TYPES.values()},
+                              "description": "the image in the request's output_format"},
+                        404: {"description": "unknown id, or the image expired"},
+                        409: {"description": "the request did not succeed (yet)"}})
     async def get_image(request_id: str) -> Response:
-        return Response(await gw.image_png(await gw.state(request_id)), media_type="image/png")
+        data, media_type = await gw.image(await gw.state(request_id))
+        return Response(data, media_type=media_type)
 
     @app.delete("/v1/generations/{request_id}")
     async def cancel_generation(request_id: str) -> Response:
@@ -388,14 +401,6 @@ def _workflow_view(spec: WorkflowSpec) -> dict[str, Any]:
     body = spec.model_dump(exclude_defaults=True)
     body["pools"] = sorted(spec.pools())
     return body
-
-
-def encode_png(pixels: Any) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(pixels[0]).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def serve(settings: Settings, seed_builtin: bool = False) -> None:

@@ -12,7 +12,7 @@ import httpx
 import orjson
 
 from common import subjects
-from common.messages import Progress, RequestState, decode
+from common.messages import Progress, RequestState, TensorRef, decode
 from common.settings import Settings
 
 #: called with each Server-Sent Event of a request: ("state", body) or ("progress", step)
@@ -98,6 +98,7 @@ class LegoClient:
         return self._check(response).json()
 
     def image(self, request_id: str) -> bytes:
+        """The finished image's file, in the request's ``output_format`` (PNG by default)."""
         return self._check(self.http.get(f"/v1/generations/{request_id}/image")).content
 
     def cancel(self, request_id: str) -> dict[str, Any]:
@@ -154,8 +155,9 @@ class LegoClient:
         self, workflow: str = "txt2img", *, timeout_s: float = 600.0,
         on_event: EventCallback | None = None, **params: Any,
     ) -> tuple[dict[str, Any], bytes]:
-        """Submit, wait, and return (final state, PNG bytes); raises LegoError on failure.
-        ``on_event`` follows the request's progress (see ``events``)."""
+        """Submit, wait, and return (final state, image file bytes: PNG unless the params ask
+        for another ``output_format``); raises LegoError on failure. ``on_event`` follows the
+        request's progress (see ``events``)."""
         # Without a progress display, one round trip: the gateway answers at the end.
         accepted = self.submit(workflow, wait_s=0.0 if on_event else 1.0, **params)
         state = accepted
@@ -219,6 +221,19 @@ class NatsClient:
 
     async def image(self, state: RequestState) -> Any:
         """The finished image as a (1, H, W, 3) uint8 tensor."""
-        if state.image is None:
-            raise LegoError(0, state.error.message if state.error else state.status)
-        return await self.store.get(state.image)
+        return await self.store.get(_image_of(state))
+
+    async def image_file(self, state: RequestState) -> tuple[bytes, str]:
+        """The finished image as (file bytes, media type) in the request's ``output_format``:
+        the same bytes the gateway serves (whichever reads it first encodes it, once)."""
+        from common.output_format import image_file
+
+        _image_of(state)
+        return await image_file(self.store, state, self.settings.result_ttl_s)
+
+
+def _image_of(state: RequestState) -> TensorRef:
+    """Where the image of a finished request is; ``LegoError`` when it has none."""
+    if state.image is None:
+        raise LegoError(0, state.error.message if state.error else state.status)
+    return state.image

@@ -8,14 +8,17 @@ The official ``openai`` client works unchanged with ``base_url="<gateway>/v1"``:
 
 - ``model`` names the workflow (default ``txt2img``); ``size`` ``"WxH"`` sets width and height
   (``"auto"`` or absent: the workflow's defaults); ``response_format`` is ``"url"`` (default,
-  as OpenAI's) or ``"b64_json"`` (a base64 PNG); ``user`` is accepted and ignored.
+  as OpenAI's) or ``"b64_json"`` (the base64 file); ``output_format`` is ``"png"`` (default),
+  ``"jpeg"`` or ``"webp"``, and ``output_compression`` (1..100) is its JPEG/WebP quality (our
+  ``output_quality``), as in OpenAI's API; ``user`` is accepted and ignored.
 - Every other field (``extra_body``: seed, steps, negative_prompt, guidance, deadline_s, ...)
   goes to the workflow as it is, validated like ``POST /v1/generations``.
 - ``n`` > 1 runs n requests with seeds seed, seed+1, ..., seed+n-1 (without a seed each draws
   its own); they run concurrently and the answer comes once all have ended.
-- Answer: ``{"created": UNIX_S, "data": [{"b64_json": ...} | {"url": ".../v1/generations/ID/
-  image"}]}``. Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``
-  with our HTTP status; ``param`` names the OpenAI field (width and height are ``size``).
+- Answer: ``{"created": UNIX_S, "output_format": FORMAT, "data": [{"b64_json": ...} |
+  {"url": ".../v1/generations/ID/image"}]}``. Errors have OpenAI's shape ``{"error":
+  {"message", "type", "param", "code"}}`` with our HTTP status; ``param`` names the OpenAI
+  field (width and height are ``size``, output_quality is ``output_compression``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
+from common import output_format
 from common.errors import (
     Conflict,
     DeadlineExceeded,
@@ -52,7 +56,8 @@ WAIT_S = 590.0
 
 _SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 #: our field names as the OpenAI request spells them
-_PARAM_NAMES = {"width": "size", "height": "size", "workflow": "model"}
+_PARAM_NAMES = {"width": "size", "height": "size", "workflow": "model",
+                "output_quality": "output_compression"}
 _ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error"}
 
 REQUEST_SCHEMA: dict[str, Any] = {
@@ -64,6 +69,13 @@ REQUEST_SCHEMA: dict[str, Any] = {
         "n": {"type": "integer", "minimum": 1, "maximum": MAX_N, "default": 1},
         "size": {"type": "string", "pattern": r"^(\d+x\d+|auto)$", "example": "512x512"},
         "response_format": {"type": "string", "enum": ["url", "b64_json"], "default": "url"},
+        "output_format": {"type": "string", "enum": output_format.FORMATS,
+                          "default": output_format.DEFAULT_FORMAT},
+        "output_compression": {
+            "type": "integer", "minimum": output_format.MIN_QUALITY,
+            "maximum": output_format.MAX_QUALITY, "default": output_format.DEFAULT_QUALITY,
+            "description": "JPEG/WebP quality",
+        },
         "user": {"type": "string", "description": "accepted and ignored"},
         "seed": {"type": "integer", "description": "image i gets seed + i"},
     },
@@ -152,12 +164,14 @@ async def create_images(request: Request) -> Response:
     for state in finals:
         _check_succeeded(state)
         if response_format == "b64_json":
-            png = await gateway.image_png(state)
-            data.append({"b64_json": base64.b64encode(png).decode()})
+            image, _ = await gateway.image(state)
+            data.append({"b64_json": base64.b64encode(image).decode()})
         else:
             base = str(request.base_url).rstrip("/")
             data.append({"url": f"{base}/v1/generations/{state.id}/image"})
-    return JSONResponse({"created": int(time.time()), "data": data})
+    return JSONResponse({"created": int(time.time()),
+                         "output_format": output_format.output_of(finals[0].params)[0],
+                         "data": data})
 
 
 def to_requests(body: Any) -> tuple[list[dict[str, Any]], str]:
@@ -173,7 +187,8 @@ def to_requests(body: Any) -> tuple[list[dict[str, Any]], str]:
     size = fields.pop("size", None)
     response_format = fields.pop("response_format", None) or "url"
     errors: list[InvalidField] = []
-    for ours, theirs in (("workflow", "model"), ("id", None)):
+    for ours, theirs in (("workflow", "model"), ("id", None),
+                         ("output_quality", "output_compression")):
         if ours in fields:
             errors.append(InvalidField(ours, f"not a field of this API; use {theirs}" if theirs
                                        else "not a field of this API (each image gets its own)"))
@@ -190,6 +205,8 @@ def to_requests(body: Any) -> tuple[list[dict[str, Any]], str]:
         errors.append(InvalidField("response_format", "must be 'url' or 'b64_json'"))
     if errors:
         raise InvalidRequest(errors)
+    if "output_compression" in fields:
+        fields["output_quality"] = fields.pop("output_compression")
     seed = fields.get("seed")
     raws = []
     for i in range(n):
