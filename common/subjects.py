@@ -47,6 +47,9 @@ JOIN_BUCKET = "lego-joins"
 #: every write to the state bucket is also a plain NATS message here: a gateway follows all of
 #: them with one subscription instead of one KV watcher per waiting client
 STATE_UPDATES = f"$KV.{STATE_BUCKET}.>"
+#: the stream behind the state bucket (JetStream names a bucket's stream KV_<bucket>): the
+#: history pages through it with a short-lived pull consumer
+STATE_STREAM = f"KV_{STATE_BUCKET}"
 CANCEL_BUCKET = "lego-cancels"
 RESIDENCY_BUCKET = "lego-residency"
 

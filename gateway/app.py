@@ -3,6 +3,7 @@ state is read from the KV bucket, so any replica answers for any request.
 
     POST   /v1/generations               202 {id, status, ...}: queued
     GET    /v1/generations/{id}          the request's state (?wait=S waits for the end)
+    GET    /v1/generations               the requests kept, newest first (filters, cursor)
     GET    /v1/generations/{id}/image    the finished image (PNG, JPEG or WebP, as requested)
     GET    /v1/generations/{id}/events   state, per-step progress, final state (SSE; events.py)
     DELETE /v1/generations/{id}          cancel; nodes drop its work at the next step
@@ -28,10 +29,11 @@ from typing import Any
 import orjson
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from common import bus, metrics, output_format, subjects, telemetry
+from common import bus, history, metrics, output_format, subjects, telemetry
 from common.errors import (
     Conflict,
     InvalidField,
@@ -304,6 +306,13 @@ def create_app(
     async def _lego_error(request: Request, exc: LegoError) -> JSONResponse:
         return error_response(exc)
 
+    @app.exception_handler(RequestValidationError)
+    async def _bad_parameter(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # a query parameter of the wrong type (?limit=ten) answers in the API's error shape
+        return error_response(InvalidRequest([
+            InvalidField(str(error["loc"][-1]), error["msg"]) for error in exc.errors()
+        ]))
+
     @app.exception_handler(StarletteHTTPException)
     async def _no_route(request: Request, exc: StarletteHTTPException) -> Response:
         # a path no route matches (an id with a "/" in it, say) is a 404 in the API's shape
@@ -339,6 +348,21 @@ def create_app(
             state = await gw.wait(request_id, wait)
         return _json(gw.view(state), status=200 if state.done and wait > 0 else 202,
                      headers={"Location": f"/v1/generations/{request_id}"})
+
+    @app.get("/v1/generations",
+             responses={200: {"description": "{data: [state, ...], next_cursor: str | null}"},
+                        422: {"description": "a filter, limit or cursor out of its limits"}})
+    async def list_generations(
+        workflow: str | None = None, status: str | None = None, since: float | None = None,
+        limit: int | None = None, cursor: str | None = None,
+    ) -> Response:
+        """The requests kept (``result_ttl_s`` after their last change), newest first: each as
+        GET /v1/generations/{id} shows it. Filters: ``workflow``, ``status``, ``since`` (epoch
+        seconds, created at or after). ``limit``: 1 to 100 (default 20); pass ``next_cursor``
+        back as ``cursor`` for the next page (null: none left)."""
+        query = history.HistoryQuery.parse(workflow, status, since, limit, cursor)
+        states, next_cursor = await history.page(gw.js, query)
+        return _json({"data": [gw.view(s) for s in states], "next_cursor": next_cursor})
 
     @app.get("/v1/generations/{request_id}")
     async def get_generation(request_id: str, wait: float = 0.0) -> Response:

@@ -101,6 +101,18 @@ class LegoClient:
         """The finished image's file, in the request's ``output_format`` (PNG by default)."""
         return self._check(self.http.get(f"/v1/generations/{request_id}/image")).content
 
+    def history(self, *, workflow: str | None = None, status: str | None = None,
+                since: float | None = None, limit: int | None = None,
+                cursor: str | None = None) -> dict[str, Any]:
+        """One page of the requests kept, newest first (``GET /v1/generations``):
+        ``{"data": [state, ...], "next_cursor": str | None}``; pass ``next_cursor`` back as
+        ``cursor`` for the next page. ``since``: epoch seconds (created at or after)."""
+        query = {"workflow": workflow, "status": status, "since": since, "limit": limit,
+                 "cursor": cursor}
+        response = self.http.get("/v1/generations",
+                                 params={k: v for k, v in query.items() if v is not None})
+        return self._check(response).json()
+
     def cancel(self, request_id: str) -> dict[str, Any]:
         return self._check(self.http.delete(f"/v1/generations/{request_id}")).json()
 
