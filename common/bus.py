@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import weakref
 from typing import Any
 
 from nats import errors as nats_errors
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 MAX_PAYLOAD = 1024 * 1024  # NATS' default; tensors never travel in messages
 
+_clients: weakref.WeakSet[NATS] = weakref.WeakSet()  # every client ``connect`` made
+
 
 def run_async(main: Any) -> Any:
     """Run a process's main coroutine, on uvloop where it is installed (faster NATS I/O)."""
@@ -53,6 +56,7 @@ async def connect(settings: Settings, name: str) -> NATS:
     if settings.nats_inbox_prefix:  # a least-privilege client account may read only these
         options["inbox_prefix"] = settings.nats_inbox_prefix
     nc = NATS()
+    _clients.add(nc)
     connecting = True
 
     async def on_error(exc: Exception) -> None:
@@ -74,6 +78,16 @@ async def connect(settings: Settings, name: str) -> NATS:
         raise
     connecting = False
     return nc
+
+
+def connected() -> bool:
+    """Whether a NATS client of this process is connected (or draining) now; safe to call from
+    any thread (``common.lifetime`` asks it whether a drain can still get anywhere)."""
+    while True:
+        try:
+            return any(nc.is_connected for nc in list(_clients))
+        except RuntimeError:  # the set changed while another thread read it
+            continue
 
 
 def _auth_options(settings: Settings) -> dict[str, Any]:

@@ -253,6 +253,14 @@ class Settings(BaseSettings):
         default_factory=lambda: _default_cache_dir() / "run",
         description="where a running `lego up` leaves its address for other lego commands",
     )
+    stop_timeout_s: float = Field(
+        15.0, gt=0, description="how long `lego up` may take to stop: its processes drain "
+        "while NATS is up, then what remains is killed, and nats-server stopped last",
+    )
+    parent_pid: int | None = Field(
+        None, description="set by the lego process that started this one (common.lifetime): "
+        "when that parent is gone, this process stops too",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     def min_replicas_of(self, pool: str, kind: str) -> int:

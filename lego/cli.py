@@ -22,8 +22,12 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from lego.stack import Stack
 
 
 def _settings(args: argparse.Namespace, **extra: object) -> Settings:
@@ -48,7 +52,7 @@ def _logging(settings: Settings) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from lego.stack import Stack
+    from lego.stack import Stack, StopRequested
 
     settings = _settings(args, monolithic=args.monolithic or None,
                          autoscale=False if args.no_autoscale else None)
@@ -64,15 +68,27 @@ def cmd_up(args: argparse.Namespace) -> int:
                          "--emulate")
     _logging(settings)
     stack = Stack(settings, port=args.port)
-    stop: list[bool] = []
 
     def request_stop(*_: object) -> None:
-        stop.append(True)
+        stack.interrupt()  # a second signal while stopping: kill what has not drained yet
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    print("starting the stack (first run builds the tiny models)...", flush=True)
-    stack.start()
+    try:
+        print("starting the stack (first run builds the tiny models)...", flush=True)
+        stack.start()
+        _print_stack(stack, args)
+        stack.supervise()
+    except StopRequested:
+        pass  # start() has stopped what it started
+    finally:
+        print("stopping...", flush=True)
+        stack.stop()  # again after a failed or interrupted start: it ends what start missed
+    return 0
+
+
+def _print_stack(stack: Stack, args: argparse.Namespace) -> None:
+    settings = stack.settings
     print(f"gateway  {stack.gateway_url}  (OpenAPI: {stack.gateway_url}/docs)")
     print(f"nats     {stack.settings.nats_url}")
     print(f"store    {stack.settings.store_kind}")
@@ -85,13 +101,8 @@ def cmd_up(args: argparse.Namespace) -> int:
               f"({settings.profile_dir.name}, {args.system or 'micro'}, time scale "
               f"{settings.time_scale:g}): {', '.join(sorted(shipped_workflows(settings)))}")
     print(f"logs     {stack.settings.run_dir / 'logs'}")
-    print("ready; Ctrl-C stops (nodes finish what they hold first)", flush=True)
-    try:
-        stack.supervise(stop)
-    finally:
-        print("stopping...", flush=True)
-        stack.stop()
-    return 0
+    print(f"ready; Ctrl-C stops within {settings.stop_timeout_s:g} s (nodes finish what they "
+          "hold first; a second Ctrl-C does not wait)", flush=True)
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -489,8 +500,14 @@ def main(argv: list[str] | None = None) -> int:
     # transformers says at import that torchvision is missing (its PIL fallback is what we use)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
+    settings = load_settings(args.config)
+    if settings.parent_pid is not None:  # started by `lego up` or the autoscaler
+        from common import bus, lifetime
+
+        lifetime.watch_parent(settings.parent_pid, can_drain=bus.connected,
+                              drain_timeout_s=settings.drain_timeout_s)
     # before any command: the processes `lego up` starts get ``plugins`` in their environment
-    load_plugins(load_settings(args.config).plugins)
+    load_plugins(settings.plugins)
     return args.func(args)
 
 

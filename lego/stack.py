@@ -4,7 +4,14 @@ workflows use (micro-served, or one monolithic pool per workflow with ``monolith
 the autoscaler (``autoscale=False``) the stack runs one replica of every pool itself. With
 ``device_hosts`` it starts one `lego host` process per device instead, and the autoscaler
 decides which pools each holds. Children are restarted if they crash. Other `lego` commands
-find the stack through a small JSON file in the run directory."""
+find the stack through a small JSON file in the run directory.
+
+Stopping, at any moment, start-up included (``interrupt``, then ``stop``): the children get
+SIGTERM and drain (finish and ack what they hold) while NATS is still up; whatever of their
+process trees remains at the deadline (``stop_timeout_s``, or as soon as nats-server is found
+dead: nothing can drain then) is killed; nats-server is stopped last. Every child runs in a
+session of its own (a terminal's Ctrl-C reaches this process only) and ends when this process
+dies, even of SIGKILL (``common.lifetime``)."""
 
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from pathlib import Path
 
 import httpx
 
+from common.lifetime import NATS_GONE_S, ProcessTree, child_options
 from common.models import resolve_model_dir
 from common.settings import Settings
 from common.workflow import shipped_workflows
@@ -31,6 +39,13 @@ from services.schemes import scheme_of
 log = logging.getLogger(__name__)
 
 DEFAULT_NATS_PORT = 4222
+#: of a stop's time, what is kept for nats-server's own (at most)
+_NATS_STOP_S = 3.0
+
+
+class StopRequested(KeyboardInterrupt):
+    """A stop signal arrived while the stack was starting: ``start`` stopped what it had
+    started."""
 
 
 def free_port(preferred: int = 0, host: str = "127.0.0.1") -> int:
@@ -57,12 +72,15 @@ def nats_server_binary() -> str:
 
 
 def start_nats_server(store_dir: Path, port: int, log_file: Path) -> subprocess.Popen:
-    """A nats-server with JetStream on 127.0.0.1:``port``, ready when this returns."""
+    """A nats-server with JetStream on 127.0.0.1:``port``, ready when this returns. It runs in
+    a session of its own (a Ctrl-C reaches its parent, which stops it last) and ends when its
+    parent dies."""
     store_dir.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen(
         [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store_dir)],
         stdout=subprocess.DEVNULL,
         stderr=open(log_file, "ab"),  # noqa: SIM115 - the child owns it
+        **child_options(),
     )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -91,12 +109,16 @@ class Stack:
     children: list[Child] = field(default_factory=list)
     nats_proc: subprocess.Popen | None = None
     gateway_url: str = ""
+    phase: str = field(default="new", init=False)  # starting, serving, stopping
+    _stop_requested: bool = field(default=False, init=False)
+    _hurry: bool = field(default=False, init=False)
 
     @property
     def stack_file(self) -> Path:
         return self.settings.run_dir / "stack.json"
 
     def start(self, timeout_s: float = 180.0) -> None:
+        self.phase = "starting"
         settings = self.settings
         run_dir = settings.run_dir
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -133,8 +155,21 @@ class Stack:
             self._write_stack_file()
             self._wait_for_pools(pools, timeout_s)
         except BaseException:  # a failed start leaves no children (nor nats-server) behind
-            self.stop(timeout_s=10)
+            self.stop()
             raise
+        if self.phase == "starting":
+            self.phase = "serving"
+
+    def interrupt(self) -> None:
+        """What a stop signal (SIGINT, SIGTERM) does, from a signal handler: while starting,
+        raise ``StopRequested`` (``start`` stops what it started); while serving, make
+        ``supervise`` return; while stopping, stop waiting for drains (kill what remains)."""
+        if self.phase == "starting":
+            self.phase = "stopping"
+            raise StopRequested
+        if self._stop_requested or self.phase == "stopping":
+            self._hurry = True
+        self._stop_requested = True
 
     def _host_children(self, lego: list[str]) -> list[Child]:
         """With ``device_hosts`` (not emulated), one `lego host` process per device: the
@@ -174,9 +209,9 @@ class Stack:
         env.setdefault("HF_HUB_OFFLINE", "1")
         log_path = self.settings.run_dir / "logs" / f"{child.name}.log"
         child.proc = subprocess.Popen(
-            child.argv, env=env, stdout=subprocess.DEVNULL,
+            child.argv, stdout=subprocess.DEVNULL,
             stderr=open(log_path, "ab"),  # noqa: SIM115 - the child owns it
-            start_new_session=True,  # Ctrl-C reaches the stack, which drains the children
+            **child_options(env),  # Ctrl-C reaches the stack, which drains the children
         )
 
     def _wait_ready(self, pools: list[str], timeout_s: float) -> None:
@@ -245,10 +280,12 @@ class Stack:
         }
         self.stack_file.write_text(json.dumps(info, indent=2))
 
-    def supervise(self, stop_requested: list[bool]) -> None:
-        """Restart crashed children until asked to stop."""
-        while not stop_requested:
+    def supervise(self) -> None:
+        """Restart crashed children until ``interrupt``."""
+        while not self._stop_requested:
             for child in self.children:
+                if self._stop_requested:
+                    break  # a child the same signal ended is not restarted
                 if child.proc is not None and child.proc.poll() not in (None, 0):
                     log.warning("%s exited with %s; restarting", child.name, child.proc.returncode)
                     child.restarts += 1
@@ -256,26 +293,48 @@ class Stack:
             time.sleep(0.5)
 
     def stop(self, timeout_s: float | None = None) -> None:
-        """SIGTERM every child (nodes drain: finish and ack what they hold), then nats-server."""
-        timeout_s = timeout_s or self.settings.drain_timeout_s
-        for child in self.children:
-            if child.proc is not None and child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGTERM)
+        """Within ``timeout_s`` (default ``stop_timeout_s``): SIGTERM every child (nodes drain:
+        finish and ack what they hold); SIGKILL what remains of their process trees at the
+        deadline, less the time kept for nats-server, or once nats-server has been dead for
+        ``NATS_GONE_S`` (or after a second ``interrupt``); then stop nats-server."""
+        self.phase = "stopping"
+        timeout_s = timeout_s or self.settings.stop_timeout_s
         deadline = time.monotonic() + timeout_s
-        for child in self.children:
-            if child.proc is None:
-                continue
-            try:
-                child.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.proc.kill()
-                child.proc.wait()
+        nats_s = min(_NATS_STOP_S, timeout_s / 4) if self.nats_proc is not None else 0.0
+        procs = [c.proc for c in self.children if c.proc is not None]
+        tree = ProcessTree(p.pid for p in procs if p.poll() is None)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        nats_dead_at: float | None = None
+        while remaining := tree.refresh():
+            now = time.monotonic()
+            if nats_dead_at is None and self.nats_proc is not None \
+                    and self.nats_proc.poll() is not None:
+                nats_dead_at = now
+            why = None
+            if self._hurry:
+                why = "a second stop signal"
+            elif nats_dead_at is not None and now - nats_dead_at >= NATS_GONE_S:
+                why = "nats-server is gone: nothing can drain"
+            elif now >= deadline - nats_s:
+                why = f"{timeout_s:g} s have passed"
+            if why is not None:
+                log.warning("stopping: killing %d processes still running (%s)",
+                            len(remaining), why)
+                tree.kill()
+                break
+            time.sleep(0.05)
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(1.0)  # reaped (SIGKILLed ones end at once)
         if self.nats_proc is not None:
             self.nats_proc.terminate()
             try:
-                self.nats_proc.wait(10)
+                self.nats_proc.wait(max(1.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 self.nats_proc.kill()
+                self.nats_proc.wait()
         with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
             if json.loads(self.stack_file.read_text()).get("pid") == os.getpid():
                 self.stack_file.unlink()

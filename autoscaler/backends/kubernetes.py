@@ -9,8 +9,8 @@ reviewed manifests and gives the autoscaler's service account nothing beyond
 Graceful drain: Kubernetes stops a surplus pod with SIGTERM and waits
 ``terminationGracePeriodSeconds`` before SIGKILL. ``lego node`` drains on SIGTERM (it stops
 fetching, finishes and acks the tasks it holds, then exits), so the manifests set the grace
-period above ``drain_timeout_s`` (what the local backend and ``lego up`` allow a draining node
-before killing it) and scaling down does not kill a replica mid-task.
+period above ``drain_timeout_s`` (what the local backend allows a draining node before killing
+it) and scaling down does not kill a replica mid-task.
 
 Kubernetes chooses the pods to remove and where new ones run, so ``places_replicas`` is False
 and ``scale`` only uses the length of its device list.

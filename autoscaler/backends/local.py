@@ -5,7 +5,9 @@ CUDA_VISIBLE_DEVICES, for CPU slots (``cpu:N``) only as a label the replica repo
 schedules CPU). A crashed replica is restarted on its device (with a back-off if it keeps
 crashing); a replica no longer wanted gets SIGTERM and drains: it stops fetching, finishes and
 acks what it holds, and exits. The newest replica goes first: it is the likeliest to be still
-loading or idle.
+loading or idle. Replicas end with the autoscaler: SIGTERM (a drain) when it dies, even of
+SIGKILL, and they exit once NATS is gone too (``common.lifetime``), so a killed autoscaler
+leaves no orphans consuming next to its successor's.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from autoscaler.backends import HostedReplicas, PoolLaunch, ReplicaInfo
+from common.lifetime import child_options
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,17 +45,6 @@ class LocalReplica:
     @property
     def id(self) -> str:
         return str(self.proc.pid)
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM (a drain) when the autoscaler dies, so a crashed or
-    killed autoscaler leaves no orphan replicas consuming next to its successor's (Linux)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def node_argv(launch: PoolLaunch) -> list[str]:
@@ -83,10 +75,9 @@ class LocalBackend(HostedReplicas[LocalReplica]):
             env["LEGO_DEVICE"] = "cpu"
         log_path = self.log_dir / f"{launch.pool}.log"
         return subprocess.Popen(
-            node_argv(launch), env=env, stdout=subprocess.DEVNULL,
+            node_argv(launch), stdout=subprocess.DEVNULL,
             stderr=open(log_path, "ab"),  # noqa: SIM115 - the child owns it
-            start_new_session=True,  # a Ctrl-C reaches the autoscaler, which drains them
-            preexec_fn=_die_with_parent,
+            **child_options(env),  # a Ctrl-C reaches the autoscaler, which drains them
         )
 
     def _reap(self) -> None:
