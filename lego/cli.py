@@ -9,6 +9,7 @@
     lego gateway                 the REST gateway (with an ingress consumer)
     lego ingress                 an ingress consumer alone (NATS-only deployments)
     lego status [--json|--watch] per pool: replicas by state, lag, rates, latency, placement
+    lego history [--workflow W]  the requests kept, newest first (--status, --limit, --json)
     lego schema                  JSON Schemas of the request and the result
     lego bench hop|e2e|burst     benchmarks
     lego bench slo|sweep|bound   the emulated GPU cluster's experiment, and its physical limit
@@ -235,7 +236,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             stack = Stack(settings.model_copy(update={"run_dir": run_dir}), quiet=True)
             stack.start()
             gateway = stack.gateway_url
-    api_key = settings.api_key or next(iter(settings.api_keys.values()), None)
+    api_key = _api_key(settings)
     try:
         with LegoClient(gateway, api_key=api_key) as client, Progress(
             TextColumn("[bold]{task.description}"), BarColumn(),
@@ -270,6 +271,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     finally:
         if stack is not None:
             stack.stop()
+
+
+def _api_key(settings: Settings) -> str | None:
+    """The key `lego` commands send to the gateway: ``api_key``, else the first of ``api_keys``."""
+    return settings.api_key or next(iter(settings.api_keys.values()), None)
 
 
 def _stack_settings(args: argparse.Namespace) -> Settings:
@@ -342,6 +348,46 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f}"
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    import datetime
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from gateway.client import LegoClient, LegoError
+    from lego.stack import running_stack
+
+    settings = _settings(args)
+    gateway = args.gateway or (running_stack(settings) or {}).get("gateway_url")
+    if gateway is None:
+        print("error: no running stack: start one with `lego up`, or pass --gateway",
+              file=sys.stderr)
+        return 2
+    api_key = _api_key(settings)
+    with LegoClient(gateway, api_key=api_key) as client:
+        try:
+            page = client.history(workflow=args.workflow, status=args.status,
+                                  limit=args.limit, cursor=args.cursor)
+        except LegoError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(page, indent=2))
+        return 0
+    table = Table(title="LegoDiffusion requests, newest first")
+    for column in ("id", "workflow", "status", "created", "took s", "error"):
+        table.add_column(column, justify="right" if column == "took s" else "left")
+    for state in page["data"]:
+        created = datetime.datetime.fromtimestamp(state["created_at"]).isoformat(" ", "seconds")
+        took = state.get("finished_at") and state["finished_at"] - state["created_at"]
+        table.add_row(state["id"], state["workflow"], state["status"], created, _fmt(took),
+                      (state.get("error") or {}).get("message", ""))
+    Console().print(table)
+    if page["next_cursor"]:
+        print(f"more: lego history --cursor {page['next_cursor']}")
+    return 0
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -435,6 +481,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.add_argument("--watch", action="store_true", help="refresh every second")
     status.set_defaults(func=cmd_status)
+
+    hist = sub.add_parser("history", help="the requests kept, newest first")
+    hist.add_argument("--workflow", help="only this workflow's")
+    hist.add_argument("--status", help="only these: queued, running, succeeded, failed, "
+                      "cancelled")
+    hist.add_argument("--limit", type=int, help="how many (default 20, at most 100)")
+    hist.add_argument("--cursor", help="the next page (as the previous one printed)")
+    hist.add_argument("--gateway", help="gateway URL (default: the running stack's)")
+    hist.add_argument("--json", action="store_true", help="the page as the API answers it")
+    hist.set_defaults(func=cmd_history)
 
     schema = sub.add_parser("schema", help="print the JSON Schemas of request and result")
     schema.set_defaults(func=cmd_schema)

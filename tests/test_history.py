@@ -1,6 +1,6 @@
-"""The history (``GET /v1/generations``, ``LegoClient.history``) through the real stack: newest
-first, pages without repeats, filters, clear errors, the same answer from another gateway
-replica; and the page selection's bounded memory, without NATS."""
+"""The history (``GET /v1/generations``, ``LegoClient.history``, ``lego history``) through the
+real stack: newest first, pages without repeats, filters, clear errors, the same answer from
+another gateway replica; and the page selection's bounded memory, without NATS."""
 
 from __future__ import annotations
 
@@ -151,6 +151,25 @@ def test_any_gateway_replica_answers(client: LegoClient, stack: Stack) -> None:
             LegoClient(other.url) as other_client:
         assert other_client.history(workflow="hist-replica") == expected
     assert [i["id"] for i in expected["data"]] == ["replica-2", "replica-1", "replica-0"]
+
+
+def test_lego_history_prints_the_page(client: LegoClient, stack: Stack, capsys) -> None:  # noqa: ANN001
+    import json
+
+    from lego.cli import main
+
+    add_workflow(client, "hist-cli")
+    for i in range(3):
+        client.generate("hist-cli", id=f"cli-{i}", seed=i, **QUICK)
+    gateway = ["--gateway", stack.gateway_url]
+    assert main(["history", *gateway, "--workflow", "hist-cli", "--limit", "2", "--json"]) == 0
+    page = json.loads(capsys.readouterr().out)
+    assert [i["id"] for i in page["data"]] == ["cli-2", "cli-1"] and page["next_cursor"]
+    assert main(["history", *gateway, "--workflow", "hist-cli", "--status", "succeeded"]) == 0
+    table = capsys.readouterr().out
+    assert all(f"cli-{i}" in table for i in range(3)) and "succeeded" in table
+    assert main(["history", *gateway, "--limit", "500"]) == 1
+    assert "limit" in capsys.readouterr().err
 
 
 def test_a_page_keeps_only_limit_plus_one_states() -> None:
