@@ -14,6 +14,7 @@ from PIL import Image
 
 from common.settings import Settings
 from lego.stack import Stack, free_port
+from tests.conftest import nats_server
 
 
 @contextlib.contextmanager
@@ -35,6 +36,15 @@ def running_stack(
     finally:
         stack.stop(timeout_s=30)
         shutil.rmtree(shm_root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def txt2img_stack(tmp: Path, cache_dir: Path) -> Iterator[Stack]:
+    """A stack on a nats-server of its own serving txt2img alone, at its starting replicas."""
+    with nats_server(tmp / "nats") as url, running_stack(
+        tmp, url, cache_dir, workflows=["txt2img"], autoscale=False,
+    ) as stack:
+        yield stack
 
 
 def png_pixels(png: bytes) -> np.ndarray:

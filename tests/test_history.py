@@ -18,9 +18,8 @@ from common.messages import RequestState
 from gateway.client import LegoClient
 from gateway.ingress import REPLY_HEADER
 from lego.stack import Stack
-from tests.conftest import nats_server
 from tests.gatewayutil import served_gateway
-from tests.stackutil import running_stack
+from tests.stackutil import txt2img_stack
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -29,10 +28,7 @@ QUICK = {"prompt": "a lighthouse", "steps": 1, "width": 16, "height": 16}
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("history")
-    with nats_server(tmp / "nats") as url, running_stack(
-        tmp, url, cache_dir, workflows=["txt2img"], autoscale=False,
-    ) as st:
+    with txt2img_stack(tmp_path_factory.mktemp("history"), cache_dir) as st:
         yield st
 
 

@@ -20,8 +20,7 @@ from PIL import Image
 from common.messages import RequestState
 from gateway.client import LegoClient, NatsClient
 from lego.stack import Stack
-from tests.conftest import nats_server
-from tests.stackutil import png_pixels, running_stack
+from tests.stackutil import png_pixels, txt2img_stack
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -31,10 +30,7 @@ MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff", "webp": b"RIFF"}
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("formats")
-    with nats_server(tmp / "nats") as url, running_stack(
-        tmp, url, cache_dir, workflows=["txt2img"], autoscale=False,
-    ) as st:
+    with txt2img_stack(tmp_path_factory.mktemp("formats"), cache_dir) as st:
         yield st
 
 

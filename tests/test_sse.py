@@ -23,9 +23,8 @@ from common.workflow import shipped_workflows
 from gateway.client import LegoClient, SseParser
 from lego.cli import main as lego_main
 from lego.stack import Stack
-from tests.conftest import nats_server
 from tests.gatewayutil import ServedGateway, served_gateway
-from tests.stackutil import png_pixels, running_stack
+from tests.stackutil import png_pixels, txt2img_stack
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -121,10 +120,7 @@ async def test_events_client_disconnect_unsubscribes(
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("sse")
-    with nats_server(tmp / "nats") as url, running_stack(
-        tmp, url, cache_dir, workflows=["txt2img"], autoscale=False,
-    ) as st:
+    with txt2img_stack(tmp_path_factory.mktemp("sse"), cache_dir) as st:
         yield st
 
 
