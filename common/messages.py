@@ -157,6 +157,15 @@ class JoinState(msgspec.Struct):
     timings: list[NodeTiming]
 
 
+class QueueMark(msgspec.Struct, frozen=True):
+    """Where a request entered a pool's queue: ``ahead`` tasks waited before it when the
+    pool's consumer had handed out ``delivered`` tasks (its queue position follows from
+    how many it has handed out since)."""
+
+    ahead: int
+    delivered: int
+
+
 class RequestState(msgspec.Struct, omit_defaults=True):
     """Everything known about one request; lives in KV ``lego-requests``."""
 
@@ -174,6 +183,10 @@ class RequestState(msgspec.Struct, omit_defaults=True):
     started_at: float | None = None
     finished_at: float | None = None
     deadline_at: float | None = None
+    #: when it should finish (epoch seconds), as estimated when it was accepted
+    eta_at: float | None = None
+    #: per pool it waits on first, where it entered that pool's queue
+    queue: dict[str, QueueMark] = {}
 
     @property
     def done(self) -> bool:

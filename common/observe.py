@@ -31,6 +31,7 @@ class PoolView:
     lag: int = 0  # num_pending + num_ack_pending, as KEDA's NATS JetStream scaler counts it
     pending: int = 0
     ack_pending: int = 0
+    delivered: int = 0  # tasks the pool's consumer ever handed out (redeliveries included)
     arrival_rate: float | None = None  # tasks/s since the previous sample, shed ones included
     shed_rate: float | None = None  # tasks/s admission control turned away
     completion_rate: float | None = None
@@ -153,6 +154,7 @@ class ClusterObserver:
             view.pending = info.num_pending or 0
             view.ack_pending = info.num_ack_pending or 0
             view.lag = view.pending + view.ack_pending
+            view.delivered = (info.delivered.consumer_seq or 0) if info.delivered else 0
         by_pool: dict[str, list[ReplicaStatus]] = {}
         for status in self.live_statuses():
             by_pool.setdefault(status.pool, []).append(status)

@@ -25,7 +25,6 @@ from common.errors import TerminalError
 from common.settings import Settings
 from emulation.profiles import EMULATED_DEVICE_BYTES
 
-
 #: how long a load waits for memory that an eviction in progress still holds (wall seconds)
 MEMORY_WAIT_S = 30.0
 

@@ -73,7 +73,8 @@ BURST_KINDS = {"": "all", "_hot": "hot", "_cold": "cold"}
 ADMISSION_LABELS = {"lego": "micro", "paper": "micro-paper"}
 #: what each run of a repeated cell keeps under ``runs``
 RUN_KEYS = ("seed", "slo_attainment", "bound_attainment", "p50_s", "p99_s", "goodput_rps",
-            "rejected", "dropped_late", "failed_other", "lost", "wall_s", "by_workflow")
+            "rejected", "dropped_late", "failed_other", "lost", "eta_error_p50",
+            "eta_error_p90", "wall_s", "by_workflow")
 PROMPT = "a lighthouse on a cliff at dawn"
 
 
@@ -143,10 +144,27 @@ def summarize(outcomes: list[Outcome], deadline_s: dict[str, float], time_scale:
         "failed_other": sum(o.status == "failed" and o.error != "deadline_exceeded"
                             for o in outcomes),
         "lost": sum(o.status == "lost" for o in outcomes),
+        **eta_errors(outcomes),
         "by_workflow": {
             w: round(sum(o in met for o in group) / len(group), 4)
             for w, group in sorted(by_workflow.items())
         },
+    }
+
+
+def eta_errors(outcomes: list[Outcome]) -> dict[str, Any]:
+    """How far the ETA a request got on acceptance (``eta_s``) was from when it finished, over
+    the requests that succeeded: |actual - predicted| / actual, median and p90, and the median
+    of (actual - predicted) / actual (above 0: they finished later than predicted)."""
+    pairs = [(o.served_s, o.eta_s) for o in outcomes
+             if o.status == "succeeded" and o.served_s and o.eta_s is not None]
+    signed = [(actual - eta) / actual for actual, eta in pairs]
+    errors = [abs(x) for x in signed]
+    return {
+        "eta_measured": len(pairs),
+        "eta_error_p50": round(statistics.median(errors), 4) if errors else None,
+        "eta_error_p90": round(percentile(errors, 90), 4) if errors else None,
+        "eta_late_p50": round(statistics.median(signed), 4) if signed else None,
     }
 
 
@@ -248,7 +266,23 @@ def print_slo(result: dict[str, Any]) -> None:
           f"{_f(r['p99_s'])} s   goodput {r['goodput_rps']:.3f}/s")
     print(f"  rejected {r['rejected']}   dropped late {r['dropped_late']}   other failures "
           f"{r['failed_other']}   lost {r['lost']}")
+    if r.get("eta_measured"):
+        print(f"  ETA error |actual - eta_s| / actual over {r['eta_measured']} finished: median "
+              f"{_f(r['eta_error_p50'], 3)}, p90 {_f(r['eta_error_p90'], 3)}; median "
+              f"(actual - eta_s) / actual {_f(r['eta_late_p50'], 3)}")
     print("  by workflow: " + ", ".join(f"{w} {a:.2f}" for w, a in r["by_workflow"].items()))
+
+
+def print_eta(result: dict[str, Any]) -> None:
+    """`lego bench eta`: the ETA's error on one replay, beside what the run was."""
+    r = result
+    print(f"{r['system']} on {r['workload']}, {r['requests']} requests over {r['trace_s']:.0f} "
+          f"s (offered {r['offered_rps']:.2f}/s, time scale {r['time_scale']:g}): SLO "
+          f"attainment {_f(r['slo_attainment'], 3)}, p50 {_f(r['p50_s'])} s")
+    print(f"ETA error |actual - eta_s| / actual over the {r['eta_measured']} that finished:")
+    print(f"  median {_f(r['eta_error_p50'], 3)}   p90 {_f(r['eta_error_p90'], 3)}   "
+          f"median (actual - eta_s) / actual {_f(r['eta_late_p50'], 3)} (> 0: later than "
+          "predicted)")
 
 
 # --- the sweep -----------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from common import subjects
 from common.errors import InvalidField, InvalidRequest, Overloaded
-from common.messages import Plan, ShedReport, encode, now
+from common.messages import Plan, QueueMark, ShedReport, encode, now
 from common.observe import ClusterObserver
 from common.workflow import WorkflowSpec
 
@@ -57,6 +57,7 @@ class PoolLoad:
     in_progress: int = 0  # tasks a replica of this pool holds (fetched, running)
     admitted_requests: int = 0  # requests admitted here since ``lag`` was sampled
     devices: frozenset[str] = frozenset()  # devices its ready replicas run on
+    delivered: int = 0  # tasks its consumer ever handed out, when ``lag`` was sampled
 
     def ahead(self, upstream: bool) -> int:
         """Tasks of this pool a new one surely waits for: the queued ones, and when the pool is
@@ -266,9 +267,7 @@ def check(
                 queued=_queued(plan, loads),
             )
         return estimate.wait_s + own
-    bound = finish_bound_s(plan, loads, steps)
-    if shared_devices:
-        bound = max(bound, shared_wait_s(plan, loads) + _own_work_s(plan, loads, steps))
+    bound = _lego_bound_s(plan, loads, steps, shared_devices)
     if bound > deadline:
         raise Overloaded(
             f"{workflow}: the work queued ahead needs at least {bound:.2f}s, past the deadline "
@@ -277,6 +276,43 @@ def check(
             bound_s=round(bound, 3), deadline_s=round(deadline, 3), queued=_queued(plan, loads),
         )
     return bound
+
+
+def _lego_bound_s(plan: Plan, loads: Mapping[str, PoolLoad], steps: Mapping[str, int] | None,
+                  shared_devices: bool) -> float:
+    bound = finish_bound_s(plan, loads, steps)
+    if shared_devices:
+        bound = max(bound, shared_wait_s(plan, loads) + _own_work_s(plan, loads, steps))
+    return bound
+
+
+def estimate_s(
+    plan: Plan, loads: Mapping[str, PoolLoad], steps: Mapping[str, int] | None = None,
+    rule: AdmissionRule = "lego", shared_devices: bool = False,
+) -> float:
+    """When a new request of ``plan`` should finish, in seconds from now: the estimate
+    ``check`` holds against the deadline (a request's ``eta_s`` when it is accepted)."""
+    if rule == "paper":
+        return paper_estimate(plan, loads).wait_s + _own_work_s(plan, loads, steps)
+    return _lego_bound_s(plan, loads, steps, shared_devices)
+
+
+def queue_position(mark: QueueMark, load: PoolLoad | None) -> int:
+    """Tasks still ahead of one that entered a pool's queue at ``mark``: those ahead then,
+    less those the pool's consumer handed out since (first in, first out)."""
+    handed_out = 0 if load is None else max(0, load.delivered - mark.delivered)
+    return max(0, mark.ahead - handed_out)
+
+
+def queue_marks(plan: Plan, loads: Mapping[str, PoolLoad]) -> dict[str, QueueMark]:
+    """Where a new request of ``plan`` enters the queues of the pools it waits on first (its
+    roots'): behind their queued tasks and the requests admitted since they were counted."""
+    marks = {}
+    for root in plan.roots():
+        pool = plan.nodes[root].pool
+        load = loads.get(pool, PoolLoad(0, 0))
+        marks[pool] = QueueMark(load.lag + load.admitted_requests, load.delivered)
+    return marks
 
 
 def _queued(plan: Plan, loads: Mapping[str, PoolLoad]) -> dict[str, int]:
@@ -335,7 +371,7 @@ class LoadWatch:
                 work_s=None if v.work_ms is None else v.work_ms / 1000,
                 step_s=None if v.unit_ms_min is None else v.unit_ms_min / 1000,
                 steps_per_task=v.steps_per_task or 1.0,
-                devices=frozenset(ready_on.get(pool, ())),
+                devices=frozenset(ready_on.get(pool, ())), delivered=v.delivered,
             )
             for pool, v in views.items()
         }

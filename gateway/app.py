@@ -49,7 +49,7 @@ from common.settings import Settings
 from common.store import open_store
 from common.tracking import RequestTracker
 from common.workflow import WorkflowSpec, parse_workflow, shipped_workflows
-from gateway import auth, events, openai_api, ui
+from gateway import admission, auth, events, openai_api, ui
 from gateway.admission import LoadWatch
 from gateway.ingress import ACCEPTED_HEADER, Ingress, request_digest
 
@@ -206,10 +206,11 @@ class Gateway:
         idempotent re-submission gets the existing request's)."""
         request_id, spec, valid = self.ingress.parse(raw)
         digest = request_digest(spec.name, {k: v for k, v in raw.items() if k != "id"})
-        deadline = await self.ingress.admit_new(request_id, raw, spec, valid)
-        state, created = await self.ingress.accept(request_id, spec, valid, digest, deadline)
+        admitted = await self.ingress.admit_new(request_id, raw, spec, valid)
+        state, created = await self.ingress.accept(request_id, spec, valid, digest, admitted)
         if created:
-            pinned = self.ingress.pinned({**raw, "id": request_id}, spec, valid, deadline)
+            pinned = self.ingress.pinned({**raw, "id": request_id}, spec, valid,
+                                         admitted.deadline_s)
             await self.js.publish(
                 subjects.REQUESTS_SUBJECT,
                 orjson.dumps(pinned),
@@ -259,17 +260,53 @@ class Gateway:
                 del self.waiters[request_id]
 
     def view(self, state: RequestState) -> dict[str, Any]:
-        """The public JSON of a request: its state, progress and links."""
+        """The public JSON of a request: its state, progress, standing in the queues (while
+        it has not ended) and links."""
         body = orjson.loads(encode(state))
         body.get("meta", {}).pop("digest", None)
+        body.pop("queue", None)
         progress = self.progress.get(state.id)
-        if progress and not state.done:
-            body["progress"] = {"node": progress.node, "step": progress.step,
-                                "total": progress.total}
+        if not state.done:
+            if progress:
+                body["progress"] = {"node": progress.node, "step": progress.step,
+                                    "total": progress.total}
+            body.update(self.standing(state, progress))
         body["links"] = {"self": f"/v1/generations/{state.id}"}
         if state.status == "succeeded":
             body["links"]["image"] = f"/v1/generations/{state.id}/image"
         return body
+
+
+    def standing(self, state: RequestState, progress: Progress | None) -> dict[str, Any]:
+        """Where a request that has not ended stands: ``queue_position``, per pool it waits
+        on, the tasks still ahead of it there (a queued request waits on its first nodes'
+        pools; a running one, as far as this gateway saw its progress, runs in its node's
+        pool), and ``eta_s``, the seconds until it should finish: the estimate admission
+        made when it was accepted, and at least the work it still has to do."""
+        loads = self.loads.loads
+        position: dict[str, int] = {}
+        remaining_s = 0.0
+        if state.status == "queued":
+            position = {pool: admission.queue_position(mark, loads.get(pool))
+                        for pool, mark in state.queue.items()}
+        elif progress is not None:
+            try:
+                spec = self.registry.get(state.workflow)
+            except LegoError:  # the workflow was replaced by one without that node
+                spec = None
+            plan = None if spec is None else self.ingress.estimated(
+                self.ingress.plan(spec), spec, state.params)
+            node = None if plan is None else plan.nodes.get(progress.node)
+            if node is not None:
+                position = {node.pool: 0}
+                step_s = loads[node.pool].step_s if node.pool in loads else None
+                remaining_s = ((progress.total - progress.step) * (step_s or 0.0)
+                               + plan.tail_s(progress.node))
+        standing: dict[str, Any] = {"queue_position": position}
+        if state.eta_at is not None or remaining_s:
+            due_s = 0.0 if state.eta_at is None else state.eta_at - time.time()
+            standing["eta_s"] = round(max(due_s, remaining_s, 0.0), 3)
+        return standing
 
 
 def create_app(

@@ -2,6 +2,8 @@
 
     event: state      data: the request's JSON, as GET /v1/generations/{id} answers it
     event: progress   data: {"id", "node", "step", "total"}, once per step a node reports
+    event: state      data: the state again after STANDING_S without news: its queue_position
+                      and eta_s as they are now
     ...
     event: state      data: the final JSON once the request has ended; then the stream closes
 
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PING_S = 15.0
+#: a request's state is sent again after this long without an event (its standing moves on)
+STANDING_S = 1.0
 #: how long one wait for the end lasts before it is renewed (the stream itself has no limit)
 _WAIT_SLICE_S = 60.0
 
@@ -71,7 +75,17 @@ async def follow(gateway: Gateway, request_id: str) -> AsyncIterator[ServerSentE
         if state.done:
             return
         while True:
-            item = await queue.get()
+            try:
+                item = await asyncio.wait_for(queue.get(), STANDING_S)
+            except TimeoutError:  # nothing new for a while: where it stands now
+                try:
+                    state = await gateway.state(request_id)
+                except LegoError:  # its state expired while followed
+                    return
+                yield _state_event(gateway, state)
+                if state.done:
+                    return
+                continue
             if isinstance(item, Progress):
                 yield ServerSentEvent(encode(item).decode(), event="progress")
                 continue

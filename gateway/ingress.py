@@ -17,6 +17,7 @@ import hashlib
 import heapq
 import logging
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -37,6 +38,7 @@ from common.errors import (
 from common.messages import (
     ErrorInfo,
     Plan,
+    QueueMark,
     RequestState,
     Task,
     decode,
@@ -80,6 +82,16 @@ def request_digest(workflow: str, params: dict[str, Any]) -> str:
     """Identifies a submission's content, so a retried POST with the same id is idempotent."""
     body = orjson.dumps({"workflow": workflow, **params}, option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(body).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What admission decided for a new request: its deadline and when it should finish
+    (seconds from now; None when unknown), and where it enters its first pools' queues."""
+
+    deadline_s: float | None
+    eta_s: float | None = None
+    queue: dict[str, QueueMark] = field(default_factory=dict)
 
 
 class Ingress:
@@ -171,8 +183,8 @@ class Ingress:
                 node.est_s = round(steps.get(name, 1) * load.step_s, 6)
         return plan
 
-    def admit(self, raw: dict[str, Any], spec: WorkflowSpec, valid: ValidRequest) -> float | None:
-        """The request's deadline (seconds from now), after admission control: raises
+    def admit(self, raw: dict[str, Any], spec: WorkflowSpec, valid: ValidRequest) -> Admission:
+        """The request's deadline and when it should finish, after admission control: raises
         ``Overloaded`` when the work queued ahead cannot let it finish in time."""
         plan = self.plan(spec)
         steps = admission.steps_of(spec, valid.params, plan)
@@ -181,28 +193,31 @@ class Ingress:
         measured = admission.solo_latency_s(plan, loads, steps)
         deadline = admission.deadline_s(raw, spec.solo_latency_s, measured, self.deadline_policy)
         if watch is None:
-            return deadline
+            return Admission(deadline)
+        rule, shared = self.settings.admission_rule, self.settings.device_hosts
         if deadline is not None and self.settings.admission:
             try:
-                admission.check(spec.name, plan, loads, deadline, steps,
-                                self.settings.admission_rule, self.settings.device_hosts)
+                eta = admission.check(spec.name, plan, loads, deadline, steps, rule, shared)
             except Overloaded:
                 watch.rejected(plan)
                 _count(spec.name, "overloaded")
                 raise
+        else:
+            eta = admission.estimate_s(plan, loads, steps, rule, shared)
+        queue = admission.queue_marks(plan, loads)
         watch.admitted(plan, steps)
-        return deadline
+        return Admission(deadline, eta, queue)
 
     async def admit_new(self, request_id: str, raw: dict[str, Any], spec: WorkflowSpec,
-                        valid: ValidRequest) -> float | None:
+                        valid: ValidRequest) -> Admission:
         """``admit`` for a submission, except a retry of one accepted before under the same
         client id: that one keeps its recorded deadline and is never turned away."""
         if _client_id(raw) is not None and await self.tracker.get(request_id) is not None:
-            return None
+            return Admission(None)
         return self.admit(raw, spec, valid)
 
     async def accept(self, request_id: str, spec: WorkflowSpec, valid: ValidRequest,
-                     digest: str, deadline_s: float | None = None) -> tuple[RequestState, bool]:
+                     digest: str, admitted: Admission) -> tuple[RequestState, bool]:
         """Record a new request as queued. Returns (state, created); re-submitting the same
         content under the same id returns the existing state, other content is a conflict."""
         at = now()
@@ -215,14 +230,16 @@ class Ingress:
             params=valid.params,
             warnings=valid.warnings,
             meta={"digest": digest},
-            deadline_at=None if deadline_s is None else at + deadline_s,
+            deadline_at=None if admitted.deadline_s is None else at + admitted.deadline_s,
+            eta_at=None if admitted.eta_s is None else round(at + admitted.eta_s, 3),
+            queue=admitted.queue,
         )
         if await self.tracker.create(state):
             _count(spec.name, "accepted")
             return state, True
         existing = await self.tracker.get(request_id)
         if existing is None:  # expired between the two calls
-            return await self.accept(request_id, spec, valid, digest, deadline_s)
+            return await self.accept(request_id, spec, valid, digest, admitted)
         if existing.meta.get("digest") != digest:
             _count(spec.name, "conflict")
             raise Conflict(
@@ -312,8 +329,8 @@ class Ingress:
                 await msg.ack()
                 return
             digest = request_digest(spec.name, {k: v for k, v in raw.items() if k != "id"})
-            deadline = await self.admit_new(request_id, raw, spec, valid)
-            state, created = await self.accept(request_id, spec, valid, digest, deadline)
+            admitted = await self.admit_new(request_id, raw, spec, valid)
+            state, created = await self.accept(request_id, spec, valid, digest, admitted)
             if not created:
                 # Planned before (a redelivery): keep the values chosen then, e.g. the seed.
                 valid.params.update(

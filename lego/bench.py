@@ -324,7 +324,7 @@ def main(args: argparse.Namespace) -> int:
                 row = rows[i]
                 print(f"{row['store']:<6} {row['size_bytes'] // 1024:>6} KiB" + "".join(
                     f"{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}" for r in rows[i:i + len(HOP_MODES)]))
-    elif args.which in ("slo", "sweep", "bound"):
+    elif args.which in ("slo", "sweep", "bound", "eta"):
         return _emulated(settings, args)
     elif args.which == "burst":
         from lego.burst import BurstConfig, bench_burst, print_table
@@ -348,6 +348,10 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+#: `lego bench eta`'s default load: queues build up, yet micro sustains it (docs/emulation.md)
+ETA_RATE_SCALE = 3.0
+
+
 def _emulated(settings: Settings, args: argparse.Namespace) -> int:
     from emulation import experiment
     from emulation.bound import bound, print_bound
@@ -355,7 +359,10 @@ def _emulated(settings: Settings, args: argparse.Namespace) -> int:
 
     if args.repeat is not None and args.repeat < 1:
         raise SystemExit(f"lego bench {args.which}: --repeat must be >= 1")
-    if args.which in ("slo", "bound"):
+    if args.which == "eta":  # a loaded trace replay, shortened as the sweep's cells are
+        args.rate_scale = args.rate_scale if args.rate_scale is not None else ETA_RATE_SCALE
+        args.time_scale = args.time_scale or 4.0
+    if args.which in ("slo", "bound", "eta"):
         workload = load_workload(args.workload or "flux3", settings.profile_dir)
         try:
             burst = experiment.burst_workflow(workload, args.burst_workflow)
@@ -377,7 +384,7 @@ def _emulated(settings: Settings, args: argparse.Namespace) -> int:
             run = functools.partial(_slo_run, args.system, workload.name, arrivals,
                                     args.devices, args.time_scale or 1.0)
             result = experiment.repeat_slo(settings, run, args.repeat or 1)
-            show = experiment.print_slo
+            show = experiment.print_eta if args.which == "eta" else experiment.print_slo
         if args.json:
             print(json.dumps(result, indent=2))
         else:

@@ -56,6 +56,7 @@ class Outcome:
     latency_s: float | None = None  # as the client saw it (HTTP included)
     served_s: float | None = None  # from the gateway's acceptance to the end, as recorded
     timings: list[dict] = field(default_factory=list)  # per node: queue, run and I/O ms
+    eta_s: float | None = None  # when the gateway said, on accepting it, it should finish
 
 
 @dataclass
@@ -87,7 +88,8 @@ async def submit(http: httpx.AsyncClient, outcome: Outcome, body: dict) -> None:
             outcome.status, outcome.error = "rejected", r.json()["error"]["code"]
             return
         r.raise_for_status()
-        request_id = r.json()["id"]
+        accepted = r.json()
+        request_id, outcome.eta_s = accepted["id"], accepted.get("eta_s")
         while True:
             state = (await http.get(f"/v1/generations/{request_id}?wait=30")).json()
             if state["status"] in ("succeeded", "failed", "cancelled"):

@@ -13,6 +13,7 @@
     lego schema                  JSON Schemas of the request and the result
     lego bench hop|e2e|burst     benchmarks
     lego bench slo|sweep|bound   the emulated GPU cluster's experiment, and its physical limit
+    lego bench eta               the error of the ETA a request gets, on an emulated replay
 """
 
 from __future__ import annotations
@@ -496,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(func=cmd_schema)
 
     bench = sub.add_parser("bench", help="benchmarks")
-    bench.add_argument("which", choices=["hop", "e2e", "burst", "slo", "sweep", "bound"])
+    bench.add_argument("which", choices=["hop", "e2e", "burst", "slo", "sweep", "bound",
+                                         "eta"])
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--iterations", type=int, default=None)
     burst = bench.add_argument_group("burst")
@@ -506,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     burst.add_argument("--burst-s", type=float, help="seconds of burst (default 5)")
     burst.add_argument("--after-s", type=float, help="seconds after the burst (default 25)")
     burst.add_argument("--slots", type=int, help="replica slots for either system (default 4)")
-    slo = bench.add_argument_group("slo, sweep and bound (the emulated GPU cluster)")
+    slo = bench.add_argument_group("slo, sweep, bound and eta (the emulated GPU cluster; eta: "
+                                   "default --rate-scale 3 --time-scale 4)")
     slo.add_argument("--system", choices=["micro", "static", "swap", "shepherd",
                                           "mono-autoscale"], default="micro")
     slo.add_argument("--workload", choices=["flux3", "mix12"],

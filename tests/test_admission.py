@@ -1,6 +1,7 @@
 """Admission control's pure parts: the finish bound over a workflow DAG, steps per node, the
 default deadline and its validation, the rejection with its reason and Retry-After, and the
-paper's rule (the DiFlow artifact's early abort) on hand-made pool loads."""
+paper's rule (the DiFlow artifact's early abort), and a request's ETA and queue position on
+hand-made pool loads."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ from gateway.admission import (
     PoolLoad,
     check,
     deadline_s,
+    estimate_s,
     finish_bound_s,
     paper_estimate,
+    queue_marks,
+    queue_position,
     shared_wait_s,
     solo_latency_s,
     steps_of,
@@ -224,3 +228,27 @@ def test_pools_sharing_devices_wait_for_their_work_together() -> None:
     # step first, and its longer requests have more slack
     other = PoolLoad(lag=100, ready=4, work_s=1.0, devices=frozenset({"gpu:0"}))
     assert shared_wait_s(PLAN, {**shared, "denoiser-other-pool": other}) == pytest.approx(0.6)
+
+
+def test_eta_is_the_estimate_admission_holds_against_the_deadline() -> None:
+    busy = loads(denoise=10)
+    for rule in ("lego", "paper"):
+        for shared in (False, True):
+            assert estimate_s(PLAN, busy, STEPS, rule, shared) == pytest.approx(
+                check("txt2img", PLAN, busy, 100.0, STEPS, rule, shared))
+
+
+def test_queue_position_follows_the_pool_handing_out_tasks() -> None:
+    """A request enters its first pool's queue behind the tasks queued there and the requests
+    admitted since they were counted; each task handed out since moves it up one."""
+    busy = loads(encode=3)
+    encoder = POOL["encode"]
+    busy[encoder] = replace(busy[encoder], admitted_requests=2, delivered=40)
+    marks = queue_marks(PLAN, busy)
+    assert list(marks) == [encoder]  # it waits on its root node's pool first
+    mark = marks[encoder]
+    assert (mark.ahead, mark.delivered) == (5, 40)
+    assert queue_position(mark, busy[encoder]) == 5
+    assert queue_position(mark, replace(busy[encoder], delivered=43)) == 2
+    assert queue_position(mark, replace(busy[encoder], delivered=90)) == 0
+    assert queue_position(mark, None) == 5  # the pool not seen (yet): as it was

@@ -168,6 +168,32 @@ def test_lego_history_prints_the_page(client: LegoClient, stack: Stack, capsys) 
     assert "limit" in capsys.readouterr().err
 
 
+def test_requests_in_flight_say_where_they_stand(client: LegoClient) -> None:
+    """Queued and running requests carry ``queue_position`` (per pool they wait on) and
+    ``eta_s``; requests submitted together queue behind each other; ended ones carry
+    neither."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    add_workflow(client, "standing")
+    spec = next(w for w in client.workflows() if w["name"] == "standing")
+    with ThreadPoolExecutor(6) as pool:
+        accepted = list(pool.map(lambda seed: client.submit("standing", seed=seed, **QUICK),
+                                 range(6)))
+    first_pools = {p for p in spec["pools"] if p.startswith("text_encoder")}
+    positions = []
+    for state in accepted:
+        if state["status"] in ("queued", "running"):
+            assert state["eta_s"] >= 0
+        if state["status"] == "queued":
+            assert set(state["queue_position"]) == first_pools
+            positions += state["queue_position"].values()
+    assert max(positions) >= 1  # submitted together: some waited behind others
+    for state in accepted:
+        final = client.wait(state["id"], timeout_s=120)
+        assert final["status"] == "succeeded"
+        assert "queue_position" not in final and "eta_s" not in final
+
+
 def test_a_page_keeps_only_limit_plus_one_states() -> None:
     states = [RequestState(id=f"r{i:05d}", workflow="w" if i % 3 else "v", status="succeeded",
                            created_at=1000.0 + (i * 7919) % 10_000, updated_at=0.0)

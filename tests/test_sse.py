@@ -21,6 +21,7 @@ from common.messages import Progress, encode
 from common.settings import Settings
 from common.workflow import shipped_workflows
 from gateway.client import LegoClient, SseParser
+from gateway.events import STANDING_S
 from lego.cli import main as lego_main
 from lego.stack import Stack
 from tests.gatewayutil import ServedGateway, served_gateway
@@ -113,6 +114,32 @@ async def test_events_client_disconnect_unsubscribes(
             await asyncio.sleep(0.05)
         assert len(subscriptions) == before
         await http.delete(f"{a.url}/v1/generations/{accepted['id']}")
+
+
+async def test_a_quiet_stream_resends_where_the_request_stands(
+    gateways: tuple[ServedGateway, ServedGateway], settings: Settings
+) -> None:
+    """No node serves it: the request stays queued, and every STANDING_S the stream says where
+    it stands (its position in its first pool's queue and its ETA), as GET does."""
+    a, b = gateways
+    plan = shipped_workflows(settings)["txt2img"].compile()
+    first_pool = plan.nodes[plan.roots()[0]].pool
+    async with httpx.AsyncClient(timeout=30) as http:
+        accepted = (await http.post(f"{a.url}/v1/generations", json={"prompt": "x"})).json()
+        assert set(accepted["queue_position"]) == {first_pool}
+        assert accepted["eta_s"] >= 0
+        started = time.monotonic()
+        async with http.stream("GET", f"{b.url}/v1/generations/{accepted['id']}/events") as rsp:
+            events = sse_events(rsp)
+            assert (await anext(events))[0] == "state"
+            event, again = await anext(events)
+            assert event == "state" and again["status"] == "queued"
+            assert time.monotonic() - started >= STANDING_S * 0.9
+            assert again["queue_position"] == accepted["queue_position"]  # nothing handed out
+            assert again["eta_s"] <= accepted["eta_s"]
+        await http.delete(f"{a.url}/v1/generations/{accepted['id']}")
+        final = (await http.get(f"{a.url}/v1/generations/{accepted['id']}")).json()
+        assert "queue_position" not in final and "eta_s" not in final  # it has ended
 
 
 # --- through the real stack -----------------------------------------------------------------------

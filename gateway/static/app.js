@@ -228,9 +228,19 @@ function showProgress(progress) {
   $("#progress-text").textContent = `${progress.node}: step ${progress.step} of ${progress.total}`;
 }
 
+// "queued, 3 ahead in denoiser:..., about 2.4 s left": where a request stands while it waits
+function standing(state) {
+  const parts = [state.status];
+  for (const [pool, ahead] of Object.entries(state.queue_position || {})) {
+    if (state.status === "queued" || ahead > 0) parts.push(`${ahead} ahead in ${pool}`);
+  }
+  if (typeof state.eta_s === "number") parts.push(`about ${state.eta_s.toFixed(1)} s left`);
+  return parts.join(", ");
+}
+
 function showState(state) {
   if (state.progress) showProgress(state.progress);
-  if (!DONE.has(state.status)) setStatus(state.status, `${state.id}: ${state.status}`);
+  if (!DONE.has(state.status)) setStatus(state.status, `${state.id}: ${standing(state)}`);
 }
 
 function describe(state) {
