@@ -146,6 +146,7 @@ async def ensure_topology(js: JetStreamContext, settings: Settings) -> dict[str,
     for name, subject in (
         (subjects.REQUESTS_STREAM, subjects.REQUESTS_SUBJECT),
         (subjects.TASKS_STREAM, subjects.TASKS_WILDCARD),
+        (subjects.WEBHOOKS_STREAM, subjects.WEBHOOKS_WILDCARD),
     ):
         await _ensure_stream(
             js,

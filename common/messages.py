@@ -4,8 +4,9 @@ A client in any language needs two shapes (their JSON Schemas: ``lego schema``):
 
 - a generation request, published to ``lego.requests`` or POSTed to ``/v1/generations``: a flat
   JSON object ``{"workflow": "txt2img", "prompt": "...", "seed": 1, ...}``; besides ``workflow``,
-  an optional client-chosen ``id`` and an optional ``deadline_s`` (seconds from submission;
-  default: the workflow's SLO), every key is a parameter of the workflow;
+  an optional client-chosen ``id``, an optional ``deadline_s`` (seconds from submission;
+  default: the workflow's SLO) and an optional ``webhook_url`` with ``webhook_events``
+  (``common.webhooks``), every key is a parameter of the workflow;
 - ``RequestState``: the reply to a request, the body of ``GET /v1/generations/{id}`` and the
   completion event on ``lego.results.<id>``.
 
@@ -23,7 +24,9 @@ Status = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
 #: keys of a generation request that are not workflow parameters
-ENVELOPE_KEYS: frozenset[str] = frozenset({"id", "workflow", "deadline_s"})
+ENVELOPE_KEYS: frozenset[str] = frozenset(
+    {"id", "workflow", "deadline_s", "webhook_url", "webhook_events"}
+)
 
 
 class TensorRef(msgspec.Struct, frozen=True):
@@ -133,6 +136,8 @@ class Task(msgspec.Struct, omit_defaults=True):
     deadline_at: float | None = None  # epoch seconds; work still queued after it is dropped
     #: times a busy device host handed it back to its pool's queue for an idle one to take
     handoffs: int = 0
+    #: the request's webhook URL, only when it asked for its progress events there
+    progress_webhook: str | None = None
 
     def expired(self, at: float) -> bool:
         return self.deadline_at is not None and at > self.deadline_at
@@ -166,8 +171,21 @@ class QueueMark(msgspec.Struct, frozen=True):
     delivered: int
 
 
+class Webhook(msgspec.Struct, omit_defaults=True):
+    """Where a request's events are POSTed (``common.webhooks``), and how that went: per event
+    (started, progress, completed), the deliveries the receiver answered with a 2xx and those
+    given up after the last attempt; the error of the latest failed attempt."""
+
+    url: str
+    events: list[str]
+    delivered: dict[str, int] = {}
+    failed: dict[str, int] = {}
+    last_error: str | None = None
+
+
 class RequestState(msgspec.Struct, omit_defaults=True):
-    """Everything known about one request; lives in KV ``lego-requests``."""
+    """Everything known about one request; lives in KV ``lego-requests``. The write that ends
+    it has ``updated_at == finished_at``; later writes only note webhook deliveries."""
 
     id: str
     workflow: str
@@ -187,6 +205,7 @@ class RequestState(msgspec.Struct, omit_defaults=True):
     eta_at: float | None = None
     #: per pool it waits on first, where it entered that pool's queue
     queue: dict[str, QueueMark] = {}
+    webhook: Webhook | None = None
 
     @property
     def done(self) -> bool:
@@ -272,6 +291,19 @@ class Progress(msgspec.Struct):
     node: str
     step: int
     total: int
+
+
+class WebhookEvent(msgspec.Struct, omit_defaults=True):
+    """One event of a request for its webhook, in stream LEGO_WEBHOOKS until delivered (or
+    given up): ``id`` is its ``webhook-id``, the same on every attempt."""
+
+    id: str
+    request_id: str
+    event: str  # started, progress, completed
+    url: str
+    at: float  # when it happened
+    state: RequestState | None = None  # started, completed: the state then
+    progress: Progress | None = None
 
 
 def now() -> float:

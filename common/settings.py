@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -223,6 +223,46 @@ class Settings(BaseSettings):
     )
     rate_limit_burst: int = Field(20, ge=1, description="requests an idle API key may burst")
 
+    # --- webhooks (common/webhooks.py; the gateways deliver them) -----------------------------
+    webhook_allow: list[str] = Field(
+        default_factory=list,
+        description="hosts a request's webhook_url may name: a host or host:port, where * "
+        "stands for any characters (hooks.example.com, *.example.com, 127.0.0.1:8080, "
+        "localhost:*, [::1]:*); empty: webhooks are off; ['*']: any host",
+    )
+    webhook_secret: SecretStr | None = Field(
+        None, description="the key every webhook is signed with (HMAC-SHA256, Standard "
+        "Webhooks): whsec_<base64 key> or any other string (its UTF-8 bytes are the key); "
+        "required with webhook_allow",
+    )
+    webhook_timeout_s: float = Field(
+        5.0, gt=0, le=60, description="how long one delivery waits for the receiver's answer"
+    )
+    webhook_max_attempts: int = Field(
+        8, ge=1, le=100, description="deliveries of one event before it is given up (and "
+        "noted in the request's state)",
+    )
+    webhook_backoff_s: float = Field(
+        1.0, ge=0, description="wait before the second attempt; doubled for each next one"
+    )
+    webhook_backoff_max_s: float = Field(300.0, ge=0, description="longest wait between attempts")
+    webhook_resolve_timeout_s: float = Field(
+        2.0, gt=0, description="how long a submission waits for its webhook host's address "
+        "(a name that does not exist is rejected; one still unknown then is accepted)",
+    )
+    webhook_concurrency: int = Field(
+        16, ge=1, description="deliveries in flight at once, per gateway replica"
+    )
+
+    @model_validator(mode="after")
+    def _webhooks_are_signed(self) -> Settings:
+        if self.webhook_allow and not (
+            self.webhook_secret and self.webhook_secret.get_secret_value()
+        ):
+            raise ValueError("webhook_allow is set but webhook_secret is not: every webhook "
+                             "is signed, set LEGO_WEBHOOK_SECRET")
+        return self
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _name_api_keys(cls, value: object) -> object:
@@ -275,6 +315,9 @@ class Settings(BaseSettings):
         """Environment that hands these settings to a child process."""
         env = dict(os.environ)
         for name, value in self.model_dump(mode="json").items():
+            secret = getattr(self, name)
+            if isinstance(secret, SecretStr):  # dumped as "**********"
+                value = secret.get_secret_value()
             if value is None:
                 env.pop(f"LEGO_{name.upper()}", None)
                 continue

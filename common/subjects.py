@@ -6,6 +6,9 @@
                                   pool: the tasks of one model node type
     lego.results.<request id>     stream LEGO_RESULTS (kept result_ttl): one completion event
     lego.progress.<request id>    core NATS: per-step progress, best effort
+    lego.webhooks.<id>.<event>    stream LEGO_WEBHOOKS (work queue), durable consumer "webhooks"
+                                  shared by every gateway replica: a request's events to POST
+                                  to its webhook_url, kept until delivered or given up
     lego.replicas.<pool>          core NATS: every replica's status, once a second
     lego.autoscaler.events        core NATS: the autoscaler's scale decisions (ScaleEvent)
     lego.admission.shed           core NATS: tasks each ingress turned away, per pool (ShedReport)
@@ -35,6 +38,10 @@ TASKS_WILDCARD = "lego.tasks.>"
 
 RESULTS_STREAM = "LEGO_RESULTS"
 RESULTS_WILDCARD = "lego.results.>"
+
+WEBHOOKS_STREAM = "LEGO_WEBHOOKS"
+WEBHOOKS_WILDCARD = "lego.webhooks.>"
+WEBHOOKS_CONSUMER = "webhooks"
 
 PROGRESS_WILDCARD = "lego.progress.>"
 REPLICAS_WILDCARD = "lego.replicas.>"
@@ -99,6 +106,10 @@ def result_subject(request_id: str) -> str:
 
 def progress_subject(request_id: str) -> str:
     return f"lego.progress.{check_request_id(request_id)}"
+
+
+def webhook_subject(request_id: str, event: str) -> str:
+    return f"lego.webhooks.{check_request_id(request_id)}.{event}"
 
 
 def replica_subject(pool: str) -> str:

@@ -16,7 +16,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from common import subjects
+from common import subjects, webhooks
 from common.messages import (
     ErrorInfo,
     NodeTiming,
@@ -62,10 +62,12 @@ class RequestTracker:
         return True
 
     async def update(
-        self, request_id: str, change: Callable[[RequestState], RequestState | None]
+        self, request_id: str, change: Callable[[RequestState], RequestState | None],
+        *, touch: bool = True,
     ) -> RequestState | None:
         """Apply ``change`` with compare-and-set, retrying on conflicts. ``change`` returns the
-        new state, or None to leave it as it is (then None is returned)."""
+        new state, or None to leave it as it is (then None is returned). ``touch``: set
+        ``updated_at`` to now (else ``change`` sets it)."""
         while True:
             try:
                 entry = await self.states.get(request_id)
@@ -75,14 +77,17 @@ class RequestTracker:
             new = change(state)
             if new is None:
                 return None
-            new.updated_at = now()
+            if touch:
+                new.updated_at = now()
             try:
                 await self.states.update(request_id, encode(new), last=entry.revision)
             except KeyWrongLastSequenceError:
                 continue
             return new
 
-    async def mark_running(self, request_id: str) -> None:
+    async def mark_running(self, request_id: str) -> RequestState | None:
+        """Move a queued request to running (once: None when it was not queued)."""
+
         def change(state: RequestState) -> RequestState | None:
             if state.status != "queued":
                 return None
@@ -90,7 +95,10 @@ class RequestTracker:
             state.started_at = now()
             return state
 
-        await self.update(request_id, change)
+        running = await self.update(request_id, change)
+        if running is not None:
+            await self._notify(running, "started")
+        return running
 
     async def finish(
         self,
@@ -104,14 +112,15 @@ class RequestTracker:
     ) -> RequestState | None:
         """End the request once: the first caller wins, later ones get None.
 
-        Publishes the completion event and deletes the request's intermediate tensors (and its
-        image unless it succeeded)."""
+        Publishes the completion event (and enqueues it for the request's webhook) and deletes
+        the request's intermediate tensors (and its image unless it succeeded)."""
 
         def change(state: RequestState) -> RequestState | None:
             if state.done:
                 return None
             state.status = status
-            state.finished_at = now()
+            # the write that ends it is the one with updated_at == finished_at
+            state.finished_at = state.updated_at = now()
             state.started_at = state.started_at or state.finished_at
             state.error = error
             state.image = image
@@ -125,14 +134,23 @@ class RequestTracker:
         # Whoever ends it, the request is over: its intermediate tensors go first, so a client
         # that sees the final state never finds them still there.
         await self.store.delete_group("tmp", request_id)
-        final = await self.update(request_id, change)
+        final = await self.update(request_id, change, touch=False)
         if final is None:
             return None
         if status == "cancelled":
             await self.cancels.put(request_id, b"1")
         await self.publish_result(final)
+        await self._notify(final, "completed")
         await self.cleanup(request_id, keep_image=status == "succeeded")
         return final
+
+    async def _notify(self, state: RequestState, event: str) -> None:
+        """Enqueue the event for the request's webhook, if it asked for it; a failure is
+        logged, never raised: the request's own end must go on."""
+        try:
+            await webhooks.notify(self.js, state, event)
+        except Exception as exc:  # noqa: BLE001 - JetStream unreachable
+            log.error("could not enqueue the %s webhook of %s: %s", event, state.id, exc)
 
     async def publish_result(self, state: RequestState, attempt: str = "result") -> None:
         """The completion event. ``attempt`` names it for JetStream's de-duplication: a

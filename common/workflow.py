@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from common import output_format
 from common.errors import InvalidField, InvalidRequest, PayloadTooLarge
-from common.messages import ENVELOPE_KEYS, Plan, PlanNode
+from common.messages import ENVELOPE_KEYS, Plan, PlanNode, Webhook
 from common.subjects import pool_name
 
 if TYPE_CHECKING:
@@ -280,11 +280,13 @@ class ModelInfo(Protocol):
 
 @dataclass
 class ValidRequest:
-    """A request that passed validation: JSON-safe params, decoded images, warnings."""
+    """A request that passed validation: JSON-safe params, decoded images, warnings; and its
+    webhook, if it names one (checked by the ingress: ``common.webhooks``)."""
 
     params: dict[str, Any]
     images: dict[str, np.ndarray] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    webhook: Webhook | None = None
 
 
 def validate_params(

@@ -52,6 +52,7 @@ from common.workflow import WorkflowSpec, parse_workflow, shipped_workflows
 from gateway import admission, auth, events, openai_api, ui
 from gateway.admission import LoadWatch
 from gateway.ingress import ACCEPTED_HEADER, Ingress, request_digest
+from gateway.webhooks import Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,11 @@ GENERATION_SCHEMA: dict[str, Any] = {
             "type": "number", "exclusiveMinimum": 0,
             "description": "seconds from submission; default: the workflow's SLO (2x solo)",
         },
+        "webhook_url": {"type": "string", "format": "uri", "maxLength": 2048,
+                        "description": "POST the request's events here, signed (README "
+                        "Webhooks); its host must be in the webhook_allow setting"},
+        "webhook_events": {"type": "array", "uniqueItems": True, "default": ["completed"],
+                           "items": {"enum": ["started", "progress", "completed"]}},
         "prompt": {"type": "string"},
         "negative_prompt": {"type": "string"},
         "width": {"type": "integer"},
@@ -146,6 +152,8 @@ class Gateway:
         self.waiters: dict[str, set[asyncio.Future[RequestState]]] = {}
         self.state_sub = await self.nc.subscribe(subjects.STATE_UPDATES, cb=self._on_state)
         await asyncio.to_thread(self._warm_up)
+        self.webhooks = Dispatcher(settings, self.js, self.tracker, self.view)  # every replica
+        await self.webhooks.start()
         self.stop_event = asyncio.Event()
         self.ingress_task = (
             asyncio.create_task(self.ingress.serve(self.stop_event)) if self.run_ingress else None
@@ -165,6 +173,7 @@ class Gateway:
         self.stop_event.set()
         if self.ingress_task:
             await self.ingress_task
+        await self.webhooks.stop()
         await self.loads.stop()
         await self.registry.stop()
         await self.store.close()

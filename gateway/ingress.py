@@ -25,7 +25,7 @@ import torch
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from common import bus, metrics, subjects, telemetry
+from common import bus, metrics, subjects, telemetry, webhooks
 from common.errors import (
     Conflict,
     DeadlineExceeded,
@@ -52,6 +52,7 @@ from common.store import TensorStore, tensor_key
 from common.tracking import RequestTracker
 from common.workflow import ModelInfo, ValidRequest, WorkflowSpec, validate_params
 from gateway import admission
+from gateway.webhooks import check_resolves
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,15 @@ class Ingress:
         if not isinstance(workflow, str):
             raise InvalidRequest([InvalidField("workflow", "must be a string")])
         spec = self.registry.get(workflow)
-        return request_id, spec, validate_params(spec, raw, self.models)
+        hook_errors = webhooks.field_errors(raw, self.settings.webhook_allow)
+        try:
+            valid = validate_params(spec, raw, self.models)
+        except InvalidRequest as exc:  # every bad field at once, the webhook's too
+            raise InvalidRequest([*exc.errors, *hook_errors]) from None
+        if hook_errors:
+            raise InvalidRequest(hook_errors)
+        valid.webhook = webhooks.of(raw)
+        return request_id, spec, valid
 
     def pinned(self, raw: dict[str, Any], spec: WorkflowSpec, valid: ValidRequest,
                deadline_s: float | None) -> dict:
@@ -211,9 +220,16 @@ class Ingress:
     async def admit_new(self, request_id: str, raw: dict[str, Any], spec: WorkflowSpec,
                         valid: ValidRequest) -> Admission:
         """``admit`` for a submission, except a retry of one accepted before under the same
-        client id: that one keeps its recorded deadline and is never turned away."""
+        client id: that one keeps its recorded deadline and is never turned away. A new one's
+        webhook host must resolve."""
         if _client_id(raw) is not None and await self.tracker.get(request_id) is not None:
             return Admission(None)
+        if valid.webhook is not None:
+            try:
+                await check_resolves(valid.webhook.url, self.settings.webhook_resolve_timeout_s)
+            except LegoError:
+                _count(spec.name, "invalid")
+                raise
         return self.admit(raw, spec, valid)
 
     async def accept(self, request_id: str, spec: WorkflowSpec, valid: ValidRequest,
@@ -233,6 +249,7 @@ class Ingress:
             deadline_at=None if admitted.deadline_s is None else at + admitted.deadline_s,
             eta_at=None if admitted.eta_s is None else round(at + admitted.eta_s, 3),
             queue=admitted.queue,
+            webhook=valid.webhook,
         )
         if await self.tracker.create(state):
             _count(spec.name, "accepted")
@@ -288,7 +305,7 @@ class Ingress:
     async def _on_state(self, msg: Msg) -> None:
         if msg.data:  # empty: a deletion
             state = decode(msg.data, RequestState)
-            if state.done:
+            if state.done and state.updated_at == state.finished_at:  # the write that ended it
                 metrics.REQUESTS_FINISHED.labels(self._known(state.workflow), state.status).inc()
 
     def _reply_to(self, headers: dict[str, str]) -> str | None:
@@ -380,6 +397,8 @@ class Ingress:
             return
         telemetry.annotate({"lego.request_id": request_id, "lego.workflow": spec.name})
         plan = self.estimated(self.plan(spec), spec, valid.params)
+        hook = valid.webhook
+        progress_webhook = hook.url if hook is not None and "progress" in hook.events else None
         request_tensors = {
             name: await self.store.put(
                 tensor_key("tmp", request_id, "request", name),
@@ -405,6 +424,7 @@ class Ingress:
                 published_at=now(),
                 meta={"warnings": valid.warnings} if valid.warnings else {},
                 deadline_at=deadline_at,
+                progress_webhook=progress_webhook,
             )
             await self.js.publish(
                 subjects.task_subject(node.pool),

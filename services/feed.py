@@ -25,7 +25,7 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
-from common import bus, metrics, subjects, telemetry
+from common import bus, metrics, subjects, telemetry, webhooks
 from common.errors import DeadlineExceeded, LegoError, RequestError, TerminalError
 from common.messages import (
     ErrorInfo,
@@ -394,6 +394,9 @@ class PoolFeed:
                 await self.host.nc.publish(
                     subjects.progress_subject(held.task.request_id), encode(progress)
                 )
+                if held.task.progress_webhook:  # off the step loop, like mark_running
+                    self.host.spawn(webhooks.notify_progress(
+                        self.host.js, held.task.progress_webhook, progress))
 
     async def complete(self, held: Held) -> None:
         host, task = self.host, held.task

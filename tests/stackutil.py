@@ -39,10 +39,11 @@ def running_stack(
 
 
 @contextlib.contextmanager
-def txt2img_stack(tmp: Path, cache_dir: Path) -> Iterator[Stack]:
-    """A stack on a nats-server of its own serving txt2img alone, at its starting replicas."""
+def txt2img_stack(tmp: Path, cache_dir: Path, **overrides: object) -> Iterator[Stack]:
+    """A stack on a nats-server of its own serving txt2img alone, at its starting replicas
+    (``overrides``: more settings)."""
     with nats_server(tmp / "nats") as url, running_stack(
-        tmp, url, cache_dir, workflows=["txt2img"], autoscale=False,
+        tmp, url, cache_dir, workflows=["txt2img"], autoscale=False, **overrides,
     ) as stack:
         yield stack
 
