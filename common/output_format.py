@@ -4,10 +4,10 @@ Every workflow takes two parameters for it (``common.workflow`` adds them to eac
 ``output_format`` (``png``, the default, ``jpeg`` or ``webp``) and ``output_quality`` (1..100,
 for JPEG and WebP; PNG is lossless and ignores it). The nodes never see them: the image stays
 raw pixels in the tensor store, and the first reader that asks for the file (the gateway's
-image endpoint, the OpenAI route, ``NatsClient.image_file``) encodes it once and caches the
-file beside the pixels as ``out/<id>/image.<format>``; every later read returns those bytes. The
-cache is in the shared store, so one encoding serves every gateway replica, and it goes with
-the image's group when the request's result expires.
+image endpoint, the OpenAI route; ``legoclient.NatsClient.image_file`` reads through the
+former) encodes it once and caches the file beside the pixels as ``out/<id>/image.<format>``;
+every later read returns those bytes. The cache is in the shared store, so one encoding serves
+every gateway replica, and it goes with the image's group when the request's result expires.
 """
 
 from __future__ import annotations

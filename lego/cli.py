@@ -24,6 +24,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from common.settings import Settings, load_settings
@@ -208,14 +209,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from gateway.client import LegoClient, LegoError
     from lego.stack import Stack, running_stack
 
+    legoclient = _client_package()
     settings = _settings(args)
     params = {
         "prompt": args.prompt, "negative_prompt": args.negative, "seed": args.seed,
         "steps": args.steps, "width": args.width, "height": args.height,
         "guidance": args.guidance, "strength": args.strength,
+        # without --format, -o's suffix names it; without either, the workflow's default
+        "output_format": args.format or _format_of(args.output), "output_quality": args.quality,
     }
     if args.image:
         params["image"] = base64.b64encode(Path(args.image).read_bytes()).decode()
@@ -239,39 +242,60 @@ def cmd_generate(args: argparse.Namespace) -> int:
             gateway = stack.gateway_url
     api_key = _api_key(settings)
     try:
-        with LegoClient(gateway, api_key=api_key) as client, Progress(
+        with legoclient.LegoClient(gateway, api_key=api_key) as client, Progress(
             TextColumn("[bold]{task.description}"), BarColumn(),
             TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
             transient=True,
         ) as bar:
             task = bar.add_task("queued", total=None)
 
-            def on_event(event: str, data: dict) -> None:
+            def on_event(event: legoclient.Event) -> None:
                 # the gateway's Server-Sent Events: a state, each node's steps, the final state
-                step = data if event == "progress" else data.get("progress")
+                step = event if isinstance(event, legoclient.Progress) else event.progress
                 if step:
-                    bar.update(task, description=step["node"], completed=step["step"],
-                               total=step["total"])
+                    bar.update(task, description=step.node, completed=step.step,
+                               total=step.total)
                 else:
-                    bar.update(task, description=data["status"])
+                    bar.update(task, description=event.status)
 
             try:
-                state, png = client.generate(args.workflow, on_event=on_event, **params)
-            except LegoError as exc:
+                state, data = client.generate(args.workflow, on_event=on_event, **params)
+            except legoclient.LegoError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 if exc.body:
                     print(json.dumps(exc.body, indent=2), file=sys.stderr)
                 return 1
-        Path(args.output).write_bytes(png)
-        total_ms = sum(t["run_ms"] for t in state.get("timings", []))
-        print(f"wrote {args.output} (id {state['id']}, seed {state['params'].get('seed')}, "
-              f"model time {total_ms:.0f} ms)")
-        for warning in state.get("warnings", []):
+        suffix = OUTPUT_SUFFIXES[state.params.get("output_format", "png")]
+        output = Path(args.output or f"out.{suffix}")
+        output.write_bytes(data)
+        print(f"wrote {output} (id {state.id}, seed {state.seed}, "
+              f"model time {state.model_ms:.0f} ms)")
+        for warning in state.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         return 0
     finally:
         if stack is not None:
             stack.stop()
+
+
+#: `lego generate`'s file suffix per output format (and the formats an -o suffix implies)
+OUTPUT_SUFFIXES = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+
+
+def _format_of(output: str | None) -> str | None:
+    """The output format an output file's suffix names (``fox.jpg``: jpeg), if any."""
+    suffix = Path(output).suffix.lower().lstrip(".") if output else ""
+    return {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "webp"}.get(suffix)
+
+
+def _client_package() -> ModuleType:
+    """The client package (``clients/python``), which scripts/setup.sh installs."""
+    try:
+        import legoclient
+    except ImportError:
+        raise SystemExit("the client package is missing: pip install -e ./clients/python "
+                         "(scripts/setup.sh installs it)") from None
+    return legoclient
 
 
 def _api_key(settings: Settings) -> str | None:
@@ -357,9 +381,9 @@ def cmd_history(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from gateway.client import LegoClient, LegoError
     from lego.stack import running_stack
 
+    legoclient = _client_package()
     settings = _settings(args)
     gateway = args.gateway or (running_stack(settings) or {}).get("gateway_url")
     if gateway is None:
@@ -367,27 +391,27 @@ def cmd_history(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     api_key = _api_key(settings)
-    with LegoClient(gateway, api_key=api_key) as client:
+    with legoclient.LegoClient(gateway, api_key=api_key) as client:
         try:
             page = client.history(workflow=args.workflow, status=args.status,
                                   limit=args.limit, cursor=args.cursor)
-        except LegoError as exc:
+        except legoclient.LegoError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
     if args.json:
-        print(json.dumps(page, indent=2))
+        print(json.dumps(page.raw, indent=2))
         return 0
     table = Table(title="LegoDiffusion requests, newest first")
     for column in ("id", "workflow", "status", "created", "took s", "error"):
         table.add_column(column, justify="right" if column == "took s" else "left")
-    for state in page["data"]:
-        created = datetime.datetime.fromtimestamp(state["created_at"]).isoformat(" ", "seconds")
-        took = state.get("finished_at") and state["finished_at"] - state["created_at"]
-        table.add_row(state["id"], state["workflow"], state["status"], created, _fmt(took),
-                      (state.get("error") or {}).get("message", ""))
+    for state in page.items:
+        created = datetime.datetime.fromtimestamp(state.created_at).isoformat(" ", "seconds")
+        took = state.finished_at and state.finished_at - state.created_at
+        table.add_row(state.id, state.workflow, state.status, created, _fmt(took),
+                      state.error.message if state.error else "")
     Console().print(table)
-    if page["next_cursor"]:
-        print(f"more: lego history --cursor {page['next_cursor']}")
+    if page.next_cursor:
+        print(f"more: lego history --cursor {page.next_cursor}")
     return 0
 
 
@@ -433,7 +457,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate one image")
     gen.add_argument("prompt")
-    gen.add_argument("-o", "--output", default="out.png")
+    gen.add_argument("-o", "--output",
+                     help="the file (default: out.png, out.jpg or out.webp, as the format)")
+    gen.add_argument("--format", choices=list(OUTPUT_SUFFIXES),
+                     help="png, jpeg or webp (default: as -o's suffix names, else the "
+                          "workflow's default, png)")
+    gen.add_argument("--quality", type=int, help="JPEG/WebP quality, 1-100 (default 90)")
     gen.add_argument("--workflow", default="txt2img")
     gen.add_argument("--seed", type=int)
     gen.add_argument("--steps", type=int)

@@ -51,8 +51,8 @@ class NatsConnection:
         return self.bridge.call(self._generate(body, timeout_s))
 
     async def _generate(self, body: dict[str, Any], timeout_s: float) -> tuple[Any, float]:
-        # What gateway.client.NatsClient.generate does, without its tensor store: that imports
-        # torch, seconds of start-up a load generator has no use for.
+        # What legoclient.NatsClient.generate does, on this process's one connection (its
+        # credentials and inbox prefix from the LEGO_* settings), timing publish to result.
         from common import subjects
         from common.messages import RequestState, decode
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from legoclient import LegoClient
 
-from gateway.client import LegoClient
 from lego.stack import Stack
 from tests.conftest import nats_server
 from tests.stackutil import ReplicaWatch, png_pixels, replica_pid, running_stack, wait_gone
@@ -35,8 +35,8 @@ async def _submit_slow(stack: Stack, client: LegoClient, seed: int, replicas: in
     """Once ``replicas`` denoisers are ready, submit a slow request; return (id, its replica)."""
     async with ReplicaWatch(stack.settings) as watch:
         await watch.until(lambda: len(watch.ready("denoiser")) >= replicas)
-        request_id = client.submit("txt2img", **{**SLOW, "seed": seed})["id"]
-        await watch.until(lambda: client.status(request_id).get("progress"), timeout_s=60)
+        request_id = client.submit("txt2img", **{**SLOW, "seed": seed}).id
+        await watch.until(lambda: client.status(request_id).progress, timeout_s=60)
         [holder] = await watch.until(
             lambda: [s for s in watch.ready("denoiser") if s.held > 0], timeout_s=10
         )
@@ -49,9 +49,9 @@ def test_sigkill_mid_task_loses_nothing(stack: Stack) -> None:
         request_id, holder = asyncio.run(_submit_slow(stack, client, SLOW["seed"]))
         os.kill(replica_pid(holder.replica), signal.SIGKILL)
         state = client.wait(request_id, timeout_s=120)
-        assert state["status"] == "succeeded", state
-        denoise = next(t for t in state["timings"] if t["node"] == "denoise")
-        assert denoise["attempt"] == 2 and denoise["replica"] != holder.replica
+        assert state.status == "succeeded", state
+        denoise = next(t for t in state.timings if t.node == "denoise")
+        assert denoise.attempt == 2 and denoise.replica != holder.replica
         # the re-run is deterministic: the same image as an undisturbed run
         _, png = client.generate("txt2img", **SLOW)
         assert np.array_equal(png_pixels(client.image(request_id)), png_pixels(png))
@@ -64,9 +64,9 @@ def test_sigterm_drains(stack: Stack) -> None:
         pid = replica_pid(holder.replica)
         os.kill(pid, signal.SIGTERM)
         state = client.wait(request_id, timeout_s=120)
-        assert state["status"] == "succeeded"
-        denoise = next(t for t in state["timings"] if t["node"] == "denoise")
-        assert denoise["attempt"] == 1 and denoise["replica"] == holder.replica
+        assert state.status == "succeeded"
+        denoise = next(t for t in state.timings if t.node == "denoise")
+        assert denoise.attempt == 1 and denoise.replica == holder.replica
         assert wait_gone(pid, timeout_s=30)
 
 
@@ -79,11 +79,11 @@ def test_task_a_node_cannot_run_fails_its_request_at_once(stack: Stack) -> None:
         spec["nodes"]["decode"]["inputs"] = {"latents": "encode.prompt_embeds"}
         spec["nodes"].pop("denoise")
         client.add_workflow(spec)
-        state = client.wait(client.submit("broken", prompt="x")["id"], timeout_s=60)
-    assert state["status"] == "failed"
-    assert state["error"]["node"] == "decode"
-    assert state["error"]["details"]["attempts"] == 1  # terminal: not retried
-    assert "latents" in state["error"]["message"]
+        state = client.wait(client.submit("broken", prompt="x").id, timeout_s=60)
+    assert state.status == "failed"
+    assert state.error.node == "decode"
+    assert state.error.details["attempts"] == 1  # terminal: not retried
+    assert "latents" in state.error.message
 
 
 def test_task_whose_replicas_all_died_fails_its_request(tmp_path: Path, cache_dir: Path) -> None:
@@ -95,6 +95,6 @@ def test_task_whose_replicas_all_died_fails_its_request(tmp_path: Path, cache_di
         request_id, holder = asyncio.run(_submit_slow(st, client, seed=8, replicas=1))
         os.kill(replica_pid(holder.replica), signal.SIGKILL)
         state = client.wait(request_id, timeout_s=60)
-    assert state["status"] == "failed"
-    assert state["error"]["code"] == "max_deliveries"
-    assert state["error"]["node"] == "denoise"
+    assert state.status == "failed"
+    assert state.error.code == "max_deliveries"
+    assert state.error.node == "denoise"

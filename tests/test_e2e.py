@@ -17,12 +17,12 @@ import numpy as np
 import orjson
 import pytest
 import torch
+from legoclient import Generation, LegoClient, LegoError, NatsClient
 from PIL import Image
 
 from common.messages import RequestState, decode
 from common.models import resolve_model_dir
 from common.store import open_store
-from gateway.client import LegoClient, LegoError, NatsClient
 from gateway.ingress import REPLY_HEADER
 from lego.stack import Stack
 from tests.conftest import nats_server
@@ -74,7 +74,7 @@ def test_txt2img_equals_diffusers(stack: Stack, client: LegoClient) -> None:
     expected = diffusers_image(model_dir, **params)
     assert served.shape == (64, 48, 3)
     assert np.array_equal(served, expected)
-    assert [t["node"] for t in state["timings"]] == ["encode", "denoise", "decode"]
+    assert [t.node for t in state.timings] == ["encode", "denoise", "decode"]
 
 
 @pytest.mark.parametrize(
@@ -93,12 +93,12 @@ def test_every_workflow(client: LegoClient, workflow: str, extra: dict, size: tu
         Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(buffer, "PNG")
         extra = {**extra, "image": base64.b64encode(buffer.getvalue()).decode()}
     state, png = client.generate(workflow, prompt="a lighthouse", seed=7, **extra)
-    assert state["status"] == "succeeded"
+    assert state.status == "succeeded"
     assert png_pixels(png).shape == (*size, 3)
     if workflow == "txt2img-safe":
-        assert state["meta"]["nsfw"] == [False] or state["meta"]["nsfw"] == [True]
+        assert state.meta["nsfw"] == [False] or state.meta["nsfw"] == [True]
     if workflow == "img2img":
-        assert {t["node"] for t in state["timings"]} == {
+        assert {t.node for t in state.timings} == {
             "encode", "encode_image", "denoise", "decode"}
 
 
@@ -106,19 +106,19 @@ def test_direct_nats_request_matches_http(stack: Stack, client: LegoClient) -> N
     params = {"prompt": "a blue bird", "seed": 99, "steps": 3}
     _, png = client.generate("txt2img", **params)
 
-    async def over_nats() -> tuple[RequestState, np.ndarray]:
-        async with NatsClient(stack.settings) as nats_client:
+    async def over_nats() -> tuple[Generation, bytes, list[int]]:
+        async with NatsClient(stack.settings.nats_url,
+                              gateway_url=stack.gateway_url) as nats_client:
             steps: list[int] = []
             state = await nats_client.generate(
-                {"workflow": "txt2img", **params}, timeout_s=60,
-                on_progress=lambda p: steps.append(p.step),
-            )
-            pixels = (await nats_client.image(state)).numpy()[0]
-            return state, pixels, steps
+                "txt2img", timeout_s=60, on_progress=lambda p: steps.append(p.step), **params)
+            data, media_type = await nats_client.image_file(state)
+            assert media_type == "image/png"
+            return state, data, steps
 
-    state, pixels, steps = asyncio.run(over_nats())
+    state, data, steps = asyncio.run(over_nats())
     assert state.status == "succeeded"
-    assert np.array_equal(pixels, png_pixels(png))
+    assert np.array_equal(png_pixels(data), png_pixels(png))
     assert steps and steps[-1] == 3
 
 
@@ -146,10 +146,10 @@ def test_bad_requests_get_clear_errors(client: LegoClient, stack: Stack) -> None
 
 def test_long_prompt_is_truncated_and_said(client: LegoClient) -> None:
     accepted = client.submit("txt2img", prompt="fox " * 120, seed=1)
-    assert any("truncated" in w and "77" in w for w in accepted["warnings"])
-    state = client.wait(accepted["id"], timeout_s=60)
-    assert state["status"] == "succeeded"
-    assert any("truncated" in w for w in state["warnings"])
+    assert any("truncated" in w and "77" in w for w in accepted.warnings)
+    state = client.wait(accepted.id, timeout_s=60)
+    assert state.status == "succeeded"
+    assert any("truncated" in w for w in state.warnings)
 
 
 def test_malformed_nats_message_gets_an_error_and_consumer_survives(stack: Stack) -> None:
@@ -173,35 +173,35 @@ def test_malformed_nats_message_gets_an_error_and_consumer_survives(stack: Stack
     assert bad_field.status == "failed"
     assert {e["field"] for e in bad_field.error.details["errors"]} == {"prompt", "steps"}
     with LegoClient(stack.gateway_url) as c:  # the ingress still serves
-        assert c.generate("txt2img", prompt="still alive", steps=1)[0]["status"] == "succeeded"
+        assert c.generate("txt2img", prompt="still alive", steps=1)[0].status == "succeeded"
 
 
 def test_idempotent_submission(client: LegoClient) -> None:
     first = client.submit("txt2img", id="same-id-1", prompt="a cat", steps=2)
     again = client.submit("txt2img", id="same-id-1", prompt="a cat", steps=2)
-    assert again["id"] == first["id"] == "same-id-1"
+    assert again.id == first.id == "same-id-1"
     with pytest.raises(LegoError) as info:
         client.submit("txt2img", id="same-id-1", prompt="a dog", steps=2)
     assert info.value.status == 409
-    assert client.wait("same-id-1", timeout_s=60)["status"] == "succeeded"
+    assert client.wait("same-id-1", timeout_s=60).status == "succeeded"
 
 
 def test_cancel_drops_work_and_tensors(client: LegoClient, stack: Stack) -> None:
     accepted = client.submit("txt2img", prompt="slow", steps=150, width=128, height=128)
     deadline = time.monotonic() + 60
-    while "progress" not in client.status(accepted["id"]) and time.monotonic() < deadline:
+    while client.status(accepted.id).progress is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    cancelled = client.cancel(accepted["id"])
-    assert cancelled["status"] == "cancelled"
+    cancelled = client.cancel(accepted.id)
+    assert cancelled.status == "cancelled"
     with pytest.raises(LegoError) as info:
-        client.image(accepted["id"])
+        client.image(accepted.id)
     assert info.value.status == 409
     # the denoiser drops it at the next step: it is free for the next request right away
     started = time.monotonic()
-    assert client.generate("txt2img", prompt="next", steps=2)[0]["status"] == "succeeded"
+    assert client.generate("txt2img", prompt="next", steps=2)[0].status == "succeeded"
     assert time.monotonic() - started < 20
-    assert client.status(accepted["id"])["status"] == "cancelled"
-    assert not [k for k in asyncio.run(_keys(stack)) if accepted["id"] in k]
+    assert client.status(accepted.id).status == "cancelled"
+    assert not [k for k in asyncio.run(_keys(stack)) if accepted.id in k]
 
 
 async def _keys(stack: Stack) -> list[str]:
@@ -221,7 +221,7 @@ def test_workflow_added_at_run_time_reuses_pools(client: LegoClient) -> None:
     assert added["pools"] == next(w for w in client.workflows() if w["name"] == "txt2img")["pools"]
     assert "txt2img-quick" in {w["name"] for w in client.workflows()}
     state, _ = client.generate("txt2img-quick", prompt="fast")
-    assert state["params"]["steps"] == 2
+    assert state.params["steps"] == 2
     bad = client.http.post("/v1/workflows", content=orjson.dumps({**spec, "output": "x.y"}))
     assert bad.status_code == 422
 
@@ -233,13 +233,13 @@ def test_nothing_left_behind_after_a_load_run(client: LegoClient, stack: Stack) 
             lambda w: LegoClient(stack.gateway_url).generate(w, prompt="load", steps=2)[0],
             workflows,
         ))
-    assert all(r["status"] == "succeeded" for r in results)
+    assert all(r.status == "succeeded" for r in results)
     keys = asyncio.run(_keys(stack))
     assert not [k for k in keys if k.startswith("tmp/")]
-    ids = {r["id"] for r in results}
+    ids = {r.id for r in results}
     assert ids <= {k.split("/")[1] for k in keys if k.startswith("out/")}
     # requests of different workflows shared a batch somewhere (the pools are shared)
-    assert max(t["batch"] for r in results for t in r["timings"]) >= 2
+    assert max(t.batch for r in results for t in r.timings) >= 2
 
 
 def test_openapi_and_health(client: LegoClient) -> None:
@@ -263,9 +263,9 @@ def test_gateway_restart_loses_nothing(stack: Stack, client: LegoClient) -> None
                 break
         except Exception:  # noqa: BLE001 - not listening yet
             time.sleep(0.2)
-    again = client.status(state["id"])
-    assert again["status"] == "succeeded" and again["params"] == state["params"]
-    assert client.image(state["id"]) == png
+    again = client.status(state.id)
+    assert again.status == "succeeded" and again.params == state.params
+    assert client.image(state.id) == png
 
 
 def test_redis_store_end_to_end(tmp_path: Path, cache_dir: Path, redis_url: str) -> None:
@@ -275,10 +275,10 @@ def test_redis_store_end_to_end(tmp_path: Path, cache_dir: Path, redis_url: str)
         assert st.settings.store_kind == "redis"
         states = [c.generate(w, prompt="via redis", steps=2, seed=1)[0]
                   for w in ("txt2img", "txt2img-hires")]
-        assert all(s["status"] == "succeeded" for s in states)
+        assert all(s.status == "succeeded" for s in states)
         keys = asyncio.run(_keys(st))
         assert not [k for k in keys if k.startswith("tmp/")]
-        assert {f"out/{s['id']}/image" for s in states} <= set(keys)
+        assert {f"out/{s.id}/image" for s in states} <= set(keys)
 
 
 def test_status_reports_every_pool(stack: Stack, client: LegoClient, capsys) -> None:  # noqa: ANN001
@@ -312,17 +312,21 @@ def test_admission_rejects_what_cannot_meet_its_deadline(stack: Stack, client: L
     slow["deadline_s"] = deadline_s
     time.sleep(1.5)  # the replicas have reported their figures
 
-    async def burst() -> tuple[list[httpx.Response], RequestState]:
+    async def burst() -> tuple[list[httpx.Response], LegoError]:
         async with httpx.AsyncClient(base_url=stack.gateway_url, timeout=60) as http:
             responses = await asyncio.gather(*(
                 http.post("/v1/generations", json={**slow, "seed": i}) for i in range(30)
             ))
             # Over NATS, a deadline a tenth of the solo latency: rejected whatever the queue
             # holds by then (the burst's queue drains while the NATS client connects).
-            async with NatsClient(stack.settings) as nats_client:
-                over_nats = await nats_client.generate(
-                    {**slow, "seed": 99, "deadline_s": round(deadline_s / 20, 3)}, timeout_s=30)
-            return responses, over_nats
+            async with NatsClient(stack.settings.nats_url) as nats_client:
+                try:
+                    await nats_client.generate(**{
+                        **slow, "seed": 99, "deadline_s": round(deadline_s / 20, 3)},
+                        timeout_s=30)
+                except LegoError as exc:
+                    return responses, exc
+            raise AssertionError("over NATS, the request was not rejected")
 
     responses, over_nats = asyncio.run(burst())
     rejected = [r for r in responses if r.status_code == 503]
@@ -332,8 +336,8 @@ def test_admission_rejects_what_cannot_meet_its_deadline(stack: Stack, client: L
     assert error["code"] == "overloaded" and "deadline" in error["message"]
     assert int(rejected[0].headers["Retry-After"]) >= 1
     assert error["deadline_s"] == deadline_s and error["bound_s"] > deadline_s
-    assert over_nats.status == "failed" and over_nats.error.code == "overloaded"
+    assert over_nats.generation.status == "failed" and over_nats.code == "overloaded"
     for r in admitted:  # admitted work ends: done in time, or dropped once late, never stuck
         state = client.wait(r.json()["id"], timeout_s=120)
-        assert state["status"] == "succeeded" or state["error"]["code"] == "deadline_exceeded"
-    assert client.http.get(f"/v1/generations/{over_nats.id}").status_code == 404
+        assert state.status == "succeeded" or state.error.code == "deadline_exceeded"
+    assert client.http.get(f"/v1/generations/{over_nats.generation.id}").status_code == 404

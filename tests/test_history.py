@@ -11,11 +11,11 @@ from pathlib import Path
 
 import orjson
 import pytest
+from legoclient import Generation, LegoClient
 
 from common.bus import connect
 from common.history import HistoryQuery, Newest
 from common.messages import RequestState
-from gateway.client import LegoClient
 from gateway.ingress import REPLY_HEADER
 from lego.stack import Stack
 from tests.gatewayutil import served_gateway
@@ -44,40 +44,40 @@ def add_workflow(client: LegoClient, name: str) -> None:
     client.add_workflow({**{k: v for k, v in spec.items() if k != "pools"}, "name": name})
 
 
-def every_page(client: LegoClient, **filters: object) -> tuple[list[dict], int]:
+def every_page(client: LegoClient, **filters: object) -> tuple[list[Generation], int]:
     """Every item, following the cursors; and how many pages it took."""
-    items: list[dict] = []
+    items: list[Generation] = []
     cursor, pages = None, 0
     while True:
         page = client.history(cursor=cursor, **filters)
-        items += page["data"]
+        items += page.items
         pages += 1
-        cursor = page["next_cursor"]
+        cursor = page.next_cursor
         if cursor is None:
             return items, pages
 
 
 def test_newest_first_and_pages_without_repeats(client: LegoClient) -> None:
     add_workflow(client, "hist-pages")
-    ids = [client.submit("hist-pages", id=f"page-{i}", seed=i, **QUICK)["id"] for i in range(7)]
+    ids = [client.submit("hist-pages", id=f"page-{i}", seed=i, **QUICK).id for i in range(7)]
     for request_id in ids:
-        assert client.wait(request_id, timeout_s=60)["status"] == "succeeded"
+        assert client.wait(request_id, timeout_s=60).status == "succeeded"
     items, pages = every_page(client, workflow="hist-pages", limit=3)
-    assert [item["id"] for item in items] == ids[::-1]  # newest first, each once
+    assert [item.id for item in items] == ids[::-1]  # newest first, each once
     assert pages == 3  # 3 + 3 + 1
-    created = [item["created_at"] for item in items]
+    created = [item.created_at for item in items]
     assert created == sorted(created, reverse=True)
     first = items[0]  # each as GET /v1/generations/{id} shows it
-    assert first == client.status(first["id"])
-    assert first["links"]["image"] == f"/v1/generations/{first['id']}/image"
+    assert first == client.status(first.id)
+    assert first.links["image"] == f"/v1/generations/{first.id}/image"
     # a page of exactly the rest has no cursor
-    assert client.history(workflow="hist-pages", limit=7)["next_cursor"] is None
+    assert client.history(workflow="hist-pages", limit=7).next_cursor is None
     # a request made between two pages is newer than the cursor: no page repeats or loses one
     page = client.history(workflow="hist-pages", limit=4)
     client.submit("hist-pages", id="page-late", **QUICK)
-    rest = client.history(workflow="hist-pages", limit=4, cursor=page["next_cursor"])
-    assert [i["id"] for i in page["data"] + rest["data"]] == ids[::-1]
-    assert client.history(workflow="hist-pages", limit=1)["data"][0]["id"] == "page-late"
+    rest = client.history(workflow="hist-pages", limit=4, cursor=page.next_cursor)
+    assert [i.id for i in page.items + rest.items] == ids[::-1]
+    assert client.history(workflow="hist-pages", limit=1).items[0].id == "page-late"
 
 
 def test_filters(client: LegoClient, stack: Stack) -> None:
@@ -87,25 +87,25 @@ def test_filters(client: LegoClient, stack: Stack) -> None:
     since = time.time()
     slow = client.submit("hist-a", id="filter-slow", prompt="slow", steps=150, width=128,
                          height=128)
-    client.cancel(slow["id"])
+    client.cancel(slow.id)
     other = client.generate("hist-b", id="filter-other", **QUICK)[0]
     asyncio.run(_publish_invalid(stack, "filter-bad", "hist-b"))  # recorded as failed
 
     def ids(**filters: object) -> list[str]:
-        return [item["id"] for item in client.history(limit=100, **filters)["data"]]
+        return [item.id for item in client.history(limit=100, **filters).items]
 
     assert ids(workflow="hist-a") == ["filter-slow", "filter-done"]
     assert ids(workflow="hist-b") == ["filter-bad", "filter-other"]
     assert ids(workflow="hist-a", status="cancelled") == ["filter-slow"]
-    assert ids(workflow="hist-a", status="succeeded") == [done["id"]]
+    assert ids(workflow="hist-a", status="succeeded") == [done.id]
     assert ids(workflow="hist-b", status="failed") == ["filter-bad"]
     assert ids(workflow="hist-a", since=since) == ["filter-slow"]
-    assert set(ids(since=since)) == {"filter-slow", other["id"], "filter-bad"}
+    assert set(ids(since=since)) == {"filter-slow", other.id, "filter-bad"}
     assert ids(workflow="no-such-workflow") == []
     everything = ids()
     assert {"filter-done", "filter-slow", "filter-other", "filter-bad"} <= set(everything)
-    assert all(i["status"] == "succeeded"
-               for i in client.history(status="succeeded", limit=100)["data"])
+    assert all(i.status == "succeeded"
+               for i in client.history(status="succeeded", limit=100).items)
 
 
 async def _publish_invalid(stack: Stack, request_id: str, workflow: str) -> None:
@@ -146,7 +146,7 @@ def test_any_gateway_replica_answers(client: LegoClient, stack: Stack) -> None:
     with served_gateway(stack.settings, run_ingress=False) as other, \
             LegoClient(other.url) as other_client:
         assert other_client.history(workflow="hist-replica") == expected
-    assert [i["id"] for i in expected["data"]] == ["replica-2", "replica-1", "replica-0"]
+    assert [i.id for i in expected.items] == ["replica-2", "replica-1", "replica-0"]
 
 
 def test_lego_history_prints_the_page(client: LegoClient, stack: Stack, capsys) -> None:  # noqa: ANN001
@@ -182,16 +182,16 @@ def test_requests_in_flight_say_where_they_stand(client: LegoClient) -> None:
     first_pools = {p for p in spec["pools"] if p.startswith("text_encoder")}
     positions = []
     for state in accepted:
-        if state["status"] in ("queued", "running"):
-            assert state["eta_s"] >= 0
-        if state["status"] == "queued":
-            assert set(state["queue_position"]) == first_pools
-            positions += state["queue_position"].values()
+        if state.status in ("queued", "running"):
+            assert state.eta_s >= 0
+        if state.status == "queued":
+            assert set(state.queue_position) == first_pools
+            positions += state.queue_position.values()
     assert max(positions) >= 1  # submitted together: some waited behind others
     for state in accepted:
-        final = client.wait(state["id"], timeout_s=120)
-        assert final["status"] == "succeeded"
-        assert "queue_position" not in final and "eta_s" not in final
+        final = client.wait(state.id, timeout_s=120)
+        assert final.status == "succeeded"
+        assert "queue_position" not in final.raw and "eta_s" not in final.raw
 
 
 def test_a_page_keeps_only_limit_plus_one_states() -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from legoclient import LegoClient
 
 from autoscaler.backends import PoolLaunch
 from autoscaler.backends.hosts import HostsBackend, host_processes
@@ -22,7 +23,6 @@ from common import bus, subjects
 from common.messages import HostResidency, ReplicaStatus, ResidentPool, encode, now
 from common.models import resolve_model_dir
 from common.settings import Settings
-from gateway.client import LegoClient
 from lego.stack import Stack
 from services.hostproc import HostProcess, torch_device
 from tests.conftest import nats_server
@@ -213,7 +213,7 @@ def test_a_stack_of_device_hosts_makes_the_default_stacks_image(stack: Stack) ->
     model_dir = resolve_model_dir(stack.settings.base_model, stack.settings.cache_dir / "models")
     # tests/test_e2e.py: the default stack makes exactly diffusers' image for these
     assert np.array_equal(png_pixels(png), diffusers_image(model_dir, **params))
-    replicas = {t["replica"] for t in state["timings"]}
+    replicas = {t.replica for t in state.timings}
     assert all(r.rsplit("@", 1)[1] in ("cpu-0", "cpu-1") for r in replicas)
 
     async def every_pool_on_both_devices() -> None:  # tiny models: memory for all of them
@@ -230,9 +230,9 @@ def test_a_killed_host_loses_no_request(stack: Stack) -> None:
         request_id, holder = asyncio.run(_submit_slow(stack, client, SLOW["seed"]))
         os.kill(_host(stack, holder.device).proc.pid, signal.SIGKILL)
         state = client.wait(request_id, timeout_s=120)
-        assert state["status"] == "succeeded", state
-        denoise = next(t for t in state["timings"] if t["node"] == "denoise")
-        assert denoise["attempt"] == 2 and denoise["replica"] != holder.replica
+        assert state.status == "succeeded", state
+        denoise = next(t for t in state.timings if t.node == "denoise")
+        assert denoise.attempt == 2 and denoise.replica != holder.replica
         _, png = client.generate("txt2img", **SLOW)  # undisturbed, on the other host
         assert np.array_equal(png_pixels(client.image(request_id)), png_pixels(png))
 
@@ -247,6 +247,6 @@ def test_sigterm_drains_a_host_and_a_restarted_host_takes_up_its_entry(stack: St
         # serves what its entry lists, and the request goes on with its next node
         stack._spawn(host)
         state = client.wait(request_id, timeout_s=120)
-        assert state["status"] == "succeeded"
-        denoise = next(t for t in state["timings"] if t["node"] == "denoise")
-        assert denoise["attempt"] == 1 and denoise["replica"] == holder.replica
+        assert state.status == "succeeded"
+        denoise = next(t for t in state.timings if t.node == "denoise")
+        assert denoise.attempt == 1 and denoise.replica == holder.replica

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from legoclient import LegoClient, LegoError
 from prometheus_client.parser import text_string_to_metric_families
 
 from common.messages import ReplicaStatus
-from gateway.client import LegoClient, LegoError
 from lego.stack import free_port
 from tests.conftest import nats_server
 from tests.stackutil import ReplicaWatch, running_stack
@@ -78,7 +78,7 @@ def test_metrics_move_with_a_request(tmp_path: Path, cache_dir: Path) -> None:
         before = {name: scrape(u) for name, u in [("gateway", gateway_url), *node_urls.items()]}
 
         state, png = client.generate("txt2img", prompt="counted", steps=2, seed=3)
-        assert state["status"] == "succeeded"
+        assert state.status == "succeeded"
         with pytest.raises(LegoError):
             client.submit("no-such-workflow", prompt="x")
 

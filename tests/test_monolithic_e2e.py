@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from legoclient import LegoClient
 from PIL import Image
 
 from common.models import resolve_model_dir
 from common.subjects import pool_name
-from gateway.client import LegoClient
 from lego.stack import Stack
 from services.catalog import CORES
 from tests.conftest import nats_server
@@ -65,13 +65,13 @@ def test_every_workflow_monolithic_equals_micro(stack: Stack, micro, workflow: s
     with LegoClient(stack.gateway_url) as client:
         state, png = client.generate(workflow, prompt="a lighthouse", seed=7, steps=3,
                                      **CASES[workflow])
-    assert state["status"] == "succeeded"
-    [timing] = state["timings"]  # one node ran the whole workflow
-    assert timing["node"] == "pipeline"
-    assert timing["pool"] == pool_name("monolithic", workflow)
+    assert state.status == "succeeded"
+    [timing] = state.timings  # one node ran the whole workflow
+    assert timing.node == "pipeline"
+    assert timing.pool == pool_name("monolithic", workflow)
 
     spec = SPECS[workflow]
-    params = state["params"]  # as the ingress validated them (defaults filled in)
+    params = state.params  # as the ingress validated them (defaults filled in)
     images = {}
     if workflow == "img2img":
         pixels = np.asarray(Image.open(io.BytesIO(PNG.getvalue())).convert("RGB"))

@@ -11,8 +11,8 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from legoclient import LegoClient
 
-from gateway.client import LegoClient
 from lego.stack import Stack
 from tests.conftest import nats_server
 from tests.stackutil import png_pixels, running_stack

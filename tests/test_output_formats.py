@@ -14,11 +14,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 import openai
+import orjson
 import pytest
+from legoclient import Generation, LegoClient, NatsClient
 from PIL import Image
 
-from common.messages import RequestState
-from gateway.client import LegoClient, NatsClient
+from common import output_format
+from common.messages import RequestState, decode
+from common.store import open_store
 from lego.stack import Stack
 from tests.stackutil import png_pixels, txt2img_stack
 
@@ -45,7 +48,7 @@ def reference(stack: Stack) -> np.ndarray:
     """The PNG's pixels (lossless: exactly what the decoder made)."""
     with LegoClient(stack.gateway_url) as c:
         state, png = c.generate("txt2img", **PARAMS)
-    assert state["params"]["output_format"] == "png" and png.startswith(MAGIC["png"])
+    assert state.params["output_format"] == "png" and png.startswith(MAGIC["png"])
     return png_pixels(png)
 
 
@@ -76,9 +79,9 @@ def test_lossy_formats_are_served_with_their_media_type_close_to_the_png(
 ) -> None:
     state, _ = client.generate("txt2img", output_format=image_format, output_quality=95,
                                **PARAMS)
-    assert state["params"]["output_format"] == image_format
-    assert state["params"]["output_quality"] == 95
-    response = client.http.get(f"/v1/generations/{state['id']}/image")
+    assert state.params["output_format"] == image_format
+    assert state.params["output_quality"] == 95
+    response = client.http.get(f"/v1/generations/{state.id}/image")
     assert response.status_code == 200
     assert response.headers["content-type"] == f"image/{image_format}"
     assert response.content.startswith(MAGIC[image_format])
@@ -102,12 +105,12 @@ def test_quality_trades_size_for_fidelity(client: LegoClient, reference: np.ndar
 
 def test_encoded_once_and_served_from_the_store_after(client: LegoClient, stack: Stack) -> None:
     state, first = client.generate("txt2img", output_format="webp", **PARAMS)
-    group = stack.settings.shm_root / "out" / state["id"]
+    group = stack.settings.shm_root / "out" / state.id
     assert (group / "image.webp").read_bytes() == first  # cached beside the pixels
     # without the pixels the next read can only come from the cached file
     os.remove(group / "image")
-    assert client.image(state["id"]) == first
-    assert client.status(state["id"])["status"] == "succeeded"
+    assert client.image(state.id) == first
+    assert client.status(state.id).status == "succeeded"
 
 
 @pytest.mark.parametrize(("fields", "field", "limit"), [
@@ -167,15 +170,26 @@ def test_openai_route_honours_output_format_and_compression(
 
 
 def test_direct_nats_client_gets_the_same_file(stack: Stack, client: LegoClient) -> None:
-    async def over_nats() -> tuple[RequestState, bytes, str]:
-        async with NatsClient(stack.settings) as nats_client:
+    """A request over NATS; its file encoded first by a reader beside the store that is not
+    the gateway (as ``common.output_format.image_file`` serves any): every reader gets those
+    bytes, the gateway's and the NATS client's (which reads through the gateway)."""
+    async def over_nats() -> tuple[Generation, bytes, str, bytes]:
+        async with NatsClient(stack.settings.nats_url,
+                              gateway_url=stack.gateway_url) as nats_client:
             state = await nats_client.generate(
-                {"workflow": "txt2img", "output_format": "jpeg", "output_quality": 80,
-                 **PARAMS}, timeout_s=60)
-            data, media_type = await nats_client.image_file(state)
-            return state, data, media_type
+                "txt2img", output_format="jpeg", output_quality=80, timeout_s=60, **PARAMS)
+            # the result on lego.results.<id> is the whole RequestState: where the image is
+            store = open_store(stack.settings)
+            try:
+                data, media_type = await output_format.image_file(
+                    store, decode(orjson.dumps(state.raw), RequestState),
+                    stack.settings.result_ttl_s)
+            finally:
+                await store.close()
+            return state, data, media_type, (await nats_client.image_file(state))[0]
 
-    state, data, media_type = asyncio.run(over_nats())
+    state, data, media_type, over_gateway = asyncio.run(over_nats())
     assert state.status == "succeeded" and media_type == "image/jpeg"
     assert data.startswith(MAGIC["jpeg"])
-    assert client.image(state.id) == data  # the gateway serves the file the client encoded
+    assert over_gateway == data
+    assert client.image(state.id) == data  # the gateway serves the file encoded first

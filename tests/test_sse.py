@@ -14,13 +14,14 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
+import legoclient
 import pytest
+from legoclient import Event, Generation, LegoClient, SseParser
 
 from common import bus, subjects
 from common.messages import Progress, encode
 from common.settings import Settings
 from common.workflow import shipped_workflows
-from gateway.client import LegoClient, SseParser
 from gateway.events import STANDING_S
 from lego.cli import main as lego_main
 from lego.stack import Stack
@@ -154,25 +155,22 @@ def stack(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator
 def test_events_of_a_real_generation(stack: Stack) -> None:
     with LegoClient(stack.gateway_url) as client:
         accepted = client.submit("txt2img", prompt="a lighthouse", steps=4, seed=5)
-        events = list(client.events(accepted["id"]))
-        assert events[0][0] == "state"
-        assert events[0][1]["id"] == accepted["id"]
-        assert events[-1][0] == "state"
-        assert events[-1][1]["status"] == "succeeded"
-        assert events[-1][1] == client.status(accepted["id"])
-        progress = [data for event, data in events if event == "progress"]
-        assert all(e == "progress" for e, _ in events[1:-1])
+        events = list(client.events(accepted.id))
+        assert isinstance(events[0], Generation) and events[0].id == accepted.id
+        assert isinstance(events[-1], Generation) and events[-1].status == "succeeded"
+        assert events[-1] == client.status(accepted.id)
+        assert all(isinstance(e, legoclient.Progress) for e in events[1:-1])
         # the denoiser's 4 steps, in order (unless the stream began after the first ones)
-        denoise = [(p["node"], p["step"], p["total"]) for p in progress]
+        denoise = [(p.node, p.step, p.total) for p in events[1:-1]]
         assert denoise == [("denoise", s, 4) for s in range(5 - len(denoise), 5)]
         assert denoise[-1] == ("denoise", 4, 4)
 
-        seen: list[tuple[str, dict]] = []
+        seen: list[Event] = []
         state, png = client.generate("txt2img", prompt="a fox", steps=3, seed=1,
-                                     on_event=lambda e, d: seen.append((e, d)))
-        assert state["status"] == "succeeded" and png_pixels(png).shape == (64, 64, 3)
-        assert seen[0][0] == "state" and seen[-1] == ("state", state)
-        assert ("progress", {"id": state["id"], "node": "denoise", "step": 3, "total": 3}) in seen
+                                     on_event=seen.append)
+        assert state.status == "succeeded" and png_pixels(png).shape == (64, 64, 3)
+        assert isinstance(seen[0], Generation) and seen[-1] == state
+        assert legoclient.Progress(id=state.id, node="denoise", step=3, total=3) in seen
 
 
 def test_lego_generate_uses_the_stream(stack: Stack, tmp_path: Path) -> None:

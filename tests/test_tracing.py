@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from legoclient import LegoClient, NatsClient
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -31,7 +32,6 @@ from PIL import Image
 
 from common import telemetry
 from common.settings import Settings
-from gateway.client import LegoClient, NatsClient
 from tests.conftest import nats_server
 from tests.stackutil import running_stack
 
@@ -225,9 +225,9 @@ def test_one_trace_per_request_through_the_stack(tmp_path: Path, cache_dir: Path
         state, _ = client.generate("txt2img", prompt="a traced fox", steps=2, seed=1)
         want = {"POST /v1/generations", "ingress", "node encode", "node denoise",
                 "node decode", "execute", "queue_wait", "store.get", "store.put"}
-        spans = collector.wait_for(state["id"], want)
+        spans = collector.wait_for(state.id, want)
         assert want <= {s.name for s in spans}, sorted({s.name for s in spans})
-        nodes = _check_trace(spans, state["id"], {
+        nodes = _check_trace(spans, state.id, {
             "encode": "ingress", "denoise": "encode", "decode": "denoise"})
         [http] = [s for s in spans if s.name == "POST /v1/generations"]
         assert http.parent_id == "" and http.service == "lego-gateway"
@@ -248,21 +248,21 @@ def test_one_trace_per_request_through_the_stack(tmp_path: Path, cache_dir: Path
                                    strength=0.5, steps=2, seed=2)
         # (each process exports on its own, about once a second: wait for all of them)
         want = {"ingress", "node encode", "node encode_image", "node denoise", "node decode"}
-        spans = collector.wait_for(state["id"], want)
+        spans = collector.wait_for(state.id, want)
         # whichever predecessor arrived last published the denoiser's task: its parent
         node_spans = {s.attributes["lego.node"]: s for s in spans if s.name.startswith("node ")}
         parent = next(n for n in ("encode", "encode_image")
                       if node_spans["denoise"].parent_id == node_spans[n].span_id)
-        _check_trace(spans, state["id"], {"encode": "ingress", "encode_image": "ingress",
+        _check_trace(spans, state.id, {"encode": "ingress", "encode_image": "ingress",
                                           "denoise": parent, "decode": "denoise"})
         ingress = next(s for s in spans if s.name == "ingress")
         assert any(s.name == "store.put" and s.parent_id == ingress.span_id for s in spans)
 
         # straight over NATS, without a traceparent: the ingress starts the trace
         async def over_nats() -> str:
-            async with NatsClient(stack.settings) as nats_client:
+            async with NatsClient(stack.settings.nats_url) as nats_client:
                 result = await nats_client.generate(
-                    {"workflow": "txt2img", "prompt": "direct", "steps": 1}, timeout_s=60)
+                    "txt2img", prompt="direct", steps=1, timeout_s=60)
                 return result.id
 
         request_id = asyncio.run(over_nats())
