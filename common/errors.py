@@ -182,6 +182,19 @@ class RetryableError(LegoError):
     retryable = True
 
 
+class Unavailable(RetryableError):
+    """A dependency (NATS, the tensor store) cannot be reached: try again shortly."""
+
+    code = "unavailable"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0, **details: Any) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, **details)
+        self.retry_after_s = retry_after_s
+
+    def http_headers(self) -> dict[str, str]:
+        return {"Retry-After": retry_after_header(self.retry_after_s)}
+
+
 class TerminalError(LegoError):
     code = "node_error"
     http_status = 500

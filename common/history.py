@@ -149,13 +149,13 @@ async def page(js: JetStreamContext, query: HistoryQuery
                ) -> tuple[list[RequestState], str | None]:
     """A page of the requests kept in the state bucket: (states, next cursor or None)."""
     newest = Newest(query)
-    async for state in _kept_states(js, query.since):
+    async for state in kept_states(js, query.since):
         newest.offer(state)
     return newest.page()
 
 
-async def _kept_states(js: JetStreamContext, since: float | None
-                       ) -> AsyncIterator[RequestState]:
+async def kept_states(js: JetStreamContext, since: float | None = None
+                      ) -> AsyncIterator[RequestState]:
     """Every state kept in the bucket (written at or after ``since``, give or take the clock
     margin), a batch at a time."""
     config = ConsumerConfig(

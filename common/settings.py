@@ -74,12 +74,20 @@ class Settings(BaseSettings):
     torch_threads: int = Field(1, ge=1, description="intra-op threads per node process")
 
     # --- delivery ----------------------------------------------------------------------------
-    ack_wait_s: float = Field(30.0, gt=0)
+    ack_wait_s: float = Field(
+        2.0, gt=0, description="a task or request not acked for this long is delivered again "
+        "(a replica that died holding it); live replicas send in-progress acks every quarter "
+        "of it, however long their task runs",
+    )
     max_deliver: int = Field(3, ge=1)
     max_ack_pending: int = Field(64, ge=1)
     retry_backoff_s: float = Field(0.5, ge=0)
     max_batch: int = Field(8, ge=1, description="default max batch of a node")
     drain_timeout_s: float = Field(120.0, gt=0)
+    deadline_sweep_s: float = Field(
+        10.0, gt=0, description="every ingress replica ends, this often, the unfinished "
+        "requests past their deadline that no live replica watches",
+    )
 
     # --- device hosts (services/host.py) -------------------------------------------------------
     host_scheduler: Literal["least_slack", "fifo"] = Field(

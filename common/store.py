@@ -127,6 +127,10 @@ class TensorStore(abc.ABC):
         """Delete expired groups where the backend has no TTL of its own."""
         return 0
 
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise when the store cannot be used now (its server is down, its root is gone)."""
+
     async def close(self) -> None:
         return None
 
@@ -152,6 +156,11 @@ class ShmStore(TensorStore):
         for area in AREAS:
             (self.root / area).mkdir(parents=True, exist_ok=True)
         self._real_root = os.path.realpath(self.root)
+
+    async def ping(self) -> None:
+        for area in AREAS:
+            if not os.access(self.root / area, os.W_OK):
+                raise OSError(f"the shared-memory store {self.root / area} is not writable")
 
     def _path(self, relative: str) -> str:
         """The absolute path of ``relative`` (a checked key or group: no empty part, no "."
@@ -248,8 +257,12 @@ class RedisStore(TensorStore):
         """``password``: Redis AUTH, for a URL without one (a password in the URL wins)."""
         import redis.asyncio as redis
 
-        options = {"password": password} if password else {}
-        self.client = redis.Redis.from_url(url, **options)
+        options: dict = {"password": password} if password else {}
+        # a server that does not answer is an error within a second, not a hang
+        self.client = redis.Redis.from_url(url, socket_connect_timeout=1.0, **options)
+
+    async def ping(self) -> None:
+        await self.client.ping()
 
     def _index(self, area: str, request_id: str) -> str:
         return f"lego:idx:{area}/{request_id}"
@@ -341,6 +354,9 @@ class ObservedStore(TensorStore):
 
     async def sweep(self) -> int:
         return await self.inner.sweep()
+
+    async def ping(self) -> None:
+        await self.inner.ping()
 
     async def close(self) -> None:
         await self.inner.close()

@@ -132,8 +132,9 @@ class RequestTracker:
             return state
 
         # Whoever ends it, the request is over: its intermediate tensors go first, so a client
-        # that sees the final state never finds them still there.
-        await self.store.delete_group("tmp", request_id)
+        # that sees the final state never finds them still there (unless the store is down:
+        # then they are left to their TTL, and the request still ends).
+        await self._delete("tmp", request_id)
         final = await self.update(request_id, change, touch=False)
         if final is None:
             return None
@@ -162,9 +163,19 @@ class RequestTracker:
         )
 
     async def cleanup(self, request_id: str, keep_image: bool) -> None:
-        await self.store.delete_group("tmp", request_id)
+        await self._delete("tmp", request_id)
         if not keep_image:
-            await self.store.delete_group("out", request_id)
+            await self._delete("out", request_id)
+
+    async def _delete(self, area: str, request_id: str) -> None:
+        """Delete a request's tensors of ``area``; when the store cannot be reached, log it
+        and leave them to their TTL (the store's own, or its sweep): a store outage must not
+        keep a request from ending."""
+        try:
+            await self.store.delete_group(area, request_id)
+        except Exception as exc:  # noqa: BLE001 - the store is down; they expire by themselves
+            log.warning("could not delete %s tensors of %s (%s); left to their TTL",
+                        area, request_id, exc)
 
     async def cancel(self, request_id: str) -> RequestState | None:
         """Cancel a request that has not ended; nodes drop its work at the next step boundary."""

@@ -31,6 +31,9 @@ from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from nats import errors as nats_errors
+from nats.js import errors as nats_js_errors
+from redis import exceptions as redis_errors
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common import bus, history, metrics, output_format, subjects, telemetry
@@ -41,6 +44,7 @@ from common.errors import (
     LegoError,
     NotFound,
     PayloadTooLarge,
+    Unavailable,
 )
 from common.messages import Progress, RequestState, decode, encode, json_schema
 from common.modelinfo import LocalModelInfo
@@ -96,6 +100,39 @@ GENERATION_SCHEMA: dict[str, Any] = {
     },
     "additionalProperties": True,
 }
+
+
+#: errors of NATS and the tensor store that mean "not reachable now": a 503 with Retry-After
+DEPENDENCY_ERRORS: tuple[type[Exception], ...] = (
+    nats_errors.ConnectionClosedError, nats_errors.ConnectionReconnectingError,
+    nats_errors.NoServersError, nats_errors.NoRespondersError, nats_errors.StaleConnectionError,
+    nats_errors.OutboundBufferLimitError, nats_errors.TimeoutError,
+    nats_js_errors.ServiceUnavailableError,
+    redis_errors.ConnectionError, redis_errors.TimeoutError,
+)
+
+
+class NatsFirst:
+    """Without NATS no /v1 call can be answered: say so at once (503, Retry-After) rather
+    than after the JetStream calls time out. NATS's client reconnects by itself; /readyz
+    says which dependency is missing. A plain ASGI middleware: nothing added to the hot
+    path but one attribute read."""
+
+    def __init__(self, app: Any, gateway: Gateway) -> None:
+        self.app, self.gateway = app, gateway
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        gw = self.gateway
+        if (scope["type"] == "http" and scope["path"].startswith("/v1/") and gw.ready
+                and not gw.nc.is_connected):
+            response = error_response(Unavailable(
+                "NATS cannot be reached; the gateway reconnects by itself: retry shortly",
+                dependency="nats"))
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+#: the longest /readyz waits for the store to answer
+DEPENDENCY_TIMEOUT_S = 0.5
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -178,6 +215,18 @@ class Gateway:
         await self.registry.stop()
         await self.store.close()
         await bus.close(self.nc)
+
+    async def dependencies(self) -> dict[str, str]:
+        """Each dependency: "ok", or why it cannot be used now."""
+        found = {"nats": "ok" if self.nc.is_connected else
+                 "unreachable (reconnecting)" if self.nc.is_reconnecting else "not connected"}
+        try:
+            async with asyncio.timeout(DEPENDENCY_TIMEOUT_S):
+                await self.store.ping()
+            found["store"] = "ok"
+        except Exception as exc:  # noqa: BLE001 - any failure is the answer
+            found["store"] = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return found
 
     async def _on_progress(self, msg: Any) -> None:
         progress = decode(msg.data, Progress)
@@ -352,6 +401,24 @@ def create_app(
     async def _lego_error(request: Request, exc: LegoError) -> JSONResponse:
         return error_response(exc)
 
+    app.add_middleware(NatsFirst, gateway=gw)
+
+    for dependency_error in DEPENDENCY_ERRORS:
+        @app.exception_handler(dependency_error)
+        async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+            dependency = "store" if type(exc).__module__.startswith("redis") else "nats"
+            log.warning("%s %s: %s unavailable: %s: %s", request.method, request.url.path,
+                        dependency, type(exc).__name__, exc)
+            return error_response(Unavailable(
+                f"{dependency} did not answer ({type(exc).__name__}); retry shortly",
+                dependency=dependency))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        # our bug: the error JSON, not plain text (the server logs the traceback)
+        return error_response(LegoError(f"internal error ({type(exc).__name__}); see the "
+                                        "gateway's log"))
+
     @app.exception_handler(RequestValidationError)
     async def _bad_parameter(request: Request, exc: RequestValidationError) -> JSONResponse:
         # a query parameter of the wrong type (?limit=ten) answers in the API's error shape
@@ -452,8 +519,11 @@ def create_app(
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        ok = gw.ready and gw.nc.is_connected
-        return _json({"ready": ok}, status=200 if ok else 503)
+        """Ready when started and every dependency answers; ``dependencies`` says which
+        does not (``nats``, ``store``) and why."""
+        dependencies = await gw.dependencies() if gw.ready else {}
+        ok = gw.ready and all(v == "ok" for v in dependencies.values())
+        return _json({"ready": ok, "dependencies": dependencies}, status=200 if ok else 503)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:

@@ -25,7 +25,7 @@ import torch
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from common import bus, metrics, subjects, telemetry, webhooks
+from common import bus, history, metrics, subjects, telemetry, webhooks
 from common.errors import (
     Conflict,
     DeadlineExceeded,
@@ -124,7 +124,7 @@ class Ingress:
         if settings.nats_inbox_prefix:
             self.reply_prefixes.append(settings.nats_inbox_prefix)
         # (deadline_at, request id) of the requests this replica planned, soonest first
-        self._deadlines: list[tuple[float, str]] = []
+        self._deadlines: list[tuple[float, float, str]] = []  # (due at, deadline at, id)
         self._deadline_added = asyncio.Event()
 
     # --- shared by the gateway and the consumer -------------------------------------------------
@@ -280,18 +280,22 @@ class Ingress:
         endings = await self.js._nc.subscribe(
             subjects.STATE_UPDATES, queue="ingress", cb=self._on_state
         )
-        sweeper = asyncio.create_task(self._sweep_loop())
-        expirer = asyncio.create_task(self._deadline_loop())
+        background = [asyncio.create_task(loop()) for loop in
+                      (self._sweep_loop, self._deadline_loop, self._late_sweep_loop)]
         try:
             while not stop.is_set():
                 try:
                     [msg] = await sub.fetch(1, timeout=0.5)  # returns on the first arrival
                 except TimeoutError:
                     continue
+                except Exception as exc:  # noqa: BLE001 - NATS is down: wait for it, never stop
+                    log.warning("ingress: could not fetch a request (%s); retrying", exc)
+                    await asyncio.sleep(max(self.settings.retry_backoff_s, 0.1))
+                    continue
                 await self.handle(msg)
         finally:
-            sweeper.cancel()
-            expirer.cancel()
+            for task in background:
+                task.cancel()
             await advisories.unsubscribe()
             await endings.unsubscribe()
             await sub.unsubscribe()
@@ -432,30 +436,52 @@ class Ingress:
                 headers=telemetry.inject({"Nats-Msg-Id": subjects.task_msg_id(request_id, root)}),
             )
         if deadline_at is not None:
-            heapq.heappush(self._deadlines, (deadline_at, request_id))
-            self._deadline_added.set()
+            self._watch_deadline(deadline_at + DEADLINE_GRACE_S, deadline_at, request_id)
+
+    def _watch_deadline(self, due_at: float, deadline_at: float, request_id: str) -> None:
+        heapq.heappush(self._deadlines, (due_at, deadline_at, request_id))
+        self._deadline_added.set()
 
     async def _deadline_loop(self) -> None:
         """End every request this replica planned by its deadline (plus a grace), whatever its
         work is doing: a client learns it was too late then, not whenever a replica of a pool
         that has none (scaled to zero, all crashed) gets round to dropping the task. The queued
-        tasks stay; the nodes drop them unrun when they fetch them."""
+        tasks stay; the nodes drop them unrun when they fetch them. An end that fails (NATS or
+        the store is down) is tried again, backing off, until it succeeds."""
         while True:
             if not self._deadlines:
                 self._deadline_added.clear()
                 await self._deadline_added.wait()
                 continue
-            due = self._deadlines[0][0] + DEADLINE_GRACE_S - now()
+            due = self._deadlines[0][0] - now()
             if due > 0:
                 self._deadline_added.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._deadline_added.wait(), due)
                 continue
-            deadline_at, request_id = heapq.heappop(self._deadlines)
+            _, deadline_at, request_id = heapq.heappop(self._deadlines)
             try:
                 await self._expire(request_id, deadline_at)
-            except Exception as exc:  # noqa: BLE001 - the nodes still drop its work when late
-                log.warning("could not end late request %s: %s", request_id, exc)
+            except Exception as exc:  # noqa: BLE001 - try again shortly
+                retry_s = max(self.settings.retry_backoff_s, 0.1)
+                log.warning("could not end late request %s (%s); trying again in %.1fs",
+                            request_id, exc, retry_s)
+                self._watch_deadline(now() + retry_s, deadline_at, request_id)
+
+    async def _late_sweep_loop(self) -> None:
+        """The deadline watch of requests no live replica watches (their ingress replica died,
+        or restarted): every ``deadline_sweep_s``, end the unfinished requests in the state
+        bucket that are late by more than the grace and a sweep period."""
+        period = self.settings.deadline_sweep_s
+        while True:
+            await asyncio.sleep(period)
+            try:
+                cutoff = now() - DEADLINE_GRACE_S - period
+                async for state in history.kept_states(self.js):
+                    if not state.done and state.deadline_at and state.deadline_at < cutoff:
+                        self._watch_deadline(now(), state.deadline_at, state.id)
+            except Exception as exc:  # noqa: BLE001 - NATS may be back by the next sweep
+                log.warning("deadline sweep failed: %s", exc)
 
     async def _expire(self, request_id: str, deadline_at: float) -> None:
         state = await self.tracker.get(request_id)

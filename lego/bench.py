@@ -249,8 +249,8 @@ def bench_e2e(settings: Settings, iterations: int) -> dict:
     gateway, ingress and three nodes, PNG download included) against diffusers' pipeline in
     this process. The two alternate request by request, so machine noise hits both alike."""
     import torch
+    from legoclient import LegoClient
 
-    from gateway.client import LegoClient
     from lego.stack import Stack, free_port
 
     with tempfile.TemporaryDirectory() as tmp, servers(settings, Path(tmp), False) as s:
@@ -270,7 +270,7 @@ def bench_e2e(settings: Settings, iterations: int) -> dict:
                     started = time.perf_counter()
                     state, _ = client.generate("txt2img", seed=i, **E2E_REQUEST)
                     micro_s = time.perf_counter() - started
-                    assert state["status"] == "succeeded", state
+                    assert state.status == "succeeded", state
                     started = time.perf_counter()
                     pipe(E2E_REQUEST["prompt"], negative_prompt=E2E_REQUEST["negative_prompt"],
                          num_inference_steps=E2E_REQUEST["steps"],

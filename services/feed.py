@@ -183,6 +183,10 @@ class PoolFeed:
                     [msg] = await self._sub.fetch(1, timeout=poll_s)
                 except TimeoutError:
                     continue
+                except Exception as exc:  # noqa: BLE001 - NATS is down: wait for it, never stop
+                    log.warning("%s: could not fetch (%s); retrying", self.replica, exc)
+                    await asyncio.sleep(max(self.host.settings.retry_backoff_s, 0.1))
+                    continue
                 try:
                     held = await self._admit(msg)  # even if draining began meanwhile: ours
                 except Exception:  # noqa: BLE001 - the store or NATS failed: never stop fetching
@@ -550,7 +554,8 @@ class PoolFeed:
                 "%s: %s attempt %d failed (%s: %s); retrying",
                 self.replica, task.request_id, held.attempt, type(exc).__name__, exc,
             )
-            await held.msg.nak(delay=settings.retry_backoff_s * held.attempt)
+            # backing off exponentially: an outage of the store or NATS gets time to end
+            await held.msg.nak(delay=settings.retry_backoff_s * 2 ** (held.attempt - 1))
             return
         self.stats.tasks_failed += 1
         log.error("%s: %s failed: %s: %s", self.replica, task.request_id, type(exc).__name__, exc)

@@ -249,6 +249,8 @@ class DeviceHost:
         try:
             with telemetry.within(held.span):  # its store I/O and successors belong to it
                 await held.feed.complete(held)
+        except Exception:  # noqa: BLE001 - not acked: it comes back after the ack wait
+            log.exception("%s: could not end %s's task", self.name, held.task.request_id)
         finally:
             self._forget(held)
 
@@ -273,7 +275,7 @@ class DeviceHost:
 
     async def _heartbeat_loop(self) -> None:
         """Tell JetStream we are still working on long tasks, so they are not redelivered."""
-        interval = self.settings.ack_wait_s / 3
+        interval = self.settings.ack_wait_s / 4
         while True:
             await asyncio.sleep(interval)
             for feed in list(self.feeds.values()):
