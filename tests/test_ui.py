@@ -126,6 +126,18 @@ def test_playground_generates_and_shows_the_image(page, stack: Stack, tmp_path: 
     assert mirrored > 5 * max(difference, 1), (difference, mirrored)
 
 
+def test_a_request_in_flight_shows_where_it_stands(page) -> None:  # noqa: ANN001
+    """The status line of a queued request: its place in each pool it waits on and its ETA,
+    from the state's ``queue_position`` and ``eta_s`` (as GET and the event stream send it)."""
+    page.evaluate("showState({id: 'r1', status: 'queued', eta_s: 2.46,"
+                  " queue_position: {'text_encoder-tiny': 3}})")
+    assert page.text_content("#status") == "r1: queued, 3 ahead in text_encoder-tiny, about " \
+        "2.5 s left"
+    page.evaluate("showState({id: 'r1', status: 'running', eta_s: 0.8,"
+                  " queue_position: {'denoiser-tiny': 0}})")
+    assert page.text_content("#status") == "r1: running, about 0.8 s left"
+
+
 def test_cluster_view_lists_the_workflow_pools(page, stack: Stack) -> None:  # noqa: ANN001
     with httpx.Client(base_url=stack.gateway_url) as http:
         workflows = {w["name"]: w for w in http.get("/v1/workflows").json()["workflows"]}
