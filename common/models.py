@@ -464,6 +464,26 @@ def model_index(model_dir: Path | str) -> dict:
     return json.loads((Path(model_dir) / "model_index.json").read_text())
 
 
+def model_components(spec: str) -> frozenset[str] | None:
+    """The components a model directory holds: the entries of its ``model_index.json`` that
+    name a class (``"safety_checker": [null, null]``, as diffusers writes a pipeline saved
+    without one, does not) and whose subfolder exists. None where it cannot tell without
+    building or loading anything: a builtin (complete by construction), a plug-in's model,
+    a path that is not a diffusers directory (resolving it says why)."""
+    if is_builtin(spec):
+        return None
+    path = Path(spec).expanduser()
+    try:
+        index = model_index(path)
+    except (OSError, ValueError):
+        return None
+    return frozenset(
+        name for name, entry in index.items()
+        if not name.startswith("_") and isinstance(entry, list) and len(entry) == 2
+        and entry[0] is not None and entry[1] is not None and (path / name).is_dir()
+    )
+
+
 def component_config(model_dir: Path | str, subfolder: str) -> dict:
     """A component's config (``config.json``, or ``scheduler_config.json`` for a scheduler)."""
     folder = Path(model_dir) / subfolder

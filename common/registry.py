@@ -10,7 +10,7 @@ from nats.js.errors import KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
 
 from common.errors import UnknownWorkflow
-from common.workflow import WorkflowSpec, parse_workflow
+from common.workflow import WorkflowSpec, builtin_workflows, parse_workflow
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +22,22 @@ class WorkflowRegistry:
         self._watch_task: asyncio.Task | None = None
 
     async def start(self, seed: dict[str, WorkflowSpec] | None = None) -> None:
-        """Load the registered workflows (writing ``seed`` first) and follow later changes."""
+        """Load the registered workflows (writing ``seed`` first) and follow later changes.
+
+        ``seed``: the shipped workflows a stack serves. A shipped workflow registered before
+        and not among them is removed: an earlier run on other models (which this run's model
+        directory may not be able to serve, as a checkpoint without a safety checker cannot
+        serve txt2img-safe), or with other ``workflows``, must not leave it served."""
         for spec in (seed or {}).values():
             await self.add(spec)
+        if seed is not None:
+            for name in sorted(builtin_workflows().keys() - seed.keys()):
+                try:
+                    await self.bucket.get(name)
+                except KeyNotFoundError:
+                    continue
+                log.info("workflow %s is not served by this stack: unregistered", name)
+                await self.bucket.delete(name)
         watcher = await self.bucket.watchall()
         first = asyncio.Event()
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -29,30 +30,41 @@ from common.subjects import pool_name
 if TYPE_CHECKING:
     from common.settings import Settings
 
+log = logging.getLogger(__name__)
+
 BUILTIN_DIR = Path(__file__).parent / "workflows"
 
 
 @dataclass(frozen=True)
 class KindSpec:
-    """The interface of a node kind: its op, the tensors it takes and makes, the params it reads."""
+    """The interface of a node kind: its op, the tensors it takes and makes, the params it
+    reads; and ``requires``, the components of a diffusers directory (entries of its
+    ``model_index.json``, each a subfolder) its core loads."""
 
     op: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     optional_inputs: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()
 
 
 KINDS: dict[str, KindSpec] = {
-    "text_encoder": KindSpec("encode", (), ("prompt_embeds",)),
+    "text_encoder": KindSpec("encode", (), ("prompt_embeds",),
+                             requires=("tokenizer", "text_encoder")),
     "denoiser": KindSpec(
         "denoise", ("prompt_embeds",), ("latents",),
         # a second and third text encoder's embeddings (SD3: CLIP-L, CLIP-G, T5; Flux: CLIP, T5)
         ("image_latents", "generator_state", "prompt_embeds_2", "prompt_embeds_3"),
+        requires=("unet", "scheduler", "vae"),  # the VAE's config: the latents' scale
     ),
-    "vae_encoder": KindSpec("encode_image", ("image",), ("image_latents", "generator_state")),
-    "vae_decoder": KindSpec("decode", ("latents",), ("image",)),
-    "safety_checker": KindSpec("check", ("image",), ("image",)),
-    "upscaler": KindSpec("upscale", ("latents",), ("latents",)),
+    "vae_encoder": KindSpec("encode_image", ("image",), ("image_latents", "generator_state"),
+                            requires=("vae",)),
+    "vae_decoder": KindSpec("decode", ("latents",), ("image",), requires=("vae",)),
+    "safety_checker": KindSpec("check", ("image",), ("image",),
+                               requires=("safety_checker", "feature_extractor")),
+    # the whole latent upscale pipeline
+    "upscaler": KindSpec("upscale", ("latents",), ("latents",),
+                         requires=("unet", "scheduler", "vae", "text_encoder", "tokenizer")),
 }
 
 
@@ -234,6 +246,10 @@ def parse_workflow(data: dict[str, Any] | str | bytes) -> WorkflowSpec:
     if not isinstance(data, dict):
         raise InvalidRequest([InvalidField("workflow", "expected a mapping")])
     try:
+        _check_text(data)
+    except UnicodeError as exc:  # a lone surrogate (JSON's or YAML's "\ud800") is no text
+        raise InvalidRequest([InvalidField("workflow", f"not valid Unicode: {exc}")]) from None
+    try:
         return WorkflowSpec.model_validate(data)
     except ValidationError as exc:
         raise InvalidRequest(
@@ -242,6 +258,19 @@ def parse_workflow(data: dict[str, Any] | str | bytes) -> WorkflowSpec:
                 for err in exc.errors()
             ]
         ) from None
+
+
+def _check_text(node: Any) -> None:
+    """Raise ``UnicodeError`` for a string in ``node`` that is no UTF-8 text."""
+    if isinstance(node, str):
+        node.encode()
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            _check_text(key)
+            _check_text(value)
+    elif isinstance(node, list):
+        for value in node:
+            _check_text(value)
 
 
 def builtin_workflows(models: dict[str, str] | None = None) -> dict[str, WorkflowSpec]:
@@ -429,10 +458,67 @@ def register_workflow_source(name: str, source: WorkflowSource) -> None:
     WORKFLOW_SOURCES[name] = source
 
 
+def missing_components(
+    spec: WorkflowSpec, components: Mapping[str, frozenset[str] | None]
+) -> dict[str, tuple[str, ...]]:
+    """Per node of ``spec`` that cannot load, the components its kind ``requires`` that its
+    model lacks. ``components``: model spec -> the components that model has (None, or no
+    entry: unknown, such as a builtin or a plug-in's model, taken as complete)."""
+    missing = {}
+    for name, node in spec.nodes.items():
+        have = components.get(spec.models[node.model])
+        if have is None:
+            continue
+        lacking = tuple(c for c in KINDS[node.kind].requires if c not in have)
+        if lacking:
+            missing[name] = lacking
+    return missing
+
+
+def servable(
+    specs: Mapping[str, WorkflowSpec], components: Mapping[str, frozenset[str] | None]
+) -> tuple[dict[str, WorkflowSpec], dict[str, str]]:
+    """Split ``specs`` into those their models can serve and, for the others, why not (a
+    node's model lacks a component its kind loads: a checkpoint published without a safety
+    checker cannot serve a workflow that checks images). ``components`` as for
+    ``missing_components``. Pure."""
+    kept, left_out = {}, {}
+    for name, spec in specs.items():
+        missing = missing_components(spec, components)
+        if not missing:
+            kept[name] = spec
+            continue
+        left_out[name] = "; ".join(
+            f"node {node} ({spec.nodes[node].kind}) needs {', '.join(parts)}, which "
+            f"{spec.models[spec.nodes[node].model]} lacks"
+            for node, parts in missing.items()
+        )
+    return kept, left_out
+
+
+def offered_workflows(settings: Settings) -> tuple[dict[str, WorkflowSpec], dict[str, str]]:
+    """The shipped workflows (``shipped_workflows``'s choice) split into those the configured
+    models can serve and, for the others, why not (``servable``, on what each model
+    directory's ``model_index.json`` and subfolders hold)."""
+    from common.models import model_components
+
+    chosen = _chosen_workflows(settings)
+    models = {m for spec in chosen.values() for m in spec.models.values()}
+    return servable(chosen, {m: model_components(m) for m in models})
+
+
 def shipped_workflows(settings: Settings) -> dict[str, WorkflowSpec]:
     """The shipped workflows on the configured models, those ``settings.workflows`` names (or
     all of them); with ``settings.workload``, that workload's workflows instead (from the
-    source a plug-in registered under its name)."""
+    source a plug-in registered under its name). A workflow whose model lacks a component one
+    of its nodes loads is left out, with a logged warning (``offered_workflows`` says why)."""
+    offered, left_out = offered_workflows(settings)
+    for name, why in left_out.items():
+        log.warning("workflow %s is not offered: %s", name, why)
+    return offered
+
+
+def _chosen_workflows(settings: Settings) -> dict[str, WorkflowSpec]:
     if settings.workload:
         source = WORKFLOW_SOURCES.get(settings.workload)
         if source is None:

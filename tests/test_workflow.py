@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from common.errors import InvalidRequest, PayloadTooLarge
-from common.workflow import builtin_workflows, parse_workflow, validate_params
+from common.models import model_components
+from common.settings import Settings
+from common.workflow import (
+    builtin_workflows,
+    offered_workflows,
+    parse_workflow,
+    servable,
+    validate_params,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -51,6 +61,68 @@ def test_model_override_changes_pools() -> None:
     a = builtin_workflows()["txt2img"].pools()
     b = builtin_workflows({"base": "/models/sd15"})["txt2img"].pools()
     assert set(a).isdisjoint(b)
+
+
+SD_COMPONENTS = {
+    "feature_extractor": ["transformers", "CLIPImageProcessor"],
+    "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+    "scheduler": ["diffusers", "DDIMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def sd_dir(root: Path, name: str, *, index: dict | None = None,
+           folders: set[str] | None = None) -> Path:
+    """A hand-made diffusers directory: a model_index.json (``index``, default a full SD one)
+    and an empty subfolder per name of ``folders`` (default: every component listed)."""
+    index = dict(SD_COMPONENTS) if index is None else index
+    path = root / name
+    path.mkdir()
+    (path / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "requires_safety_checker": False, **index,
+    }))
+    for folder in index if folders is None else folders:
+        (path / folder).mkdir()
+    return path
+
+
+def test_model_components_reads_the_index_and_the_subfolders(tmp_path: Path) -> None:
+    full = sd_dir(tmp_path, "full")
+    assert model_components(str(full)) == frozenset(SD_COMPONENTS)
+    # diffusers writes [null, null] for a pipeline saved without its safety checker
+    nulled = sd_dir(tmp_path, "nulled", index={**SD_COMPONENTS, "safety_checker": [None, None]})
+    assert "safety_checker" not in model_components(str(nulled))
+    # listed, but its folder was deleted
+    no_folder = sd_dir(tmp_path, "no-folder", folders=set(SD_COMPONENTS) - {"feature_extractor"})
+    assert "feature_extractor" not in model_components(str(no_folder))
+    # what it cannot tell without building or loading: no opinion
+    assert model_components("builtin:tiny-sd") is None
+    assert model_components(str(tmp_path / "nowhere")) is None
+
+
+def test_workflows_a_model_cannot_serve_are_left_out_with_the_reason(tmp_path: Path) -> None:
+    unchecked = {k: v for k, v in SD_COMPONENTS.items() if k != "safety_checker"}
+    model = sd_dir(tmp_path, "no-checker", index=unchecked)
+    specs = builtin_workflows({"base": str(model)})
+    kept, left_out = servable(specs, {str(model): model_components(str(model))})
+    assert set(left_out) == {"txt2img-safe"}
+    assert "safety_checker" in left_out["txt2img-safe"]
+    assert str(model) in left_out["txt2img-safe"]
+    assert "feature_extractor" not in left_out["txt2img-safe"]  # it has that one
+    assert set(kept) == {"txt2img", "txt2img-hires", "img2img"}
+    # the same through the settings, as lego up and the gateway choose them
+    offered, why = offered_workflows(Settings(base_model=str(model)))
+    assert set(offered) == set(kept) and why == left_out
+    # a model without a VAE serves nothing; unknown models (builtins) are taken as complete
+    no_vae = sd_dir(tmp_path, "no-vae", index={k: v for k, v in SD_COMPONENTS.items()
+                                               if k != "vae"})
+    kept, left_out = servable(builtin_workflows({"base": str(no_vae)}),
+                              {str(no_vae): model_components(str(no_vae))})
+    assert set(kept) == set() and "vae" in left_out["img2img"]
+    assert servable(builtin_workflows(), {})[1] == {}
 
 
 def test_defaults_and_seed_are_filled() -> None:
