@@ -19,7 +19,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from autoscaler.backends import Backend, PoolLaunch, ReplicaInfo
@@ -212,6 +212,12 @@ class Autoscaler:
             )
             self._consumers.add(pool)
         views = await observer.sample()
+        for name, view in views.items():
+            if name in pools and view.replicas.get("failed") and not view.ready:
+                # its replicas cannot load the model: more of them would fail the same way
+                spec = pools[name].spec
+                pools[name] = replace(pools[name], spec=replace(
+                    spec, max_replicas=max(spec.min_replicas, 1)))
         running = await self.backend.replicas()
         observations = self.observe(views, running, pools)
         budget, devices = self.budget(pools)

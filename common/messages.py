@@ -213,13 +213,15 @@ class RequestState(msgspec.Struct, omit_defaults=True):
 
 
 class ReplicaStatus(msgspec.Struct):
-    """What a replica reports about itself, once a second and when it changes state."""
+    """What a replica reports about itself, once a second and when it changes state. A replica
+    whose model cannot load reports ``failed``, with the ``error``, how many attempts in a row
+    failed and when it tries again (``retry_in_s``, from ``at``)."""
 
     replica: str
     pool: str
     kind: str
     model: str
-    state: Literal["starting", "ready", "draining", "stopped"]
+    state: Literal["starting", "ready", "draining", "stopped", "failed"]
     held: int
     max_batch: int
     load_s: float
@@ -244,6 +246,10 @@ class ReplicaStatus(msgspec.Struct):
     tasks_dropped: int = 0
     #: its Prometheus endpoint's port (``node_metrics_port``; 0 there: the one the OS picked)
     metrics_port: int | None = None
+    #: why its model cannot be loaded (state ``failed``)
+    error: str | None = None
+    failures: int = 0  # attempts to load that failed in a row
+    retry_in_s: float | None = None  # until the next attempt (0: under way)
 
 
 class ResidentPool(msgspec.Struct, frozen=True):

@@ -136,7 +136,7 @@ class ReplicaReports:
     once a second) at scrape time, so a replica counts each thing once, for NATS and for
     Prometheus alike."""
 
-    STATES = ("starting", "ready", "draining", "stopped")
+    STATES = ("starting", "ready", "draining", "stopped", "failed")
 
     def __init__(self) -> None:
         self.latest: dict[str, ReplicaStatus] = {}
@@ -214,7 +214,7 @@ class AutoscalerReports:
         )
         for pool, view in views.items():
             lag.add_metric([pool], view.lag)
-            for state in ("starting", "ready", "draining"):
+            for state in ("starting", "ready", "draining", "failed"):
                 replicas.add_metric([pool, state], view.replicas.get(state, 0))
         for pool, count in desired.items():
             wanted.add_metric([pool], count)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,11 @@ class PoolView:
     unit_ms_min: float | None = None  # least compute per step of a task, over replicas
     steps_per_task: float | None = None  # mean over replicas of their recent tasks' mean
     max_batch: int = 1
+    #: why its replicas cannot load their model (the latest ``failed`` report), attempts that
+    #: failed in a row and the soonest next attempt
+    error: str | None = None
+    failures: int = 0
+    retry_in_s: float | None = None
 
     @property
     def ready(self) -> int:
@@ -68,6 +74,10 @@ class PoolView:
             "ready": self.ready,
             "starting": self.replicas.get("starting", 0),
             "draining": self.replicas.get("draining", 0),
+            "failed": self.replicas.get("failed", 0),
+            "error": self.error,
+            "failures": self.failures,
+            "retry_in_s": _round(self.retry_in_s),
             "lag": self.lag,
             "pending": self.pending,
             "ack_pending": self.ack_pending,
@@ -162,6 +172,11 @@ class ClusterObserver:
             view = views.setdefault(pool, PoolView(pool))
             view.kind, view.model = statuses[0].kind, statuses[0].model
             view.replicas = dict(Counter(s.state for s in statuses))
+            failed = sorted((s for s in statuses if s.state == "failed"), key=lambda s: s.at)
+            if failed:
+                view.error = failed[-1].error
+                view.failures = max(s.failures for s in failed)
+                view.retry_in_s = _min(_retry_in_s(s) for s in failed)
             view.placement = dict(Counter(s.device for s in statuses))
             view.max_batch = max(s.max_batch for s in statuses)
             batches = sum(s.batches for s in statuses)
@@ -190,6 +205,28 @@ class ClusterObserver:
                 view.shed_rate = max(0.0, (shed - previous[3]) / dt)
             self._previous[pool] = (now_s, arrived, done, shed)
         return dict(sorted(views.items()))
+
+
+def unstartable(statuses: Iterable[ReplicaStatus]) -> dict[str, ReplicaStatus]:
+    """Pools that cannot serve now: a replica reports ``failed`` (its model cannot load) and
+    none is ready, starting or draining. Per such pool, its latest ``failed`` report."""
+    alive: set[str] = set()
+    failed: dict[str, ReplicaStatus] = {}
+    for status in statuses:
+        if status.state == "failed":
+            if status.pool not in failed or failed[status.pool].at < status.at:
+                failed[status.pool] = status
+        elif status.state != "stopped":
+            alive.add(status.pool)
+    return {pool: status for pool, status in failed.items() if pool not in alive}
+
+
+def _retry_in_s(status: ReplicaStatus) -> float | None:
+    """Seconds until a failed replica's next attempt: its report's figure less the time
+    since it was made."""
+    if status.retry_in_s is None:
+        return None
+    return max(0.0, status.retry_in_s - (time.time() - status.at))
 
 
 def _max(values: Any) -> float | None:

@@ -34,6 +34,7 @@ from common.errors import (
     LegoError,
     Overloaded,
     TerminalError,
+    Unavailable,
 )
 from common.messages import (
     ErrorInfo,
@@ -46,6 +47,7 @@ from common.messages import (
     error_info,
     now,
 )
+from common.observe import unstartable
 from common.registry import WorkflowRegistry
 from common.settings import Settings
 from common.store import TensorStore, tensor_key
@@ -196,6 +198,7 @@ class Ingress:
         """The request's deadline and when it should finish, after admission control: raises
         ``Overloaded`` when the work queued ahead cannot let it finish in time."""
         plan = self.plan(spec)
+        self.check_startable(spec, plan)
         steps = admission.steps_of(spec, valid.params, plan)
         watch = self.loads
         loads = watch.loads if watch is not None else {}
@@ -216,6 +219,26 @@ class Ingress:
         queue = admission.queue_marks(plan, loads)
         watch.admitted(plan, steps)
         return Admission(deadline, eta, queue)
+
+    def check_startable(self, spec: WorkflowSpec, plan: Plan) -> None:
+        """``Unavailable`` (503, retry when the pool tries again) if a pool of ``plan`` cannot
+        start: its replicas report that its model fails to load and none serves
+        (``observe.unstartable``). The request would only wait for its deadline."""
+        if self.loads is None:
+            return
+        failing = unstartable(self.loads.observer.live_statuses())
+        for node in plan.nodes.values():
+            status = failing.get(node.pool)
+            if status is None:
+                continue
+            _count(spec.name, "unavailable")
+            retry_s = max(1.0, status.retry_in_s or 0.0)
+            raise Unavailable(
+                f"{spec.name}: its pool {node.pool} cannot start: {status.error} ("
+                f"{status.failures} attempts failed; the next in {retry_s:.0f} s)",
+                retry_after_s=retry_s, pool=node.pool, pool_error=status.error,
+                failures=status.failures,
+            )
 
     async def admit_new(self, request_id: str, raw: dict[str, Any], spec: WorkflowSpec,
                         valid: ValidRequest) -> Admission:
@@ -378,8 +401,9 @@ class Ingress:
             id=request_id or "", workflow=str(workflow), status="failed", created_at=at,
             updated_at=at, finished_at=at, error=error_info(exc),
         )
-        if isinstance(exc, Overloaded):
-            # Not recorded: the client may retry under the same id once the queues drain.
+        if isinstance(exc, Overloaded | Unavailable):
+            # Not recorded: the client may retry under the same id once the queues drain (or
+            # the pool starts).
             if request_id:
                 await self.tracker.publish_result(state, attempt=f"overloaded-{at!r}")
         elif request_id and not isinstance(exc, Conflict):

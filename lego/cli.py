@@ -103,9 +103,21 @@ def _print_stack(stack: Stack, args: argparse.Namespace) -> None:
         print(f"emulated {settings.workload} on {len(settings.devices)} devices "
               f"({settings.profile_dir.name}, {args.system or 'micro'}, time scale "
               f"{settings.time_scale:g}): {', '.join(sorted(shipped_workflows(settings)))}")
+    _print_unserved(stack)
     print(f"logs     {stack.settings.run_dir / 'logs'}")
     print(f"ready; Ctrl-C stops within {settings.stop_timeout_s:g} s (nodes finish what they "
           "hold first; a second Ctrl-C does not wait)", flush=True)
+
+
+def _print_unserved(stack: Stack, file: object = None) -> None:
+    """What the stack does not serve, and why: workflows its model cannot serve, pools that
+    cannot start (tried again with a back-off)."""
+    for name, why in stack.left_out.items():
+        print(f"not offered  {name}: {why}", file=file)  # type: ignore[arg-type]
+    for pool, error in stack.failed_pools.items():
+        print(f"cannot start {pool} (tried again with a back-off; "
+              f"{', '.join(stack.workflows_using(pool))} answer 503 meanwhile): {error}",
+              file=file)  # type: ignore[arg-type]
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -233,12 +245,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if found:
             gateway = found["gateway_url"]
         else:
+            from common.workflow import offered_workflows
+
+            left_out = offered_workflows(settings)[1]
+            if args.workflow in left_out:
+                print(f"error: {args.workflow} cannot run on {settings.base_model}: "
+                      f"{left_out[args.workflow]}", file=sys.stderr)
+                return 2
             print("no running stack: starting an embedded one...", file=sys.stderr, flush=True)
             import tempfile
 
             run_dir = Path(tempfile.mkdtemp(prefix="lego-generate-"))
             stack = Stack(settings.model_copy(update={"run_dir": run_dir}), quiet=True)
             stack.start()
+            _print_unserved(stack, file=sys.stderr)
             gateway = stack.gateway_url
     api_key = _api_key(settings)
     try:
@@ -332,16 +352,21 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     def table(views: dict) -> Table:
         t = Table(title="LegoDiffusion pools")
-        for column in ("pool", "replicas", "ready", "start", "drain", "lag", "in/s", "out/s",
-                       "shed/s", "p50 ms", "p99 ms", "batch", "cold s", "placement"):
+        for column in ("pool", "replicas", "ready", "start", "drain", "failed", "lag", "in/s",
+                       "out/s", "shed/s", "p50 ms", "p99 ms", "batch", "cold s", "placement"):
             t.add_column(column, justify="left" if column in ("pool", "placement") else "right")
+        errors = []
         for pool, view in views.items():
             j = view.to_json()
             t.add_row(pool, str(j["replicas"]), str(j["ready"]), str(j["starting"]),
-                      str(j["draining"]), str(j["lag"]), _fmt(j["arrival_rate"]),
-                      _fmt(j["completion_rate"]), _fmt(j["shed_rate"]), _fmt(j["p50_ms"]),
-                      _fmt(j["p99_ms"]), _fmt(j["mean_batch"]), _fmt(j["startup_s"]),
-                      " ".join(f"{d}:{n}" for d, n in j["placement"].items()))
+                      str(j["draining"]), str(j["failed"]), str(j["lag"]),
+                      _fmt(j["arrival_rate"]), _fmt(j["completion_rate"]), _fmt(j["shed_rate"]),
+                      _fmt(j["p50_ms"]), _fmt(j["p99_ms"]), _fmt(j["mean_batch"]),
+                      _fmt(j["startup_s"]), " ".join(f"{d}:{n}" for d, n in j["placement"].items()))
+            if j["failed"]:
+                errors.append(f"{pool} cannot load its model ({j['failures']} attempts in a row; "
+                              f"the next in {_fmt(j['retry_in_s'])} s): {j['error']}")
+        t.caption = "\n".join(errors) or None
         return t
 
     async def main() -> None:

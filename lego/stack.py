@@ -33,7 +33,7 @@ import httpx
 from common.lifetime import NATS_GONE_S, ProcessTree, child_options
 from common.models import resolve_model_dir
 from common.settings import Settings
-from common.workflow import shipped_workflows
+from common.workflow import WorkflowSpec, offered_workflows
 from services.schemes import scheme_of
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,12 @@ class Stack:
     nats_proc: subprocess.Popen | None = None
     gateway_url: str = ""
     phase: str = field(default="new", init=False)  # starting, serving, stopping
+    #: the workflows served, and those left out (the model lacks a component): name -> why
+    workflows: dict[str, WorkflowSpec] = field(default_factory=dict, init=False)
+    left_out: dict[str, str] = field(default_factory=dict, init=False)
+    #: pools none of whose replicas could load their model when the stack became ready:
+    #: pool -> the error (they are tried again with a back-off; their workflows answer 503)
+    failed_pools: dict[str, str] = field(default_factory=dict, init=False)
     _stop_requested: bool = field(default=False, init=False)
     _hurry: bool = field(default=False, init=False)
 
@@ -132,7 +138,13 @@ class Stack:
         gateway_port = self.port if self.port is not None else free_port(settings.port)
         settings = self.settings = settings.model_copy(update={"port": gateway_port})
         self.gateway_url = f"http://{settings.host}:{gateway_port}"
-        workflows = shipped_workflows(settings)
+        workflows, self.left_out = offered_workflows(settings)
+        for name, why in self.left_out.items():
+            log.warning("workflow %s is not offered: %s", name, why)
+        if not workflows:
+            raise RuntimeError("no workflow can be served: " + "; ".join(
+                f"{name}: {why}" for name, why in self.left_out.items()))
+        self.workflows = workflows
         pools: dict[str, tuple[str, str]] = {}
         for spec in workflows.values():
             pools.update(spec.pools(monolithic=settings.monolithic))
@@ -214,12 +226,21 @@ class Stack:
             **child_options(env),  # Ctrl-C reaches the stack, which drains the children
         )
 
+    def workflows_using(self, pool: str) -> list[str]:
+        """The served workflows one of whose nodes runs on ``pool``."""
+        monolithic = self.settings.monolithic
+        return sorted(name for name, spec in self.workflows.items()
+                      if pool in spec.pools(monolithic=monolithic))
+
     def _wait_ready(self, pools: list[str], timeout_s: float) -> None:
-        """Until the gateway answers and every pool has a replica with its model loaded."""
+        """Until the gateway answers and every pool has a replica with its model loaded, or
+        reports that it cannot load it (``failed_pools``: the stack serves the rest)."""
         import asyncio
 
         from common import bus, subjects
         from common.messages import ReplicaStatus, decode
+
+        failed: dict[str, str] = {}
 
         async def wait() -> None:
             nc = await bus.connect(self.settings, name="lego-up")
@@ -230,8 +251,11 @@ class Stack:
                 status = decode(msg.data, ReplicaStatus)  # type: ignore[attr-defined]
                 if status.state == "ready":
                     ready.add(status.pool)
-                    if ready >= set(pools):
-                        all_ready.set()
+                    failed.pop(status.pool, None)
+                elif status.state == "failed" and status.pool not in ready:
+                    failed[status.pool] = status.error or "failed to load"
+                if ready | failed.keys() >= set(pools):
+                    all_ready.set()
 
             sub = await nc.subscribe(subjects.REPLICAS_WILDCARD, cb=on_status)
             try:
@@ -258,6 +282,11 @@ class Stack:
             raise RuntimeError(
                 f"the stack was not ready in {timeout_s:.0f} s; see {self.settings.run_dir}/logs"
             ) from None
+        self.failed_pools = {pool: failed[pool] for pool in sorted(failed)}
+        for pool, error in self.failed_pools.items():
+            log.warning("pool %s cannot start (%s); tried again with a back-off; its "
+                        "workflows answer 503 meanwhile: %s", pool, error,
+                        ", ".join(self.workflows_using(pool)))
 
     def _check_children(self) -> None:
         for child in self.children:

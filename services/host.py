@@ -18,12 +18,15 @@ removes pools as the autoscaler decides where models are resident.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from common import bus, metrics, subjects, telemetry
-from common.messages import now
+from common.messages import ReplicaStatus, encode, now
 from common.settings import Settings
 from common.store import TensorStore, open_store
 from common.tracking import RequestTracker
@@ -32,6 +35,29 @@ from services.core import ModelCore
 from services.feed import Held, PoolFeed
 
 log = logging.getLogger(__name__)
+
+#: a pool whose model fails to load is tried again after this, doubled with every failure in
+#: a row, up to the last
+LOAD_RETRY_S = 1.0
+LOAD_RETRY_MAX_S = 60.0
+_ERROR_CHARS = 2000  # of a failure's message, in its reports
+
+
+def load_retry_s(failures: int) -> float:
+    """The wait before the next attempt to load a pool after ``failures`` failed in a row."""
+    return min(LOAD_RETRY_MAX_S, LOAD_RETRY_S * 2 ** max(0, failures - 1))
+
+
+@dataclass
+class LoadFailure:
+    """A pool whose model could not be loaded here, until it loads or is no longer wanted."""
+
+    pool: str
+    kind: str
+    model: str
+    error: str
+    failures: int
+    retry_at: float  # monotonic; passed: an attempt is under way
 
 
 class DeviceHost:
@@ -42,6 +68,7 @@ class DeviceHost:
         self.device = device or settings.device_label or settings.device
         self.policy = scheduler or scheduling.scheduler(settings.host_scheduler)
         self.feeds: dict[str, PoolFeed] = {}  # replica id -> feed
+        self.failed: dict[str, LoadFailure] = {}  # replica id -> why its pool did not load
         self.cancelled: set[str] = set()
         self.metrics_port: int | None = None
         self._held: list[Held] = []  # tasks that still have steps to run
@@ -105,6 +132,7 @@ class DeviceHost:
             feed.drain()
         try:
             await feed.start()
+            self.failed.pop(replica, None)  # its ready report stands from now on
             if ready is not None:
                 ready.set()
             await feed.fetch_loop()
@@ -116,10 +144,81 @@ class DeviceHost:
                 self.feeds.pop(replica, None)
                 self.changed()
 
+    async def serve_pool(self, build: Callable[[], ModelCore], kind: str, pool: str, model: str,
+                         replica: str, *, released: asyncio.Event | None = None,
+                         ready: asyncio.Event | None = None,
+                         process_started: float | None = None) -> None:
+        """Build ``pool``'s core (``build``, in a worker thread) and make it resident
+        (``run_pool``) until it is drained. A core that fails to build or load is reported
+        (replica ``replica`` in state ``failed``, with the error and when it is tried again)
+        and tried again after ``load_retry_s``, doubled with each failure in a row, while the
+        pool is wanted (``released`` not set, the host not draining; ``drain_replica`` wakes
+        the wait): the host and its other pools go on serving."""
+        await self._connected.wait()
+
+        def unwanted() -> bool:
+            return self._stopping or (released is not None and released.is_set())
+
+        failures = 0
+        try:
+            while not unwanted():
+                try:
+                    core = await asyncio.to_thread(build)
+                    if unwanted():
+                        core.close()
+                        return
+                    await self.run_pool(core, pool, model, replica, ready=ready,
+                                        process_started=process_started)
+                    return
+                except (Exception, SystemExit) as exc:  # noqa: BLE001 - a bad kind exits
+                    # no failure on record: it had loaded, so this one starts a new series
+                    failures = failures + 1 if replica in self.failed else 1
+                    retry_s = load_retry_s(failures)
+                    error = (f"{type(exc).__name__}: {exc}")[:_ERROR_CHARS]
+                    log.error("%s: %s (%s --model %s) failed to load: %s; trying again in "
+                              "%.0f s", self.name, pool, kind, model, error, retry_s,
+                              exc_info=failures == 1)
+                    self.failed[replica] = LoadFailure(pool, kind, model, error, failures,
+                                                       time.monotonic() + retry_s)
+                    await self._publish_failed(replica)
+                    await self._wait_unless(retry_s, unwanted)
+        finally:
+            failure = self.failed.pop(replica, None)
+            if failure is not None:  # observers forget it at once
+                await self._publish_failed(replica, failure, "stopped")
+
+    async def _wait_unless(self, seconds: float, stop: Callable[[], bool]) -> None:
+        """Wait ``seconds``, or until ``stop()`` is true (checked when the host changes)."""
+        deadline = time.monotonic() + seconds
+        while not stop() and (left := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wait_changed(), left)
+
+    async def _publish_failed(self, replica: str, failure: LoadFailure | None = None,
+                              state: str = "failed") -> None:
+        """Report a pool that could not load (best effort: NATS may be down)."""
+        failure = failure or self.failed.get(replica)
+        if failure is None:
+            return
+        status = ReplicaStatus(
+            replica=replica, pool=failure.pool, kind=failure.kind, model=failure.model,
+            state=state, held=0, max_batch=self.settings.max_batch,  # type: ignore[arg-type]
+            load_s=0.0, tasks_done=0, tasks_failed=0, batches=0, batch_items=0, at=now(),
+            device=self.device, metrics_port=self.metrics_port, error=failure.error,
+            failures=failure.failures,
+            retry_in_s=round(max(0.0, failure.retry_at - time.monotonic()), 3),
+        )
+        metrics.REPLICA_REPORTS.report(status)
+        try:
+            await self.nc.publish(subjects.replica_subject(failure.pool), encode(status))
+        except Exception as exc:  # noqa: BLE001 - the next report goes out a second later
+            log.debug("%s: failure report not published: %s", self.name, exc)
+
     def drain_replica(self, replica: str) -> None:
         feed = self.feeds.get(replica)
         if feed is not None:
             feed.drain()
+        self.changed()  # a pool waiting to be loaded again stops waiting
 
     # --- what feeds ask -------------------------------------------------------------------------
 
@@ -270,7 +369,10 @@ class DeviceHost:
     async def _status_loop(self) -> None:
         while True:
             for feed in list(self.feeds.values()):
-                await feed.publish_status()
+                if feed.replica not in self.failed:  # loading again: it stays failed till then
+                    await feed.publish_status()
+            for replica in list(self.failed):
+                await self._publish_failed(replica)
             await asyncio.sleep(1.0)
 
     async def _heartbeat_loop(self) -> None:

@@ -10,8 +10,9 @@ replica ``<pool>@<KEY>``; a pool no longer listed is drained (it stops fetching,
 acks what it holds, then gives its memory back). A pool listed again while its replica still
 drains is started anew once that replica has ended.
 
-A pool whose core fails to build or load is logged with the reason and tried again, with a
-back-off, while it stays listed: the host and its other pools go on serving. SIGTERM/SIGINT
+A pool whose core fails to build or load is logged and reported (its replica in state
+``failed``, with the reason) and tried again, with a back-off, while it stays listed: the host
+and its other pools go on serving. SIGTERM/SIGINT
 drains every pool and exits. Replicas report on ``lego.replicas.<pool>`` as every replica does,
 with ``device`` = NAME or DEVICE (what the autoscaler placed them on).
 
@@ -33,6 +34,7 @@ from nats.js.kv import KeyValue
 from common import bus, subjects
 from common.messages import HostResidency, ResidentPool
 from common.settings import Settings
+from services.core import ModelCore
 from services.host import DeviceHost
 from services.node import build_core
 
@@ -41,8 +43,6 @@ log = logging.getLogger(__name__)
 #: after a residency change, wait this long for the rest of the autoscaler's tick: it writes one
 #: pool at a time, and a device should drain what it loses before loading what it gains
 _SETTLE_S = 0.05
-_FIRST_RETRY_S = 1.0
-_MAX_RETRY_S = 60.0
 
 
 def torch_device(device: str) -> str:
@@ -157,26 +157,15 @@ class HostProcess:
                      entry.kind, entry.model)
 
     async def _serve_pool(self, resident: _Resident) -> None:
-        """Build and serve the pool until it is drained; a failed build or load is retried with
-        a back-off while the pool stays listed."""
-        entry, failures = resident.entry, 0
-        while not resident.released.is_set():
-            try:
-                core, _ = await asyncio.to_thread(build_core, entry.kind, entry.model,
-                                                  self.settings, None, resident.replica)
-                if resident.released.is_set():
-                    core.close()
-                    return
-                await self.host.run_pool(core, entry.pool, entry.model, resident.replica)
-                return
-            except (Exception, SystemExit) as exc:  # noqa: BLE001 - build_core exits on a bad kind
-                failures += 1
-                retry_s = min(_MAX_RETRY_S, _FIRST_RETRY_S * 2 ** (failures - 1))
-                log.error("host %s: %s (%s --model %s) failed to load: %s; retrying in %.0f s",
-                          self.key, entry.pool, entry.kind, entry.model,
-                          str(exc) or type(exc).__name__, retry_s, exc_info=failures == 1)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(resident.released.wait(), retry_s)
+        """Build and serve the pool until it is drained; a failed build or load is reported
+        and retried with a back-off while the pool stays listed (``DeviceHost.serve_pool``)."""
+        entry = resident.entry
+
+        def build() -> ModelCore:
+            return build_core(entry.kind, entry.model, self.settings, None, resident.replica)[0]
+
+        await self.host.serve_pool(build, entry.kind, entry.pool, entry.model, resident.replica,
+                                   released=resident.released)
 
 
 def run_host(settings: Settings, device: str, name: str | None = None) -> None:

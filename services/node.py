@@ -33,7 +33,8 @@ def build_runner(
     """The runner of one replica (``build_core``'s core on a host of its own). ``replica``:
     its id when a process hosts several."""
     core, pool = build_core(kind, model, settings, max_batch, replica)
-    return NodeRunner(core, pool, model, settings, replica=replica)
+    return NodeRunner(core, pool, model, settings, replica=replica,
+                      rebuild=lambda: build_core(kind, model, settings, max_batch, replica)[0])
 
 
 def build_core(

@@ -13,6 +13,7 @@ import contextlib
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from common.settings import Settings
@@ -33,15 +34,18 @@ def _process_age_s() -> float | None:
 class NodeRunner:
     def __init__(
         self, core: ModelCore, pool: str, model: str, settings: Settings,
-        replica: str | None = None,
+        replica: str | None = None, rebuild: Callable[[], ModelCore] | None = None,
     ) -> None:
         """``replica``: its id, unique in the cluster (default: pool@host:pid, for one replica
-        per process; a process hosting several names each)."""
+        per process; a process hosting several names each). ``rebuild``: a fresh core for
+        another attempt when ``core`` fails to load (default: ``core`` again)."""
         # when the process began, so the replica reports its whole cold start, imports included
         self.process_started = time.monotonic() - (
             0.0 if replica else (_process_age_s() or 0.0)
         )
         self.core = core
+        self._rebuild = rebuild
+        self._attempts = 0
         self.pool = pool
         self.model = model
         self.settings = settings
@@ -53,10 +57,20 @@ class NodeRunner:
         """Stop fetching; finish and ack what is held; then ``serve`` returns."""
         self.host.drain()
 
+    def _core(self) -> ModelCore:
+        """The core for the next attempt to load: the one given first, then a fresh one."""
+        self._attempts += 1
+        if self._attempts > 1 and self._rebuild is not None:
+            self.core = self._rebuild()
+        return self.core
+
     async def serve(self, ready: asyncio.Event | None = None) -> None:
+        """Serve the pool until drained. A model that fails to load is reported (state
+        ``failed``, with the error) and tried again with a back-off (``DeviceHost.serve_pool``):
+        the process stays, so its reports say why the pool does not serve."""
         hosting = asyncio.create_task(self.host.serve())
-        serving = asyncio.create_task(self.host.run_pool(
-            self.core, self.pool, self.model, self.replica, ready=ready,
+        serving = asyncio.create_task(self.host.serve_pool(
+            self._core, self.core.kind, self.pool, self.model, self.replica, ready=ready,
             process_started=self.process_started,
         ))
         try:
@@ -65,7 +79,7 @@ class NodeRunner:
             if hosting in done and not serving.done():
                 serving.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await serving  # raises what the pool raised (its model failed to load)
+                await serving
         finally:
             self.host.drain()
             await hosting

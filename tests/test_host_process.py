@@ -175,9 +175,16 @@ async def test_a_host_serves_what_its_entry_lists_and_retries_a_pool_that_fails(
 
             await watch.until(lambda: failures() >= 2, timeout_s=30)  # retried, host alive
             assert process.residents[good.pool].task and not serving.done()
+            # and reported: failed, with the error, the attempts and when it tries again
+            bad_replica = f"{bad.pool}@cpu-3"
+            report = await watch.until(lambda: (s := watch.latest.get(bad_replica)) and
+                                       s.state == "failed" and s.failures >= 2 and s)
+            assert "model_index.json" in report.error and report.kind == "vae_decoder"
+            assert 0 < report.retry_in_s <= 2.0  # 1 s, doubled after the second failure
 
             await kv.put("cpu-3")  # nothing resident any more: the pool drains and stops
             await watch.until(lambda: watch.latest[replica].state == "stopped", timeout_s=30)
+            await watch.until(lambda: watch.latest[bad_replica].state == "stopped", timeout_s=5)
             await watch.until(lambda: not process.residents, timeout_s=10)
             # listed again: made resident anew
             await kv.put("cpu-3", good)

@@ -446,12 +446,17 @@ function poolRows(body, now) {
     const replicas = [`${view.ready} ready`];
     if (view.starting) replicas.push(`${view.starting} starting`);
     if (view.draining) replicas.push(`${view.draining} draining`);
+    if (view.failed) replicas.push(`${view.failed} failed`);
     const points = cluster.history[pool];
     return el("tr", { dataset: { pool } },
       el("td", { class: "pool", title: pool },
         el("div", { class: "pool-kind" }, view.kind || pool),
         el("div", { class: "hint" }, view.model || ""),
-        el("div", { class: "hint" }, (workflowsOf[pool] || []).join(", "))),
+        el("div", { class: "hint" }, (workflowsOf[pool] || []).join(", ")),
+        // a pool whose model cannot load: why, and when it is tried again
+        view.failed ? el("div", { class: "pool-error" },
+          `cannot load (${view.failures} attempts; next in ${fmt(view.retry_in_s, 0)} s): `
+          + view.error) : null),
       el("td", { class: "num", dataset: { col: "replicas" } },
         replicas.map((line) => el("div", {}, line))),
       el("td", { class: "num", dataset: { col: "lag" } }, String(view.lag)),
