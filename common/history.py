@@ -18,6 +18,7 @@ import binascii
 import heapq
 import logging
 import math
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -169,7 +170,9 @@ async def kept_states(js: JetStreamContext, since: float | None = None
         config.deliver_policy = DeliverPolicy.ALL
     else:
         config.deliver_policy = DeliverPolicy.BY_START_TIME
-        config.opt_start_time = datetime.fromtimestamp(max(0.0, since - _CLOCK_MARGIN_S), UTC)
+        # a since in the future starts the scan now (no later date would be representable)
+        start = min(max(0.0, since - _CLOCK_MARGIN_S), time.time())
+        config.opt_start_time = datetime.fromtimestamp(start, UTC)
     info = await js.add_consumer(subjects.STATE_STREAM, config)
     sub = await js.pull_subscribe_bind(stream=subjects.STATE_STREAM, name=info.name)
     try:
