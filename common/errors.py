@@ -7,6 +7,7 @@
     │   ├── UnknownWorkflow     no such workflow                        -> 404
     │   ├── NotFound            no such request / image                 -> 404
     │   ├── Unauthorized        API key missing or unknown              -> 401 + WWW-Authenticate
+    │   ├── MethodNotAllowed    a path without that method              -> 405 + Allow
     │   └── RateLimited         the key's request rate is spent         -> 429 + Retry-After
     ├── Conflict                e.g. an id reused for another request    -> 409
     ├── Overloaded              the deadline cannot be met: rejected     -> 503 + Retry-After
@@ -140,6 +141,21 @@ class RateLimited(RequestError):
 
     def http_headers(self) -> dict[str, str]:
         return {"Retry-After": retry_after_header(self.retry_after_s)}
+
+
+class MethodNotAllowed(RequestError):
+    """The path exists, but not with this method; ``Allow`` names those it takes."""
+
+    code = "method_not_allowed"
+    http_status = 405
+
+    def __init__(self, method: str, path: str, allowed: list[str]) -> None:
+        super().__init__(f"{method} is not allowed on {path!r}; allowed: {', '.join(allowed)}",
+                         allowed=allowed)
+        self.allowed = allowed
+
+    def http_headers(self) -> dict[str, str]:
+        return {"Allow": ", ".join(self.allowed)}
 
 
 class Conflict(LegoError):

@@ -35,6 +35,7 @@ from nats import errors as nats_errors
 from nats.js import errors as nats_js_errors
 from redis import exceptions as redis_errors
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from common import bus, history, metrics, output_format, subjects, telemetry
 from common.errors import (
@@ -42,6 +43,7 @@ from common.errors import (
     InvalidField,
     InvalidRequest,
     LegoError,
+    MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
     Unavailable,
@@ -431,6 +433,9 @@ def create_app(
         # a path no route matches (an id with a "/" in it, say) is a 404 in the API's shape
         if exc.status_code == 404:
             return error_response(NotFound(f"no resource at {request.url.path!r}"))
+        if exc.status_code == 405:  # Allow: the methods of every route on the path
+            return error_response(MethodNotAllowed(
+                request.method, request.url.path, _allowed_methods(app, request)))
         return await http_exception_handler(request, exc)
 
     @app.post(
@@ -530,6 +535,17 @@ def create_app(
         return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
 
     return app
+
+
+def _allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """The methods of every route whose path matches the request's (Starlette's own 405
+    names only the first such route's)."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
 
 
 def _check_wait(wait: float) -> None:
