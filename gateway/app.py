@@ -207,6 +207,35 @@ class Gateway:
                 if param.tokenizer and models is not None:
                     models.count_tokens(spec.models[param.tokenizer], "warm up")
 
+    def check_models(self, spec: WorkflowSpec) -> None:
+        """``InvalidRequest`` naming each model that validating ``spec``'s requests reads (a
+        prompt's tokenizer, a default image size) and this gateway cannot: registered, it
+        would fail every request (and the gateway's next start) instead."""
+        models = self.ingress.models
+        errors: dict[str, InvalidField] = {}
+        for name, param in spec.params.items():
+            for field, alias in (("tokenizer", param.tokenizer),
+                                 ("default_from", param.default_from)):
+                if alias is None:
+                    continue
+                where = f"params.{name}.{field}"
+                if alias not in spec.models:
+                    errors[where] = InvalidField(where, f"{alias!r} names no model")
+                    continue
+                if models is None or f"models.{alias}" in errors:
+                    continue
+                try:
+                    if field == "tokenizer":
+                        models.count_tokens(spec.models[alias], "")
+                    else:
+                        models.native_size(spec.models[alias])
+                except Exception as exc:  # noqa: BLE001 - whatever fails, it cannot be read
+                    errors[f"models.{alias}"] = InvalidField(
+                        f"models.{alias}", f"this gateway cannot read {spec.models[alias]!r} "
+                        f"({where} needs it): {type(exc).__name__}: {exc}")
+        if errors:
+            raise InvalidRequest(list(errors.values()))
+
     async def stop(self) -> None:
         self.ready = False
         self.stop_event.set()
@@ -515,6 +544,7 @@ def create_app(
         if len(body) > settings.max_body_bytes:
             raise PayloadTooLarge("body", len(body), settings.max_body_bytes)
         spec = parse_workflow(body)
+        await asyncio.to_thread(gw.check_models, spec)
         await gw.registry.add(spec)
         return _json(_workflow_view(spec), status=201)
 
