@@ -10,11 +10,16 @@ The official ``openai`` client works unchanged with ``base_url="<gateway>/v1"``:
   (``"auto"`` or absent: the workflow's defaults); ``response_format`` is ``"url"`` (default,
   as OpenAI's) or ``"b64_json"`` (the base64 file); ``output_format`` is ``"png"`` (default),
   ``"jpeg"`` or ``"webp"``, and ``output_compression`` (1..100) is its JPEG/WebP quality (our
-  ``output_quality``), as in OpenAI's API; ``user`` is accepted and ignored.
+  ``output_quality``), as in OpenAI's API; ``user`` (a string) is accepted and ignored. A
+  field that is null is absent, as in OpenAI's API.
 - Every other field (``extra_body``: seed, steps, negative_prompt, guidance, deadline_s, ...)
-  goes to the workflow as it is, validated like ``POST /v1/generations``.
-- ``n`` > 1 runs n requests with seeds seed, seed+1, ..., seed+n-1 (without a seed each draws
-  its own); they run concurrently and the answer comes once all have ended.
+  goes to the workflow as it is, validated like ``POST /v1/generations``: a field that is
+  neither OpenAI's nor a parameter of the workflow is refused (422), as OpenAI's API refuses
+  an unrecognized argument; the official client sends only the fields it is given. The
+  OpenAPI document says, per model, exactly which fields (``gateway.openapi``).
+- ``n`` > 1 runs n requests with seeds seed, seed+1, ..., seed+n-1, wrapping back to the
+  seed's minimum past its maximum (without a seed each draws its own); they run concurrently
+  and the answer comes once all have ended.
 - Answer: ``{"created": UNIX_S, "output_format": FORMAT, "data": [{"b64_json": ...} |
   {"url": ".../v1/generations/ID/image"}]}``. Errors have OpenAI's shape ``{"error":
   {"message", "type", "param", "code"}}`` with our HTTP status; ``param`` names the OpenAI
@@ -27,7 +32,7 @@ import asyncio
 import base64
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request, Response
@@ -45,6 +50,7 @@ from common.errors import (
     TerminalError,
 )
 from common.messages import RequestState
+from common.workflow import ParamSpec, WorkflowSpec
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -54,7 +60,7 @@ MAX_N = 10  # as OpenAI's dall-e-2
 #: how long the call waits for its images (the openai client's own default timeout is 600 s)
 WAIT_S = 590.0
 
-_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+_SIZE = re.compile(r"([1-9]\d{0,4})x([1-9]\d{0,4})")  # fullmatch
 #: our field names as the OpenAI request spells them
 _PARAM_NAMES = {"width": "size", "height": "size", "workflow": "model",
                 "output_quality": "output_compression"}
@@ -148,7 +154,8 @@ async def get_model(model: str, request: Request) -> Response:
 async def create_images(request: Request) -> Response:
     """Generate ``n`` images with a workflow and answer once they are done (OpenAI's API)."""
     gateway: Gateway = request.app.state.gateway
-    raws, response_format = to_requests(await gateway.read_json(request))
+    raws, response_format = to_requests(await gateway.read_json(request),
+                                        gateway.registry.all())
     for raw in raws:  # every image valid before any is queued
         gateway.ingress.parse(raw)
     accepted: list[RequestState] = []
@@ -174,28 +181,37 @@ async def create_images(request: Request) -> Response:
                          "data": data})
 
 
-def to_requests(body: Any) -> tuple[list[dict[str, Any]], str]:
+def to_requests(body: Any, specs: Mapping[str, WorkflowSpec] | None = None
+                ) -> tuple[list[dict[str, Any]], str]:
     """An OpenAI images request as our generation requests (one per image), and the
-    response format. Every malformed OpenAI field is reported at once."""
+    response format. Every malformed OpenAI field is reported at once; ``specs``, the
+    registered workflows, bound the seeds of the images (seed + i wraps past the maximum).
+    A field that is null is absent, as in OpenAI's API."""
     if not isinstance(body, dict):
         raise InvalidRequest([InvalidField("body", "must be a JSON object")])
     fields = dict(body)
-    fields.pop("user", None)  # OpenAI's end-user id for abuse monitoring: nothing to do here
-    workflow = fields.pop("model", None) or DEFAULT_MODEL
+    user = fields.pop("user", None)  # OpenAI's end-user id for abuse monitoring: unused here
+    workflow = fields.pop("model", None)
+    workflow = DEFAULT_MODEL if workflow is None else workflow
     n = fields.pop("n", None)
     n = 1 if n is None else n
     size = fields.pop("size", None)
-    response_format = fields.pop("response_format", None) or "url"
+    response_format = fields.pop("response_format", None)
+    response_format = "url" if response_format is None else response_format
     errors: list[InvalidField] = []
     for ours, theirs in (("workflow", "model"), ("id", None),
                          ("output_quality", "output_compression")):
         if ours in fields:
             errors.append(InvalidField(ours, f"not a field of this API; use {theirs}" if theirs
                                        else "not a field of this API (each image gets its own)"))
+    if user is not None and not isinstance(user, str):
+        errors.append(InvalidField("user", "must be a string"))
+    if isinstance(n, float) and n.is_integer():  # 2.0 is an integer in JSON Schema too
+        n = int(n)
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
         errors.append(InvalidField("n", f"must be an integer from 1 to {MAX_N}", MAX_N))
     if size not in (None, "auto"):
-        match = _SIZE.match(size) if isinstance(size, str) else None
+        match = _SIZE.fullmatch(size) if isinstance(size, str) else None
         if match is None:
             errors.append(InvalidField("size", "must be 'WIDTHxHEIGHT' (e.g. '512x512') or "
                                        "'auto'"))
@@ -208,13 +224,27 @@ def to_requests(body: Any) -> tuple[list[dict[str, Any]], str]:
     if "output_compression" in fields:
         fields["output_quality"] = fields.pop("output_compression")
     seed = fields.get("seed")
+    spec = (specs or {}).get(workflow) if isinstance(workflow, str) else None
+    seeds = spec.params.get("seed") if spec is not None else None
     raws = []
     for i in range(n):
         raw = {**fields, "workflow": workflow}
         if isinstance(seed, int) and not isinstance(seed, bool):
-            raw["seed"] = seed + i
+            raw["seed"] = _nth_seed(seed, i, seeds)
         raws.append(raw)
     return raws, response_format
+
+
+def _nth_seed(seed: int, i: int, param: ParamSpec | None) -> int:
+    """Image i's seed: ``seed + i``, wrapped back to the minimum past the parameter's maximum
+    (an out-of-range ``seed`` stays as it is, for validation to name)."""
+    nth = seed + i
+    if param is None or param.maximum is None:
+        return nth
+    low, high = int(param.minimum or 0), int(param.maximum)
+    if low <= seed <= high < nth:
+        nth = low + (nth - low) % (high - low + 1)
+    return nth
 
 
 def _check_succeeded(state: RequestState) -> None:
