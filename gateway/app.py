@@ -24,10 +24,10 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import orjson
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -48,14 +48,14 @@ from common.errors import (
     PayloadTooLarge,
     Unavailable,
 )
-from common.messages import Progress, RequestState, decode, encode, json_schema
+from common.messages import Progress, RequestState, decode, encode
 from common.modelinfo import LocalModelInfo
 from common.registry import WorkflowRegistry
 from common.settings import Settings
 from common.store import open_store
 from common.tracking import RequestTracker
 from common.workflow import WorkflowSpec, parse_workflow, shipped_workflows
-from gateway import admission, auth, events, openai_api, ui
+from gateway import admission, auth, events, openai_api, openapi, ui
 from gateway.admission import LoadWatch
 from gateway.ingress import ACCEPTED_HEADER, Ingress, request_digest
 from gateway.webhooks import Dispatcher
@@ -467,25 +467,26 @@ def create_app(
                 request.method, request.url.path, _allowed_methods(app, request)))
         return await http_exception_handler(request, exc)
 
+    openapi.install(app, settings, guard, openai_api.MAX_N)
+
     @app.post(
         "/v1/generations",
         status_code=202,
-        openapi_extra={
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": GENERATION_SCHEMA}},
-            }
+        openapi_extra=openapi.body("GenerationRequest"),
+        responses={
+            200: openapi.ok("with ?wait: it ended in time; its final state", "Generation",
+                            ["Location"]),
+            202: openapi.ok("queued (with ?wait: it had not ended in time); its state",
+                            "Generation", ["Location"]),
+            404: openapi.error("unknown workflow"),
+            409: openapi.error("the id was given to a request with other fields"),
+            413: openapi.error("the body or an image is over its byte limit"),
+            422: openapi.error("a field out of its limits, or ?wait out of 0..60; each bad "
+                               "one is named"),
+            503: openapi.error("overloaded: the deadline cannot be met", ["Retry-After"]),
         },
-        responses={200: {"description": "finished (with ?wait)"},
-                   202: {"description": "queued",
-                         "content": {"application/json": {"schema": json_schema(RequestState)}}},
-                   404: {"description": "unknown workflow"},
-                   409: {"description": "id reused for another request"},
-                   413: {"description": "body or image too large"},
-                   422: {"description": "a field out of its limits"},
-                   503: {"description": "overloaded: the deadline cannot be met (Retry-After)"}},
     )
-    async def create_generation(request: Request, wait: float = 0.0) -> Response:
+    async def create_generation(request: Request, wait: Wait = 0.0) -> Response:
         """Queue a generation: 202 with its id. With ``?wait=S`` (up to 60 s) the response waits
         for the end instead: 200 with the final state if it ended in time, else 202."""
         _check_wait(wait)
@@ -497,11 +498,18 @@ def create_app(
                      headers={"Location": f"/v1/generations/{request_id}"})
 
     @app.get("/v1/generations",
-             responses={200: {"description": "{data: [state, ...], next_cursor: str | null}"},
-                        422: {"description": "a filter, limit or cursor out of its limits"}})
+             responses={200: openapi.ok("a page, newest first", "GenerationPage"),
+                        422: openapi.error("a filter, limit or cursor out of its limits")})
     async def list_generations(
-        workflow: str | None = None, status: str | None = None, since: float | None = None,
-        limit: int | None = None, cursor: str | None = None,
+        workflow: str | None = None,
+        status: Annotated[str | None, Query(json_schema_extra={"enum": history.STATUSES})]
+        = None,
+        since: Annotated[float | None, Query(description="epoch seconds")] = None,
+        limit: Annotated[int | None, Query(json_schema_extra={
+            "minimum": 1, "maximum": history.MAX_LIMIT, "default": history.DEFAULT_LIMIT})]
+        = None,
+        cursor: Annotated[str | None, Query(
+            description="a next_cursor from the previous page")] = None,
     ) -> Response:
         """The requests kept (``result_ttl_s`` after their last change), newest first: each as
         GET /v1/generations/{id} shows it. Filters: ``workflow``, ``status``, ``since`` (epoch
@@ -511,22 +519,30 @@ def create_app(
         states, next_cursor = await history.page(gw.js, query)
         return _json({"data": [gw.view(s) for s in states], "next_cursor": next_cursor})
 
-    @app.get("/v1/generations/{request_id}")
-    async def get_generation(request_id: str, wait: float = 0.0) -> Response:
+    @app.get("/v1/generations/{request_id}",
+             responses={200: openapi.ok("its state", "Generation"),
+                        404: openapi.error("no such request (or it expired)"),
+                        422: openapi.error("?wait out of 0..60")})
+    async def get_generation(request_id: str, wait: Wait = 0.0) -> Response:
         """The request's state; with ``?wait=S`` (up to 60 s) once it has ended."""
         _check_wait(wait)
         return _json(gw.view(await gw.wait(request_id, wait)))
 
     @app.get("/v1/generations/{request_id}/image", response_class=Response,
-             responses={200: {"content": {t: {} for t in output_format.MEDIA_TYPES.values()},
+             responses={200: {"content": {t: {"schema": {"type": "string", "format": "binary"}}
+                                          for t in output_format.MEDIA_TYPES.values()},
                               "description": "the image in the request's output_format"},
-                        404: {"description": "unknown id, or the image expired"},
-                        409: {"description": "the request did not succeed (yet)"}})
+                        404: openapi.error("unknown id, or the image expired"),
+                        409: openapi.error("the request did not succeed (yet)")})
     async def get_image(request_id: str) -> Response:
         data, media_type = await gw.image(await gw.state(request_id))
         return Response(data, media_type=media_type)
 
-    @app.delete("/v1/generations/{request_id}")
+    @app.delete("/v1/generations/{request_id}",
+                responses={200: openapi.ok("cancelled: its state (kept, readable, for "
+                                           "result_ttl_s)", "Generation"),
+                           404: openapi.error("no such request (or it expired)"),
+                           409: openapi.error("it has already ended")})
     async def cancel_generation(request_id: str) -> Response:
         state = await gw.state(request_id)
         if state.done:
@@ -534,11 +550,19 @@ def create_app(
         cancelled = await gw.tracker.cancel(request_id)
         return _json(gw.view(cancelled or await gw.state(request_id)))
 
-    @app.get("/v1/workflows")
+    @app.get("/v1/workflows", responses={200: openapi.ok("the workflows", "Workflows")})
     async def list_workflows() -> Response:
         return _json({"workflows": [_workflow_view(s) for s in gw.registry.all().values()]})
 
-    @app.post("/v1/workflows", status_code=201)
+    @app.post(
+        "/v1/workflows", status_code=201,
+        openapi_extra=openapi.body("WorkflowSpec", ("application/json", "application/yaml"),
+                                   "the workflow, as JSON or YAML (a workflow file)"),
+        responses={201: openapi.ok("registered (a workflow of that name is replaced)",
+                                   "Workflow"),
+                   413: openapi.error("the body is over its byte limit"),
+                   422: openapi.error("not a valid workflow; each problem is named")},
+    )
     async def add_workflow(request: Request) -> Response:
         body = await request.body()
         if len(body) > settings.max_body_bytes:
@@ -548,11 +572,12 @@ def create_app(
         await gw.registry.add(spec)
         return _json(_workflow_view(spec), status=201)
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses={200: openapi.ok("alive", "Health")})
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={200: openapi.ok("ready", "Readiness"),
+                                   503: openapi.ok("not ready", "Readiness")})
     async def readyz() -> Response:
         """Ready when started and every dependency answers; ``dependencies`` says which
         does not (``nats``, ``store``) and why."""
@@ -565,6 +590,11 @@ def create_app(
         return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE)
 
     return app
+
+
+#: ?wait=S: how long a call may wait for the request's end (checked by ``_check_wait``)
+Wait = Annotated[float, Query(description="seconds to wait for the end, 0 to 60",
+                              json_schema_extra={"minimum": 0, "maximum": 60})]
 
 
 def _allowed_methods(app: FastAPI, request: Request) -> list[str]:

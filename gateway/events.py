@@ -28,6 +28,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from common import subjects
 from common.errors import LegoError
 from common.messages import Progress, RequestState, decode, encode
+from gateway import openapi
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -46,9 +47,9 @@ router = APIRouter()
 @router.get(
     "/v1/generations/{request_id}/events",
     response_class=EventSourceResponse,
-    responses={200: {"content": {"text/event-stream": {}},
+    responses={200: {"content": {"text/event-stream": {"schema": openapi.ref("GenerationEvent")}},
                      "description": "state, progress..., final state (Server-Sent Events)"},
-               404: {"description": "no such request"}},
+               404: openapi.error("no such request (or it expired)")},
 )
 async def generation_events(request: Request, request_id: str) -> EventSourceResponse:
     """Follow a request: its state, then each step's progress, then its final state."""

@@ -51,6 +51,7 @@ from common.errors import (
 )
 from common.messages import RequestState
 from common.workflow import ParamSpec, WorkflowSpec
+from gateway import openapi
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -65,29 +66,6 @@ _SIZE = re.compile(r"([1-9]\d{0,4})x([1-9]\d{0,4})")  # fullmatch
 _PARAM_NAMES = {"width": "size", "height": "size", "workflow": "model",
                 "output_quality": "output_compression"}
 _ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_error"}
-
-REQUEST_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["prompt"],
-    "properties": {
-        "model": {"type": "string", "default": DEFAULT_MODEL, "description": "workflow name"},
-        "prompt": {"type": "string"},
-        "n": {"type": "integer", "minimum": 1, "maximum": MAX_N, "default": 1},
-        "size": {"type": "string", "pattern": r"^(\d+x\d+|auto)$", "example": "512x512"},
-        "response_format": {"type": "string", "enum": ["url", "b64_json"], "default": "url"},
-        "output_format": {"type": "string", "enum": output_format.FORMATS,
-                          "default": output_format.DEFAULT_FORMAT},
-        "output_compression": {
-            "type": "integer", "minimum": output_format.MIN_QUALITY,
-            "maximum": output_format.MAX_QUALITY, "default": output_format.DEFAULT_QUALITY,
-            "description": "JPEG/WebP quality",
-        },
-        "user": {"type": "string", "description": "accepted and ignored"},
-        "seed": {"type": "integer", "description": "image i gets seed + i"},
-    },
-    "additionalProperties": {"description": "workflow parameters: steps, guidance, ..."},
-}
-
 
 def openai_error(exc: LegoError) -> JSONResponse:
     """``exc`` in OpenAI's error shape, with its HTTP status and headers (Retry-After, ...)."""
@@ -123,7 +101,7 @@ def model_object(name: str, created: int) -> dict[str, Any]:
     return {"id": name, "object": "model", "created": created, "owned_by": "legodiffusion"}
 
 
-@router.get("/v1/models", responses={401: {"description": "missing or unknown API key"}})
+@router.get("/v1/models", responses={200: openapi.ok("the workflows", "ModelList")})
 async def list_models(request: Request) -> Response:
     """The workflows, as OpenAI model objects: stock OpenAI clients list models first."""
     gateway: Gateway = request.app.state.gateway
@@ -133,8 +111,8 @@ async def list_models(request: Request) -> Response:
 
 
 @router.get("/v1/models/{model}",
-            responses={401: {"description": "missing or unknown API key"},
-                       404: {"description": "unknown model (workflow)"}})
+            responses={200: openapi.ok("the workflow", "Model"),
+                       404: openapi.error("unknown model (workflow)", openai=True)})
 async def get_model(model: str, request: Request) -> Response:
     gateway: Gateway = request.app.state.gateway
     return JSONResponse(model_object(gateway.registry.get(model).name, int(gateway.started_at)))
@@ -142,14 +120,18 @@ async def get_model(model: str, request: Request) -> Response:
 
 @router.post(
     "/v1/images/generations",
-    openapi_extra={"requestBody": {"required": True,
-                                   "content": {"application/json": {"schema": REQUEST_SCHEMA}}}},
-    responses={401: {"description": "missing or unknown API key"},
-               404: {"description": "unknown model (workflow)"},
-               422: {"description": "a field out of its limits (`param` names it)"},
-               429: {"description": "rate limit (Retry-After)"},
-               503: {"description": "overloaded (Retry-After)"},
-               504: {"description": "still running after the wait limit"}},
+    openapi_extra=openapi.body("ImagesRequest"),
+    responses={
+        200: openapi.ok("the images, once all are done", "ImagesResponse"),
+        404: openapi.error("unknown model (workflow)", openai=True),
+        409: openapi.error("an image's request was cancelled", openai=True),
+        422: openapi.error("a field out of its limits (`param` names it)", openai=True),
+        500: openapi.error("a node failed an image's request (`code` says how)", openai=True),
+        503: openapi.error("overloaded: the deadline cannot be met", ["Retry-After"],
+                           openai=True),
+        504: openapi.error("an image missed its deadline, or was not done after the wait "
+                           "limit (it goes on: follow it at /v1/generations/ID)", openai=True),
+    },
 )
 async def create_images(request: Request) -> Response:
     """Generate ``n`` images with a workflow and answer once they are done (OpenAI's API)."""

@@ -24,6 +24,7 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 
 from common.errors import NotFound
 from common.observe import ClusterObserver, PoolView, cluster_json
+from gateway import openapi
 
 STATIC_DIR = Path(__file__).parent / "static"
 _MEDIA_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
@@ -85,7 +86,7 @@ async def static_file(name: str) -> FileResponse:
                         headers={"Cache-Control": "no-cache"})
 
 
-@router.get("/v1/cluster")
+@router.get("/v1/cluster", responses={200: openapi.ok("the cluster now", "Cluster")})
 async def cluster(request: Request) -> JSONResponse:
     """The cluster now: ``models`` (per pool: replicas, ready, starting, draining, lag,
     arrival_rate, completion_rate, shed_rate, p50_ms, p99_ms, placement, ...), ``replicas``

@@ -133,8 +133,10 @@ def test_bad_values_are_422_naming_the_field_and_limit(
 def test_the_api_documents_the_fields(client: LegoClient) -> None:
     schema = client.http.get("/openapi.json").json()
     body = schema["paths"]["/v1/generations"]["post"]["requestBody"]["content"]
-    fields = body["application/json"]["schema"]["properties"]
-    assert fields["output_format"]["enum"] == ["png", "jpeg", "webp"]
+    assert body["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/GenerationRequest"}  # any registered workflow's
+    fields = schema["components"]["schemas"]["GenerationRequest.txt2img"]["properties"]
+    assert fields["output_format"]["enum"] == ["png", "jpeg", "webp", None]  # null: default
     assert fields["output_quality"]["maximum"] == 100
     image = schema["paths"]["/v1/generations/{request_id}/image"]["get"]["responses"]["200"]
     assert set(image["content"]) == {"image/png", "image/jpeg", "image/webp"}
