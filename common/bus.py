@@ -47,9 +47,10 @@ def run_async(main: Any) -> Any:
 
 async def connect(settings: Settings, name: str) -> NATS:
     """Connect to the configured NATS (credentials and TLS from settings), reconnecting forever
-    while the server is unreachable; a server that refuses the credentials or the TLS handshake
-    raises ``ConfigError`` at once instead (retrying would never succeed)."""
-    if not settings.nats_url:
+    while the server is unreachable: to any server of ``nats_url`` (a cluster's, comma
+    separated) or one the cluster told of; a server that refuses the credentials or the TLS
+    handshake raises ``ConfigError`` at once instead (retrying would never succeed)."""
+    if not settings.nats_servers:
         raise RuntimeError("no NATS server: set NATS_URL or run `lego up`")
     options: dict = {"name": name, "max_reconnect_attempts": -1, "reconnect_time_wait": 0.5,
                      **_auth_options(settings)}
@@ -70,7 +71,7 @@ async def connect(settings: Settings, name: str) -> NATS:
         log.error("nats: %s", exc or type(exc).__name__)
 
     try:
-        await nc.connect(settings.nats_url, error_cb=on_error, **options)
+        await nc.connect(settings.nats_servers, error_cb=on_error, **options)
     except ConfigError:
         # after a failed TLS handshake close() can wait forever on the half-open transport
         with contextlib.suppress(Exception):
@@ -188,6 +189,12 @@ async def ensure_topology(js: JetStreamContext, settings: Settings) -> dict[str,
                 KeyValueConfig(bucket=bucket, ttl=ttl, history=1, storage=StorageType.FILE,
                                replicas=settings.stream_replicas)
             )
+            continue
+        # an existing bucket (made by an earlier stack at other settings) gets our replicas
+        config = (await js.stream_info(f"KV_{bucket}")).config
+        if config.num_replicas != settings.stream_replicas:
+            config.num_replicas = settings.stream_replicas
+            await js.update_stream(config)
     return out
 
 

@@ -29,7 +29,9 @@ class Settings(BaseSettings):
     nats_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("NATS_URL", "LEGO_NATS_URL"),
-        description="NATS server with JetStream; None: `lego up` starts an embedded one.",
+        description="NATS server with JetStream, or the servers of a NATS cluster separated by "
+        "commas (nats://a:4222,nats://b:4222,...; a list in a config file); the clients "
+        "reconnect to a surviving one; None: `lego up` starts an embedded one.",
     )
     nats_user: str | None = None
     nats_password: str | None = None
@@ -43,8 +45,9 @@ class Settings(BaseSettings):
         "deploy/nats-accounts.conf may read only _INBOX_client.>)",
     )
     stream_replicas: int = Field(
-        1, ge=1, le=5, description="JetStream replicas of streams and buckets (3 on a "
-        "3-node NATS cluster, so each survives a node)",
+        1, ge=1, le=5, description="JetStream replicas of streams, buckets and durable "
+        "consumers (3 on a 3-node NATS cluster, so each survives a node; a stack started at "
+        "3 raises what an earlier one made at 1)",
     )
     redis_url: str | None = Field(
         default=None,
@@ -270,6 +273,18 @@ class Settings(BaseSettings):
             raise ValueError("webhook_allow is set but webhook_secret is not: every webhook "
                              "is signed, set LEGO_WEBHOOK_SECRET")
         return self
+
+    @field_validator("nats_url", mode="before")
+    @classmethod
+    def _join_nats_servers(cls, value: object) -> object:
+        if isinstance(value, list | tuple):  # a config file's list of cluster servers
+            return ",".join(str(server).strip() for server in value)
+        return value
+
+    @property
+    def nats_servers(self) -> list[str]:
+        """The NATS servers of ``nats_url``, in order (several: a NATS cluster)."""
+        return [s.strip() for s in (self.nats_url or "").split(",") if s.strip()]
 
     @field_validator("api_keys", mode="before")
     @classmethod
