@@ -13,6 +13,7 @@ from typing import Any
 from nats import errors as nats_errors
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from nats.js import errors as js_errors
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
@@ -32,8 +33,61 @@ from common.settings import Settings
 log = logging.getLogger(__name__)
 
 MAX_PAYLOAD = 1024 * 1024  # NATS' default; tensors never travel in messages
+#: how long the work streams remember a Nats-Msg-Id: a re-published message is dropped
+DUPLICATE_WINDOW_S = 120.0
 
 _clients: weakref.WeakSet[NATS] = weakref.WeakSet()  # every client ``connect`` made
+
+#: what a JetStream write or read answers while its stream has no leader (a NATS cluster lost
+#: the server that led it and elects another, within seconds), or while this client moves to
+#: another server: it is tried again. No responders and 503 mean nothing was stored; after a
+#: timeout it may have been (a retried publish with a Nats-Msg-Id is de-duplicated; the
+#: compare-and-set writes of ``common.tracking`` recognise their own earlier write).
+FAILOVER_ERRORS = (
+    nats_errors.NoRespondersError, js_errors.NoStreamResponseError,
+    js_errors.ServiceUnavailableError, nats_errors.TimeoutError,
+    nats_errors.ConnectionReconnectingError, nats_errors.StaleConnectionError,
+)
+
+
+class FailoverJetStream(JetStreamContext):
+    """A JetStream context whose publishes and message reads (so every key-value write and
+    read: its buckets call these) are tried again, backing off, for up to ``failover_s``
+    while the stream elects a new leader, instead of failing the work at hand."""
+
+    def __init__(self, conn: NATS, failover_s: float, **opts: Any) -> None:
+        super().__init__(conn, **opts)
+        self.failover_s = failover_s
+
+    async def _failover(self, what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+        deadline = asyncio.get_running_loop().time() + self.failover_s
+        delay = 0.05
+        while True:
+            try:
+                return await call(*args, **kwargs)
+            except FAILOVER_ERRORS as exc:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0 or self._nc.is_closed:
+                    raise
+                log.info("%s %s: %s; trying again", what, args[0] if args else "",
+                         type(exc).__name__)
+                await asyncio.sleep(min(delay, left))
+                delay = min(delay * 2, 1.0)
+
+    async def publish(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        return await self._failover("publish", super().publish, *args, **kwargs)
+
+    async def get_msg(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        return await self._failover("read", super().get_msg, *args, **kwargs)
+
+
+class Client(NATS):
+    """A NATS client whose JetStream contexts ride out a cluster's leader elections."""
+
+    failover_s = 15.0
+
+    def jetstream(self, **opts: Any) -> JetStreamContext:
+        return FailoverJetStream(self, self.failover_s, **opts)
 
 
 def run_async(main: Any) -> Any:
@@ -56,7 +110,8 @@ async def connect(settings: Settings, name: str) -> NATS:
                      **_auth_options(settings)}
     if settings.nats_inbox_prefix:  # a least-privilege client account may read only these
         options["inbox_prefix"] = settings.nats_inbox_prefix
-    nc = NATS()
+    nc = Client()
+    nc.failover_s = settings.nats_failover_s
     _clients.add(nc)
     connecting = True
 
@@ -157,7 +212,7 @@ async def ensure_topology(js: JetStreamContext, settings: Settings) -> dict[str,
                 retention=RetentionPolicy.WORK_QUEUE,
                 storage=StorageType.FILE,
                 max_msg_size=MAX_PAYLOAD,
-                duplicate_window=120.0,  # Nats-Msg-Id de-duplication of re-published work
+                duplicate_window=DUPLICATE_WINDOW_S,  # de-duplication of re-published work
                 num_replicas=settings.stream_replicas,
             ),
         )

@@ -49,6 +49,11 @@ class Settings(BaseSettings):
         "consumers (3 on a 3-node NATS cluster, so each survives a node; a stack started at "
         "3 raises what an earlier one made at 1)",
     )
+    nats_failover_s: float = Field(
+        15.0, ge=0, description="how long a JetStream write or read is tried again while its "
+        "stream has no leader (a NATS cluster that lost a server elects another within "
+        "seconds) or the client moves to another server, before the work at hand fails",
+    )
     redis_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("REDIS_URL", "LEGO_REDIS_URL"),

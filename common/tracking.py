@@ -55,11 +55,20 @@ class RequestTracker:
 
     async def create(self, state: RequestState) -> bool:
         """Store a new request; False when the id is taken (an idempotent re-submission)."""
+        data = encode(state)
         try:
-            await self.states.create(state.id, encode(state))
+            await self.states.create(state.id, data)
         except KeyWrongLastSequenceError:
-            return False
+            # our own write, when an earlier try of it timed out but landed (failover)
+            return await self._holds(state.id, data)
         return True
+
+    async def _holds(self, request_id: str, data: bytes) -> bool:
+        """Whether the request's stored state is exactly ``data``."""
+        try:
+            return (await self.states.get(request_id)).value == data
+        except KeyNotFoundError:
+            return False
 
     async def update(
         self, request_id: str, change: Callable[[RequestState], RequestState | None],
@@ -79,9 +88,12 @@ class RequestTracker:
                 return None
             if touch:
                 new.updated_at = now()
+            data = encode(new)
             try:
-                await self.states.update(request_id, encode(new), last=entry.revision)
+                await self.states.update(request_id, data, last=entry.revision)
             except KeyWrongLastSequenceError:
+                if await self._holds(request_id, data):
+                    return new  # an earlier try of this write timed out but landed
                 continue
             return new
 

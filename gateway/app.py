@@ -110,6 +110,8 @@ DEPENDENCY_ERRORS: tuple[type[Exception], ...] = (
     nats_errors.NoServersError, nats_errors.NoRespondersError, nats_errors.StaleConnectionError,
     nats_errors.OutboundBufferLimitError, nats_errors.TimeoutError,
     nats_js_errors.ServiceUnavailableError,
+    # a stream without a leader past nats_failover_s (its NATS cluster is electing one)
+    nats_js_errors.NoStreamResponseError,
     redis_errors.ConnectionError, redis_errors.TimeoutError,
 )
 
@@ -297,9 +299,19 @@ class Gateway:
         digest = request_digest(spec.name, {k: v for k, v in raw.items() if k != "id"})
         admitted = await self.ingress.admit_new(request_id, raw, spec, valid)
         state, created = await self.ingress.accept(request_id, spec, valid, digest, admitted)
-        if created:
-            pinned = self.ingress.pinned({**raw, "id": request_id}, spec, valid,
-                                         admitted.deadline_s)
+        deadline_s = admitted.deadline_s
+        # A re-submission of a request still queued publishes it again, as it was chosen then:
+        # the first try may have stored the state but not the request (a 503 while NATS
+        # failed over). Where the first one did arrive, JetStream drops this copy.
+        resend = not created and state.status == "queued" \
+            and time.time() - state.created_at < bus.DUPLICATE_WINDOW_S
+        if resend:
+            valid.params.update({k: v for k, v in state.params.items()
+                                 if spec.params[k].type != "image"})
+            deadline_s = None if state.deadline_at is None \
+                else state.deadline_at - state.created_at
+        if created or resend:
+            pinned = self.ingress.pinned({**raw, "id": request_id}, spec, valid, deadline_s)
             await self.js.publish(
                 subjects.REQUESTS_SUBJECT,
                 orjson.dumps(pinned),
