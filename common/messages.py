@@ -242,6 +242,9 @@ class ReplicaStatus(msgspec.Struct):
     #: the least compute a recent task took per step (its progress unit; one-shot tasks have
     #: one): ``steps x unit_ms_min`` bounds a task's service time from below
     unit_ms_min: float | None = None
+    #: the time a step of a recent task took, mean (batches shared included): what a new task's
+    #: steps are likely to take, where ``unit_ms_min`` is the least they can
+    unit_ms_mean: float | None = None
     steps_per_task: float | None = None  # mean over recent tasks
     tasks_dropped: int = 0
     #: its Prometheus endpoint's port (``node_metrics_port``; 0 there: the one the OS picked)

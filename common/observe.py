@@ -45,6 +45,7 @@ class PoolView:
     startup_s: float | None = None  # process start to ready, slowest replica
     work_ms: float | None = None  # amortised compute per task, mean over replicas
     unit_ms_min: float | None = None  # least compute per step of a task, over replicas
+    unit_ms_mean: float | None = None  # a recent task's step time, mean over replicas
     steps_per_task: float | None = None  # mean over replicas of their recent tasks' mean
     max_batch: int = 1
     #: why its replicas cannot load their model (the latest ``failed`` report), attempts that
@@ -190,6 +191,8 @@ class ClusterObserver:
             works = [s.work_ms for s in statuses if s.work_ms]
             view.work_ms = sum(works) / len(works) if works else None
             view.unit_ms_min = _min(s.unit_ms_min for s in statuses)
+            means = [s.unit_ms_mean for s in statuses if s.unit_ms_mean]
+            view.unit_ms_mean = sum(means) / len(means) if means else None
             steps = [s.steps_per_task for s in statuses if s.steps_per_task]
             view.steps_per_task = sum(steps) / len(steps) if steps else None
         for pool, view in views.items():

@@ -11,7 +11,11 @@ The bound, for a DAG of nodes: a node cannot start before the tasks ahead of it 
 (those queued in its pool, and those queued or in progress in the pools upstream of it, which
 will reach it first: ``backlog x work / ready replicas``, FIFO, at the throughput recently
 measured) nor before its predecessors finish, and then takes at least its steps times the
-least time a step of its pool has taken.
+least time a step of its pool has taken. What admission holds against the deadline, and what a
+request's ``eta_s`` says, is the expected finish: the same walk with its own steps at the time
+recent tasks' steps took (batches shared included). Against the lower bound alone, an overload
+admitted requests that then ran in full batches and missed their deadlines: two thirds of those
+admitted, on the tiny CPU models.
 
 The paper's rule (``admission_rule: paper``, the DiFlow artifact's early abort) is kept beside
 it for comparison: a request is rejected when the work in flight, max(queued work / devices,
@@ -52,6 +56,7 @@ class PoolLoad:
     ready: int  # replicas serving
     work_s: float | None = None  # amortised compute per task (1 / a replica's throughput)
     step_s: float | None = None  # least compute one step of a task took
+    step_mean_s: float | None = None  # what a step of a recent task took, batches included
     steps_per_task: float = 1.0  # mean steps of recent tasks
     admitted_steps: int = 0  # steps of requests admitted here since ``lag`` was sampled
     in_progress: int = 0  # tasks a replica of this pool holds (fetched, running)
@@ -60,11 +65,16 @@ class PoolLoad:
     delivered: int = 0  # tasks its consumer ever handed out, when ``lag`` was sampled
 
     def ahead(self, upstream: bool) -> int:
-        """Tasks of this pool a new one surely waits for: the queued ones, and when the pool is
+        """Tasks of this pool a new one waits for: the queued ones, and when the pool is
         upstream of the node also those in progress (they will all reach the node first). At
-        the node's own pool a task in progress may be about to finish: a lower bound counts
-        it as done."""
+        the node's own pool a new task joins the batch in progress at its next step (batches
+        form step by step), so those in progress do not hold it back."""
         return self.lag + (self.in_progress if upstream else 0)
+
+    def own_step_s(self, expected: bool) -> float:
+        """A step of a new task here: the least one took, or (``expected``) what a recent
+        task's steps took, batches included."""
+        return (self.step_mean_s if expected and self.step_mean_s else self.step_s) or 0.0
 
     def clear_s(self, backlog: int) -> float:
         """Seconds until ``backlog`` queued tasks, and the steps admitted since the lag was
@@ -112,11 +122,13 @@ def steps_of(spec: WorkflowSpec, params: Mapping[str, Any], plan: Plan) -> dict[
 
 
 def finish_bound_s(
-    plan: Plan, loads: Mapping[str, PoolLoad], steps: Mapping[str, int] | None = None
+    plan: Plan, loads: Mapping[str, PoolLoad], steps: Mapping[str, int] | None = None,
+    expected: bool = False,
 ) -> float:
     """The earliest a new request of ``plan`` could finish, in seconds, given the queues now
     (cleared at the measured throughput; its own steps at the least step time; pools without
-    figures count as empty and instant)."""
+    figures count as empty and instant). ``expected``: when it should finish, its own steps
+    at the step time recent tasks saw (batches shared included)."""
     memo: dict[str, float] = {}
 
     def upstream(node: str) -> set[str]:
@@ -132,7 +144,7 @@ def finish_bound_s(
             backlog = sum(loads[p].ahead(upstream=p != pool) for p in upstream(node)
                           if p in loads)
             start = max([load.clear_s(backlog), *(done_by(p) for p in plan.predecessors(node))])
-            memo[node] = start + (load.step_s or 0.0) * (steps or {}).get(node, 1)
+            memo[node] = start + load.own_step_s(expected) * (steps or {}).get(node, 1)
         return memo[node]
 
     return done_by(plan.output_node)
@@ -149,13 +161,14 @@ def solo_latency_s(
 
 
 def _own_work_s(
-    plan: Plan, loads: Mapping[str, PoolLoad], steps: Mapping[str, int] | None
+    plan: Plan, loads: Mapping[str, PoolLoad], steps: Mapping[str, int] | None,
+    expected: bool = False,
 ) -> float:
     """The request's own path through ``plan`` on idle pools (unmeasured ones instant)."""
     # in progress counts too: upstream of a node, finish_bound_s waits for those tasks
     idle = {pool: replace(load, lag=0, in_progress=0, admitted_steps=0)
             for pool, load in loads.items()}
-    return finish_bound_s(plan, idle, steps)
+    return finish_bound_s(plan, idle, steps, expected)
 
 
 @dataclass(frozen=True)
@@ -280,9 +293,9 @@ def check(
 
 def _lego_bound_s(plan: Plan, loads: Mapping[str, PoolLoad], steps: Mapping[str, int] | None,
                   shared_devices: bool) -> float:
-    bound = finish_bound_s(plan, loads, steps)
+    bound = finish_bound_s(plan, loads, steps, expected=True)
     if shared_devices:
-        bound = max(bound, shared_wait_s(plan, loads) + _own_work_s(plan, loads, steps))
+        bound = max(bound, shared_wait_s(plan, loads) + _own_work_s(plan, loads, steps, True))
     return bound
 
 
@@ -370,6 +383,7 @@ class LoadWatch:
                 lag=v.pending, in_progress=v.ack_pending, ready=v.ready,
                 work_s=None if v.work_ms is None else v.work_ms / 1000,
                 step_s=None if v.unit_ms_min is None else v.unit_ms_min / 1000,
+                step_mean_s=None if v.unit_ms_mean is None else v.unit_ms_mean / 1000,
                 steps_per_task=v.steps_per_task or 1.0,
                 devices=frozenset(ready_on.get(pool, ())), delivered=v.delivered,
             )

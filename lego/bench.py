@@ -326,6 +326,23 @@ def main(args: argparse.Namespace) -> int:
                     f"{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}" for r in rows[i:i + len(HOP_MODES)]))
     elif args.which in ("slo", "sweep", "bound", "eta"):
         return _emulated(settings, args)
+    elif args.which == "chaos":
+        from lego.chaos import SCENARIOS, ChaosConfig, bench_chaos, print_table
+
+        scenarios = tuple(args.scenarios.split(",")) if args.scenarios else SCENARIOS
+        unknown = set(scenarios) - set(SCENARIOS)
+        if unknown:
+            raise SystemExit(f"lego bench chaos: unknown scenario(s) {sorted(unknown)}; "
+                             f"choose from {', '.join(SCENARIOS)}")
+        cfg = ChaosConfig(scenarios=scenarios, **{
+            k: v for k, v in (("overload_factor", args.overload_factor),
+                              ("overload_s", args.overload_s)) if v is not None})
+        results = bench_chaos(settings, cfg,
+                              log=lambda line: print(line, file=sys.stderr, flush=True))
+        if args.json:
+            print(json.dumps(results, indent=2))
+        else:
+            print_table(results)
     elif args.which == "burst":
         from lego.burst import BurstConfig, bench_burst, print_table
 

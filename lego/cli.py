@@ -14,6 +14,7 @@
     lego bench hop|e2e|burst     benchmarks
     lego bench slo|sweep|bound   the emulated GPU cluster's experiment, and its physical limit
     lego bench eta               the error of the ETA a request gets, on an emulated replay
+    lego bench chaos             faults (replica, NATS, store) and overload against real stacks
 """
 
 from __future__ import annotations
@@ -552,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench.add_argument("which", choices=["hop", "e2e", "burst", "slo", "sweep", "bound",
-                                         "eta"])
+                                         "eta", "chaos"])
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--iterations", type=int, default=None)
     burst = bench.add_argument_group("burst")
@@ -562,6 +563,12 @@ def build_parser() -> argparse.ArgumentParser:
     burst.add_argument("--burst-s", type=float, help="seconds of burst (default 5)")
     burst.add_argument("--after-s", type=float, help="seconds after the burst (default 25)")
     burst.add_argument("--slots", type=int, help="replica slots for either system (default 4)")
+    chaos = bench.add_argument_group("chaos")
+    chaos.add_argument("--scenarios", help="comma-separated (default replica_kill,"
+                                           "nats_restart,store_restart,overload)")
+    chaos.add_argument("--overload-factor", type=float,
+                       help="overload: x the measured capacity (default 10)")
+    chaos.add_argument("--overload-s", type=float, help="overload: seconds (default 30)")
     slo = bench.add_argument_group("slo, sweep, bound and eta (the emulated GPU cluster; eta: "
                                    "default --rate-scale 3 --time-scale 4)")
     slo.add_argument("--system", choices=["micro", "static", "swap", "shepherd",

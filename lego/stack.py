@@ -82,15 +82,22 @@ def start_nats_server(store_dir: Path, port: int, log_file: Path) -> subprocess.
         stderr=open(log_file, "ab"),  # noqa: SIM115 - the child owns it
         **child_options(),
     )
-    deadline = time.monotonic() + 20
+    wait_port(port, proc, f"nats-server (see {log_file})")
+    return proc
+
+
+def wait_port(port: int, proc: subprocess.Popen, what: str, timeout_s: float = 20.0) -> None:
+    """Wait until ``proc`` listens on 127.0.0.1:``port``; kill it and raise if it exits or
+    does not within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"nats-server exited with {proc.returncode}; see {log_file}")
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return proc
+            return
         time.sleep(0.05)
     proc.kill()
-    raise RuntimeError("nats-server did not start within 20 s")
+    raise RuntimeError(f"{what} did not start within {timeout_s:g} s")
 
 
 @dataclass

@@ -123,6 +123,7 @@ class PoolFeed:
         self.step_s: float | None = None
         self._least_single_s: float | None = None  # the least a step of one task took here
         self._single_steps = 0
+        self._step_by_size: dict[int, float] = {}  # batch size -> its step time (smoothed)
         #: how long and how urgent this pool's tasks have recently been (``typical``)
         self.typical_work_s: float | None = None
         self.typical_slack_s: float | None = None
@@ -340,8 +341,20 @@ class PoolFeed:
         """The least the task and the nodes after it still need, at the fastest step times."""
         return self.work_s(held, least=True) + held.task.plan.tail_s(held.task.node)
 
+    def steps_left(self, held: Held) -> int:
+        done, total = self.core.progress(held.state)
+        return max(0, total - done)
+
+    def step_time_s(self, size: int) -> float:
+        """A step's time here at batch ``size`` (``scheduling.step_time``); 0 before any."""
+        return scheduling.step_time(self._step_by_size, size, self.step_s or 0.0)
+
     def ran(self, group: list[Held], elapsed_s: float, ended_at: float) -> None:
         """Account one step of ``group`` that took ``elapsed_s``."""
+        size = len(group)
+        previous = self._step_by_size.get(size)
+        self._step_by_size[size] = elapsed_s if previous is None else (
+            0.7 * previous + 0.3 * elapsed_s)
         self.stats.batches += 1
         self.stats.batch_items += len(group)
         self.metrics.batch_size.observe(len(group))
@@ -587,6 +600,7 @@ class PoolFeed:
             startup_s=None if stats.startup_s is None else round(stats.startup_s, 3),
             work_ms=_mean(r.work_ms for r in recent),
             unit_ms_min=round(min(r.unit_ms for r in recent), 3) if recent else None,
+            unit_ms_mean=_mean(r.unit_ms for r in recent),
             steps_per_task=_mean(r.units for r in recent),
             tasks_dropped=stats.tasks_dropped, metrics_port=self.host.metrics_port,
         )

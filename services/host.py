@@ -323,14 +323,18 @@ class DeviceHost:
 
     def _next_group(self, at: float) -> list[Held]:
         """The most urgent task and its batch-compatible peers of the same pool, most urgent
-        first, up to the pool's batch."""
+        first, up to the pool's batch and as many as their deadlines allow
+        (``scheduling.batch_size``)."""
         urgencies = [self._urgency(h, at) for h in self._held]
         ordered = [self._held[i] for i in scheduling.run_next(urgencies, at, self.policy)]
         first = ordered[0]
-        core = first.feed.core
+        feed, core = first.feed, first.feed.core
         key = core.batch_key(first.state)
-        group = [h for h in ordered if h.feed is first.feed and core.batch_key(h.state) == key]
-        return group[: core.max_batch]
+        group = [h for h in ordered if h.feed is feed and core.batch_key(h.state) == key]
+        group = group[: core.max_batch]
+        members = [scheduling.Member(h.task.deadline_at, feed.steps_left(h),
+                                     h.task.plan.tail_s(h.task.node)) for h in group]
+        return group[: scheduling.batch_size(members, feed.step_time_s, at, self.policy)]
 
     async def _end(self, held: Held, ending: Any) -> None:
         """Take ``held`` off the step loop and out of its feed once ``ending`` has run. If

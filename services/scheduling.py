@@ -37,7 +37,7 @@ idle device's feeds all fetch at once) would keep waiting goes back to its queue
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -65,6 +65,7 @@ STEAL_SHARE = 0.25
 class Scheduler(Protocol):
     name: str
     steal_share: float  # 0: never out of order
+    fit_batches: bool  # batch only as many as keep their deadlines (``batch_size``)
 
     def order(self, urgency: Urgency, at: float) -> tuple[float, ...]:
         """Sort key: the lowest runs first."""
@@ -73,6 +74,7 @@ class Scheduler(Protocol):
 class LeastSlack:
     name = "least_slack"
     steal_share = STEAL_SHARE
+    fit_batches = True
 
     def order(self, urgency: Urgency, at: float) -> tuple[float, ...]:
         return (urgency.slack_s(at), urgency.since)
@@ -81,6 +83,7 @@ class LeastSlack:
 class Fifo:
     name = "fifo"
     steal_share = 0.0
+    fit_batches = False
 
     def order(self, urgency: Urgency, at: float) -> tuple[float, ...]:
         return (urgency.since,)
@@ -123,6 +126,59 @@ def run_next(urgencies: Sequence[Urgency], at: float, policy: Scheduler) -> list
                 if steals(urgencies[i], [urgencies[j] for j in ordered[:n]], at, policy)]
     first = min(stealers, key=lambda n: (urgencies[ordered[n]].remaining_s, n))
     return [ordered[first], *ordered[:first], *ordered[first + 1:]]
+
+
+@dataclass(frozen=True)
+class Member:
+    """A task that may join the next batch: its deadline, the steps it has left and the
+    estimated work of the nodes after it."""
+
+    deadline_at: float | None
+    steps_left: int
+    tail_s: float
+
+    def meets(self, at: float, step_s: float) -> bool:
+        """Whether it finishes by its deadline when its steps run at ``step_s`` each."""
+        return self.deadline_at is None or (
+            at + self.steps_left * step_s + self.tail_s <= self.deadline_at)
+
+
+def step_time(measured: Mapping[int, float], size: int, default: float = 0.0) -> float:
+    """A step's time at batch ``size``, from the step times ``measured`` per batch size: as
+    measured; else on the line through the sizes measured (a step costs a fixed part plus a
+    part per task); with one size measured, its time scaled in proportion to the batch (no
+    gain from batching assumed until one is seen); ``default`` before any."""
+    if size in measured:
+        return measured[size]
+    if not measured:
+        return default
+    if len(measured) == 1:
+        [(known, step_s)] = measured.items()
+        return step_s * max(1.0, size / known)
+    sizes = list(measured)
+    mean_n = sum(sizes) / len(sizes)
+    mean_s = sum(measured.values()) / len(sizes)
+    spread = sum((n - mean_n) ** 2 for n in sizes)
+    slope = max(0.0, sum((n - mean_n) * (measured[n] - mean_s) for n in sizes) / spread)
+    return max(min(measured.values()), mean_s + slope * (size - mean_n))
+
+
+def batch_size(members: Sequence[Member], step_s: Callable[[int], float], at: float,
+               policy: Scheduler) -> int:
+    """How many of ``members`` (most urgent first, batch-compatible, at most the pool's batch)
+    run the next step together. A bigger batch steps slower (``step_s(n)``: the step time at
+    batch size n), so every member waits longer for its result: with ``fit_batches`` the
+    batch grows only while each member that could finish in time alone still can at the
+    bigger batch's step time. Spare slack buys throughput; under load the batch shrinks to
+    what the deadlines allow, instead of every request in a full batch missing its own."""
+    if not policy.fit_batches or len(members) <= 1:
+        return len(members)
+    hopeful = [m for m in members if m.meets(at, step_s(1))]  # the others are late anyway
+    n = 1
+    while n < len(members) and all(m.meets(at, step_s(n + 1)) for m in members[:n + 1]
+                                   if m in hopeful):
+        n += 1
+    return n
 
 
 def may_take(newcomer: Urgency, own_s: float, held: Sequence[Urgency], at: float,

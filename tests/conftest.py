@@ -6,9 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,20 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from common.settings import Settings  # noqa: E402
-from lego.stack import free_port, start_nats_server  # noqa: E402
-
-
-def _wait_port(port: int, proc: subprocess.Popen, what: str) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), 0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{what} did not start")
+from lego.stack import free_port, start_nats_server, wait_port  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -71,7 +56,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
          "--appendonly", "no", "--dir", str(tmp)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    _wait_port(port, proc, "redis-server")
+    wait_port(port, proc, "redis-server")
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(10)

@@ -252,3 +252,15 @@ def test_queue_position_follows_the_pool_handing_out_tasks() -> None:
     assert queue_position(mark, replace(busy[encoder], delivered=43)) == 2
     assert queue_position(mark, replace(busy[encoder], delivered=90)) == 0
     assert queue_position(mark, None) == 5  # the pool not seen (yet): as it was
+
+
+def test_the_estimate_expects_the_step_times_recent_tasks_saw() -> None:
+    """The bound takes a new task's steps at the least step time; what admission holds against
+    the deadline (and the ETA) takes the step time recent tasks saw (batches shared). Tasks in
+    progress at its own pool count as done in both: it joins their batch at the next step."""
+    busy = loads()
+    denoiser = POOL["denoise"]
+    busy[denoiser] = replace(busy[denoiser], in_progress=4, step_mean_s=0.1)
+    bound = finish_bound_s(PLAN, busy, STEPS)
+    assert bound == pytest.approx(0.01 + 4 * 0.05 + 0.02)  # the bound: unchanged
+    assert estimate_s(PLAN, busy, STEPS) == pytest.approx(0.01 + 4 * 0.1 + 0.02)

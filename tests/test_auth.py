@@ -22,8 +22,8 @@ from common.errors import ConfigError
 from common.settings import Settings
 from common.store import open_store
 from gateway.auth import RateLimiter, TokenBucket
-from lego.stack import free_port, nats_server_binary
-from tests.conftest import _wait_port, redis_server_binary
+from lego.stack import free_port, nats_server_binary, wait_port
+from tests.conftest import redis_server_binary
 from tests.gatewayutil import ServedGateway, served_gateway
 
 # --- the token bucket, with a fake clock ----------------------------------------------------------
@@ -158,7 +158,7 @@ def nats_with(tmp_path: Path):  # noqa: ANN201 - a factory of servers
         proc = subprocess.Popen([nats_server_binary(), "-a", "127.0.0.1", "-p", str(port),
                                  *args], stdout=subprocess.DEVNULL, stderr=log)
         procs.append(proc)
-        _wait_port(port, proc, "nats-server")
+        wait_port(port, proc, "nats-server")
         return port
 
     yield start
@@ -261,7 +261,7 @@ def redis_with_password(tmp_path: Path) -> Iterator[int]:
          "--appendonly", "no", "--dir", str(tmp_path), "--requirepass", "r3dis-pw"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    _wait_port(port, proc, "redis-server")
+    wait_port(port, proc, "redis-server")
     yield port
     proc.terminate()
     proc.wait(10)

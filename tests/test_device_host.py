@@ -90,6 +90,38 @@ def test_a_held_task_overtaken_by_more_urgent_work_goes_back():
     assert scheduling.run_next([relaxed, decode], at, scheduling.Fifo()) == [1, 0]
 
 
+def test_a_batch_grows_only_while_its_members_keep_their_deadlines():
+    """Step time grows with the batch (10 ms alone, +5 ms per extra task): four tasks of 8
+    steps with plenty of slack run together; with 0.2 s left for the most urgent, only as many
+    as keep it (and the others) in time; one already late does not hold the others back."""
+    at, policy = 100.0, scheduling.LeastSlack()
+
+    def step_s(n: int) -> float:
+        return 0.010 + 0.005 * (n - 1)
+
+    relaxed = [scheduling.Member(at + 5.0, 8, 0.02) for _ in range(4)]
+    assert scheduling.batch_size(relaxed, step_s, at, policy) == 4
+    tight = [scheduling.Member(at + 0.2, 8, 0.02), *relaxed[1:]]
+    # 8 steps at 20 ms (a batch of 3) + 0.02 s = 0.18 s fits 0.2 s; at 25 ms (4) it does not
+    assert scheduling.batch_size(tight, step_s, at, policy) == 3
+    late = [scheduling.Member(at + 0.01, 8, 0.02), *relaxed[1:]]
+    assert scheduling.batch_size(late, step_s, at, policy) == 4
+    no_deadlines = [scheduling.Member(None, 8, 0.0)] * 3
+    assert scheduling.batch_size(no_deadlines, step_s, at, policy) == 3
+    # first come first served batches whatever it can (the monolithic baselines)
+    assert scheduling.batch_size(tight, step_s, at, scheduling.Fifo()) == 4
+
+
+def test_step_times_of_unmeasured_batch_sizes():
+    assert scheduling.step_time({}, 4, default=0.02) == 0.02
+    # one size seen: no gain from batching assumed (an upper bound)
+    assert scheduling.step_time({1: 0.01}, 4) == pytest.approx(0.04)
+    assert scheduling.step_time({4: 0.04}, 2) == pytest.approx(0.04)
+    # two or more: the line through them (a fixed part and a part per task)
+    assert scheduling.step_time({1: 0.010, 3: 0.014}, 8) == pytest.approx(0.024)
+    assert scheduling.step_time({1: 0.010, 3: 0.014}, 3) == 0.014  # measured wins
+
+
 # --- residency (pure) ----------------------------------------------------------------------
 
 def test_erlang_c_matches_known_values():

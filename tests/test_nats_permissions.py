@@ -29,8 +29,7 @@ from common.messages import Progress, RequestState, decode
 from common.settings import Settings
 from common.store import open_store
 from gateway.ingress import REPLY_HEADER
-from lego.stack import free_port, nats_server_binary
-from tests.conftest import _wait_port
+from lego.stack import free_port, nats_server_binary, wait_port
 from tests.stackutil import running_stack
 
 ACCOUNTS = Path(__file__).resolve().parent.parent / "deploy" / "nats-accounts.conf"
@@ -75,7 +74,7 @@ def nats_with_accounts(tmp: Path) -> Iterator[AuthServer]:
         proc = subprocess.Popen([nats_server_binary(), "-c", str(conf)], env=env,
                                 stdout=subprocess.DEVNULL, stderr=log)
     try:
-        _wait_port(port, proc, "nats-server")
+        wait_port(port, proc, "nats-server")
         yield server
     finally:
         proc.terminate()

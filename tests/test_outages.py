@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -20,43 +19,23 @@ import pytest
 
 from common.settings import Settings
 from common.workflow import shipped_workflows
-from lego.stack import Stack, free_port, start_nats_server
-from tests.conftest import _wait_port, nats_server, redis_server_binary
+from lego import chaos
+from lego.chaos import Server
+from lego.stack import Stack
+from tests.conftest import nats_server
 from tests.gatewayutil import served_gateway
 from tests.stackutil import ReplicaWatch, replica_pid, running_stack
 
 pytestmark = pytest.mark.timeout(300)
 
 QUICK = {"prompt": "a lighthouse", "steps": 2, "width": 32, "height": 32}
-SLOW = {"prompt": "a slow one", "steps": 60, "width": 128, "height": 128, "seed": 5}
-
-
-class Restartable:
-    """A server process that can be killed and started again on the same port and data."""
-
-    def __init__(self, start: callable) -> None:  # type: ignore[valid-type]
-        self._start = start
-        self.proc: subprocess.Popen = start()
-
-    def kill(self) -> None:
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def restart(self) -> None:
-        self.proc = self._start()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
+SLOW = {"prompt": "a slow one", "steps": 150, "width": 128, "height": 128, "seed": 5}
 
 
 @pytest.fixture
-def nats(tmp_path: Path) -> Iterator[tuple[str, Restartable]]:
-    port = free_port()
-    server = Restartable(lambda: start_nats_server(tmp_path / "store", port,
-                                                   tmp_path / "nats.log"))
-    yield f"nats://127.0.0.1:{port}", server
+def nats(tmp_path: Path) -> Iterator[tuple[str, Server]]:
+    url, server = chaos.nats(tmp_path)
+    yield url, server
     server.stop()
 
 
@@ -68,7 +47,7 @@ def _until(predicate: callable, timeout_s: float, what: str) -> None:  # type: i
 
 
 def test_nats_down_is_a_fast_503_and_recovers(
-    nats: tuple[str, Restartable], cache_dir: Path, shm_root: Path, tmp_path: Path
+    nats: tuple[str, Server], cache_dir: Path, shm_root: Path, tmp_path: Path
 ) -> None:
     url, server = nats
     settings = Settings(nats_url=url, cache_dir=cache_dir, shm_root=shm_root,
@@ -101,33 +80,15 @@ def test_nats_down_is_a_fast_503_and_recovers(
         assert http.post("/v1/generations", json=QUICK).status_code == 202
 
 
-def _restartable_redis(tmp: Path) -> Restartable:
-    port = free_port()
-
-    def start() -> subprocess.Popen:
-        proc = subprocess.Popen(
-            [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(tmp)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        _wait_port(port, proc, "redis-server")
-        return proc
-
-    server = Restartable(start)
-    server.url = f"redis://127.0.0.1:{port}/0"  # type: ignore[attr-defined]
-    return server
-
-
 @pytest.fixture(scope="module")
 def redis_stack(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path
-                ) -> Iterator[tuple[Stack, Restartable]]:
+                ) -> Iterator[tuple[Stack, Server]]:
     """txt2img on the Redis store, two denoiser replicas; Redis can be killed and restarted."""
     tmp = tmp_path_factory.mktemp("outages")
-    redis = _restartable_redis(tmp)
+    redis_url, redis = chaos.redis(tmp)
     try:
         with nats_server(tmp / "nats") as url, running_stack(
-            tmp, url, cache_dir, workflows=["txt2img"], autoscale=False,
-            redis_url=redis.url,  # type: ignore[attr-defined]
+            tmp, url, cache_dir, workflows=["txt2img"], autoscale=False, redis_url=redis_url,
         ) as stack:
             stack.add_node("denoiser")
             yield stack, redis
@@ -149,7 +110,7 @@ async def _replica_taking(settings: Settings, other_than: str | None = None,
 
 
 def test_a_dead_replicas_task_goes_to_another_within_the_ack_wait(
-    redis_stack: tuple[Stack, Restartable],
+    redis_stack: tuple[Stack, Server],
 ) -> None:
     """A denoiser SIGKILLed mid-task: the other one takes the task after ``ack_wait_s`` (2 s
     by default; live replicas keep theirs with in-progress acks), not after 30 s."""
@@ -161,18 +122,18 @@ def test_a_dead_replicas_task_goes_to_another_within_the_ack_wait(
         holder = asyncio.run(_replica_taking(settings))
         os.kill(replica_pid(holder), signal.SIGKILL)
         killed = time.monotonic()
-        asyncio.run(_replica_taking(settings, other_than=holder,
-                                    timeout_s=settings.ack_wait_s + 3.0))
+        # the ack wait, a status report (once a second), and room for a busy machine
+        asyncio.run(_replica_taking(settings, other_than=holder, timeout_s=10.0))
         taken_s = time.monotonic() - killed
         state = http.get(f"/v1/generations/{request_id}?wait=60").json()
         assert state["status"] == "succeeded", state
         denoise = next(t for t in state["timings"] if t["node"] == "denoise")
         assert denoise["attempt"] == 2 and denoise["replica"] != holder
-        assert taken_s <= settings.ack_wait_s + 3.0
+        assert taken_s <= 10.0  # not the 30 s of the old ack wait
 
 
 def test_a_redis_outage_under_load_wedges_nothing(
-    redis_stack: tuple[Stack, Restartable],
+    redis_stack: tuple[Stack, Server],
 ) -> None:
     """Redis killed for 5 s while requests arrive at 2/s: every request ends (succeeded, or
     failed with a reason), none hangs, and once Redis is back new requests succeed: no
