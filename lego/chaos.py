@@ -10,7 +10,9 @@ concurrent clients), then sends an open-loop load over HTTP while it injects its
   and JetStream store;
 - ``store_restart``: the Redis store killed and started again 5 s later (no persistence: the
   tensors in flight are gone);
-- ``overload``: no fault, ``overload_factor`` x the capacity for ``overload_s``.
+- ``overload``: no fault, ``overload_factor`` x the capacity for ``overload_s``;
+- ``cluster_member_loss``: the stack on a 3-server NATS cluster (streams and buckets at R3),
+  the server the gateway is connected to SIGKILLed for good.
 
 Fault scenarios load the stack at half its capacity. Every request carries the workflow's
 default deadline (the SLO). Reported per scenario: requests sent, succeeded (within the
@@ -42,8 +44,9 @@ import httpx
 
 from common.settings import Settings
 from lego.burst import REQUEST
+from lego.natscluster import NatsCluster
 
-SCENARIOS = ("replica_kill", "nats_restart", "store_restart", "overload")
+SCENARIOS = ("replica_kill", "nats_restart", "store_restart", "overload", "cluster_member_loss")
 #: how long a killed server stays down before it is started again
 DOWN_S = 5.0
 
@@ -224,7 +227,7 @@ class Run:
 
     settings: Settings
     tmp: Path
-    servers: dict[str, Server] = field(default_factory=dict)
+    servers: dict[str, Any] = field(default_factory=dict)  # each with stop()
     stack: Any = None
 
 
@@ -234,12 +237,18 @@ def run_scenario(base: Settings, name: str, cfg: ChaosConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"lego-chaos-{name}-") as tmp_dir:
         tmp = Path(tmp_dir)
         run = Run(base, tmp)
-        nats_url, run.servers["nats"] = nats(tmp)
-        update: dict[str, Any] = {
-            "nats_url": nats_url, "run_dir": tmp / "run", "workflows": ["txt2img"],
+        update: dict[str, Any] = {}
+        if name == "cluster_member_loss":
+            cluster = run.servers["nats"] = NatsCluster(tmp / "cluster")
+            cluster.start()
+            update.update(nats_url=cluster.url, stream_replicas=3)
+        else:
+            update["nats_url"], run.servers["nats"] = nats(tmp)
+        update.update({
+            "run_dir": tmp / "run", "workflows": ["txt2img"],
             "autoscale": False, "admission": True,
             "shm_root": Path("/dev/shm") / f"lego-chaos-{uuid.uuid4().hex[:8]}",
-        }
+        })
         if name == "store_restart":
             update["redis_url"], run.servers["redis"] = redis(tmp)
         run.settings = base.model_copy(update=update)
@@ -319,10 +328,21 @@ def _restart(server: str) -> Callable[[Run], Callable[[], Awaitable[float]]]:
     return make
 
 
+def _lose_member(run: Run) -> Callable[[], Awaitable[float]]:
+    async def fault() -> float:
+        cluster: NatsCluster = run.servers["nats"]
+        victim = await asyncio.to_thread(cluster.server_of, "gateway") or cluster.names[0]
+        cluster.kill(victim)  # for good: the other two carry on
+        return time.time()
+
+    return fault
+
+
 FAULTS: dict[str, Callable[[Run], Callable[[], Awaitable[float]]]] = {
     "replica_kill": _kill_replica,
     "nats_restart": _restart("nats"),
     "store_restart": _restart("redis"),
+    "cluster_member_loss": _lose_member,
 }
 
 
@@ -341,11 +361,11 @@ def bench_chaos(settings: Settings, cfg: ChaosConfig,
 
 
 def print_table(results: dict[str, Any]) -> None:
-    print(f"{'scenario':<14} {'sent':>5} {'ok':>5} {'lost':>4} {'dup':>4} {'goodput':>8} "
+    print(f"{'scenario':<20} {'sent':>5} {'ok':>5} {'lost':>4} {'dup':>4} {'goodput':>8} "
           f"{'on time':>7} {'recovered':>9} {'in s':>6}  failed")
     for name, r in results["scenarios"].items():
         failed = ", ".join(f"{k} {v}" for k, v in r["failed"].items()) or "-"
-        print(f"{name:<14} {r['sent']:>5} {r['met_deadline']:>5} {r['lost']:>4} "
+        print(f"{name:<20} {r['sent']:>5} {r['met_deadline']:>5} {r['lost']:>4} "
               f"{r['duplicates']:>4} {_f(r['goodput_fraction']):>8} "
               f"{_f(r['admitted_on_time']):>7} {str(r['recovered']):>9} "
               f"{_f(r['recovery_s']):>6}  {failed}")

@@ -14,7 +14,7 @@
     lego bench hop|e2e|burst     benchmarks
     lego bench slo|sweep|bound   the emulated GPU cluster's experiment, and its physical limit
     lego bench eta               the error of the ETA a request gets, on an emulated replay
-    lego bench chaos             faults (replica, NATS, store) and overload against real stacks
+    lego bench chaos             faults (replica, NATS, store, cluster member) and overload
 """
 
 from __future__ import annotations
@@ -565,7 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     burst.add_argument("--slots", type=int, help="replica slots for either system (default 4)")
     chaos = bench.add_argument_group("chaos")
     chaos.add_argument("--scenarios", help="comma-separated (default replica_kill,"
-                                           "nats_restart,store_restart,overload)")
+                                           "nats_restart,store_restart,overload,"
+                                           "cluster_member_loss)")
     chaos.add_argument("--overload-factor", type=float,
                        help="overload: x the measured capacity (default 10)")
     chaos.add_argument("--overload-s", type=float, help="overload: seconds (default 30)")

@@ -16,7 +16,8 @@ from nats.js import JetStreamContext
 
 from common import bus, subjects
 from common.settings import Settings
-from tests.stackutil import NatsCluster, nats_cluster, running_stack
+from lego.natscluster import NatsCluster, nats_cluster
+from tests.stackutil import running_stack
 
 pytestmark = pytest.mark.timeout(240)
 
