@@ -7,6 +7,7 @@
     │   ├── UnknownWorkflow     no such workflow                        -> 404
     │   ├── NotFound            no such request / image                 -> 404
     │   ├── Unauthorized        API key missing or unknown              -> 401 + WWW-Authenticate
+    │   ├── Forbidden           the key lacks the scope the call needs  -> 403
     │   ├── MethodNotAllowed    a path without that method              -> 405 + Allow
     │   └── RateLimited         the key's request rate is spent         -> 429 + Retry-After
     ├── Conflict                e.g. an id reused for another request    -> 409
@@ -127,6 +128,18 @@ class Unauthorized(RequestError):
         # RFC 6750: a present but unknown token says so; a missing one just names the scheme
         return {"WWW-Authenticate": 'Bearer error="invalid_token"' if self.invalid_token
                 else "Bearer"}
+
+
+class Forbidden(RequestError):
+    """The caller is known but may not do this: its API key lacks ``scope`` (e.g. ``admin``
+    to register a workflow), or without API keys it is not on this host (loopback)."""
+
+    code = "forbidden"
+    http_status = 403
+
+    def __init__(self, message: str, scope: str) -> None:
+        super().__init__(message, scope=scope)
+        self.scope = scope
 
 
 class RateLimited(RequestError):

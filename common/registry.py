@@ -1,16 +1,25 @@
 """Workflows registered at run time, kept in the KV bucket ``lego-workflows`` so every gateway
-and ingress replica sees the same set without a restart."""
+and ingress replica sees the same set without a restart (a deletion included).
+
+An entry that does not parse (written by an older version, or straight into the bucket) is
+skipped with a logged error: it never stops a gateway, ingress or autoscaler from starting."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
-from nats.js.errors import KeyNotFoundError, NoKeysError
+from nats.js.errors import (
+    KeyDeletedError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoKeysError,
+)
 from nats.js.kv import KeyValue
 
-from common.errors import UnknownWorkflow
-from common.workflow import WorkflowSpec, builtin_workflows, parse_workflow
+from common.errors import Conflict, LegoError, UnknownWorkflow
+from common.workflow import NAME_PATTERN, WorkflowSpec, builtin_workflows, parse_workflow
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +43,7 @@ class WorkflowRegistry:
             for name in sorted(builtin_workflows().keys() - seed.keys()):
                 try:
                     await self.bucket.get(name)
-                except KeyNotFoundError:
+                except (KeyNotFoundError, KeyDeletedError):
                     continue
                 log.info("workflow %s is not served by this stack: unregistered", name)
                 await self.bucket.delete(name)
@@ -46,10 +55,13 @@ class WorkflowRegistry:
                 if entry is None:  # initial values delivered
                     first.set()
                     continue
-                if entry.value:
-                    self._specs[entry.key] = parse_workflow(entry.value)
-                else:
-                    self._specs.pop(entry.key, None)
+                self._specs.pop(entry.key, None)
+                if entry.value:  # else deleted
+                    try:
+                        self._specs[entry.key] = parse_workflow(entry.value)
+                    except LegoError as exc:
+                        log.error("registered workflow %s is not valid, skipped: %s",
+                                  entry.key, exc)
                 if entry.delta == 0:
                     first.set()
 
@@ -61,7 +73,7 @@ class WorkflowRegistry:
         """One registered workflow, read once: a node that serves it needs no watcher."""
         try:
             return parse_workflow((await bucket.get(name)).value or b"")
-        except KeyNotFoundError:
+        except (KeyNotFoundError, KeyDeletedError):
             try:
                 known = await bucket.keys()
             except NoKeysError:
@@ -73,8 +85,31 @@ class WorkflowRegistry:
             self._watch_task.cancel()
 
     async def add(self, spec: WorkflowSpec) -> None:
-        await self.bucket.put(spec.name, spec.model_dump_json(exclude_defaults=True).encode())
+        """Register ``spec``, replacing a workflow of that name."""
+        await self.bucket.put(spec.name, _encode(spec))
         self._specs[spec.name] = spec
+
+    async def create(self, spec: WorkflowSpec) -> None:
+        """Register ``spec``; ``Conflict`` if a workflow of that name is registered (checked
+        by the bucket, so two gateways cannot both create it)."""
+        try:
+            await self.bucket.create(spec.name, _encode(spec))
+        except KeyWrongLastSequenceError:
+            raise Conflict(f"name: a workflow {spec.name!r} is registered; replace it with "
+                           f"PUT /v1/workflows/{spec.name} (admin)", field="name") from None
+        self._specs[spec.name] = spec
+
+    async def delete(self, name: str) -> None:
+        """Unregister ``name`` (every replica's watcher drops it); ``UnknownWorkflow`` if no
+        workflow of that name is registered."""
+        if not re.fullmatch(NAME_PATTERN, name):  # no workflow can have it (nor a KV key be it)
+            raise UnknownWorkflow(name, list(self._specs))
+        try:
+            await self.bucket.get(name)
+        except (KeyNotFoundError, KeyDeletedError):
+            raise UnknownWorkflow(name, list(self._specs)) from None
+        await self.bucket.delete(name)
+        self._specs.pop(name, None)
 
     def get(self, name: str) -> WorkflowSpec:
         try:
@@ -84,3 +119,7 @@ class WorkflowRegistry:
 
     def all(self) -> dict[str, WorkflowSpec]:
         return dict(self._specs)
+
+
+def _encode(spec: WorkflowSpec) -> bytes:
+    return spec.model_dump_json(exclude_defaults=True).encode()

@@ -15,6 +15,10 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+#: what an API key may be allowed besides the rest of the API: ``admin`` registers, replaces
+#: and deletes workflows
+API_KEY_SCOPES = ("admin",)
+
 
 def _default_cache_dir() -> Path:
     return Path.home() / ".cache" / "legodiffusion"
@@ -75,6 +79,17 @@ class Settings(BaseSettings):
         description="model directory used by the shipped workflows (a diffusers SD 1.x/2.x dir)",
     )
     upscaler_model: str = "builtin:tiny-upscaler"
+    models: dict[str, str] = Field(
+        default_factory=dict,
+        description="named models a workflow registered at run time may use by name, "
+        "{name: model directory or builtin:...}, e.g. {sd15: /data/models/sd15}; `base` and "
+        "`upscaler` always name base_model and upscaler_model",
+    )
+    model_roots: list[Path] = Field(
+        default_factory=list,
+        description="directories under which a workflow registered at run time may name a "
+        "model directory (symlinks followed, no way out); empty: cache_dir/models only",
+    )
     workflows: list[str] = Field(
         default_factory=list, description="shipped workflows `lego up` registers (empty: all)"
     )
@@ -230,6 +245,13 @@ class Settings(BaseSettings):
         description="bearer tokens the gateway accepts on /v1/*, {name: token} or a list of "
         "tokens (named key-1, key-2, ...); empty: no authentication",
     )
+    api_key_scopes: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="scopes of the api_keys by key name, e.g. {ops: [admin]}: `admin` may "
+        "register, replace and delete workflows; a key not named here has none (it may use "
+        "the rest of the API); api_keys may also give them: {ops: {token: ..., scopes: "
+        "[admin]}}",
+    )
     api_key: str | None = Field(
         None, description="the key `lego` commands send to a gateway (default: the first of "
         "api_keys)",
@@ -290,6 +312,49 @@ class Settings(BaseSettings):
     def nats_servers(self) -> list[str]:
         """The NATS servers of ``nats_url``, in order (several: a NATS cluster)."""
         return [s.strip() for s in (self.nats_url or "").split(",") if s.strip()]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_key_scopes(cls, data: object) -> object:
+        """``api_keys: {name: {token: T, scopes: [...]}}`` is ``api_keys: {name: T}`` plus
+        ``api_key_scopes: {name: [...]}``."""
+        if not isinstance(data, dict):
+            return data
+        keys = data.get("api_keys")
+        if not isinstance(keys, dict) or not any(isinstance(v, dict) for v in keys.values()):
+            return data
+        scopes = dict(data.get("api_key_scopes") or {})
+        tokens = {}
+        for name, value in keys.items():
+            if isinstance(value, dict):
+                if "token" not in value:
+                    raise ValueError(f"api_keys.{name}: a mapping needs a token")
+                tokens[name] = value["token"]
+                scopes[name] = list(value.get("scopes") or [])
+            else:
+                tokens[name] = value
+        return {**data, "api_keys": tokens, "api_key_scopes": scopes}
+
+    @model_validator(mode="after")
+    def _known_scopes(self) -> Settings:
+        for name, scopes in self.api_key_scopes.items():
+            if name not in self.api_keys:
+                raise ValueError(f"api_key_scopes: {name!r} is none of the api_keys")
+            unknown = set(scopes) - set(API_KEY_SCOPES)
+            if unknown:
+                raise ValueError(f"api_key_scopes.{name}: unknown scopes {sorted(unknown)}; "
+                                 f"known: {list(API_KEY_SCOPES)}")
+        return self
+
+    @property
+    def model_root_dirs(self) -> list[Path]:
+        """Where a registered workflow's model directories may be (``model_roots``)."""
+        return list(self.model_roots) or [self.cache_dir / "models"]
+
+    @property
+    def named_models(self) -> dict[str, str]:
+        """The models a registered workflow may name: ``models``, ``base``, ``upscaler``."""
+        return {"base": self.base_model, "upscaler": self.upscaler_model, **self.models}
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -111,10 +111,14 @@ class NodeSpec(BaseModel):
         return self
 
 
+#: what a workflow's name may be (also a KV key of ``lego-workflows`` and a URL path segment)
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
 class WorkflowSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
     models: dict[str, str]
     params: dict[str, ParamSpec]

@@ -9,11 +9,15 @@ state is read from the KV bucket, so any replica answers for any request.
     DELETE /v1/generations/{id}          cancel; nodes drop its work at the next step
     POST   /v1/images/generations        OpenAI-compatible images API (openai_api.py)
     GET    /v1/workflows                 registered workflows
-    POST   /v1/workflows                 register a workflow (YAML or JSON) at run time
+    POST   /v1/workflows                 register a new workflow (YAML or JSON) at run time (admin)
+    PUT    /v1/workflows/{name}          register or replace the workflow ``name`` (admin)
+    DELETE /v1/workflows/{name}          unregister a workflow (admin)
     GET    /healthz, /readyz             liveness, readiness
     GET    /metrics                      Prometheus metrics (common/metrics.py)
 
-With ``api_keys`` set, /v1/* needs ``Authorization: Bearer KEY`` (auth.py).
+With ``api_keys`` set, /v1/* needs ``Authorization: Bearer KEY`` (auth.py); the workflow admin
+routes need a key with the ``admin`` scope (without keys: a client on this host). A registered
+workflow may name only the models the operator allowed (common/modelrefs.py).
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from common.errors import (
 )
 from common.messages import Progress, RequestState, decode, encode
 from common.modelinfo import LocalModelInfo
+from common.modelrefs import check_model_refs
 from common.registry import WorkflowRegistry
 from common.settings import Settings
 from common.store import open_store
@@ -202,12 +207,30 @@ class Gateway:
         self.ready = True
 
     def _warm_up(self) -> None:
-        """Load the tokenizers validation uses, so the first request does not pay for it."""
+        """Load the tokenizers validation uses, so the first request does not pay for it. A
+        workflow whose model cannot be read is logged and left cold: it must not stop the
+        gateway from serving the others (its requests answer the error)."""
         models = self.ingress.models
+        if models is None:
+            return
         for spec in self.registry.all().values():
-            for param in spec.params.values():
-                if param.tokenizer and models is not None:
-                    models.count_tokens(spec.models[param.tokenizer], "warm up")
+            try:
+                for param in spec.params.values():
+                    if param.tokenizer:
+                        models.count_tokens(spec.models[param.tokenizer], "warm up")
+            except Exception as exc:  # noqa: BLE001 - whatever fails, the rest are served
+                log.error("workflow %s: cannot warm up its models, its requests will fail: "
+                          "%s: %s", spec.name, type(exc).__name__, exc)
+
+    def checked_workflow(self, body: bytes) -> WorkflowSpec:
+        """The workflow ``body`` registers, its model names replaced by what configuration
+        gives them, if it is valid and names only models it may (``check_model_refs``) that
+        this gateway can read (``check_models``)."""
+        if len(body) > self.settings.max_body_bytes:
+            raise PayloadTooLarge("body", len(body), self.settings.max_body_bytes)
+        spec = check_model_refs(parse_workflow(body), self.settings)
+        self.check_models(spec)
+        return spec
 
     def check_models(self, spec: WorkflowSpec) -> None:
         """``InvalidRequest`` naming each model that validating ``spec``'s requests reads (a
@@ -566,23 +589,64 @@ def create_app(
     async def list_workflows() -> Response:
         return _json({"workflows": [_workflow_view(s) for s in gw.registry.all().values()]})
 
+    workflow_body = openapi.body("WorkflowSpec", ("application/json", "application/yaml"),
+                                 "the workflow, as JSON or YAML (a workflow file)")
+    forbidden = openapi.error("registering workflows needs an API key with the admin scope "
+                              "(without API keys: a client on the gateway's host)")
+    invalid_workflow = openapi.error("not a valid workflow, or a model it may not name (a URL, "
+                                     "a directory outside the model roots, an unknown builtin, "
+                                     "a directory its nodes cannot load); each problem is named")
+
     @app.post(
-        "/v1/workflows", status_code=201,
-        openapi_extra=openapi.body("WorkflowSpec", ("application/json", "application/yaml"),
-                                   "the workflow, as JSON or YAML (a workflow file)"),
-        responses={201: openapi.ok("registered (a workflow of that name is replaced)",
-                                   "Workflow"),
+        "/v1/workflows", status_code=201, openapi_extra=workflow_body,
+        responses={201: openapi.ok("registered", "Workflow"),
+                   403: forbidden,
+                   409: openapi.error("a workflow of that name is registered (replace it with "
+                                      "PUT /v1/workflows/{name})"),
                    413: openapi.error("the body is over its byte limit"),
-                   422: openapi.error("not a valid workflow; each problem is named")},
+                   422: invalid_workflow},
     )
     async def add_workflow(request: Request) -> Response:
-        body = await request.body()
-        if len(body) > settings.max_body_bytes:
-            raise PayloadTooLarge("body", len(body), settings.max_body_bytes)
-        spec = parse_workflow(body)
-        await asyncio.to_thread(gw.check_models, spec)
-        await gw.registry.add(spec)
+        """Register a new workflow (admin). A name already registered is a 409: replacing one,
+        a shipped one included, is PUT /v1/workflows/{name}."""
+        guard.require(request, auth.ADMIN)
+        spec = await asyncio.to_thread(gw.checked_workflow, await request.body())
+        await gw.registry.create(spec)
         return _json(_workflow_view(spec), status=201)
+
+    @app.put(
+        "/v1/workflows/{name}", status_code=200, openapi_extra=workflow_body,
+        responses={200: openapi.ok("replaced", "Workflow"),
+                   201: openapi.ok("registered (there was none of that name)", "Workflow"),
+                   403: forbidden,
+                   404: openapi.error("no such path (a name with a '/')"),
+                   413: openapi.error("the body is over its byte limit"),
+                   422: openapi.error("the body's name is not the path's; or " +
+                                      invalid_workflow["description"])},
+    )
+    async def replace_workflow(name: str, request: Request) -> Response:
+        """Register the workflow ``name``, replacing one of that name (admin)."""
+        guard.require(request, auth.ADMIN)
+        spec = await asyncio.to_thread(gw.checked_workflow, await request.body())
+        if spec.name != name:
+            raise InvalidRequest([InvalidField(
+                "name", f"{spec.name!r} is not the workflow this path names, {name!r}")])
+        existed = name in gw.registry.all()
+        await gw.registry.add(spec)
+        return _json(_workflow_view(spec), status=200 if existed else 201)
+
+    @app.delete(
+        "/v1/workflows/{name}", status_code=204, response_class=Response,
+        responses={204: {"description": "unregistered: no gateway offers it any more (a "
+                         "shipped one comes back at the next `lego up`)"},
+                   403: forbidden,
+                   404: openapi.error("no workflow of that name")},
+    )
+    async def delete_workflow(name: str, request: Request) -> Response:
+        """Unregister the workflow ``name`` (admin)."""
+        guard.require(request, auth.ADMIN)
+        await gw.registry.delete(name)
+        return Response(status_code=204)
 
     @app.get("/healthz", responses={200: openapi.ok("alive", "Health")})
     async def healthz() -> dict[str, str]:

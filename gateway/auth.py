@@ -6,21 +6,34 @@ them (401 otherwise); health checks, the docs and the web page stay open. With
 refilled at ``rate_limit_rps`` per second (429 with Retry-After when it is empty). Buckets live
 in each gateway replica's memory, so N replicas behind a load balancer allow up to N times the
 rate; a streaming request (SSE) counts once, when it opens.
+
+Scopes: a key may hold ``admin`` (``api_key_scopes``, or ``api_keys: {name: {token, scopes}}``);
+registering, replacing and deleting workflows needs it (403 ``forbidden`` naming the scope
+otherwise): a workflow makes nodes load models, so it is the operator's act, not a client's.
+Without API keys the API is open, and those acts are allowed only to a client on this host
+(loopback, and no ``Forwarded``/``X-Forwarded-For`` header a proxy would add): the default
+stack listens on 127.0.0.1 only, but a gateway bound to a public address without keys must
+not let anyone on the network point nodes at files.
 """
 
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import time
 from collections.abc import Callable
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from common.errors import RateLimited, Unauthorized
+from common.errors import Forbidden, RateLimited, Unauthorized
 from common.settings import Settings
 
 PROTECTED_PREFIX = "/v1/"
+#: the scope that may register, replace and delete workflows
+ADMIN = "admin"
+#: headers a reverse proxy adds: behind one, a loopback peer says nothing of the client
+_FORWARDED = ("forwarded", "x-forwarded-for", "x-real-ip")
 
 
 class TokenBucket:
@@ -78,6 +91,8 @@ class ApiKeyGuard:
 
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
         self.keys = dict(settings.api_keys)  # name -> token
+        self.scopes = {name: frozenset(scopes) for name, scopes in
+                       settings.api_key_scopes.items()}
         self.limiter = (
             RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst, clock)
             if settings.rate_limit_rps > 0 else None
@@ -94,6 +109,20 @@ class ApiKeyGuard:
             if hmac.compare_digest(token.encode(), known.encode()):
                 found = name
         return found
+
+    def require(self, request: Request, scope: str = ADMIN) -> None:
+        """``Forbidden`` unless the request may act with ``scope``: its API key holds it, or,
+        without API keys, it comes from this host (loopback, not through a proxy)."""
+        if self.enabled:
+            name = getattr(request.state, "api_key", None)
+            if scope not in self.scopes.get(name or "", frozenset()):
+                raise Forbidden(f"API key {name!r} lacks the scope {scope!r} this needs "
+                                "(api_key_scopes)", scope=scope)
+            return
+        if not _local(request):
+            raise Forbidden(f"this needs the scope {scope!r}: without API keys only a client "
+                            "on the gateway's host (loopback) has it; configure api_keys with "
+                            "an admin key", scope=scope)
 
     async def __call__(
         self, request: Request,
@@ -116,3 +145,13 @@ class ApiKeyGuard:
                     f"(burst {self.limiter.burst}); retry in {wait_s:.2f} s",
                     retry_after_s=wait_s,
                 )
+
+
+def _local(request: Request) -> bool:
+    """The client is on this host: a loopback peer, with no header a proxy adds."""
+    if request.client is None or any(h in request.headers for h in _FORWARDED):
+        return False
+    try:
+        return ipaddress.ip_address(request.client.host).is_loopback
+    except ValueError:
+        return False
