@@ -235,9 +235,10 @@ class DeadlinePolicy:
 def deadline_s(
     raw: Mapping[str, Any], declared_solo_s: float | None, measured_solo_s: float | None,
     policy: DeadlinePolicy,
-) -> float | None:
+) -> float:
     """The request's deadline in seconds from submission: its own ``deadline_s``, else the
-    workflow's SLO; None when neither is known (no solo latency declared or measured yet)."""
+    workflow's SLO; ``max_deadline_s`` while its solo latency is neither declared nor
+    measured yet (a pool that never had a replica)."""
     value = raw.get("deadline_s")
     if value is not None:
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
@@ -249,8 +250,8 @@ def deadline_s(
             )])
         return float(value)
     solo = declared_solo_s if declared_solo_s is not None else measured_solo_s
-    if solo is None:
-        return None
+    if solo is None:  # not measured yet: still a limit, so that no request waits forever
+        return policy.max_deadline_s
     return min(max(policy.slo_factor * solo, policy.slo_min_s), policy.max_deadline_s)
 
 
@@ -334,6 +335,17 @@ def _queued(plan: Plan, loads: Mapping[str, PoolLoad]) -> dict[str, int]:
             for n in plan.nodes.values() if n.pool in loads}
 
 
+def _remembered(load: PoolLoad, before: PoolLoad | None) -> PoolLoad:
+    """``load``, with the speed figures of ``before`` where it has none: a pool whose last
+    replica died (or scaled to zero) keeps its measured step times, so its workflows keep a
+    measured solo latency, hence a deadline, and its queue an estimate, until a replica
+    reports again. Without a deadline a request would wait for a replica forever."""
+    if before is None or load.work_s is not None:
+        return load
+    return replace(load, work_s=before.work_s, step_s=before.step_s,
+                   step_mean_s=before.step_mean_s, steps_per_task=before.steps_per_task)
+
+
 class LoadWatch:
     """Keeps ``loads`` fresh from the replicas' reports and the consumers' lag."""
 
@@ -378,7 +390,7 @@ class LoadWatch:
         for status in self.observer.live_statuses():
             if status.state == "ready":
                 ready_on.setdefault(status.pool, set()).add(status.device)
-        self.loads = {
+        loads = {
             pool: PoolLoad(
                 lag=v.pending, in_progress=v.ack_pending, ready=v.ready,
                 work_s=None if v.work_ms is None else v.work_ms / 1000,
@@ -389,6 +401,8 @@ class LoadWatch:
             )
             for pool, v in views.items()
         }
+        self.loads = {pool: _remembered(load, self.loads.get(pool))
+                      for pool, load in loads.items()}
 
     async def _loop(self) -> None:
         while True:

@@ -5,7 +5,8 @@ of the tiny txt2img, restarted if it dies; its own nats-server, and redis-server
 scenario uses the Redis store), measures the stack's capacity (requests/s, a closed loop of
 concurrent clients), then sends an open-loop load over HTTP while it injects its fault:
 
-- ``replica_kill``: SIGKILL of the denoiser replica mid-load (the stack restarts it);
+- ``replica_kill``: SIGKILL of the denoiser replica mid-load (the stack restarts it, as
+  `lego up` does);
 - ``nats_restart``: nats-server killed (SIGKILL) and started again 5 s later on the same port
   and JetStream store;
 - ``store_restart``: the Redis store killed and started again 5 s later (no persistence: the
@@ -32,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
@@ -253,10 +255,15 @@ def run_scenario(base: Settings, name: str, cfg: ChaosConfig) -> dict[str, Any]:
             update["redis_url"], run.servers["redis"] = redis(tmp)
         run.settings = base.model_copy(update=update)
         run.stack = Stack(run.settings, port=free_port(), quiet=True)
+        supervisor = threading.Thread(target=run.stack.supervise, daemon=True)
         try:
             run.stack.start()
+            supervisor.start()  # as `lego up` does: a crashed child is started again
             return _measure(run, name, cfg)
         finally:
+            run.stack.interrupt()
+            if supervisor.is_alive():
+                supervisor.join(5)
             run.stack.stop(timeout_s=30)
             for server in run.servers.values():
                 server.stop()
@@ -320,7 +327,9 @@ def _restart(server: str) -> Callable[[Run], Callable[[], Awaitable[float]]]:
         async def fault() -> float:
             run.servers[server].kill()
             await asyncio.sleep(DOWN_S)
-            await asyncio.to_thread(run.servers[server].restart)
+            # from this thread, not a worker's: nats-server dies with the thread that started
+            # it (it is told to end with its parent), and worker threads come and go
+            run.servers[server].restart()
             return time.time()
 
         return fault
@@ -331,7 +340,7 @@ def _restart(server: str) -> Callable[[Run], Callable[[], Awaitable[float]]]:
 def _lose_member(run: Run) -> Callable[[], Awaitable[float]]:
     async def fault() -> float:
         cluster: NatsCluster = run.servers["nats"]
-        victim = await asyncio.to_thread(cluster.server_of, "gateway") or cluster.names[0]
+        victim = cluster.server_of("gateway") or cluster.names[0]
         cluster.kill(victim)  # for good: the other two carry on
         return time.time()
 

@@ -90,7 +90,7 @@ def test_default_deadline_is_the_slo() -> None:
     policy = DeadlinePolicy(slo_factor=2.0, slo_min_s=0.5, max_deadline_s=60)
     assert deadline_s({}, None, 1.5, policy) == 3.0
     assert deadline_s({}, 0.1, 1.5, policy) == 0.5  # a declared solo latency wins; floored
-    assert deadline_s({}, None, None, policy) is None
+    assert deadline_s({}, None, None, policy) == 60  # unknown yet: the longest allowed
     assert deadline_s({"deadline_s": 7}, None, 1.5, policy) == 7.0
 
 
@@ -264,3 +264,18 @@ def test_the_estimate_expects_the_step_times_recent_tasks_saw() -> None:
     bound = finish_bound_s(PLAN, busy, STEPS)
     assert bound == pytest.approx(0.01 + 4 * 0.05 + 0.02)  # the bound: unchanged
     assert estimate_s(PLAN, busy, STEPS) == pytest.approx(0.01 + 4 * 0.1 + 0.02)
+
+
+def test_a_pool_keeps_its_figures_when_its_last_replica_is_gone() -> None:
+    """Its replicas died (no report): the pool's measured speed stays, so its workflows keep a
+    solo latency (a deadline) and its queue an estimate; fresh figures replace it."""
+    from gateway.admission import _remembered
+
+    measured = PoolLoad(lag=0, ready=1, work_s=0.2, step_s=0.05, step_mean_s=0.06,
+                        steps_per_task=4)
+    gone = _remembered(PoolLoad(lag=3, ready=0), measured)
+    assert (gone.lag, gone.ready) == (3, 0)
+    assert (gone.work_s, gone.step_s, gone.step_mean_s, gone.steps_per_task) == (
+        0.2, 0.05, 0.06, 4)
+    fresh = PoolLoad(lag=1, ready=1, work_s=0.3, step_s=0.07)
+    assert _remembered(fresh, measured) == fresh
