@@ -55,6 +55,7 @@ from common.errors import (
 from common.messages import Progress, RequestState, decode, encode
 from common.modelinfo import LocalModelInfo
 from common.modelrefs import check_model_refs
+from common.observe import unstartable
 from common.registry import WorkflowRegistry
 from common.settings import Settings
 from common.store import open_store
@@ -656,10 +657,15 @@ def create_app(
                                    503: openapi.ok("not ready", "Readiness")})
     async def readyz() -> Response:
         """Ready when started and every dependency answers; ``dependencies`` says which
-        does not (``nats``, ``store``) and why."""
+        does not (``nats``, ``store``) and why. ``unstartable``: the pools none of whose
+        replicas can load their model, with the error (the gateway stays ready: the
+        workflows that do not need them are served; theirs answer 503)."""
         dependencies = await gw.dependencies() if gw.ready else {}
         ok = gw.ready and all(v == "ok" for v in dependencies.values())
-        return _json({"ready": ok, "dependencies": dependencies}, status=200 if ok else 503)
+        failing = unstartable(gw.loads.observer.live_statuses()) if gw.ready else {}
+        return _json({"ready": ok, "dependencies": dependencies,
+                      "unstartable": {pool: s.error or "" for pool, s in failing.items()}},
+                     status=200 if ok else 503)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics() -> Response:

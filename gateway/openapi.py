@@ -201,7 +201,10 @@ STATIC_SCHEMAS: dict[str, dict[str, Any]] = {
         "properties": {"ready": {"type": "boolean"},
                        "dependencies": {"type": "object", "description": 'each dependency: '
                                         '"ok" or why it cannot be used now',
-                                        "additionalProperties": {"type": "string"}}},
+                                        "additionalProperties": {"type": "string"}},
+                       "unstartable": {"type": "object", "description": "pools none of whose "
+                                       "replicas can load their model: the error",
+                                       "additionalProperties": {"type": "string"}}},
     },
 }
 

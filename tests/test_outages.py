@@ -57,7 +57,8 @@ def test_nats_down_is_a_fast_503_and_recovers(
         before = http.post("/v1/generations", json=QUICK)
         assert before.status_code == 202
         ready = http.get("/readyz").json()
-        assert ready == {"ready": True, "dependencies": {"nats": "ok", "store": "ok"}}
+        assert ready == {"ready": True, "dependencies": {"nats": "ok", "store": "ok"},
+                         "unstartable": {}}
 
         server.kill()
         _until(lambda: not gw.gateway.nc.is_connected, 10, "the gateway noticing")

@@ -138,6 +138,10 @@ def test_a_pool_that_cannot_load_is_reported_and_the_rest_serves(
         assert "diffusion_pytorch_model.safetensors" in view["error"]
         assert cluster["models"][next(p for p in cluster["models"] if p.startswith("denoiser"))][
             "ready"] >= 1
+        # the gateway stays ready (txt2img serves) and its readiness names the pool and why
+        readiness = httpx.get(f"{stack.gateway_url}/readyz", timeout=30)
+        assert readiness.status_code == 200
+        assert readiness.json()["unstartable"] == {pool: view["error"]}
 
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("NATS_URL", stack.settings.nats_url)
