@@ -386,6 +386,10 @@ class Settings(BaseSettings):
         default_factory=lambda: _default_cache_dir() / "run",
         description="where a running `lego up` leaves its address for other lego commands",
     )
+    liveness_timeout_s: float = Field(
+        60.0, ge=0, description="a node process whose step or event loop makes no progress "
+        "for this long ends itself (exit 70) so that its supervisor replaces it; 0: never",
+    )
     stop_timeout_s: float = Field(
         15.0, gt=0, description="how long `lego up` may take to stop: its processes drain "
         "while NATS is up, then what remains is killed, and nats-server stopped last",

@@ -33,6 +33,7 @@ from common.tracking import RequestTracker
 from services import scheduling
 from services.core import ModelCore
 from services.feed import Held, PoolFeed
+from services.liveness import Liveness
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,9 @@ class DeviceHost:
         self._connected = asyncio.Event()
         self._stopping = False
         self._side_tasks: set[asyncio.Task] = set()
+        #: progress of the event loop and of the step in progress, for a process's watchdog
+        #: (``services.liveness.watch``; `lego node` and `lego host` start one)
+        self.liveness = Liveness(settings.liveness_timeout_s)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -282,12 +286,15 @@ class DeviceHost:
             group = self._next_group(at)
             feed = group[0].feed
             started = time.perf_counter()
+            self.liveness.step_started()
             try:
                 await asyncio.to_thread(feed.core.step, [h.state for h in group])
             except Exception as exc:  # noqa: BLE001 - classified in fail
                 for held in group:
                     await self._end(held, feed.fail(held, exc))
                 continue
+            finally:
+                self.liveness.step_ended()
             feed.ran(group, time.perf_counter() - started, now())
             try:
                 await feed.report_progress(group)

@@ -34,6 +34,7 @@ from nats.js.kv import KeyValue
 from common import bus, subjects
 from common.messages import HostResidency, ResidentPool
 from common.settings import Settings
+from services import liveness
 from services.core import ModelCore
 from services.host import DeviceHost
 from services.node import build_core
@@ -177,6 +178,7 @@ def run_host(settings: Settings, device: str, name: str | None = None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, process.drain)
+        liveness.watch(process.host.liveness, process.host.name)
         await process.serve()
 
     bus.run_async(main())

@@ -17,6 +17,7 @@ from common.registry import WorkflowRegistry
 from common.settings import Settings
 from common.subjects import pool_name
 from common.workflow import WorkflowSpec, shipped_workflows
+from services import liveness
 from services.catalog import CORES
 from services.core import ModelCore
 from services.monolithic import MonolithicCore
@@ -103,6 +104,7 @@ def run_node(kind: str, model: str, settings: Settings, max_batch: int | None = 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, runner.drain)
+        liveness.watch(runner.host.liveness, runner.replica)
         await runner.serve()
 
     bus.run_async(main())

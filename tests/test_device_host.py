@@ -21,7 +21,7 @@ from common.messages import Plan, PlanNode, RequestState, Task, encode, now
 from common.settings import Settings
 from common.store import open_store
 from common.tracking import RequestTracker
-from services import scheduling
+from services import liveness, scheduling
 from services.core import ModelCore, Result, WorkItem
 from services.host import DeviceHost
 
@@ -332,3 +332,41 @@ async def test_a_host_that_got_busy_hands_the_task_back_for_an_idle_one(settings
         assert urgent.timings[-1].replica == "pool-b@gpu:1"
         assert later.timings[-1].replica == "pool-a@gpu:2"
         assert busy.feeds["pool-a@gpu:1"].stats.tasks_handed_back == 1
+
+
+# --- liveness ------------------------------------------------------------------------------
+
+def test_a_stuck_step_or_event_loop_is_caught():
+    clock = [0.0]
+    live = liveness.Liveness(timeout_s=10.0, clock=lambda: clock[0])
+    clock[0] = 9.0
+    assert live.stuck() is None
+    live.tick()
+    live.step_started()
+    clock[0] = 18.0
+    live.tick()
+    assert live.stuck() is None  # a long step, within the timeout
+    clock[0] = 19.5
+    live.tick()
+    assert "a step has run for 10 s" in live.stuck()
+    live.step_ended()
+    assert live.stuck() is None
+    clock[0] = 30.0  # no tick for 10.5 s: the event loop is blocked
+    assert "event loop" in live.stuck()
+    assert liveness.Liveness(timeout_s=0, clock=lambda: clock[0]).stuck() is None  # off
+
+
+async def test_the_watchdog_ends_a_process_whose_loop_is_blocked():
+    exits: list[int] = []
+    ended = threading.Event()
+    live = liveness.Liveness(timeout_s=0.3)
+
+    def exit_(code: int) -> None:
+        exits.append(code)
+        ended.set()
+
+    liveness.watch(live, "test", period_s=0.05, exit=exit_)
+    await asyncio.sleep(0.2)
+    assert not exits  # ticking: alive
+    time.sleep(0.6)  # the event loop blocked
+    assert ended.wait(2.0) and exits == [liveness.EXIT_STUCK]
