@@ -68,48 +68,6 @@ from gateway.webhooks import Dispatcher
 
 log = logging.getLogger(__name__)
 
-GENERATION_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "description": (
-        "A generation request: `workflow` (default txt2img), an optional client-chosen `id` "
-        "(idempotency key), and the workflow's parameters (see GET /v1/workflows)."
-    ),
-    "properties": {
-        "id": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
-        "workflow": {"type": "string", "default": "txt2img"},
-        "deadline_s": {
-            "type": "number", "exclusiveMinimum": 0,
-            "description": "seconds from submission; default: the workflow's SLO (2x solo)",
-        },
-        "webhook_url": {"type": "string", "format": "uri", "maxLength": 2048,
-                        "description": "POST the request's events here, signed (README "
-                        "Webhooks); its host must be in the webhook_allow setting"},
-        "webhook_events": {"type": "array", "uniqueItems": True, "default": ["completed"],
-                           "items": {"enum": ["started", "progress", "completed"]}},
-        "prompt": {"type": "string"},
-        "negative_prompt": {"type": "string"},
-        "width": {"type": "integer"},
-        "height": {"type": "integer"},
-        "steps": {"type": "integer"},
-        "guidance": {"type": "number"},
-        "seed": {"type": "integer"},
-        "strength": {"type": "number"},
-        "image": {"type": "string", "description": "base64 PNG/JPEG/WebP (img2img)"},
-        "output_format": {
-            "type": "string", "enum": output_format.FORMATS,
-            "default": output_format.DEFAULT_FORMAT,
-            "description": "file format of GET /v1/generations/{id}/image",
-        },
-        "output_quality": {
-            "type": "integer", "minimum": output_format.MIN_QUALITY,
-            "maximum": output_format.MAX_QUALITY, "default": output_format.DEFAULT_QUALITY,
-            "description": "JPEG/WebP quality (PNG ignores it)",
-        },
-    },
-    "additionalProperties": True,
-}
-
-
 #: errors of NATS and the tensor store that mean "not reachable now": a 503 with Retry-After
 DEPENDENCY_ERRORS: tuple[type[Exception], ...] = (
     nats_errors.ConnectionClosedError, nats_errors.ConnectionReconnectingError,

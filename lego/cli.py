@@ -442,10 +442,16 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
+    """The JSON Schemas a client needs: a generation request (one per workflow this stack's
+    settings offer, as the OpenAPI document has them) and the result."""
     from common.messages import RequestState, json_schema
-    from gateway.app import GENERATION_SCHEMA
+    from common.workflow import offered_workflows
+    from gateway.openapi import generation_request
 
-    print(json.dumps({"request": GENERATION_SCHEMA, "result": json_schema(RequestState)},
+    settings = load_settings(args.config)
+    requests = [generation_request(spec, settings)
+                for spec in offered_workflows(settings)[0].values()]
+    print(json.dumps({"request": {"oneOf": requests}, "result": json_schema(RequestState)},
                      indent=2))
     return 0
 
