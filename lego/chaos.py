@@ -20,7 +20,8 @@ default deadline (the SLO). Reported per scenario: requests sent, succeeded (wit
 deadline), failed by reason (rejected at the door included), lost (no final state: the one
 figure that must be 0), duplicates (tasks that ran more than once: work re-done after the
 fault, never a second result), goodput as a fraction of the capacity measured before, the
-fraction of admitted requests that met their deadline, and whether and how fast the stack
+fraction of admitted requests that met their deadline, the stack's resident memory before,
+at its peak and after the load, and whether and how fast the stack
 recovered (the first request sent after the fault's repair that succeeded; three more
 requests after the load must succeed).
 """
@@ -283,17 +284,64 @@ def _measure(run: Run, name: str, cfg: ChaosConfig) -> dict[str, Any]:
     else:
         rate, duration_s = capacity_rps * cfg.load_fraction, cfg.duration_s
         fault = FAULTS[name](run)
+    memory = Memory(run.stack)
+    memory.sample()
+    before_mb = memory.total_mb
+    memory.start()
     started = time.time()
-    sent, repaired = asyncio.run(open_loop(url, rate, duration_s, wait_s=120.0, fault=fault,
-                                           fault_at_s=cfg.fault_at_s))
-    repaired = started if repaired is None else repaired
-    recovered = _recovered(url)
+    try:
+        sent, repaired = asyncio.run(open_loop(url, rate, duration_s, wait_s=120.0,
+                                               fault=fault, fault_at_s=cfg.fault_at_s))
+        repaired = started if repaired is None else repaired
+        recovered = _recovered(url)
+    finally:
+        memory.stop()
     first_ok = min((s.at for s in sent if s.at >= repaired and s.status == "succeeded"),
                    default=None)
     result = summarize(sent, duration_s, capacity_rps, recovered,
                        None if first_ok is None else first_ok - repaired)
     result["rate_rps"] = round(rate, 3)
+    result["memory_mb"] = {"before": before_mb, "peak": memory.peak_mb,
+                           "after": memory.total_mb}
     return result
+
+
+class Memory:
+    """The resident memory of the stack's processes (their sum, MiB, from /proc), sampled
+    every half second in a thread while the load runs: ``peak`` against ``before`` and
+    ``after`` says whether a load grows memory without bound."""
+
+    def __init__(self, stack: Any, period_s: float = 0.5) -> None:
+        self.stack, self.period_s = stack, period_s
+        self.total_mb = self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        total_kb = 0
+        for child in self.stack.children:
+            if child.proc is None:
+                continue
+            try:
+                status = Path(f"/proc/{child.proc.pid}/status").read_text()
+            except OSError:  # gone (killed by the scenario), or not Linux
+                continue
+            total_kb += next((int(line.split()[1]) for line in status.splitlines()
+                              if line.startswith("VmRSS:")), 0)
+        self.total_mb = round(total_kb / 1024, 1)
+        self.peak_mb = max(self.peak_mb, self.total_mb)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.sample()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sample()
 
 
 def _recovered(url: str, probes: int = 3, within_s: float = 60.0) -> bool:
@@ -378,6 +426,10 @@ def print_table(results: dict[str, Any]) -> None:
               f"{r['duplicates']:>4} {_f(r['goodput_fraction']):>8} "
               f"{_f(r['admitted_on_time']):>7} {str(r['recovered']):>9} "
               f"{_f(r['recovery_s']):>6}  {failed}")
+    for name, r in results["scenarios"].items():
+        m = r.get("memory_mb") or {}
+        print(f"{name:<20} memory (MiB, the stack's processes): before {m.get('before')}, "
+              f"peak {m.get('peak')}, after {m.get('after')}")
     print("goodput: requests that met their deadline per second / the capacity measured "
           "before (closed loop); on time: of the requests admitted")
 
