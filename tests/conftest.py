@@ -86,3 +86,24 @@ def settings(nats_url: str, cache_dir: Path, shm_root: Path, tmp_path: Path) -> 
         retry_backoff_s=0.1,
         torch_threads=1,
     )
+
+
+@pytest.fixture(scope="module")
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+          cache_dir: Path) -> Iterator[object]:
+    """The module's own stack serving txt2img alone, on a nats-server of its own (a module
+    that needs another stack defines its own ``stack``)."""
+    from tests.stackutil import txt2img_stack  # it imports this module
+
+    name = request.module.__name__.rsplit(".", 1)[-1]
+    with txt2img_stack(tmp_path_factory.mktemp(name), cache_dir) as st:
+        yield st
+
+
+@pytest.fixture
+def client(stack: object) -> Iterator[object]:
+    """A LegoClient of the module's ``stack``."""
+    from legoclient import LegoClient
+
+    with LegoClient(stack.gateway_url) as c:  # type: ignore[attr-defined]
+        yield c

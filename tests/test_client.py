@@ -39,7 +39,7 @@ from legoclient.retry import retry_after_s
 from common.models import resolve_model_dir
 from lego.cli import main as lego_main
 from lego.stack import Stack
-from tests.stackutil import png_pixels, txt2img_stack
+from tests.stackutil import png_pixels
 from tests.test_e2e import diffusers_image
 
 pytestmark = pytest.mark.timeout(300)
@@ -48,18 +48,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "clients" / "python"
 PARAMS = dict(prompt="a red fox in the snow", negative_prompt="blurry", steps=5, guidance=6.0,
               height=64, width=48, seed=1234)
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[Stack]:
-    with txt2img_stack(tmp_path_factory.mktemp("client"), cache_dir) as st:
-        yield st
-
-
-@pytest.fixture
-def client(stack: Stack) -> Iterator[LegoClient]:
-    with LegoClient(stack.gateway_url) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

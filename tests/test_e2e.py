@@ -38,12 +38,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator
         yield st
 
 
-@pytest.fixture
-def client(stack: Stack) -> Iterator[LegoClient]:
-    with LegoClient(stack.gateway_url) as c:
-        yield c
-
-
 def diffusers_image(model_dir: Path, **kw: object) -> np.ndarray:
     from diffusers import StableDiffusionPipeline
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import orjson
 import pytest
@@ -19,23 +17,10 @@ from common.messages import RequestState
 from gateway.ingress import REPLY_HEADER
 from lego.stack import Stack
 from tests.gatewayutil import served_gateway
-from tests.stackutil import txt2img_stack
 
 pytestmark = pytest.mark.timeout(300)
 
 QUICK = {"prompt": "a lighthouse", "steps": 1, "width": 16, "height": 16}
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[Stack]:
-    with txt2img_stack(tmp_path_factory.mktemp("history"), cache_dir) as st:
-        yield st
-
-
-@pytest.fixture(scope="module")
-def client(stack: Stack) -> Iterator[LegoClient]:
-    with LegoClient(stack.gateway_url) as c:
-        yield c
 
 
 def add_workflow(client: LegoClient, name: str) -> None:

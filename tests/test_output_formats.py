@@ -8,8 +8,6 @@ import asyncio
 import base64
 import io
 import os
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -23,24 +21,12 @@ from common import output_format
 from common.messages import RequestState, decode
 from common.store import open_store
 from lego.stack import Stack
-from tests.stackutil import png_pixels, txt2img_stack
+from tests.stackutil import png_pixels
 
 pytestmark = pytest.mark.timeout(300)
 
 PARAMS = {"prompt": "a red fox", "seed": 5, "steps": 2, "width": 64, "height": 48}
 MAGIC = {"png": b"\x89PNG\r\n\x1a\n", "jpeg": b"\xff\xd8\xff", "webp": b"RIFF"}
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[Stack]:
-    with txt2img_stack(tmp_path_factory.mktemp("formats"), cache_dir) as st:
-        yield st
-
-
-@pytest.fixture
-def client(stack: Stack) -> Iterator[LegoClient]:
-    with LegoClient(stack.gateway_url) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

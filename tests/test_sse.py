@@ -26,7 +26,7 @@ from gateway.events import STANDING_S
 from lego.cli import main as lego_main
 from lego.stack import Stack
 from tests.gatewayutil import ServedGateway, served_gateway
-from tests.stackutil import png_pixels, txt2img_stack
+from tests.stackutil import png_pixels
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -144,12 +144,6 @@ async def test_a_quiet_stream_resends_where_the_request_stands(
 
 
 # --- through the real stack -----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[Stack]:
-    with txt2img_stack(tmp_path_factory.mktemp("sse"), cache_dir) as st:
-        yield st
 
 
 def test_events_of_a_real_generation(stack: Stack) -> None:
