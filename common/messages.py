@@ -245,6 +245,10 @@ class ReplicaStatus(msgspec.Struct):
     #: the time a step of a recent task took, mean (batches shared included): what a new task's
     #: steps are likely to take, where ``unit_ms_min`` is the least they can
     unit_ms_mean: float | None = None
+    #: the 90th percentile of recent tasks' step times: what admission holds against the
+    #: deadline, so that a step slower than the mean (a fuller batch, a busier host) does not
+    #: make an admitted request late
+    unit_ms_p90: float | None = None
     steps_per_task: float | None = None  # mean over recent tasks
     tasks_dropped: int = 0
     #: its Prometheus endpoint's port (``node_metrics_port``; 0 there: the one the OS picked)

@@ -46,6 +46,7 @@ class PoolView:
     work_ms: float | None = None  # amortised compute per task, mean over replicas
     unit_ms_min: float | None = None  # least compute per step of a task, over replicas
     unit_ms_mean: float | None = None  # a recent task's step time, mean over replicas
+    unit_ms_p90: float | None = None  # its 90th percentile, mean over replicas
     steps_per_task: float | None = None  # mean over replicas of their recent tasks' mean
     max_batch: int = 1
     #: why its replicas cannot load their model (the latest ``failed`` report), attempts that
@@ -193,6 +194,8 @@ class ClusterObserver:
             view.unit_ms_min = _min(s.unit_ms_min for s in statuses)
             means = [s.unit_ms_mean for s in statuses if s.unit_ms_mean]
             view.unit_ms_mean = sum(means) / len(means) if means else None
+            p90s = [s.unit_ms_p90 for s in statuses if s.unit_ms_p90]
+            view.unit_ms_p90 = sum(p90s) / len(p90s) if p90s else None
             steps = [s.steps_per_task for s in statuses if s.steps_per_task]
             view.steps_per_task = sum(steps) / len(steps) if steps else None
         for pool, view in views.items():

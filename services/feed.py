@@ -601,6 +601,7 @@ class PoolFeed:
             work_ms=_mean(r.work_ms for r in recent),
             unit_ms_min=round(min(r.unit_ms for r in recent), 3) if recent else None,
             unit_ms_mean=_mean(r.unit_ms for r in recent),
+            unit_ms_p90=percentile([r.unit_ms for r in recent], 90),
             steps_per_task=_mean(r.units for r in recent),
             tasks_dropped=stats.tasks_dropped, metrics_port=self.host.metrics_port,
         )

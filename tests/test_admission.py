@@ -231,11 +231,29 @@ def test_pools_sharing_devices_wait_for_their_work_together() -> None:
 
 
 def test_eta_is_the_estimate_admission_holds_against_the_deadline() -> None:
+    """With no spread in step times, the ETA is what admission holds against the deadline."""
     busy = loads(denoise=10)
     for rule in ("lego", "paper"):
         for shared in (False, True):
             assert estimate_s(PLAN, busy, STEPS, rule, shared) == pytest.approx(
                 check("txt2img", PLAN, busy, 100.0, STEPS, rule, shared))
+
+
+def test_admission_holds_the_slow_steps_against_the_deadline() -> None:
+    """Steps spread: the ETA takes a new request's own steps at the mean of recent ones, the
+    check at their 90th percentile, so that it admits only what finishes in time when its
+    steps run slow; the least step time still bounds from below."""
+    busy = loads(denoise=10)
+    denoiser = POOL["denoise"]
+    busy[denoiser] = replace(busy[denoiser], step_mean_s=0.1, step_p90_s=0.2)
+    queued = 10 * 0.2  # the denoiser's queue clears at its measured throughput
+    assert finish_bound_s(PLAN, busy, STEPS) == pytest.approx(queued + 4 * 0.05 + 0.02)
+    eta = estimate_s(PLAN, busy, STEPS)
+    assert eta == pytest.approx(queued + 4 * 0.1 + 0.02)
+    assert check("txt2img", PLAN, busy, 100.0, STEPS) == pytest.approx(queued + 4 * 0.2 + 0.02)
+    # a deadline the mean would meet but the slow steps would not: rejected
+    with pytest.raises(Overloaded):
+        check("txt2img", PLAN, busy, eta + 0.1, STEPS)
 
 
 def test_queue_position_follows_the_pool_handing_out_tasks() -> None:
