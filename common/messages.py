@@ -251,6 +251,9 @@ class ReplicaStatus(msgspec.Struct):
     unit_ms_p90: float | None = None
     steps_per_task: float | None = None  # mean over recent tasks
     tasks_dropped: int = 0
+    #: of those dropped, the tasks whose request could no longer meet its deadline: what
+    #: admission let in and should not have
+    tasks_expired: int = 0
     #: its Prometheus endpoint's port (``node_metrics_port``; 0 there: the one the OS picked)
     metrics_port: int | None = None
     #: why its model cannot be loaded (state ``failed``)

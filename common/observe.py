@@ -33,6 +33,8 @@ class PoolView:
     pending: int = 0
     ack_pending: int = 0
     delivered: int = 0  # tasks the pool's consumer ever handed out (redeliveries included)
+    finished: int = 0  # tasks its replicas ever finished (done, failed or dropped)
+    expired: int = 0  # of those, dropped because their request could not meet its deadline
     arrival_rate: float | None = None  # tasks/s since the previous sample, shed ones included
     shed_rate: float | None = None  # tasks/s admission control turned away
     completion_rate: float | None = None
@@ -118,10 +120,12 @@ class ClusterObserver:
         self.nc = nc
         self.js = nc.jetstream()
         self.statuses: dict[str, tuple[float, ReplicaStatus]] = {}
-        # Tasks each pool's replicas ever finished: replicas come and go, so the pool keeps the
-        # sum of every replica's last report (a replica's own counters only grow).
+        # Tasks each pool's replicas ever finished, and of those, expired: replicas come and
+        # go, so the pool keeps the sum of every replica's last report (a replica's own
+        # counters only grow).
         self._finished: dict[str, int] = {}
-        self._counted: dict[str, int] = {}  # replica -> finished as last counted
+        self._expired: dict[str, int] = {}
+        self._counted: dict[str, tuple[int, int]] = {}  # replica -> as last counted
         self._shed: dict[str, dict[str, int]] = {}  # ingress -> pool -> tasks turned away
         self._previous: dict[str, tuple[float, int, int, int]] = {}  # (t, arrived, done, shed)
 
@@ -143,9 +147,11 @@ class ClusterObserver:
         status = decode(msg.data, ReplicaStatus)
         self.statuses[status.replica] = (time.monotonic(), status)
         finished = status.tasks_done + status.tasks_failed + status.tasks_dropped
-        before = self._counted.get(status.replica, 0)
+        before, expired_before = self._counted.get(status.replica, (0, 0))
         self._finished[status.pool] = self._finished.get(status.pool, 0) + finished - before
-        self._counted[status.replica] = finished
+        self._expired[status.pool] = (self._expired.get(status.pool, 0) + status.tasks_expired
+                                      - expired_before)
+        self._counted[status.replica] = (finished, status.tasks_expired)
 
     def live_statuses(self) -> list[ReplicaStatus]:
         cutoff = time.monotonic() - REPLICA_EXPIRY_S
@@ -200,6 +206,7 @@ class ClusterObserver:
             view.steps_per_task = sum(steps) / len(steps) if steps else None
         for pool, view in views.items():
             done = self._finished.get(pool, 0)
+            view.finished, view.expired = done, self._expired.get(pool, 0)
             shed = sum(counts.get(pool, 0) for counts in self._shed.values())
             # what came in = what left + what still waits + what was turned away at the door
             arrived = done + view.lag + shed

@@ -220,6 +220,11 @@ class Settings(BaseSettings):
     admission_sample_s: float = Field(
         0.5, gt=0, le=5, description="how often admission control samples the queues"
     )
+    admission_miss_target: float = Field(
+        0.08, gt=0, le=1, description="share of admitted requests allowed to miss their "
+        "deadline: while the pools drop more tasks as late, admission widens its margin (1: "
+        "never; admission then holds its estimate alone against the deadline)",
+    )
 
     # --- ingress: which admission rule, where replies may go ----------------------------------
     admission_rule: Literal["lego", "paper"] = Field(

@@ -19,6 +19,12 @@ busier host). Against the lower bound alone, an overload admitted requests that 
 full batches and missed their deadlines: two thirds of those admitted, on the tiny CPU models;
 against the mean, one in ten.
 
+Estimates err: a host busier than its recent figures show (on a shared CPU host, the gateway
+itself turning an overload away) makes admitted requests late. ``Margin`` learns from those
+misses: while the pools drop more of their tasks as late than ``admission_miss_target``
+allows, the estimate is held against the deadline times a growing factor, which eases back
+once misses are rare again.
+
 The paper's rule (``admission_rule: paper``, the DiFlow artifact's early abort) is kept beside
 it for comparison: a request is rejected when the work in flight, max(queued work / devices,
 the longest single piece of it), exceeds its slack (deadline minus its own solo work); the
@@ -36,7 +42,7 @@ import math
 import uuid
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from common import subjects
@@ -235,6 +241,48 @@ def shared_wait_s(plan: Plan, loads: Mapping[str, PoolLoad]) -> float:
     return sum(load.queued_work_s() for load in mine) / max(1, len(devices))
 
 
+@dataclass
+class Margin:
+    """Admission's safety factor, learned from its misses: what ``check`` multiplies its
+    estimate by before holding it against the deadline (at least 1, at most ``limit``).
+
+    Fed, every sample, each pool's tasks finished and, of those, expired (dropped because
+    their request could no longer meet its deadline) since the previous sample. Counts decay
+    by ``decay`` a sample, a window of about 1 / (1 - decay) samples. A request crosses its
+    pools in turn, so its chance of missing is about the sum of the pools' expired shares:
+    above ``target`` the factor grows by ``step``, below half of it it shrinks back as fast
+    (a slower way back kept an overload's first misses, when queues fill faster than their
+    figures are sampled, in the margin long after, halving goodput); pools
+    with fewer than ``min_tasks`` in the window say nothing yet."""
+
+    target: float = 0.08
+    limit: float = 1.5
+    step: float = 0.02
+    decay: float = 0.9
+    min_tasks: float = 10.0
+    factor: float = 1.0
+    _finished: dict[str, float] = field(default_factory=dict)
+    _expired: dict[str, float] = field(default_factory=dict)
+
+    def update(self, finished: Mapping[str, int], expired: Mapping[str, int]) -> float:
+        for counts, new in ((self._finished, finished), (self._expired, expired)):
+            for pool in set(counts) | set(new):
+                counts[pool] = counts.get(pool, 0.0) * self.decay + max(0, new.get(pool, 0))
+        share = self.miss_share()
+        if self.target >= 1:  # off
+            return self.factor
+        if share > self.target:
+            self.factor = min(self.limit, self.factor * (1 + self.step))
+        elif share < self.target / 2:
+            self.factor = max(1.0, self.factor / (1 + self.step))
+        return self.factor
+
+    def miss_share(self) -> float:
+        """The share of requests expected to miss, from the pools' recent expired tasks."""
+        return sum(self._expired.get(pool, 0.0) / done for pool, done in self._finished.items()
+                   if done >= self.min_tasks)
+
+
 @dataclass(frozen=True)
 class DeadlinePolicy:
     slo_factor: float = 2.0
@@ -268,12 +316,12 @@ def deadline_s(
 def check(
     workflow: str, plan: Plan, loads: Mapping[str, PoolLoad], deadline: float,
     steps: Mapping[str, int] | None = None, rule: AdmissionRule = "lego",
-    shared_devices: bool = False,
+    shared_devices: bool = False, margin: float = 1.0,
 ) -> float:
     """The estimated finish; raises ``Overloaded`` (with when to retry) if it is past
     ``deadline``. ``rule``: ``lego``, the finish bound over the DAG (with ``shared_devices``,
-    at least ``shared_wait_s`` plus the request's own work); ``paper``, the DiFlow
-    artifact's (``paper_estimate`` against the request's slack)."""
+    at least ``shared_wait_s`` plus the request's own work), times ``margin`` (``Margin``);
+    ``paper``, the DiFlow artifact's (``paper_estimate`` against the request's slack)."""
     if rule == "paper":
         own = _own_work_s(plan, loads, steps)
         estimate = paper_estimate(plan, loads)
@@ -291,7 +339,7 @@ def check(
                 queued=_queued(plan, loads),
             )
         return estimate.wait_s + own
-    bound = _lego_bound_s(plan, loads, steps, shared_devices, "p90")
+    bound = _lego_bound_s(plan, loads, steps, shared_devices, "p90") * margin
     if bound > deadline:
         raise Overloaded(
             f"{workflow}: the work queued ahead needs at least {bound:.2f}s, past the deadline "
@@ -361,11 +409,13 @@ def _remembered(load: PoolLoad, before: PoolLoad | None) -> PoolLoad:
 class LoadWatch:
     """Keeps ``loads`` fresh from the replicas' reports and the consumers' lag."""
 
-    def __init__(self, nc: Any, period_s: float = 0.5) -> None:
+    def __init__(self, nc: Any, period_s: float = 0.5, miss_target: float = 0.08) -> None:
         self.nc = nc
         self.observer = ClusterObserver(nc)
         self.period_s = period_s
         self.loads: dict[str, PoolLoad] = {}
+        self.margin = Margin(target=miss_target)
+        self._counts: dict[str, tuple[int, int]] = {}  # pool -> (finished, expired) last seen
         self.source = uuid.uuid4().hex[:12]
         self.shed: Counter[str] = Counter()  # pool -> tasks turned away, ever
         self._task: asyncio.Task | None = None
@@ -416,6 +466,11 @@ class LoadWatch:
         }
         self.loads = {pool: _remembered(load, self.loads.get(pool))
                       for pool, load in loads.items()}
+        counts = {pool: (v.finished, v.expired) for pool, v in views.items()}
+        before = {pool: self._counts.get(pool, seen) for pool, seen in counts.items()}
+        self.margin.update({pool: n[0] - before[pool][0] for pool, n in counts.items()},
+                           {pool: n[1] - before[pool][1] for pool, n in counts.items()})
+        self._counts = counts
 
     async def _loop(self) -> None:
         while True:

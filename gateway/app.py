@@ -145,7 +145,8 @@ class Gateway:
         self.tracker = RequestTracker(self.js, self.buckets, self.store)
         self.registry = WorkflowRegistry(self.buckets[subjects.WORKFLOW_BUCKET])
         await self.registry.start(self.seed_workflows)
-        self.loads = LoadWatch(self.nc, settings.admission_sample_s)
+        self.loads = LoadWatch(self.nc, settings.admission_sample_s,
+                               settings.admission_miss_target)
         await self.loads.start()
         self.ingress = Ingress(
             settings, self.js, self.registry, self.tracker, self.store,

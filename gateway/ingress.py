@@ -209,7 +209,8 @@ class Ingress:
         rule, shared = self.settings.admission_rule, self.settings.device_hosts
         if deadline is not None and self.settings.admission:
             try:
-                eta = admission.check(spec.name, plan, loads, deadline, steps, rule, shared)
+                eta = admission.check(spec.name, plan, loads, deadline, steps, rule, shared,
+                                      watch.margin.factor)
             except Overloaded:
                 watch.rejected(plan)
                 _count(spec.name, "overloaded")

@@ -98,6 +98,7 @@ class FeedStats:
     tasks_failed: int = 0
     tasks_retried: int = 0
     tasks_dropped: int = 0
+    tasks_expired: int = 0  # of those dropped: their request could not meet its deadline
     tasks_handed_back: int = 0
     batches: int = 0
     batch_items: int = 0
@@ -400,6 +401,7 @@ class PoolFeed:
         error = DeadlineExceeded(f"{why}{waited}; dropped, not run", pool=self.pool)
         await self.host.tracker.finish(task.request_id, "failed",
                                        error=error_info(error, task.node), timings=task.timings)
+        self.stats.tasks_expired += 1
         await self.drop(held, "expired")
 
     async def report_progress(self, group: list[Held]) -> None:
@@ -603,7 +605,8 @@ class PoolFeed:
             unit_ms_mean=_mean(r.unit_ms for r in recent),
             unit_ms_p90=percentile([r.unit_ms for r in recent], 90),
             steps_per_task=_mean(r.units for r in recent),
-            tasks_dropped=stats.tasks_dropped, metrics_port=self.host.metrics_port,
+            tasks_dropped=stats.tasks_dropped, tasks_expired=stats.tasks_expired,
+            metrics_port=self.host.metrics_port,
         )
         metrics.REPLICA_REPORTS.report(status)
         await self.host.nc.publish(subjects.replica_subject(self.pool), encode(status))

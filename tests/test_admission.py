@@ -13,6 +13,7 @@ from common.errors import InvalidRequest, Overloaded
 from common.workflow import builtin_workflows
 from gateway.admission import (
     DeadlinePolicy,
+    Margin,
     PoolLoad,
     check,
     deadline_s,
@@ -297,3 +298,33 @@ def test_a_pool_keeps_its_figures_when_its_last_replica_is_gone() -> None:
         0.2, 0.05, 0.06, 4)
     fresh = PoolLoad(lag=1, ready=1, work_s=0.3, step_s=0.07)
     assert _remembered(fresh, measured) == fresh
+
+
+def test_the_margin_grows_while_admitted_requests_miss_and_eases_back() -> None:
+    """Pools dropping more of their tasks as late than the target allows widen admission's
+    margin (up to its limit); once misses are rare, it shrinks back to 1. Too few tasks in the
+    window say nothing."""
+    margin = Margin(target=0.05)
+    assert margin.update({"denoiser": 5}, {"denoiser": 5}) == 1.0  # too few tasks to judge
+    for _ in range(10):  # 20% of the denoiser's tasks expire
+        margin.update({"denoiser": 10, "encoder": 10}, {"denoiser": 2})
+    grown = margin.factor
+    assert 1.1 < grown < margin.limit
+    assert margin.miss_share() == pytest.approx(0.2, abs=0.03)  # the first sample fades
+    for _ in range(200):
+        margin.update({"denoiser": 10, "encoder": 10}, {"denoiser": 2})
+    assert margin.factor == margin.limit
+    for _ in range(300):  # no misses any more
+        margin.update({"denoiser": 10, "encoder": 10}, {})
+    assert margin.factor == 1.0
+    # the margin multiplies the estimate held against the deadline
+    busy = loads(denoise=10)
+    estimate = check("txt2img", PLAN, busy, 100.0, STEPS)
+    with pytest.raises(Overloaded):
+        check("txt2img", PLAN, busy, estimate * 1.5, STEPS, margin=2.0)
+    assert check("txt2img", PLAN, busy, estimate * 1.5, STEPS, margin=1.2) == pytest.approx(
+        estimate * 1.2)
+    off = Margin(target=1.0)  # admission_miss_target: 1, never widened
+    for _ in range(50):
+        off.update({"denoiser": 10}, {"denoiser": 9})
+    assert off.factor == 1.0
