@@ -330,13 +330,21 @@ class PoolFeed:
         return self._least_single_s if self._single_steps >= _TRUSTED_STEPS else None
 
     def doomed(self, held: Held, at: float) -> bool:
-        """Whether the request cannot finish by its deadline even if all its remaining work
-        ran now at the fastest this device and its pools have gone: running it would only take
-        time from work that can still make it."""
+        """Whether the request cannot finish by its deadline: running it would only take time
+        from work that can still make it. Once started, if even its remaining work at the
+        fastest this device and its pools have gone would end too late; before it starts, if
+        its work at the step time this device measured (smoothed; batches and adapters such as
+        a ControlNet included, which the fastest step of the pool leaves out) would: nothing
+        is invested yet, and a task started on the fastest figures ran its whole denoise only
+        to miss by less than its decode."""
         task = held.task
         if task.deadline_at is None or not self.host.settings.drop_doomed:
             return False
-        return at + self.least_needed_s(held) > task.deadline_at
+        needed_s = self.least_needed_s(held)
+        if not held.ran_from:
+            expected_s = self.work_s(held, remaining=False) + task.plan.tail_s(task.node)
+            needed_s = max(needed_s, expected_s)
+        return at + needed_s > task.deadline_at
 
     def least_needed_s(self, held: Held) -> float:
         """The least the task and the nodes after it still need, at the fastest step times."""

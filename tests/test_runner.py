@@ -5,6 +5,7 @@ work past its deadline dropped unrun."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -43,8 +44,19 @@ class FlakyCore(OneShotCore):
 
 
 async def _run_one(
-    settings: Settings, core: FlakyCore, deadline_at: float | None = None
+    settings: Settings, core: OneShotCore, deadline_at: float | None = None
 ) -> RequestState:
+    [state] = await _run_in_turn(settings, core, [deadline_at])
+    return state
+
+
+async def _run_in_turn(
+    settings: Settings, core: OneShotCore, deadlines: list[float | None]
+) -> list[RequestState]:
+    """One request per deadline (epoch seconds, or a function of the time it is sent), each
+    sent once the previous one has ended."""
+    from common.messages import encode
+
     nc = await bus.connect(settings, name="test")
     js = nc.jetstream()
     buckets = await bus.ensure_topology(js, settings)
@@ -56,26 +68,28 @@ async def _run_one(
     await ready.wait()
     plan = Plan(nodes={"decode": PlanNode(kind="vae_decoder", pool="test-pool", op="decode")},
                 output="decode.image")
-    ref = await store.put("tmp/r1/request/latents", torch.ones(2, 2), 60)
-    at = now()
-    await tracker.create(RequestState(id="r1", workflow="t", status="queued", created_at=at,
-                                      updated_at=at))
-    task = Task(request_id="r1", workflow="t", node="decode", plan=plan, params={},
-                inputs={"latents": ref}, submitted_at=at, published_at=at,
-                deadline_at=deadline_at)
-    from common.messages import encode
-
-    await js.publish("lego.tasks.test-pool", encode(task))
-    state = await tracker.get("r1")
-    async with asyncio.timeout(30):
-        while state is None or not state.done:
-            await asyncio.sleep(0.05)
-            state = await tracker.get("r1")
+    states = []
+    for i, deadline_at in enumerate(deadlines):
+        request_id = f"r{i + 1}"
+        ref = await store.put(f"tmp/{request_id}/request/latents", torch.ones(2, 2), 60)
+        at = now()
+        await tracker.create(RequestState(id=request_id, workflow="t", status="queued",
+                                          created_at=at, updated_at=at))
+        task = Task(request_id=request_id, workflow="t", node="decode", plan=plan, params={},
+                    inputs={"latents": ref}, submitted_at=at, published_at=at,
+                    deadline_at=deadline_at(at) if callable(deadline_at) else deadline_at)
+        await js.publish("lego.tasks.test-pool", encode(task))
+        state = await tracker.get(request_id)
+        async with asyncio.timeout(30):
+            while state is None or not state.done:
+                await asyncio.sleep(0.05)
+                state = await tracker.get(request_id)
+        states.append(state)
     runner.drain()
     await serving
     await store.close()
     await nc.close()
-    return state
+    return states
 
 
 async def test_failure_is_retried_then_reported(settings: Settings) -> None:
@@ -102,3 +116,27 @@ async def test_expired_task_is_dropped_not_run(settings: Settings) -> None:
     assert state.error.code == "deadline_exceeded"
     assert "dropped, not run" in state.error.message and state.error.node == "decode"
     assert core.calls == 0
+
+
+class SlowCore(FlakyCore):
+    """Takes ``seconds`` a batch."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(failures=0)
+        self.seconds = seconds
+
+    def run(self, items: list[WorkItem]) -> list[Result]:
+        time.sleep(self.seconds)
+        return super().run(items)
+
+
+async def test_a_task_expected_to_miss_is_dropped_before_it_starts(settings: Settings) -> None:
+    """Nothing invested yet: a task whose work at the step time measured here would end past
+    its deadline is dropped unrun, though the fastest figures (none trusted yet, nor planned)
+    would have let it start and run its whole work only to end late."""
+    core = SlowCore(0.4)
+    first, second = await _run_in_turn(settings, core, [None, lambda at: at + 0.25])
+    assert first.status == "succeeded"  # measures a step: 0.4 s
+    assert second.status == "failed" and second.error.code == "deadline_exceeded"
+    assert "dropped, not run" in second.error.message
+    assert core.calls == 1
