@@ -308,11 +308,10 @@ class DeviceHost:
 
     def _urgency(self, held: Held, at: float) -> scheduling.Urgency:
         task = held.task
+        own_s, remaining_s = held.feed.work_s(held, remaining=False), held.feed.work_s(held)
         return scheduling.Urgency(
-            deadline_at=task.deadline_at,
-            work_s=held.feed.work_s(held, remaining=False) + task.plan.tail_s(task.node),
-            since=task.submitted_at,
-            remaining_s=held.feed.work_s(held),
+            deadline_at=task.deadline_at, work_s=own_s + task.plan.tail_s(task.node),
+            since=task.submitted_at, remaining_s=remaining_s, done_s=own_s - remaining_s,
         )
 
     def _overtaken(self, at: float) -> list[Held]:

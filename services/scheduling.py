@@ -50,11 +50,19 @@ class Urgency:
     work_s: float  # its own compute plus the estimated work of the nodes after it
     since: float  # when its request arrived: arrival order among equals
     remaining_s: float = 0.0  # its own compute still to run on this device
+    done_s: float = 0.0  # its own compute already run
 
     def slack_s(self, at: float) -> float:
+        """Its rank under least slack: its own work counted whole, so the rank does not
+        change as it runs."""
         if self.deadline_at is None:
             return math.inf
         return self.deadline_at - at - self.work_s
+
+    def spare_s(self, at: float) -> float:
+        """What it can really spare: the slack of what is left to run (its work done
+        counts no more)."""
+        return self.slack_s(at) + self.done_s
 
 
 #: a task may run before more urgent ones when its work is at most this share of the least
@@ -107,14 +115,17 @@ def most_urgent(urgencies: Sequence[Urgency], at: float, policy: Scheduler) -> l
 
 def steals(task: Urgency, ahead: Sequence[Urgency], at: float, policy: Scheduler) -> bool:
     """Whether ``task`` may run before the more urgent ``ahead``: its remaining work is a
-    small share of the least slack among them, so they hardly notice, while its request
-    moves on (an encoder done now publishes the request's denoiser task for any device to
-    take). Under load slack shrinks and the order is the policy's again."""
+    small share of the least that any of them can spare (the slack of what it has left to
+    run), so they hardly notice, while its request moves on (an encoder done now publishes
+    the request's denoiser task for any device to take). Not the slack they rank by: that
+    counts a running task's work whole, so halfway through a FLUX denoise on track it is
+    near zero, and every encoder waited the whole denoise. Under load slack shrinks and the
+    order is the policy's again."""
     if not ahead:
         return True
     if policy.steal_share <= 0 or task.remaining_s <= 0:  # its work unknown: it keeps its turn
         return False
-    least = min(a.slack_s(at) for a in ahead)
+    least = min(a.spare_s(at) for a in ahead)
     return task.remaining_s <= policy.steal_share * least
 
 

@@ -90,6 +90,24 @@ def test_a_held_task_overtaken_by_more_urgent_work_goes_back():
     assert scheduling.run_next([relaxed, decode], at, scheduling.Fifo()) == [1, 0]
 
 
+def test_a_short_task_steals_from_a_running_one_by_what_it_can_spare():
+    """Halfway through a 1.8 s denoise whose request is on track, its rank (work counted
+    whole) has hardly any slack left, but what it can spare (the slack of its remaining 0.9 s)
+    is 0.4 s: a 45 ms text encoder runs at the next step boundary, not after the denoise."""
+    at, policy = 100.0, scheduling.LeastSlack()
+    running = scheduling.Urgency(deadline_at=at + 1.4, work_s=2.05, since=at - 2,
+                                 remaining_s=0.9, done_s=0.9)
+    assert running.slack_s(at) == pytest.approx(-0.65)
+    assert running.spare_s(at) == pytest.approx(0.25)
+    t5 = scheduling.Urgency(deadline_at=at + 4.2, work_s=2.1, since=at, remaining_s=0.045)
+    assert scheduling.steals(t5, [running], at, policy)
+    assert scheduling.may_take(t5, 0.045, [running], at, policy, eligible_s=0.01)
+    assert scheduling.run_next([running, t5], at, policy) == [1, 0]
+    # the same denoise not started yet (nothing done): it has only its rank's slack to spare
+    waiting = dataclasses.replace(running, remaining_s=1.8, done_s=0.0)
+    assert not scheduling.steals(t5, [waiting], at, policy)
+
+
 def test_a_batch_grows_only_while_its_members_keep_their_deadlines():
     """Step time grows with the batch (10 ms alone, +5 ms per extra task): four tasks of 8
     steps with plenty of slack run together; with 0.2 s left for the most urgent, only as many
