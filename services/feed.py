@@ -333,17 +333,19 @@ class PoolFeed:
         """Whether the request cannot finish by its deadline: running it would only take time
         from work that can still make it. Once started, if even its remaining work at the
         fastest this device and its pools have gone would end too late; before it starts, if
-        its work at the step time this device measured (smoothed; batches and adapters such as
-        a ControlNet included, which the fastest step of the pool leaves out) would: nothing
-        is invested yet, and a task started on the fastest figures ran its whole denoise only
-        to miss by less than its decode."""
+        its steps at the time a single task's step took on this device (smoothed; adapters
+        such as a ControlNet included, which the fastest step of the pool leaves out; not a
+        bigger batch's, which it need not join) would: nothing is invested yet, and a task
+        started on the fastest figures ran its whole denoise only to miss by less than its
+        decode."""
         task = held.task
         if task.deadline_at is None or not self.host.settings.drop_doomed:
             return False
         needed_s = self.least_needed_s(held)
-        if not held.ran_from:
-            expected_s = self.work_s(held, remaining=False) + task.plan.tail_s(task.node)
-            needed_s = max(needed_s, expected_s)
+        single_s = self._step_by_size.get(1)
+        if not held.ran_from and held.state is not None and single_s:
+            _, total = self.core.progress(held.state)
+            needed_s = max(needed_s, total * single_s + task.plan.tail_s(task.node))
         return at + needed_s > task.deadline_at
 
     def least_needed_s(self, held: Held) -> float:
