@@ -124,8 +124,9 @@ class WorkflowSpec(BaseModel):
     params: dict[str, ParamSpec]
     nodes: dict[str, NodeSpec]
     output: str
-    #: seconds one request takes alone; deadlines default to a multiple of it
-    solo_latency_s: float | None = None
+    #: seconds one request takes alone; deadlines default to a multiple of it (a number > 0:
+    #: not a boolean, nor a string that looks like one)
+    solo_latency_s: float | None = Field(None, gt=0, strict=True)
 
     @model_validator(mode="after")
     def _output_params(self) -> WorkflowSpec:

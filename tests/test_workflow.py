@@ -212,6 +212,9 @@ def test_images_are_decoded_and_limited() -> None:
         ({"nodes": {"a": {"kind": "upscaler", "model": "base", "inputs": {"latents": "b.latents"}},
                     "b": {"kind": "upscaler", "model": "base", "inputs": {"latents": "a.latents"}}},
           "output": "a.latents"}, "cycle"),
+        ({"solo_latency_s": False}, "solo_latency_s"),
+        ({"solo_latency_s": "2"}, "solo_latency_s"),
+        ({"solo_latency_s": 0}, "solo_latency_s"),
     ],
 )
 def test_bad_workflows_are_refused(change: dict, message: str) -> None:
