@@ -195,15 +195,11 @@ class ClusterObserver:
             view.p99_ms = max(p99s) if p99s else None
             view.load_s = max(s.load_s for s in statuses)
             view.startup_s = _max(s.startup_s for s in statuses)
-            works = [s.work_ms for s in statuses if s.work_ms]
-            view.work_ms = sum(works) / len(works) if works else None
+            view.work_ms = _mean(s.work_ms for s in statuses)
             view.unit_ms_min = _min(s.unit_ms_min for s in statuses)
-            means = [s.unit_ms_mean for s in statuses if s.unit_ms_mean]
-            view.unit_ms_mean = sum(means) / len(means) if means else None
-            p90s = [s.unit_ms_p90 for s in statuses if s.unit_ms_p90]
-            view.unit_ms_p90 = sum(p90s) / len(p90s) if p90s else None
-            steps = [s.steps_per_task for s in statuses if s.steps_per_task]
-            view.steps_per_task = sum(steps) / len(steps) if steps else None
+            view.unit_ms_mean = _mean(s.unit_ms_mean for s in statuses)
+            view.unit_ms_p90 = _mean(s.unit_ms_p90 for s in statuses)
+            view.steps_per_task = _mean(s.steps_per_task for s in statuses)
         for pool, view in views.items():
             done = self._finished.get(pool, 0)
             view.finished, view.expired = done, self._expired.get(pool, 0)
@@ -240,6 +236,12 @@ def _retry_in_s(status: ReplicaStatus) -> float | None:
     if status.retry_in_s is None:
         return None
     return max(0.0, status.retry_in_s - (time.time() - status.at))
+
+
+def _mean(values: Any) -> float | None:
+    """The mean of the replicas' figures that are reported (None and 0: not measured)."""
+    present = [v for v in values if v]
+    return sum(present) / len(present) if present else None
 
 
 def _max(values: Any) -> float | None:

@@ -265,12 +265,12 @@ class Margin:
     _expired: dict[str, float] = field(default_factory=dict)
 
     def update(self, finished: Mapping[str, int], expired: Mapping[str, int]) -> float:
+        if self.target >= 1:  # off
+            return self.factor
         for counts, new in ((self._finished, finished), (self._expired, expired)):
             for pool in set(counts) | set(new):
                 counts[pool] = counts.get(pool, 0.0) * self.decay + max(0, new.get(pool, 0))
         share = self.miss_share()
-        if self.target >= 1:  # off
-            return self.factor
         if share > self.target:
             self.factor = min(self.limit, self.factor * (1 + self.step))
         elif share < self.target / 2:
