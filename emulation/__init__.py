@@ -22,11 +22,12 @@ starts imports it too) registers its pieces through the production seams:
 - the workflow sources ``flux3`` and ``mix12`` (``common.workflow``, ``settings.workload``).
 
 An ``EmulatedDevice`` is one GPU: 80 GB and one compute stream. Making a model resident
-reserves its profiled memory and waits its profiled load time; a ControlNet loads next to its
-base model on first use; out-of-memory is an error naming the device, the need and what is
-free. ``time_scale`` K divides every profiled time (and, through the settings, the
-autoscaler's tick and delays, the hosts' eligibility threshold and the traces' gaps) by K;
-reported latencies are multiplied back, so runs compare.
+reserves its profiled memory and waits its profiled load time; a replica attaches the
+ControlNets its workload's workflows use as it starts (another one on first use);
+out-of-memory is an error naming the device, the need and what is free. ``time_scale`` K
+divides every profiled time (and, through the settings, the autoscaler's tick and delays,
+the hosts' eligibility threshold and the traces' gaps) by K; reported latencies are
+multiplied back, so runs compare.
 
 Modules, one concept each: ``profiles`` (the timing model), ``traces`` (arrivals), ``workloads``
 (Flux-3, Mix-12, the static splits), ``device`` (the emulated GPU), ``core`` (the executor and

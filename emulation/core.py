@@ -35,6 +35,7 @@ from emulation.device import EmulatedDevice, Owner, device_of
 from emulation.profiles import (
     EMULATED_PREFIX,
     ModelProfile,
+    attached_adapters,
     batch_limit,
     batch_limits,
     call_seconds,
@@ -45,6 +46,7 @@ from emulation.profiles import (
     profile_of,
     profiles_in,
 )
+from emulation.workloads import workload_workflows
 from services.core import ModelCore, Result, WorkItem
 from services.monolithic import MonolithicCore
 
@@ -102,6 +104,8 @@ class EmulatedCore(ModelCore):
     max_batch: int = 8
     #: ControlNets already counted in the owner's memory (a monolithic pipeline holds its own)
     attached: set[str] = field(default_factory=set)
+    #: ControlNets to attach when the model loads (those its workflows attach)
+    preload: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.node_kind not in EMULATED_KINDS:
@@ -112,9 +116,20 @@ class EmulatedCore(ModelCore):
         self.components = ()
 
     def load(self) -> None:
-        """Reserve the owner's memory, once per owner (a pipeline's inner cores share one)."""
+        """Reserve the owner's memory, once per owner (a pipeline's inner cores share one),
+        and attach the ControlNets its workflows are known to use: their load is part of the
+        replica's start, not of a request's first step."""
         if not self.owner.swap and not self.device.resident(self.owner):
             self.device.load(self.owner)
+            for spec in self.preload:
+                self._attach(spec)
+
+    def _attach(self, spec: str) -> None:
+        """Load a ControlNet next to the base model (its memory joins the owner's)."""
+        self.attached.add(spec)
+        held = sum(self.adapter_profiles[a].memory_bytes for a in self.attached)
+        self.device.load(self.owner, self.owner.memory_bytes + held,
+                         self.adapter_profiles[spec].load_s)
 
     def close(self) -> None:
         self.device.free(self.owner)
@@ -137,11 +152,7 @@ class EmulatedCore(ModelCore):
         rows = len(states)
         if self.node_kind == "denoiser":
             for spec in sorted({a for s in states for a in s.adapters} - self.attached):
-                # a ControlNet's first use loads it next to the base model
-                self.attached.add(spec)
-                held = sum(self.adapter_profiles[a].memory_bytes for a in self.attached)
-                self.device.load(self.owner, self.owner.memory_bytes + held,
-                                 self.adapter_profiles[spec].load_s)
+                self._attach(spec)  # one no workflow was known to use: on its first use
             counts = collections.Counter(a for s in states for a in s.adapters)
             controlnets = {a: (self.adapter_profiles[a], n) for a, n in counts.items()}
             seconds = denoise_step_seconds(self.profile, rows, first.cfg, first.height,
@@ -200,6 +211,8 @@ def build_core(kind: str, model: str, settings: Settings, *, max_batch: int,
         adapter_profiles=adapters, max_batch=max_batch,
         # a pipeline's owner already counts its ControlNets
         attached=set(adapters) if owner is not None else set(),
+        preload=() if owner is not None else tuple(
+            attached_adapters(kind, model, workload_workflows(settings))),
     )
 
 

@@ -250,13 +250,17 @@ def pool_footprint_bytes(kind: str, model: str, workflow: WorkflowSpec,
     to a node of ``kind`` on it."""
     if kind == "monolithic":
         return sum(profile_of(m, profiles).memory_bytes for m in pipeline_models(workflow))
-    adapters = {
+    return footprint_bytes(model, profiles, attached_adapters(kind, model, workflows))
+
+
+def attached_adapters(kind: str, model: str, workflows: Iterable[WorkflowSpec]) -> list[str]:
+    """The ControlNets ``workflows`` attach to a node of ``kind`` on ``model`` (sorted)."""
+    return sorted({
         spec.models[node.controlnet]
         for spec in workflows
         for node in spec.nodes.values()
         if node.controlnet and spec.models[node.model] == model and node.kind == kind
-    }
-    return footprint_bytes(model, profiles, sorted(adapters))
+    })
 
 
 def solo_latency_s(spec: WorkflowSpec, profiles: Mapping[str, ModelProfile],

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.settings import Settings
 from common.subjects import pool_name
 from common.workflow import WorkflowSpec, parse_workflow
 from emulation.profiles import (
@@ -124,6 +125,14 @@ def load_workload(name: str, profile_dir: Path | str | None = None, time_scale: 
         solo = solo_latency_s(spec, profiles) / time_scale
         found[spec.name] = spec.model_copy(update={"solo_latency_s": solo})
     return Workload(name, found, profiles, time_scale)
+
+
+def workload_workflows(settings: Settings) -> list[WorkflowSpec]:
+    """The workflows of the emulated workload ``settings`` names (none for another)."""
+    if settings.workload not in WORKLOADS:
+        return []
+    return list(load_workload(settings.workload, settings.profile_dir,
+                              settings.time_scale).workflows.values())
 
 
 def static_split(

@@ -186,6 +186,27 @@ def test_one_request_on_the_emulated_core_takes_its_profiled_steps():
     assert tuple(latents.shape) == (1, 16, 128, 128) and latents.nbytes == 524288
 
 
+def test_a_replica_attaches_its_workloads_controlnets_as_it_loads():
+    """The ControlNets the workload's workflows attach to a denoiser's model load with it, at
+    the replica's start (their memory and load time), so no request's first step pays them;
+    a core on another workload's model attaches none."""
+    from common.settings import Settings
+    from emulation.core import build_core
+
+    settings = Settings(workload="flux3", time_scale=1000, device_label="emu:preload",
+                        profile_dir=DEFAULT_PROFILE_DIR)
+    core = build_core("denoiser", "emulated:Flux1Schnell", settings, max_batch=4)
+    controlnets = {"emulated:Flux1DevControlNetCanny", "emulated:Flux1DevControlNetDepth"}
+    assert set(core.preload) == controlnets and not core.attached
+    core.load()
+    assert core.attached == controlnets
+    assert core.device.used_bytes == PROFILES["Flux1Schnell"].memory_bytes + sum(
+        PROFILES[c.removeprefix("emulated:")].memory_bytes for c in controlnets)
+    core.close()
+    encoder = build_core("text_encoder", "emulated:T5_Flux", settings, max_batch=4)
+    assert encoder.preload == ()
+
+
 def test_static_splits():
     flux3 = load_workload("flux3", DEFAULT_PROFILE_DIR)
     devices = [f"emu:{i}" for i in range(8)]
