@@ -122,8 +122,12 @@ class Settings(BaseSettings):
         "holds for its other pools is under this (pull when nearly idle)",
     )
     host_poll_s: float = Field(
-        0.25, gt=0, description="longest wait of one fetch: a host that gets busy meanwhile "
-        "may still receive the task (it then hands it back), so keep it short",
+        0.25, gt=0, description="longest wait of one fetch of a nearly idle host: a host "
+        "that gets busy meanwhile may still receive the task (it then hands it back)",
+    )
+    host_probe_s: float = Field(
+        0.002, gt=0, description="longest wait of one fetch of a busy host, which takes only "
+        "work already queued (to run at a step boundary): new arrivals go to idle devices",
     )
     host_max_handoffs: int = Field(
         8, ge=0, description="times a task fetched by a host that got busy meanwhile may be "

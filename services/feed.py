@@ -172,31 +172,39 @@ class PoolFeed:
     # --- fetching and admission ------------------------------------------------------------------
 
     async def fetch_loop(self) -> None:
-        poll_s = self.host.settings.host_poll_s
+        settings = self.host.settings
         try:
             while not self.stopping:
                 if not self.host.may_fetch(self):
                     await self.host.wait_changed()
                     continue
+                # One at a time: a single fetch returns on the first arrival, and the host
+                # only asks when it could start the task soon (work waits in JetStream,
+                # where any device holding the model can take it). A busy host (one that would
+                # run it by joining a batch or taking a turn from its other work) waits for no
+                # new arrival, so an idle device's fetch gets those: it takes what is already
+                # queued, and asks again at its next step boundary.
+                idle = self.host.idle()
                 try:
-                    # One at a time: a single fetch returns on the first arrival, and the host
-                    # only asks when it could start the task soon (work waits in JetStream,
-                    # where any device holding the model can take it).
-                    [msg] = await self._sub.fetch(1, timeout=poll_s)
+                    [msg] = await self._sub.fetch(
+                        1, timeout=settings.host_poll_s if idle else settings.host_probe_s)
                 except TimeoutError:
+                    if not idle:
+                        await self.host.wait_changed()
                     continue
                 except Exception as exc:  # noqa: BLE001 - NATS is down: wait for it, never stop
                     log.warning("%s: could not fetch (%s); retrying", self.replica, exc)
-                    await asyncio.sleep(max(self.host.settings.retry_backoff_s, 0.1))
+                    await asyncio.sleep(max(settings.retry_backoff_s, 0.1))
                     continue
                 try:
-                    held = await self._admit(msg)  # even if draining began meanwhile: ours
+                    # even if draining began meanwhile: ours
+                    held = await self._admit(msg, waited=idle)
                 except Exception:  # noqa: BLE001 - the store or NATS failed: never stop fetching
                     log.exception("%s: could not take a task; it will be redelivered",
                                   self.replica)
                     with contextlib.suppress(Exception):
-                        await msg.nak(delay=self.host.settings.retry_backoff_s)
-                    await asyncio.sleep(self.host.settings.retry_backoff_s)
+                        await msg.nak(delay=settings.retry_backoff_s)
+                    await asyncio.sleep(settings.retry_backoff_s)
                     continue
                 if held is not None:
                     self.host.hold(held)
@@ -204,7 +212,9 @@ class PoolFeed:
             self._fetch_ended = True
             self.check_done()
 
-    async def _admit(self, msg: Msg) -> Held | None:
+    async def _admit(self, msg: Msg, *, waited: bool = True) -> Held | None:
+        """Take a fetched task: decode, judge, load its inputs and start it. ``waited``: the
+        fetch waited for an arrival (the host was idle when it asked)."""
         host = self.host
         fetched_at = now()
         try:
@@ -224,7 +234,13 @@ class PoolFeed:
             await self.expire(held)
             return None
         self._learn(held, fetched_at)
-        if task.handoffs < host.settings.host_max_handoffs and not host.may_start(self, held):
+        # Handed back: a task this host cannot start soon, and a new arrival that reached the
+        # fetch it made while idle after it got busy (an idle device's fetch may be waiting;
+        # not when others queue behind it, which it would then wait behind).
+        if task.handoffs < host.settings.host_max_handoffs and (
+                not host.may_start(self, held)
+                or waited and task.handoffs == 0 and not msg.metadata.num_pending
+                and not host.idle()):
             try:
                 await self.hand_back(held)
                 return None

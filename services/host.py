@@ -7,8 +7,9 @@ runs, at every step boundary, the batch whose tasks are most urgent across all r
 (``services.scheduling``: least slack by default), so a cheap step never waits behind a queue
 of expensive ones and a burst on one model uses every device that holds it. Feeds fetch only
 when the host could start their task soon, so work waits in JetStream where any device can take
-it. Finished tasks are completed (outputs stored, successors published, acked) while the next
-step already runs.
+it; and only a nearly idle host waits for new arrivals: a busy one takes what is already
+queued, at its step boundaries, so a new task goes to an idle device first. Finished tasks
+are completed (outputs stored, successors published, acked) while the next step already runs.
 
 ``services.runner.NodeRunner`` is a host with one pool (a `lego node` process); a backend that
 hosts replicas in its own process (``device_hosts``) runs one host per device and adds or
@@ -242,6 +243,13 @@ class DeviceHost:
         others = [self._urgency(h, at) for h in self._held if h.feed is not feed]
         return scheduling.may_take(newcomer, own_s, others, at, self.policy,
                                    self.settings.host_eligible_s)
+
+    def idle(self) -> bool:
+        """Whether the device is nearly idle: the work it holds, of every pool, is under
+        ``host_eligible_s`` (the artifact's eligibility). A new arrival belongs to such a
+        device first, rather than to a busy one's next step boundary, or to its running batch
+        (which it would slow down while other devices idle)."""
+        return sum(h.feed.work_s(h) for h in self._held) <= self.settings.host_eligible_s
 
     def changed(self) -> None:
         """Wake whoever waits for the host's state to change (fetch loops, the step loop)."""

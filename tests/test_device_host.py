@@ -352,6 +352,26 @@ async def test_a_host_that_got_busy_hands_the_task_back_for_an_idle_one(settings
         assert busy.feeds["pool-a@gpu:1"].stats.tasks_handed_back == 1
 
 
+@pytest.mark.timeout(90)
+async def test_a_new_arrival_goes_to_an_idle_host_not_to_a_busy_ones_next_step(
+        settings: Settings):
+    """Host 1's fetch for pool B went out while it was idle; then it got busy with pool A. A
+    pool-B task with time to spare, which host 1 could run between its steps, reaches that
+    fetch: it goes back to the queue (nothing waits behind it), and host 2, idle, runs it at
+    once; host 1's later fetches take only what is already queued."""
+    async with Harness(settings) as h:
+        busy = await h.host("gpu:1", ("pool-a", "pool-b"), host_poll_s=10.0)
+        await h.submit("blocker", "pool-a", 4, None)
+        await h.started()
+        await h.host("gpu:2", ("pool-b",), host_poll_s=0.2)
+        await asyncio.sleep(0.3)
+        await h.submit("spare", "pool-b", 1, 30.0)
+        blocker, spare = await h.finished("blocker", "spare")
+        assert blocker.timings[-1].replica == "pool-a@gpu:1"
+        assert spare.timings[-1].replica == "pool-b@gpu:2"
+        assert busy.feeds["pool-b@gpu:1"].stats.tasks_handed_back == 1
+
+
 # --- liveness ------------------------------------------------------------------------------
 
 def test_a_stuck_step_or_event_loop_is_caught():
