@@ -5,6 +5,8 @@
                               and instrumented with tracing off and on
     lego bench e2e [--json]   tiny txt2img through the whole stack at low load, against the
                               same models in one process (diffusers' pipeline)
+    lego bench overhead [--json]  the same requests with tracing on: where each millisecond
+                              goes (see lego.overhead)
     lego bench burst [--json] steady load, then an 8x burst: micro-serving against the
                               monolithic baseline, same slot budget (see lego.burst)
     lego bench slo|sweep      the emulated GPU cluster's experiment (see emulation.experiment)
@@ -30,6 +32,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -244,15 +247,27 @@ E2E_REQUEST = {"prompt": "a red fox in the snow", "negative_prompt": "blurry", "
                "guidance": 7.5, "width": 64, "height": 64}
 
 
-def bench_e2e(settings: Settings, iterations: int) -> dict:
-    """Median wall time from submitting to holding the image: micro-served (HTTP, through the
-    gateway, ingress and three nodes, PNG download included) against diffusers' pipeline in
-    this process. The two alternate request by request, so machine noise hits both alike."""
+@dataclass(frozen=True)
+class Alternated:
+    """One request of ``alternate``: micro-served, then in this process."""
+
+    request_id: str
+    started_at: float  # epoch seconds, when the client began the micro-served request
+    micro_s: float
+    inprocess_s: float
+
+
+def alternate(settings: Settings, iterations: int, warmup: int = 3) -> list[Alternated]:
+    """Tiny txt2img at low load, request by request: over HTTP through the embedded stack
+    (gateway, ingress and three nodes, PNG download included), then diffusers' pipeline with
+    the same models in this process, so machine noise hits both alike. The stack is stopped
+    before this returns (its processes have flushed what they trace)."""
     import torch
     from legoclient import LegoClient
 
     from lego.stack import Stack, free_port
 
+    runs = []
     with tempfile.TemporaryDirectory() as tmp, servers(settings, Path(tmp), False) as s:
         s = s.model_copy(update={
             "run_dir": Path(tmp) / "run",
@@ -262,12 +277,11 @@ def bench_e2e(settings: Settings, iterations: int) -> dict:
         stack.start()
         try:
             pipe = _pipeline(s)
-            micro, inprocess = [], []
             threads = torch.get_num_threads()
             torch.set_num_threads(s.torch_threads)  # what one node uses
             with LegoClient(stack.gateway_url) as client:
-                for i in range(iterations + 3):
-                    started = time.perf_counter()
+                for i in range(iterations + warmup):
+                    started_at, started = time.time(), time.perf_counter()
                     state, _ = client.generate("txt2img", seed=i, **E2E_REQUEST)
                     micro_s = time.perf_counter() - started
                     assert state.status == "succeeded", state
@@ -277,14 +291,22 @@ def bench_e2e(settings: Settings, iterations: int) -> dict:
                          guidance_scale=E2E_REQUEST["guidance"], width=E2E_REQUEST["width"],
                          height=E2E_REQUEST["height"],
                          generator=torch.Generator("cpu").manual_seed(i), output_type="pil")
-                    inprocess_s = time.perf_counter() - started
-                    if i >= 3:  # warm-up
-                        micro.append(micro_s * 1000)
-                        inprocess.append(inprocess_s * 1000)
+                    if i >= warmup:
+                        runs.append(Alternated(state.id, started_at, micro_s,
+                                               time.perf_counter() - started))
             torch.set_num_threads(threads)
         finally:
             stack.stop()
             shutil.rmtree(s.shm_root, ignore_errors=True)
+    return runs
+
+
+def bench_e2e(settings: Settings, iterations: int) -> dict:
+    """Median wall time from submitting to holding the image: micro-served against diffusers'
+    pipeline in this process (``alternate``)."""
+    runs = alternate(settings, iterations)
+    micro = [r.micro_s * 1000 for r in runs]
+    inprocess = [r.inprocess_s * 1000 for r in runs]
     micro_ms = statistics.median(micro)
     inprocess_ms = statistics.median(inprocess)
     return {
@@ -294,7 +316,7 @@ def bench_e2e(settings: Settings, iterations: int) -> dict:
         "micro_p99_ms": round(percentile(micro, 99), 2),
         "inprocess_p99_ms": round(percentile(inprocess, 99), 2),
         "iterations": iterations,
-        "torch_threads": s.torch_threads,
+        "torch_threads": settings.torch_threads,
     }
 
 
@@ -326,6 +348,14 @@ def main(args: argparse.Namespace) -> int:
                     f"{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}" for r in rows[i:i + len(HOP_MODES)]))
     elif args.which in ("slo", "sweep", "bound", "eta"):
         return _emulated(settings, args)
+    elif args.which == "overhead":
+        from lego.overhead import bench_overhead, print_overhead
+
+        result = bench_overhead(settings, args.iterations or 30)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print_overhead(result)
     elif args.which == "chaos":
         from lego.chaos import SCENARIOS, ChaosConfig, bench_chaos, print_table
 

@@ -558,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     schema.set_defaults(func=cmd_schema)
 
     bench = sub.add_parser("bench", help="benchmarks")
-    bench.add_argument("which", choices=["hop", "e2e", "burst", "slo", "sweep", "bound",
+    bench.add_argument("which", choices=["hop", "e2e", "overhead", "burst", "slo", "sweep", "bound",
                                          "eta", "chaos"])
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--iterations", type=int, default=None)

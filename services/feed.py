@@ -471,10 +471,11 @@ class PoolFeed:
                     host.settings.result_ttl_s,
                 )
                 timing.io_ms = round((held.io_s + time.perf_counter() - started) * 1000, 3)
-                finished = await host.tracker.finish(
-                    task.request_id, "succeeded", image=ref, meta=meta,
-                    timings=[*task.timings, timing],
-                )
+                with telemetry.span("request.finish"):
+                    finished = await host.tracker.finish(
+                        task.request_id, "succeeded", image=ref, meta=meta,
+                        timings=[*task.timings, timing],
+                    )
                 if finished is None:  # it ended meanwhile (cancelled): keep nothing of it
                     await host.store.delete_group("out", task.request_id)
             else:
