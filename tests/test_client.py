@@ -88,7 +88,10 @@ async def test_async_client(stack: Stack, reference: tuple[Generation, bytes]) -
             client.generate("txt2img", **PARAMS, output_format="webp", output_quality=90),
         )
         assert state.status == "succeeded" and state.id != reference[0].id
-        assert np.array_equal(png_pixels(png), png_pixels(reference[1]))
+        # the two may share the denoiser's forwards: batched convolutions round differently
+        # from a single one, so a pixel may be one uint8 level off the request run alone
+        diff = np.abs(png_pixels(png).astype(int) - png_pixels(reference[1]).astype(int))
+        assert diff.max() <= 1
         assert webp_state.params["output_format"] == "webp"
         assert webp[:4] == b"RIFF" and webp[8:12] == b"WEBP"
 
