@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -114,14 +115,13 @@ def breakdown(spans: Iterable[Span], request_id: str, client_start: float,
     bounds = [s.start for s in path[1:]] + [min(max(last), submit.end)]
     for span, until in zip(path, bounds, strict=True):
         node = span.attributes.get("lego.node", span.name.removeprefix("node "))
-        total = until - span.start
+        own: dict[str, float] = {}
         for child in trace:
             part = NODE_PARTS.get(child.name)
             if part is not None and child.parent_id == span.span_id:
-                key = f"{node}.{part}"
-                parts[key] = parts.get(key, 0.0) + _clip(child, span.start, until)
-        counted = sum(v for k, v in parts.items() if k.startswith(f"{node}."))
-        parts[f"{node}.other"] = total - counted
+                own[part] = own.get(part, 0.0) + _clip(child, span.start, until)
+        own["other"] = until - span.start - sum(own.values())
+        parts.update({f"{node}.{part}": seconds for part, seconds in own.items()})
     parts["answer"] = submit.end - bounds[-1]
     parts["image"] = sum(s.end - s.start for s in image)
     parts["client"] = (client_end - client_start) - sum(parts.values())
@@ -143,8 +143,7 @@ def summarize(rows: Sequence[dict[str, float]], totals: Sequence[float],
 
 
 def bench_overhead(settings: Settings, iterations: int) -> dict[str, Any]:
-    import tempfile
-
+    """``alternate``'s requests with tracing to a temporary directory, summarized."""
     from lego.bench import alternate
 
     with tempfile.TemporaryDirectory() as tmp:

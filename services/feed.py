@@ -212,7 +212,7 @@ class PoolFeed:
             self._fetch_ended = True
             self.check_done()
 
-    async def _admit(self, msg: Msg, *, waited: bool = True) -> Held | None:
+    async def _admit(self, msg: Msg, *, waited: bool) -> Held | None:
         """Take a fetched task: decode, judge, load its inputs and start it. ``waited``: the
         fetch waited for an arrival (the host was idle when it asked)."""
         host = self.host
