@@ -8,7 +8,8 @@ Two stores behind one interface:
 - ``RedisStore``: Redis keys with a TTL. Several hosts.
 
 Format: the raw bytes of a contiguous tensor; dtype and shape travel in the ``TensorRef``. No
-pickle, so a store can never execute code on a reader.
+pickle, so a store can never execute code on a reader. A put takes a torch tensor or a numpy
+array (the gateway stores uploads without importing torch); a get gives a torch tensor.
 
 Keys are ``<area>/<request id>/<name>``; ``area`` is ``tmp`` (intermediates, deleted when the
 request ends) or ``out`` (finished images, kept ``result_ttl_s``). Everything under one
@@ -27,42 +28,49 @@ import shutil
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from common import metrics, subjects, telemetry
 from common.messages import TensorRef
 from common.settings import Settings
 
-_DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-    "uint8": torch.uint8,
-    "int8": torch.int8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "bool": torch.bool,
-}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
+#: the dtypes a stored tensor may have (torch's names, which numpy shares but for bfloat16)
+DTYPES = ("float32", "float16", "bfloat16", "float64", "uint8", "int8", "int16", "int32",
+          "int64", "bool")
 
 AREAS = ("tmp", "out")
 
+def dtype_name(tensor: torch.Tensor | np.ndarray) -> str:
+    name = str(tensor.dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}")
+    return name
 
-def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+
+def tensor_bytes(tensor: torch.Tensor | np.ndarray) -> memoryview:
     """The raw bytes of ``tensor`` (copied only if it is not contiguous on the CPU)."""
+    if isinstance(tensor, np.ndarray):
+        return memoryview(np.ascontiguousarray(tensor).reshape(-1).view(np.uint8))
+    import torch
+
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy())
 
 
 def tensor_from_buffer(buffer: object, dtype: str, shape: list[int]) -> torch.Tensor:
     """A tensor over ``buffer`` without copying it."""
-    if dtype not in _DTYPES:
+    import torch
+
+    if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}")
+    torch_dtype = getattr(torch, dtype)
     if len(memoryview(buffer)) == 0:  # type: ignore[arg-type]
-        return torch.empty(shape, dtype=_DTYPES[dtype])
+        return torch.empty(shape, dtype=torch_dtype)
     if isinstance(buffer, bytes):
         with warnings.catch_warnings():
             # Redis hands back immutable bytes; readers never write to inputs.
@@ -70,11 +78,7 @@ def tensor_from_buffer(buffer: object, dtype: str, shape: list[int]) -> torch.Te
             raw = torch.frombuffer(buffer, dtype=torch.uint8)
     else:
         raw = torch.frombuffer(buffer, dtype=torch.uint8)  # type: ignore[arg-type]
-    return raw.view(_DTYPES[dtype]).reshape(shape)
-
-
-def dtype_name(tensor: torch.Tensor) -> str:
-    return _DTYPE_NAMES[tensor.dtype]
+    return raw.view(torch_dtype).reshape(shape)
 
 
 def _check_group(area: str, request_id: str) -> None:
@@ -100,7 +104,7 @@ class TensorStore(abc.ABC):
     kind: str = ""
 
     @abc.abstractmethod
-    async def put(self, key: str, tensor: torch.Tensor, ttl_s: float) -> TensorRef:
+    async def put(self, key: str, tensor: torch.Tensor | np.ndarray, ttl_s: float) -> TensorRef:
         """Store ``tensor`` under ``key`` (overwriting: re-running a task is harmless)."""
 
     @abc.abstractmethod
@@ -109,7 +113,7 @@ class TensorStore(abc.ABC):
 
     async def put_bytes(self, key: str, data: bytes, ttl_s: float) -> TensorRef:
         """Store a file's bytes (an encoded image) under ``key``, as a 1-D uint8 tensor."""
-        return await self.put(key, torch.frombuffer(bytearray(data), dtype=torch.uint8), ttl_s)
+        return await self.put(key, np.frombuffer(data, dtype=np.uint8), ttl_s)
 
     @abc.abstractmethod
     async def get_bytes(self, key: str) -> bytes:
@@ -134,7 +138,7 @@ class TensorStore(abc.ABC):
     async def close(self) -> None:
         return None
 
-    def _ref(self, key: str, tensor: torch.Tensor, nbytes: int) -> TensorRef:
+    def _ref(self, key: str, tensor: torch.Tensor | np.ndarray, nbytes: int) -> TensorRef:
         return TensorRef(
             store=self.kind, key=key, dtype=dtype_name(tensor), shape=list(tensor.shape),
             nbytes=nbytes,
@@ -175,7 +179,7 @@ class ShmStore(TensorStore):
                                  f"{path} is a symbolic link")
         return path
 
-    async def put(self, key: str, tensor: torch.Tensor, ttl_s: float) -> TensorRef:
+    async def put(self, key: str, tensor: torch.Tensor | np.ndarray, ttl_s: float) -> TensorRef:
         _check_key(key)
         path = self._path(key)
         data = tensor_bytes(tensor)
@@ -267,7 +271,7 @@ class RedisStore(TensorStore):
     def _index(self, area: str, request_id: str) -> str:
         return f"lego:idx:{area}/{request_id}"
 
-    async def put(self, key: str, tensor: torch.Tensor, ttl_s: float) -> TensorRef:
+    async def put(self, key: str, tensor: torch.Tensor | np.ndarray, ttl_s: float) -> TensorRef:
         area, request_id = _check_key(key)
         data = tensor_bytes(tensor)
         ttl_ms = int(ttl_s * 1000)
@@ -323,7 +327,7 @@ class ObservedStore(TensorStore):
         self._ops = {op: ops.labels(inner.kind, op) for op in ("get", "put", "delete")}
         self._bytes = {op: metrics.STORE_BYTES.labels(inner.kind, op) for op in ("get", "put")}
 
-    async def put(self, key: str, tensor: torch.Tensor, ttl_s: float) -> TensorRef:
+    async def put(self, key: str, tensor: torch.Tensor | np.ndarray, ttl_s: float) -> TensorRef:
         with telemetry.span("store.put", {"lego.store.key": key}):
             ref = await self.inner.put(key, tensor, ttl_s)
         self._ops["put"].inc()

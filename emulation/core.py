@@ -106,6 +106,8 @@ class EmulatedCore(ModelCore):
     attached: set[str] = field(default_factory=set)
     #: ControlNets to attach when the model loads (those its workflows attach)
     preload: tuple[str, ...] = ()
+    #: an emulated load imports nothing: devices load side by side (``ModelCore.serial_load``)
+    serial_load = False
 
     def __post_init__(self) -> None:
         if self.node_kind not in EMULATED_KINDS:

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
-import torch
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
@@ -431,7 +430,7 @@ class Ingress:
         request_tensors = {
             name: await self.store.put(
                 tensor_key("tmp", request_id, "request", name),
-                torch.from_numpy(image.copy()).unsqueeze(0),
+                image[None],
                 self.settings.tensor_ttl_s,
             )
             for name, image in valid.images.items()

@@ -13,6 +13,7 @@ encoder, VAE) is a core whose items finish after a single step (``OneShotCore``)
 from __future__ import annotations
 
 import abc
+import threading
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,12 @@ class Result:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+#: Real models load one at a time in a process: diffusers and transformers import lazily when a
+#: load first touches a class, and two threads importing one module may see it half-initialised
+#: (a device host loads several pools at once). One device's loads share its bandwidth anyway.
+_LOADING = threading.RLock()
+
+
 class ModelCore(abc.ABC):
     """One model, loaded once, advanced in batches. Pure compute: no I/O besides loading."""
 
@@ -60,9 +67,22 @@ class ModelCore(abc.ABC):
         self.device = torch.device(device)
         self.max_batch = max_batch
 
+    #: whether ``load`` runs under the process's load lock (``_LOADING``); a core that
+    #: imports nothing when it loads (an emulated one) need not wait for another's load
+    serial_load: bool = True
+
     @abc.abstractmethod
     def load(self) -> None:
         """Load the weights (and warm up). Called once before any item."""
+
+    def load_serialized(self) -> None:
+        """``load``, one at a time in this process where ``serial_load`` asks for it (a feed
+        calls this from a worker thread)."""
+        if not self.serial_load:
+            self.load()
+            return
+        with _LOADING:
+            self.load()
 
     def close(self) -> None:  # noqa: B027 - optional: most cores hold nothing to give back
         """Release what ``load`` took when the replica stops (process exit frees the rest)."""

@@ -141,7 +141,7 @@ class PoolFeed:
         """Load the model and bind to the pool's consumer."""
         settings = self.host.settings
         started = time.perf_counter()
-        await asyncio.to_thread(self.core.load)
+        await asyncio.to_thread(self.core.load_serialized)
         self.stats.loaded_s = time.perf_counter() - started
         self._sub = await bus.pull_subscription(
             self.host.js, subjects.TASKS_STREAM, subjects.pool_consumer(self.pool),
