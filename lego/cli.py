@@ -79,8 +79,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     try:
-        print("starting the stack (first run builds the tiny models)...", flush=True)
-        stack.start()
+        _start_showing(stack, "starting the stack")
         _print_stack(stack, args)
         stack.supervise()
     except StopRequested:
@@ -89,6 +88,24 @@ def cmd_up(args: argparse.Namespace) -> int:
         print("stopping...", flush=True)
         stack.stop()  # again after a failed or interrupted start: it ends what start missed
     return 0
+
+
+def _start_showing(stack: Stack, what: str) -> None:
+    """``stack.start()``, with a status line on stderr saying what it waits for (on a
+    terminal; elsewhere ``what`` once)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        print(f"{what}...", file=sys.stderr, flush=True)
+        stack.start()
+        return
+    with console.status(what) as status:
+        stack.progress = lambda step: status.update(f"{what}: {step}")
+        try:
+            stack.start()
+        finally:
+            stack.progress = None
 
 
 def _print_stack(stack: Stack, args: argparse.Namespace) -> None:
@@ -253,12 +270,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 print(f"error: {args.workflow} cannot run on {settings.base_model}: "
                       f"{left_out[args.workflow]}", file=sys.stderr)
                 return 2
-            print("no running stack: starting an embedded one...", file=sys.stderr, flush=True)
             import tempfile
 
             run_dir = Path(tempfile.mkdtemp(prefix="lego-generate-"))
-            stack = Stack(settings.model_copy(update={"run_dir": run_dir}), quiet=True)
-            stack.start()
+            # as few processes as serve one request: one device host (per configured device;
+            # this CPU's as one) holds every pool, beside the gateway and the autoscaler
+            stack = Stack(settings.model_copy(update={"run_dir": run_dir, "device_hosts": True}),
+                          quiet=True)
+            _start_showing(stack, "no running stack: starting an embedded one")
             _print_unserved(stack, file=sys.stderr)
             gateway = stack.gateway_url
     api_key = _api_key(settings)

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,6 +124,9 @@ class Stack:
     #: pools none of whose replicas could load their model when the stack became ready:
     #: pool -> the error (they are tried again with a back-off; their workflows answer 503)
     failed_pools: dict[str, str] = field(default_factory=dict, init=False)
+    #: told, while ``start`` waits, what it is waiting for (one line: the progress line of
+    #: `lego generate` and `lego up`)
+    progress: Callable[[str], None] | None = None
     _stop_requested: bool = field(default=False, init=False)
     _hurry: bool = field(default=False, init=False)
 
@@ -136,6 +140,7 @@ class Stack:
         run_dir = settings.run_dir
         (run_dir / "logs").mkdir(parents=True, exist_ok=True)
         if settings.nats_url is None:
+            self._say("starting nats-server")
             port = free_port(DEFAULT_NATS_PORT)
             self.nats_proc = start_nats_server(
                 run_dir / "jetstream", port, run_dir / "logs" / "nats-server.log"
@@ -152,6 +157,7 @@ class Stack:
             raise RuntimeError("no workflow can be served: " + "; ".join(
                 f"{name}: {why}" for name, why in self.left_out.items()))
         self.workflows = workflows
+        self._say("finding the models (a first run builds the tiny ones)")
         pools: dict[str, tuple[str, str]] = {}
         for spec in workflows.values():
             pools.update(spec.pools(monolithic=settings.monolithic))
@@ -169,6 +175,7 @@ class Stack:
                 for pool, (kind, model) in sorted(pools.items())
             ]
         try:
+            self._say(f"starting {', '.join(c.name for c in self.children)}")
             for child in self.children:
                 self._spawn(child)
             self._write_stack_file()
@@ -178,6 +185,10 @@ class Stack:
             raise
         if self.phase == "starting":
             self.phase = "serving"
+
+    def _say(self, what: str) -> None:
+        if self.progress is not None:
+            self.progress(what)
 
     def interrupt(self) -> None:
         """What a stop signal (SIGINT, SIGTERM) does, from a signal handler: while starting,
@@ -211,7 +222,7 @@ class Stack:
             wanted = [p for p, (kind, _) in pools.items()
                       if not settings.autoscale or settings.min_replicas_of(p, kind) > 0
                       or settings.initial_replicas.get(p, 0) > 0]
-        self._wait_ready(sorted(wanted), timeout_s)
+        self._wait_ready({p: pools[p][0] for p in sorted(wanted)}, timeout_s)
 
     def add_node(self, kind: str, model: str | None = None) -> Child:
         """Start one more replica of a pool, outside the autoscaler's count (for tests)."""
@@ -239,9 +250,10 @@ class Stack:
         return sorted(name for name, spec in self.workflows.items()
                       if pool in spec.pools(monolithic=monolithic))
 
-    def _wait_ready(self, pools: list[str], timeout_s: float) -> None:
-        """Until the gateway answers and every pool has a replica with its model loaded, or
-        reports that it cannot load it (``failed_pools``: the stack serves the rest)."""
+    def _wait_ready(self, pools: dict[str, str], timeout_s: float) -> None:
+        """Until the gateway answers and every pool (``pools``: pool -> kind) has a replica
+        with its model loaded, or reports that it cannot load it (``failed_pools``: the stack
+        serves the rest). ``progress`` hears what is still awaited whenever that changes."""
         import asyncio
 
         from common import bus, subjects
@@ -254,8 +266,15 @@ class Stack:
             ready: set[str] = set()
             all_ready = asyncio.Event()
 
+            def report() -> None:
+                waiting = [kind for pool, kind in pools.items()
+                           if pool not in ready and pool not in failed]
+                self._say(f"loading models ({len(pools) - len(waiting)} of {len(pools)} ready): "
+                          f"{', '.join(sorted(set(waiting)))}" if waiting else "models loaded")
+
             async def on_status(msg: object) -> None:
                 status = decode(msg.data, ReplicaStatus)  # type: ignore[attr-defined]
+                before = len(ready) + len(failed)
                 if status.state == "ready":
                     ready.add(status.pool)
                     failed.pop(status.pool, None)
@@ -263,10 +282,14 @@ class Stack:
                     failed[status.pool] = status.error or "failed to load"
                 if ready | failed.keys() >= set(pools):
                     all_ready.set()
+                if len(ready) + len(failed) != before and gateway_up.is_set():
+                    report()
 
+            gateway_up = asyncio.Event()
             sub = await nc.subscribe(subjects.REPLICAS_WILDCARD, cb=on_status)
             try:
                 async with asyncio.timeout(timeout_s):
+                    self._say("starting the gateway")
                     async with httpx.AsyncClient() as http:
                         while True:
                             self._check_children()
@@ -274,6 +297,8 @@ class Stack:
                                 if (await http.get(f"{self.gateway_url}/readyz")).is_success:
                                     break
                             await asyncio.sleep(0.1)
+                    gateway_up.set()
+                    report()
                     while not all_ready.is_set():
                         self._check_children()
                         with contextlib.suppress(TimeoutError):

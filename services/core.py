@@ -13,6 +13,7 @@ encoder, VAE) is a core whose items finish after a single step (``OneShotCore``)
 from __future__ import annotations
 
 import abc
+import contextlib
 import threading
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -50,6 +51,19 @@ class Result:
 #: load first touches a class, and two threads importing one module may see it half-initialised
 #: (a device host loads several pools at once). One device's loads share its bandwidth anyway.
 _LOADING = threading.RLock()
+
+
+def import_classes(model_dir: Path) -> None:
+    """Import the classes ``model_dir``'s ``model_index.json`` names, under the load lock: what
+    its loads would import first (a device host does this while it waits to be told what to
+    load). A component that cannot be imported is left to the load that needs it to report."""
+    from common.models import component_class, model_index
+
+    with _LOADING:
+        for component, entry in model_index(model_dir).items():
+            if not component.startswith("_") and isinstance(entry, list):
+                with contextlib.suppress(Exception):
+                    component_class(model_dir, component)
 
 
 class ModelCore(abc.ABC):

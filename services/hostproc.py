@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -33,11 +34,13 @@ from nats.js.kv import KeyValue
 
 from common import bus, subjects
 from common.messages import HostResidency, ResidentPool
+from common.models import resolve_model_dir
 from common.settings import Settings
 from services import liveness
-from services.core import ModelCore
+from services.core import ModelCore, import_classes
 from services.host import DeviceHost
 from services.node import build_core
+from services.schemes import scheme_of
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +173,11 @@ class HostProcess:
 
 
 def run_host(settings: Settings, device: str, name: str | None = None) -> None:
-    """Serve until SIGTERM/SIGINT, then drain every pool (finish and ack what is held) and exit."""
+    """Serve until SIGTERM/SIGINT, then drain every pool (finish and ack what is held) and exit.
+    While it connects and waits for its entry, a thread imports the base model's classes."""
     torch.set_num_threads(settings.torch_threads)
+    threading.Thread(target=_import_base_classes, args=(settings,), daemon=True,
+                     name="import-classes").start()
 
     async def main() -> None:
         process = HostProcess(settings, device, name)
@@ -182,3 +188,13 @@ def run_host(settings: Settings, device: str, name: str | None = None) -> None:
         await process.serve()
 
     bus.run_async(main())
+
+
+def _import_base_classes(settings: Settings) -> None:
+    if scheme_of(settings.base_model) is not None:  # a plug-in's models: nothing to import
+        return
+    try:
+        model_dir = resolve_model_dir(settings.base_model, settings.cache_dir / "models")
+    except Exception:  # noqa: BLE001 - the pools that need it report why it cannot be found
+        return
+    import_classes(model_dir)

@@ -7,7 +7,7 @@ import io
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,8 @@ from tests.conftest import nats_server
 
 @contextlib.contextmanager
 def running_stack(
-    tmp: Path, nats_url: str, cache_dir: Path, **overrides: object
+    tmp: Path, nats_url: str, cache_dir: Path, progress: Callable[[str], None] | None = None,
+    **overrides: object,
 ) -> Iterator[Stack]:
     shm_root = Path("/dev/shm") / f"lego-test-{uuid.uuid4().hex[:12]}"
     # Functional tests must not fail on this shared machine's scheduling noise: default
@@ -30,7 +31,7 @@ def running_stack(
         nats_url=nats_url, cache_dir=cache_dir, shm_root=shm_root, run_dir=tmp / "run",
         torch_threads=1, retry_backoff_s=0.1, **overrides,
     )
-    stack = Stack(settings, port=free_port())
+    stack = Stack(settings, port=free_port(), progress=progress)
     stack.start(timeout_s=240)
     try:
         yield stack

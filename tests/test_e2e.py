@@ -8,6 +8,7 @@ import asyncio
 import base64
 import concurrent.futures
 import io
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,11 +32,27 @@ from tests.stackutil import png_pixels, running_stack
 pytestmark = pytest.mark.timeout(300)
 
 
+#: what the stack said it was waiting for while it started (its progress line)
+STARTING: list[str] = []
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("e2e")
-    with nats_server(tmp / "nats") as url, running_stack(tmp, url, cache_dir) as st:
+    with nats_server(tmp / "nats") as url, running_stack(
+        tmp, url, cache_dir, progress=STARTING.append,
+    ) as st:
         yield st
+
+
+def test_starting_says_what_it_waits_for(stack: Stack) -> None:
+    assert STARTING[:3] == ["finding the models (a first run builds the tiny ones)",
+                            "starting gateway, autoscaler", "starting the gateway"]
+    assert STARTING[-1] == "models loaded"
+    # between them, how many pools are ready and the kinds still loading, as each one loads
+    counts = [re.fullmatch(r"loading models \((\d+) of (\d+) ready\): [a-z_, ]+", line)
+              for line in STARTING[3:-1]]
+    assert all(counts) and [int(m[1]) for m in counts] == sorted({int(m[1]) for m in counts})
 
 
 def diffusers_image(model_dir: Path, **kw: object) -> np.ndarray:
