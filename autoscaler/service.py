@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from autoscaler.backends import Backend, PoolLaunch, ReplicaInfo
+from autoscaler.backends.hosts import host_devices
 from autoscaler.footprint import provider_for
 from autoscaler.placement import Device, place
 from autoscaler.policy import (
@@ -56,13 +57,17 @@ def host_memory_bytes() -> int:
 
 def devices_of(settings: Settings, slots: int) -> list[Device]:
     """The devices replicas are placed on: the configured GPUs (each with its memory, the
-    slots split between them), or this host's CPU as one device with every slot."""
-    if not settings.devices:
+    slots split between them); without them, this host's CPU as one device with every slot,
+    or with device hosts as its CPU hosts (``host_devices``). CPU hosts share the machine's
+    memory, and each may use all of it: a model too large for a share still starts (a second
+    copy of it, which only a backlog asks for, may then not fit)."""
+    if not settings.devices and not settings.device_hosts:
         memory = settings.device_memory_bytes or host_memory_bytes()
         return [Device("cpu:0", memory, slots)]
-    base, extra = divmod(slots, len(settings.devices))
-    memory = settings.device_memory_bytes or _probe_memory(settings.devices[0])
-    return [Device(d, memory, base + (i < extra)) for i, d in enumerate(settings.devices)]
+    devices = host_devices(settings)
+    base, extra = divmod(slots, len(devices))
+    memory = settings.device_memory_bytes or _probe_memory(devices[0])
+    return [Device(d, memory, base + (i < extra)) for i, d in enumerate(devices)]
 
 
 def _probe_memory(device: str) -> int:

@@ -166,6 +166,10 @@ class Settings(BaseSettings):
         description="devices to place replicas on, e.g. [cuda:0, cuda:1]; empty: this CPU host",
     )
     device_memory_bytes: int | None = Field(None, gt=0, description="per device; None: probe")
+    cpu_hosts: int | None = Field(
+        None, ge=1, description="device hosts on a machine without ``devices``: this many CPU "
+        "hosts (None: one per core)",
+    )
     autoscale_tick_s: float = Field(0.25, gt=0, le=1)
     scale_down_delay_s: float = Field(30.0, ge=0, description="stable window before shrinking")
     keep_idle_replicas: bool = Field(

@@ -56,7 +56,7 @@ def _logging(settings: Settings) -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from lego.stack import Stack, StopRequested
+    from lego.stack import Stack, StopRequested, hosted
 
     settings = _settings(args, monolithic=args.monolithic or None,
                          autoscale=False if args.no_autoscale else None)
@@ -70,6 +70,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     elif args.system or args.workload or args.profile or args.time_scale or args.devices:
         raise SystemExit("--system, --workload, --devices, --profile and --time-scale go with "
                          "--emulate")
+    else:
+        settings = hosted(settings)
     _logging(settings)
     stack = Stack(settings, port=args.port)
 
@@ -239,7 +241,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from lego.stack import Stack, running_stack
+    from lego.stack import Stack, hosted, running_stack
 
     legoclient = _client_package()
     settings = _settings(args)
@@ -275,7 +277,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             run_dir = Path(tempfile.mkdtemp(prefix="lego-generate-"))
             # as few processes as serve one request: one device host (per configured device;
             # this CPU's as one) holds every pool, beside the gateway and the autoscaler
-            stack = Stack(settings.model_copy(update={"run_dir": run_dir, "device_hosts": True}),
+            stack = Stack(hosted(settings, cpu_hosts=1).model_copy(update={"run_dir": run_dir}),
                           quiet=True)
             _start_showing(stack, "no running stack: starting an embedded one")
             _print_unserved(stack, file=sys.stderr)

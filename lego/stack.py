@@ -49,6 +49,18 @@ class StopRequested(KeyboardInterrupt):
     started."""
 
 
+def hosted(settings: Settings, cpu_hosts: int | None = None) -> Settings:
+    """The settings of a stack of this machine's own (`lego up`, `lego generate`'s embedded
+    one): device hosts, unless a config file or LEGO_DEVICE_HOSTS says otherwise, and
+    ``cpu_hosts`` CPU hosts on a machine without devices, unless set (``host_devices``)."""
+    update: dict[str, object] = {}
+    if "device_hosts" not in settings.model_fields_set:
+        update["device_hosts"] = True
+    if cpu_hosts is not None and "cpu_hosts" not in settings.model_fields_set:
+        update["cpu_hosts"] = cpu_hosts
+    return settings.model_copy(update=update)
+
+
 def free_port(preferred: int = 0, host: str = "127.0.0.1") -> int:
     """``preferred`` if it is free, else any free port."""
     for port in (preferred, 0) if preferred else (0,):

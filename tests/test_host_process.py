@@ -18,12 +18,13 @@ import pytest
 from legoclient import LegoClient
 
 from autoscaler.backends import PoolLaunch
-from autoscaler.backends.hosts import HostsBackend, host_processes
+from autoscaler.backends.hosts import HostsBackend, host_devices, host_processes
+from autoscaler.service import devices_of
 from common import bus, subjects
 from common.messages import HostResidency, ReplicaStatus, ResidentPool, encode, now
 from common.models import resolve_model_dir
-from common.settings import Settings
-from lego.stack import Stack
+from common.settings import Settings, load_settings
+from lego.stack import Stack, hosted
 from services.hostproc import HostProcess, torch_device
 from tests.conftest import nats_server
 from tests.stackutil import ReplicaWatch, png_pixels, running_stack
@@ -70,6 +71,27 @@ def test_host_keys_and_devices() -> None:
     assert host_processes(settings, "local") and host_processes(settings, "kubernetes")
     assert not host_processes(settings, "emulated")  # it hosts replicas in its own process
     assert not host_processes(Settings(), "local")
+
+
+def test_a_machine_without_devices_has_a_cpu_host_per_core_and_lego_up_hosts_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert host_devices(Settings()) == [f"cpu:{i}" for i in range(cores)]
+    assert host_devices(Settings(cpu_hosts=3)) == ["cpu:0", "cpu:1", "cpu:2"]
+    assert host_devices(Settings(devices=["cuda:0"], cpu_hosts=3)) == ["cuda:0"]
+    cpus = devices_of(Settings(device_hosts=True, cpu_hosts=2), slots=5)
+    assert [(d.id, d.slots) for d in cpus] == [("cpu:0", 3), ("cpu:1", 2)]
+    assert [d.id for d in devices_of(Settings(), slots=5)] == ["cpu:0"]  # no hosts: one CPU
+    monkeypatch.delenv("LEGO_DEVICE_HOSTS", raising=False)
+    monkeypatch.delenv("LEGO_CPU_HOSTS", raising=False)
+    # `lego up` and `lego generate`'s embedded stack run device hosts unless told otherwise
+    assert hosted(load_settings()).device_hosts
+    assert hosted(load_settings(), cpu_hosts=1).cpu_hosts == 1
+    monkeypatch.setenv("LEGO_DEVICE_HOSTS", "false")
+    monkeypatch.setenv("LEGO_CPU_HOSTS", "4")
+    chosen = hosted(load_settings(), cpu_hosts=1)
+    assert not chosen.device_hosts and chosen.cpu_hosts == 4
 
 
 # --- the backend ------------------------------------------------------------------------------

@@ -80,10 +80,11 @@ class Up:
             time.sleep(0.1)
 
     def nodes(self) -> list[psutil.Process]:
+        """The processes that hold models: `lego up`'s device hosts (or node processes)."""
         found = []
         for p in self.tree():
             try:
-                if "node" in p.cmdline()[3:4]:  # python -m lego.cli node ...
+                if p.cmdline()[3:4] in (["host"], ["node"]):  # python -m lego.cli host ...
                     found.append(p)
             except psutil.NoSuchProcess:
                 pass
@@ -143,7 +144,8 @@ def assert_stopped_in_order(up: Up) -> None:
     assert up.proc.returncode == 0, up.output()[-3000:]
     logs = {p.name: p.read_text(errors="replace") for p in up.logs.glob("*.log")
             if p.name != "nats-server.log"}
-    assert any("stopped" in text for name, text in logs.items() if "text_encoder" in name)
+    assert any("text_encoder" in line and line.endswith("stopped")
+               for text in logs.values() for line in text.splitlines()), logs
     for name, text in logs.items():
         assert "unexpected EOF" not in text and "Connection refused" not in text, (name, text)
 
@@ -151,7 +153,7 @@ def assert_stopped_in_order(up: Up) -> None:
 @pytest.mark.parametrize("way", ["sigint-to-group", "sigterm-to-lego-up"])
 def test_orderly_stop(start_up, way: str) -> None:  # noqa: ANN001
     up = start_up()
-    assert len(up.nodes()) == 1
+    assert len(up.nodes()) == len(os.sched_getaffinity(0))  # a device host per core
     if way == "sigint-to-group":
         os.killpg(up.proc.pid, signal.SIGINT)  # Ctrl-C: its children are not in the group
     else:
@@ -174,7 +176,7 @@ def test_sigterm_to_every_process(start_up) -> None:  # noqa: ANN001
 def test_sigkill_to_lego_up(start_up) -> None:  # noqa: ANN001
     """Its children (and the autoscaler's node) notice their parent is gone and exit."""
     up = start_up()
-    assert len(up.seen) >= 5  # lego up, nats-server, gateway, autoscaler, node
+    assert len(up.seen) >= 5  # lego up, nats-server, gateway, autoscaler, a device host
     up.proc.kill()
     took_s = up.ended_within(BOUND_S + SLACK_S)
     print(f"SIGKILL to lego up: its tree ended in {took_s:.1f} s")
@@ -182,7 +184,7 @@ def test_sigkill_to_lego_up(start_up) -> None:  # noqa: ANN001
 
 def test_ctrl_c_while_starting(start_up) -> None:  # noqa: ANN001
     up = start_up(wait_ready=False)
-    up.wait_until(up.nodes, 120, "node process")  # still loading its model
+    up.wait_until(up.nodes, 120, "device host")  # still loading its model
     assert not re.search(r"^ready", up.output(), re.M)
     os.killpg(up.proc.pid, signal.SIGINT)
     took_s = up.ended_within(BOUND_S + SLACK_S)

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -50,8 +51,12 @@ def host_processes(settings: Settings, backend: str) -> bool:
 
 
 def host_devices(settings: Settings) -> list[str]:
-    """One device host per configured device; with none, this machine's CPU as one."""
-    return list(settings.devices) or ["cpu:0"]
+    """One device host per configured device; with none, ``cpu_hosts`` CPU hosts (``cpu:0``,
+    ``cpu:1``, ...: by default one per core this process may run on, each running one step
+    at a time as a GPU does)."""
+    if settings.devices:
+        return list(settings.devices)
+    return [f"cpu:{i}" for i in range(settings.cpu_hosts or len(os.sched_getaffinity(0)))]
 
 
 def replica_id(pool: str, key: str) -> str:
