@@ -236,6 +236,11 @@ class ReplicaStatus(msgspec.Struct):
     p99_ms: float | None = None
     #: seconds from process start to ready (imports, weights, warm-up): the cold start
     startup_s: float | None = None
+    #: ``startup_s`` in parts that add up to it: ``process`` (exec and the interpreter's start;
+    #: 0 for a pool a running host added), ``import`` (imports, connecting, building the core,
+    #: waiting for the process's other loads, importing its classes) and ``weights`` (reading
+    #: them and warming up)
+    startup_parts: dict[str, float] | None = None
     #: compute per task, amortised over the batches it shared (1000/work_ms: tasks/s one replica
     #: sustains at its recent batch sizes), mean of recent tasks
     work_ms: float | None = None

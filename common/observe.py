@@ -45,6 +45,7 @@ class PoolView:
     p99_ms: float | None = None
     load_s: float | None = None  # weights loaded and warmed up, slowest replica
     startup_s: float | None = None  # process start to ready, slowest replica
+    startup_parts: dict[str, float] | None = None  # the slowest one's: process, import, weights
     work_ms: float | None = None  # amortised compute per task, mean over replicas
     unit_ms_min: float | None = None  # least compute per step of a task, over replicas
     unit_ms_mean: float | None = None  # a recent task's step time, mean over replicas
@@ -94,6 +95,7 @@ class PoolView:
             "work_ms": _round(self.work_ms),
             "load_s": _round(self.load_s),
             "startup_s": _round(self.startup_s),
+            "startup_parts": self.startup_parts,
             "placement": self.placement,
         }
 
@@ -194,7 +196,10 @@ class ClusterObserver:
             view.p50_ms = percentile(p50s, 50)
             view.p99_ms = max(p99s) if p99s else None
             view.load_s = max(s.load_s for s in statuses)
-            view.startup_s = _max(s.startup_s for s in statuses)
+            started = [s for s in statuses if s.startup_s is not None]
+            if started:
+                slowest = max(started, key=lambda s: s.startup_s)
+                view.startup_s, view.startup_parts = slowest.startup_s, slowest.startup_parts
             view.work_ms = _mean(s.work_ms for s in statuses)
             view.unit_ms_min = _min(s.unit_ms_min for s in statuses)
             view.unit_ms_mean = _mean(s.unit_ms_mean for s in statuses)
@@ -242,11 +247,6 @@ def _mean(values: Any) -> float | None:
     """The mean of the replicas' figures that are reported (None and 0: not measured)."""
     present = [v for v in values if v]
     return sum(present) / len(present) if present else None
-
-
-def _max(values: Any) -> float | None:
-    present = [v for v in values if v is not None]
-    return max(present) if present else None
 
 
 def _min(values: Any) -> float | None:

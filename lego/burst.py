@@ -45,6 +45,7 @@ class BurstConfig:
     slots: int = 4
     slo_factor: float = 2.0
     scale_down_delay_s: float = 30.0
+    repeat: int = 1  # bursts per system, each after the pools are back to their idle count
 
 
 @dataclass
@@ -178,8 +179,9 @@ def summarize(outcomes: list[Outcome], watch: Watch, burst_at: float, deadline_s
 
 
 def run_system(settings: Settings, cfg: BurstConfig, monolithic: bool,
-               deadline_s: float | None, tmp: Path) -> tuple[dict, float]:
-    """One system's run, and the deadline used (measured here when ``deadline_s`` is None)."""
+               deadline_s: float | None, tmp: Path) -> tuple[list[dict], float]:
+    """One system's runs (``cfg.repeat`` bursts on one stack), and the deadline used (measured
+    here when ``deadline_s`` is None)."""
     from lego.stack import Stack, free_port
 
     name = "monolithic" if monolithic else "micro"
@@ -201,8 +203,6 @@ def run_system(settings: Settings, cfg: BurstConfig, monolithic: bool,
                 solo.append(time.perf_counter() - started)
         if deadline_s is None:
             deadline_s = round(cfg.slo_factor * statistics.median(solo[3:]), 3)
-        # the warm-up's replicas are gone and the replicas' reports reached admission control
-        time.sleep(cfg.scale_down_delay_s + 2.0)
 
         async def run() -> dict:
             watch, stop = Watch(), asyncio.Event()
@@ -213,7 +213,13 @@ def run_system(settings: Settings, cfg: BurstConfig, monolithic: bool,
             await follower
             return summarize(outcomes, watch, start + cfg.steady_s, deadline_s)
 
-        return bus.run_async(run()), deadline_s
+        runs = []
+        for _ in range(cfg.repeat):
+            # the replicas the last load (the warm-up's, the last burst's) started are gone, and
+            # the replicas' reports reached admission control
+            time.sleep(cfg.scale_down_delay_s + 2.0)
+            runs.append(bus.run_async(run()))
+        return runs, deadline_s
     finally:
         stack.stop()
         shutil.rmtree(s.shm_root, ignore_errors=True)
@@ -229,19 +235,44 @@ def bench_burst(settings: Settings, cfg: BurstConfig) -> dict:
             # a fresh NATS per system: no stream, consumer or measurement carries over
             with servers(settings.model_copy(update={"nats_url": None}),
                          Path(tmp) / f"{system}-servers", False) as s:
-                results[system], deadline_s = run_system(s, cfg, monolithic, deadline_s,
-                                                         Path(tmp))
+                runs, deadline_s = run_system(s, cfg, monolithic, deadline_s, Path(tmp))
+                results[system] = runs[0] if cfg.repeat == 1 else over_runs(runs)
     results["config"] = {
         "solo_s": round(deadline_s / cfg.slo_factor, 4), "deadline_s": deadline_s,
         "rate": cfg.rate,
         "burst_rate": cfg.rate * cfg.factor, "steady_s": cfg.steady_s, "burst_s": cfg.burst_s,
-        "after_s": cfg.after_s, "slots": cfg.slots, "request": REQUEST,
+        "after_s": cfg.after_s, "slots": cfg.slots, "request": REQUEST, "repeat": cfg.repeat,
     }
     return results
 
 
+#: figures of a repeated run given as their distribution over the bursts
+SPREAD = ("scale_up_decision_s", "scale_up_ready_s", "slo_attainment", "p50_s", "p99_s")
+
+
+def over_runs(runs: list[dict]) -> dict:
+    """A system's repeated bursts: ``SPREAD``'s figures as p50, p95 and max over the bursts
+    (with how many bursts had one: a burst the replicas absorbed scales nothing), the counts
+    summed, and every run."""
+    result: dict[str, Any] = {}
+    for name in SPREAD:
+        values = [r[name] for r in runs if r[name] is not None]
+        result[name] = {"p50": None, "p95": None, "max": None, "runs": len(values)} \
+            if not values else {
+                "p50": round(statistics.median(values), 3),
+                "p95": round(percentile(values, 95), 3), "max": round(max(values), 3),
+                "runs": len(values)}
+    for name in ("requests", "rejected", "dropped_late", "failed_other", "lost"):
+        result[name] = sum(r[name] for r in runs)
+    result["runs"] = runs
+    return result
+
+
 def print_table(results: dict) -> None:
     c = results["config"]
+    if c.get("repeat", 1) > 1:
+        print_spread(results)
+        return
     print(f"txt2img {c['request']['steps']} steps {c['request']['width']}px; monolithic solo "
           f"{c['solo_s'] * 1000:.0f} ms, deadline {c['deadline_s'] * 1000:.0f} ms; "
           f"{c['rate']}/s for {c['steady_s']:g}s, {c['burst_rate']}/s for {c['burst_s']:g}s, "
@@ -259,3 +290,19 @@ def print_table(results: dict) -> None:
 
 def _f(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
+
+
+def print_spread(results: dict) -> None:
+    c = results["config"]
+    print(f"txt2img {c['request']['steps']} steps {c['request']['width']}px; deadline "
+          f"{c['deadline_s'] * 1000:.0f} ms; {c['repeat']} bursts of {c['burst_rate']}/s for "
+          f"{c['burst_s']:g}s after {c['rate']}/s for {c['steady_s']:g}s; {c['slots']} slots")
+    print(f"{'system':<11} {'figure':<20} {'p50':>7} {'p95':>7} {'max':>7} {'bursts':>6}")
+    for system in ("micro", "monolithic"):
+        r = results[system]
+        for name in SPREAD:
+            d = r[name]
+            print(f"{system:<11} {name:<20} {_f(d['p50']):>7} {_f(d['p95']):>7} "
+                  f"{_f(d['max']):>7} {d['runs']:>6}")
+        print(f"{system:<11} {'rejected/late/lost':<20} {r['rejected']}/{r['dropped_late']}/"
+              f"{r['lost']} of {r['requests']}")

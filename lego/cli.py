@@ -590,6 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
     burst.add_argument("--burst-s", type=float, help="seconds of burst (default 5)")
     burst.add_argument("--after-s", type=float, help="seconds after the burst (default 25)")
     burst.add_argument("--slots", type=int, help="replica slots for either system (default 4)")
+    burst.add_argument("--scale-down-delay-s", type=float,
+                       help="the autoscaler's stable window, and the pause before each burst "
+                            "(default 30)")
     chaos = bench.add_argument_group("chaos")
     chaos.add_argument("--scenarios", help="comma-separated (default replica_kill,"
                                            "nats_restart,store_restart,overload,"
@@ -616,7 +619,8 @@ def build_parser() -> argparse.ArgumentParser:
     slo.add_argument("--systems", help="sweep: comma-separated baselines to compare micro with "
                                        "(default all of the workload's)")
     slo.add_argument("--repeat", type=int, help="runs of each cell, seeds 0..N-1; the median "
-                                                "is reported (slo: default 1; sweep: 3)")
+                                                "is reported (slo: default 1; sweep: 3); "
+                                                "burst: bursts per system, their spread reported")
     slo.add_argument("--burst-factor", type=float,
                      help="slo, bound: the sweep's burst cell on this trace: its first 60 s "
                           "with a 10 s spike of K x its rate at 20 s")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import threading
+import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,14 +90,21 @@ class ModelCore(abc.ABC):
     def load(self) -> None:
         """Load the weights (and warm up). Called once before any item."""
 
-    def load_serialized(self) -> None:
+    def load_serialized(self) -> float:
         """``load``, one at a time in this process where ``serial_load`` asks for it (a feed
-        calls this from a worker thread)."""
+        calls this from a worker thread), after importing the classes of a diffusers
+        directory's components; returns the seconds until the weights began to load (waiting
+        for the process's other loads, those imports)."""
         if not self.serial_load:
             self.load()
-            return
+            return 0.0
+        started = time.perf_counter()
         with _LOADING:
+            if (self.model_dir / "model_index.json").is_file():
+                import_classes(self.model_dir)
+            imported_s = time.perf_counter() - started
             self.load()
+        return imported_s
 
     def close(self) -> None:  # noqa: B027 - optional: most cores hold nothing to give back
         """Release what ``load`` took when the replica stops (process exit frees the rest)."""

@@ -25,7 +25,7 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
-from common import bus, metrics, subjects, telemetry, webhooks
+from common import STARTED_AT, bus, metrics, subjects, telemetry, webhooks
 from common.errors import DeadlineExceeded, LegoError, RequestError, TerminalError
 from common.messages import (
     ErrorInfo,
@@ -94,6 +94,7 @@ class Held:
 class FeedStats:
     loaded_s: float = 0.0
     startup_s: float | None = None
+    startup_parts: dict[str, float] | None = None  # process, import, weights
     tasks_done: int = 0
     tasks_failed: int = 0
     tasks_retried: int = 0
@@ -141,14 +142,20 @@ class PoolFeed:
         """Load the model and bind to the pool's consumer."""
         settings = self.host.settings
         started = time.perf_counter()
-        await asyncio.to_thread(self.core.load_serialized)
+        imported_s = await asyncio.to_thread(self.core.load_serialized)
         self.stats.loaded_s = time.perf_counter() - started
         self._sub = await bus.pull_subscription(
             self.host.js, subjects.TASKS_STREAM, subjects.pool_consumer(self.pool),
             subjects.task_subject(self.pool), settings,
         )
         self.stats.ready = True
-        self.stats.startup_s = time.monotonic() - self.process_started
+        self.stats.startup_s = startup_s = time.monotonic() - self.process_started
+        # the process's own start counts where this replica began with it (a node process)
+        process_s = min(startup_s, max(0.0, STARTED_AT - self.process_started))
+        weights_s = min(startup_s - process_s, max(0.0, self.stats.loaded_s - imported_s))
+        self.stats.startup_parts = {
+            "process": round(process_s, 3), "weights": round(weights_s, 3),
+            "import": round(startup_s - process_s - weights_s, 3)}
         await self.publish_status()
         log.info("%s ready (model loaded in %.2fs)", self.replica, self.stats.loaded_s)
 
@@ -627,6 +634,7 @@ class PoolFeed:
             device=self.host.device,
             p50_ms=percentile(latencies, 50), p99_ms=percentile(latencies, 99),
             startup_s=None if stats.startup_s is None else round(stats.startup_s, 3),
+            startup_parts=stats.startup_parts,
             work_ms=_mean(r.work_ms for r in recent),
             unit_ms_min=round(min(r.unit_ms for r in recent), 3) if recent else None,
             unit_ms_mean=_mean(r.unit_ms for r in recent),

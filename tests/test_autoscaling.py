@@ -170,7 +170,12 @@ def test_pool_at_zero_cold_starts_while_work_waits(stack: Stack) -> None:
             started = await watch.until(lambda: len(ready := [
                 s for s in watch.latest.values() if s.pool == upscaler and s.state == "ready"
             ]) == start.after and ready, timeout_s=120)
-            for replica in started:  # each says how long its cold start took
+            for replica in started:  # each says how long its cold start took, and on what
                 assert replica.startup_s is not None and replica.startup_s >= replica.load_s > 0
+                parts = replica.startup_parts
+                assert set(parts) == {"process", "import", "weights"}
+                assert all(v > 0 for v in parts.values()), parts  # a process of its own
+                assert sum(parts.values()) == pytest.approx(replica.startup_s, abs=0.005)
+                assert parts["weights"] <= replica.load_s
 
     asyncio.run(scenario())

@@ -251,6 +251,10 @@ def test_a_stack_of_device_hosts_makes_the_default_stacks_image(stack: Stack) ->
             await watch.until(lambda: len({(s.pool, s.device) for s in watch.latest.values()
                                            if s.state == "ready"}) == 6, timeout_s=60)
             assert {s.device for s in watch.latest.values()} == {"cpu:0", "cpu:1"}
+            for status in watch.latest.values():  # loaded in a running process: no start
+                parts = status.startup_parts
+                assert parts["process"] == 0 and parts["weights"] > 0, parts
+                assert sum(parts.values()) == pytest.approx(status.startup_s, abs=0.005)
 
     asyncio.run(every_pool_on_both_devices())
 

@@ -125,3 +125,21 @@ def test_sweep_entrants_per_admission_rule():
     assert both["micro-paper"][0] == "micro"
     assert both["micro-paper"][1].admission_rule == "paper"  # type: ignore[attr-defined]
     assert both["micro"][1].admission_rule == "lego"  # type: ignore[attr-defined]
+
+
+def test_repeated_bursts_report_the_spread_of_each_figure():
+    from lego.burst import over_runs
+
+    def run(decision_s, lost=0):
+        return {"requests": 10, "scale_up_decision_s": decision_s, "scale_up_ready_s": None,
+                "slo_attainment": 0.9, "p50_s": 0.1, "p99_s": 0.2, "rejected": 1,
+                "dropped_late": 0, "failed_other": 0, "lost": lost}
+
+    runs = [run(0.1 * i) for i in range(1, 10)] + [run(None, lost=1)]
+    spread = over_runs(runs)
+    decision = spread["scale_up_decision_s"]
+    assert decision["runs"] == 9 and decision["max"] == 0.9 and decision["p50"] == 0.5
+    assert 0.8 <= decision["p95"] <= 0.9
+    assert spread["scale_up_ready_s"] == {"p50": None, "p95": None, "max": None, "runs": 0}
+    assert spread["requests"] == 100 and spread["rejected"] == 10 and spread["lost"] == 1
+    assert spread["runs"] == runs
