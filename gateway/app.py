@@ -293,15 +293,28 @@ class Gateway:
                                  if spec.params[k].type != "image"})
             deadline_s = None if state.deadline_at is None \
                 else state.deadline_at - state.created_at
-        if created or resend:
-            pinned = self.ingress.pinned({**raw, "id": request_id}, spec, valid, deadline_s)
-            await self.js.publish(
-                subjects.REQUESTS_SUBJECT,
-                orjson.dumps(pinned),
-                headers=telemetry.inject(  # the ingress's span continues this request's trace
-                    {"Nats-Msg-Id": request_id, ACCEPTED_HEADER: repr(state.created_at)}
-                ),
-            )
+        if not (created or resend):
+            return state
+        if self.run_ingress:
+            # this process runs the ingress (its deadline watch included): it plans the request
+            # and publishes the root tasks itself, before answering; if it cannot (the store is
+            # down), lego.requests keeps the request until an ingress can
+            try:
+                await self.ingress.plan_accepted(request_id, spec, valid, state.created_at,
+                                                 state.deadline_at)
+                return state
+            except Exception as exc:  # noqa: BLE001 - handed on below, or the publish fails
+                log.warning("request %s: could not plan it here (%s: %s); queued in %s for an "
+                            "ingress to plan", request_id, type(exc).__name__, exc,
+                            subjects.REQUESTS_SUBJECT)
+        pinned = self.ingress.pinned({**raw, "id": request_id}, spec, valid, deadline_s)
+        await self.js.publish(
+            subjects.REQUESTS_SUBJECT,
+            orjson.dumps(pinned),
+            headers=telemetry.inject(  # the ingress's span continues this request's trace
+                {"Nats-Msg-Id": request_id, ACCEPTED_HEADER: repr(state.created_at)}
+            ),
+        )
         return state
 
     async def image(self, state: RequestState) -> tuple[bytes, str]:

@@ -323,6 +323,15 @@ class Ingress:
             await endings.unsubscribe()
             await sub.unsubscribe()
 
+    async def plan_accepted(self, request_id: str, spec: WorkflowSpec, valid: ValidRequest,
+                            submitted_at: float, deadline_at: float | None) -> None:
+        """Plan a request this process has just accepted (and recorded as queued) and publish
+        its root tasks: what a gateway that runs the ingress does itself, instead of a round
+        trip through ``lego.requests``. Re-planning it (a client's retry) is harmless: the
+        root tasks keep their ``Nats-Msg-Id``. A span of the request's trace, as ``handle``."""
+        with telemetry.span("ingress"):
+            await self._plan(request_id, spec, valid, submitted_at, deadline_at)
+
     async def handle(self, msg: Msg) -> None:
         """Accept (or reject) and plan one request of ``lego.requests``: a span of the request's
         trace, the child of the gateway's when the gateway sent it."""
