@@ -6,6 +6,8 @@ store, a Redis outage under load wedges nothing: every request ends, and new one
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import os
 import signal
 import threading
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 from common.settings import Settings
 from common.workflow import shipped_workflows
@@ -84,12 +87,14 @@ def test_nats_down_is_a_fast_503_and_recovers(
 @pytest.fixture(scope="module")
 def redis_stack(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path
                 ) -> Iterator[tuple[Stack, Server]]:
-    """txt2img on the Redis store, two denoiser replicas; Redis can be killed and restarted."""
+    """txt2img and img2img on the Redis store, two denoiser replicas; Redis can be killed and
+    restarted."""
     tmp = tmp_path_factory.mktemp("outages")
     redis_url, redis = chaos.redis(tmp)
     try:
         with nats_server(tmp / "nats") as url, running_stack(
-            tmp, url, cache_dir, workflows=["txt2img"], autoscale=False, redis_url=redis_url,
+            tmp, url, cache_dir, workflows=["txt2img", "img2img"], autoscale=False,
+            redis_url=redis_url,
         ) as stack:
             stack.add_node("denoiser")
             yield stack, redis
@@ -177,3 +182,32 @@ def test_a_redis_outage_under_load_wedges_nothing(
             assert after.status_code in (200, 202), after.text
             assert after.json()["status"] == "succeeded", after.json()
         assert http.get("/readyz").json()["dependencies"]["store"] == "ok"
+
+
+def test_a_request_the_gateway_cannot_plan_is_handed_on_not_lost(
+    redis_stack: tuple[Stack, Server],
+) -> None:
+    """img2img while Redis is down: the gateway records the request but cannot store its
+    image, so it hands it to lego.requests and answers 202 (not an error after the state was
+    written); the ingress then plans it, or ends it with a reason once its deliveries run out:
+    it always ends. Once Redis is back the same request, sent again, succeeds."""
+    stack, redis_server = redis_stack
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(buffer, format="PNG")
+    body = {"workflow": "img2img", "prompt": "a red square", "steps": 2, "strength": 0.6,
+            "seed": 7, "image": base64.b64encode(buffer.getvalue()).decode()}
+    with httpx.Client(base_url=stack.gateway_url, timeout=60) as http:
+        redis_server.kill()
+        try:
+            accepted = http.post("/v1/generations", json=body)
+            assert accepted.status_code == 202, accepted.text
+            end = http.get(f"/v1/generations/{accepted.json()['id']}?wait=20").json()
+        finally:
+            redis_server.restart()
+        assert end["status"] in ("failed", "succeeded", "queued"), end
+        end = http.get(f"/v1/generations/{end['id']}?wait=30").json()
+        assert end["status"] in ("succeeded", "failed"), end
+        if end["status"] == "failed":
+            assert end["error"]["message"]
+        again = http.post("/v1/generations?wait=60", json=body)
+        assert again.json()["status"] == "succeeded", again.text
