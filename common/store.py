@@ -45,6 +45,7 @@ DTYPES = ("float32", "float16", "bfloat16", "float64", "uint8", "int8", "int16",
 
 AREAS = ("tmp", "out")
 
+
 def dtype_name(tensor: torch.Tensor | np.ndarray) -> str:
     name = str(tensor.dtype).removeprefix("torch.")
     if name not in DTYPES:

@@ -117,6 +117,11 @@ def _print_stack(stack: Stack, args: argparse.Namespace) -> None:
     print(f"store    {stack.settings.store_kind}")
     print(f"serving  {'monolithic' if settings.monolithic else 'micro'}, "
           f"{'autoscaled' if settings.autoscale else 'one replica per pool'}")
+    if settings.autoscale and settings.device_hosts and not settings.workload:
+        from autoscaler.backends.hosts import host_devices
+
+        print(f"hosts    {', '.join(host_devices(settings))} (one process each, holding the "
+              "models the autoscaler makes resident there)")
     if settings.workload:
         from common.workflow import shipped_workflows
 
