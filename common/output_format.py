@@ -84,7 +84,7 @@ async def image_file(store: TensorStore, state: RequestState,
         return await store.get_bytes(key), MEDIA_TYPES[output_format]
     except KeyError:
         pass
-    pixels = (await store.get(state.image)).numpy()
+    pixels = await store.get_array(state.image)
     data = await asyncio.to_thread(encode_image, pixels, output_format, quality)
     ended_at = state.finished_at or now()
     await store.put_bytes(key, data, ttl_s=max(1.0, ended_at + result_ttl_s - now()))

@@ -63,6 +63,14 @@ def tensor_bytes(tensor: torch.Tensor | np.ndarray) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())
 
 
+def array_from_buffer(buffer: object, dtype: str, shape: list[int]) -> np.ndarray:
+    """A numpy array over ``buffer`` without copying it (read-only); not for bfloat16, which
+    numpy has not."""
+    if dtype not in DTYPES or dtype == "bfloat16":
+        raise ValueError(f"unsupported dtype {dtype!r} for numpy")
+    return np.frombuffer(buffer, dtype=np.dtype(dtype)).reshape(shape)  # type: ignore[call-overload]
+
+
 def tensor_from_buffer(buffer: object, dtype: str, shape: list[int]) -> torch.Tensor:
     """A tensor over ``buffer`` without copying it."""
     import torch
@@ -109,8 +117,17 @@ class TensorStore(abc.ABC):
         """Store ``tensor`` under ``key`` (overwriting: re-running a task is harmless)."""
 
     @abc.abstractmethod
+    async def read(self, ref: TensorRef) -> bytes | mmap.mmap:
+        """The raw bytes ``ref`` points at (a copy-on-write map where the store allows);
+        ``KeyError`` when they are gone."""
+
     async def get(self, ref: TensorRef) -> torch.Tensor:
         """The tensor ``ref`` points at; ``KeyError`` when it is gone."""
+        return tensor_from_buffer(await self.read(ref), ref.dtype, ref.shape)
+
+    async def get_array(self, ref: TensorRef) -> np.ndarray:
+        """The same as a numpy array (read-only), for readers without torch (the gateway)."""
+        return array_from_buffer(await self.read(ref), ref.dtype, ref.shape)
 
     async def put_bytes(self, key: str, data: bytes, ttl_s: float) -> TensorRef:
         """Store a file's bytes (an encoded image) under ``key``, as a 1-D uint8 tensor."""
@@ -199,20 +216,19 @@ class ShmStore(TensorStore):
         os.replace(tmp, path)  # readers never see a half-written tensor
         return self._ref(key, tensor, len(data))
 
-    async def get(self, ref: TensorRef) -> torch.Tensor:
+    async def read(self, ref: TensorRef) -> bytes | mmap.mmap:
         self._check_ref(ref)
         _check_key(ref.key)
         if ref.nbytes == 0:
-            return tensor_from_buffer(b"", ref.dtype, ref.shape)
+            return b""
         try:
             fd = os.open(self._path(ref.key), os.O_RDONLY)
         except FileNotFoundError:
             raise KeyError(ref.key) from None
         try:
-            buffer = mmap.mmap(fd, ref.nbytes, access=mmap.ACCESS_COPY)
+            return mmap.mmap(fd, ref.nbytes, access=mmap.ACCESS_COPY)
         finally:
             os.close(fd)
-        return tensor_from_buffer(buffer, ref.dtype, ref.shape)
 
     async def get_bytes(self, key: str) -> bytes:
         _check_key(key)
@@ -284,13 +300,13 @@ class RedisStore(TensorStore):
             await pipe.execute()
         return self._ref(key, tensor, len(data))
 
-    async def get(self, ref: TensorRef) -> torch.Tensor:
+    async def read(self, ref: TensorRef) -> bytes:
         self._check_ref(ref)
         _check_key(ref.key)
         data = await self.client.get(self.PREFIX + ref.key)
         if data is None:
             raise KeyError(ref.key)
-        return tensor_from_buffer(data, ref.dtype, ref.shape)
+        return data
 
     async def get_bytes(self, key: str) -> bytes:
         _check_key(key)
@@ -335,12 +351,12 @@ class ObservedStore(TensorStore):
         self._bytes["put"].inc(ref.nbytes)
         return ref
 
-    async def get(self, ref: TensorRef) -> torch.Tensor:
+    async def read(self, ref: TensorRef) -> bytes | mmap.mmap:
         with telemetry.span("store.get", {"lego.store.key": ref.key}):
-            tensor = await self.inner.get(ref)
+            data = await self.inner.read(ref)
         self._ops["get"].inc()
         self._bytes["get"].inc(ref.nbytes)
-        return tensor
+        return data
 
     async def get_bytes(self, key: str) -> bytes:
         with telemetry.span("store.get", {"lego.store.key": key}):

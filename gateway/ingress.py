@@ -305,10 +305,19 @@ class Ingress:
         )
         background = [asyncio.create_task(loop()) for loop in
                       (self._sweep_loop, self._deadline_loop, self._late_sweep_loop)]
+        stopping = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
+                # returns on the first arrival; a stop does not wait for the fetch to expire
+                fetching = asyncio.ensure_future(sub.fetch(1, timeout=0.5))
+                await asyncio.wait({fetching, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not fetching.done():
+                    fetching.cancel()  # a request it would have taken is delivered again
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await fetching
+                    break
                 try:
-                    [msg] = await sub.fetch(1, timeout=0.5)  # returns on the first arrival
+                    [msg] = fetching.result()
                 except TimeoutError:
                     continue
                 except Exception as exc:  # noqa: BLE001 - NATS is down: wait for it, never stop
@@ -317,6 +326,7 @@ class Ingress:
                     continue
                 await self.handle(msg)
         finally:
+            stopping.cancel()
             for task in background:
                 task.cancel()
             await advisories.unsubscribe()

@@ -260,6 +260,20 @@ def test_openapi_and_health(client: LegoClient) -> None:
     assert client.http.get("/readyz").status_code == 200
 
 
+def test_the_gateway_serves_without_torch(stack: Stack, client: LegoClient) -> None:
+    """Validation, planning, the image's encoding: the gateway never loads torch (it starts
+    seconds sooner, and its first image download does not pay for the import)."""
+    upload = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(upload, format="PNG")
+    _, png = client.generate("img2img", prompt="a red square", steps=2, seed=4, strength=0.5,
+                             image=base64.b64encode(upload.getvalue()).decode())
+    assert png_pixels(png).shape == (32, 32, 3)
+    gateway = stack.children[0]
+    assert gateway.name == "gateway" and gateway.proc is not None
+    maps = Path(f"/proc/{gateway.proc.pid}/maps").read_text()
+    assert "libtorch" not in maps
+
+
 def test_gateway_restart_loses_nothing(stack: Stack, client: LegoClient) -> None:
     state, png = client.generate("txt2img", prompt="before the restart", steps=2, seed=3)
     gateway = stack.children[0]
