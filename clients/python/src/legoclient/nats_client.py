@@ -6,7 +6,7 @@ to before publishing, so neither can slip past.
 
 The image is not on NATS: the nodes leave raw pixels in the service's tensor store, and the
 file (PNG, JPEG, WebP) is encoded by whichever reader asks for it first, which needs the
-service's own code (and torch). So ``image_file`` reads it from a gateway, over HTTP: pass
+service's own code and its store. So ``image_file`` reads it from a gateway, over HTTP: pass
 ``gateway_url`` to use it.
 """
 
