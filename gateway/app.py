@@ -420,6 +420,8 @@ def create_app(
         await gw.start()
         yield
         await gw.stop()
+        # export the spans still batched: uvicorn ends the process by the signal it caught
+        telemetry.shutdown()
 
     guard = auth.ApiKeyGuard(settings)
     app = FastAPI(

@@ -255,15 +255,17 @@ class Alternated:
     started_at: float  # epoch seconds, when the client began the micro-served request
     micro_s: float
     inprocess_s: float
-    nats_s: float  # the same request published straight to lego.requests, to its final state
+    #: the same request published straight to lego.requests, to its final state (if asked)
+    nats_s: float | None
 
 
-def alternate(settings: Settings, iterations: int, warmup: int = 3) -> list[Alternated]:
+def alternate(settings: Settings, iterations: int, warmup: int = 3,
+              direct: bool = True) -> list[Alternated]:
     """Tiny txt2img at low load, request by request: over HTTP through the embedded stack
     (gateway, ingress and three nodes, PNG download included), then diffusers' pipeline with
-    the same models in this process, then straight over NATS (``lego.requests`` to the final
-    state on ``lego.results.<id>``: the pixels are in the store, no file is encoded), so
-    machine noise hits all three alike. The stack is stopped before this returns (its
+    the same models in this process, then (``direct``) straight over NATS (``lego.requests``
+    to the final state on ``lego.results.<id>``: the pixels are in the store, no file is
+    encoded), so machine noise hits them alike. The stack is stopped before this returns (its
     processes have flushed what they trace)."""
     import torch
     from legoclient import LegoClient, NatsClient
@@ -282,9 +284,8 @@ def alternate(settings: Settings, iterations: int, warmup: int = 3) -> list[Alte
             pipe = _pipeline(s)
             threads = torch.get_num_threads()
             torch.set_num_threads(s.torch_threads)  # what one node uses
-            loop = asyncio.new_event_loop()
-            direct = loop.run_until_complete(NatsClient(s.nats_url).__aenter__())
-            with LegoClient(stack.gateway_url) as client:
+            with LegoClient(stack.gateway_url) as client, asyncio.Runner() as loop:
+                nats = loop.run(NatsClient(s.nats_url).__aenter__()) if direct else None
                 for i in range(iterations + warmup):
                     started_at, started = time.time(), time.perf_counter()
                     state, _ = client.generate("txt2img", seed=i, **E2E_REQUEST)
@@ -297,13 +298,16 @@ def alternate(settings: Settings, iterations: int, warmup: int = 3) -> list[Alte
                          height=E2E_REQUEST["height"],
                          generator=torch.Generator("cpu").manual_seed(i), output_type="pil")
                     inprocess_s = time.perf_counter() - started
-                    started = time.perf_counter()
-                    loop.run_until_complete(direct.generate("txt2img", seed=i, **E2E_REQUEST))
+                    nats_s = None
+                    if nats is not None:
+                        started = time.perf_counter()
+                        loop.run(nats.generate("txt2img", seed=i, **E2E_REQUEST))
+                        nats_s = time.perf_counter() - started
                     if i >= warmup:
                         runs.append(Alternated(state.id, started_at, micro_s, inprocess_s,
-                                               time.perf_counter() - started))
-            loop.run_until_complete(direct.__aexit__(None, None, None))
-            loop.close()
+                                               nats_s))
+                if nats is not None:
+                    loop.run(nats.__aexit__(None, None, None))
             torch.set_num_threads(threads)
         finally:
             stack.stop()

@@ -257,11 +257,11 @@ def over_runs(runs: list[dict]) -> dict:
     result: dict[str, Any] = {}
     for name in SPREAD:
         values = [r[name] for r in runs if r[name] is not None]
-        result[name] = {"p50": None, "p95": None, "max": None, "runs": len(values)} \
-            if not values else {
-                "p50": round(statistics.median(values), 3),
-                "p95": round(percentile(values, 95), 3), "max": round(max(values), 3),
-                "runs": len(values)}
+        spread = (statistics.median(values), percentile(values, 95), max(values)) if values \
+            else (None, None, None)
+        result[name] = {key: None if v is None else round(v, 3)
+                        for key, v in zip(("p50", "p95", "max"), spread, strict=True)}
+        result[name]["runs"] = len(values)
     for name in ("requests", "rejected", "dropped_late", "failed_other", "lost"):
         result[name] = sum(r[name] for r in runs)
     result["runs"] = runs

@@ -148,7 +148,8 @@ def bench_overhead(settings: Settings, iterations: int) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp:
         traces = Path(tmp) / "traces"
-        runs = alternate(settings.model_copy(update={"trace_dir": traces}), iterations)
+        runs = alternate(settings.model_copy(update={"trace_dir": traces}), iterations,
+                         direct=False)
         spans = read_spans(traces)
     rows = [breakdown(spans, run.request_id, run.started_at, run.started_at + run.micro_s)
             for run in runs]

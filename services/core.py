@@ -57,11 +57,16 @@ _LOADING = threading.RLock()
 def import_classes(model_dir: Path) -> None:
     """Import the classes ``model_dir``'s ``model_index.json`` names, under the load lock: what
     its loads would import first (a device host does this while it waits to be told what to
-    load). A component that cannot be imported is left to the load that needs it to report."""
+    load). A directory without a ``model_index.json``, or a component that cannot be imported,
+    is left to the load that needs it to report."""
     from common.models import component_class, model_index
 
+    try:
+        index = model_index(model_dir)
+    except (OSError, ValueError):
+        return
     with _LOADING:
-        for component, entry in model_index(model_dir).items():
+        for component, entry in index.items():
             if not component.startswith("_") and isinstance(entry, list):
                 with contextlib.suppress(Exception):
                     component_class(model_dir, component)
@@ -76,15 +81,14 @@ class ModelCore(abc.ABC):
     ops: tuple[str, ...] = ()
     #: the subfolders of the diffusers directory whose weights it loads (its memory footprint)
     components: tuple[str, ...] = ()
+    #: whether ``load`` runs under the process's load lock (``_LOADING``); a core that
+    #: imports nothing when it loads (an emulated one) need not wait for another's load
+    serial_load: bool = True
 
     def __init__(self, model_dir: Path, *, device: str = "cpu", max_batch: int = 8) -> None:
         self.model_dir = Path(model_dir)
         self.device = torch.device(device)
         self.max_batch = max_batch
-
-    #: whether ``load`` runs under the process's load lock (``_LOADING``); a core that
-    #: imports nothing when it loads (an emulated one) need not wait for another's load
-    serial_load: bool = True
 
     @abc.abstractmethod
     def load(self) -> None:
@@ -100,8 +104,7 @@ class ModelCore(abc.ABC):
             return 0.0
         started = time.perf_counter()
         with _LOADING:
-            if (self.model_dir / "model_index.json").is_file():
-                import_classes(self.model_dir)
+            import_classes(self.model_dir)
             imported_s = time.perf_counter() - started
             self.load()
         return imported_s
