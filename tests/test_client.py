@@ -95,13 +95,15 @@ async def test_async_client(stack: Stack, reference: tuple[Generation, bytes]) -
         assert webp_state.params["output_format"] == "webp"
         assert webp[:4] == b"RIFF" and webp[8:12] == b"WEBP"
 
-        accepted = await client.submit("txt2img", prompt="followed", steps=3, seed=2)
+        # enough steps that the stream opens before the last one: the gateway answers once
+        # the request's first task is queued, and a tiny step takes milliseconds
+        accepted = await client.submit("txt2img", prompt="followed", steps=40, seed=2)
         assert accepted.status in ("queued", "running", "succeeded")
         events = [event async for event in client.events(accepted.id)]
         assert isinstance(events[0], Generation) and events[0].id == accepted.id
         assert isinstance(events[-1], Generation) and events[-1].status == "succeeded"
         steps = [(e.node, e.step, e.total) for e in events if isinstance(e, Progress)]
-        assert steps and steps[-1] == ("denoise", 3, 3)
+        assert steps and steps[-1] == ("denoise", 40, 40)
         assert (await client.wait(accepted.id, timeout_s=30)) == await client.status(accepted.id)
         page = await client.history(workflow="txt2img", limit=1)
         assert page.items[0].id == accepted.id

@@ -148,16 +148,18 @@ async def test_a_quiet_stream_resends_where_the_request_stands(
 
 def test_events_of_a_real_generation(stack: Stack) -> None:
     with LegoClient(stack.gateway_url) as client:
-        accepted = client.submit("txt2img", prompt="a lighthouse", steps=4, seed=5)
+        # enough steps that the stream opens before the last one (the gateway answers once the
+        # request's first task is queued, and a tiny step takes milliseconds)
+        accepted = client.submit("txt2img", prompt="a lighthouse", steps=40, seed=5)
         events = list(client.events(accepted.id))
         assert isinstance(events[0], Generation) and events[0].id == accepted.id
         assert isinstance(events[-1], Generation) and events[-1].status == "succeeded"
         assert events[-1] == client.status(accepted.id)
         assert all(isinstance(e, legoclient.Progress) for e in events[1:-1])
-        # the denoiser's 4 steps, in order (unless the stream began after the first ones)
+        # the denoiser's 40 steps, in order (unless the stream began after the first ones)
         denoise = [(p.node, p.step, p.total) for p in events[1:-1]]
-        assert denoise == [("denoise", s, 4) for s in range(5 - len(denoise), 5)]
-        assert denoise[-1] == ("denoise", 4, 4)
+        assert denoise == [("denoise", s, 40) for s in range(41 - len(denoise), 41)]
+        assert denoise[-1] == ("denoise", 40, 40)
 
         seen: list[Event] = []
         state, png = client.generate("txt2img", prompt="a fox", steps=3, seed=1,
