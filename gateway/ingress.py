@@ -324,7 +324,7 @@ class Ingress:
                     log.warning("ingress: could not fetch a request (%s); retrying", exc)
                     await asyncio.sleep(max(self.settings.retry_backoff_s, 0.1))
                     continue
-                await self.handle(msg)
+                await self.handle(msg, stop)
         finally:
             stopping.cancel()
             for task in background:
@@ -342,11 +342,28 @@ class Ingress:
         with telemetry.span("ingress"):
             await self._plan(request_id, spec, valid, submitted_at, deadline_at)
 
-    async def handle(self, msg: Msg) -> None:
+    async def handle(self, msg: Msg, stop: asyncio.Event | None = None) -> None:
         """Accept (or reject) and plan one request of ``lego.requests``: a span of the request's
-        trace, the child of the gateway's when the gateway sent it."""
-        with telemetry.span("ingress", headers=msg.headers, kind=telemetry.SpanKind.CONSUMER):
-            await self._handle(msg)
+        trace, the child of the gateway's when the gateway sent it. While NATS cannot take the
+        request's writes (a stream electing its leader, a server restarting) it is tried again
+        here, holding the message with in-progress acks, so an outage never spends its
+        deliveries and fails it; on ``stop`` the message is left to be delivered again."""
+        delay = max(self.settings.retry_backoff_s, 0.1)
+        while True:
+            try:
+                with telemetry.span("ingress", headers=msg.headers,
+                                    kind=telemetry.SpanKind.CONSUMER):
+                    await self._handle(msg)
+                return
+            except bus.FAILOVER_ERRORS as exc:
+                log.warning("ingress: NATS could not take a request's writes (%s); trying "
+                            "again in %.1fs", type(exc).__name__, delay)
+            with contextlib.suppress(Exception):
+                await msg.in_progress()
+            if stop is not None and stop.is_set():
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.settings.ack_wait_s / 2)
 
     async def _on_state(self, msg: Msg) -> None:
         if msg.data:  # empty: a deletion
@@ -404,6 +421,8 @@ class Ingress:
             reply = state
         except LegoError as exc:
             reply = await self._reject(request_id, raw, exc)
+        except bus.FAILOVER_ERRORS:
+            raise  # NATS, not the request: handle() tries again
         except Exception:
             # Our fault, not the request's: let JetStream redeliver it.
             log.exception("ingress failed on a request; will retry")

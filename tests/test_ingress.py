@@ -1,6 +1,7 @@
 """The ingress against a real nats-server: a request it keeps failing on is failed through
 JetStream's MAX_DELIVERIES advisory, not left queued; a request nobody works on ends at its
-deadline; the admission rule the settings name is the one applied."""
+deadline; a request outlives an outage of the stream its tasks go to; the admission rule the
+settings name is the one applied."""
 
 from __future__ import annotations
 
@@ -44,6 +45,36 @@ async def test_request_the_ingress_keeps_failing_on_is_failed(settings: Settings
     finally:
         await gw.stop()
 
+
+
+async def test_a_request_outlives_its_tasks_stream_being_unavailable(settings: Settings) -> None:
+    """The stream of tasks cannot take writes (here: gone, as while a cluster elects its
+    leader) for longer than the ingress's deliveries of a request would last: the ingress
+    holds the request and tries again instead of spending its deliveries, so the request is
+    planned once the stream is back, never failed for NATS's outage."""
+    settings = settings.model_copy(update={"max_deliver": 2, "retry_backoff_s": 0.05,
+                                           "ack_wait_s": 1.0, "nats_failover_s": 0})
+    gw = Gateway(settings, builtin_workflows(), run_ingress=True)
+    await gw.start()
+    try:
+        config = (await gw.js.stream_info(subjects.TASKS_STREAM)).config
+        await gw.js.delete_stream(subjects.TASKS_STREAM)
+        await gw.js.publish(
+            subjects.REQUESTS_SUBJECT,
+            orjson.dumps({"id": "patient-1", "workflow": "txt2img", "prompt": "x"}),
+            headers={"Nats-Msg-Id": "patient-1"},
+        )
+        await asyncio.sleep(3.0)  # past 2 deliveries' ack wait and backoff
+        state = await gw.tracker.get("patient-1")
+        assert state is not None and state.status == "queued", state
+        await gw.js.add_stream(config)
+        async with asyncio.timeout(30):
+            while (await gw.js.stream_info(subjects.TASKS_STREAM)).state.messages < 1:
+                await asyncio.sleep(0.1)
+        state = await gw.tracker.get("patient-1")
+        assert state is not None and state.status == "queued", state
+    finally:
+        await gw.stop()
 
 
 async def test_request_no_replica_takes_ends_at_its_deadline(settings: Settings) -> None:
