@@ -1,13 +1,14 @@
 """The autoscaler process (`lego autoscaler`; `lego up` starts one).
 
-Every tick (0.5 s by default) it reads each pool's JetStream lag and its replicas' reports
-(``common.observe``), asks the pure ``policy.decide`` how many replicas every pool should
-have within the global budget, packs them onto devices (``placement.place``) and has the
-backend start or drain replicas. Pools come from the registered workflows (KV
-``lego-workflows``), so a workflow added at run time gets its pools without a restart. Every
-change is logged and published as a ``ScaleEvent`` on ``lego.autoscaler.events``. Its
-Prometheus metrics (``lego_pool_*``: lag, replicas by state, desired replicas; scale events)
-are served on ``autoscaler_metrics_port``.
+Every tick (``autoscale_tick_s``; sooner when admission control reports turning work away,
+the first sign of a burst while the queues are short) it reads each pool's JetStream lag and
+its replicas' reports (``common.observe``), asks the pure ``policy.decide`` how many replicas
+every pool should have within the global budget, packs them onto devices
+(``placement.place``) and has the backend start or drain replicas. Pools come from the
+registered workflows (KV ``lego-workflows``), so a workflow added at run time gets its pools
+without a restart. Every change is logged and published as a ``ScaleEvent`` on
+``lego.autoscaler.events``. Its Prometheus metrics (``lego_pool_*``: lag, replicas by state,
+desired replicas; scale events) are served on ``autoscaler_metrics_port``.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 #: replica slots per GPU when ``slots`` is not set: a denoiser or a whole pipeline takes all
 #: of them (``exclusive_kinds``), small models share a device
 DEVICE_SLOTS = 8
+#: the least time between two ticks, however fast news of turned-away work comes
+MIN_TICK_GAP_S = 0.05
 
 
 def host_memory_bytes() -> int:
@@ -201,6 +204,7 @@ class Autoscaler:
                 replicas=replicas,
                 ready=min(view.ready, replicas),
                 measured_service_rate_per_replica=view.service_rate,
+                shed_rate=view.shed_rate or 0.0,
             )
         return observations
 
@@ -319,16 +323,21 @@ class Autoscaler:
         try:
             while not stop.is_set():
                 started = time.monotonic()
+                observer.news.clear()  # what comes from now on is for the next tick
                 try:
                     for event in await self.tick(registry, observer):
                         await nc.publish(subjects.AUTOSCALER_EVENTS, encode(event))
                 except Exception:  # noqa: BLE001 - one bad tick must not stop scaling
                     log.exception("autoscaler tick failed")
-                elapsed = time.monotonic() - started
-                try:
-                    await asyncio.wait_for(stop.wait(), max(0.0, period - elapsed))
-                except TimeoutError:
-                    pass
+                # the next tick: after the period, or sooner when admission reports turning
+                # work away (a burst the queues do not show), but never within MIN_TICK_GAP_S
+                await asyncio.sleep(max(0.0, MIN_TICK_GAP_S - (time.monotonic() - started)))
+                wake = [asyncio.ensure_future(stop.wait()),
+                        asyncio.ensure_future(observer.news.wait())]
+                left = max(0.0, period - (time.monotonic() - started))
+                await asyncio.wait(wake, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                for waiting in wake:
+                    waiting.cancel()
         finally:
             await self.backend.close(stop_replicas=stop_replicas)
             with contextlib.suppress(Exception):  # NATS may be gone already

@@ -4,8 +4,9 @@ the gateway's admission control; it only reads."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,9 @@ from common.metrics import percentile
 
 #: a replica silent for longer than this is gone (it reports once a second)
 REPLICA_EXPIRY_S = 3.0
+#: rates are measured over at least this long, however often the observer samples: a sample
+#: taken right after another (a tick woken by news) would read one task as a rate spike
+RATE_WINDOW_S = 0.25
 _POOL_PREFIX = subjects.pool_consumer("")
 
 
@@ -116,7 +120,9 @@ def _round(x: float | None) -> float | None:
 
 
 class ClusterObserver:
-    """Follows replica reports and samples consumer lag on demand."""
+    """Follows replica reports and samples consumer lag on demand. ``news`` is set when
+    admission control reports turning away more work than before (demand the queues do not
+    show): a loop that samples on a period may wake for it."""
 
     def __init__(self, nc: NATS) -> None:
         self.nc = nc
@@ -129,7 +135,9 @@ class ClusterObserver:
         self._expired: dict[str, int] = {}
         self._counted: dict[str, tuple[int, int]] = {}  # replica -> as last counted
         self._shed: dict[str, dict[str, int]] = {}  # ingress -> pool -> tasks turned away
-        self._previous: dict[str, tuple[float, int, int, int]] = {}  # (t, arrived, done, shed)
+        # per pool, recent samples (t, arrived, done, shed): rates over RATE_WINDOW_S
+        self._samples: dict[str, deque[tuple[float, int, int, int]]] = {}
+        self.news = asyncio.Event()
 
     async def start(self) -> None:
         self._subs = [
@@ -143,6 +151,9 @@ class ClusterObserver:
 
     async def _on_shed(self, msg: Any) -> None:
         report = decode(msg.data, ShedReport)
+        before = self._shed.get(report.source, {})
+        if any(n > before.get(pool, 0) for pool, n in report.shed.items()):
+            self.news.set()
         self._shed[report.source] = report.shed
 
     async def _on_status(self, msg: Any) -> None:
@@ -211,13 +222,17 @@ class ClusterObserver:
             shed = sum(counts.get(pool, 0) for counts in self._shed.values())
             # what came in = what left + what still waits + what was turned away at the door
             arrived = done + view.lag + shed
-            previous = self._previous.get(pool)
-            if previous is not None and now_s > previous[0]:
-                dt = now_s - previous[0]
-                view.completion_rate = max(0.0, (done - previous[2]) / dt)
-                view.arrival_rate = max(0.0, (arrived - previous[1]) / dt)
-                view.shed_rate = max(0.0, (shed - previous[3]) / dt)
-            self._previous[pool] = (now_s, arrived, done, shed)
+            samples = self._samples.setdefault(pool, deque())
+            # the newest sample at least RATE_WINDOW_S old is the rates' start; older ones go
+            while len(samples) > 1 and samples[1][0] <= now_s - RATE_WINDOW_S:
+                samples.popleft()
+            if samples and now_s > samples[0][0]:
+                t, arrived_then, done_then, shed_then = samples[0]
+                dt = max(now_s - t, RATE_WINDOW_S)
+                view.completion_rate = max(0.0, (done - done_then) / dt)
+                view.arrival_rate = max(0.0, (arrived - arrived_then) / dt)
+                view.shed_rate = max(0.0, (shed - shed_then) / dt)
+            samples.append((now_s, arrived, done, shed))
         return dict(sorted(views.items()))
 
 

@@ -406,6 +406,10 @@ def _remembered(load: PoolLoad, before: PoolLoad | None) -> PoolLoad:
                    steps_per_task=before.steps_per_task)
 
 
+#: the least time between two reports of rejections that happen one after another
+SHED_REPORT_GAP_S = 0.05
+
+
 class LoadWatch:
     """Keeps ``loads`` fresh from the replicas' reports and the consumers' lag."""
 
@@ -418,23 +422,26 @@ class LoadWatch:
         self._counts: dict[str, tuple[int, int]] = {}  # pool -> (finished, expired) last seen
         self.source = uuid.uuid4().hex[:12]
         self.shed: Counter[str] = Counter()  # pool -> tasks turned away, ever
-        self._task: asyncio.Task | None = None
+        self._shed_news = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
         await self.observer.start()
         await self.refresh()
-        self._task = asyncio.create_task(self._loop())
+        self._tasks = [asyncio.create_task(self._loop()), asyncio.create_task(self._shed_loop())]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         await self.observer.stop()
 
     def rejected(self, plan: Plan) -> None:
-        """Count a rejected request's tasks: the autoscaler adds them to the pools' demand."""
+        """Count a rejected request's tasks: the autoscaler adds them to the pools' demand,
+        told at once (a burst turned away is the news that more replicas are needed)."""
         self.shed.update(node.pool for node in plan.nodes.values())
+        self._shed_news.set()
 
     def admitted(self, plan: Plan, steps: Mapping[str, int]) -> None:
         """Count the steps of a request admitted since the last sample, so that a burst within
@@ -472,13 +479,25 @@ class LoadWatch:
                            {pool: n[1] - before[pool][1] for pool, n in counts.items()})
         self._counts = counts
 
+    async def _publish_shed(self) -> None:
+        report = ShedReport(self.source, dict(self.shed), now())
+        await self.nc.publish(subjects.ADMISSION_SHED, encode(report))
+
+    async def _shed_loop(self) -> None:
+        """Report rejections as they happen, at most one report per ``SHED_REPORT_GAP_S``."""
+        while True:
+            await self._shed_news.wait()
+            self._shed_news.clear()
+            with contextlib.suppress(Exception):  # the periodic report follows anyway
+                await self._publish_shed()
+            await asyncio.sleep(SHED_REPORT_GAP_S)
+
     async def _loop(self) -> None:
         while True:
             await asyncio.sleep(self.period_s)
             try:
-                if self.shed:
-                    report = ShedReport(self.source, dict(self.shed), now())
-                    await self.nc.publish(subjects.ADMISSION_SHED, encode(report))
+                if self.shed:  # again, in case one was lost
+                    await self._publish_shed()
                 await self.refresh()
             except Exception as exc:  # noqa: BLE001 - keep the last view; NATS may be back soon
                 log.debug("load refresh failed: %s", exc)

@@ -211,7 +211,8 @@ class Ingress:
                 eta = admission.check(spec.name, plan, loads, deadline, steps, rule, shared,
                                       watch.margin.factor)
             except Overloaded:
-                watch.rejected(plan)
+                if measured is None or measured <= deadline:  # the queues, not the deadline
+                    watch.rejected(plan)
                 _count(spec.name, "overloaded")
                 raise
         else:

@@ -62,9 +62,8 @@ class Sim:
         """Decide at the current time, apply, then advance one tick."""
         observations = {
             name: PoolObservation(
-                **({"lag": 0, "arrival_rate": 0.0} | fields),
+                **({"lag": 0, "arrival_rate": 0.0, "ready": self.replicas[name]} | fields),
                 replicas=self.replicas[name],
-                ready=self.replicas[name],
             )
             for name, fields in load.items()
         }
@@ -107,6 +106,34 @@ def test_sudden_backlog_scales_up_within_one_tick():
     assert d.replicas["unet"] == 4
     assert d.state.pools["unet"].last_scale_up_s == backlog_at_s
     assert d.reasons["unet"].startswith("burst: lag 120 needs 4")
+
+
+@pytest.mark.timeout(10)
+def test_work_turned_away_at_a_busy_pool_adds_one_replica_at_a_time():
+    """16/s against 20/s a replica: the mean demand fits one replica (with headroom), but
+    admission turns work away (queueing past the deadlines): one more, decided on the tick
+    that sees it; none more while that one starts; the next once it is ready and work is
+    still turned away."""
+    sim = Sim([unet()])
+    sim.run(5, {"unet": {"arrival_rate": 16.0}})
+    assert sim.replicas["unet"] == 1
+    d = sim.tick({"unet": {"arrival_rate": 16.0, "shed_rate": 3.0}})
+    assert d.replicas["unet"] == 2
+    assert "3/s turned away at load 0.80: 2" in d.reasons["unet"]
+    # the new replica is starting: ready stays 1, no third one yet
+    d = sim.tick({"unet": {"arrival_rate": 16.0, "shed_rate": 3.0, "ready": 1}})
+    assert d.replicas["unet"] == 2
+    d = sim.tick({"unet": {"arrival_rate": 30.0, "shed_rate": 1.0}})  # ready, still too few
+    assert d.replicas["unet"] == 3
+
+
+@pytest.mark.timeout(10)
+def test_work_turned_away_at_an_idle_pool_adds_nothing():
+    """Admission turns work away while the pool is nearly idle (deadlines no replica count
+    could meet): no replica is added for it."""
+    sim = Sim([unet()])
+    sim.run(5, {"unet": {"arrival_rate": 2.0, "shed_rate": 1.0}})
+    assert sim.replicas["unet"] == 1
 
 
 @pytest.mark.timeout(10)
