@@ -6,5 +6,6 @@ import time
 
 #: when this process first imported ``common`` (monotonic): every `lego` command does so among
 #: its first imports, so a replica's cold start splits here between the process's own start
-#: (exec, the interpreter) and what our code then does (imports, set-up, weights)
+#: (exec, the interpreter) and what our code then does (imports, set-up, weights); a process
+#: forked from a template (``autoscaler.backends.template``) sets it when it begins
 STARTED_AT = time.monotonic()

@@ -51,6 +51,12 @@ def _load_prctl() -> Any:
 _prctl = _load_prctl()
 
 
+def set_death_signal(sig: int) -> None:
+    """Have the kernel send this process ``sig`` when its parent dies (Linux; else nothing)."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, sig)
+
+
 def child_options(env: dict[str, str] | None = None) -> dict[str, Any]:
     """``subprocess.Popen`` keyword arguments for a child that ends with this process: its own
     session, SIGTERM when this process dies, and (with ``env``) ``LEGO_PARENT_PID`` in a copy of
@@ -58,8 +64,7 @@ def child_options(env: dict[str, str] | None = None) -> dict[str, Any]:
     parent = os.getpid()
 
     def die_with_parent() -> None:  # in the child, before exec
-        if _prctl is not None:
-            _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        set_death_signal(signal.SIGTERM)
         if os.getppid() != parent:  # the parent died before the death signal was set
             os._exit(1)
 

@@ -170,6 +170,10 @@ class Settings(BaseSettings):
         None, ge=1, description="device hosts on a machine without ``devices``: this many CPU "
         "hosts (None: one per core)",
     )
+    node_template: bool = Field(
+        True, description="the local backend forks node processes from a template process "
+        "that did their imports once (else each starts from scratch)",
+    )
     autoscale_tick_s: float = Field(0.25, gt=0, le=1)
     scale_down_delay_s: float = Field(30.0, ge=0, description="stable window before shrinking")
     keep_idle_replicas: bool = Field(

@@ -25,7 +25,8 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
-from common import STARTED_AT, bus, metrics, subjects, telemetry, webhooks
+import common
+from common import bus, metrics, subjects, telemetry, webhooks
 from common.errors import DeadlineExceeded, LegoError, RequestError, TerminalError
 from common.messages import (
     ErrorInfo,
@@ -151,7 +152,7 @@ class PoolFeed:
         self.stats.ready = True
         self.stats.startup_s = startup_s = time.monotonic() - self.process_started
         # the process's own start counts where this replica began with it (a node process)
-        process_s = min(startup_s, max(0.0, STARTED_AT - self.process_started))
+        process_s = min(startup_s, max(0.0, common.STARTED_AT - self.process_started))
         weights_s = min(startup_s - process_s, max(0.0, self.stats.loaded_s - imported_s))
         self.stats.startup_parts = {
             "process": round(process_s, 3), "weights": round(weights_s, 3),

@@ -2,7 +2,8 @@
 processes it spawns. A burst gets a scale-up decision within about a second and new replicas
 that report ready; when the load calms down, surplus replicas drain and no request fails; a
 crashed replica is restarted; a pool at zero replicas cold-starts when work arrives, and the
-work waits in JetStream meanwhile."""
+work waits in JetStream meanwhile; node processes are forked from a template process that
+did their imports."""
 
 from __future__ import annotations
 
@@ -153,6 +154,14 @@ def test_crashed_replica_is_restarted(stack: Stack) -> None:
     asyncio.run(scenario())
 
 
+def _parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+
+
 def test_pool_at_zero_cold_starts_while_work_waits(stack: Stack) -> None:
     upscaler = pool_name("upscaler", stack.settings.upscaler_model)
 
@@ -174,7 +183,10 @@ def test_pool_at_zero_cold_starts_while_work_waits(stack: Stack) -> None:
                 assert replica.startup_s is not None and replica.startup_s >= replica.load_s > 0
                 parts = replica.startup_parts
                 assert set(parts) == {"process", "import", "weights"}
-                assert all(v > 0 for v in parts.values()), parts  # a process of its own
+                assert parts["process"] >= 0 and parts["weights"] > 0, parts
+                # a process of its own, forked from the template, which did the imports
+                parent = _parent_of(replica_pid(replica.replica))
+                assert "autoscaler.backends.template" in _cmdline(parent), _cmdline(parent)
                 assert sum(parts.values()) == pytest.approx(replica.startup_s, abs=0.005)
                 assert parts["weights"] <= replica.load_s
 

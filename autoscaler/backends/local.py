@@ -1,13 +1,15 @@
 """Node processes on this machine: the default backend (`lego up`).
 
-Each replica is a ``lego node`` child process pinned to one device: for ``cuda:N`` through
-CUDA_VISIBLE_DEVICES, for CPU slots (``cpu:N``) only as a label the replica reports (the OS
-schedules CPU). A crashed replica is restarted on its device (with a back-off if it keeps
-crashing); a replica no longer wanted gets SIGTERM and drains: it stops fetching, finishes and
-acks what it holds, and exits. The newest replica goes first: it is the likeliest to be still
-loading or idle. Replicas end with the autoscaler: SIGTERM (a drain) when it dies, even of
-SIGKILL, and they exit once NATS is gone too (``common.lifetime``), so a killed autoscaler
-leaves no orphans consuming next to its successor's.
+Each replica is a ``lego node`` process, forked from a template process that did its imports
+once (``template``; started from scratch until that is ready), pinned to one device: for
+``cuda:N`` through CUDA_VISIBLE_DEVICES, for CPU slots (``cpu:N``) only as a label the replica
+reports (the OS schedules CPU). A crashed replica is restarted on its device (with a back-off
+if it keeps crashing); a replica no longer wanted gets SIGTERM and drains: it stops fetching,
+finishes and acks what it holds, and exits. The newest replica goes first: it is the likeliest
+to be still loading or idle. Replicas end with the autoscaler: SIGTERM (a drain) when it dies,
+even of SIGKILL (a forked one through the template, which dies with the autoscaler), and they
+exit once NATS is gone too (``common.lifetime``), so a killed autoscaler leaves no orphans
+consuming next to its successor's.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from autoscaler.backends import HostedReplicas, PoolLaunch, ReplicaInfo
+from autoscaler.backends.template import ForkedProcess, Template
 from common.lifetime import child_options
 from common.settings import Settings
 
@@ -36,7 +39,7 @@ _MAX_BACKOFF_S = 30.0
 class LocalReplica:
     launch: PoolLaunch
     device: str
-    proc: subprocess.Popen
+    proc: subprocess.Popen | ForkedProcess
     started: float = field(default_factory=time.monotonic)
     stopping: bool = False
     crashes: int = 0  # consecutive quick crashes: the back-off grows with them
@@ -47,8 +50,12 @@ class LocalReplica:
         return str(self.proc.pid)
 
 
+def node_args(launch: PoolLaunch) -> list[str]:
+    return ["node", launch.kind, "--model", launch.model]
+
+
 def node_argv(launch: PoolLaunch) -> list[str]:
-    return [sys.executable, "-m", "lego.cli", "node", launch.kind, "--model", launch.model]
+    return [sys.executable, "-m", "lego.cli", *node_args(launch)]
 
 
 class LocalBackend(HostedReplicas[LocalReplica]):
@@ -57,15 +64,25 @@ class LocalBackend(HostedReplicas[LocalReplica]):
     def __init__(self, settings: Settings, log_dir: Path | None = None) -> None:
         self.settings = settings
         self.log_dir = log_dir or settings.run_dir / "logs"
+        self.template: Template | None = None
         super().__init__()
 
     async def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.settings.node_template:
+            try:
+                self.template = Template(self._env(), self.log_dir / "template.log")
+            except OSError as exc:
+                log.warning("no template process (%s): node processes start from scratch", exc)
 
-    def _spawn(self, launch: PoolLaunch, device: str) -> subprocess.Popen:
+    def _env(self) -> dict[str, str]:
         env = self.settings.child_env()
         env["OMP_NUM_THREADS"] = str(self.settings.torch_threads)
         env.setdefault("HF_HUB_OFFLINE", "1")
+        return env
+
+    def _spawn(self, launch: PoolLaunch, device: str) -> subprocess.Popen | ForkedProcess:
+        env = self._env()
         env["LEGO_DEVICE_LABEL"] = device
         kind, _, index = device.partition(":")
         if kind == "cuda":
@@ -74,6 +91,12 @@ class LocalBackend(HostedReplicas[LocalReplica]):
         elif kind == "cpu":
             env["LEGO_DEVICE"] = "cpu"
         log_path = self.log_dir / f"{launch.pool}.log"
+        if self.template is not None and self.template.ready:
+            try:  # its imports done: ready in its weights' load time
+                return self.template.fork(node_args(launch), env, log_path)
+            except Exception as exc:  # noqa: BLE001 - start it from scratch instead
+                log.warning("the template could not fork %s (%s); starting it from scratch",
+                            launch.pool, exc)
         return subprocess.Popen(
             node_argv(launch), stdout=subprocess.DEVNULL,
             stderr=open(log_path, "ab"),  # noqa: SIM115 - the child owns it
@@ -129,3 +152,5 @@ class LocalBackend(HostedReplicas[LocalReplica]):
                 replica.proc.kill()
                 replica.proc.wait()
         self._replicas.clear()
+        if self.template is not None:
+            self.template.close()
