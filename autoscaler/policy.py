@@ -191,7 +191,8 @@ def service_rate(spec: PoolSpec, obs: PoolObservation) -> tuple[float, str]:
 
 
 #: a pool that turns work away while its ready replicas are at least this busy gets one more
-SHED_LOAD = 0.5
+#: (against the smoothed arrival rate, which a burst's first tick shows at about half)
+SHED_LOAD = 0.25
 
 
 def demand_policy(ctx: PoolContext) -> PoolResult:

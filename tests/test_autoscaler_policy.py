@@ -132,7 +132,7 @@ def test_work_turned_away_at_an_idle_pool_adds_nothing():
     """Admission turns work away while the pool is nearly idle (deadlines no replica count
     could meet): no replica is added for it."""
     sim = Sim([unet()])
-    sim.run(5, {"unet": {"arrival_rate": 2.0, "shed_rate": 1.0}})
+    sim.run(5, {"unet": {"arrival_rate": 4.0, "shed_rate": 1.0}})  # a fifth of one replica
     assert sim.replicas["unet"] == 1
 
 
