@@ -177,10 +177,12 @@ class ClusterObserver:
         """Every pool with a consumer or a live replica, with rates since the last sample."""
         now_s = time.monotonic()
         views: dict[str, PoolView] = {}
+        consumed: set[str] = set()  # pools with a consumer
         for info in await self.js.consumers_info(subjects.TASKS_STREAM):
             if not info.name.startswith(_POOL_PREFIX):
                 continue
             pool = info.name[len(_POOL_PREFIX):]
+            consumed.add(pool)
             view = views.setdefault(pool, PoolView(pool))
             view.pending = info.num_pending or 0
             view.ack_pending = info.num_ack_pending or 0
@@ -220,8 +222,11 @@ class ClusterObserver:
             done = self._finished.get(pool, 0)
             view.finished, view.expired = done, self._expired.get(pool, 0)
             shed = sum(counts.get(pool, 0) for counts in self._shed.values())
-            # what came in = what left + what still waits + what was turned away at the door
-            arrived = done + view.lag + shed
+            # what came in = what its consumer handed out (redeliveries too, rare) + what still
+            # waits + what was turned away at the door; without a consumer, what its replicas
+            # finished instead of what was handed out (they report once a second: late)
+            handed_out = view.delivered if pool in consumed else done
+            arrived = handed_out + view.pending + shed
             samples = self._samples.setdefault(pool, deque())
             # the newest sample at least RATE_WINDOW_S old is the rates' start; older ones go
             while len(samples) > 1 and samples[1][0] <= now_s - RATE_WINDOW_S:
