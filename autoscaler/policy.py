@@ -64,14 +64,15 @@ class PoolObservation:
     ready: int
     measured_service_rate_per_replica: float | None = None  # None or 0: not measured yet
     workflow_weight: float = 1.0  # in-flight requests waiting on this pool
-    #: tasks/s admission control turned away because of the queues (``arrival_rate`` counts
-    #: them too): work the replicas could have done alone in time, but not with the queue
-    shed_rate: float = 0.0
+    #: requests/s admission control turned away because of the queues, of which this pool
+    #: held the wait most (``arrival_rate`` counts them too): work its replicas could have
+    #: done in time alone, but not behind its queue
+    held_rate: float = 0.0
 
     def __post_init__(self) -> None:
         # `not x >= 0` also rejects NaN.
         values = (self.lag, self.arrival_rate, self.completion_rate, self.replicas, self.ready,
-                  self.shed_rate)
+                  self.held_rate)
         if not all(v >= 0 for v in values) or not self.workflow_weight >= 0:
             raise ValueError(f"observation values must be >= 0: {self}")
         measured = self.measured_service_rate_per_replica
@@ -197,12 +198,13 @@ SHED_LOAD = 0.25
 
 def demand_policy(ctx: PoolContext) -> PoolResult:
     """Replicas that keep up with arrivals and drain the lag in target_backlog_drain_s; and
-    one more than are ready while admission turns the pool's work away and its replicas are
-    busy (at least ``SHED_LOAD``): the mean demand fits, but the queueing its variance makes
-    does not fit the deadlines (at 80% of a replica's rate requests wait, on average, twice
-    their own service time). One at a time: the next once that one is ready and work is
-    still turned away. A pool nearly idle that turns work away (deadlines too short for
-    anything) gets nothing: more replicas would not help."""
+    one more than are ready while admission turns away work this pool held back most
+    (``admission.bottleneck``) and its replicas are busy (at least ``SHED_LOAD``): the mean
+    demand fits, but the queueing its variance makes does not fit the deadlines (at 80% of a
+    replica's rate requests wait, on average, twice their own service time). One at a time:
+    the next once that one is ready and work is still turned away. A pool nearly idle that
+    turns work away (deadlines too short for anything) gets nothing: more replicas would not
+    help."""
     obs, cfg = ctx.obs, ctx.config
     rate, source = service_rate(ctx.spec, obs)
     # Without a measured or profiled rate, size by the backlog alone: a one-off task is both
@@ -217,9 +219,9 @@ def demand_policy(ctx: PoolContext) -> PoolResult:
         f"({obs.arrival_rate:.3g}/s in, {rate:.3g}/s per replica, {source})"
     )
     load = obs.arrival_rate / (obs.ready * rate) if obs.ready else 0.0
-    if obs.shed_rate > 0 and load >= SHED_LOAD and need <= obs.ready:
+    if obs.held_rate > 0 and load >= SHED_LOAD and need <= obs.ready:
         need = obs.ready + 1
-        reason += f"; {obs.shed_rate:.3g}/s turned away at load {load:.2f}: {need}"
+        reason += f"; {obs.held_rate:.3g}/s turned away at load {load:.2f}: {need}"
     return PoolResult(need, reason, ctx.state)
 
 

@@ -204,7 +204,7 @@ class Autoscaler:
                 replicas=replicas,
                 ready=min(view.ready, replicas),
                 measured_service_rate_per_replica=view.service_rate,
-                shed_rate=view.shed_rate or 0.0,
+                held_rate=view.held_rate or 0.0,
             )
         return observations
 

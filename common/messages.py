@@ -294,6 +294,8 @@ class ShedReport(msgspec.Struct):
     source: str
     shed: dict[str, int]
     at: float
+    #: of those, per pool, the requests whose wait it held most (the pool that needs a replica)
+    held: dict[str, int] = {}
 
 
 class ScaleEvent(msgspec.Struct):

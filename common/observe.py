@@ -41,6 +41,7 @@ class PoolView:
     expired: int = 0  # of those, dropped because their request could not meet its deadline
     arrival_rate: float | None = None  # tasks/s since the previous sample, shed ones included
     shed_rate: float | None = None  # tasks/s admission control turned away
+    held_rate: float | None = None  # of those, requests/s whose wait this pool held most
     completion_rate: float | None = None
     replicas: dict[str, int] = field(default_factory=dict)  # state -> count
     placement: dict[str, int] = field(default_factory=dict)  # device -> replicas
@@ -92,6 +93,7 @@ class PoolView:
             "ack_pending": self.ack_pending,
             "arrival_rate": _round(self.arrival_rate),
             "shed_rate": _round(self.shed_rate),
+            "held_rate": _round(self.held_rate),
             "completion_rate": _round(self.completion_rate),
             "p50_ms": _round(self.p50_ms),
             "p99_ms": _round(self.p99_ms),
@@ -135,8 +137,9 @@ class ClusterObserver:
         self._expired: dict[str, int] = {}
         self._counted: dict[str, tuple[int, int]] = {}  # replica -> as last counted
         self._shed: dict[str, dict[str, int]] = {}  # ingress -> pool -> tasks turned away
-        # per pool, recent samples (t, arrived, done, shed): rates over RATE_WINDOW_S
-        self._samples: dict[str, deque[tuple[float, int, int, int]]] = {}
+        self._held: dict[str, dict[str, int]] = {}  # ingress -> pool -> rejections it held
+        # per pool, recent samples (t, arrived, done, shed, held): rates over RATE_WINDOW_S
+        self._samples: dict[str, deque[tuple[float, int, int, int, int]]] = {}
         self.news = asyncio.Event()
 
     async def start(self) -> None:
@@ -155,6 +158,7 @@ class ClusterObserver:
         if any(n > before.get(pool, 0) for pool, n in report.shed.items()):
             self.news.set()
         self._shed[report.source] = report.shed
+        self._held[report.source] = report.held
 
     async def _on_status(self, msg: Any) -> None:
         status = decode(msg.data, ReplicaStatus)
@@ -222,6 +226,7 @@ class ClusterObserver:
             done = self._finished.get(pool, 0)
             view.finished, view.expired = done, self._expired.get(pool, 0)
             shed = sum(counts.get(pool, 0) for counts in self._shed.values())
+            held = sum(counts.get(pool, 0) for counts in self._held.values())
             # what came in = what its consumer handed out (redeliveries too, rare) + what still
             # waits + what was turned away at the door; without a consumer, what its replicas
             # finished instead of what was handed out (they report once a second: late)
@@ -232,12 +237,13 @@ class ClusterObserver:
             while len(samples) > 1 and samples[1][0] <= now_s - RATE_WINDOW_S:
                 samples.popleft()
             if samples and now_s > samples[0][0]:
-                t, arrived_then, done_then, shed_then = samples[0]
+                t, arrived_then, done_then, shed_then, held_then = samples[0]
                 dt = max(now_s - t, RATE_WINDOW_S)
                 view.completion_rate = max(0.0, (done - done_then) / dt)
                 view.arrival_rate = max(0.0, (arrived - arrived_then) / dt)
                 view.shed_rate = max(0.0, (shed - shed_then) / dt)
-            samples.append((now_s, arrived, done, shed))
+                view.held_rate = max(0.0, (held - held_then) / dt)
+            samples.append((now_s, arrived, done, shed, held))
         return dict(sorted(views.items()))
 
 

@@ -241,6 +241,18 @@ def shared_wait_s(plan: Plan, loads: Mapping[str, PoolLoad]) -> float:
     return sum(load.queued_work_s() for load in mine) / max(1, len(devices))
 
 
+def bottleneck(plan: Plan, loads: Mapping[str, PoolLoad]) -> str:
+    """The pool of ``plan`` that holds a new request longest: its queued work per ready
+    replica plus its own work (a pool without figures holds nothing)."""
+    def holds_s(pool: str) -> float:
+        load = loads.get(pool)
+        if load is None:
+            return 0.0
+        return load.queued_work_s() / max(load.ready, 1) + (load.work_s or 0.0)
+
+    return max(sorted({node.pool for node in plan.nodes.values()}), key=holds_s)
+
+
 @dataclass
 class Margin:
     """Admission's safety factor, learned from its misses: what ``check`` multiplies its
@@ -422,6 +434,7 @@ class LoadWatch:
         self._counts: dict[str, tuple[int, int]] = {}  # pool -> (finished, expired) last seen
         self.source = uuid.uuid4().hex[:12]
         self.shed: Counter[str] = Counter()  # pool -> tasks turned away, ever
+        self.held: Counter[str] = Counter()  # pool -> rejections it was the bottleneck of
         self._shed_news = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
 
@@ -439,8 +452,10 @@ class LoadWatch:
 
     def rejected(self, plan: Plan) -> None:
         """Count a rejected request's tasks: the autoscaler adds them to the pools' demand,
-        told at once (a burst turned away is the news that more replicas are needed)."""
+        and a replica to the pool that held it back most (``bottleneck``); told at once (a
+        burst turned away is the news that more replicas are needed)."""
         self.shed.update(node.pool for node in plan.nodes.values())
+        self.held[bottleneck(plan, self.loads)] += 1
         self._shed_news.set()
 
     def admitted(self, plan: Plan, steps: Mapping[str, int]) -> None:
@@ -480,7 +495,7 @@ class LoadWatch:
         self._counts = counts
 
     async def _publish_shed(self) -> None:
-        report = ShedReport(self.source, dict(self.shed), now())
+        report = ShedReport(self.source, dict(self.shed), now(), dict(self.held))
         await self.nc.publish(subjects.ADMISSION_SHED, encode(report))
 
     async def _shed_loop(self) -> None:

@@ -117,13 +117,13 @@ def test_work_turned_away_at_a_busy_pool_adds_one_replica_at_a_time():
     sim = Sim([unet()])
     sim.run(5, {"unet": {"arrival_rate": 16.0}})
     assert sim.replicas["unet"] == 1
-    d = sim.tick({"unet": {"arrival_rate": 16.0, "shed_rate": 3.0}})
+    d = sim.tick({"unet": {"arrival_rate": 16.0, "held_rate": 3.0}})
     assert d.replicas["unet"] == 2
     assert "3/s turned away at load 0.80: 2" in d.reasons["unet"]
     # the new replica is starting: ready stays 1, no third one yet
-    d = sim.tick({"unet": {"arrival_rate": 16.0, "shed_rate": 3.0, "ready": 1}})
+    d = sim.tick({"unet": {"arrival_rate": 16.0, "held_rate": 3.0, "ready": 1}})
     assert d.replicas["unet"] == 2
-    d = sim.tick({"unet": {"arrival_rate": 30.0, "shed_rate": 1.0}})  # ready, still too few
+    d = sim.tick({"unet": {"arrival_rate": 30.0, "held_rate": 1.0}})  # ready, still too few
     assert d.replicas["unet"] == 3
 
 
@@ -132,7 +132,7 @@ def test_work_turned_away_at_an_idle_pool_adds_nothing():
     """Admission turns work away while the pool is nearly idle (deadlines no replica count
     could meet): no replica is added for it."""
     sim = Sim([unet()])
-    sim.run(5, {"unet": {"arrival_rate": 4.0, "shed_rate": 1.0}})  # a fifth of one replica
+    sim.run(5, {"unet": {"arrival_rate": 4.0, "held_rate": 1.0}})  # a fifth of one replica
     assert sim.replicas["unet"] == 1
 
 
