@@ -39,7 +39,7 @@ class PoolView:
     delivered: int = 0  # tasks the pool's consumer ever handed out (redeliveries included)
     finished: int = 0  # tasks its replicas ever finished (done, failed or dropped)
     expired: int = 0  # of those, dropped because their request could not meet its deadline
-    arrival_rate: float | None = None  # tasks/s since the previous sample, shed ones included
+    arrival_rate: float | None = None  # tasks/s over RATE_WINDOW_S or more, shed ones included
     shed_rate: float | None = None  # tasks/s admission control turned away
     held_rate: float | None = None  # of those, requests/s whose wait this pool held most
     completion_rate: float | None = None
