@@ -121,6 +121,12 @@ def _watch(parent_pid: int, can_drain: Callable[[], bool], drain_timeout_s: floa
     os._exit(1)
 
 
+def stat_fields(pid: int | str = "self") -> list[str]:
+    """The fields of /proc/PID/stat after the command's name: [0] its state, [1] its parent's
+    pid, [19] its start time in clock ticks since boot. ``OSError`` once it is gone."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def _table() -> dict[int, tuple[int, int, str]]:
     """pid -> (parent pid, start time in clock ticks, state) of every process /proc lists."""
     table = {}
@@ -128,7 +134,7 @@ def _table() -> dict[int, tuple[int, int, str]]:
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            fields = stat_fields(entry.name)
         except (OSError, IndexError):  # exited meanwhile
             continue
         table[int(entry.name)] = (int(fields[1]), int(fields[19]), fields[0])

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from common.lifetime import stat_fields
 from common.settings import Settings
 from services.core import ModelCore
 from services.host import DeviceHost
@@ -24,7 +25,7 @@ from services.host import DeviceHost
 def _process_age_s() -> float | None:
     """Seconds since this process started (Linux), None where /proc cannot tell."""
     try:
-        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        fields = stat_fields()
         uptime_s = float(Path("/proc/uptime").read_text().split()[0])
         return max(0.0, uptime_s - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, IndexError):

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.lifetime import stat_fields
 from common.settings import Settings
 from lego.stack import Stack, free_port
 from tests.conftest import nats_server
@@ -100,7 +101,7 @@ def wait_gone(pid: int, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            state = stat_fields(pid)[0]
         except (FileNotFoundError, ProcessLookupError):
             return True
         if state == "Z":

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from common import bus, subjects
+from common.lifetime import stat_fields
 from common.messages import ScaleEvent, decode
 from common.settings import Settings
 from common.subjects import pool_name
@@ -154,10 +155,6 @@ def test_crashed_replica_is_restarted(stack: Stack) -> None:
     asyncio.run(scenario())
 
 
-def _parent_of(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
 def _cmdline(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
 
@@ -185,7 +182,7 @@ def test_pool_at_zero_cold_starts_while_work_waits(stack: Stack) -> None:
                 assert set(parts) == {"process", "import", "weights"}
                 assert parts["process"] >= 0 and parts["weights"] > 0, parts
                 # a process of its own, forked from the template, which did the imports
-                parent = _parent_of(replica_pid(replica.replica))
+                parent = int(stat_fields(replica_pid(replica.replica))[1])
                 assert "autoscaler.backends.template" in _cmdline(parent), _cmdline(parent)
                 assert sum(parts.values()) == pytest.approx(replica.startup_s, abs=0.005)
                 assert parts["weights"] <= replica.load_s

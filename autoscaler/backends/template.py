@@ -85,9 +85,8 @@ def _child(request: dict[str, Any]) -> None:
         os.dup2(logfile, 2)
         os.close(null)
         os.close(logfile)
-        os.environ.clear()
+        os.environ.clear()  # the node's settings come from its own environment
         os.environ.update(request["env"])
-        os.environ["LEGO_PARENT_PID"] = str(os.getppid())
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         sys.argv = ["lego", *request["args"]]
@@ -239,6 +238,7 @@ class Template:
 
     def fork(self, args: list[str], env: dict[str, str], log_path: Path) -> ForkedProcess:
         """A new node process running ``lego args``; raises if the template cannot fork."""
+        env = {**env, "LEGO_PARENT_PID": str(self._proc.pid)}  # its parent: the template
         request = orjson.dumps({"args": args, "env": env, "log": str(log_path)}) + b"\n"
         with self._lock:
             assert self._proc.stdin is not None
