@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from common import families
+
 if TYPE_CHECKING:  # heavy imports stay lazy: the gateway only needs the tokenizer helpers
     from transformers import CLIPTokenizer
 
@@ -40,6 +42,7 @@ _RECIPE_FILE = "legodiffusion_builtin.json"
 _SEED = 0
 
 TINY_SD = "tiny-sd"
+TINY_SDXL = "tiny-sdxl"
 TINY_UPSCALER = "tiny-upscaler"
 
 
@@ -54,6 +57,11 @@ def is_builtin(spec: str) -> bool:
 
 def builtin_names() -> list[str]:
     return sorted(_BUILDERS)
+
+
+def builtin_family(name: str) -> str | None:
+    """The family (``common.families``) builtin ``name`` is built as; None if unknown."""
+    return _FAMILIES.get(name)
 
 
 def resolve_model_dir(spec: str, cache_dir: Path) -> Path:
@@ -152,13 +160,13 @@ def build_builtin(name: str, out_dir: Path) -> None:
     # transformers 5 saves only tokenizer.json; add the classic files so that a slow CLIP
     # tokenizer (and transformers 4.x) loads the directory as it loads a real SD repository
     vocab, merges = _tiny_bpe()
-    tok_dir = out_dir / "tokenizer"
-    if not (tok_dir / "vocab.json").exists():
-        (tok_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n")
-    if not (tok_dir / "merges.txt").exists():
-        (tok_dir / "merges.txt").write_text(
-            "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
-        )
+    for tok_dir in sorted(out_dir.glob("tokenizer*")):  # SDXL has tokenizer and tokenizer_2
+        if not (tok_dir / "vocab.json").exists():
+            (tok_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n")
+        if not (tok_dir / "merges.txt").exists():
+            (tok_dir / "merges.txt").write_text(
+                "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,14 +317,11 @@ def _tiny_safety_checker(seed: int):
     return checker, feature_extractor
 
 
-def _build_tiny_sd():
-    """diffusers' StableDiffusionPipeline fast-test components plus a tiny safety checker."""
-    import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def _tiny_unet(**config):
+    """The UNet of diffusers' StableDiffusionPipeline fast tests, with ``config`` added."""
+    from diffusers import UNet2DConditionModel
 
-    tokenizer = build_tiny_tokenizer()
-    torch.manual_seed(_SEED)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         block_out_channels=(4, 8),
         layers_per_block=1,
         sample_size=32,
@@ -324,9 +329,19 @@ def _build_tiny_sd():
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=8,
         norm_num_groups=2,
+        **config,
     ).eval()
+
+
+def _build_tiny_sd():
+    """diffusers' StableDiffusionPipeline fast-test components plus a tiny safety checker."""
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(_SEED)
+    unet = _tiny_unet(cross_attention_dim=8)
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -351,6 +366,53 @@ def _build_tiny_sd():
         feature_extractor=feature_extractor,
         image_encoder=None,
         requires_safety_checker=True,
+    )
+
+
+def _build_tiny_sdxl():
+    """diffusers' StableDiffusionXLPipeline fast-test layout, smaller: two CLIP text encoders
+    (the second with a projection, whose pooled output conditions the UNet with the six time
+    ids), a UNet with ``text_time`` added conditioning, Euler, and tiny-sd's VAE."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+
+    tokenizer = build_tiny_tokenizer()
+    hidden, projection, time_dim = 8, 8, 8
+    torch.manual_seed(_SEED)
+    unet = _tiny_unet(
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * time_dim + projection,
+        cross_attention_dim=2 * hidden,  # both encoders' hidden states, concatenated
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    torch.manual_seed(_SEED)
+    vae = _tiny_vae()
+    torch.manual_seed(_SEED)
+    text_encoder = _tiny_text_encoder(tokenizer, hidden=hidden, intermediate=16, heads=2,
+                                      layers=2, projection_dim=projection)
+    torch.manual_seed(_SEED + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(text_encoder.config).eval()
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=build_tiny_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
     )
 
 
@@ -422,8 +484,11 @@ def _build_tiny_upscaler():
 
 _BUILDERS: dict[str, Callable[[], object]] = {
     TINY_SD: _build_tiny_sd,
+    TINY_SDXL: _build_tiny_sdxl,
     TINY_UPSCALER: _build_tiny_upscaler,
 }
+
+_FAMILIES = {TINY_SD: families.SD, TINY_SDXL: families.SDXL, TINY_UPSCALER: families.SD_UPSCALER}
 
 
 # --------------------------------------------------------------------------------------------

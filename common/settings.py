@@ -76,7 +76,8 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     base_model: str = Field(
         "builtin:tiny-sd",
-        description="model directory used by the shipped workflows (a diffusers SD 1.x/2.x dir)",
+        description="model directory used by the shipped workflows of its family (a diffusers "
+        "SD 1.x/2.x or SDXL directory, or builtin:NAME)",
     )
     upscaler_model: str = "builtin:tiny-upscaler"
     models: dict[str, str] = Field(

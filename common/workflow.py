@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import logging
 import secrets
@@ -49,12 +50,15 @@ class KindSpec:
 
 
 KINDS: dict[str, KindSpec] = {
-    "text_encoder": KindSpec("encode", (), ("prompt_embeds",),
+    # SDXL's (both CLIP encoders in one node) also makes the pooled embeddings
+    "text_encoder": KindSpec("encode", (), ("prompt_embeds", "pooled_prompt_embeds"),
                              requires=("tokenizer", "text_encoder")),
     "denoiser": KindSpec(
         "denoise", ("prompt_embeds",), ("latents",),
-        # a second and third text encoder's embeddings (SD3: CLIP-L, CLIP-G, T5; Flux: CLIP, T5)
-        ("image_latents", "generator_state", "prompt_embeds_2", "prompt_embeds_3"),
+        # SDXL's pooled embeddings; a second and third text encoder's embeddings (SD3: CLIP-L,
+        # CLIP-G, T5; Flux: CLIP, T5)
+        ("image_latents", "generator_state", "pooled_prompt_embeds", "prompt_embeds_2",
+         "prompt_embeds_3"),
         requires=("unet", "scheduler", "vae"),  # the VAE's config: the latents' scale
     ),
     "vae_encoder": KindSpec("encode_image", ("image",), ("image_latents", "generator_state"),
@@ -279,15 +283,42 @@ def _check_text(node: Any) -> None:
 
 
 def builtin_workflows(models: dict[str, str] | None = None) -> dict[str, WorkflowSpec]:
-    """The shipped workflows, with their named models replaced by ``models`` where given."""
+    """The shipped workflows, with their named models replaced by ``models`` where given;
+    a workflow whose model would be replaced by one of another family (``common.families``:
+    an SDXL workflow when the base model is SD 1.x) is left out (``family_mismatch`` says
+    why)."""
     found = {}
-    for path in sorted(BUILTIN_DIR.glob("*.yaml")):
-        spec = parse_workflow(path.read_text())
+    for spec in _shipped().values():
         if models:
+            if family_mismatch(spec, models):
+                continue
             replaced = {k: models.get(k, v) for k, v in spec.models.items()}
             spec = spec.model_copy(update={"models": replaced})
         found[spec.name] = spec
     return found
+
+
+@functools.cache
+def _shipped() -> dict[str, WorkflowSpec]:
+    specs = (parse_workflow(path.read_text()) for path in sorted(BUILTIN_DIR.glob("*.yaml")))
+    return {spec.name: spec for spec in specs}
+
+
+def family_mismatch(spec: WorkflowSpec, models: Mapping[str, str]) -> str | None:
+    """Why ``spec`` cannot run with its models replaced by ``models`` (alias -> spec): a
+    replacement of another family than the model the workflow was written for. None when
+    every family fits, or is not known (a plug-in's model: left to its load)."""
+    from common.families import TITLES, family_of
+
+    for alias, shipped in spec.models.items():
+        model = models.get(alias, shipped)
+        if model == shipped:
+            continue
+        wanted, given = family_of(shipped), family_of(model)
+        if wanted and given and wanted != given:
+            return (f"its {alias} model must be {TITLES[wanted]} ({shipped} is one); "
+                    f"{model} is {TITLES[given]}")
+    return None
 
 
 # --- request validation ---------------------------------------------------------------------
@@ -523,6 +554,28 @@ def shipped_workflows(settings: Settings) -> dict[str, WorkflowSpec]:
     return offered
 
 
+def _configured_models(settings: Settings) -> dict[str, str]:
+    return {"base": settings.base_model, "upscaler": settings.upscaler_model}
+
+
+def other_family_workflows(settings: Settings) -> dict[str, str]:
+    """The shipped workflows written for another family than the configured models (SDXL's
+    on an SD 1.x base model): not served, and why (``family_mismatch``)."""
+    if settings.workload:
+        return {}
+    models = _configured_models(settings)
+    return {name: why for name, spec in _shipped().items()
+            if (why := family_mismatch(spec, models))}
+
+
+def default_workflow(settings: Settings) -> str:
+    """What ``lego generate`` runs unless told: text to image on the base model's family
+    (``txt2img``, ``sdxl-txt2img`` on an SDXL model)."""
+    names = sorted(builtin_workflows(_configured_models(settings)))
+    return next((n for n in names if n == "txt2img"),
+                next((n for n in names if n.endswith("txt2img")), "txt2img"))
+
+
 def _chosen_workflows(settings: Settings) -> dict[str, WorkflowSpec]:
     if settings.workload:
         source = WORKFLOW_SOURCES.get(settings.workload)
@@ -531,9 +584,10 @@ def _chosen_workflows(settings: Settings) -> dict[str, WorkflowSpec]:
             raise ValueError(f"workload: unknown {settings.workload!r}; registered: {known}")
         found = source(settings)
     else:
-        found = builtin_workflows(
-            {"base": settings.base_model, "upscaler": settings.upscaler_model}
-        )
+        found = builtin_workflows(_configured_models(settings))
+        for name, why in other_family_workflows(settings).items():
+            if name in settings.workflows:
+                raise ValueError(f"workflows: {name} cannot run here: {why}")
     unknown = set(settings.workflows) - set(found)
     if unknown:
         raise ValueError(f"workflows: unknown {sorted(unknown)}; shipped: {sorted(found)}")

@@ -265,6 +265,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     legoclient = _client_package()
     settings = _settings(args)
+    if args.workflow is None:
+        from common.workflow import default_workflow
+
+        args.workflow = default_workflow(settings)
     params = {
         "prompt": args.prompt, "negative_prompt": args.negative, "seed": args.seed,
         "steps": args.steps, "width": args.width, "height": args.height,
@@ -285,9 +289,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if found:
             gateway = found["gateway_url"]
         else:
-            from common.workflow import offered_workflows
+            from common.workflow import offered_workflows, other_family_workflows
 
-            left_out = offered_workflows(settings)[1]
+            left_out = {**offered_workflows(settings)[1], **other_family_workflows(settings)}
             if args.workflow in left_out:
                 print(f"error: {args.workflow} cannot run on {settings.base_model}: "
                       f"{left_out[args.workflow]}", file=sys.stderr)
@@ -511,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run the whole stack on this machine")
     up.add_argument("--port", type=int, help="gateway port (default 8000, or a free one)")
-    up.add_argument("--model", help="diffusers SD 1.x/2.x directory for the shipped workflows")
+    up.add_argument("--model", help="diffusers SD 1.x/2.x or SDXL directory (or builtin:NAME) "
+                    "for the shipped workflows of its family")
     up.add_argument("--monolithic", action="store_true",
                     help="the baseline: every workflow as one node type (its models in one "
                          "process), scaled per workflow")
@@ -536,7 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="png, jpeg or webp (default: as -o's suffix names, else the "
                           "workflow's default, png)")
     gen.add_argument("--quality", type=int, help="JPEG/WebP quality, 1-100 (default 90)")
-    gen.add_argument("--workflow", default="txt2img")
+    gen.add_argument("--workflow", help="default: txt2img of the model's family "
+                     "(sdxl-txt2img on an SDXL model)")
     gen.add_argument("--seed", type=int)
     gen.add_argument("--steps", type=int)
     gen.add_argument("--width", type=int)
@@ -545,7 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative", help="negative prompt")
     gen.add_argument("--image", help="input image file (img2img)")
     gen.add_argument("--strength", type=float, help="img2img strength")
-    gen.add_argument("--model", help="diffusers SD directory (embedded stack)")
+    gen.add_argument("--model", help="diffusers SD 1.x/2.x or SDXL directory, or builtin:NAME "
+                     "(embedded stack)")
     gen.add_argument("--gateway", help="gateway URL (default: the running stack, or embedded)")
     gen.set_defaults(func=cmd_generate)
 

@@ -1,9 +1,11 @@
 """Every node kind and the core that executes it.
 
-``services.runner`` (and ``lego``) pick a core class by kind; each core is constructed as
-``CORES[kind](model_dir, device=..., max_batch=...)`` and loads its component from a diffusers
-model directory with ``from_pretrained(model_dir, subfolder=...)``. The footprints (weight bytes
-per replica) are what the autoscaler places replicas by.
+``services.runner`` (and ``lego``) pick a core class by kind and the model's family
+(``core_class``: SD 1.x/2.x's ``CORES[kind]`` unless the family runs the kind its own way,
+``services.families``); each core is constructed as ``cls(model_dir, device=...,
+max_batch=...)`` and loads its components from a diffusers model directory with
+``from_pretrained(model_dir, subfolder=...)``. The footprints (weight bytes per replica) are
+what the autoscaler places replicas by.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from common.families import family_of_dir
 from common.models import weights_bytes
 from common.workflow import WorkflowSpec
 from services.core import ModelCore
 from services.denoiser import DenoiserCore
+from services.families import FAMILY_CORES
 from services.safety import SafetyCheckerCore
 from services.text_encoder import TextEncoderCore
 from services.upscaler import UpscalerCore
@@ -33,9 +37,15 @@ CORES: dict[str, type[ModelCore]] = {
 }
 
 
+def core_class(kind: str, model_dir: Path) -> type[ModelCore]:
+    """The core that runs node ``kind`` on ``model_dir``, as its family does."""
+    own = FAMILY_CORES.get(family_of_dir(model_dir) or "", {})
+    return own.get(kind) or CORES[kind]
+
+
 def footprint_bytes(kind: str, model_dir: Path) -> int:
     """Weight bytes one replica of the micro node ``kind`` on ``model_dir`` holds."""
-    return weights_bytes(model_dir, CORES[kind].components)
+    return weights_bytes(model_dir, core_class(kind, model_dir).components)
 
 
 def workflow_components(
@@ -46,7 +56,8 @@ def workflow_components(
     use it (the VAE encoder and decoder share one VAE, as a diffusers pipeline does)."""
     found: dict[Path, set[str]] = {}
     for node in spec.nodes.values():
-        found.setdefault(Path(model_dirs[node.model]), set()).update(CORES[node.kind].components)
+        model_dir = Path(model_dirs[node.model])
+        found.setdefault(model_dir, set()).update(core_class(node.kind, model_dir).components)
     return {model_dir: tuple(sorted(parts)) for model_dir, parts in found.items()}
 
 

@@ -39,6 +39,8 @@ class DenoiseState:
     t_rows: torch.Tensor  # (n, rows): the timestep of every row of every step, a view
     extra_step_kwargs: dict[str, Any]
     timestep_cond: torch.Tensor | None = None  # (1, time_cond_proj_dim) for LCM-style UNets
+    #: the UNet's ``added_cond_kwargs`` (SDXL: pooled text embeddings, time ids), one row per row
+    added_cond: dict[str, torch.Tensor] = field(default_factory=dict)
     i: int = 0
     serial: int = field(default_factory=lambda: next(_serials))
 
@@ -78,7 +80,7 @@ class DenoiserCore(ModelCore):
         step_params = set(inspect.signature(self.scheduler_cls.step).parameters)
         self._accepts_eta = "eta" in step_params
         self._accepts_generator = "generator" in step_params
-        self._cond_cache: tuple[tuple[int, ...], torch.Tensor, torch.Tensor | None] | None = None
+        self._cond_cache: tuple[tuple[int, ...], tuple] | None = None
 
     # ---------------------------------------------------------------------------------------
 
@@ -198,13 +200,14 @@ class DenoiserCore(ModelCore):
                     inputs.append(x)
             sample = torch.cat(inputs) if len(inputs) > 1 else inputs[0]
             timestep = torch.cat([s.t_rows[s.i] for s in states])
-            cond, timestep_cond = self._conditioning(states)
+            cond, timestep_cond, added = self._conditioning(states)
 
             noise = self.unet(
                 sample,
                 timestep,
                 encoder_hidden_states=cond,
                 timestep_cond=timestep_cond,
+                added_cond_kwargs=added,
                 return_dict=False,
             )[0]
 
@@ -224,18 +227,20 @@ class DenoiserCore(ModelCore):
 
     def _conditioning(
         self, states: list[DenoiseState]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-row text embeddings (and LCM guidance embeddings), concatenated once per set of
-        states: reused while the same states step together."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor] | None]:
+        """Per-row text embeddings (and LCM guidance embeddings, and added conditioning),
+        concatenated once per set of states: reused while the same states step together."""
         key = tuple(s.serial for s in states)
         if self._cond_cache is not None and self._cond_cache[0] == key:
-            return self._cond_cache[1], self._cond_cache[2]
-        cond = torch.cat([s.embeds for s in states]) if len(states) > 1 else states[0].embeds
+            return self._cond_cache[1]
+        cond = _rows([s.embeds for s in states])
         timestep_cond = None
         if self.time_cond_proj_dim is not None:
             timestep_cond = torch.cat([s.timestep_cond for s in states])
-        self._cond_cache = (key, cond, timestep_cond)
-        return cond, timestep_cond
+        added = {name: _rows([s.added_cond[name] for s in states])
+                 for name in states[0].added_cond} or None
+        self._cond_cache = (key, (cond, timestep_cond, added))
+        return cond, timestep_cond, added
 
     def done(self, state: DenoiseState) -> bool:
         return state.i >= len(state.timesteps)
@@ -248,6 +253,10 @@ class DenoiserCore(ModelCore):
             self._cond_cache = None  # do not keep a finished request's embeddings alive
         latents = state.latents.detach().cpu()
         return Result(tensors={"latents": latents.clone() if latents.is_inference() else latents})
+
+
+def _rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
 
 
 def _int(params: dict[str, Any], name: str, default: int, minimum: int | None = None) -> int:

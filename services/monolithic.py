@@ -28,7 +28,7 @@ import torch
 from common.errors import InvalidField
 from common.messages import merge_meta
 from common.workflow import WorkflowSpec
-from services.catalog import CORES, workflow_components
+from services.catalog import core_class, workflow_components
 from services.core import ModelCore, Result, WorkItem
 
 #: an inner core: (node kind, model directory)
@@ -72,7 +72,8 @@ class MonolithicCore(ModelCore):
             raise ValueError(f"{spec.name}: no model directory for {sorted(missing)}")
         dirs = {alias: Path(path) for alias, path in model_dirs.items()}
         self.make_inner = make_inner or (
-            lambda kind, model_dir: CORES[kind](model_dir, device=device, max_batch=max_batch)
+            lambda kind, model_dir: core_class(kind, model_dir)(
+                model_dir, device=device, max_batch=max_batch)
         )
         first = next(iter(spec.nodes.values())).model  # ModelCore wants one directory
         super().__init__(dirs[first], device=device, max_batch=max_batch)

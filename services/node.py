@@ -18,7 +18,7 @@ from common.settings import Settings
 from common.subjects import pool_name
 from common.workflow import WorkflowSpec, shipped_workflows
 from services import liveness
-from services.catalog import CORES
+from services.catalog import CORES, core_class
 from services.core import ModelCore
 from services.monolithic import MonolithicCore
 from services.runner import NodeRunner
@@ -65,9 +65,9 @@ def build_core(
         if scheme is not None:
             core = SCHEMES[scheme].node(kind, model, settings, max_batch=max_batch)
         else:
-            core = CORES[kind](
-                resolve_model_dir(model, models_dir), device=settings.device, max_batch=max_batch
-            )
+            model_dir = resolve_model_dir(model, models_dir)
+            core = core_class(kind, model_dir)(
+                model_dir, device=settings.device, max_batch=max_batch)
         return core, pool_name(kind, model)
     known = ", ".join(sorted([*CORES, MonolithicCore.kind]))
     raise SystemExit(f"unknown node kind {kind!r}; known: {known}")

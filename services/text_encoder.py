@@ -35,15 +35,17 @@ class TextEncoderCore(OneShotCore):
         self.use_attention_mask = bool(
             getattr(self.text_encoder.config, "use_attention_mask", False)
         )
-        # diffusers: do_classifier_free_guidance = guidance > 1 and unet.time_cond_proj_dim is None
-        try:
-            self.time_cond_proj_dim = component_config(self.model_dir, "unet").get(
-                "time_cond_proj_dim"
-            )
-        except FileNotFoundError:
-            self.time_cond_proj_dim = None
+        self.time_cond_proj_dim = self._unet_config().get("time_cond_proj_dim")
         if self.batch_exact is None:
             self.batch_exact = self._probe_batching()
+
+    def _unet_config(self) -> dict[str, Any]:
+        """The model's UNet config: whether it guides (diffusers:
+        ``do_classifier_free_guidance = guidance > 1 and unet.time_cond_proj_dim is None``)."""
+        try:
+            return component_config(self.model_dir, "unet")
+        except FileNotFoundError:
+            return {}
 
     # ---------------------------------------------------------------------------------------
 
@@ -108,7 +110,7 @@ class TextEncoderCore(OneShotCore):
                 out = torch.cat([negative, positive])
             else:
                 out = positive.clone()
-            results.append(Result(tensors={"prompt_embeds": _plain(out)}, meta=self._meta(item)))
+            results.append(Result(tensors={"prompt_embeds": plain(out)}, meta=self._meta(item)))
         return results
 
     def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -158,7 +160,7 @@ class TextEncoderCore(OneShotCore):
         return bool(torch.equal(batched, single))
 
 
-def _plain(t: torch.Tensor) -> torch.Tensor:
+def plain(t: torch.Tensor) -> torch.Tensor:
     """A normal (not inference-mode) CPU tensor that consumers may modify in place."""
     t = t.detach().cpu()
     return t.clone() if t.is_inference() else t

@@ -1,10 +1,11 @@
 """VAE nodes: latents -> uint8 images (decoder) and uint8 image -> latents (encoder, img2img).
 
 The decoder reproduces ``StableDiffusionPipeline``: ``vae.decode(latents / scaling_factor)``
-then ``VaeImageProcessor.postprocess`` and ``(x * 255).round().astype(uint8)``. Items of equal
-shape share one decode only when that gives the same bits as decoding them one by one (checked
-at load with a probe; on x86 CPUs a batched convolution usually rounds differently, so they run
-one by one there).
+(SDXL's pipelines: ``latents * latents_std / scaling_factor + latents_mean`` where the VAE's
+config has them) then ``VaeImageProcessor.postprocess`` and
+``(x * 255).round().astype(uint8)``. Items of equal shape share one decode only when that
+gives the same bits as decoding them one by one (checked at load with a probe; on x86 CPUs a
+batched convolution usually rounds differently, so they run one by one there).
 
 The encoder reproduces ``StableDiffusionImg2ImgPipeline.prepare_latents``:
 ``retrieve_latents(vae.encode(preprocess(PIL image)), generator) * scaling_factor`` with
@@ -36,6 +37,15 @@ class _VaeCore(OneShotCore):
         self.dtype = self.vae.dtype
         self.scaling_factor = self.vae.config.scaling_factor
         self.latent_channels = int(self.vae.config.latent_channels)
+        # SDXL-style VAEs may normalise latents by a per-channel mean and std (the SDXL
+        # pipelines then use them in place of the plain scaling factor)
+        config = self.vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        self.latents_mean = self.latents_std = None
+        if mean is not None and std is not None:
+            shape = (1, self.latent_channels, 1, 1)
+            self.latents_mean = torch.tensor(mean).view(shape).to(self.device, self.dtype)
+            self.latents_std = torch.tensor(std).view(shape).to(self.device, self.dtype)
         self.vae_scale_factor = vae_scale_factor(self.model_dir)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
@@ -85,7 +95,11 @@ class VaeDecoderCore(_VaeCore):
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) latents -> (N, H, W, 3) uint8, as StableDiffusionPipeline does."""
         with torch.inference_mode():
-            image = self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
+            if self.latents_mean is not None:
+                latents = latents * self.latents_std / self.scaling_factor + self.latents_mean
+            else:
+                latents = latents / self.scaling_factor
+            image = self.vae.decode(latents, return_dict=False)[0]
             image = self.image_processor.postprocess(image, output_type="np")
         return torch.from_numpy(np.ascontiguousarray((image * 255).round().astype("uint8")))
 
@@ -137,6 +151,9 @@ class VaeEncoderCore(_VaeCore):
         generator = torch.Generator("cpu").manual_seed(int(item.params.get("seed", 0)))
         with torch.inference_mode():
             latents = retrieve_latents(self.vae.encode(image), generator=generator)
-            latents = self.scaling_factor * latents
+            if self.latents_mean is not None:
+                latents = (latents - self.latents_mean) * self.scaling_factor / self.latents_std
+            else:
+                latents = self.scaling_factor * latents
         latents = latents.detach().cpu().clone()  # a normal tensor, not an inference one
         return Result(tensors={"image_latents": latents, "generator_state": generator.get_state()})

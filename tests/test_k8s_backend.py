@@ -32,9 +32,13 @@ from tests.manifests import to_model as _deserialize
 NS = "legodiffusion"
 
 
+#: what the manifests serve: the shipped workflows of the default base model's family
+SHIPPED = builtin_workflows({"base": "builtin:tiny-sd"})
+
+
 def _shipped_pools() -> dict[str, tuple[str, str]]:
     found: dict[str, tuple[str, str]] = {}
-    for spec in builtin_workflows().values():
+    for spec in SHIPPED.values():
         found.update(spec.pools())
     return found
 
@@ -138,7 +142,7 @@ def test_generator_follows_the_models_given() -> None:
 
 def test_generator_writes_the_monolithic_baseline() -> None:
     docs = list(yaml.safe_load_all(_generator().render(monolithic=True)))
-    flows = builtin_workflows()
+    flows = SHIPPED
     assert {d["metadata"]["name"]: d["spec"]["template"]["spec"]["containers"][0]["command"]
             for d in docs} == {
         deployment_name(spec.monolithic_pool()): ["lego", "node", "monolithic", "--model", name]

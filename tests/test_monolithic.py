@@ -43,7 +43,7 @@ from tests.test_cores import (  # noqa: F401  (one_thread: the autouse fixture)
     to_uint8,
 )
 
-SPECS = builtin_workflows()
+SPECS = builtin_workflows({"base": "builtin:tiny-sd"})  # the SD family, on model_dirs
 IMAGE = torch.from_numpy(np.random.RandomState(5).randint(0, 256, (1, 64, 64, 3), np.uint8))
 
 

@@ -132,7 +132,10 @@ def _dump(docs: list[dict[str, Any]]) -> str:
 def pools(
     models: dict[str, str] | None = None, *, monolithic: bool = False
 ) -> dict[str, tuple[str, str]]:
-    """pool -> (kind, model) over every shipped workflow, sorted by pool name."""
+    """pool -> (kind, model) over every shipped workflow of the models' family (default: the
+    ``base_model`` and ``upscaler_model`` settings' defaults), sorted by pool name."""
+    models = {"base": _default("base_model"), "upscaler": _default("upscaler_model"),
+              **(models or {})}
     found: dict[str, tuple[str, str]] = {}
     for spec in builtin_workflows(models).values():
         found.update(spec.pools(monolithic=monolithic))

@@ -1,0 +1,52 @@
+"""Model families: which diffusers pipeline a model directory is laid out for.
+
+A family decides how a node kind runs on a model (SDXL's text encoder node runs two CLIP
+encoders and hands on their pooled embedding; its denoiser conditions on time ids), so the
+cores are chosen per (kind, family) and a shipped workflow is offered only on a base model of
+its family. The family is read from ``model_index.json``'s ``_class_name`` (the pipeline class
+``save_pretrained`` recorded); nothing is loaded, so the gateway may ask too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+SD = "sd"
+SDXL = "sdxl"
+SD_UPSCALER = "sd-upscaler"
+
+#: pipeline class -> family; every pipeline of a family loads the same directory layout
+PIPELINES = {
+    "StableDiffusionPipeline": SD,
+    "StableDiffusionImg2ImgPipeline": SD,
+    "StableDiffusionXLPipeline": SDXL,
+    "StableDiffusionXLImg2ImgPipeline": SDXL,
+    "StableDiffusionLatentUpscalePipeline": SD_UPSCALER,
+}
+
+#: what each family is called in messages
+TITLES = {SD: "Stable Diffusion 1.x/2.x", SDXL: "SDXL", SD_UPSCALER: "SD latent upscaler"}
+
+
+def family_of_dir(model_dir: Path | str) -> str | None:
+    """The family of a diffusers directory, or None when it names no pipeline we know (a
+    directory we cannot read is left to the load that needs it to report)."""
+    try:
+        index = json.loads((Path(model_dir) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return PIPELINES.get(str(index.get("_class_name")))
+
+
+def family_of(spec: str) -> str | None:
+    """The family of a model spec: a builtin's by its recipe, a directory's by its
+    ``model_index.json``; None for anything else (a plug-in's model, a missing path)."""
+    from common.models import BUILTIN_PREFIX, builtin_family
+
+    spec = str(spec)
+    if spec.startswith(BUILTIN_PREFIX):
+        return builtin_family(spec[len(BUILTIN_PREFIX):])
+    if ":" in spec.split("/", 1)[0] and not Path(spec).expanduser().exists():
+        return None  # a scheme's spec (``emulated:...``), not a path
+    return family_of_dir(Path(spec).expanduser())

@@ -1,0 +1,12 @@
+"""The cores of the model families whose nodes run differently from SD 1.x/2.x's (the
+defaults in ``services.catalog.CORES``), by family and node kind."""
+
+from __future__ import annotations
+
+from common import families
+from services.core import ModelCore
+from services.families.sdxl import SdxlDenoiserCore, SdxlTextEncoderCore
+
+FAMILY_CORES: dict[str, dict[str, type[ModelCore]]] = {
+    families.SDXL: {"text_encoder": SdxlTextEncoderCore, "denoiser": SdxlDenoiserCore},
+}
