@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install with the test extras, then run the whole test suite (it starts its own nats-server
+# Install with the test extras, lint, then run the whole test suite (it starts its own nats-server
 # and redis-server on free ports).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -11,4 +11,5 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
     || echo "could not install chromium: tests/test_ui.py will fail; install it by hand" >&2
 fi
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1
+.venv/bin/python -m ruff check .  # the lint rules: pyproject.toml's [tool.ruff]
 .venv/bin/python -m pytest -q "$@"
