@@ -14,6 +14,7 @@ from pathlib import Path
 
 SD = "sd"
 SDXL = "sdxl"
+SD3 = "sd3"
 SD_UPSCALER = "sd-upscaler"
 
 #: pipeline class -> family; every pipeline of a family loads the same directory layout
@@ -22,11 +23,13 @@ PIPELINES = {
     "StableDiffusionImg2ImgPipeline": SD,
     "StableDiffusionXLPipeline": SDXL,
     "StableDiffusionXLImg2ImgPipeline": SDXL,
+    "StableDiffusion3Pipeline": SD3,
     "StableDiffusionLatentUpscalePipeline": SD_UPSCALER,
 }
 
 #: what each family is called in messages
-TITLES = {SD: "Stable Diffusion 1.x/2.x", SDXL: "SDXL", SD_UPSCALER: "SD latent upscaler"}
+TITLES = {SD: "Stable Diffusion 1.x/2.x", SDXL: "SDXL", SD3: "SD3/SD3.5",
+          SD_UPSCALER: "SD latent upscaler"}
 
 
 def family_of_dir(model_dir: Path | str) -> str | None:

@@ -31,9 +31,11 @@ class LocalModelInfo:
 
     @functools.lru_cache(maxsize=64)  # noqa: B019
     def native_size(self, model: str) -> tuple[int, int]:
-        """As diffusers picks it when width/height are omitted: unet sample_size x VAE scale."""
+        """As diffusers picks it when width/height are omitted: the denoising model's (UNet's,
+        or SD3's transformer's) sample_size x VAE scale."""
         model_dir = self._dir(model)
-        sample = component_config(model_dir, "unet")["sample_size"]
+        denoiser = "unet" if (model_dir / "unet").is_dir() else "transformer"
+        sample = component_config(model_dir, denoiser)["sample_size"]
         if isinstance(sample, list | tuple):
             height, width = sample
         else:

@@ -43,6 +43,7 @@ _SEED = 0
 
 TINY_SD = "tiny-sd"
 TINY_SDXL = "tiny-sdxl"
+TINY_SD3 = "tiny-sd3"
 TINY_UPSCALER = "tiny-upscaler"
 
 
@@ -160,7 +161,10 @@ def build_builtin(name: str, out_dir: Path) -> None:
     # transformers 5 saves only tokenizer.json; add the classic files so that a slow CLIP
     # tokenizer (and transformers 4.x) loads the directory as it loads a real SD repository
     vocab, merges = _tiny_bpe()
-    for tok_dir in sorted(out_dir.glob("tokenizer*")):  # SDXL has tokenizer and tokenizer_2
+    for name, entry in index.items():  # SDXL has tokenizer and tokenizer_2; SD3's third is T5
+        tok_dir = out_dir / name
+        if not (isinstance(entry, list) and entry[-1] == "CLIPTokenizer"):
+            continue
         if not (tok_dir / "vocab.json").exists():
             (tok_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n")
         if not (tok_dir / "merges.txt").exists():
@@ -220,6 +224,24 @@ def _tiny_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
+def build_tiny_t5_tokenizer(model_max_length: int = 256):
+    """The builtins' T5 tokenizer, built in memory: a SentencePiece-style unigram model over
+    the tiny BPE's words and the printable ASCII characters, ending every text in ``</s>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + word, -1.0) for word in dict.fromkeys(_WORDS)]
+    pieces += [(chr(c), -5.0) for c in range(32, 127)]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>",
+                           pad_token="<pad>", extra_ids=0, model_max_length=model_max_length)
+
+
 def build_tiny_tokenizer() -> CLIPTokenizer:
     """The builtins' CLIP tokenizer, built in memory (model_max_length 77, like SD's)."""
     import transformers
@@ -243,8 +265,9 @@ def build_tiny_tokenizer() -> CLIPTokenizer:
 # --------------------------------------------------------------------------------------------
 
 
-def _tiny_text_encoder(tokenizer, hidden: int, intermediate: int, heads: int, layers: int, **kw):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _tiny_text_encoder(tokenizer, hidden: int, intermediate: int, heads: int, layers: int,
+                       with_projection: bool = False, **kw):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
         bos_token_id=tokenizer.bos_token_id,
@@ -259,13 +282,14 @@ def _tiny_text_encoder(tokenizer, hidden: int, intermediate: int, heads: int, la
         max_position_embeddings=tokenizer.model_max_length,
         **kw,
     )
-    return CLIPTextModel(config).eval()
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config).eval()
 
 
-def _tiny_vae():
+def _tiny_vae(**config):
+    """The VAE of diffusers' StableDiffusionPipeline fast tests (vae_scale_factor 2), with
+    ``config`` added."""
     from diffusers import AutoencoderKL
 
-    # the VAE of diffusers' StableDiffusionPipeline fast tests; vae_scale_factor 2
     return AutoencoderKL(
         block_out_channels=[4, 8],
         in_channels=3,
@@ -274,6 +298,7 @@ def _tiny_vae():
         up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
         latent_channels=4,
         norm_num_groups=2,
+        **config,
     ).eval()
 
 
@@ -416,6 +441,62 @@ def _build_tiny_sdxl():
     )
 
 
+def _build_tiny_sd3():
+    """diffusers' StableDiffusion3Pipeline fast-test layout, smaller: CLIP-L and CLIP-G (both
+    with projections: their pooled outputs concatenated condition the transformer), a T5
+    encoder, an MMDiT transformer, flow matching, and a VAE with a shift factor."""
+    import torch
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import T5Config, T5EncoderModel
+
+    clip_hidden, t5_dim = 8, 32
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(_SEED)
+    transformer = SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_projection_dim=32,
+        joint_attention_dim=t5_dim,  # the CLIP embeddings are padded to the T5 width
+        pooled_projection_dim=2 * clip_hidden,
+        out_channels=4,
+    ).eval()
+    torch.manual_seed(_SEED)
+    vae = _tiny_vae(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+                    scaling_factor=1.5035)
+    clips = []
+    for seed in (_SEED, _SEED + 1):  # CLIP-L, CLIP-G
+        torch.manual_seed(seed)
+        clips.append(_tiny_text_encoder(tokenizer, hidden=clip_hidden, intermediate=16, heads=2,
+                                        layers=2, with_projection=True,
+                                        projection_dim=clip_hidden))
+    text_encoder, text_encoder_2 = clips
+    t5_tokenizer = build_tiny_t5_tokenizer()
+    torch.manual_seed(_SEED + 2)
+    text_encoder_3 = T5EncoderModel(T5Config(
+        vocab_size=len(t5_tokenizer), d_model=t5_dim, d_ff=37, d_kv=8, num_layers=2,
+        num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0)).eval()
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=build_tiny_tokenizer(),
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=t5_tokenizer,
+    )
+
+
 def _build_tiny_upscaler():
     """diffusers' StableDiffusionLatentUpscalePipeline fast-test components (one layer per block).
 
@@ -485,10 +566,12 @@ def _build_tiny_upscaler():
 _BUILDERS: dict[str, Callable[[], object]] = {
     TINY_SD: _build_tiny_sd,
     TINY_SDXL: _build_tiny_sdxl,
+    TINY_SD3: _build_tiny_sd3,
     TINY_UPSCALER: _build_tiny_upscaler,
 }
 
-_FAMILIES = {TINY_SD: families.SD, TINY_SDXL: families.SDXL, TINY_UPSCALER: families.SD_UPSCALER}
+_FAMILIES = {TINY_SD: families.SD, TINY_SDXL: families.SDXL, TINY_SD3: families.SD3,
+             TINY_UPSCALER: families.SD_UPSCALER}
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from common import output_format
+from common import families, output_format
 from common.errors import InvalidField, InvalidRequest, PayloadTooLarge
 from common.messages import ENVELOPE_KEYS, Plan, PlanNode, Webhook
 from common.subjects import pool_name
@@ -47,19 +47,31 @@ class KindSpec:
     outputs: tuple[str, ...]
     optional_inputs: tuple[str, ...] = ()
     requires: tuple[str, ...] = ()
+    #: ``requires`` of the families whose directories lay the kind's components out otherwise
+    family_requires: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def requires_of(self, family: str | None) -> tuple[str, ...]:
+        return self.family_requires.get(family or "", self.requires)
 
 
 KINDS: dict[str, KindSpec] = {
     # SDXL's (both CLIP encoders in one node) also makes the pooled embeddings
-    "text_encoder": KindSpec("encode", (), ("prompt_embeds", "pooled_prompt_embeds"),
-                             requires=("tokenizer", "text_encoder")),
+    "text_encoder": KindSpec(
+        "encode", (), ("prompt_embeds", "pooled_prompt_embeds"),
+        requires=("tokenizer", "text_encoder"),
+        family_requires={family: ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+                         for family in (families.SDXL, families.SD3)}),
+    # a T5 encoder of its own (SD3's third text encoder), so that models may share it
+    "t5_encoder": KindSpec("encode", (), ("prompt_embeds",),
+                           requires=("tokenizer_3", "text_encoder_3")),
     "denoiser": KindSpec(
         "denoise", ("prompt_embeds",), ("latents",),
-        # SDXL's pooled embeddings; a second and third text encoder's embeddings (SD3: CLIP-L,
-        # CLIP-G, T5; Flux: CLIP, T5)
-        ("image_latents", "generator_state", "pooled_prompt_embeds", "prompt_embeds_2",
-         "prompt_embeds_3"),
+        # SDXL's and SD3's pooled embeddings, SD3's T5 embeddings; the emulated workloads' a
+        # second and third text encoder's embeddings (SD3: CLIP-L, CLIP-G, T5; Flux: CLIP, T5)
+        ("image_latents", "generator_state", "pooled_prompt_embeds", "t5_prompt_embeds",
+         "prompt_embeds_2", "prompt_embeds_3"),
         requires=("unet", "scheduler", "vae"),  # the VAE's config: the latents' scale
+        family_requires={families.SD3: ("transformer", "scheduler", "vae")},
     ),
     "vae_encoder": KindSpec("encode_image", ("image",), ("image_latents", "generator_state"),
                             requires=("vae",)),
@@ -502,10 +514,12 @@ def missing_components(
     entry: unknown, such as a builtin or a plug-in's model, taken as complete)."""
     missing = {}
     for name, node in spec.nodes.items():
-        have = components.get(spec.models[node.model])
+        model = spec.models[node.model]
+        have = components.get(model)
         if have is None:
             continue
-        lacking = tuple(c for c in KINDS[node.kind].requires if c not in have)
+        wanted = KINDS[node.kind].requires_of(families.family_of(model))
+        lacking = tuple(c for c in wanted if c not in have)
         if lacking:
             missing[name] = lacking
     return missing

@@ -19,6 +19,7 @@ from common.workflow import WorkflowSpec
 from services.core import ModelCore
 from services.denoiser import DenoiserCore
 from services.families import FAMILY_CORES
+from services.families.sd3 import T5EncoderCore
 from services.safety import SafetyCheckerCore
 from services.text_encoder import TextEncoderCore
 from services.upscaler import UpscalerCore
@@ -28,6 +29,7 @@ CORES: dict[str, type[ModelCore]] = {
     core.kind: core
     for core in (
         TextEncoderCore,
+        T5EncoderCore,
         DenoiserCore,
         VaeDecoderCore,
         VaeEncoderCore,

@@ -191,26 +191,7 @@ class DenoiserCore(ModelCore):
 
     def step(self, states: list[DenoiseState]) -> None:
         with torch.inference_mode():
-            inputs = []
-            for s in states:
-                t = s.timesteps[s.i]
-                x = s.scheduler.scale_model_input(s.latents, t)
-                inputs.append(x)
-                if s.cfg:
-                    inputs.append(x)
-            sample = torch.cat(inputs) if len(inputs) > 1 else inputs[0]
-            timestep = torch.cat([s.t_rows[s.i] for s in states])
-            cond, timestep_cond, added = self._conditioning(states)
-
-            noise = self.unet(
-                sample,
-                timestep,
-                encoder_hidden_states=cond,
-                timestep_cond=timestep_cond,
-                added_cond_kwargs=added,
-                return_dict=False,
-            )[0]
-
+            noise = self._predict(states)
             row = 0
             for s in states:
                 if s.cfg:
@@ -224,6 +205,22 @@ class DenoiserCore(ModelCore):
                     pred, t, s.latents, **s.extra_step_kwargs, return_dict=False
                 )[0]
                 s.i += 1
+
+    def _predict(self, states: list[DenoiseState]) -> torch.Tensor:
+        """One forward of the model over every row of ``states``: the noise predictions."""
+        inputs = []
+        for s in states:
+            x = s.scheduler.scale_model_input(s.latents, s.timesteps[s.i])
+            inputs.extend([x] * s.rows)
+        cond, timestep_cond, added = self._conditioning(states)
+        return self.unet(
+            _rows(inputs),
+            torch.cat([s.t_rows[s.i] for s in states]),
+            encoder_hidden_states=cond,
+            timestep_cond=timestep_cond,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
 
     def _conditioning(
         self, states: list[DenoiseState]

@@ -50,18 +50,7 @@ class TextEncoderCore(OneShotCore):
     # ---------------------------------------------------------------------------------------
 
     def start(self, item: WorkItem) -> Any:
-        if item.op not in self.ops:
-            raise InvalidField("op", f"{self.kind} does not do {item.op!r}")
-        params = item.params
-        if not isinstance(params.get("prompt"), str):
-            raise InvalidField("prompt", "must be a string")
-        negative = params.get("negative_prompt")
-        if negative is not None and not isinstance(negative, str):
-            raise InvalidField("negative_prompt", "must be a string")
-        try:
-            float(params.get("guidance", 7.5))
-        except (TypeError, ValueError):
-            raise InvalidField("guidance", "must be a number") from None
+        check_prompt(self, item)
         return super().start(item)
 
     def _cfg(self, item: WorkItem) -> bool:
@@ -158,6 +147,22 @@ class TextEncoderCore(OneShotCore):
         self.batch_exact = False
         single = self._encode(enc.input_ids, enc.attention_mask)
         return bool(torch.equal(batched, single))
+
+
+def check_prompt(core: OneShotCore, item: WorkItem) -> None:
+    """What every text encoder checks of an item: its op, its prompts and its guidance."""
+    if item.op not in core.ops:
+        raise InvalidField("op", f"{core.kind} does not do {item.op!r}")
+    params = item.params
+    if not isinstance(params.get("prompt"), str):
+        raise InvalidField("prompt", "must be a string")
+    negative = params.get("negative_prompt")
+    if negative is not None and not isinstance(negative, str):
+        raise InvalidField("negative_prompt", "must be a string")
+    try:
+        float(params.get("guidance", 7.5))
+    except (TypeError, ValueError):
+        raise InvalidField("guidance", "must be a number") from None
 
 
 def plain(t: torch.Tensor) -> torch.Tensor:

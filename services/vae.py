@@ -2,10 +2,11 @@
 
 The decoder reproduces ``StableDiffusionPipeline``: ``vae.decode(latents / scaling_factor)``
 (SDXL's pipelines: ``latents * latents_std / scaling_factor + latents_mean`` where the VAE's
-config has them) then ``VaeImageProcessor.postprocess`` and
-``(x * 255).round().astype(uint8)``. Items of equal shape share one decode only when that
-gives the same bits as decoding them one by one (checked at load with a probe; on x86 CPUs a
-batched convolution usually rounds differently, so they run one by one there).
+config has them; SD3's and FLUX's: ``latents / scaling_factor + shift_factor``) then
+``VaeImageProcessor.postprocess`` and ``(x * 255).round().astype(uint8)``. Items of equal shape
+share one decode only when that gives the same bits as decoding them one by one (checked at
+load with a probe; on x86 CPUs a batched convolution usually rounds differently, so they run
+one by one there).
 
 The encoder reproduces ``StableDiffusionImg2ImgPipeline.prepare_latents``:
 ``retrieve_latents(vae.encode(preprocess(PIL image)), generator) * scaling_factor`` with
@@ -42,6 +43,8 @@ class _VaeCore(OneShotCore):
         config = self.vae.config
         mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
         self.latents_mean = self.latents_std = None
+        # SD3's and FLUX's VAEs shift the latents as well as scale them
+        self.shift_factor = getattr(config, "shift_factor", None)
         if mean is not None and std is not None:
             shape = (1, self.latent_channels, 1, 1)
             self.latents_mean = torch.tensor(mean).view(shape).to(self.device, self.dtype)
@@ -97,6 +100,8 @@ class VaeDecoderCore(_VaeCore):
         with torch.inference_mode():
             if self.latents_mean is not None:
                 latents = latents * self.latents_std / self.scaling_factor + self.latents_mean
+            elif self.shift_factor is not None:
+                latents = latents / self.scaling_factor + self.shift_factor
             else:
                 latents = latents / self.scaling_factor
             image = self.vae.decode(latents, return_dict=False)[0]
@@ -153,6 +158,8 @@ class VaeEncoderCore(_VaeCore):
             latents = retrieve_latents(self.vae.encode(image), generator=generator)
             if self.latents_mean is not None:
                 latents = (latents - self.latents_mean) * self.scaling_factor / self.latents_std
+            elif self.shift_factor is not None:
+                latents = (latents - self.shift_factor) * self.scaling_factor
             else:
                 latents = self.scaling_factor * latents
         latents = latents.detach().cpu().clone()  # a normal tensor, not an inference one

@@ -1,8 +1,9 @@
 """The model families beyond SD 1.x/2.x, each against its diffusers pipeline: SDXL's nodes
 (both CLIP encoders in one node, pooled embeddings and time ids in the denoiser) make the
-bits of ``StableDiffusionXLPipeline`` and ``StableDiffusionXLImg2ImgPipeline``, node by node,
-served whole (monolithic) and through the real stack; and the shipped workflows follow the
-base model's family."""
+bits of ``StableDiffusionXLPipeline`` and ``StableDiffusionXLImg2ImgPipeline``, and SD3's
+(CLIP-L + CLIP-G in one node, T5 in a node of its own, the MMDiT transformer under flow
+matching) those of ``StableDiffusion3Pipeline``: node by node, served whole (monolithic) and
+through the real stack; and the shipped workflows follow the base model's family."""
 # ruff: noqa: E402  (HF_HUB_OFFLINE must be set before diffusers/transformers are imported)
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import base64
+import contextlib
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +37,7 @@ from common.workflow import (
 )
 from services.catalog import core_class, footprint_bytes
 from services.core import ModelCore, WorkItem
+from services.families.sd3 import Sd3ClipEncoderCore, Sd3DenoiserCore, T5EncoderCore
 from services.families.sdxl import SdxlDenoiserCore, SdxlTextEncoderCore
 from services.monolithic import MonolithicCore
 from tests.conftest import nats_server
@@ -43,6 +46,7 @@ from tests.test_cores import drive, one, to_uint8
 
 PROMPT = "a photo of an astronaut riding a horse on mars"
 SDXL = "builtin:tiny-sdxl"
+SD3 = "builtin:tiny-sd3"
 
 
 @pytest.fixture(autouse=True)
@@ -71,10 +75,12 @@ def cores(sdxl_dir: Path) -> SimpleNamespace:
                               for kind in kinds})
 
 
-def _pipe(cls_name: str, sdxl_dir: Path):
+def _pipe(cls_name: str, model_dir: Path, **kw: object):
     import diffusers
 
-    pipe = getattr(diffusers, cls_name).from_pretrained(sdxl_dir, add_watermarker=False)
+    kw = {"add_watermarker": False, **kw}  # SDXL's: off, as the nodes do
+    pipe = getattr(diffusers, cls_name).from_pretrained(
+        model_dir, **{k: v for k, v in kw.items() if v is not None})
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -140,12 +146,49 @@ def test_a_directory_family_is_read_from_its_model_index(sdxl_dir: Path, tmp_pat
     assert family_of(str(tmp_path / "missing")) is None
 
 
-def test_the_cores_follow_the_family(sdxl_dir: Path, cache_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def sd3_dir(cache_dir: Path) -> Path:
+    return resolve_model_dir(SD3, cache_dir / "models")
+
+
+@pytest.fixture(scope="module")
+def sd3_cores(sd3_dir: Path) -> SimpleNamespace:
+    torch.set_num_threads(1)
+    kinds = ("text_encoder", "t5_encoder", "denoiser", "vae_decoder")
+    return SimpleNamespace(**{kind: _loaded(core_class(kind, sd3_dir)(sd3_dir))
+                              for kind in kinds})
+
+
+@pytest.fixture(scope="module")
+def sd3_pipe(sd3_dir: Path):
+    return _pipe("StableDiffusion3Pipeline", sd3_dir, add_watermarker=None)
+
+
+def sd3_images(cores: SimpleNamespace, requests: list[dict]) -> list[np.ndarray]:
+    """The requests node by node through the SD3 cores, all items of a node in one batch."""
+    items = lambda op, inputs: [WorkItem(f"r{i}", op, p, x)  # noqa: E731
+                                for i, (p, x) in enumerate(zip(requests, inputs, strict=True))]
+    clip = drive(cores.text_encoder, items("encode", [{}] * len(requests)))
+    t5 = drive(cores.t5_encoder, items("encode", [{}] * len(requests)))
+    inputs = [{**c.tensors, "t5_prompt_embeds": t.tensors["prompt_embeds"]}
+              for c, t in zip(clip, t5, strict=True)]
+    latents = drive(cores.denoiser, items("denoise", inputs))
+    decoded = drive(cores.vae_decoder, items(
+        "decode", [{"latents": r.tensors["latents"]} for r in latents]))
+    return [r.tensors["image"][0].numpy() for r in decoded]
+
+
+def test_the_cores_follow_the_family(sdxl_dir: Path, sd3_dir: Path, cache_dir: Path) -> None:
     sd_dir = resolve_model_dir("builtin:tiny-sd", cache_dir / "models")
     assert core_class("text_encoder", sdxl_dir) is SdxlTextEncoderCore
     assert core_class("denoiser", sdxl_dir) is SdxlDenoiserCore
     assert core_class("vae_decoder", sdxl_dir) is core_class("vae_decoder", sd_dir)
     assert core_class("text_encoder", sd_dir) is not SdxlTextEncoderCore
+    assert core_class("text_encoder", sd3_dir) is Sd3ClipEncoderCore
+    assert core_class("t5_encoder", sd3_dir) is T5EncoderCore
+    assert core_class("denoiser", sd3_dir) is Sd3DenoiserCore
+    assert footprint_bytes("denoiser", sd3_dir) == weights_bytes(sd3_dir, ["transformer"])
+    assert footprint_bytes("t5_encoder", sd3_dir) == weights_bytes(sd3_dir, ["text_encoder_3"])
     # one SDXL text encoder replica holds both encoders
     assert footprint_bytes("text_encoder", sdxl_dir) == weights_bytes(
         sdxl_dir, ["text_encoder", "text_encoder_2"]) > weights_bytes(sdxl_dir, ["text_encoder"])
@@ -155,8 +198,11 @@ def test_shipped_workflows_follow_the_base_models_family(cache_dir: Path) -> Non
     sdxl = Settings(base_model=SDXL, cache_dir=cache_dir)
     sd = Settings(cache_dir=cache_dir)
     assert set(shipped_workflows(sdxl)) == {"sdxl-txt2img", "sdxl-img2img"}
+    sd3 = Settings(base_model=SD3, cache_dir=cache_dir)
+    assert set(shipped_workflows(sd3)) == {"sd3-txt2img"}
+    assert default_workflow(sd3) == "sd3-txt2img"
     assert {"txt2img", "img2img"} <= set(shipped_workflows(sd))
-    assert not {"sdxl-txt2img", "sdxl-img2img"} & set(shipped_workflows(sd))
+    assert not {"sdxl-txt2img", "sdxl-img2img", "sd3-txt2img"} & set(shipped_workflows(sd))
     assert "txt2img" in other_family_workflows(sdxl)
     assert "must be SDXL" in other_family_workflows(sd)["sdxl-txt2img"]
     assert default_workflow(sdxl) == "sdxl-txt2img" and default_workflow(sd) == "txt2img"
@@ -230,17 +276,69 @@ def test_sdxl_served_whole_equals_the_pipeline(sdxl_dir, txt2img_pipe) -> None:
     assert np.array_equal(served, pipeline_image(txt2img_pipe, params))
 
 
+@pytest.mark.parametrize("negative", ["", "blurry, low quality"])
+@pytest.mark.parametrize("guidance", [7.0, 1.0])
+def test_sd3_txt2img_equals_the_pipeline(sd3_cores, sd3_pipe, negative, guidance) -> None:
+    params = {"prompt": PROMPT, "negative_prompt": negative, "steps": 3, "guidance": guidance,
+              "seed": 11, "width": 64, "height": 48}
+    [served] = sd3_images(sd3_cores, [params])
+    assert served.shape == (48, 64, 3) and served.std() > 5
+    assert np.array_equal(served, pipeline_image(sd3_pipe, params))
+
+
+def test_sd3_requests_batched_together_match_their_solo_images(sd3_cores, sd3_pipe) -> None:
+    requests = [{"prompt": prompt, "negative_prompt": neg, "steps": 3, "guidance": g,
+                 "seed": seed, "width": 64, "height": 64}
+                for prompt, neg, g, seed in [(PROMPT, "", 7.0, 1),
+                                             ("a red house by the sea", "blurry", 4.0, 2),
+                                             ("a cat", "", 1.0, 3)]]
+    for params, served in zip(requests, sd3_images(sd3_cores, requests), strict=True):
+        expected = pipeline_image(sd3_pipe, params)
+        assert np.abs(served.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_the_sd3_denoiser_names_what_it_lacks(sd3_cores) -> None:
+    from common.errors import InvalidField
+
+    params = {"prompt": "a cat", "guidance": 7.0}
+    clip = one(sd3_cores.text_encoder, "encode", params).tensors
+    with pytest.raises(InvalidField, match="t5_prompt_embeds"):
+        one(sd3_cores.denoiser, "denoise", {"steps": 1, "guidance": 7.0}, **clip)
+    t5 = one(sd3_cores.t5_encoder, "encode", params).tensors["prompt_embeds"]
+    with pytest.raises(InvalidField, match="2 row"):  # guided: [negative, positive]
+        one(sd3_cores.denoiser, "denoise", {"steps": 1, "guidance": 7.0},
+            prompt_embeds=clip["prompt_embeds"][1:], pooled_prompt_embeds=clip[
+                "pooled_prompt_embeds"], t5_prompt_embeds=t5)
+
+
+def test_sd3_served_whole_equals_the_pipeline(sd3_dir, sd3_pipe) -> None:
+    spec = builtin_workflows({"base": SD3})["sd3-txt2img"]
+    core = _loaded(MonolithicCore(spec, {"base": sd3_dir}))
+    assert core.components == ("text_encoder", "text_encoder_2", "text_encoder_3",
+                               "transformer", "vae")
+    params = {"prompt": PROMPT, "negative_prompt": "", "steps": 3, "guidance": 7.0, "seed": 4,
+              "width": 64, "height": 64, "max_sequence_length": 256}
+    served = one(core, "run", params).tensors["image"][0].numpy()
+    assert np.array_equal(served, pipeline_image(sd3_pipe, params))
+
+
 # --------------------------------------------------------------------------------------------
 # through the real stack
 # --------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def stack_on(base_model: str, tmp: Path, cache_dir: Path) -> Iterator:
+    """A stack on a nats-server of its own serving the shipped workflows of ``base_model``."""
+    with nats_server(tmp / "nats") as url, running_stack(
+        tmp, url, cache_dir, base_model=base_model, autoscale=False,
+    ) as stack:
+        yield stack
+
+
 @pytest.fixture(scope="module")
 def sdxl_stack(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator:
-    tmp = tmp_path_factory.mktemp("sdxl")
-    with nats_server(tmp / "nats") as url, running_stack(
-        tmp, url, cache_dir, base_model=SDXL, autoscale=False,
-    ) as stack:
+    with stack_on(SDXL, tmp_path_factory.mktemp("sdxl"), cache_dir) as stack:
         yield stack
 
 
@@ -266,3 +364,23 @@ def test_a_stack_on_an_sdxl_model_serves_its_workflows_as_the_pipelines(
         difference = np.abs(png_pixels(png).astype(int)
                             - pipeline_image(img2img_pipe, params, image).astype(int))
         assert difference.max() <= 1 and (difference > 0).mean() < 0.01
+
+
+@pytest.fixture(scope="module")
+def sd3_stack(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator:
+    with stack_on(SD3, tmp_path_factory.mktemp("sd3"), cache_dir) as stack:
+        yield stack
+
+
+@pytest.mark.timeout(300)
+def test_a_stack_on_an_sd3_model_serves_sd3_txt2img_as_the_pipeline(sd3_stack, sd3_pipe) -> None:
+    assert set(sd3_stack.workflows) == {"sd3-txt2img"}
+    # two text encoder pools (CLIP, T5), the transformer's, the VAE decoder's
+    assert sorted(kind for kind, _ in sd3_stack.workflows["sd3-txt2img"].pools().values()) == [
+        "denoiser", "t5_encoder", "text_encoder", "vae_decoder"]
+    with LegoClient(sd3_stack.gateway_url) as client:
+        params = {"prompt": "a red fox in the snow", "negative_prompt": "blurry", "steps": 3,
+                  "guidance": 6.0, "seed": 9, "width": 64, "height": 64}
+        state, png = client.generate("sd3-txt2img", **params)
+        assert {t.node for t in state.timings} == {"encode", "encode_t5", "denoise", "decode"}
+        assert np.array_equal(png_pixels(png), pipeline_image(sd3_pipe, params))

@@ -30,6 +30,9 @@ CROP = (0, 0)
 
 class SdxlTextEncoderCore(TextEncoderCore):
     components = ("text_encoder", "text_encoder_2")
+    #: the pooled embeddings: every encoder's projected output, concatenated (SD3's), or the
+    #: first one's (SDXL's)
+    pool_all: bool = False
 
     def load(self) -> None:
         pairs = []
@@ -83,10 +86,11 @@ class SdxlTextEncoderCore(TextEncoderCore):
         return results
 
     def _encode_rows(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every encoder's penultimate hidden states, concatenated, and the first projected
-        (2-D) output, for each text; one forward per encoder, or one per row when batching
+        """Every encoder's penultimate hidden states, concatenated, and the pooled embeddings
+        (``pool_all``), for each text; one forward per encoder, or one per row when batching
         is not bit-exact here."""
-        hidden, pooled = [], None
+        hidden: list[torch.Tensor] = []
+        projected: list[torch.Tensor] = []
         with torch.inference_mode():
             for tok, enc in self.pairs:
                 ids = tok(texts, padding="max_length", max_length=tok.model_max_length,
@@ -94,11 +98,11 @@ class SdxlTextEncoderCore(TextEncoderCore):
                 chunks = [ids] if self.batch_exact else [ids[r : r + 1] for r in range(len(ids))]
                 outputs = [enc(chunk, output_hidden_states=True) for chunk in chunks]
                 hidden.append(torch.cat([out.hidden_states[-2] for out in outputs]))
-                if pooled is None and outputs[0][0].ndim == 2:
-                    pooled = torch.cat([out[0] for out in outputs])
-        if pooled is None:
-            raise InvalidField("text_encoder_2", "SDXL needs a text encoder with a projection")
-        return torch.cat(hidden, dim=-1).to(self.dtype), pooled
+                if outputs[0][0].ndim == 2 and (self.pool_all or not projected):
+                    projected.append(torch.cat([out[0] for out in outputs]))
+        if not projected:
+            raise InvalidField(self.components[-1], "needs a text encoder with a projection")
+        return torch.cat(hidden, dim=-1).to(self.dtype), torch.cat(projected, dim=-1)
 
     def _probe_batching(self) -> bool:
         probe = ["a photo of a cat", "", "a painting of a red house by the sea, detailed"]

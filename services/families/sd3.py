@@ -1,0 +1,192 @@
+"""SD3 / SD3.5's nodes, as ``StableDiffusion3Pipeline`` runs them.
+
+- The text encoder node runs CLIP-L and CLIP-G (``text_encoder``, ``text_encoder_2``): their
+  penultimate hidden states concatenated (``prompt_embeds``) and their projected outputs
+  concatenated (``pooled_prompt_embeds``); a missing negative prompt is ``""``.
+- The T5 encoder is a node of its own (kind ``t5_encoder``: ``text_encoder_3``), so a T5 pool
+  can serve other models that use the same encoder.
+- The denoiser pads the CLIP embeddings to the T5 width, joins both along the sequence, and
+  runs the MMDiT transformer under flow matching (one scheduler per request).
+The VAE nodes are the shared ones (they apply the VAE's shift factor).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from common.errors import InvalidField
+from common.models import component_class, component_config, model_index, vae_scale_factor
+from services.core import OneShotCore, Result, WorkItem
+from services.denoiser import DenoiserCore, DenoiseState, _float, _int, _rows
+from services.families.sdxl import SdxlTextEncoderCore
+from services.text_encoder import check_prompt, plain
+
+
+class Sd3ClipEncoderCore(SdxlTextEncoderCore):
+    pool_all = True
+
+    def _zero_negative(self, item: WorkItem) -> bool:
+        return False  # SD3 encodes a missing negative prompt as ""
+
+    def _cfg(self, item: WorkItem) -> bool:
+        return float(item.params.get("guidance", 7.0)) > 1
+
+
+class T5EncoderCore(OneShotCore):
+    """A T5 text encoder: ``prompt_embeds`` = its last hidden states over the prompt padded
+    to ``max_sequence_length`` tokens (``[negative, positive]`` with guidance)."""
+
+    kind = "t5_encoder"
+    ops = ("encode",)
+    #: (tokenizer, encoder) subfolders in the model directory
+    tokenizer_folder, encoder_folder = "tokenizer_3", "text_encoder_3"
+    components = ("text_encoder_3",)
+    default_length = 256
+    batch_exact: bool | None = None
+
+    def load(self) -> None:
+        self.tokenizer = component_class(self.model_dir, self.tokenizer_folder).from_pretrained(
+            self.model_dir, subfolder=self.tokenizer_folder)
+        encoder_cls = component_class(self.model_dir, self.encoder_folder)
+        self.encoder = encoder_cls.from_pretrained(self.model_dir, subfolder=self.encoder_folder)
+        self.encoder.to(self.device).eval()
+        if self.batch_exact is None:
+            self.batch_exact = self._probe_batching()
+
+    def start(self, item: WorkItem) -> Any:
+        check_prompt(self, item)
+        _int(item.params, "max_sequence_length", self.default_length, minimum=1)
+        return super().start(item)
+
+    def _cfg(self, item: WorkItem) -> bool:
+        return float(item.params.get("guidance", 7.0)) > 1
+
+    def run(self, items: list[WorkItem]) -> list[Result]:
+        results = []
+        # one forward per padded length; items of one length share it
+        for item in items:
+            length = int(item.params.get("max_sequence_length", self.default_length))
+            texts = [item.params["prompt"]]
+            if self._cfg(item):
+                texts.insert(0, item.params.get("negative_prompt") or "")
+            embeds = self._encode(texts, length)
+            results.append(Result(tensors={"prompt_embeds": plain(embeds)}))
+        return results
+
+    def _encode(self, texts: list[str], length: int) -> torch.Tensor:
+        ids = self.tokenizer(texts, padding="max_length", max_length=length, truncation=True,
+                             add_special_tokens=True, return_tensors="pt").input_ids
+        ids = ids.to(self.device)
+        with torch.inference_mode():
+            if self.batch_exact or len(ids) == 1:
+                out = self.encoder(ids)[0]
+            else:
+                out = torch.cat([self.encoder(ids[r : r + 1])[0] for r in range(len(ids))])
+        return out.to(self.encoder.dtype)
+
+    def _probe_batching(self) -> bool:
+        probe = ["a photo of a cat", "", "a painting of a red house by the sea, detailed"]
+        self.batch_exact = True
+        batched = self._encode(probe, 32)
+        self.batch_exact = False
+        return bool(torch.equal(batched, self._encode(probe, 32)))
+
+
+class Sd3DenoiserCore(DenoiserCore):
+    components = ("transformer",)
+
+    def load(self) -> None:
+        cls = component_class(self.model_dir, "transformer")
+        self.transformer = cls.from_pretrained(self.model_dir, subfolder="transformer")
+        self.transformer.to(self.device).eval()
+        config = self.transformer.config
+        self.in_channels = int(config.in_channels)
+        self.patch_size = int(config.patch_size)
+        self.joint_dim = int(config.joint_attention_dim)
+        self.pooled_dim = int(config.pooled_projection_dim)
+        self.time_cond_proj_dim = None
+        self.vae_scale_factor = vae_scale_factor(self.model_dir)
+        self.default_size = int(config.sample_size) * self.vae_scale_factor
+        scheduler_config = dict(component_config(self.model_dir, "scheduler"))
+        class_name = (scheduler_config.get("_class_name")
+                      or model_index(self.model_dir)["scheduler"][1])
+        import diffusers
+
+        self.scheduler_cls = getattr(diffusers, class_name)
+        self.scheduler_config = scheduler_config
+        self._cond_cache = None
+
+    def start(self, item: WorkItem) -> DenoiseState:
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+            calculate_shift,
+        )
+        from diffusers.utils.torch_utils import randn_tensor
+
+        if item.op not in self.ops:
+            raise InvalidField("op", f"{self.kind} does not do {item.op!r}")
+        if item.adapters:
+            raise InvalidField("controlnet", "this denoiser runs no ControlNet")
+        if "image_latents" in item.inputs:
+            raise InvalidField("image_latents", "this SD3 denoiser makes images from text only")
+        p = item.params
+        steps = _int(p, "steps", 28, minimum=1)
+        guidance = _float(p, "guidance", 7.0)
+        seed = _int(p, "seed", 0, minimum=0)
+        cfg = guidance > 1
+        rows = 2 if cfg else 1
+        clip, pooled, t5 = (item.inputs.get(name) for name in
+                            ("prompt_embeds", "pooled_prompt_embeds", "t5_prompt_embeds"))
+        for name, tensor, ndim in (("prompt_embeds", clip, 3), ("pooled_prompt_embeds", pooled, 2),
+                                   ("t5_prompt_embeds", t5, 3)):
+            if tensor is None or tensor.ndim != ndim or tensor.shape[0] != rows:
+                shape = "(rows, seq, dim)" if ndim == 3 else "(rows, dim)"
+                raise InvalidField(name, f"SD3 needs a {shape} tensor with {rows} row(s) "
+                                         f"({'[negative, positive]' if cfg else 'positive'})")
+        if t5.shape[-1] != self.joint_dim or clip.shape[-1] > self.joint_dim:
+            raise InvalidField("t5_prompt_embeds", f"the transformer joins {self.joint_dim} "
+                               "wide embeddings", limit=self.joint_dim)
+        if pooled.shape[-1] != self.pooled_dim:
+            raise InvalidField("pooled_prompt_embeds", f"needs {self.pooled_dim} values",
+                               limit=self.pooled_dim)
+        # as encode_prompt: CLIP padded to the T5 width, then both along the sequence
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        embeds = torch.cat([clip, t5], dim=-2).to(self.device)
+        dtype = embeds.dtype
+        multiple = self.vae_scale_factor * self.patch_size
+        width = _int(p, "width", self.default_size, minimum=multiple)
+        height = _int(p, "height", self.default_size, minimum=multiple)
+        for name, value in (("width", width), ("height", height)):
+            if value % multiple:
+                raise InvalidField(name, f"must be divisible by {multiple}", limit=multiple)
+        shape = (1, self.in_channels, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+        scheduler = self.scheduler_cls.from_config(self.scheduler_config)
+        kwargs = {}
+        config = scheduler.config
+        if config.get("use_dynamic_shifting", None):
+            seq = (shape[2] // self.patch_size) * (shape[3] // self.patch_size)
+            kwargs["mu"] = calculate_shift(
+                seq, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                config.get("base_shift", 0.5), config.get("max_shift", 1.16))
+        scheduler.set_timesteps(steps, device=self.device, **kwargs)
+        timesteps = scheduler.timesteps
+        return DenoiseState(
+            request_id=item.request_id, scheduler=scheduler, generator=generator,
+            latents=latents, embeds=embeds, guidance=guidance, cfg=cfg, timesteps=timesteps,
+            t_rows=timesteps[:, None].expand(len(timesteps), rows), extra_step_kwargs={},
+            added_cond={"pooled_projections": pooled.to(self.device)},
+        )
+
+    def _predict(self, states: list[DenoiseState]) -> torch.Tensor:
+        cond, _, added = self._conditioning(states)
+        return self.transformer(
+            hidden_states=_rows([s.latents for s in states for _ in range(s.rows)]),
+            timestep=torch.cat([s.t_rows[s.i] for s in states]),
+            encoder_hidden_states=cond,
+            pooled_projections=added["pooled_projections"],
+            return_dict=False,
+        )[0]
