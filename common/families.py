@@ -15,6 +15,7 @@ from pathlib import Path
 SD = "sd"
 SDXL = "sdxl"
 SD3 = "sd3"
+FLUX = "flux"
 SD_UPSCALER = "sd-upscaler"
 
 #: pipeline class -> family; every pipeline of a family loads the same directory layout
@@ -24,11 +25,12 @@ PIPELINES = {
     "StableDiffusionXLPipeline": SDXL,
     "StableDiffusionXLImg2ImgPipeline": SDXL,
     "StableDiffusion3Pipeline": SD3,
+    "FluxPipeline": FLUX,
     "StableDiffusionLatentUpscalePipeline": SD_UPSCALER,
 }
 
 #: what each family is called in messages
-TITLES = {SD: "Stable Diffusion 1.x/2.x", SDXL: "SDXL", SD3: "SD3/SD3.5",
+TITLES = {SD: "Stable Diffusion 1.x/2.x", SDXL: "SDXL", SD3: "SD3/SD3.5", FLUX: "FLUX.1",
           SD_UPSCALER: "SD latent upscaler"}
 
 

@@ -35,7 +35,8 @@ class LocalModelInfo:
         or SD3's transformer's) sample_size x VAE scale."""
         model_dir = self._dir(model)
         denoiser = "unet" if (model_dir / "unet").is_dir() else "transformer"
-        sample = component_config(model_dir, denoiser)["sample_size"]
+        # FluxPipeline's default_sample_size: its transformer's config has none
+        sample = component_config(model_dir, denoiser).get("sample_size", 128)
         if isinstance(sample, list | tuple):
             height, width = sample
         else:

@@ -44,6 +44,8 @@ _SEED = 0
 TINY_SD = "tiny-sd"
 TINY_SDXL = "tiny-sdxl"
 TINY_SD3 = "tiny-sd3"
+TINY_FLUX = "tiny-flux"
+TINY_FLUX_SCHNELL = "tiny-flux-schnell"
 TINY_UPSCALER = "tiny-upscaler"
 
 
@@ -342,6 +344,18 @@ def _tiny_safety_checker(seed: int):
     return checker, feature_extractor
 
 
+def _tiny_t5(tokenizer, d_model: int):
+    """A two-layer T5 encoder for ``tokenizer`` (``build_tiny_t5_tokenizer``), seeded."""
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(_SEED + 2)
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), d_model=d_model, d_ff=37, d_kv=8, num_layers=2,
+        num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0)).eval()
+
+
 def _tiny_unet(**config):
     """The UNet of diffusers' StableDiffusionPipeline fast tests, with ``config`` added."""
     from diffusers import UNet2DConditionModel
@@ -451,8 +465,6 @@ def _build_tiny_sd3():
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import T5Config, T5EncoderModel
-
     clip_hidden, t5_dim = 8, 32
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(_SEED)
@@ -479,11 +491,7 @@ def _build_tiny_sd3():
                                         projection_dim=clip_hidden))
     text_encoder, text_encoder_2 = clips
     t5_tokenizer = build_tiny_t5_tokenizer()
-    torch.manual_seed(_SEED + 2)
-    text_encoder_3 = T5EncoderModel(T5Config(
-        vocab_size=len(t5_tokenizer), d_model=t5_dim, d_ff=37, d_kv=8, num_layers=2,
-        num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
-        decoder_start_token_id=0)).eval()
+    text_encoder_3 = _tiny_t5(t5_tokenizer, t5_dim)
     return StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -494,6 +502,50 @@ def _build_tiny_sd3():
         tokenizer_2=build_tiny_tokenizer(),
         text_encoder_3=text_encoder_3,
         tokenizer_3=t5_tokenizer,
+    )
+
+
+def _build_tiny_flux(guidance_embeds: bool = True):
+    """diffusers' FluxPipeline fast-test layout: a CLIP text encoder (its pooled output), a T5
+    encoder, the FLUX transformer over packed 2x2 latent patches with rotary position ids, flow
+    matching shifted by the image's sequence length, and a VAE with a shift factor. FLUX.1-dev
+    embeds the (distilled) guidance scale; FLUX.1-schnell (``guidance_embeds=False``) not."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    clip_hidden, t5_dim, latent_channels = 8, 32, 4
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(_SEED)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4 * latent_channels,  # a 2x2 patch of latents per token
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=t5_dim,
+        pooled_projection_dim=clip_hidden,  # CLIP's pooled output
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=[4, 4, 8],
+    ).eval()
+    torch.manual_seed(_SEED)
+    vae = _tiny_vae(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+                    scaling_factor=1.5035)
+    torch.manual_seed(_SEED)
+    text_encoder = _tiny_text_encoder(tokenizer, hidden=clip_hidden, intermediate=16, heads=2,
+                                      layers=2)
+    t5_tokenizer = build_tiny_t5_tokenizer(model_max_length=512)
+    text_encoder_2 = _tiny_t5(t5_tokenizer, t5_dim)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
     )
 
 
@@ -567,10 +619,13 @@ _BUILDERS: dict[str, Callable[[], object]] = {
     TINY_SD: _build_tiny_sd,
     TINY_SDXL: _build_tiny_sdxl,
     TINY_SD3: _build_tiny_sd3,
+    TINY_FLUX: _build_tiny_flux,
+    TINY_FLUX_SCHNELL: functools.partial(_build_tiny_flux, guidance_embeds=False),
     TINY_UPSCALER: _build_tiny_upscaler,
 }
 
 _FAMILIES = {TINY_SD: families.SD, TINY_SDXL: families.SDXL, TINY_SD3: families.SD3,
+             TINY_FLUX: families.FLUX, TINY_FLUX_SCHNELL: families.FLUX,
              TINY_UPSCALER: families.SD_UPSCALER}
 
 

@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     base_model: str = Field(
         "builtin:tiny-sd",
         description="model directory used by the shipped workflows of its family (a diffusers "
-        "SD 1.x/2.x, SDXL or SD3 directory, or builtin:NAME)",
+        "SD 1.x/2.x, SDXL, SD3 or FLUX.1 directory, or builtin:NAME)",
     )
     upscaler_model: str = "builtin:tiny-upscaler"
     models: dict[str, str] = Field(

@@ -61,9 +61,11 @@ KINDS: dict[str, KindSpec] = {
         requires=("tokenizer", "text_encoder"),
         family_requires={family: ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
                          for family in (families.SDXL, families.SD3)}),
-    # a T5 encoder of its own (SD3's third text encoder), so that models may share it
+    # a T5 encoder of its own (SD3's third text encoder, FLUX's second), so that models may
+    # share it
     "t5_encoder": KindSpec("encode", (), ("prompt_embeds",),
-                           requires=("tokenizer_3", "text_encoder_3")),
+                           requires=("tokenizer_3", "text_encoder_3"),
+                           family_requires={families.FLUX: ("tokenizer_2", "text_encoder_2")}),
     "denoiser": KindSpec(
         "denoise", ("prompt_embeds",), ("latents",),
         # SDXL's and SD3's pooled embeddings, SD3's T5 embeddings; the emulated workloads' a
@@ -71,7 +73,8 @@ KINDS: dict[str, KindSpec] = {
         ("image_latents", "generator_state", "pooled_prompt_embeds", "t5_prompt_embeds",
          "prompt_embeds_2", "prompt_embeds_3"),
         requires=("unet", "scheduler", "vae"),  # the VAE's config: the latents' scale
-        family_requires={families.SD3: ("transformer", "scheduler", "vae")},
+        family_requires={family: ("transformer", "scheduler", "vae")
+                         for family in (families.SD3, families.FLUX)},
     ),
     "vae_encoder": KindSpec("encode_image", ("image",), ("image_latents", "generator_state"),
                             requires=("vae",)),

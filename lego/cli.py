@@ -515,8 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="run the whole stack on this machine")
     up.add_argument("--port", type=int, help="gateway port (default 8000, or a free one)")
-    up.add_argument("--model", help="diffusers SD 1.x/2.x, SDXL or SD3 directory (or builtin:NAME) "
-                    "for the shipped workflows of its family")
+    up.add_argument("--model", help="diffusers SD 1.x/2.x, SDXL, SD3 or FLUX.1 directory (or "
+                    "builtin:NAME) for the shipped workflows of its family")
     up.add_argument("--monolithic", action="store_true",
                     help="the baseline: every workflow as one node type (its models in one "
                          "process), scaled per workflow")
@@ -551,8 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative", help="negative prompt")
     gen.add_argument("--image", help="input image file (img2img)")
     gen.add_argument("--strength", type=float, help="img2img strength")
-    gen.add_argument("--model", help="diffusers SD 1.x/2.x, SDXL or SD3 directory, or builtin:NAME "
-                     "(embedded stack)")
+    gen.add_argument("--model", help="diffusers SD 1.x/2.x, SDXL, SD3 or FLUX.1 directory, or "
+                     "builtin:NAME (embedded stack)")
     gen.add_argument("--gateway", help="gateway URL (default: the running stack, or embedded)")
     gen.set_defaults(func=cmd_generate)
 

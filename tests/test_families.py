@@ -1,8 +1,10 @@
 """The model families beyond SD 1.x/2.x, each against its diffusers pipeline: SDXL's nodes
 (both CLIP encoders in one node, pooled embeddings and time ids in the denoiser) make the
-bits of ``StableDiffusionXLPipeline`` and ``StableDiffusionXLImg2ImgPipeline``, and SD3's
+bits of ``StableDiffusionXLPipeline`` and ``StableDiffusionXLImg2ImgPipeline``, SD3's
 (CLIP-L + CLIP-G in one node, T5 in a node of its own, the MMDiT transformer under flow
-matching) those of ``StableDiffusion3Pipeline``: node by node, served whole (monolithic) and
+matching) those of ``StableDiffusion3Pipeline``, and FLUX.1's (CLIP's pooled output, T5, the
+FLUX transformer over packed latents, dev's guidance embedding, true CFG) those of
+``FluxPipeline``, for dev and schnell: node by node, served whole (monolithic) and
 through the real stack; and the shipped workflows follow the base model's family."""
 # ruff: noqa: E402  (HF_HUB_OFFLINE must be set before diffusers/transformers are imported)
 
@@ -37,6 +39,7 @@ from common.workflow import (
 )
 from services.catalog import core_class, footprint_bytes
 from services.core import ModelCore, WorkItem
+from services.families.flux import FluxClipEncoderCore, FluxDenoiserCore, FluxT5EncoderCore
 from services.families.sd3 import Sd3ClipEncoderCore, Sd3DenoiserCore, T5EncoderCore
 from services.families.sdxl import SdxlDenoiserCore, SdxlTextEncoderCore
 from services.monolithic import MonolithicCore
@@ -47,6 +50,8 @@ from tests.test_cores import drive, one, to_uint8
 PROMPT = "a photo of an astronaut riding a horse on mars"
 SDXL = "builtin:tiny-sdxl"
 SD3 = "builtin:tiny-sd3"
+FLUX = "builtin:tiny-flux"
+FLUX_SCHNELL = "builtin:tiny-flux-schnell"
 
 
 @pytest.fixture(autouse=True)
@@ -164,18 +169,40 @@ def sd3_pipe(sd3_dir: Path):
     return _pipe("StableDiffusion3Pipeline", sd3_dir, add_watermarker=None)
 
 
-def sd3_images(cores: SimpleNamespace, requests: list[dict]) -> list[np.ndarray]:
-    """The requests node by node through the SD3 cores, all items of a node in one batch."""
+def t5_images(cores: SimpleNamespace, requests: list[dict], t5_port: str) -> list[np.ndarray]:
+    """The requests node by node through the cores of a family with a T5 node (SD3's, whose
+    denoiser takes T5's embeddings as ``t5_prompt_embeds``; FLUX's, as ``prompt_embeds``),
+    all items of a node in one batch."""
     items = lambda op, inputs: [WorkItem(f"r{i}", op, p, x)  # noqa: E731
                                 for i, (p, x) in enumerate(zip(requests, inputs, strict=True))]
     clip = drive(cores.text_encoder, items("encode", [{}] * len(requests)))
     t5 = drive(cores.t5_encoder, items("encode", [{}] * len(requests)))
-    inputs = [{**c.tensors, "t5_prompt_embeds": t.tensors["prompt_embeds"]}
+    inputs = [{**c.tensors, t5_port: t.tensors["prompt_embeds"]}
               for c, t in zip(clip, t5, strict=True)]
     latents = drive(cores.denoiser, items("denoise", inputs))
     decoded = drive(cores.vae_decoder, items(
         "decode", [{"latents": r.tensors["latents"]} for r in latents]))
     return [r.tensors["image"][0].numpy() for r in decoded]
+
+
+def sd3_images(cores: SimpleNamespace, requests: list[dict]) -> list[np.ndarray]:
+    return t5_images(cores, requests, "t5_prompt_embeds")
+
+
+def flux_images(cores: SimpleNamespace, requests: list[dict]) -> list[np.ndarray]:
+    return t5_images(cores, requests, "prompt_embeds")
+
+
+@pytest.fixture(scope="module", params=[FLUX, FLUX_SCHNELL], ids=["dev", "schnell"])
+def flux(request, cache_dir: Path) -> SimpleNamespace:
+    """A FLUX builtin's directory, its cores and its pipeline."""
+    torch.set_num_threads(1)
+    model_dir = resolve_model_dir(request.param, cache_dir / "models")
+    kinds = ("text_encoder", "t5_encoder", "denoiser", "vae_decoder")
+    cores = SimpleNamespace(**{kind: _loaded(core_class(kind, model_dir)(model_dir))
+                               for kind in kinds})
+    return SimpleNamespace(dir=model_dir, spec=request.param, cores=cores,
+                           pipe=_pipe("FluxPipeline", model_dir, add_watermarker=None))
 
 
 def test_the_cores_follow_the_family(sdxl_dir: Path, sd3_dir: Path, cache_dir: Path) -> None:
@@ -189,6 +216,10 @@ def test_the_cores_follow_the_family(sdxl_dir: Path, sd3_dir: Path, cache_dir: P
     assert core_class("denoiser", sd3_dir) is Sd3DenoiserCore
     assert footprint_bytes("denoiser", sd3_dir) == weights_bytes(sd3_dir, ["transformer"])
     assert footprint_bytes("t5_encoder", sd3_dir) == weights_bytes(sd3_dir, ["text_encoder_3"])
+    flux_dir = resolve_model_dir(FLUX, cache_dir / "models")
+    assert [core_class(kind, flux_dir) for kind in ("text_encoder", "t5_encoder", "denoiser")] \
+        == [FluxClipEncoderCore, FluxT5EncoderCore, FluxDenoiserCore]
+    assert footprint_bytes("t5_encoder", flux_dir) == weights_bytes(flux_dir, ["text_encoder_2"])
     # one SDXL text encoder replica holds both encoders
     assert footprint_bytes("text_encoder", sdxl_dir) == weights_bytes(
         sdxl_dir, ["text_encoder", "text_encoder_2"]) > weights_bytes(sdxl_dir, ["text_encoder"])
@@ -201,6 +232,9 @@ def test_shipped_workflows_follow_the_base_models_family(cache_dir: Path) -> Non
     sd3 = Settings(base_model=SD3, cache_dir=cache_dir)
     assert set(shipped_workflows(sd3)) == {"sd3-txt2img"}
     assert default_workflow(sd3) == "sd3-txt2img"
+    for flux in (FLUX, FLUX_SCHNELL):
+        assert set(shipped_workflows(Settings(base_model=flux, cache_dir=cache_dir))) == {
+            "flux-txt2img"}
     assert {"txt2img", "img2img"} <= set(shipped_workflows(sd))
     assert not {"sdxl-txt2img", "sdxl-img2img", "sd3-txt2img"} & set(shipped_workflows(sd))
     assert "txt2img" in other_family_workflows(sdxl)
@@ -322,6 +356,50 @@ def test_sd3_served_whole_equals_the_pipeline(sd3_dir, sd3_pipe) -> None:
     assert np.array_equal(served, pipeline_image(sd3_pipe, params))
 
 
+@pytest.mark.parametrize(("negative", "true_cfg_scale"),
+                         [(None, 1.0), ("blurry, low quality", 4.0), ("", 3.0),
+                          ("blurry", 1.0)])
+def test_flux_txt2img_equals_the_pipeline(flux, negative, true_cfg_scale) -> None:
+    params = {"prompt": PROMPT, "steps": 3, "guidance": 3.5, "true_cfg_scale": true_cfg_scale,
+              "seed": 11, "width": 64, "height": 48, "max_sequence_length": 512}
+    if negative is not None:
+        params["negative_prompt"] = negative
+    [served] = flux_images(flux.cores, [params])
+    assert served.shape == (48, 64, 3) and served.std() > 5
+    assert np.array_equal(served, flux_pipeline_image(flux.pipe, params))
+
+
+def flux_pipeline_image(pipe, params: dict) -> np.ndarray:
+    out = pipe(params["prompt"], negative_prompt=params.get("negative_prompt"),
+               true_cfg_scale=params["true_cfg_scale"], guidance_scale=params["guidance"],
+               num_inference_steps=params["steps"], height=params["height"],
+               width=params["width"], max_sequence_length=params["max_sequence_length"],
+               generator=torch.Generator("cpu").manual_seed(params["seed"]), output_type="np")
+    return to_uint8(out.images)[0]
+
+
+def test_flux_requests_batched_together_match_their_solo_images(flux) -> None:
+    requests = [{"prompt": prompt, "steps": 3, "guidance": g, "true_cfg_scale": tc,
+                 "seed": seed, "width": 64, "height": 64, "max_sequence_length": 512, **neg}
+                for prompt, g, tc, seed, neg in [
+                    (PROMPT, 3.5, 1.0, 1, {}),
+                    ("a red house by the sea", 5.0, 4.0, 2, {"negative_prompt": "blurry"}),
+                    ("a cat", 2.0, 1.0, 3, {"negative_prompt": ""})]]
+    for params, served in zip(requests, flux_images(flux.cores, requests), strict=True):
+        expected = flux_pipeline_image(flux.pipe, params)
+        assert np.abs(served.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_flux_served_whole_equals_the_pipeline(flux) -> None:
+    spec = builtin_workflows({"base": flux.spec})["flux-txt2img"]
+    core = _loaded(MonolithicCore(spec, {"base": flux.dir}))
+    params = {"prompt": PROMPT, "negative_prompt": "fog", "steps": 2, "guidance": 3.5,
+              "true_cfg_scale": 2.0, "seed": 4, "width": 64, "height": 64,
+              "max_sequence_length": 512}
+    served = one(core, "run", params).tensors["image"][0].numpy()
+    assert np.array_equal(served, flux_pipeline_image(flux.pipe, params))
+
+
 # --------------------------------------------------------------------------------------------
 # through the real stack
 # --------------------------------------------------------------------------------------------
@@ -384,3 +462,26 @@ def test_a_stack_on_an_sd3_model_serves_sd3_txt2img_as_the_pipeline(sd3_stack, s
         state, png = client.generate("sd3-txt2img", **params)
         assert {t.node for t in state.timings} == {"encode", "encode_t5", "denoise", "decode"}
         assert np.array_equal(png_pixels(png), pipeline_image(sd3_pipe, params))
+
+
+@pytest.fixture(scope="module")
+def flux_stack(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator:
+    with stack_on(FLUX, tmp_path_factory.mktemp("flux"), cache_dir) as stack:
+        yield stack
+
+
+@pytest.mark.timeout(300)
+def test_a_stack_on_a_flux_model_serves_flux_txt2img_as_the_pipeline(flux_stack,
+                                                                     cache_dir) -> None:
+    assert set(flux_stack.workflows) == {"flux-txt2img"}
+    pipe = _pipe("FluxPipeline", resolve_model_dir(FLUX, cache_dir / "models"),
+                 add_watermarker=None)
+    with LegoClient(flux_stack.gateway_url) as client:
+        for extra in ({}, {"negative_prompt": "blurry", "true_cfg_scale": 3.0}):
+            params = {"prompt": "a red fox in the snow", "steps": 3, "guidance": 4.0,
+                      "true_cfg_scale": 1.0, "seed": 9, "width": 64, "height": 64,
+                      "max_sequence_length": 512, **extra}
+            state, png = client.generate("flux-txt2img", **params)
+            assert {t.node for t in state.timings} == {"encode", "encode_t5", "denoise",
+                                                      "decode"}
+            assert np.array_equal(png_pixels(png), flux_pipeline_image(pipe, params))

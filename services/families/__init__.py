@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from common import families
 from services.core import ModelCore
+from services.families.flux import FluxClipEncoderCore, FluxDenoiserCore, FluxT5EncoderCore
 from services.families.sd3 import Sd3ClipEncoderCore, Sd3DenoiserCore
 from services.families.sdxl import SdxlDenoiserCore, SdxlTextEncoderCore
 
 FAMILY_CORES: dict[str, dict[str, type[ModelCore]]] = {
     families.SDXL: {"text_encoder": SdxlTextEncoderCore, "denoiser": SdxlDenoiserCore},
     families.SD3: {"text_encoder": Sd3ClipEncoderCore, "denoiser": Sd3DenoiserCore},
+    families.FLUX: {"text_encoder": FluxClipEncoderCore, "t5_encoder": FluxT5EncoderCore,
+                    "denoiser": FluxDenoiserCore},
 }

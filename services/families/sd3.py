@@ -108,7 +108,7 @@ class Sd3DenoiserCore(DenoiserCore):
         self.pooled_dim = int(config.pooled_projection_dim)
         self.time_cond_proj_dim = None
         self.vae_scale_factor = vae_scale_factor(self.model_dir)
-        self.default_size = int(config.sample_size) * self.vae_scale_factor
+        self.default_size = self.default_sample_size() * self.vae_scale_factor
         scheduler_config = dict(component_config(self.model_dir, "scheduler"))
         class_name = (scheduler_config.get("_class_name")
                       or model_index(self.model_dir)["scheduler"][1])
@@ -118,18 +118,36 @@ class Sd3DenoiserCore(DenoiserCore):
         self.scheduler_config = scheduler_config
         self._cond_cache = None
 
+    def default_sample_size(self) -> int:
+        """Latent pixels a side when the request names no size (as the pipeline picks it)."""
+        return int(self.transformer.config.sample_size)
+
+    def check_item(self, item: WorkItem) -> None:
+        """What every transformer denoiser checks of an item before its inputs."""
+        if item.op not in self.ops:
+            raise InvalidField("op", f"{self.kind} does not do {item.op!r}")
+        if item.adapters:
+            raise InvalidField("controlnet", "this denoiser runs no ControlNet")
+        if "image_latents" in item.inputs:
+            raise InvalidField("image_latents", "this denoiser makes images from text only")
+
+    def image_size(self, params: dict[str, Any], multiple: int) -> tuple[int, int]:
+        """The request's (width, height): the default size, else multiples of ``multiple``."""
+        sides = []
+        for name in ("width", "height"):
+            value = _int(params, name, self.default_size, minimum=multiple)
+            if value % multiple:
+                raise InvalidField(name, f"must be divisible by {multiple}", limit=multiple)
+            sides.append(value)
+        return sides[0], sides[1]
+
     def start(self, item: WorkItem) -> DenoiseState:
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
             calculate_shift,
         )
         from diffusers.utils.torch_utils import randn_tensor
 
-        if item.op not in self.ops:
-            raise InvalidField("op", f"{self.kind} does not do {item.op!r}")
-        if item.adapters:
-            raise InvalidField("controlnet", "this denoiser runs no ControlNet")
-        if "image_latents" in item.inputs:
-            raise InvalidField("image_latents", "this SD3 denoiser makes images from text only")
+        self.check_item(item)
         p = item.params
         steps = _int(p, "steps", 28, minimum=1)
         guidance = _float(p, "guidance", 7.0)
@@ -154,12 +172,7 @@ class Sd3DenoiserCore(DenoiserCore):
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         embeds = torch.cat([clip, t5], dim=-2).to(self.device)
         dtype = embeds.dtype
-        multiple = self.vae_scale_factor * self.patch_size
-        width = _int(p, "width", self.default_size, minimum=multiple)
-        height = _int(p, "height", self.default_size, minimum=multiple)
-        for name, value in (("width", width), ("height", height)):
-            if value % multiple:
-                raise InvalidField(name, f"must be divisible by {multiple}", limit=multiple)
+        width, height = self.image_size(p, self.vae_scale_factor * self.patch_size)
         shape = (1, self.in_channels, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
         generator = torch.Generator("cpu").manual_seed(seed)

@@ -1,0 +1,211 @@
+"""FLUX.1's nodes (dev and schnell), as ``FluxPipeline`` runs them.
+
+- The text encoder node runs the CLIP encoder for its pooled output alone
+  (``pooled_prompt_embeds``).
+- The T5 encoder is a node of its own (kind ``t5_encoder``: FLUX's ``text_encoder_2``), whose
+  embeddings are the denoiser's ``prompt_embeds``.
+- The denoiser packs the latents in 2x2 patches, runs the FLUX transformer under flow matching
+  shifted by the image's sequence length, with dev's guidance embedding (the ``guidance``
+  parameter) where the model has one, and true classifier-free guidance (``true_cfg_scale``
+  > 1 with a ``negative_prompt``) as a second pass over the negative prompt; it hands on
+  unpacked latents, so the VAE decoder is the shared one (which applies the shift factor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.errors import InvalidField
+from services.core import Result, WorkItem
+from services.denoiser import DenoiseState, _float, _int, _rows
+from services.families.sd3 import Sd3DenoiserCore, T5EncoderCore
+from services.text_encoder import TextEncoderCore, plain
+
+
+def true_cfg(item: WorkItem) -> bool:
+    """FluxPipeline guides with a second pass only for a negative prompt and a scale > 1."""
+    return (float(item.params.get("true_cfg_scale", 1.0)) > 1
+            and item.params.get("negative_prompt") is not None)
+
+
+class FluxClipEncoderCore(TextEncoderCore):
+    """CLIP's pooled output (``pooler_output``) of the prompt (``[negative, positive]`` under
+    true CFG)."""
+
+    def _cfg(self, item: WorkItem) -> bool:
+        return true_cfg(item)
+
+    def run(self, items: list[WorkItem]) -> list[Result]:
+        rows = []
+        for item in items:
+            if self._cfg(item):
+                rows.append(item.params.get("negative_prompt") or "")
+            rows.append(item.params["prompt"])
+        pooled = self._pool(rows)
+        results, row = [], 0
+        for item in items:
+            n = 2 if self._cfg(item) else 1
+            results.append(Result(tensors={"pooled_prompt_embeds": plain(pooled[row : row + n])},
+                                  meta=self._meta(item)))
+            row += n
+        return results
+
+    def _pool(self, texts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(texts, padding="max_length", max_length=self.max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        chunks = [ids] if self.batch_exact else [ids[r : r + 1] for r in range(len(ids))]
+        with torch.inference_mode():
+            out = [self.text_encoder(chunk, output_hidden_states=False).pooler_output
+                   for chunk in chunks]
+        return torch.cat(out).to(self.text_encoder.dtype)
+
+    def _probe_batching(self) -> bool:
+        probe = ["a photo of a cat", "", "a painting of a red house by the sea, detailed"]
+        self.batch_exact = True
+        batched = self._pool(probe)
+        self.batch_exact = False
+        return bool(torch.equal(batched, self._pool(probe)))
+
+
+class FluxT5EncoderCore(T5EncoderCore):
+    tokenizer_folder, encoder_folder = "tokenizer_2", "text_encoder_2"
+    components = ("text_encoder_2",)
+    default_length = 512
+
+    def _cfg(self, item: WorkItem) -> bool:
+        return true_cfg(item)
+
+
+@dataclass(eq=False)
+class FluxState(DenoiseState):
+    img_ids: torch.Tensor | None = None  # (patches, 3): each latent patch's position
+    txt_ids: torch.Tensor | None = None  # (tokens, 3): zeros
+    embedded_guidance: torch.Tensor | None = None  # (1,): dev's guidance scale; schnell None
+    width: int = 0  # pixels, to unpack the latents
+    height: int = 0
+
+
+class FluxDenoiserCore(Sd3DenoiserCore):
+    #: whether several rows may share one transformer pass; None: decided at load by a probe
+    #: (the pipeline runs the negative prompt's pass apart from the positive one)
+    batch_exact: bool | None = None
+
+    def load(self) -> None:
+        super().load()
+        self.guidance_embeds = bool(self.transformer.config.guidance_embeds)
+        if self.batch_exact is None:
+            self.batch_exact = self._probe_batching()
+
+    def default_sample_size(self) -> int:
+        return 128  # FluxPipeline's default_sample_size
+
+    def start(self, item: WorkItem) -> FluxState:
+        from diffusers import FluxPipeline
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+        from diffusers.utils.torch_utils import randn_tensor
+
+        self.check_item(item)
+        p = item.params
+        steps = _int(p, "steps", 28, minimum=1)
+        guidance = _float(p, "guidance", 3.5)
+        scale = _float(p, "true_cfg_scale", 1.0)
+        seed = _int(p, "seed", 0, minimum=0)
+        cfg = true_cfg(item)
+        rows = 2 if cfg else 1
+        embeds, pooled = item.inputs.get("prompt_embeds"), item.inputs.get("pooled_prompt_embeds")
+        for name, tensor, ndim, width in (("prompt_embeds", embeds, 3, self.joint_dim),
+                                          ("pooled_prompt_embeds", pooled, 2, self.pooled_dim)):
+            if (tensor is None or tensor.ndim != ndim or tensor.shape[0] != rows
+                    or tensor.shape[-1] != width):
+                raise InvalidField(name, f"FLUX needs {rows} row(s) of {width} values "
+                                   f"({'[negative, positive]' if cfg else 'positive'})",
+                                   limit=width)
+        embeds, dtype = embeds.to(self.device), embeds.dtype
+        width, height = self.image_size(p, self.vae_scale_factor * 2)
+        # as prepare_latents: 2x2 patches of latents, one token each
+        lat_h = 2 * (height // (self.vae_scale_factor * 2))
+        lat_w = 2 * (width // (self.vae_scale_factor * 2))
+        channels = self.in_channels // 4
+        generator = torch.Generator("cpu").manual_seed(seed)
+        latents = randn_tensor((1, channels, lat_h, lat_w), generator=generator,
+                               device=self.device, dtype=dtype)
+        latents = FluxPipeline._pack_latents(latents, 1, channels, lat_h, lat_w)
+        img_ids = FluxPipeline._prepare_latent_image_ids(1, lat_h // 2, lat_w // 2,
+                                                         self.device, dtype)
+        scheduler = self.scheduler_cls.from_config(self.scheduler_config)
+        config = scheduler.config
+        sigmas = (None if config.get("use_flow_sigmas")
+                  else np.linspace(1.0, 1 / steps, steps))
+        mu = calculate_shift(latents.shape[1], config.get("base_image_seq_len", 256),
+                             config.get("max_image_seq_len", 4096),
+                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+        if sigmas is None:
+            scheduler.set_timesteps(steps, device=self.device, mu=mu)
+        else:
+            scheduler.set_timesteps(sigmas=sigmas, device=self.device, mu=mu)
+        scheduler.set_begin_index(0)
+        timesteps = scheduler.timesteps
+        embedded = (torch.full([1], guidance, device=self.device, dtype=torch.float32)
+                    if self.guidance_embeds else None)
+        return FluxState(
+            request_id=item.request_id, scheduler=scheduler, generator=generator,
+            latents=latents, embeds=embeds, guidance=scale, cfg=cfg, timesteps=timesteps,
+            t_rows=timesteps[:, None].expand(len(timesteps), rows), extra_step_kwargs={},
+            added_cond={"pooled_projections": pooled.to(self.device)},
+            img_ids=img_ids, txt_ids=torch.zeros(embeds.shape[1], 3).to(self.device, dtype),
+            embedded_guidance=embedded, width=width, height=height,
+        )
+
+    def batch_key(self, state: DenoiseState) -> Any:
+        return (super().batch_key(state), state.embedded_guidance is None)
+
+    def _predict(self, states: list[DenoiseState]) -> torch.Tensor:
+        cond, _, added = self._conditioning(states)
+        hidden = _rows([s.latents for s in states for _ in range(s.rows)])
+        timestep = torch.cat([s.t_rows[s.i] for s in states]).to(hidden.dtype)
+        guidance = None
+        if self.guidance_embeds:
+            guidance = torch.cat([s.embedded_guidance.expand(s.rows) for s in states])
+        first = states[0]  # states step together only with equal shapes: equal ids
+        return self._forward(hidden, timestep / 1000, guidance, added["pooled_projections"],
+                             cond, first.txt_ids, first.img_ids)
+
+    def _forward(self, hidden, timestep, guidance, pooled, cond, txt_ids, img_ids):
+        """One pass over every row, or one per row when batching is not bit-exact here."""
+        n = hidden.shape[0]
+        spans = [(0, n)] if self.batch_exact or n == 1 else [(r, r + 1) for r in range(n)]
+        return _rows([self.transformer(
+            hidden_states=hidden[a:b], timestep=timestep[a:b],
+            guidance=None if guidance is None else guidance[a:b],
+            pooled_projections=pooled[a:b], encoder_hidden_states=cond[a:b],
+            txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0] for a, b in spans])
+
+    def _probe_batching(self) -> bool:
+        gen = torch.Generator("cpu").manual_seed(0)
+        dtype = self.transformer.dtype
+
+        def rand(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=gen).to(self.device, dtype)
+
+        args = (rand(2, 4, self.in_channels), torch.tensor([0.9, 0.9]).to(self.device, dtype),
+                torch.full([2], 3.5).to(self.device) if self.guidance_embeds else None,
+                rand(2, self.pooled_dim), rand(2, 3, self.joint_dim),
+                torch.zeros(3, 3).to(self.device, dtype), torch.zeros(4, 3).to(self.device, dtype))
+        with torch.inference_mode():
+            self.batch_exact = True
+            batched = self._forward(*args)
+            self.batch_exact = False
+            return bool(torch.equal(batched, self._forward(*args)))
+
+    def finish(self, state: DenoiseState) -> Result:
+        from diffusers import FluxPipeline
+
+        result = super().finish(state)
+        assert isinstance(state, FluxState)
+        latents = FluxPipeline._unpack_latents(result.tensors["latents"], state.height,
+                                               state.width, self.vae_scale_factor)
+        return Result(tensors={"latents": latents.contiguous()})
