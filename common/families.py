@@ -34,6 +34,25 @@ TITLES = {SD: "Stable Diffusion 1.x/2.x", SDXL: "SDXL", SD3: "SD3/SD3.5", FLUX: 
           SD_UPSCALER: "SD latent upscaler"}
 
 
+#: the dtype each family's weights run in on a GPU, as diffusers' documentation loads them
+GPU_DTYPES = {SD: "float16", SDXL: "float16", SD3: "float16", FLUX: "bfloat16",
+              SD_UPSCALER: "float16"}
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def load_dtype(setting: str, device: str, family: str | None) -> str:
+    """The dtype a model's weights are loaded in: ``setting`` itself, or for ``"auto"``
+    float32 on a CPU (half precision is slow or unsupported there) and the family's GPU dtype
+    elsewhere."""
+    if setting not in DTYPES:
+        raise ValueError(f"dtype: {setting!r} is not one of {', '.join(DTYPES)}")
+    if setting != "auto":
+        return setting
+    if device.split(":")[0] == "cpu":
+        return "float32"
+    return GPU_DTYPES.get(family or "", "float32")
+
+
 def family_of_dir(model_dir: Path | str) -> str | None:
     """The family of a diffusers directory, or None when it names no pipeline we know (a
     directory we cannot read is left to the load that needs it to report)."""

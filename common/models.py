@@ -46,6 +46,7 @@ TINY_SDXL = "tiny-sdxl"
 TINY_SD3 = "tiny-sd3"
 TINY_FLUX = "tiny-flux"
 TINY_FLUX_SCHNELL = "tiny-flux-schnell"
+TINY_SD_CONTROLNET = "tiny-sd-controlnet"
 TINY_UPSCALER = "tiny-upscaler"
 
 
@@ -80,9 +81,23 @@ def resolve_model_dir(spec: str, cache_dir: Path) -> Path:
             raise ValueError(f"unknown builtin model {spec!r}; known: {', '.join(builtin_names())}")
         return _ensure_builtin(name, Path(cache_dir).expanduser())
     path = Path(spec).expanduser().resolve()
-    if not (path / "model_index.json").is_file():
+    if not (path / "model_index.json").is_file() and not is_single_model(path):
         raise FileNotFoundError(f"{spec}: not a diffusers model directory (no model_index.json)")
     return path
+
+
+#: the classes a directory may hold alone (``config.json`` and its weights, no pipeline):
+#: models that a workflow attaches to another one's node
+SINGLE_MODELS = ("ControlNetModel",)
+
+
+def is_single_model(path: Path) -> bool:
+    """Whether ``path`` holds one attachable model (a ControlNet) saved on its own."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return config.get("_class_name") in SINGLE_MODELS
 
 
 def _is_current(target: Path) -> bool:
@@ -90,7 +105,8 @@ def _is_current(target: Path) -> bool:
         recipe = json.loads((target / _RECIPE_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return recipe.get("recipe") == RECIPE_VERSION and (target / "model_index.json").is_file()
+    return recipe.get("recipe") == RECIPE_VERSION and (
+        (target / "model_index.json").is_file() or is_single_model(target))
 
 
 @contextlib.contextmanager
@@ -153,9 +169,11 @@ def build_builtin(name: str, out_dir: Path) -> None:
     finally:
         if bars:
             hf_logging.enable_progress_bar()
+    index_path = out_dir / "model_index.json"
+    if not index_path.is_file():
+        return  # one model (a ControlNet), no pipeline
     # without torchvision, transformers 5 instantiates (and records) CLIPImageProcessorPil; name
     # the class a real SD repository names, which every transformers version resolves
-    index_path = out_dir / "model_index.json"
     index = json.loads(index_path.read_text())
     if index.get("feature_extractor", [None])[0] == "transformers":
         index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
@@ -549,6 +567,30 @@ def _build_tiny_flux(guidance_embeds: bool = True):
     )
 
 
+def _build_tiny_sd_controlnet():
+    """A ControlNet for tiny-sd (diffusers' ControlNet fast-test layout on tiny-sd's UNet
+    shape): its conditioning embedding halves the control image once, as tiny-sd's VAE."""
+    import torch
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(_SEED + 3)
+    net = ControlNetModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        in_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        cross_attention_dim=8,
+        conditioning_embedding_out_channels=(4, 8),
+        norm_num_groups=2,
+    ).eval()
+    # a new ControlNet's output convolutions are zeros (it starts as a no-op); a trained one's
+    # are not, so give the tiny one small random ones: its control image then steers
+    with torch.no_grad():
+        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+            conv.weight.normal_(0.0, 0.2)
+    return net
+
+
 def _build_tiny_upscaler():
     """diffusers' StableDiffusionLatentUpscalePipeline fast-test components (one layer per block).
 
@@ -621,6 +663,7 @@ _BUILDERS: dict[str, Callable[[], object]] = {
     TINY_SD3: _build_tiny_sd3,
     TINY_FLUX: _build_tiny_flux,
     TINY_FLUX_SCHNELL: functools.partial(_build_tiny_flux, guidance_embeds=False),
+    TINY_SD_CONTROLNET: _build_tiny_sd_controlnet,
     TINY_UPSCALER: _build_tiny_upscaler,
 }
 

@@ -95,6 +95,9 @@ class Settings(BaseSettings):
         default_factory=list, description="shipped workflows `lego up` registers (empty: all)"
     )
     device: str = "cpu"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="the models' weights' dtype; auto: float32 on a CPU, else the "
+        "family's (float16; bfloat16 for FLUX)")
     torch_threads: int = Field(1, ge=1, description="intra-op threads per node process")
 
     # --- delivery ----------------------------------------------------------------------------

@@ -71,7 +71,7 @@ KINDS: dict[str, KindSpec] = {
         # SDXL's and SD3's pooled embeddings, SD3's T5 embeddings; the emulated workloads' a
         # second and third text encoder's embeddings (SD3: CLIP-L, CLIP-G, T5; Flux: CLIP, T5)
         ("image_latents", "generator_state", "pooled_prompt_embeds", "t5_prompt_embeds",
-         "prompt_embeds_2", "prompt_embeds_3"),
+         "prompt_embeds_2", "prompt_embeds_3", "control_image"),
         requires=("unet", "scheduler", "vae"),  # the VAE's config: the latents' scale
         family_requires={family: ("transformer", "scheduler", "vae")
                          for family in (families.SD3, families.FLUX)},
@@ -322,7 +322,9 @@ def _shipped() -> dict[str, WorkflowSpec]:
 def family_mismatch(spec: WorkflowSpec, models: Mapping[str, str]) -> str | None:
     """Why ``spec`` cannot run with its models replaced by ``models`` (alias -> spec): a
     replacement of another family than the model the workflow was written for. None when
-    every family fits, or is not known (a plug-in's model: left to its load)."""
+    every family fits, or is not known (a plug-in's model: left to its load); and a shipped
+    ControlNet that ``models`` does not name beside a replaced base model (a builtin's
+    ControlNet fits that builtin alone)."""
     from common.families import TITLES, family_of
 
     for alias, shipped in spec.models.items():
@@ -333,6 +335,13 @@ def family_mismatch(spec: WorkflowSpec, models: Mapping[str, str]) -> str | None
         if wanted and given and wanted != given:
             return (f"its {alias} model must be {TITLES[wanted]} ({shipped} is one); "
                     f"{model} is {TITLES[given]}")
+    for node in spec.nodes.values():
+        base, control = node.model, node.controlnet
+        if (control is not None and models.get(base, spec.models[base]) != spec.models[base]
+                and control not in models):
+            return (f"its ControlNet {spec.models[control]} is made for {spec.models[base]}; "
+                    f"name one for {models[base]} (the models setting: "
+                    f'{{"{control}": DIR}})')
     return None
 
 
@@ -572,7 +581,7 @@ def shipped_workflows(settings: Settings) -> dict[str, WorkflowSpec]:
 
 
 def _configured_models(settings: Settings) -> dict[str, str]:
-    return {"base": settings.base_model, "upscaler": settings.upscaler_model}
+    return settings.named_models
 
 
 def other_family_workflows(settings: Settings) -> dict[str, str]:

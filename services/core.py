@@ -16,7 +16,7 @@ import abc
 import contextlib
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,11 +84,36 @@ class ModelCore(abc.ABC):
     #: whether ``load`` runs under the process's load lock (``_LOADING``); a core that
     #: imports nothing when it loads (an emulated one) need not wait for another's load
     serial_load: bool = True
+    #: the directory of an adapter's model spec (``WorkItem.adapters``: a ControlNet), set by
+    #: whoever builds the core (it knows where models are); None: no adapters here
+    resolve_adapter: Callable[[str], Path] | None = None
 
-    def __init__(self, model_dir: Path, *, device: str = "cpu", max_batch: int = 8) -> None:
+    def __init__(self, model_dir: Path, *, device: str = "cpu", max_batch: int = 8,
+                 dtype: str = "auto") -> None:
+        from common.families import family_of_dir, load_dtype
+
         self.model_dir = Path(model_dir)
         self.device = torch.device(device)
         self.max_batch = max_batch
+        #: the dtype its weights are loaded in (the ``dtype`` setting, by family for auto)
+        self.torch_dtype = getattr(torch, load_dtype(dtype, str(device), family_of_dir(model_dir)))
+
+    def weights(self, component: str) -> Any:
+        """A model component with weights (``unet``, ``text_encoder`` ...), loaded as diffusers
+        loads it (the class its ``model_index.json`` names, in ``torch_dtype``), on the device,
+        in eval mode."""
+        from common.models import component_class
+
+        model = component_class(self.model_dir, component).from_pretrained(
+            self.model_dir, subfolder=component, torch_dtype=self.torch_dtype)
+        return model.to(self.device).eval()
+
+    def part(self, component: str) -> Any:
+        """A component without weights (a tokenizer, a feature extractor)."""
+        from common.models import component_class
+
+        return component_class(self.model_dir, component).from_pretrained(
+            self.model_dir, subfolder=component)
 
     @abc.abstractmethod
     def load(self) -> None:

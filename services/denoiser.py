@@ -20,10 +20,19 @@ from typing import Any
 import torch
 
 from common.errors import InvalidField
-from common.models import component_class, component_config, model_index, vae_scale_factor
+from common.models import component_config, model_index, vae_scale_factor
 from services.core import ModelCore, Result, WorkItem
 
 _serials = itertools.count()
+
+
+@dataclass(frozen=True, eq=False)
+class Control:
+    """A ControlNet applied at every step, as StableDiffusionControlNetPipeline applies it."""
+
+    model: str  # its model spec
+    image: torch.Tensor  # (rows, 3, H, W) in [0, 1], the control image once per row
+    scale: float  # controlnet_conditioning_scale
 
 
 @dataclass(eq=False)
@@ -41,6 +50,7 @@ class DenoiseState:
     timestep_cond: torch.Tensor | None = None  # (1, time_cond_proj_dim) for LCM-style UNets
     #: the UNet's ``added_cond_kwargs`` (SDXL: pooled text embeddings, time ids), one row per row
     added_cond: dict[str, torch.Tensor] = field(default_factory=dict)
+    control: Control | None = None
     i: int = 0
     serial: int = field(default_factory=lambda: next(_serials))
 
@@ -53,11 +63,11 @@ class DenoiserCore(ModelCore):
     kind = "denoiser"
     ops = ("denoise",)
     components = ("unet",)
+    #: whether a workflow may attach a ControlNet here (``controlnet:`` on its node)
+    takes_controlnet = True
 
     def load(self) -> None:
-        unet_cls = component_class(self.model_dir, "unet")
-        self.unet = unet_cls.from_pretrained(self.model_dir, subfolder="unet")
-        self.unet.to(self.device).eval()
+        self.unet = self.weights("unet")
         self.dtype = self.unet.dtype
         self.in_channels = int(self.unet.config.in_channels)
         self.time_cond_proj_dim = self.unet.config.time_cond_proj_dim
@@ -81,6 +91,7 @@ class DenoiserCore(ModelCore):
         self._accepts_eta = "eta" in step_params
         self._accepts_generator = "generator" in step_params
         self._cond_cache: tuple[tuple[int, ...], tuple] | None = None
+        self._controlnets: dict[str, Any] = {}
 
     # ---------------------------------------------------------------------------------------
 
@@ -89,7 +100,7 @@ class DenoiserCore(ModelCore):
 
         if item.op not in self.ops:
             raise InvalidField("op", f"{self.kind} does not do {item.op!r}")
-        if item.adapters:
+        if item.adapters and not self.takes_controlnet:
             raise InvalidField("controlnet", "this denoiser runs no ControlNet")
         extra = sorted({"prompt_embeds_2", "prompt_embeds_3"} & item.inputs.keys())
         if extra:
@@ -111,6 +122,11 @@ class DenoiserCore(ModelCore):
             embeds = embeds[-1:]  # the positive row
         embeds = embeds.to(device=self.device)
         dtype = embeds.dtype  # diffusers makes its latents in prompt_embeds.dtype
+        control = None
+        if item.adapters:
+            control = self._control(item, cfg)
+            height, width = control.image.shape[-2:]  # the pipeline's size: the image's
+            p = {**p, "width": int(width), "height": int(height)}
 
         scheduler = self.scheduler_cls.from_config(self.scheduler_config)
         generator = torch.Generator("cpu").manual_seed(seed)
@@ -183,11 +199,57 @@ class DenoiserCore(ModelCore):
             t_rows=timesteps[:, None].expand(len(timesteps), rows),
             extra_step_kwargs=extra,
             timestep_cond=timestep_cond,
+            control=control,
         )
+
+    def _control(self, item: WorkItem, cfg: bool) -> Control:
+        """The item's ControlNet and control image, as StableDiffusionControlNetPipeline
+        prepares them (``prepare_image``: resized to the request's size where it names one,
+        else to a multiple of the VAE's scale; in [0, 1]; once per guidance row)."""
+        import PIL.Image
+        from diffusers.image_processor import VaeImageProcessor
+
+        if "image_latents" in item.inputs:
+            raise InvalidField("controlnet", "a ControlNet runs on text to image only here")
+        if len(item.adapters) != 1:
+            raise InvalidField("controlnet", "one ControlNet per node", limit=1)
+        image = item.inputs.get("control_image")
+        if (image is None or image.dtype != torch.uint8 or image.ndim != 4
+                or image.shape[0] != 1 or image.shape[-1] != 3):
+            raise InvalidField("control_image", "a ControlNet needs a (1, H, W, 3) uint8 image")
+        p = item.params
+        scale = _float(p, "controlnet_conditioning_scale", 1.0)
+        net = self._controlnet(item.adapters[0])
+        processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor,
+                                      do_convert_rgb=True, do_normalize=False)
+        sizes = {name: _int(p, name, 0, minimum=8) if name in p else None
+                 for name in ("height", "width")}
+        pixels = processor.preprocess(PIL.Image.fromarray(image[0].cpu().numpy()), **sizes)
+        pixels = pixels.to(dtype=torch.float32).to(device=self.device, dtype=net.dtype)
+        return Control(item.adapters[0], torch.cat([pixels] * 2) if cfg else pixels, scale)
+
+    def _controlnet(self, spec: str) -> Any:
+        """The ControlNet of model ``spec``, loaded on first use (then kept: the workflows
+        that attach it to this pool share it)."""
+        net = self._controlnets.get(spec)
+        if net is None:
+            from diffusers import ControlNetModel
+
+            if self.resolve_adapter is None:
+                raise InvalidField("controlnet", "this node was not told where models are")
+            try:
+                model_dir = self.resolve_adapter(spec)
+            except (OSError, ValueError) as exc:
+                raise InvalidField("controlnet", f"{spec}: {exc}") from None
+            net = ControlNetModel.from_pretrained(model_dir, torch_dtype=self.torch_dtype)
+            net = self._controlnets[spec] = net.to(self.device).eval()
+        return net
 
     def batch_key(self, state: DenoiseState) -> Hashable:
         # states of different latent (or text) shapes cannot share a forward
-        return (tuple(state.latents.shape), tuple(state.embeds.shape[1:]), state.latents.dtype)
+        control = state.control and (state.control.model, state.control.scale)
+        return (tuple(state.latents.shape), tuple(state.embeds.shape[1:]), state.latents.dtype,
+                control)
 
     def step(self, states: list[DenoiseState]) -> None:
         with torch.inference_mode():
@@ -213,13 +275,24 @@ class DenoiserCore(ModelCore):
             x = s.scheduler.scale_model_input(s.latents, s.timesteps[s.i])
             inputs.extend([x] * s.rows)
         cond, timestep_cond, added = self._conditioning(states)
+        sample, timestep = _rows(inputs), torch.cat([s.t_rows[s.i] for s in states])
+        residuals = {}
+        control = states[0].control  # states step together with equal ControlNets and scales
+        if control is not None:
+            down, mid = self._controlnets[control.model](
+                sample, timestep, encoder_hidden_states=cond,
+                controlnet_cond=_rows([s.control.image for s in states]),
+                conditioning_scale=control.scale, guess_mode=False, return_dict=False)
+            residuals = {"down_block_additional_residuals": down,
+                         "mid_block_additional_residual": mid}
         return self.unet(
-            _rows(inputs),
-            torch.cat([s.t_rows[s.i] for s in states]),
+            sample,
+            timestep,
             encoder_hidden_states=cond,
             timestep_cond=timestep_cond,
             added_cond_kwargs=added,
             return_dict=False,
+            **residuals,
         )[0]
 
     def _conditioning(

@@ -62,6 +62,7 @@ class MonolithicCore(ModelCore):
         *,
         device: str = "cpu",
         max_batch: int = 8,
+        dtype: str = "auto",
         make_inner: Callable[[str, Path], ModelCore] | None = None,
     ) -> None:
         """``model_dirs``: the spec's model aliases -> resolved diffusers directories.
@@ -73,10 +74,10 @@ class MonolithicCore(ModelCore):
         dirs = {alias: Path(path) for alias, path in model_dirs.items()}
         self.make_inner = make_inner or (
             lambda kind, model_dir: core_class(kind, model_dir)(
-                model_dir, device=device, max_batch=max_batch)
+                model_dir, device=device, max_batch=max_batch, dtype=dtype)
         )
         first = next(iter(spec.nodes.values())).model  # ModelCore wants one directory
-        super().__init__(dirs[first], device=device, max_batch=max_batch)
+        super().__init__(dirs[first], device=device, max_batch=max_batch, dtype=dtype)
         self.spec = spec
         self.plan = spec.compile()
         self.model_dirs = dirs
@@ -88,10 +89,13 @@ class MonolithicCore(ModelCore):
         self.components = tuple(sorted({c for parts in by_model.values() for c in parts}))
         self.images = set(spec.compile(monolithic=True).nodes["pipeline"].inputs)
         self.cores: dict[CoreKey, ModelCore] = {}
+        #: model spec -> directory, for the adapters its nodes attach
+        self.model_dirs = {spec.models[alias]: path for alias, path in dirs.items()}
 
     def load(self) -> None:
         for kind, model_dir in dict.fromkeys(self.node_cores.values()):
             core = self.make_inner(kind, model_dir)
+            core.resolve_adapter = self.model_dirs.__getitem__  # the workflow's ControlNets
             core.load()
             self.cores[(kind, model_dir)] = core
         # One VAE per model serves encoder and decoder, as in a pipeline (and as its footprint,

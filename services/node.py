@@ -4,6 +4,7 @@ workflow (``lego node monolithic --model WORKFLOW``, the monolithic baseline).""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -58,7 +59,8 @@ def build_core(
                                             replica=replica or f"{spec.name}@{os.getpid()}")
         else:
             dirs = {alias: resolve_model_dir(m, models_dir) for alias, m in spec.models.items()}
-            core = MonolithicCore(spec, dirs, device=settings.device, max_batch=max_batch)
+            core = MonolithicCore(spec, dirs, device=settings.device, max_batch=max_batch,
+                                  dtype=settings.dtype)
         return core, spec.monolithic_pool()
     if kind in CORES:
         scheme = scheme_of(model)
@@ -67,7 +69,8 @@ def build_core(
         else:
             model_dir = resolve_model_dir(model, models_dir)
             core = core_class(kind, model_dir)(
-                model_dir, device=settings.device, max_batch=max_batch)
+                model_dir, device=settings.device, max_batch=max_batch, dtype=settings.dtype)
+            core.resolve_adapter = functools.partial(resolve_model_dir, cache_dir=models_dir)
         return core, pool_name(kind, model)
     known = ", ".join(sorted([*CORES, MonolithicCore.kind]))
     raise SystemExit(f"unknown node kind {kind!r}; known: {known}")

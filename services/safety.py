@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from common.errors import InvalidField
-from common.models import component_class
 from services.core import OneShotCore, Result, WorkItem
 
 
@@ -28,15 +27,8 @@ class SafetyCheckerCore(OneShotCore):
     batch_exact: bool | None = None
 
     def load(self) -> None:
-        checker_cls = component_class(self.model_dir, "safety_checker")
-        extractor_cls = component_class(self.model_dir, "feature_extractor")
-        self.safety_checker = checker_cls.from_pretrained(
-            self.model_dir, subfolder="safety_checker"
-        )
-        self.safety_checker.to(self.device).eval()
-        self.feature_extractor = extractor_cls.from_pretrained(
-            self.model_dir, subfolder="feature_extractor"
-        )
+        self.safety_checker = self.weights("safety_checker")
+        self.feature_extractor = self.part("feature_extractor")
         self.dtype = self.safety_checker.dtype
         if self.batch_exact is None:
             self.batch_exact = self._probe_batching()

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from common.errors import InvalidField
-from common.models import component_class, component_config, count_tokens
+from common.models import component_config, count_tokens
 from common.workflow import truncation_warning
 from services.core import OneShotCore, Result, WorkItem
 
@@ -26,11 +26,8 @@ class TextEncoderCore(OneShotCore):
     batch_exact: bool | None = None
 
     def load(self) -> None:
-        tokenizer_cls = component_class(self.model_dir, "tokenizer")
-        encoder_cls = component_class(self.model_dir, "text_encoder")
-        self.tokenizer = tokenizer_cls.from_pretrained(self.model_dir, subfolder="tokenizer")
-        self.text_encoder = encoder_cls.from_pretrained(self.model_dir, subfolder="text_encoder")
-        self.text_encoder.to(self.device).eval()
+        self.tokenizer = self.part("tokenizer")
+        self.text_encoder = self.weights("text_encoder")
         self.max_length = int(self.tokenizer.model_max_length)
         self.use_attention_mask = bool(
             getattr(self.text_encoder.config, "use_attention_mask", False)

@@ -27,7 +27,8 @@ class UpscalerCore(OneShotCore):
     def load(self) -> None:
         from diffusers import StableDiffusionLatentUpscalePipeline
 
-        self.pipe = StableDiffusionLatentUpscalePipeline.from_pretrained(self.model_dir)
+        self.pipe = StableDiffusionLatentUpscalePipeline.from_pretrained(
+            self.model_dir, torch_dtype=self.torch_dtype)
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.latent_channels = int(self.pipe.vae.config.latent_channels)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from common.errors import InvalidField
-from common.models import component_class, vae_scale_factor
+from common.models import vae_scale_factor
 from services.core import OneShotCore, Result, WorkItem
 
 
@@ -32,9 +32,7 @@ class _VaeCore(OneShotCore):
     def load(self) -> None:
         from diffusers.image_processor import VaeImageProcessor
 
-        vae_cls = component_class(self.model_dir, "vae")
-        self.vae = vae_cls.from_pretrained(self.model_dir, subfolder="vae")
-        self.vae.to(self.device).eval()
+        self.vae = self.weights("vae")
         self.dtype = self.vae.dtype
         self.scaling_factor = self.vae.config.scaling_factor
         self.latent_channels = int(self.vae.config.latent_channels)

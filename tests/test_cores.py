@@ -602,6 +602,7 @@ def test_resolve_errors_and_catalog(tmp_path):
         resolve_model_dir("builtin:tiny-upscaler", tmp_path)
     assert set(CORES) == {
         "text_encoder",
+        "t5_encoder",
         "denoiser",
         "vae_decoder",
         "vae_encoder",

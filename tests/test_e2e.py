@@ -88,6 +88,39 @@ def test_txt2img_equals_diffusers(stack: Stack, client: LegoClient) -> None:
     assert [t.node for t in state.timings] == ["encode", "denoise", "decode"]
 
 
+def test_controlnet_equals_diffusers(stack: Stack, client: LegoClient) -> None:
+    """The ControlNet workflow shares the txt2img pools: its ControlNet loads beside the base
+    model's UNet in the denoiser pool on first use."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    control = np.random.default_rng(3).integers(0, 255, (48, 40, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(control).save(buffer, "PNG")
+    params = dict(prompt="a red fox in the snow", negative_prompt="blurry", steps=3,
+                  guidance=6.0, seed=21, controlnet_conditioning_scale=0.8)
+    state, png = client.generate("controlnet", control_image=base64.b64encode(
+        buffer.getvalue()).decode(), **params)
+    assert stack.workflows["controlnet"].pools() == stack.workflows["txt2img"].pools()
+    models = stack.settings.cache_dir / "models"
+    spec = stack.workflows["controlnet"]
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(
+        resolve_model_dir(spec.models["base"], models), safety_checker=None,
+        requires_safety_checker=False,
+        controlnet=ControlNetModel.from_pretrained(resolve_model_dir(spec.models["control"],
+                                                                     models)))
+    pipe.set_progress_bar_config(disable=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the nodes run
+    try:
+        expected = pipe(params["prompt"], image=Image.fromarray(control),
+                        negative_prompt=params["negative_prompt"], num_inference_steps=3,
+                        guidance_scale=6.0, controlnet_conditioning_scale=0.8,
+                        generator=torch.Generator("cpu").manual_seed(21), output_type="np").images
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(png_pixels(png), (expected[0] * 255).round().astype(np.uint8))
+
+
 @pytest.mark.parametrize(
     ("workflow", "extra", "size"),
     [

@@ -485,3 +485,129 @@ def test_a_stack_on_a_flux_model_serves_flux_txt2img_as_the_pipeline(flux_stack,
             assert {t.node for t in state.timings} == {"encode", "encode_t5", "denoise",
                                                       "decode"}
             assert np.array_equal(png_pixels(png), flux_pipeline_image(pipe, params))
+
+
+# --------------------------------------------------------------------------------------------
+# ControlNet (SD 1.x): a model of its own, attached to the base model's denoiser
+# --------------------------------------------------------------------------------------------
+
+CONTROLNET = "builtin:tiny-sd-controlnet"
+
+
+@pytest.fixture(scope="module")
+def sd(cache_dir: Path) -> SimpleNamespace:
+    """tiny-sd's cores (its denoiser told where ControlNets are) and its ControlNet pipeline."""
+    import functools
+
+    from diffusers import ControlNetModel
+
+    torch.set_num_threads(1)
+    models = cache_dir / "models"
+    sd_dir, control_dir = (resolve_model_dir(m, models) for m in ("builtin:tiny-sd", CONTROLNET))
+    cores = SimpleNamespace(**{kind: _loaded(core_class(kind, sd_dir)(sd_dir))
+                               for kind in ("text_encoder", "denoiser", "vae_decoder")})
+    cores.denoiser.resolve_adapter = functools.partial(resolve_model_dir, cache_dir=models)
+    pipe = _pipe("StableDiffusionControlNetPipeline", sd_dir, add_watermarker=None,
+                 controlnet=ControlNetModel.from_pretrained(control_dir), safety_checker=None,
+                 requires_safety_checker=False)
+    return SimpleNamespace(dir=sd_dir, cores=cores, pipe=pipe)
+
+
+CONTROL = np.random.default_rng(1).integers(0, 255, (56, 48, 3), dtype=np.uint8)
+
+
+def controlnet_image(cores: SimpleNamespace, params: dict,
+                     control: np.ndarray | None) -> np.ndarray:
+    embeds = one(cores.text_encoder, "encode", params).tensors
+    adapters, inputs = (), dict(embeds)
+    if control is not None:
+        adapters, inputs["control_image"] = (CONTROLNET,), torch.from_numpy(control)[None]
+    [latents] = drive(cores.denoiser, [WorkItem("r", "denoise", params, inputs, adapters)])
+    return one(cores.vae_decoder, "decode", {}, **latents.tensors).tensors["image"][0].numpy()
+
+
+def controlnet_pipeline_image(pipe, params: dict, control: np.ndarray) -> np.ndarray:
+    sizes = {k: params[k] for k in ("width", "height") if k in params}
+    out = pipe(params["prompt"], image=Image.fromarray(control),
+               negative_prompt=params["negative_prompt"], guidance_scale=params["guidance"],
+               num_inference_steps=params["steps"],
+               controlnet_conditioning_scale=params["controlnet_conditioning_scale"],
+               generator=torch.Generator("cpu").manual_seed(params["seed"]), output_type="np",
+               **sizes)
+    return to_uint8(out.images)[0]
+
+
+@pytest.mark.parametrize(("scale", "guidance", "sizes"), [
+    (1.0, 7.5, {}), (0.5, 1.0, {}), (1.5, 6.0, {"width": 64, "height": 40})])
+def test_controlnet_equals_the_pipeline(sd, scale, guidance, sizes) -> None:
+    params = {"prompt": PROMPT, "negative_prompt": "blurry", "guidance": guidance, "steps": 3,
+              "seed": 3, "controlnet_conditioning_scale": scale, **sizes}
+    served = controlnet_image(sd.cores, params, CONTROL)
+    assert served.shape == ((40, 64, 3) if sizes else (56, 48, 3))  # else the image's size
+    assert np.array_equal(served, controlnet_pipeline_image(sd.pipe, params, CONTROL))
+    # the ControlNet steers: the same request without it makes another image
+    plain = controlnet_image(sd.cores, {**params, "width": served.shape[1],
+                                        "height": served.shape[0]}, None)
+    assert not np.array_equal(served, plain)
+
+
+def test_controlnet_requests_name_what_they_lack(sd) -> None:
+    from common.errors import InvalidField
+
+    embeds = one(sd.cores.text_encoder, "encode", {"prompt": "a cat"}).tensors
+    with pytest.raises(InvalidField, match="control_image"):
+        drive(sd.cores.denoiser, [WorkItem("r", "denoise", {}, embeds, (CONTROLNET,))])
+    with pytest.raises(InvalidField, match="builtin:nope"):
+        drive(sd.cores.denoiser, [WorkItem("r", "denoise", {}, {
+            **embeds, "control_image": torch.from_numpy(CONTROL)[None]}, ("builtin:nope",))])
+
+
+def test_a_shipped_controlnet_is_not_offered_beside_another_base_model(sd) -> None:
+    # tiny-sd's directory: another model spec than the builtin's
+    settings = Settings(base_model=str(sd.dir), workflows=[])
+    assert "made for builtin:tiny-sd" in other_family_workflows(settings)["controlnet"]
+    named = settings.model_copy(update={"models": {"control": CONTROLNET}})
+    assert "controlnet" in shipped_workflows(named)
+
+
+def test_controlnet_served_whole_equals_the_pipeline(sd, cache_dir: Path) -> None:
+    spec = builtin_workflows()["controlnet"]
+    models = cache_dir / "models"
+    core = _loaded(MonolithicCore(spec, {alias: resolve_model_dir(m, models)
+                                         for alias, m in spec.models.items()}))
+    params = {"prompt": PROMPT, "negative_prompt": "", "guidance": 7.5, "steps": 2, "seed": 8,
+              "controlnet_conditioning_scale": 1.0}
+    served = one(core, "run", params, control_image=torch.from_numpy(CONTROL)[None])
+    assert np.array_equal(served.tensors["image"][0].numpy(),
+                          controlnet_pipeline_image(sd.pipe, params, CONTROL))
+
+
+# --------------------------------------------------------------------------------------------
+# dtypes
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_weights_dtype_is_the_setting_or_the_familys_on_a_gpu() -> None:
+    from common.families import load_dtype
+
+    assert load_dtype("auto", "cpu", "flux") == "float32"  # half precision is slow on a CPU
+    assert load_dtype("auto", "cuda:1", "flux") == "bfloat16"
+    assert load_dtype("auto", "cuda", "sdxl") == "float16"
+    assert load_dtype("auto", "cuda", None) == "float32"
+    assert load_dtype("float16", "cpu", "sd") == "float16"
+    with pytest.raises(ValueError, match="float8"):
+        load_dtype("float8", "cpu", "sd")
+    with pytest.raises(ValueError, match="dtype"):
+        Settings(dtype="float8")
+
+
+def test_cores_load_their_weights_in_the_dtype_asked_for(sdxl_dir: Path) -> None:
+    cores = SimpleNamespace(**{
+        kind: _loaded(core_class(kind, sdxl_dir)(sdxl_dir, dtype="bfloat16"))
+        for kind in ("text_encoder", "denoiser", "vae_decoder", "vae_encoder")})
+    assert cores.denoiser.unet.dtype == cores.vae_decoder.vae.dtype == torch.bfloat16
+    assert all(enc.dtype == torch.bfloat16 for _, enc in cores.text_encoder.pairs)
+    params = {"prompt": PROMPT, "steps": 2, "guidance": 5.0, "seed": 1, "width": 64,
+              "height": 64}
+    [image] = micro_images(cores, [params])
+    assert image.dtype == np.uint8 and image.shape == (64, 64, 3) and image.std() > 5

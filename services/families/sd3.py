@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from common.errors import InvalidField
-from common.models import component_class, component_config, model_index, vae_scale_factor
+from common.models import component_config, model_index, vae_scale_factor
 from services.core import OneShotCore, Result, WorkItem
 from services.denoiser import DenoiserCore, DenoiseState, _float, _int, _rows
 from services.families.sdxl import SdxlTextEncoderCore
@@ -47,11 +47,8 @@ class T5EncoderCore(OneShotCore):
     batch_exact: bool | None = None
 
     def load(self) -> None:
-        self.tokenizer = component_class(self.model_dir, self.tokenizer_folder).from_pretrained(
-            self.model_dir, subfolder=self.tokenizer_folder)
-        encoder_cls = component_class(self.model_dir, self.encoder_folder)
-        self.encoder = encoder_cls.from_pretrained(self.model_dir, subfolder=self.encoder_folder)
-        self.encoder.to(self.device).eval()
+        self.tokenizer = self.part(self.tokenizer_folder)
+        self.encoder = self.weights(self.encoder_folder)
         if self.batch_exact is None:
             self.batch_exact = self._probe_batching()
 
@@ -98,9 +95,7 @@ class Sd3DenoiserCore(DenoiserCore):
     components = ("transformer",)
 
     def load(self) -> None:
-        cls = component_class(self.model_dir, "transformer")
-        self.transformer = cls.from_pretrained(self.model_dir, subfolder="transformer")
-        self.transformer.to(self.device).eval()
+        self.transformer = self.weights("transformer")
         config = self.transformer.config
         self.in_channels = int(config.in_channels)
         self.patch_size = int(config.patch_size)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from common.errors import InvalidField
-from common.models import component_class, model_index
+from common.models import model_index
 from services.core import Result, WorkItem
 from services.denoiser import DenoiserCore, DenoiseState
 from services.text_encoder import TextEncoderCore, plain
@@ -38,11 +38,7 @@ class SdxlTextEncoderCore(TextEncoderCore):
         pairs = []
         for tokenizer, encoder in (("tokenizer", "text_encoder"),
                                    ("tokenizer_2", "text_encoder_2")):
-            tok = component_class(self.model_dir, tokenizer).from_pretrained(
-                self.model_dir, subfolder=tokenizer)
-            enc = component_class(self.model_dir, encoder).from_pretrained(
-                self.model_dir, subfolder=encoder)
-            pairs.append((tok, enc.to(self.device).eval()))
+            pairs.append((self.part(tokenizer), self.weights(encoder)))
         self.pairs = pairs
         self.tokenizer, self.text_encoder = pairs[0]  # the first counts prompt tokens
         self.max_length = int(self.tokenizer.model_max_length)
@@ -114,6 +110,7 @@ class SdxlTextEncoderCore(TextEncoderCore):
 
 
 class SdxlDenoiserCore(DenoiserCore):
+    takes_controlnet = False  # SDXL's ControlNets are not built yet
     def load(self) -> None:
         super().load()
         config = self.unet.config
