@@ -80,6 +80,9 @@ class Settings(BaseSettings):
         "SD 1.x/2.x, SDXL, SD3 or FLUX.1 directory, or builtin:NAME)",
     )
     upscaler_model: str = "builtin:tiny-upscaler"
+    lora_dir: Path | None = Field(
+        None, description="where the LoRAs a request names are: NAME.safetensors, in diffusers' "
+        "format; read on each request's first use, so new files need no restart")
     models: dict[str, str] = Field(
         default_factory=dict,
         description="named models a workflow registered at run time may use by name, "

@@ -90,7 +90,7 @@ KINDS: dict[str, KindSpec] = {
 class ParamSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["string", "integer", "number", "boolean", "image"]
+    type: Literal["string", "integer", "number", "boolean", "image", "loras"]
     description: str = ""
     required: bool = False
     default: Any = None
@@ -100,6 +100,7 @@ class ParamSpec(BaseModel):
     max_length: int | None = Field(None, description="characters, for strings")
     choices: list[Any] | None = None
     max_bytes: int | None = Field(None, description="decoded bytes, for images")
+    max_items: int | None = Field(None, description="LoRAs a request may name, for loras")
     max_pixels: int | None = Field(None, description="width x height, for images")
     min_side: int = Field(8, description="pixels, for images")
     tokenizer: str | None = Field(
@@ -412,6 +413,8 @@ def validate_params(
                 image = _check_image(name, p, value)
                 out.images[name] = image
                 out.params[name] = {"width": image.shape[1], "height": image.shape[0]}
+            elif p.type == "loras":
+                out.params[name] = check_loras(name, value, p.max_items)
             else:
                 out.params[name] = _check_scalar(name, p, value)
                 if p.tokenizer and models is not None and isinstance(value, str):
@@ -471,6 +474,43 @@ def _check_scalar(name: str, p: ParamSpec, value: Any) -> Any:
 
 def _num(x: float) -> int | float:
     return int(x) if float(x).is_integer() else x
+
+
+#: a LoRA's name: its file in the ``lora_dir`` setting is ``NAME.safetensors``
+LORA_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+#: the scale a request may give a LoRA
+LORA_SCALE = (-4.0, 4.0)
+
+
+def check_loras(name: str, value: Any, max_items: int | None) -> list[dict[str, Any]]:
+    """A request's LoRAs, ``[{"name", "scale"}]`` (scale 1.0 when absent); a LoRA named
+    twice counts once, with its scales added (a LoRA's effect is linear in its scale)."""
+    import re
+
+    if not isinstance(value, list):
+        raise InvalidField(name, 'must be a list of {"name", "scale"} objects')
+    if max_items is not None and len(value) > max_items:
+        raise InvalidField(name, f"{len(value)} LoRAs exceed the limit of {max_items}", max_items)
+    loras: list[dict[str, Any]] = []
+    for i, entry in enumerate(value):
+        field = f"{name}[{i}]"
+        if not isinstance(entry, dict) or set(entry) - {"name", "scale"}:
+            raise InvalidField(field, 'must be an object with "name" and optionally "scale"')
+        lora = entry.get("name")
+        if not isinstance(lora, str) or not re.fullmatch(LORA_NAME, lora):
+            raise InvalidField(f"{field}.name", "must be a LoRA's name: letters, digits, "
+                               "'_', '.', '-', at most 100", LORA_NAME)
+        scale = entry.get("scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, int | float) or not (
+                LORA_SCALE[0] <= scale <= LORA_SCALE[1]):
+            raise InvalidField(f"{field}.scale", f"must be a number in [{LORA_SCALE[0]:g}, "
+                               f"{LORA_SCALE[1]:g}]", list(LORA_SCALE))
+        same = next((seen for seen in loras if seen["name"] == lora), None)
+        if same is not None:
+            same["scale"] += float(scale)
+        else:
+            loras.append({"name": lora, "scale": float(scale)})
+    return loras
 
 
 def _check_image(name: str, p: ParamSpec, value: Any) -> np.ndarray:

@@ -34,7 +34,7 @@ from fastapi import FastAPI
 from common import output_format, webhooks
 from common.messages import RequestState, json_schema
 from common.subjects import REQUEST_ID_RULE
-from common.workflow import KINDS, ParamSpec, WorkflowSpec
+from common.workflow import KINDS, LORA_NAME, LORA_SCALE, ParamSpec, WorkflowSpec
 
 if TYPE_CHECKING:
     from common.settings import Settings
@@ -324,8 +324,17 @@ def param_schema(p: ParamSpec, nullable: bool | None = None) -> dict[str, Any]:
     """A workflow parameter's schema, exactly as ``common.workflow.validate_params`` checks
     it; an optional one may be null (its default)."""
     kind = {"string": "string", "integer": "integer", "number": "number",
-            "boolean": "boolean", "image": "string"}[p.type]
+            "boolean": "boolean", "image": "string", "loras": "array"}[p.type]
     schema: dict[str, Any] = {}
+    if p.type == "loras":
+        schema["items"] = {
+            "type": "object", "additionalProperties": False, "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "pattern": LORA_NAME},
+                "scale": {"type": "number", "minimum": LORA_SCALE[0],
+                          "maximum": LORA_SCALE[1], "default": 1.0}}}
+        if p.max_items is not None:
+            schema["maxItems"] = p.max_items
     if p.description:
         schema["description"] = p.description
     if p.type == "image":

@@ -24,6 +24,25 @@ from typing import Any
 import torch
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a core finds what requests attach to its model: an adapter's directory by its
+    model spec (``WorkItem.adapters``: a ControlNet), a LoRA's file by its name."""
+
+    resolve: Callable[[str], Path]
+    lora_dir: Path | None = None
+
+    def lora_file(self, name: str) -> Path:
+        from common.errors import InvalidField
+
+        if self.lora_dir is None:
+            raise InvalidField("loras", "this deployment serves no LoRAs (no lora_dir)")
+        path = Path(self.lora_dir) / f"{name}.safetensors"
+        if not path.is_file():
+            raise InvalidField("loras", f"no LoRA {name!r} in {self.lora_dir}")
+        return path
+
+
 @dataclass
 class WorkItem:
     """One task for a node, with its inputs already loaded from the tensor store."""
@@ -84,9 +103,9 @@ class ModelCore(abc.ABC):
     #: whether ``load`` runs under the process's load lock (``_LOADING``); a core that
     #: imports nothing when it loads (an emulated one) need not wait for another's load
     serial_load: bool = True
-    #: the directory of an adapter's model spec (``WorkItem.adapters``: a ControlNet), set by
-    #: whoever builds the core (it knows where models are); None: no adapters here
-    resolve_adapter: Callable[[str], Path] | None = None
+    #: where the models that requests attach are (ControlNets, LoRAs), set by whoever builds
+    #: the core (it knows where models are); None: none here
+    source: ModelSource | None = None
 
     def __init__(self, model_dir: Path, *, device: str = "cpu", max_batch: int = 8,
                  dtype: str = "auto") -> None:
@@ -136,6 +155,14 @@ class ModelCore(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional: most cores hold nothing to give back
         """Release what ``load`` took when the replica stops (process exit frees the rest)."""
+
+    def needs_prepare(self, item: WorkItem) -> bool:
+        """Whether ``prepare`` has work for ``item`` (cheap: asked on the event loop)."""
+        return False
+
+    def prepare(self, item: WorkItem) -> None:  # noqa: B027 - optional
+        """Slow preparation an item needs before ``start``: reading what it attaches (a
+        ControlNet, LoRAs) from disk. Runs in a worker thread while other items step."""
 
     @abc.abstractmethod
     def start(self, item: WorkItem) -> Any:

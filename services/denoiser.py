@@ -22,6 +22,7 @@ import torch
 from common.errors import InvalidField
 from common.models import component_config, model_index, vae_scale_factor
 from services.core import ModelCore, Result, WorkItem
+from services.lora import LoraKey, Loras, lora_key
 
 _serials = itertools.count()
 
@@ -51,6 +52,7 @@ class DenoiseState:
     #: the UNet's ``added_cond_kwargs`` (SDXL: pooled text embeddings, time ids), one row per row
     added_cond: dict[str, torch.Tensor] = field(default_factory=dict)
     control: Control | None = None
+    loras: LoraKey = ()
     i: int = 0
     serial: int = field(default_factory=lambda: next(_serials))
 
@@ -63,8 +65,9 @@ class DenoiserCore(ModelCore):
     kind = "denoiser"
     ops = ("denoise",)
     components = ("unet",)
-    #: whether a workflow may attach a ControlNet here (``controlnet:`` on its node)
-    takes_controlnet = True
+    #: whether a workflow may attach a ControlNet here (``controlnet:`` on its node), and a
+    #: request name LoRAs (``loras``)
+    takes_controlnet = takes_loras = True
 
     def load(self) -> None:
         self.unet = self.weights("unet")
@@ -92,6 +95,7 @@ class DenoiserCore(ModelCore):
         self._accepts_generator = "generator" in step_params
         self._cond_cache: tuple[tuple[int, ...], tuple] | None = None
         self._controlnets: dict[str, Any] = {}
+        self.loras = Loras(self.unet, "unet")
 
     # ---------------------------------------------------------------------------------------
 
@@ -102,6 +106,9 @@ class DenoiserCore(ModelCore):
             raise InvalidField("op", f"{self.kind} does not do {item.op!r}")
         if item.adapters and not self.takes_controlnet:
             raise InvalidField("controlnet", "this denoiser runs no ControlNet")
+        loras = lora_key(item.params)
+        if loras and not self.takes_loras:
+            raise InvalidField("loras", "this model family's denoiser runs no LoRA yet")
         extra = sorted({"prompt_embeds_2", "prompt_embeds_3"} & item.inputs.keys())
         if extra:
             raise InvalidField(extra[0], "this denoiser takes one text encoder's embeddings")
@@ -200,7 +207,21 @@ class DenoiserCore(ModelCore):
             extra_step_kwargs=extra,
             timestep_cond=timestep_cond,
             control=control,
+            loras=loras,
         )
+
+    def needs_prepare(self, item: WorkItem) -> bool:
+        if self.takes_controlnet and any(s not in self._controlnets for s in item.adapters):
+            return True
+        return self.takes_loras and self.loras.missing(lora_key(item.params), self.source)
+
+    def prepare(self, item: WorkItem) -> None:
+        """Load the item's ControlNet and read its LoRAs' files (a worker thread's work)."""
+        if self.takes_controlnet:
+            for spec in item.adapters:
+                self._controlnet(spec)
+        if self.takes_loras:
+            self.loras.read(lora_key(item.params), self.source)
 
     def _control(self, item: WorkItem, cfg: bool) -> Control:
         """The item's ControlNet and control image, as StableDiffusionControlNetPipeline
@@ -219,7 +240,7 @@ class DenoiserCore(ModelCore):
             raise InvalidField("control_image", "a ControlNet needs a (1, H, W, 3) uint8 image")
         p = item.params
         scale = _float(p, "controlnet_conditioning_scale", 1.0)
-        net = self._controlnet(item.adapters[0])
+        net = self._controlnets.get(item.adapters[0]) or self._controlnet(item.adapters[0])
         processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor,
                                       do_convert_rgb=True, do_normalize=False)
         sizes = {name: _int(p, name, 0, minimum=8) if name in p else None
@@ -235,10 +256,10 @@ class DenoiserCore(ModelCore):
         if net is None:
             from diffusers import ControlNetModel
 
-            if self.resolve_adapter is None:
+            if self.source is None:
                 raise InvalidField("controlnet", "this node was not told where models are")
             try:
-                model_dir = self.resolve_adapter(spec)
+                model_dir = self.source.resolve(spec)
             except (OSError, ValueError) as exc:
                 raise InvalidField("controlnet", f"{spec}: {exc}") from None
             net = ControlNetModel.from_pretrained(model_dir, torch_dtype=self.torch_dtype)
@@ -249,9 +270,11 @@ class DenoiserCore(ModelCore):
         # states of different latent (or text) shapes cannot share a forward
         control = state.control and (state.control.model, state.control.scale)
         return (tuple(state.latents.shape), tuple(state.embeds.shape[1:]), state.latents.dtype,
-                control)
+                control, state.loras)
 
     def step(self, states: list[DenoiseState]) -> None:
+        if self.takes_loras:
+            self.loras.activate(states[0].loras)  # the states of a step share their LoRAs
         with torch.inference_mode():
             noise = self._predict(states)
             row = 0

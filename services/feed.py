@@ -273,9 +273,10 @@ class PoolFeed:
             if held.attempt == 1 and task.node in task.plan.roots():
                 # Off the critical path: a compare-and-set that only moves queued -> running.
                 host.spawn(host.tracker.mark_running(task.request_id))
-            held.state = self.core.start(
-                WorkItem(task.request_id, node.op, task.params, inputs, tuple(node.adapters))
-            )
+            item = WorkItem(task.request_id, node.op, task.params, inputs, tuple(node.adapters))
+            if self.core.needs_prepare(item):  # off the event loop and the step loop
+                await asyncio.to_thread(self.core.prepare, item)
+            held.state = self.core.start(item)
         except Exception as exc:  # noqa: BLE001 - classified in fail
             await self.fail(held, exc)
             return None

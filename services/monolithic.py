@@ -29,7 +29,7 @@ from common.errors import InvalidField
 from common.messages import merge_meta
 from common.workflow import WorkflowSpec
 from services.catalog import core_class, workflow_components
-from services.core import ModelCore, Result, WorkItem
+from services.core import ModelCore, ModelSource, Result, WorkItem
 
 #: an inner core: (node kind, model directory)
 CoreKey = tuple[str, Path]
@@ -95,7 +95,9 @@ class MonolithicCore(ModelCore):
     def load(self) -> None:
         for kind, model_dir in dict.fromkeys(self.node_cores.values()):
             core = self.make_inner(kind, model_dir)
-            core.resolve_adapter = self.model_dirs.__getitem__  # the workflow's ControlNets
+            # the workflow's ControlNets; LoRAs where this core was told
+            core.source = ModelSource(self.model_dirs.__getitem__,
+                                      self.source.lora_dir if self.source else None)
             core.load()
             self.cores[(kind, model_dir)] = core
         # One VAE per model serves encoder and decoder, as in a pipeline (and as its footprint,
@@ -108,6 +110,21 @@ class MonolithicCore(ModelCore):
     def close(self) -> None:
         for core in self.cores.values():
             core.close()
+
+    def _node_items(self, item: WorkItem) -> list[tuple[ModelCore, WorkItem]]:
+        """Each node's inner core and what it attaches for ``item`` (no inputs yet)."""
+        return [(self.cores[self.node_cores[name]],
+                 WorkItem(item.request_id, node.op, item.params, {}, tuple(node.adapters)))
+                for name, node in self.plan.nodes.items()]
+
+    def needs_prepare(self, item: WorkItem) -> bool:
+        return any(core.needs_prepare(inner) for core, inner in self._node_items(item))
+
+    def prepare(self, item: WorkItem) -> None:
+        """Every node's preparation (ControlNets, LoRAs), before the request's first step."""
+        for core, inner in self._node_items(item):
+            if core.needs_prepare(inner):
+                core.prepare(inner)
 
     def start(self, item: WorkItem) -> PipelineState:
         if item.op not in self.ops:
@@ -164,9 +181,10 @@ class MonolithicCore(ModelCore):
                 tensors = state.images if head == "request" else state.outputs[head]
                 inputs[input_name] = tensors[output]
             core = self.cores[self.node_cores[name]]
-            state.running[name] = core.start(
-                WorkItem(state.request_id, node.op, state.params, inputs, tuple(node.adapters))
-            )
+            item = WorkItem(state.request_id, node.op, state.params, inputs, tuple(node.adapters))
+            if core.needs_prepare(item):  # in the step: one process serves the whole workflow
+                core.prepare(item)
+            state.running[name] = core.start(item)
 
     def done(self, state: PipelineState) -> bool:
         return state.error is not None or self.plan.output_node in state.outputs

@@ -20,7 +20,7 @@ from common.subjects import pool_name
 from common.workflow import WorkflowSpec, shipped_workflows
 from services import liveness
 from services.catalog import CORES, core_class
-from services.core import ModelCore
+from services.core import ModelCore, ModelSource
 from services.monolithic import MonolithicCore
 from services.runner import NodeRunner
 from services.schemes import SCHEMES, scheme_of, shared_scheme
@@ -61,6 +61,7 @@ def build_core(
             dirs = {alias: resolve_model_dir(m, models_dir) for alias, m in spec.models.items()}
             core = MonolithicCore(spec, dirs, device=settings.device, max_batch=max_batch,
                                   dtype=settings.dtype)
+            core.source = ModelSource(dirs.__getitem__, settings.lora_dir)  # LoRAs only
         return core, spec.monolithic_pool()
     if kind in CORES:
         scheme = scheme_of(model)
@@ -70,7 +71,8 @@ def build_core(
             model_dir = resolve_model_dir(model, models_dir)
             core = core_class(kind, model_dir)(
                 model_dir, device=settings.device, max_batch=max_batch, dtype=settings.dtype)
-            core.resolve_adapter = functools.partial(resolve_model_dir, cache_dir=models_dir)
+            core.source = ModelSource(functools.partial(resolve_model_dir, cache_dir=models_dir),
+                                      settings.lora_dir)
         return core, pool_name(kind, model)
     known = ", ".join(sorted([*CORES, MonolithicCore.kind]))
     raise SystemExit(f"unknown node kind {kind!r}; known: {known}")

@@ -15,6 +15,7 @@ from common.errors import InvalidField
 from common.models import component_config, count_tokens
 from common.workflow import truncation_warning
 from services.core import OneShotCore, Result, WorkItem
+from services.lora import Loras, lora_key
 
 
 class TextEncoderCore(OneShotCore):
@@ -24,6 +25,8 @@ class TextEncoderCore(OneShotCore):
 
     #: whether items may share one forward; None: decided at load by a bit-exactness probe
     batch_exact: bool | None = None
+    #: whether a request may name LoRAs (their text encoder layers apply here)
+    takes_loras = True
 
     def load(self) -> None:
         self.tokenizer = self.part("tokenizer")
@@ -33,6 +36,7 @@ class TextEncoderCore(OneShotCore):
             getattr(self.text_encoder.config, "use_attention_mask", False)
         )
         self.time_cond_proj_dim = self._unet_config().get("time_cond_proj_dim")
+        self.loras = Loras(self.text_encoder, "text_encoder")
         if self.batch_exact is None:
             self.batch_exact = self._probe_batching()
 
@@ -48,7 +52,23 @@ class TextEncoderCore(OneShotCore):
 
     def start(self, item: WorkItem) -> Any:
         check_prompt(self, item)
+        if lora_key(item.params) and not self.takes_loras:
+            raise InvalidField("loras", "this model family's text encoder runs no LoRA yet")
         return super().start(item)
+
+    def batch_key(self, state: Any) -> Any:
+        return lora_key(state.item.params)  # one forward runs one set of LoRAs
+
+    def needs_prepare(self, item: WorkItem) -> bool:
+        return self.takes_loras and self.loras.missing(lora_key(item.params), self.source)
+
+    def prepare(self, item: WorkItem) -> None:
+        self.loras.read(lora_key(item.params), self.source)
+
+    def step(self, states: list[Any]) -> None:
+        if self.takes_loras:
+            self.loras.activate(lora_key(states[0].item.params))
+        super().step(states)
 
     def _cfg(self, item: WorkItem) -> bool:
         return float(item.params.get("guidance", 7.5)) > 1 and self.time_cond_proj_dim is None

@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import base64
 import contextlib
 import io
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -406,10 +407,10 @@ def test_flux_served_whole_equals_the_pipeline(flux) -> None:
 
 
 @contextlib.contextmanager
-def stack_on(base_model: str, tmp: Path, cache_dir: Path) -> Iterator:
+def stack_on(base_model: str, tmp: Path, cache_dir: Path, **overrides: object) -> Iterator:
     """A stack on a nats-server of its own serving the shipped workflows of ``base_model``."""
     with nats_server(tmp / "nats") as url, running_stack(
-        tmp, url, cache_dir, base_model=base_model, autoscale=False,
+        tmp, url, cache_dir, base_model=base_model, autoscale=False, **overrides,
     ) as stack:
         yield stack
 
@@ -583,6 +584,160 @@ def test_controlnet_served_whole_equals_the_pipeline(sd, cache_dir: Path) -> Non
 
 
 # --------------------------------------------------------------------------------------------
+# LoRAs per request (SD 1.x): files in lora_dir, on the UNet, each at its scale
+# --------------------------------------------------------------------------------------------
+
+
+def build_lora(sd_dir: Path, lora_dir: Path, name: str, seed: int) -> Path:
+    """A random LoRA for tiny-sd's UNet, saved as diffusers saves one."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(sd_dir, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    StableDiffusionPipeline.save_lora_weights(
+        str(lora_dir), weight_name=f"{name}.safetensors",
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+    return lora_dir / f"{name}.safetensors"
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    path = tmp_path_factory.mktemp("loras")
+    sd_dir = resolve_model_dir("builtin:tiny-sd", cache_dir / "models")
+    for name, seed in (("style", 1), ("ink", 2)):
+        build_lora(sd_dir, path, name, seed)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lora_cores(cache_dir: Path, lora_dir: Path) -> SimpleNamespace:
+    import functools
+
+    from services.core import ModelSource
+
+    torch.set_num_threads(1)
+    models = cache_dir / "models"
+    sd_dir = resolve_model_dir("builtin:tiny-sd", models)
+    cores = SimpleNamespace(**{kind: _loaded(core_class(kind, sd_dir)(sd_dir))
+                               for kind in ("text_encoder", "denoiser", "vae_decoder")})
+    for core in vars(cores).values():
+        core.source = ModelSource(functools.partial(resolve_model_dir, cache_dir=models),
+                                  lora_dir)
+    return cores
+
+
+def lora_params(loras: list[tuple[str, float]], seed: int = 5, prompt: str = PROMPT) -> dict:
+    return {"prompt": prompt, "negative_prompt": "blurry", "steps": 3, "guidance": 7.5,
+            "seed": seed, "width": 64, "height": 64,
+            "loras": [{"name": n, "scale": s} for n, s in loras]}
+
+
+def lora_images(cores: SimpleNamespace, requests: list[dict]) -> list[np.ndarray]:
+    """As a replica runs them: each item prepared (its LoRAs read), then one batch a node."""
+    def run(core: ModelCore, op: str, inputs: list[dict]) -> list:
+        items = [WorkItem(f"r{i}", op, p, x)
+                 for i, (p, x) in enumerate(zip(requests, inputs, strict=True))]
+        for item in items:
+            if core.needs_prepare(item):
+                core.prepare(item)
+        return drive(core, items)
+
+    texts = run(cores.text_encoder, "encode", [{}] * len(requests))
+    latents = run(cores.denoiser, "denoise", [t.tensors for t in texts])
+    images = run(cores.vae_decoder, "decode", [r.tensors for r in latents])
+    return [r.tensors["image"][0].numpy() for r in images]
+
+
+def lora_pipeline_image(sd_dir: Path, lora_dir: Path, params: dict) -> np.ndarray:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = _pipe("StableDiffusionPipeline", sd_dir, add_watermarker=None, safety_checker=None,
+                 requires_safety_checker=False)
+    names = [lora["name"] for lora in params["loras"]]
+    for name in names:
+        pipe.load_lora_weights(str(lora_dir), weight_name=f"{name}.safetensors",
+                               adapter_name=name)
+    if names:
+        pipe.set_adapters(names, [lora["scale"] for lora in params["loras"]])
+    assert isinstance(pipe, StableDiffusionPipeline)
+    return pipeline_image(pipe, params)
+
+
+def test_loras_equal_the_pipelines_with_the_same_adapters(lora_cores, lora_dir,
+                                                          cache_dir: Path) -> None:
+    sd_dir = resolve_model_dir("builtin:tiny-sd", cache_dir / "models")
+    seen = []
+    # one replica: LoRAs loaded, switched, several at once, then none (the plain model)
+    for loras in ([("style", 1.0)], [("style", 0.5), ("ink", 1.5)], [], [("ink", -1.0)]):
+        params = lora_params(loras)
+        [served] = lora_images(lora_cores, [params])
+        assert np.array_equal(served, lora_pipeline_image(sd_dir, lora_dir, params)), loras
+        seen.append(served)
+    assert not any(np.array_equal(seen[2], other) for other in seen[:2] + seen[3:])
+
+
+def test_requests_with_other_loras_batch_apart_and_match_alone(lora_cores, lora_dir,
+                                                               cache_dir: Path) -> None:
+    sd_dir = resolve_model_dir("builtin:tiny-sd", cache_dir / "models")
+    requests = [lora_params([("style", 1.0)], seed=1), lora_params([], seed=2),
+                lora_params([("ink", 0.7)], seed=3), lora_params([("style", 1.0)], seed=4)]
+    for params, served in zip(requests, lora_images(lora_cores, requests), strict=True):
+        expected = lora_pipeline_image(sd_dir, lora_dir, params)
+        assert np.abs(served.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_a_replaced_lora_file_is_read_again(lora_cores, lora_dir, cache_dir: Path) -> None:
+    import shutil
+
+    sd_dir = resolve_model_dir("builtin:tiny-sd", cache_dir / "models")
+    shutil.copy(lora_dir / "style.safetensors", lora_dir / "swap.safetensors")
+    [before] = lora_images(lora_cores, [lora_params([("swap", 1.0)])])
+    time.sleep(0.01)  # a new modification time
+    build_lora(sd_dir, lora_dir, "swap", seed=9)
+    params = lora_params([("swap", 1.0)])
+    [after] = lora_images(lora_cores, [params])
+    assert not np.array_equal(before, after)
+    assert np.array_equal(after, lora_pipeline_image(sd_dir, lora_dir, params))
+
+
+def test_loras_served_whole_equal_the_pipeline(cache_dir: Path, lora_dir: Path) -> None:
+    from services.core import ModelSource
+
+    sd_dir = resolve_model_dir("builtin:tiny-sd", cache_dir / "models")
+    core = MonolithicCore(builtin_workflows()["lora"], {"base": sd_dir})
+    core.source = ModelSource(lambda spec: sd_dir, lora_dir)
+    core.load()
+    params = lora_params([("ink", 0.6)], seed=12)
+    item = WorkItem("r", "run", params, {})
+    assert core.needs_prepare(item)
+    core.prepare(item)
+    [served] = drive(core, [item])
+    assert np.array_equal(served.tensors["image"][0].numpy(),
+                          lora_pipeline_image(sd_dir, lora_dir, params))
+
+
+def test_lora_errors_name_the_field(lora_cores) -> None:
+    from common.errors import InvalidField
+    from common.workflow import check_loras
+
+    with pytest.raises(InvalidField, match="no LoRA 'nope'"):
+        lora_images(lora_cores, [lora_params([("nope", 1.0)])])
+    for value, field in (("style", "loras"), ([{"name": "../x"}], "loras[0].name"),
+                         ([{"name": "a", "scale": 9}], "loras[0].scale"),
+                         ([{"name": "a", "extra": 1}], "loras[0]"),
+                         ([{"name": f"l{i}"} for i in range(5)], "loras")):
+        with pytest.raises(InvalidField) as caught:
+            check_loras("loras", value, 4)
+        assert caught.value.to_dict()["field"] == field
+    assert check_loras("loras", [{"name": "a"}, {"name": "a", "scale": 0.5}], 4) == [
+        {"name": "a", "scale": 1.5}]  # named twice: one LoRA, its scales added
+
+
+# --------------------------------------------------------------------------------------------
 # dtypes
 # --------------------------------------------------------------------------------------------
 
@@ -611,3 +766,19 @@ def test_cores_load_their_weights_in_the_dtype_asked_for(sdxl_dir: Path) -> None
               "height": 64}
     [image] = micro_images(cores, [params])
     assert image.dtype == np.uint8 and image.shape == (64, 64, 3) and image.std() > 5
+
+
+@pytest.mark.timeout(300)
+def test_a_stack_serves_loras_from_its_lora_dir(tmp_path_factory, cache_dir: Path,
+                                                lora_dir: Path) -> None:
+    sd_dir = resolve_model_dir("builtin:tiny-sd", cache_dir / "models")
+    with stack_on("builtin:tiny-sd", tmp_path_factory.mktemp("lora"), cache_dir,
+                  lora_dir=lora_dir, workflows=["lora"]) as stack, \
+            LegoClient(stack.gateway_url) as client:
+        for loras in ([("style", 0.8), ("ink", 0.4)], []):
+            params = lora_params(loras, seed=17)
+            _, png = client.generate("lora", **params)
+            assert np.array_equal(png_pixels(png),
+                                  lora_pipeline_image(sd_dir, lora_dir, params))
+        state = client.submit("lora", wait_s=30, **lora_params([("nope", 1.0)]))
+        assert state.status == "failed" and "no LoRA 'nope'" in state.error.message

@@ -121,6 +121,9 @@ function paramInput(name, param) {
   if (param.type === "boolean") {
     return el("input", { ...common, type: "checkbox", checked: param.default === true });
   }
+  if (param.type === "loras") {
+    return el("input", { ...common, type: "text", placeholder: '[{"name": "style", "scale": 0.8}]' });
+  }
   return el("input", { ...common, type: "text", placeholder: placeholder(param) });
 }
 
@@ -171,6 +174,9 @@ async function requestBody() {
       if (input.files.length) body[name] = await readFileBase64(input.files[0]);
     } else if (param.type === "boolean") {
       body[name] = input.checked;
+    } else if (param.type === "loras" && input.value !== "") {
+      // JSON, as the API takes it; what does not parse goes as typed, for the API to name
+      try { body[name] = JSON.parse(input.value); } catch { body[name] = input.value; }
     } else if (input.value !== "") {
       // Empty means "the workflow's default"; a number the browser cannot read goes as typed,
       // so the API names the field and its limit.

@@ -36,6 +36,8 @@ class FluxClipEncoderCore(TextEncoderCore):
     """CLIP's pooled output (``pooler_output``) of the prompt (``[negative, positive]`` under
     true CFG)."""
 
+    takes_loras = False  # FLUX's LoRAs are not built yet
+
     def _cfg(self, item: WorkItem) -> bool:
         return true_cfg(item)
 

@@ -93,6 +93,7 @@ class T5EncoderCore(OneShotCore):
 
 class Sd3DenoiserCore(DenoiserCore):
     components = ("transformer",)
+    takes_controlnet = takes_loras = False  # not built yet for SD3 and FLUX
 
     def load(self) -> None:
         self.transformer = self.weights("transformer")

@@ -30,6 +30,7 @@ CROP = (0, 0)
 
 class SdxlTextEncoderCore(TextEncoderCore):
     components = ("text_encoder", "text_encoder_2")
+    takes_loras = False  # SDXL's LoRAs are not built yet
     #: the pooled embeddings: every encoder's projected output, concatenated (SD3's), or the
     #: first one's (SDXL's)
     pool_all: bool = False
@@ -110,7 +111,7 @@ class SdxlTextEncoderCore(TextEncoderCore):
 
 
 class SdxlDenoiserCore(DenoiserCore):
-    takes_controlnet = False  # SDXL's ControlNets are not built yet
+    takes_controlnet = takes_loras = False  # SDXL's ControlNets and LoRAs: not built yet
     def load(self) -> None:
         super().load()
         config = self.unet.config
