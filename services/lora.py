@@ -40,12 +40,16 @@ class _Read:
 
 
 class Loras:
-    """The LoRAs one model of a replica holds: ``component`` ``"unet"`` or
-    ``"text_encoder"`` (the part of a LoRA file it takes)."""
+    """The LoRAs one model of a replica holds: ``component`` ``"unet"``, ``"text_encoder"``
+    or ``"text_encoder_2"`` (the part of a LoRA file it takes); ``pipeline`` the diffusers
+    pipeline class whose loaders read the family's LoRA files (their formats differ)."""
 
-    def __init__(self, model: Any, component: str, keep: int = 16) -> None:
+    def __init__(self, model: Any, component: str, pipeline: Any = None, keep: int = 16) -> None:
+        from diffusers import StableDiffusionPipeline
+
         self.model = model
         self.component = component
+        self.pipeline = pipeline or StableDiffusionPipeline
         self.keep = keep
         self._read: dict[str, _Read] = {}  # read from disk, not in the model yet
         self._loaded: OrderedDict[str, tuple[float, str]] = OrderedDict()  # name -> (mtime, id)
@@ -68,8 +72,6 @@ class Loras:
 
     def read(self, loras: LoraKey, source: ModelSource | None) -> None:
         """Read the files of ``loras`` not read yet (or changed since): a worker thread's work."""
-        from diffusers import StableDiffusionPipeline
-
         for name, _ in loras:
             if source is None:
                 from common.errors import InvalidField
@@ -82,7 +84,7 @@ class Loras:
                 if (loaded and loaded[0] == mtime) or (
                         name in self._read and self._read[name].mtime == mtime):
                     continue
-            state_dict, alphas = StableDiffusionPipeline.lora_state_dict(
+            state_dict, alphas = self.pipeline.lora_state_dict(
                 str(path.parent), weight_name=path.name)
             with self._lock:
                 self._read[name] = _Read(mtime, state_dict, alphas)
@@ -120,19 +122,18 @@ class Loras:
     # ---------------------------------------------------------------------------------------
 
     def _inject(self, read: _Read, adapter: str) -> None:
-        from diffusers import StableDiffusionPipeline
-
         from common.errors import InvalidField
 
         if self.component == "unet":
-            StableDiffusionPipeline.load_lora_into_unet(
+            self.pipeline.load_lora_into_unet(
                 read.state_dict, read.alphas, unet=self.model, adapter_name=adapter)
             return
         if not any(key.startswith(f"{self.component}.") for key in read.state_dict):
             return  # no layers for this model (a UNet-only LoRA)
         try:
-            StableDiffusionPipeline.load_lora_into_text_encoder(
-                read.state_dict, read.alphas, text_encoder=self.model, adapter_name=adapter)
+            self.pipeline.load_lora_into_text_encoder(
+                read.state_dict, read.alphas, text_encoder=self.model, prefix=self.component,
+                adapter_name=adapter)
         except ValueError as exc:  # transformers' PEFT integration may want a newer PEFT
             raise InvalidField("loras", f"its text encoder layers cannot load here: {exc}") \
                 from None

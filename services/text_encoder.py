@@ -36,7 +36,7 @@ class TextEncoderCore(OneShotCore):
             getattr(self.text_encoder.config, "use_attention_mask", False)
         )
         self.time_cond_proj_dim = self._unet_config().get("time_cond_proj_dim")
-        self.loras = Loras(self.text_encoder, "text_encoder")
+        self.lora_models = [Loras(self.text_encoder, "text_encoder")]
         if self.batch_exact is None:
             self.batch_exact = self._probe_batching()
 
@@ -60,14 +60,17 @@ class TextEncoderCore(OneShotCore):
         return lora_key(state.item.params)  # one forward runs one set of LoRAs
 
     def needs_prepare(self, item: WorkItem) -> bool:
-        return self.takes_loras and self.loras.missing(lora_key(item.params), self.source)
+        loras = lora_key(item.params)
+        return self.takes_loras and any(m.missing(loras, self.source) for m in self.lora_models)
 
     def prepare(self, item: WorkItem) -> None:
-        self.loras.read(lora_key(item.params), self.source)
+        for model in self.lora_models:
+            model.read(lora_key(item.params), self.source)
 
     def step(self, states: list[Any]) -> None:
         if self.takes_loras:
-            self.loras.activate(lora_key(states[0].item.params))
+            for model in self.lora_models:
+                model.activate(lora_key(states[0].item.params))
         super().step(states)
 
     def _cfg(self, item: WorkItem) -> bool:

@@ -720,6 +720,39 @@ def test_loras_served_whole_equal_the_pipeline(cache_dir: Path, lora_dir: Path) 
                           lora_pipeline_image(sd_dir, lora_dir, params))
 
 
+def test_sdxl_loras_equal_the_pipelines(sdxl_dir: Path, txt2img_pipe,
+                                        tmp_path: Path) -> None:
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from services.core import ModelSource
+
+    torch.manual_seed(3)
+    unet = UNet2DConditionModel.from_pretrained(sdxl_dir, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    StableDiffusionXLPipeline.save_lora_weights(
+        str(tmp_path), weight_name="xl.safetensors",
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+    cores = SimpleNamespace(**{kind: _loaded(core_class(kind, sdxl_dir)(sdxl_dir))
+                               for kind in ("text_encoder", "denoiser", "vae_decoder")})
+    for core in vars(cores).values():
+        core.source = ModelSource(lambda spec: sdxl_dir, tmp_path)
+    params = {"prompt": PROMPT, "steps": 3, "guidance": 5.0, "seed": 6, "width": 64,
+              "height": 64, "loras": [{"name": "xl", "scale": 0.7}]}
+    item = WorkItem("r", "denoise", params, {})
+    for core in (cores.text_encoder, cores.denoiser):
+        if core.needs_prepare(item):
+            core.prepare(item)
+    [served] = micro_images(cores, [params])
+    pipe = _pipe("StableDiffusionXLPipeline", sdxl_dir)
+    pipe.load_lora_weights(str(tmp_path), weight_name="xl.safetensors", adapter_name="xl")
+    pipe.set_adapters(["xl"], [0.7])
+    assert np.array_equal(served, pipeline_image(pipe, params))
+    assert not np.array_equal(served, pipeline_image(txt2img_pipe, params))  # it steers
+
+
 def test_lora_errors_name_the_field(lora_cores) -> None:
     from common.errors import InvalidField
     from common.workflow import check_loras

@@ -26,6 +26,7 @@ from services.text_encoder import check_prompt, plain
 
 class Sd3ClipEncoderCore(SdxlTextEncoderCore):
     pool_all = True
+    takes_loras = False  # SD3's LoRAs are not built yet
 
     def _zero_negative(self, item: WorkItem) -> bool:
         return False  # SD3 encodes a missing negative prompt as ""

@@ -22,7 +22,15 @@ from common.errors import InvalidField
 from common.models import model_index
 from services.core import Result, WorkItem
 from services.denoiser import DenoiserCore, DenoiseState
+from services.lora import Loras
 from services.text_encoder import TextEncoderCore, plain
+
+
+def pipeline_class(model_dir: Any) -> Any:
+    """The diffusers pipeline class ``model_dir`` was saved from (its LoRA loaders)."""
+    import diffusers
+
+    return getattr(diffusers, model_index(model_dir)["_class_name"])
 
 #: the pipeline's crop corner (``crops_coords_top_left``)
 CROP = (0, 0)
@@ -30,7 +38,6 @@ CROP = (0, 0)
 
 class SdxlTextEncoderCore(TextEncoderCore):
     components = ("text_encoder", "text_encoder_2")
-    takes_loras = False  # SDXL's LoRAs are not built yet
     #: the pooled embeddings: every encoder's projected output, concatenated (SD3's), or the
     #: first one's (SDXL's)
     pool_all: bool = False
@@ -41,6 +48,8 @@ class SdxlTextEncoderCore(TextEncoderCore):
                                    ("tokenizer_2", "text_encoder_2")):
             pairs.append((self.part(tokenizer), self.weights(encoder)))
         self.pairs = pairs
+        self.lora_models = [Loras(enc, name, pipeline_class(self.model_dir))
+                            for (_, enc), name in zip(pairs, self.components, strict=True)]
         self.tokenizer, self.text_encoder = pairs[0]  # the first counts prompt tokens
         self.max_length = int(self.tokenizer.model_max_length)
         self.dtype = pairs[-1][1].dtype  # the pipeline casts to text_encoder_2's dtype
@@ -111,9 +120,11 @@ class SdxlTextEncoderCore(TextEncoderCore):
 
 
 class SdxlDenoiserCore(DenoiserCore):
-    takes_controlnet = takes_loras = False  # SDXL's ControlNets and LoRAs: not built yet
+    takes_controlnet = False  # SDXL's ControlNets: not built yet
+
     def load(self) -> None:
         super().load()
+        self.loras = Loras(self.unet, "unet", pipeline_class(self.model_dir))
         config = self.unet.config
         self.time_embed_dim = config.addition_time_embed_dim
         self.add_embed_in = self.unet.add_embedding.linear_1.in_features
