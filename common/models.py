@@ -47,6 +47,7 @@ TINY_SD3 = "tiny-sd3"
 TINY_FLUX = "tiny-flux"
 TINY_FLUX_SCHNELL = "tiny-flux-schnell"
 TINY_SD_CONTROLNET = "tiny-sd-controlnet"
+TINY_SDXL_CONTROLNET = "tiny-sdxl-controlnet"
 TINY_UPSCALER = "tiny-upscaler"
 
 
@@ -567,9 +568,10 @@ def _build_tiny_flux(guidance_embeds: bool = True):
     )
 
 
-def _build_tiny_sd_controlnet():
-    """A ControlNet for tiny-sd (diffusers' ControlNet fast-test layout on tiny-sd's UNet
-    shape): its conditioning embedding halves the control image once, as tiny-sd's VAE."""
+def _build_tiny_controlnet(**config):
+    """A ControlNet for a tiny UNet (diffusers' ControlNet fast-test layout on tiny-sd's UNet
+    shape, with ``config`` for the model it serves): its conditioning embedding halves the
+    control image once, as the tiny VAE."""
     import torch
     from diffusers import ControlNetModel
 
@@ -579,9 +581,9 @@ def _build_tiny_sd_controlnet():
         layers_per_block=1,
         in_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        cross_attention_dim=8,
         conditioning_embedding_out_channels=(4, 8),
         norm_num_groups=2,
+        **config,
     ).eval()
     # a new ControlNet's output convolutions are zeros (it starts as a no-op); a trained one's
     # are not, so give the tiny one small random ones: its control image then steers
@@ -663,7 +665,13 @@ _BUILDERS: dict[str, Callable[[], object]] = {
     TINY_SD3: _build_tiny_sd3,
     TINY_FLUX: _build_tiny_flux,
     TINY_FLUX_SCHNELL: functools.partial(_build_tiny_flux, guidance_embeds=False),
-    TINY_SD_CONTROLNET: _build_tiny_sd_controlnet,
+    TINY_SD_CONTROLNET: functools.partial(_build_tiny_controlnet, cross_attention_dim=8),
+    # tiny-sdxl's UNet conditioning: pooled embeddings and time ids
+    TINY_SDXL_CONTROLNET: functools.partial(
+        _build_tiny_controlnet, attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=6 * 8 + 8,
+        cross_attention_dim=16),
     TINY_UPSCALER: _build_tiny_upscaler,
 }
 

@@ -305,7 +305,8 @@ class DenoiserCore(ModelCore):
             down, mid = self._controlnets[control.model](
                 sample, timestep, encoder_hidden_states=cond,
                 controlnet_cond=_rows([s.control.image for s in states]),
-                conditioning_scale=control.scale, guess_mode=False, return_dict=False)
+                conditioning_scale=control.scale, guess_mode=False, added_cond_kwargs=added,
+                return_dict=False)
             residuals = {"down_block_additional_residuals": down,
                          "mid_block_additional_residual": mid}
         return self.unet(

@@ -229,7 +229,7 @@ def test_the_cores_follow_the_family(sdxl_dir: Path, sd3_dir: Path, cache_dir: P
 def test_shipped_workflows_follow_the_base_models_family(cache_dir: Path) -> None:
     sdxl = Settings(base_model=SDXL, cache_dir=cache_dir)
     sd = Settings(cache_dir=cache_dir)
-    assert set(shipped_workflows(sdxl)) == {"sdxl-txt2img", "sdxl-img2img"}
+    assert set(shipped_workflows(sdxl)) == {"sdxl-txt2img", "sdxl-img2img", "sdxl-controlnet"}
     sd3 = Settings(base_model=SD3, cache_dir=cache_dir)
     assert set(shipped_workflows(sd3)) == {"sd3-txt2img"}
     assert default_workflow(sd3) == "sd3-txt2img"
@@ -424,7 +424,7 @@ def sdxl_stack(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Ite
 @pytest.mark.timeout(300)
 def test_a_stack_on_an_sdxl_model_serves_its_workflows_as_the_pipelines(
         sdxl_stack, txt2img_pipe, img2img_pipe) -> None:
-    assert set(sdxl_stack.workflows) == {"sdxl-txt2img", "sdxl-img2img"}
+    assert set(sdxl_stack.workflows) == {"sdxl-txt2img", "sdxl-img2img", "sdxl-controlnet"}
     image = source_image(64, 64)
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, "PNG")
@@ -443,6 +443,12 @@ def test_a_stack_on_an_sdxl_model_serves_its_workflows_as_the_pipelines(
         difference = np.abs(png_pixels(png).astype(int)
                             - pipeline_image(img2img_pipe, params, image).astype(int))
         assert difference.max() <= 1 and (difference > 0).mean() < 0.01
+        buffer = io.BytesIO()
+        Image.fromarray(CONTROL).save(buffer, "PNG")
+        state, png = client.generate("sdxl-controlnet", prompt="a lighthouse", steps=2,
+                                     seed=4, control_image=base64.b64encode(
+                                         buffer.getvalue()).decode())
+        assert state.status == "succeeded" and png_pixels(png).shape == (56, 48, 3)
 
 
 @pytest.fixture(scope="module")
@@ -550,6 +556,39 @@ def test_controlnet_equals_the_pipeline(sd, scale, guidance, sizes) -> None:
     plain = controlnet_image(sd.cores, {**params, "width": served.shape[1],
                                         "height": served.shape[0]}, None)
     assert not np.array_equal(served, plain)
+
+
+def test_sdxl_controlnet_equals_the_pipeline(sdxl_dir: Path, cache_dir: Path) -> None:
+    import functools
+
+    from diffusers import ControlNetModel
+
+    from services.core import ModelSource
+
+    models = cache_dir / "models"
+    cores = SimpleNamespace(**{kind: _loaded(core_class(kind, sdxl_dir)(sdxl_dir))
+                               for kind in ("text_encoder", "denoiser", "vae_decoder")})
+    cores.denoiser.source = ModelSource(functools.partial(resolve_model_dir, cache_dir=models))
+    spec = "builtin:tiny-sdxl-controlnet"
+    pipe = _pipe("StableDiffusionXLControlNetPipeline", sdxl_dir, controlnet=ControlNetModel
+                 .from_pretrained(resolve_model_dir(spec, models)))
+    for scale, guidance, negative in ((1.0, 5.0, None), (0.5, 1.0, "blurry")):
+        params = {"prompt": PROMPT, "guidance": guidance, "steps": 3, "seed": 3,
+                  "controlnet_conditioning_scale": scale}
+        if negative is not None:
+            params["negative_prompt"] = negative
+        embeds = one(cores.text_encoder, "encode", params).tensors
+        item = WorkItem("r", "denoise", params,
+                        {**embeds, "control_image": torch.from_numpy(CONTROL)[None]}, (spec,))
+        if cores.denoiser.needs_prepare(item):
+            cores.denoiser.prepare(item)
+        [latents] = drive(cores.denoiser, [item])
+        served = one(cores.vae_decoder, "decode", {}, **latents.tensors).tensors["image"][0]
+        out = pipe(PROMPT, image=Image.fromarray(CONTROL), negative_prompt=negative,
+                   guidance_scale=guidance, num_inference_steps=3,
+                   controlnet_conditioning_scale=scale,
+                   generator=torch.Generator("cpu").manual_seed(3), output_type="np")
+        assert np.array_equal(served.numpy(), to_uint8(out.images)[0])
 
 
 def test_controlnet_requests_name_what_they_lack(sd) -> None:

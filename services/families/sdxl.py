@@ -120,8 +120,6 @@ class SdxlTextEncoderCore(TextEncoderCore):
 
 
 class SdxlDenoiserCore(DenoiserCore):
-    takes_controlnet = False  # SDXL's ControlNets: not built yet
-
     def load(self) -> None:
         super().load()
         self.loras = Loras(self.unet, "unet", pipeline_class(self.model_dir))
