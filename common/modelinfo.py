@@ -18,8 +18,19 @@ from common.models import (
 class LocalModelInfo:
     """``common.workflow.ModelInfo`` over model directories on this host."""
 
-    def __init__(self, cache_dir: Path) -> None:
+    def __init__(self, cache_dir: Path, lora_dir: Path | None = None) -> None:
         self.cache_dir = cache_dir
+        self.lora_dir = lora_dir
+
+    def lora_problem(self, name: str) -> str | None:
+        """A LoRA this host's nodes cannot find (where the gateway sees the ``lora_dir`` the
+        nodes read: a directory it cannot see is left to the nodes to check)."""
+        if self.lora_dir is None:
+            return "this deployment serves no LoRAs (the lora_dir setting is not set)"
+        if Path(self.lora_dir).is_dir() and not (Path(self.lora_dir) / f"{name}.safetensors"
+                                                 ).is_file():
+            return f"no LoRA {name!r} in {self.lora_dir}"
+        return None
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 - one instance per process
     def _dir(self, model: str) -> Path:

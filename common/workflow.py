@@ -367,6 +367,10 @@ class ModelInfo(Protocol):
         """(width, height) the model makes by default, as diffusers picks it."""
         ...
 
+    def lora_problem(self, name: str) -> str | None:
+        """Why LoRA ``name`` cannot be served (none configured, no such file), or None."""
+        ...
+
 
 @dataclass
 class ValidRequest:
@@ -415,6 +419,10 @@ def validate_params(
                 out.params[name] = {"width": image.shape[1], "height": image.shape[0]}
             elif p.type == "loras":
                 out.params[name] = check_loras(name, value, p.max_items)
+                for i, lora in enumerate(out.params[name] if models is not None else ()):
+                    problem = models.lora_problem(lora["name"])
+                    if problem is not None:
+                        raise InvalidField(f"{name}[{i}].name", problem)
             else:
                 out.params[name] = _check_scalar(name, p, value)
                 if p.tokenizer and models is not None and isinstance(value, str):

@@ -150,7 +150,7 @@ class Gateway:
         await self.loads.start()
         self.ingress = Ingress(
             settings, self.js, self.registry, self.tracker, self.store,
-            LocalModelInfo(settings.cache_dir / "models"), self.loads,
+            LocalModelInfo(settings.cache_dir / "models", settings.lora_dir), self.loads,
         )
         self.progress_sub = await self.nc.subscribe(
             subjects.PROGRESS_WILDCARD, cb=self._on_progress

@@ -411,6 +411,10 @@ def generation_request(spec: WorkflowSpec, settings: Settings) -> dict[str, Any]
     props: dict[str, Any] = {"workflow": {"const": spec.name}}
     props.update(_envelope(settings))
     props.update({name: param_schema(p) for name, p in spec.params.items()})
+    for name, p in spec.params.items():
+        if p.type == "loras" and settings.lora_dir is None:
+            props[name]["maxItems"] = 0
+            props[name]["description"] = "none here: this deployment serves no LoRAs"
     required = sorted(name for name, p in spec.params.items() if p.required)
     if spec.name != DEFAULT_WORKFLOW:
         required.insert(0, "workflow")

@@ -90,13 +90,14 @@ class MonolithicCore(ModelCore):
         self.images = set(spec.compile(monolithic=True).nodes["pipeline"].inputs)
         self.cores: dict[CoreKey, ModelCore] = {}
         #: model spec -> directory, for the adapters its nodes attach
-        self.model_dirs = {spec.models[alias]: path for alias, path in dirs.items()}
+        self.spec_dirs = {spec.models[alias]: path for alias, path in dirs.items()
+                          if alias in spec.models}
 
     def load(self) -> None:
         for kind, model_dir in dict.fromkeys(self.node_cores.values()):
             core = self.make_inner(kind, model_dir)
             # the workflow's ControlNets; LoRAs where this core was told
-            core.source = ModelSource(self.model_dirs.__getitem__,
+            core.source = ModelSource(self.spec_dirs.__getitem__,
                                       self.source.lora_dir if self.source else None)
             core.load()
             self.cores[(kind, model_dir)] = core

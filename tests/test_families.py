@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 from legoclient import LegoClient
+from legoclient import LegoError as LegoClientError
 from PIL import Image
 
 from common import families
@@ -508,12 +509,14 @@ def sd(cache_dir: Path) -> SimpleNamespace:
 
     from diffusers import ControlNetModel
 
+    from services.core import ModelSource
+
     torch.set_num_threads(1)
     models = cache_dir / "models"
     sd_dir, control_dir = (resolve_model_dir(m, models) for m in ("builtin:tiny-sd", CONTROLNET))
     cores = SimpleNamespace(**{kind: _loaded(core_class(kind, sd_dir)(sd_dir))
                                for kind in ("text_encoder", "denoiser", "vae_decoder")})
-    cores.denoiser.resolve_adapter = functools.partial(resolve_model_dir, cache_dir=models)
+    cores.denoiser.source = ModelSource(functools.partial(resolve_model_dir, cache_dir=models))
     pipe = _pipe("StableDiffusionControlNetPipeline", sd_dir, add_watermarker=None,
                  controlnet=ControlNetModel.from_pretrained(control_dir), safety_checker=None,
                  requires_safety_checker=False)
@@ -852,5 +855,25 @@ def test_a_stack_serves_loras_from_its_lora_dir(tmp_path_factory, cache_dir: Pat
             _, png = client.generate("lora", **params)
             assert np.array_equal(png_pixels(png),
                                   lora_pipeline_image(sd_dir, lora_dir, params))
-        state = client.submit("lora", wait_s=30, **lora_params([("nope", 1.0)]))
-        assert state.status == "failed" and "no LoRA 'nope'" in state.error.message
+        with pytest.raises(LegoClientError) as caught:  # the gateway sees the lora_dir
+            client.submit("lora", **lora_params([("nope", 1.0)]))
+        assert caught.value.status == 422 and "loras[0].name" in str(caught.value)
+
+
+def test_the_gateway_names_a_lora_it_cannot_serve(cache_dir: Path, lora_dir: Path) -> None:
+    from common.errors import InvalidRequest
+    from common.modelinfo import LocalModelInfo
+    from common.workflow import validate_params
+
+    spec = builtin_workflows()["lora"]
+    raw = {"prompt": "a cat", "loras": [{"name": "style"}, {"name": "nope", "scale": 0.5}]}
+    for models, field, message in (
+            (LocalModelInfo(cache_dir / "models", lora_dir), "loras[1].name", "no LoRA 'nope'"),
+            (LocalModelInfo(cache_dir / "models"), "loras[0].name", "serves no LoRAs")):
+        with pytest.raises(InvalidRequest) as caught:
+            validate_params(spec, raw, models)
+        [error] = caught.value.to_dict()["errors"]
+        assert error["field"] == field and message in error["message"]
+    valid = validate_params(spec, {"prompt": "a cat", "loras": [{"name": "style"}]},
+                            LocalModelInfo(cache_dir / "models", lora_dir))
+    assert valid.params["loras"] == [{"name": "style", "scale": 1.0}]

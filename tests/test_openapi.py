@@ -48,10 +48,11 @@ def _settings(tmp: Path, nats_url: str, cache_dir: Path, **extra: object) -> Set
 
 
 def _text_workflows() -> dict:
-    """The shipped workflows without an image parameter (an image's content is more than a
-    schema can say), each declaring a tiny solo latency: requests get a short deadline."""
+    """The shipped workflows of the default base model's family without an image parameter
+    (an image's content is more than a schema can say), each declaring a tiny solo latency:
+    requests get a short deadline."""
     return {name: spec.model_copy(update={"solo_latency_s": 0.05})
-            for name, spec in builtin_workflows().items()
+            for name, spec in builtin_workflows({"base": "builtin:tiny-sd"}).items()
             if all(p.type != "image" for p in spec.params.values())}
 
 

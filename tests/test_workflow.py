@@ -34,6 +34,9 @@ class FakeModels:
     def native_size(self, model: str) -> tuple[int, int]:
         return 64, 64
 
+    def lora_problem(self, name: str) -> str | None:
+        return None if name == "style" else f"no LoRA {name!r}"
+
 
 def png_b64(width: int, height: int) -> str:
     buffer = io.BytesIO()
@@ -112,7 +115,7 @@ def test_workflows_a_model_cannot_serve_are_left_out_with_the_reason(tmp_path: P
     assert "safety_checker" in left_out["txt2img-safe"]
     assert str(model) in left_out["txt2img-safe"]
     assert "feature_extractor" not in left_out["txt2img-safe"]  # it has that one
-    assert set(kept) == {"txt2img", "txt2img-hires", "img2img"}
+    assert set(kept) == {"txt2img", "txt2img-hires", "img2img", "lora"}
     # the same through the settings, as lego up and the gateway choose them
     offered, why = offered_workflows(Settings(base_model=str(model)))
     assert set(offered) == set(kept) and why == left_out
