@@ -40,8 +40,8 @@ CASES = {
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("monolithic")
-    with nats_server(tmp / "nats") as url, running_stack(tmp, url, cache_dir,
-                                                         monolithic=True) as st:
+    with nats_server(tmp / "nats") as url, running_stack(tmp, url, cache_dir, monolithic=True,
+                                                         workflows=sorted(CASES)) as st:
         yield st
 
 
