@@ -13,6 +13,7 @@ from common.models import (
     resolve_model_dir,
     vae_scale_factor,
 )
+from common.workflow import lora_path
 
 
 class LocalModelInfo:
@@ -27,8 +28,7 @@ class LocalModelInfo:
         nodes read: a directory it cannot see is left to the nodes to check)."""
         if self.lora_dir is None:
             return "this deployment serves no LoRAs (the lora_dir setting is not set)"
-        if Path(self.lora_dir).is_dir() and not (Path(self.lora_dir) / f"{name}.safetensors"
-                                                 ).is_file():
+        if Path(self.lora_dir).is_dir() and not lora_path(self.lora_dir, name).is_file():
             return f"no LoRA {name!r} in {self.lora_dir}"
         return None
 

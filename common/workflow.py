@@ -486,6 +486,11 @@ def _num(x: float) -> int | float:
 
 #: a LoRA's name: its file in the ``lora_dir`` setting is ``NAME.safetensors``
 LORA_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+def lora_path(lora_dir: Path, name: str) -> Path:
+    """Where LoRA ``name`` is: ``lora_dir/NAME.safetensors``."""
+    return Path(lora_dir) / f"{name}.safetensors"
+
+
 #: the scale a request may give a LoRA
 LORA_SCALE = (-4.0, 4.0)
 

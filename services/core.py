@@ -34,10 +34,11 @@ class ModelSource:
 
     def lora_file(self, name: str) -> Path:
         from common.errors import InvalidField
+        from common.workflow import lora_path
 
         if self.lora_dir is None:
             raise InvalidField("loras", "this deployment serves no LoRAs (no lora_dir)")
-        path = Path(self.lora_dir) / f"{name}.safetensors"
+        path = lora_path(self.lora_dir, name)
         if not path.is_file():
             raise InvalidField("loras", f"no LoRA {name!r} in {self.lora_dir}")
         return path
@@ -126,6 +127,24 @@ class ModelCore(abc.ABC):
         model = component_class(self.model_dir, component).from_pretrained(
             self.model_dir, subfolder=component, torch_dtype=self.torch_dtype)
         return model.to(self.device).eval()
+
+    def probe_batch_exact(self, run: Callable[[], Any]) -> bool:
+        """Whether ``run`` (which batches rows when ``self.batch_exact`` and runs them one by
+        one when not) gives the same bits both ways on this machine and model; a tensor or a
+        tuple of tensors."""
+        results = []
+        for exact in (True, False):
+            self.batch_exact = exact
+            out = run()
+            results.append(out if isinstance(out, tuple) else (out,))
+        return all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+    def check_op(self, item: WorkItem) -> None:
+        """That ``item`` asks for an op this core does."""
+        from common.errors import InvalidField
+
+        if item.op not in self.ops:
+            raise InvalidField("op", f"{self.kind} does not do {item.op!r}")
 
     def part(self, component: str) -> Any:
         """A component without weights (a tokenizer, a feature extractor)."""

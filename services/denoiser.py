@@ -79,11 +79,7 @@ class DenoiserCore(ModelCore):
         size = size if isinstance(size, int) else size[0]
         self.default_size = int(size) * self.vae_scale_factor
 
-        config = dict(component_config(self.model_dir, "scheduler"))
-        class_name = config.get("_class_name") or model_index(self.model_dir)["scheduler"][1]
-        import diffusers
-
-        self.scheduler_cls = getattr(diffusers, class_name)
+        self.scheduler_cls, config = self.scheduler()
         # the SD pipelines patch outdated scheduler configs in __init__; do the same
         if config.get("steps_offset", 1) != 1:
             config["steps_offset"] = 1
@@ -97,13 +93,21 @@ class DenoiserCore(ModelCore):
         self._controlnets: dict[str, Any] = {}
         self.loras = Loras(self.unet, "unet")
 
+    def scheduler(self) -> tuple[type, dict[str, Any]]:
+        """The model's scheduler class and (a copy of) its config; each request makes its own
+        scheduler from them."""
+        import diffusers
+
+        config = dict(component_config(self.model_dir, "scheduler"))
+        class_name = config.get("_class_name") or model_index(self.model_dir)["scheduler"][1]
+        return getattr(diffusers, class_name), config
+
     # ---------------------------------------------------------------------------------------
 
     def start(self, item: WorkItem) -> DenoiseState:
         from diffusers.utils.torch_utils import randn_tensor
 
-        if item.op not in self.ops:
-            raise InvalidField("op", f"{self.kind} does not do {item.op!r}")
+        self.check_op(item)
         if item.adapters and not self.takes_controlnet:
             raise InvalidField("controlnet", "this denoiser runs no ControlNet")
         loras = lora_key(item.params)
@@ -240,7 +244,7 @@ class DenoiserCore(ModelCore):
             raise InvalidField("control_image", "a ControlNet needs a (1, H, W, 3) uint8 image")
         p = item.params
         scale = _float(p, "controlnet_conditioning_scale", 1.0)
-        net = self._controlnets.get(item.adapters[0]) or self._controlnet(item.adapters[0])
+        net = self._controlnet(item.adapters[0])
         processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor,
                                       do_convert_rgb=True, do_normalize=False)
         sizes = {name: _int(p, name, 0, minimum=8) if name in p else None

@@ -154,25 +154,23 @@ class TextEncoderCore(OneShotCore):
 
     def _probe_batching(self) -> bool:
         """Whether a batched forward gives the same bits as row-by-row forwards here."""
-        probe = ["a photo of a cat", "", "a painting of a red house by the sea, detailed"]
         enc = self.tokenizer(
-            probe,
+            PROBE_TEXTS,
             padding="max_length",
             max_length=self.max_length,
             truncation=True,
             return_tensors="pt",
         )
-        self.batch_exact = True
-        batched = self._encode(enc.input_ids, enc.attention_mask)
-        self.batch_exact = False
-        single = self._encode(enc.input_ids, enc.attention_mask)
-        return bool(torch.equal(batched, single))
+        return self.probe_batch_exact(lambda: self._encode(enc.input_ids, enc.attention_mask))
+
+
+#: what the text encoders' batch-exactness probes encode
+PROBE_TEXTS = ["a photo of a cat", "", "a painting of a red house by the sea, detailed"]
 
 
 def check_prompt(core: OneShotCore, item: WorkItem) -> None:
     """What every text encoder checks of an item: its op, its prompts and its guidance."""
-    if item.op not in core.ops:
-        raise InvalidField("op", f"{core.kind} does not do {item.op!r}")
+    core.check_op(item)
     params = item.params
     if not isinstance(params.get("prompt"), str):
         raise InvalidField("prompt", "must be a string")

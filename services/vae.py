@@ -50,10 +50,6 @@ class _VaeCore(OneShotCore):
         self.vae_scale_factor = vae_scale_factor(self.model_dir)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
-    def _check_op(self, item: WorkItem) -> None:
-        if item.op not in self.ops:
-            raise InvalidField("op", f"{self.kind} does not do {item.op!r}")
-
 
 class VaeDecoderCore(_VaeCore):
     kind = "vae_decoder"
@@ -68,7 +64,7 @@ class VaeDecoderCore(_VaeCore):
             self.batch_exact = self._probe_batching()
 
     def start(self, item: WorkItem) -> Any:
-        self._check_op(item)
+        self.check_op(item)
         latents = item.inputs.get("latents")
         if latents is None or latents.ndim != 4 or latents.shape[1] != self.latent_channels:
             raise InvalidField("latents", f"needs a (N, {self.latent_channels}, h, w) tensor")
@@ -122,7 +118,7 @@ class VaeEncoderCore(_VaeCore):
     ops = ("encode_image",)
 
     def start(self, item: WorkItem) -> Any:
-        self._check_op(item)
+        self.check_op(item)
         image = item.inputs.get("image")
         if (
             image is None

@@ -23,7 +23,7 @@ from common.errors import InvalidField
 from services.core import Result, WorkItem
 from services.denoiser import DenoiseState, _float, _int, _rows
 from services.families.sd3 import Sd3DenoiserCore, T5EncoderCore
-from services.text_encoder import TextEncoderCore, plain
+from services.text_encoder import PROBE_TEXTS, TextEncoderCore, plain
 
 
 def true_cfg(item: WorkItem) -> bool:
@@ -66,11 +66,7 @@ class FluxClipEncoderCore(TextEncoderCore):
         return torch.cat(out).to(self.text_encoder.dtype)
 
     def _probe_batching(self) -> bool:
-        probe = ["a photo of a cat", "", "a painting of a red house by the sea, detailed"]
-        self.batch_exact = True
-        batched = self._pool(probe)
-        self.batch_exact = False
-        return bool(torch.equal(batched, self._pool(probe)))
+        return self.probe_batch_exact(lambda: self._pool(PROBE_TEXTS))
 
 
 class FluxT5EncoderCore(T5EncoderCore):
@@ -198,10 +194,7 @@ class FluxDenoiserCore(Sd3DenoiserCore):
                 rand(2, self.pooled_dim), rand(2, 3, self.joint_dim),
                 torch.zeros(3, 3).to(self.device, dtype), torch.zeros(4, 3).to(self.device, dtype))
         with torch.inference_mode():
-            self.batch_exact = True
-            batched = self._forward(*args)
-            self.batch_exact = False
-            return bool(torch.equal(batched, self._forward(*args)))
+            return self.probe_batch_exact(lambda: self._forward(*args))
 
     def finish(self, state: DenoiseState) -> Result:
         from diffusers import FluxPipeline

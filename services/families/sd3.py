@@ -17,11 +17,11 @@ from typing import Any
 import torch
 
 from common.errors import InvalidField
-from common.models import component_config, model_index, vae_scale_factor
+from common.models import vae_scale_factor
 from services.core import OneShotCore, Result, WorkItem
 from services.denoiser import DenoiserCore, DenoiseState, _float, _int, _rows
 from services.families.sdxl import SdxlTextEncoderCore
-from services.text_encoder import check_prompt, plain
+from services.text_encoder import PROBE_TEXTS, check_prompt, plain
 
 
 class Sd3ClipEncoderCore(SdxlTextEncoderCore):
@@ -85,11 +85,7 @@ class T5EncoderCore(OneShotCore):
         return out.to(self.encoder.dtype)
 
     def _probe_batching(self) -> bool:
-        probe = ["a photo of a cat", "", "a painting of a red house by the sea, detailed"]
-        self.batch_exact = True
-        batched = self._encode(probe, 32)
-        self.batch_exact = False
-        return bool(torch.equal(batched, self._encode(probe, 32)))
+        return self.probe_batch_exact(lambda: self._encode(PROBE_TEXTS, 32))
 
 
 class Sd3DenoiserCore(DenoiserCore):
@@ -106,13 +102,7 @@ class Sd3DenoiserCore(DenoiserCore):
         self.time_cond_proj_dim = None
         self.vae_scale_factor = vae_scale_factor(self.model_dir)
         self.default_size = self.default_sample_size() * self.vae_scale_factor
-        scheduler_config = dict(component_config(self.model_dir, "scheduler"))
-        class_name = (scheduler_config.get("_class_name")
-                      or model_index(self.model_dir)["scheduler"][1])
-        import diffusers
-
-        self.scheduler_cls = getattr(diffusers, class_name)
-        self.scheduler_config = scheduler_config
+        self.scheduler_cls, self.scheduler_config = self.scheduler()
         self._cond_cache = None
 
     def default_sample_size(self) -> int:
@@ -121,8 +111,7 @@ class Sd3DenoiserCore(DenoiserCore):
 
     def check_item(self, item: WorkItem) -> None:
         """What every transformer denoiser checks of an item before its inputs."""
-        if item.op not in self.ops:
-            raise InvalidField("op", f"{self.kind} does not do {item.op!r}")
+        self.check_op(item)
         if item.adapters:
             raise InvalidField("controlnet", "this denoiser runs no ControlNet")
         if "image_latents" in item.inputs:

@@ -23,7 +23,7 @@ from common.models import model_index
 from services.core import Result, WorkItem
 from services.denoiser import DenoiserCore, DenoiseState
 from services.lora import Loras
-from services.text_encoder import TextEncoderCore, plain
+from services.text_encoder import PROBE_TEXTS, TextEncoderCore, plain
 
 
 def pipeline_class(model_dir: Any) -> Any:
@@ -111,12 +111,7 @@ class SdxlTextEncoderCore(TextEncoderCore):
         return torch.cat(hidden, dim=-1).to(self.dtype), torch.cat(projected, dim=-1)
 
     def _probe_batching(self) -> bool:
-        probe = ["a photo of a cat", "", "a painting of a red house by the sea, detailed"]
-        self.batch_exact = True
-        batched = self._encode_rows(probe)
-        self.batch_exact = False
-        single = self._encode_rows(probe)
-        return all(torch.equal(a, b) for a, b in zip(batched, single, strict=True))
+        return self.probe_batch_exact(lambda: self._encode_rows(PROBE_TEXTS))
 
 
 class SdxlDenoiserCore(DenoiserCore):
