@@ -128,8 +128,7 @@ class MonolithicCore(ModelCore):
                 core.prepare(inner)
 
     def start(self, item: WorkItem) -> PipelineState:
-        if item.op not in self.ops:
-            raise InvalidField("op", f"{self.kind} does not do {item.op!r}")
+        self.check_op(item)
         missing = sorted(self.images - item.inputs.keys())
         if missing:
             raise InvalidField(missing[0], "is required: the image was not passed on")

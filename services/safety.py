@@ -34,8 +34,7 @@ class SafetyCheckerCore(OneShotCore):
             self.batch_exact = self._probe_batching()
 
     def start(self, item: WorkItem) -> Any:
-        if item.op not in self.ops:
-            raise InvalidField("op", f"{self.kind} does not do {item.op!r}")
+        self.check_op(item)
         image = item.inputs.get("image")
         if image is None or image.dtype != torch.uint8 or image.ndim != 4 or image.shape[-1] != 3:
             raise InvalidField("image", "needs a (N, H, W, 3) uint8 tensor")

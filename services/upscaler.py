@@ -35,8 +35,7 @@ class UpscalerCore(OneShotCore):
         self.max_length = int(self.pipe.tokenizer.model_max_length)
 
     def start(self, item: WorkItem) -> Any:
-        if item.op not in self.ops:
-            raise InvalidField("op", f"{self.kind} does not do {item.op!r}")
+        self.check_op(item)
         p = item.params
         latents = item.inputs.get("latents")
         if (
