@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 BUILTIN_PREFIX = "builtin:"
 #: bump when a builtin recipe changes; a cached builtin with another recipe is rebuilt
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 _RECIPE_FILE = "legodiffusion_builtin.json"
 _SEED = 0
 
@@ -54,6 +54,30 @@ TINY_UPSCALER = "tiny-upscaler"
 # --------------------------------------------------------------------------------------------
 # resolving specs
 # --------------------------------------------------------------------------------------------
+
+
+#: the recipe each builtin's components are built from, where another builtin's is the same
+#: (the same code, configuration and seed: byte-identical files, which the builtins' tests
+#: check); any other component is its builtin's own. Pools by content (``common.contents``)
+#: read it, so that they know which builtins share a component without building them.
+_SHARED_RECIPES: dict[str, dict[str, str]] = {
+    TINY_SD: {"vae": "tiny-vae", "tokenizer": "tiny-clip-tokenizer", "text_encoder": "tiny-clip"},
+    TINY_SDXL: {"vae": "tiny-vae", "tokenizer": "tiny-clip-tokenizer",
+                "tokenizer_2": "tiny-clip-tokenizer", "text_encoder_2": "tiny-clip-g"},
+    TINY_UPSCALER: {"vae": "tiny-vae", "tokenizer": "tiny-clip-tokenizer"},
+    TINY_SD3: {"vae": "tiny-vae-shifted", "text_encoder_3": "tiny-t5",
+               "tokenizer_3": "tiny-t5-tokenizer", "tokenizer": "tiny-clip-tokenizer",
+               "tokenizer_2": "tiny-clip-tokenizer", "text_encoder_2": "tiny-clip-g"},
+    **{name: {"vae": "tiny-vae-shifted", "text_encoder_2": "tiny-t5",
+              "tokenizer_2": "tiny-t5-tokenizer", "tokenizer": "tiny-clip-tokenizer",
+              "text_encoder": "tiny-clip", "scheduler": "tiny-flux-scheduler"}
+       for name in (TINY_FLUX, TINY_FLUX_SCHNELL)},
+}
+
+
+def builtin_components(name: str) -> dict[str, str]:
+    """Builtin ``name``'s components built from a recipe other builtins share -> that recipe."""
+    return _SHARED_RECIPES.get(name, {})
 
 
 def is_builtin(spec: str) -> bool:
@@ -245,7 +269,7 @@ def _tiny_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {t: i for i, t in enumerate(tokens)}, merges
 
 
-def build_tiny_t5_tokenizer(model_max_length: int = 256):
+def build_tiny_t5_tokenizer():
     """The builtins' T5 tokenizer, built in memory: a SentencePiece-style unigram model over
     the tiny BPE's words and the printable ASCII characters, ending every text in ``</s>``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -260,7 +284,7 @@ def build_tiny_t5_tokenizer(model_max_length: int = 256):
     backend.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
     return T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>",
-                           pad_token="<pad>", extra_ids=0, model_max_length=model_max_length)
+                           pad_token="<pad>", extra_ids=0, model_max_length=512)
 
 
 def build_tiny_tokenizer() -> CLIPTokenizer:
@@ -552,7 +576,7 @@ def _build_tiny_flux(guidance_embeds: bool = True):
     torch.manual_seed(_SEED)
     text_encoder = _tiny_text_encoder(tokenizer, hidden=clip_hidden, intermediate=16, heads=2,
                                       layers=2)
-    t5_tokenizer = build_tiny_t5_tokenizer(model_max_length=512)
+    t5_tokenizer = build_tiny_t5_tokenizer()
     text_encoder_2 = _tiny_t5(t5_tokenizer, t5_dim)
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,

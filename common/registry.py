@@ -58,10 +58,15 @@ class WorkflowRegistry:
                 self._specs.pop(entry.key, None)
                 if entry.value:  # else deleted
                     try:
-                        self._specs[entry.key] = parse_workflow(entry.value)
+                        spec = parse_workflow(entry.value)
                     except LegoError as exc:
                         log.error("registered workflow %s is not valid, skipped: %s",
                                   entry.key, exc)
+                    else:
+                        # its pools are named by its models' bytes: read them once here, off
+                        # the event loop, not on its first request (common.contents)
+                        await asyncio.to_thread(spec.pools)
+                        self._specs[entry.key] = spec
                 if entry.delta == 0:
                     first.set()
 

@@ -68,15 +68,17 @@ MAX_DELIVERIES_ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.*.*"
 _TOKEN = re.compile(r"[^a-z0-9-]+")
 
 
-def pool_name(kind: str, model: str) -> str:
-    """Name of the replica pool serving ``kind`` for ``model`` (a model spec or path).
+def pool_name(kind: str, model: str, digest: str | None = None) -> str:
+    """Name of the replica pool serving ``kind`` for ``model`` (a model spec or path, or what a
+    pool by content is named after): ``KIND-SLUG-XXXXXXXX``, the last part the first eight
+    hex digits of ``digest`` (what the pool holds), else of ``model``'s SHA-1.
 
     Every workflow that uses the same model for the same node type lands on the same pool.
     """
     base = model.rstrip("/").rsplit("/", 1)[-1].rsplit(":", 1)[-1].lower()
-    digest = hashlib.sha1(model.encode()).hexdigest()[:8]
+    digest = digest or hashlib.sha1(model.encode()).hexdigest()
     slug = _TOKEN.sub("-", base).strip("-")[:40] or "model"
-    return f"{kind}-{slug}-{digest}"
+    return f"{kind}-{slug}-{digest[:8]}"
 
 
 _NOT_KEY = re.compile(r"[^A-Za-z0-9_-]+")

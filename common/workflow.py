@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import hashlib
 import io
 import logging
 import secrets
@@ -24,8 +25,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common import families, output_format
+from common.contents import components_digest
 from common.errors import InvalidField, InvalidRequest, PayloadTooLarge
 from common.messages import ENVELOPE_KEYS, Plan, PlanNode, Webhook
+from common.models import BUILTIN_PREFIX, builtin_components, is_builtin, model_index
 from common.subjects import pool_name
 
 if TYPE_CHECKING:
@@ -40,7 +43,8 @@ BUILTIN_DIR = Path(__file__).parent / "workflows"
 class KindSpec:
     """The interface of a node kind: its op, the tensors it takes and makes, the params it
     reads; and ``requires``, the components of a diffusers directory (entries of its
-    ``model_index.json``, each a subfolder) its core loads."""
+    ``model_index.json``, each a subfolder) its core loads, the main one first (a pool by
+    content is named after it)."""
 
     op: str
     inputs: tuple[str, ...]
@@ -49,6 +53,13 @@ class KindSpec:
     requires: tuple[str, ...] = ()
     #: ``requires`` of the families whose directories lay the kind's components out otherwise
     family_requires: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: whether its core does the same with the same component bytes in any family's
+    #: directory, so that models of several families may share its pool (else a pool by
+    #: content serves one family)
+    across_families: bool = False
+    #: request parameters a workflow with such a node must declare (so that every task
+    #: carries them: a pool shared by several families' models has no default of its own)
+    params: tuple[str, ...] = ()
 
     def requires_of(self, family: str | None) -> tuple[str, ...]:
         return self.family_requires.get(family or "", self.requires)
@@ -58,14 +69,15 @@ KINDS: dict[str, KindSpec] = {
     # SDXL's (both CLIP encoders in one node) also makes the pooled embeddings
     "text_encoder": KindSpec(
         "encode", (), ("prompt_embeds", "pooled_prompt_embeds"),
-        requires=("tokenizer", "text_encoder"),
-        family_requires={family: ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")
+        requires=("text_encoder", "tokenizer"),
+        family_requires={family: ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
                          for family in (families.SDXL, families.SD3)}),
-    # a T5 encoder of its own (SD3's third text encoder, FLUX's second), so that models may
-    # share it
+    # a T5 encoder of its own (SD3's third text encoder, FLUX's second), so that models of
+    # both families may share it
     "t5_encoder": KindSpec("encode", (), ("prompt_embeds",),
-                           requires=("tokenizer_3", "text_encoder_3"),
-                           family_requires={families.FLUX: ("tokenizer_2", "text_encoder_2")}),
+                           requires=("text_encoder_3", "tokenizer_3"),
+                           family_requires={families.FLUX: ("text_encoder_2", "tokenizer_2")},
+                           across_families=True, params=("max_sequence_length",)),
     "denoiser": KindSpec(
         "denoise", ("prompt_embeds",), ("latents",),
         # SDXL's and SD3's pooled embeddings, SD3's T5 embeddings; the emulated workloads' a
@@ -76,15 +88,53 @@ KINDS: dict[str, KindSpec] = {
         family_requires={family: ("transformer", "scheduler", "vae")
                          for family in (families.SD3, families.FLUX)},
     ),
+    # the VAE's config says how latents are scaled and shifted, in every family
     "vae_encoder": KindSpec("encode_image", ("image",), ("image_latents", "generator_state"),
-                            requires=("vae",)),
-    "vae_decoder": KindSpec("decode", ("latents",), ("image",), requires=("vae",)),
+                            requires=("vae",), across_families=True),
+    "vae_decoder": KindSpec("decode", ("latents",), ("image",), requires=("vae",),
+                            across_families=True),
     "safety_checker": KindSpec("check", ("image",), ("image",),
                                requires=("safety_checker", "feature_extractor")),
     # the whole latent upscale pipeline
     "upscaler": KindSpec("upscale", ("latents",), ("latents",),
                          requires=("unet", "scheduler", "vae", "text_encoder", "tokenizer")),
 }
+
+
+@functools.lru_cache(maxsize=256)
+def pool_of(kind: str, model: str) -> str:
+    """The pool that serves node ``kind`` on ``model``.
+
+    Where the bytes of the components the kind loads can be told (``common.contents``: a
+    builtin, a readable diffusers directory), the pool is named by them: ``KIND-SLUG-DIGEST``
+    with SLUG the main component's recipe (a builtin) or class (a directory), so every model
+    whose components are the same bytes lands on the same pool, and the name says which
+    components it serves rather than one model. Otherwise (a plug-in's model) by the spec
+    (``common.subjects.pool_name``)."""
+    spec = KINDS.get(kind)
+    family = families.family_of(model)
+    if spec is None or (family is None and not is_builtin(model)):
+        return pool_name(kind, model)
+    components = spec.requires_of(family)
+    digest = components_digest(model, components)
+    if digest is None:
+        return pool_name(kind, model)
+    if not spec.across_families:
+        digest = hashlib.sha256(f"{family}\0{digest}".encode()).hexdigest()
+    return pool_name(kind, _component_slug(model, components[0]), digest=digest)
+
+
+def _component_slug(model: str, component: str) -> str:
+    """What a pool by content is named after: a builtin's recipe of ``component`` (its own name
+    unless the component is shared), else the class its directory's index names."""
+    if is_builtin(model):
+        return builtin_components(model[len(BUILTIN_PREFIX):]).get(
+            component, model[len(BUILTIN_PREFIX):])
+    try:
+        entry = model_index(Path(model).expanduser()).get(component)
+    except (OSError, ValueError):
+        entry = None
+    return str(entry[-1]) if isinstance(entry, list) and entry[-1] else component
 
 
 class ParamSpec(BaseModel):
@@ -173,6 +223,11 @@ class WorkflowSpec(BaseModel):
             if node.controlnet is not None and node.controlnet not in self.models:
                 raise ValueError(f"node {name}: unknown controlnet model {node.controlnet!r}")
             kind = KINDS[node.kind]
+            for param in kind.params:
+                declared = self.params.get(param)
+                if declared is None or (declared.default is None and not declared.required):
+                    raise ValueError(f"node {name}: a {node.kind} reads params.{param}: "
+                                     "declare it with a default (or required)")
             allowed = set(kind.inputs) | set(kind.optional_inputs)
             missing = set(kind.inputs) - set(node.inputs)
             if missing:
@@ -225,7 +280,7 @@ class WorkflowSpec(BaseModel):
         if monolithic:
             return {self.monolithic_pool(): ("monolithic", self.name)}
         return {
-            pool_name(node.kind, self.models[node.model]): (node.kind, self.models[node.model])
+            pool_of(node.kind, self.models[node.model]): (node.kind, self.models[node.model])
             for node in self.nodes.values()
         }
 
@@ -250,7 +305,7 @@ class WorkflowSpec(BaseModel):
             nodes={
                 name: PlanNode(
                     kind=node.kind,
-                    pool=pool_name(node.kind, self.models[node.model]),
+                    pool=pool_of(node.kind, self.models[node.model]),
                     op=KINDS[node.kind].op,
                     inputs=dict(node.inputs),
                     adapters=[self.models[node.controlnet]] if node.controlnet else [],

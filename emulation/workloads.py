@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.settings import Settings
-from common.subjects import pool_name
-from common.workflow import WorkflowSpec, parse_workflow
+from common.workflow import WorkflowSpec, parse_workflow, pool_of
 from emulation.profiles import (
     ModelProfile,
     node_solo_seconds,
@@ -200,7 +199,7 @@ def micro_provision(workload: Workload, shares: Mapping[str, float], devices: in
     small: set[str] = set()
     for name, spec in workload.workflows.items():
         for node in spec.nodes.values():
-            pool = pool_name(node.kind, spec.models[node.model])
+            pool = pool_of(node.kind, spec.models[node.model])
             if node.kind != "denoiser":
                 small.add(pool)
                 continue

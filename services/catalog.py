@@ -19,8 +19,8 @@ from common.workflow import WorkflowSpec
 from services.core import ModelCore
 from services.denoiser import DenoiserCore
 from services.families import FAMILY_CORES
-from services.families.sd3 import T5EncoderCore
 from services.safety import SafetyCheckerCore
+from services.t5_encoder import T5EncoderCore
 from services.text_encoder import TextEncoderCore
 from services.upscaler import UpscalerCore
 from services.vae import VaeDecoderCore, VaeEncoderCore

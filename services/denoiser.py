@@ -353,6 +353,15 @@ class DenoiserCore(ModelCore):
         return Result(tensors={"latents": latents.clone() if latents.is_inference() else latents})
 
 
+def positive(tensor: torch.Tensor | None, cfg: bool) -> torch.Tensor | None:
+    """Embeddings for a request: ``[negative, positive]`` rows as given when it is guided, else
+    the positive row alone (an encoder shared by several families may guide by another rule,
+    and the negative row is then not used)."""
+    if tensor is not None and not cfg and tensor.ndim >= 2 and tensor.shape[0] == 2:
+        return tensor[-1:]
+    return tensor
+
+
 def _rows(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(tensors) if len(tensors) > 1 else tensors[0]
 

@@ -16,8 +16,7 @@ from common.errors import UnknownWorkflow
 from common.models import resolve_model_dir
 from common.registry import WorkflowRegistry
 from common.settings import Settings
-from common.subjects import pool_name
-from common.workflow import WorkflowSpec, shipped_workflows
+from common.workflow import WorkflowSpec, pool_of, shipped_workflows
 from services import liveness
 from services.catalog import CORES, core_class
 from services.core import ModelCore, ModelSource
@@ -73,7 +72,7 @@ def build_core(
                 model_dir, device=settings.device, max_batch=max_batch, dtype=settings.dtype)
             core.source = ModelSource(functools.partial(resolve_model_dir, cache_dir=models_dir),
                                       settings.lora_dir)
-        return core, pool_name(kind, model)
+        return core, pool_of(kind, model)
     known = ", ".join(sorted([*CORES, MonolithicCore.kind]))
     raise SystemExit(f"unknown node kind {kind!r}; known: {known}")
 

@@ -21,7 +21,7 @@ from common import bus, subjects
 from common.lifetime import stat_fields
 from common.messages import ScaleEvent, decode
 from common.settings import Settings
-from common.subjects import pool_name
+from common.workflow import pool_of
 from lego.stack import Stack
 from tests.conftest import nats_server
 from tests.stackutil import ReplicaWatch, replica_pid, running_stack, wait_gone
@@ -86,7 +86,7 @@ async def _outcomes(http: httpx.AsyncClient, ids: list[str]) -> list[dict]:
 
 
 def test_burst_scales_up_fast_then_drains_without_loss(stack: Stack) -> None:
-    denoiser = pool_name("denoiser", stack.settings.base_model)
+    denoiser = pool_of("denoiser", stack.settings.base_model)
 
     async def scenario() -> None:
         async with ReplicaWatch(stack.settings) as watch, Events(stack.settings) as events, \
@@ -160,7 +160,7 @@ def _cmdline(pid: int) -> str:
 
 
 def test_pool_at_zero_cold_starts_while_work_waits(stack: Stack) -> None:
-    upscaler = pool_name("upscaler", stack.settings.upscaler_model)
+    upscaler = pool_of("upscaler", stack.settings.upscaler_model)
 
     async def scenario() -> None:
         async with ReplicaWatch(stack.settings) as watch, Events(stack.settings) as events, \

@@ -42,9 +42,10 @@ from common.workflow import (
 from services.catalog import core_class, footprint_bytes
 from services.core import ModelCore, WorkItem
 from services.families.flux import FluxClipEncoderCore, FluxDenoiserCore, FluxT5EncoderCore
-from services.families.sd3 import Sd3ClipEncoderCore, Sd3DenoiserCore, T5EncoderCore
+from services.families.sd3 import Sd3ClipEncoderCore, Sd3DenoiserCore
 from services.families.sdxl import SdxlDenoiserCore, SdxlTextEncoderCore
 from services.monolithic import MonolithicCore
+from services.t5_encoder import T5EncoderCore
 from tests.conftest import nats_server
 from tests.stackutil import png_pixels, running_stack
 from tests.test_cores import drive, one, to_uint8
@@ -188,7 +189,9 @@ def t5_images(cores: SimpleNamespace, requests: list[dict], t5_port: str) -> lis
 
 
 def sd3_images(cores: SimpleNamespace, requests: list[dict]) -> list[np.ndarray]:
-    return t5_images(cores, requests, "t5_prompt_embeds")
+    """(``max_sequence_length``: sd3-txt2img's default where a request leaves it out)"""
+    return t5_images(cores, [{"max_sequence_length": 256, **r} for r in requests],
+                     "t5_prompt_embeds")
 
 
 def flux_images(cores: SimpleNamespace, requests: list[dict]) -> list[np.ndarray]:
@@ -336,10 +339,12 @@ def test_sd3_requests_batched_together_match_their_solo_images(sd3_cores, sd3_pi
 def test_the_sd3_denoiser_names_what_it_lacks(sd3_cores) -> None:
     from common.errors import InvalidField
 
-    params = {"prompt": "a cat", "guidance": 7.0}
+    params = {"prompt": "a cat", "guidance": 7.0, "max_sequence_length": 16}
     clip = one(sd3_cores.text_encoder, "encode", params).tensors
     with pytest.raises(InvalidField, match="t5_prompt_embeds"):
         one(sd3_cores.denoiser, "denoise", {"steps": 1, "guidance": 7.0}, **clip)
+    with pytest.raises(InvalidField, match="max_sequence_length"):
+        one(sd3_cores.t5_encoder, "encode", {"prompt": "a cat"})
     t5 = one(sd3_cores.t5_encoder, "encode", params).tensors["prompt_embeds"]
     with pytest.raises(InvalidField, match="2 row"):  # guided: [negative, positive]
         one(sd3_cores.denoiser, "denoise", {"steps": 1, "guidance": 7.0},
@@ -458,41 +463,40 @@ def sd3_stack(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iter
         yield stack
 
 
-@pytest.mark.timeout(300)
-def test_a_stack_on_an_sd3_model_serves_sd3_txt2img_as_the_pipeline(sd3_stack, sd3_pipe) -> None:
+@pytest.mark.timeout(400)
+def test_one_stack_serves_sd3_and_flux_on_shared_t5_and_vae_pools_as_the_pipelines(
+        sd3_stack, sd3_pipe, cache_dir) -> None:
+    """The SD3 stack's T5 and VAE decoder replicas also serve a FLUX workflow registered at
+    run time (the tiny builtins' T5 and VAE are the same bytes): only FLUX's own CLIP and
+    transformer get replicas of their own, and both workflows' images are their pipelines'."""
     assert set(sd3_stack.workflows) == {"sd3-txt2img"}
+    sd3_pools = sd3_stack.workflows["sd3-txt2img"].pools()
     # two text encoder pools (CLIP, T5), the transformer's, the VAE decoder's
-    assert sorted(kind for kind, _ in sd3_stack.workflows["sd3-txt2img"].pools().values()) == [
+    assert sorted(kind for kind, _ in sd3_pools.values()) == [
         "denoiser", "t5_encoder", "text_encoder", "vae_decoder"]
+    flux = builtin_workflows()["flux-txt2img"].model_copy(update={"name": "flux-shared"})
+    flux_pools = flux.pools()
+    assert sorted(sd3_pools[p][0] for p in set(sd3_pools) & set(flux_pools)) == [
+        "t5_encoder", "vae_decoder"]
+    for pool in set(flux_pools) - set(sd3_pools):
+        sd3_stack.add_node(*flux_pools[pool])
+    pipe = _pipe("FluxPipeline", resolve_model_dir(FLUX, cache_dir / "models"),
+                 add_watermarker=None)
     with LegoClient(sd3_stack.gateway_url) as client:
+        client.add_workflow(flux.model_dump(mode="json", exclude_none=True))
         params = {"prompt": "a red fox in the snow", "negative_prompt": "blurry", "steps": 3,
                   "guidance": 6.0, "seed": 9, "width": 64, "height": 64}
         state, png = client.generate("sd3-txt2img", **params)
         assert {t.node for t in state.timings} == {"encode", "encode_t5", "denoise", "decode"}
         assert np.array_equal(png_pixels(png), pipeline_image(sd3_pipe, params))
-
-
-@pytest.fixture(scope="module")
-def flux_stack(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iterator:
-    with stack_on(FLUX, tmp_path_factory.mktemp("flux"), cache_dir) as stack:
-        yield stack
-
-
-@pytest.mark.timeout(300)
-def test_a_stack_on_a_flux_model_serves_flux_txt2img_as_the_pipeline(flux_stack,
-                                                                     cache_dir) -> None:
-    assert set(flux_stack.workflows) == {"flux-txt2img"}
-    pipe = _pipe("FluxPipeline", resolve_model_dir(FLUX, cache_dir / "models"),
-                 add_watermarker=None)
-    with LegoClient(flux_stack.gateway_url) as client:
         for extra in ({}, {"negative_prompt": "blurry", "true_cfg_scale": 3.0}):
             params = {"prompt": "a red fox in the snow", "steps": 3, "guidance": 4.0,
                       "true_cfg_scale": 1.0, "seed": 9, "width": 64, "height": 64,
                       "max_sequence_length": 512, **extra}
-            state, png = client.generate("flux-txt2img", **params)
-            assert {t.node for t in state.timings} == {"encode", "encode_t5", "denoise",
-                                                      "decode"}
+            state, png = client.generate("flux-shared", **params)
+            assert {t.pool for t in state.timings} == set(flux_pools)
             assert np.array_equal(png_pixels(png), flux_pipeline_image(pipe, params))
+    assert len([c for c in sd3_stack.children if "t5_encoder" in c.argv]) == 1
 
 
 # --------------------------------------------------------------------------------------------

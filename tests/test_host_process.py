@@ -24,6 +24,7 @@ from common import bus, subjects
 from common.messages import HostResidency, ReplicaStatus, ResidentPool, encode, now
 from common.models import resolve_model_dir
 from common.settings import Settings, load_settings
+from common.workflow import pool_of
 from lego.stack import Stack, hosted
 from services.hostproc import HostProcess, torch_device
 from tests.conftest import nats_server
@@ -57,7 +58,7 @@ class Residencies:
 
 
 def _resident(kind: str, model: str) -> ResidentPool:
-    return ResidentPool(subjects.pool_name(kind, model), kind, model)
+    return ResidentPool(pool_of(kind, model), kind, model)
 
 
 def test_host_keys_and_devices() -> None:

@@ -28,6 +28,7 @@ from common import bus, subjects
 from common.messages import Progress, RequestState, decode
 from common.settings import Settings
 from common.store import open_store
+from common.workflow import pool_of
 from gateway.ingress import REPLY_HEADER
 from lego.stack import free_port, nats_server_binary, wait_port
 from tests.stackutil import running_stack
@@ -35,7 +36,7 @@ from tests.stackutil import running_stack
 ACCOUNTS = Path(__file__).resolve().parent.parent / "deploy" / "nats-accounts.conf"
 #: the inbox prefix a direct client must use (its replies are the only other thing it reads)
 CLIENT_INBOX = "_INBOX_client"
-POOL = subjects.pool_name("denoiser", "builtin:tiny-sd")
+POOL = pool_of("denoiser", "builtin:tiny-sd")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from nats.js.errors import KeyNotFoundError
 from common import bus, subjects
 from common.messages import RequestState, decode
 from common.settings import Settings
-from common.workflow import builtin_workflows
+from common.workflow import builtin_workflows, pool_of
 from gateway.app import Gateway
 from gateway.ingress import REPLY_HEADER
 
@@ -83,7 +83,7 @@ async def test_a_reply_to_a_kv_bucket_writes_nothing(ingress: tuple[Gateway, NAT
     # literal subjects, so a subscription sees what reaches them (the denoiser's queue gets
     # no task here: only the text encoder's, the roots of the requests that go on)
     refused = [f"$KV.{subjects.CANCEL_BUCKET}.victim-1",
-               subjects.task_subject(subjects.pool_name("denoiser", "builtin:tiny-sd")),
+               subjects.task_subject(pool_of("denoiser", "builtin:tiny-sd")),
                "elsewhere.x"]
     for subject in refused:
         await nc.subscribe(subject, cb=record)

@@ -218,6 +218,9 @@ def test_images_are_decoded_and_limited() -> None:
         ({"solo_latency_s": False}, "solo_latency_s"),
         ({"solo_latency_s": "2"}, "solo_latency_s"),
         ({"solo_latency_s": 0}, "solo_latency_s"),
+        # a T5 pool may serve several families' models: each task must carry the length
+        ({"nodes": {"t5": {"kind": "t5_encoder", "model": "base"}}, "output": "t5.prompt_embeds"},
+         "a t5_encoder reads params.max_sequence_length"),
     ],
 )
 def test_bad_workflows_are_refused(change: dict, message: str) -> None:

@@ -17,6 +17,8 @@ output). Pure: reads the workflow files and nats-accounts.conf, writes YAML.
 
 With ``--base-model`` / ``--upscaler-model`` (the settings LEGO_BASE_MODEL and
 LEGO_UPSCALER_MODEL, which the gateway must be given too) the pools are those of your models.
+Pools are named by the bytes of the components they load (``common.workflow.pool_of``), so run
+it where the model directories are, at the path the pods see them.
 ``--monolithic`` writes the baseline instead: one pool per workflow (``lego node monolithic
 --model WORKFLOW``), for a stack whose gateway and autoscaler run with ``--monolithic``.
 ``hosts`` writes the StatefulSet ``lego-hosts`` (``--gpus`` pods, each `lego host` on its one
@@ -486,6 +488,12 @@ def main(argv: list[str] | None = None) -> None:
         for key, value in (("base", args.base_model), ("upscaler", args.upscaler_model))
         if value
     }
+    for key, value in models.items():
+        if not value.startswith("builtin:") and not Path(value).expanduser().is_dir():
+            print(f"warning: --{key}-model {value} is not a directory here: its pools are named "
+                  "by the spec, while a gateway that reads the directory names them by the "
+                  "components' bytes; generate where the model directories are (the same "
+                  "path) so that the Deployments match", file=sys.stderr)
     if args.what == "keda":
         text = render_keda(models or None, args.namespace, monolithic=args.monolithic)
     elif args.what == "nats-config":

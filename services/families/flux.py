@@ -21,15 +21,10 @@ import torch
 
 from common.errors import InvalidField
 from services.core import Result, WorkItem
-from services.denoiser import DenoiseState, _float, _int, _rows
-from services.families.sd3 import Sd3DenoiserCore, T5EncoderCore
+from services.denoiser import DenoiseState, _float, _int, _rows, positive
+from services.families.sd3 import Sd3DenoiserCore
+from services.t5_encoder import T5EncoderCore, true_cfg
 from services.text_encoder import PROBE_TEXTS, TextEncoderCore, plain
-
-
-def true_cfg(item: WorkItem) -> bool:
-    """FluxPipeline guides with a second pass only for a negative prompt and a scale > 1."""
-    return (float(item.params.get("true_cfg_scale", 1.0)) > 1
-            and item.params.get("negative_prompt") is not None)
 
 
 class FluxClipEncoderCore(TextEncoderCore):
@@ -70,12 +65,10 @@ class FluxClipEncoderCore(TextEncoderCore):
 
 
 class FluxT5EncoderCore(T5EncoderCore):
+    """SD3's T5 encoder in FLUX's folders."""
+
     tokenizer_folder, encoder_folder = "tokenizer_2", "text_encoder_2"
     components = ("text_encoder_2",)
-    default_length = 512
-
-    def _cfg(self, item: WorkItem) -> bool:
-        return true_cfg(item)
 
 
 @dataclass(eq=False)
@@ -114,7 +107,8 @@ class FluxDenoiserCore(Sd3DenoiserCore):
         seed = _int(p, "seed", 0, minimum=0)
         cfg = true_cfg(item)
         rows = 2 if cfg else 1
-        embeds, pooled = item.inputs.get("prompt_embeds"), item.inputs.get("pooled_prompt_embeds")
+        embeds, pooled = (positive(item.inputs.get(name), cfg)
+                          for name in ("prompt_embeds", "pooled_prompt_embeds"))
         for name, tensor, ndim, width in (("prompt_embeds", embeds, 3, self.joint_dim),
                                           ("pooled_prompt_embeds", pooled, 2, self.pooled_dim)):
             if (tensor is None or tensor.ndim != ndim or tensor.shape[0] != rows

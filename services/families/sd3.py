@@ -3,8 +3,8 @@
 - The text encoder node runs CLIP-L and CLIP-G (``text_encoder``, ``text_encoder_2``): their
   penultimate hidden states concatenated (``prompt_embeds``) and their projected outputs
   concatenated (``pooled_prompt_embeds``); a missing negative prompt is ``""``.
-- The T5 encoder is a node of its own (kind ``t5_encoder``: ``text_encoder_3``), so a T5 pool
-  can serve other models that use the same encoder.
+- The T5 encoder is a node of its own (kind ``t5_encoder``: ``text_encoder_3``,
+  ``services.t5_encoder``), so a T5 pool can serve other models that use the same encoder.
 - The denoiser pads the CLIP embeddings to the T5 width, joins both along the sequence, and
   runs the MMDiT transformer under flow matching (one scheduler per request).
 The VAE nodes are the shared ones (they apply the VAE's shift factor).
@@ -18,10 +18,9 @@ import torch
 
 from common.errors import InvalidField
 from common.models import vae_scale_factor
-from services.core import OneShotCore, Result, WorkItem
-from services.denoiser import DenoiserCore, DenoiseState, _float, _int, _rows
+from services.core import WorkItem
+from services.denoiser import DenoiserCore, DenoiseState, _float, _int, _rows, positive
 from services.families.sdxl import SdxlTextEncoderCore
-from services.text_encoder import PROBE_TEXTS, check_prompt, plain
 
 
 class Sd3ClipEncoderCore(SdxlTextEncoderCore):
@@ -33,59 +32,6 @@ class Sd3ClipEncoderCore(SdxlTextEncoderCore):
 
     def _cfg(self, item: WorkItem) -> bool:
         return float(item.params.get("guidance", 7.0)) > 1
-
-
-class T5EncoderCore(OneShotCore):
-    """A T5 text encoder: ``prompt_embeds`` = its last hidden states over the prompt padded
-    to ``max_sequence_length`` tokens (``[negative, positive]`` with guidance)."""
-
-    kind = "t5_encoder"
-    ops = ("encode",)
-    #: (tokenizer, encoder) subfolders in the model directory
-    tokenizer_folder, encoder_folder = "tokenizer_3", "text_encoder_3"
-    components = ("text_encoder_3",)
-    default_length = 256
-    batch_exact: bool | None = None
-
-    def load(self) -> None:
-        self.tokenizer = self.part(self.tokenizer_folder)
-        self.encoder = self.weights(self.encoder_folder)
-        if self.batch_exact is None:
-            self.batch_exact = self._probe_batching()
-
-    def start(self, item: WorkItem) -> Any:
-        check_prompt(self, item)
-        _int(item.params, "max_sequence_length", self.default_length, minimum=1)
-        return super().start(item)
-
-    def _cfg(self, item: WorkItem) -> bool:
-        return float(item.params.get("guidance", 7.0)) > 1
-
-    def run(self, items: list[WorkItem]) -> list[Result]:
-        results = []
-        # one forward per padded length; items of one length share it
-        for item in items:
-            length = int(item.params.get("max_sequence_length", self.default_length))
-            texts = [item.params["prompt"]]
-            if self._cfg(item):
-                texts.insert(0, item.params.get("negative_prompt") or "")
-            embeds = self._encode(texts, length)
-            results.append(Result(tensors={"prompt_embeds": plain(embeds)}))
-        return results
-
-    def _encode(self, texts: list[str], length: int) -> torch.Tensor:
-        ids = self.tokenizer(texts, padding="max_length", max_length=length, truncation=True,
-                             add_special_tokens=True, return_tensors="pt").input_ids
-        ids = ids.to(self.device)
-        with torch.inference_mode():
-            if self.batch_exact or len(ids) == 1:
-                out = self.encoder(ids)[0]
-            else:
-                out = torch.cat([self.encoder(ids[r : r + 1])[0] for r in range(len(ids))])
-        return out.to(self.encoder.dtype)
-
-    def _probe_batching(self) -> bool:
-        return self.probe_batch_exact(lambda: self._encode(PROBE_TEXTS, 32))
 
 
 class Sd3DenoiserCore(DenoiserCore):
@@ -140,7 +86,7 @@ class Sd3DenoiserCore(DenoiserCore):
         seed = _int(p, "seed", 0, minimum=0)
         cfg = guidance > 1
         rows = 2 if cfg else 1
-        clip, pooled, t5 = (item.inputs.get(name) for name in
+        clip, pooled, t5 = (positive(item.inputs.get(name), cfg) for name in
                             ("prompt_embeds", "pooled_prompt_embeds", "t5_prompt_embeds"))
         for name, tensor, ndim in (("prompt_embeds", clip, 3), ("pooled_prompt_embeds", pooled, 2),
                                    ("t5_prompt_embeds", t5, 3)):
