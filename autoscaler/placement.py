@@ -94,13 +94,13 @@ def place(
         spec = pools[name]
         for _ in range(replicas[name] - len(assignment[name])):
             fitting = [d for d in ids if fits_on(d, spec)]
-            device_id = max(fitting, key=lambda d: (free_slots[d], free_memory[d], -ids.index(d)),
-                            default=None)
-            if device_id is None:
+            best = max(fitting, key=lambda d: (free_slots[d], free_memory[d], -ids.index(d)),
+                       default=None)
+            if best is None:
                 unplaced[name] = unplaced.get(name, 0) + 1
                 continue
-            take(device_id, spec)
-            assignment[name].append(device_id)
+            take(best, spec)
+            assignment[name].append(best)
     return Placement(assignment=assignment, unplaced=dict(sorted(unplaced.items())))
 
 

@@ -74,10 +74,10 @@ class FailoverJetStream(JetStreamContext):
                 await asyncio.sleep(min(delay, left))
                 delay = min(delay * 2, 1.0)
 
-    async def publish(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    async def publish(self, *args: Any, **kwargs: Any) -> Any:
         return await self._failover("publish", super().publish, *args, **kwargs)
 
-    async def get_msg(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    async def get_msg(self, *args: Any, **kwargs: Any) -> Any:
         return await self._failover("read", super().get_msg, *args, **kwargs)
 
 

@@ -176,7 +176,7 @@ async def kept_states(js: JetStreamContext, since: float | None = None
     info = await js.add_consumer(subjects.STATE_STREAM, config)
     sub = await js.pull_subscribe_bind(stream=subjects.STATE_STREAM, name=info.name)
     try:
-        pending = info.num_pending
+        pending = info.num_pending or 0  # the field is optional in ConsumerInfo
         # states rewritten during the scan come again at its end: stop after twice what was
         # there at the start, so a busy bucket cannot keep a page going
         budget = 2 * pending + _BATCH

@@ -212,6 +212,10 @@ class RequestState(msgspec.Struct, omit_defaults=True):
         return self.status in TERMINAL_STATUSES
 
 
+#: a replica's state, as ``ReplicaStatus.state`` reports it
+ReplicaState = Literal["starting", "ready", "draining", "stopped", "failed"]
+
+
 class ReplicaStatus(msgspec.Struct):
     """What a replica reports about itself, once a second and when it changes state. A replica
     whose model cannot load reports ``failed``, with the ``error``, how many attempts in a row
@@ -221,7 +225,7 @@ class ReplicaStatus(msgspec.Struct):
     pool: str
     kind: str
     model: str
-    state: Literal["starting", "ready", "draining", "stopped", "failed"]
+    state: ReplicaState
     held: int
     max_batch: int
     load_s: float

@@ -215,7 +215,7 @@ class ClusterObserver:
             view.load_s = max(s.load_s for s in statuses)
             started = [s for s in statuses if s.startup_s is not None]
             if started:
-                slowest = max(started, key=lambda s: s.startup_s)
+                slowest = max(started, key=lambda s: s.startup_s or 0.0)  # None filtered out
                 view.startup_s, view.startup_parts = slowest.startup_s, slowest.startup_parts
             view.work_ms = _mean(s.work_ms for s in statuses)
             view.unit_ms_min = _min(s.unit_ms_min for s in statuses)

@@ -28,7 +28,7 @@ import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
@@ -56,29 +56,29 @@ def dtype_name(tensor: torch.Tensor | np.ndarray) -> str:
 def tensor_bytes(tensor: torch.Tensor | np.ndarray) -> memoryview:
     """The raw bytes of ``tensor`` (copied only if it is not contiguous on the CPU)."""
     if isinstance(tensor, np.ndarray):
-        return memoryview(np.ascontiguousarray(tensor).reshape(-1).view(np.uint8))
+        return np.ascontiguousarray(tensor).reshape(-1).view(np.uint8).data
     import torch
 
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    return flat.view(torch.uint8).numpy().data
 
 
-def array_from_buffer(buffer: object, dtype: str, shape: list[int]) -> np.ndarray:
+def array_from_buffer(buffer: bytes | mmap.mmap, dtype: str, shape: list[int]) -> np.ndarray:
     """A numpy array over ``buffer`` without copying it (read-only); not for bfloat16, which
     numpy has not."""
     if dtype not in DTYPES or dtype == "bfloat16":
         raise ValueError(f"unsupported dtype {dtype!r} for numpy")
-    return np.frombuffer(buffer, dtype=np.dtype(dtype)).reshape(shape)  # type: ignore[call-overload]
+    return np.frombuffer(buffer, dtype=np.dtype(dtype)).reshape(shape)
 
 
-def tensor_from_buffer(buffer: object, dtype: str, shape: list[int]) -> torch.Tensor:
+def tensor_from_buffer(buffer: bytes | mmap.mmap, dtype: str, shape: list[int]) -> torch.Tensor:
     """A tensor over ``buffer`` without copying it."""
     import torch
 
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}")
     torch_dtype = getattr(torch, dtype)
-    if len(memoryview(buffer)) == 0:  # type: ignore[arg-type]
+    if len(memoryview(buffer)) == 0:
         return torch.empty(shape, dtype=torch_dtype)
     if isinstance(buffer, bytes):
         with warnings.catch_warnings():
@@ -86,7 +86,7 @@ def tensor_from_buffer(buffer: object, dtype: str, shape: list[int]) -> torch.Te
             warnings.simplefilter("ignore", UserWarning)
             raw = torch.frombuffer(buffer, dtype=torch.uint8)
     else:
-        raw = torch.frombuffer(buffer, dtype=torch.uint8)  # type: ignore[arg-type]
+        raw = torch.frombuffer(buffer, dtype=torch.uint8)
     return raw.view(torch_dtype).reshape(shape)
 
 
@@ -303,14 +303,15 @@ class RedisStore(TensorStore):
     async def read(self, ref: TensorRef) -> bytes:
         self._check_ref(ref)
         _check_key(ref.key)
-        data = await self.client.get(self.PREFIX + ref.key)
+        # the client does not decode responses: values are bytes (its types allow str too)
+        data = cast("bytes | None", await self.client.get(self.PREFIX + ref.key))
         if data is None:
             raise KeyError(ref.key)
         return data
 
     async def get_bytes(self, key: str) -> bytes:
         _check_key(key)
-        data = await self.client.get(self.PREFIX + key)
+        data = cast("bytes | None", await self.client.get(self.PREFIX + key))
         if data is None:
             raise KeyError(key)
         return bytes(data)
@@ -318,7 +319,7 @@ class RedisStore(TensorStore):
     async def delete_group(self, area: str, request_id: str) -> int:
         _check_group(area, request_id)
         index = self._index(area, request_id)
-        members = await self.client.smembers(index)
+        members = cast("set[bytes]", await self.client.smembers(index))
         keys = [self.PREFIX + m.decode() for m in members]
         deleted = await self.client.delete(*keys) if keys else 0
         await self.client.delete(index)

@@ -243,5 +243,6 @@ class HttpTracing:
                 await self.app(scope, receive, send_traced)
             finally:
                 route = scope.get("route")  # set by FastAPI's router once it matched
-                if getattr(route, "path", None):
-                    current.update_name(f"{method} {route.path}")
+                path = getattr(route, "path", None)
+                if path:
+                    current.update_name(f"{method} {path}")

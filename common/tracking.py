@@ -82,7 +82,8 @@ class RequestTracker:
                 entry = await self.states.get(request_id)
             except KeyNotFoundError:
                 return None
-            state = decode(entry.value, RequestState)
+            # an empty value reads as None: malformed, like any other bad state
+            state = decode(entry.value or b"", RequestState)
             new = change(state)
             if new is None:
                 return None

@@ -91,7 +91,8 @@ def schedule(jobs: Sequence[Job], devices: int) -> Schedule:
     if devices < 1:
         raise ValueError(f"devices must be >= 1, got {devices}")
     n = len(jobs)
-    admitted, start = [False] * n, [None] * n
+    admitted = [False] * n
+    start: list[float | None] = [None] * n
     free = [0.0] * devices  # a heap of the times each device is next free
     pending: list[tuple[float, int]] = []  # (deadline, index), admitted, not started; sorted
     decided_s = 0.0  # the last arrival: every pending job had arrived by then
@@ -117,8 +118,8 @@ def _start(jobs: Sequence[Job], free: list[float], pending: list[tuple[float, in
     earliest-deadline pending job (the pending set is as of ``decided_s``, the last arrival)."""
     while pending and max(free[0], decided_s) < until_s:
         _, j = pending.pop(0)
-        start[j] = max(heapq.heappop(free), decided_s)
-        heapq.heappush(free, start[j] + jobs[j].work_s)
+        start[j] = began = max(heapq.heappop(free), decided_s)
+        heapq.heappush(free, began + jobs[j].work_s)
 
 
 def _first_late(jobs: Sequence[Job], free: list[float], pending: Sequence[tuple[float, int]],

@@ -97,7 +97,8 @@ class EmulatedCore(ModelCore):
 
     node_kind: str
     profile: ModelProfile
-    device: EmulatedDevice
+    #: the emulated GPU it runs on (``device``, the torch device of its tensors, is the CPU)
+    gpu: EmulatedDevice
     owner: Owner
     #: ControlNets this node may be asked to attach (model spec -> profile)
     adapter_profiles: dict[str, ModelProfile] = field(default_factory=dict)
@@ -116,13 +117,14 @@ class EmulatedCore(ModelCore):
         self.kind = self.node_kind
         self.ops = ()
         self.components = ()
+        self.device = torch.device("cpu")  # where its zero tensors are (``output_tensors``)
 
     def load(self) -> None:
         """Reserve the owner's memory, once per owner (a pipeline's inner cores share one),
         and attach the ControlNets its workflows are known to use: their load is part of the
         replica's start, not of a request's first step."""
-        if not self.owner.swap and not self.device.resident(self.owner):
-            self.device.load(self.owner)
+        if not self.owner.swap and not self.gpu.resident(self.owner):
+            self.gpu.load(self.owner)
             for spec in self.preload:
                 self._attach(spec)
 
@@ -130,11 +132,11 @@ class EmulatedCore(ModelCore):
         """Load a ControlNet next to the base model (its memory joins the owner's)."""
         self.attached.add(spec)
         held = sum(self.adapter_profiles[a].memory_bytes for a in self.attached)
-        self.device.load(self.owner, self.owner.memory_bytes + held,
+        self.gpu.load(self.owner, self.owner.memory_bytes + held,
                          self.adapter_profiles[spec].load_s)
 
     def close(self) -> None:
-        self.device.free(self.owner)
+        self.gpu.free(self.owner)
 
     def start(self, item: WorkItem) -> EmulatedState:
         p = item.params
@@ -163,7 +165,7 @@ class EmulatedCore(ModelCore):
             factor = 2 if first.cfg and self.node_kind == "text_encoder" else 1
             seconds = call_seconds(self.profile, self.node_kind, rows * factor, first.height,
                                    first.width)
-        self.device.run(self.owner, seconds)
+        self.gpu.run(self.owner, seconds)
         for state in states:
             state.done_steps += 1
 

@@ -91,8 +91,10 @@ class ModelProfile:
         if height is None or width is None or curves[0].pixels is None:
             return curves[0].at(batch)
         pixels = height * width
-        nearest = min(curves, key=lambda c: abs(c.pixels - pixels))  # type: ignore[operator]
-        return nearest.at(batch) * pixels / nearest.pixels  # type: ignore[operator]
+        # curves[0] has a resolution, so some curve is nearest
+        sized = [(c.pixels, c) for c in curves if c.pixels is not None]
+        measured, nearest = min(sized, key=lambda found: abs(found[0] - pixels))
+        return nearest.at(batch) * pixels / measured
 
 
 def parse_profile(data: dict[str, Any]) -> ModelProfile:

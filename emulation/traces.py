@@ -65,20 +65,23 @@ def trace_for_scale(scale: float, directory: Path | str = DEFAULT_TRACE_DIR) -> 
     that scale, else the nearest shipped one below it sped up by ``scale / shipped`` and
     repeated to fill the span (same tenants and burst pattern, denser). Below the smallest
     shipped scale, the smallest is slowed down and cut at the span."""
-    found = {trace_rate_scale(p): p for p in sorted(Path(directory).glob("*.txt"))}
-    found.pop(None, None)
+    found: dict[float, Path] = {}
+    for path in sorted(Path(directory).glob("*.txt")):
+        rate_scale = trace_rate_scale(path)
+        if rate_scale is not None:
+            found[rate_scale] = path
     if not found:
         raise FileNotFoundError(f"no traces (*_rsX_*.txt) in {directory}")
     if scale <= 0:
         raise ValueError(f"rate scale must be > 0, got {scale}")
-    below = [s for s in found if s <= scale]  # type: ignore[operator]
-    base = max(below) if below else min(found)  # type: ignore[type-var]
+    below = [s for s in found if s <= scale]
+    base = max(below) if below else min(found)
     original = load_trace(found[base])
     if scale == base:
         return original
     span = duration_s(original)
-    period = span * base / scale  # type: ignore[operator]
-    fast = speed_up(original, scale / base)  # type: ignore[operator]
+    period = span * base / scale
+    fast = speed_up(original, scale / base)
     tiled: list[Arrival] = []
     offset = 0.0
     while offset < span:

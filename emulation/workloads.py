@@ -96,9 +96,16 @@ class Workload:
         drawn = len(arrivals) - sum(named.values())
         return {w: (named[w] + drawn * zipf[w]) / len(arrivals) for w in self.popularity}
 
+    def solo_s(self, workflow: str) -> float:
+        """``workflow``'s solo latency (time-scaled), which ``load_workload`` set."""
+        solo = self.workflows[workflow].solo_latency_s
+        if solo is None:
+            raise ValueError(f"workload {self.name}: {workflow} has no solo_latency_s")
+        return solo
+
     def work_s(self, workflow: str) -> float:
         """Device-seconds of profiled work one request needs (unscaled: H800 seconds)."""
-        return self.workflows[workflow].solo_latency_s * self.time_scale  # type: ignore[operator]
+        return self.solo_s(workflow) * self.time_scale
 
     def capacity_rps(self, devices: int, arrivals: Sequence[Arrival]) -> float:
         """The physical limit: devices / mean device-seconds per request over the mix

@@ -394,7 +394,7 @@ class Gateway:
             plan = None if spec is None else self.ingress.estimated(
                 self.ingress.plan(spec), spec, state.params)
             node = None if plan is None else plan.nodes.get(progress.node)
-            if node is not None:
+            if plan is not None and node is not None:
                 position = {node.pool: 0}
                 step_s = loads[node.pool].step_s if node.pool in loads else None
                 remaining_s = ((progress.total - progress.step) * (step_s or 0.0)

@@ -387,6 +387,7 @@ class Ingress:
     async def _handle(self, msg: Msg) -> None:
         headers = msg.headers or {}
         reply_to = self._reply_to(headers)
+        error: InvalidRequest | None
         try:
             raw = orjson.loads(msg.data)
         except orjson.JSONDecodeError as exc:
@@ -569,10 +570,11 @@ class Ingress:
             log.warning("max-deliveries advisory without a message: %s", exc)
             return
         deliveries = advisory.get("deliveries", self.settings.max_deliver)
+        data = stored.data or b""  # an empty message reads as None
         if stream == subjects.TASKS_STREAM:
-            await self._give_up_task(decode(stored.data, Task), deliveries)
+            await self._give_up_task(decode(data, Task), deliveries)
         else:
-            await self._give_up_request(stored.data, deliveries)
+            await self._give_up_request(data, deliveries)
         try:
             await self.js.delete_msg(stream, seq)
         except Exception as exc:  # noqa: BLE001

@@ -32,7 +32,7 @@ import asyncio
 import base64
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Request, Response
@@ -73,15 +73,15 @@ def openai_error(exc: LegoError) -> JSONResponse:
     kind = _ERROR_TYPES.get(status) or ("invalid_request_error" if status < 500
                                         else "server_error")
     field = exc.details.get("field")
-    body = {"error": {"message": exc.message, "type": kind,
-                      "param": _PARAM_NAMES.get(field, field), "code": exc.code}}
+    param = None if field is None else _PARAM_NAMES.get(field, field)
+    body = {"error": {"message": exc.message, "type": kind, "param": param, "code": exc.code}}
     return JSONResponse(body, status_code=status, headers=exc.http_headers())
 
 
 class OpenAIRoute(APIRoute):
     """Routes whose errors, the API key check's included, answer in OpenAI's shape."""
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def handle(request: Request) -> Response:

@@ -630,4 +630,5 @@ def install(app: FastAPI, settings: Settings, guard: ApiKeyGuard, max_n: int) ->
         specs = registry.all() if registry is not None else {}
         return document(app, specs, settings, guard, max_n)
 
+    # FastAPI's documented way to serve a custom schema; its stubs declare a method
     app.openapi = openapi  # type: ignore[method-assign]

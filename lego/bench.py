@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from common.bus import run_async
 from common.metrics import percentile
@@ -219,6 +219,14 @@ def hop_consumer(settings_json: str, store_kind: str, pool: str, mode: str) -> N
     run_async(consume())
 
 
+def _percentile(samples: list[float], q: float) -> float:
+    """``percentile`` of a run's samples, of which there is at least one."""
+    found = percentile(samples, q)
+    if found is None:
+        raise ValueError("no samples")
+    return found
+
+
 def bench_hop(settings: Settings, iterations: int) -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp, servers(settings, Path(tmp), True) as s:
@@ -233,8 +241,8 @@ def bench_hop(settings: Settings, iterations: int) -> list[dict]:
                                                  iterations, mode))
                         rows.append({
                             "store": kind, "size_bytes": size, "tracing": mode,
-                            "p50_ms": round(percentile(samples, 50) * 1000, 3),
-                            "p99_ms": round(percentile(samples, 99) * 1000, 3),
+                            "p50_ms": round(_percentile(samples, 50) * 1000, 3),
+                            "p99_ms": round(_percentile(samples, 99) * 1000, 3),
                         })
         finally:
             shutil.rmtree(s.shm_root, ignore_errors=True)
@@ -243,8 +251,17 @@ def bench_hop(settings: Settings, iterations: int) -> list[dict]:
 
 # --- e2e ---------------------------------------------------------------------------------------
 
-E2E_REQUEST = {"prompt": "a red fox in the snow", "negative_prompt": "blurry", "steps": 4,
-               "guidance": 7.5, "width": 64, "height": 64}
+class _E2ERequest(TypedDict):
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance: float
+    width: int
+    height: int
+
+
+E2E_REQUEST: _E2ERequest = {"prompt": "a red fox in the snow", "negative_prompt": "blurry",
+                            "steps": 4, "guidance": 7.5, "width": 64, "height": 64}
 
 
 @dataclass(frozen=True)
@@ -285,7 +302,7 @@ def alternate(settings: Settings, iterations: int, warmup: int = 3,
             threads = torch.get_num_threads()
             torch.set_num_threads(s.torch_threads)  # what one node uses
             with LegoClient(stack.gateway_url) as client, asyncio.Runner() as loop:
-                nats = loop.run(NatsClient(s.nats_url).__aenter__()) if direct else None
+                nats = loop.run(NatsClient(s.nats_servers).__aenter__()) if direct else None
                 for i in range(iterations + warmup):
                     started_at, started = time.time(), time.perf_counter()
                     state, _ = client.generate("txt2img", seed=i, **E2E_REQUEST)
@@ -321,7 +338,7 @@ def bench_e2e(settings: Settings, iterations: int) -> dict:
     runs = alternate(settings, iterations)
     micro = [r.micro_s * 1000 for r in runs]
     inprocess = [r.inprocess_s * 1000 for r in runs]
-    direct = [r.nats_s * 1000 for r in runs]
+    direct = [r.nats_s * 1000 for r in runs if r.nats_s is not None]  # all: alternate's direct
     micro_ms = statistics.median(micro)
     inprocess_ms = statistics.median(inprocess)
     nats_ms = statistics.median(direct)
@@ -332,8 +349,8 @@ def bench_e2e(settings: Settings, iterations: int) -> dict:
         "overhead_ms": round(micro_ms - inprocess_ms, 2),
         "nats_ms": round(nats_ms, 2),
         "nats_overhead_ms": round(nats_ms - inprocess_ms, 2),
-        "micro_p99_ms": round(percentile(micro, 99), 2),
-        "inprocess_p99_ms": round(percentile(inprocess, 99), 2),
+        "micro_p99_ms": round(_percentile(micro, 99), 2),
+        "inprocess_p99_ms": round(_percentile(inprocess, 99), 2),
         "iterations": iterations,
         "torch_threads": settings.torch_threads,
     }
@@ -383,10 +400,10 @@ def main(args: argparse.Namespace) -> int:
         if unknown:
             raise SystemExit(f"lego bench chaos: unknown scenario(s) {sorted(unknown)}; "
                              f"choose from {', '.join(SCENARIOS)}")
-        cfg = ChaosConfig(scenarios=scenarios, **{
+        chaos = ChaosConfig(scenarios=scenarios, **{
             k: v for k, v in (("overload_factor", args.overload_factor),
                               ("overload_s", args.overload_s)) if v is not None})
-        results = bench_chaos(settings, cfg,
+        results = bench_chaos(settings, chaos,
                               log=lambda line: print(line, file=sys.stderr, flush=True))
         if args.json:
             print(json.dumps(results, indent=2))
@@ -471,17 +488,17 @@ def _emulated(settings: Settings, args: argparse.Namespace) -> int:
         "devices": args.devices, "time_scale": args.time_scale or 4.0, "repeat": repeat,
         "admission": args.admission or "lego", "systems": systems,
     }}
-    for workload in workloads:
+    for name in workloads:
         result = experiment.sweep_workload(
-            settings, workload, devices=args.devices, time_scale=args.time_scale or 4.0,
+            settings, name, devices=args.devices, time_scale=args.time_scale or 4.0,
             scales=scales, bursts=not args.no_bursts, repeat=repeat,
             admission=args.admission or "lego", systems=systems,
             log=(lambda line: print(line, file=sys.stderr, flush=True)),
         )
-        path = args.out / f"sweep-{workload}.png"
-        experiment.plot(workload, result, path)
+        path = args.out / f"sweep-{name}.png"
+        experiment.plot(name, result, path)
         result["plot"] = str(path)
-        results["workloads"][workload] = result
+        results["workloads"][name] = result
         (args.out / "sweep.json").write_text(json.dumps(results, indent=2))
     if args.json:
         print(json.dumps(results, indent=2))

@@ -142,7 +142,8 @@ def summarize(outcomes: list[Outcome], watch: Watch, burst_at: float, deadline_s
         chosen = [o for o in outcomes if phase is None or o.phase == phase]
         if not chosen:
             return None
-        met = [o for o in chosen if o.status == "succeeded" and o.latency_s <= deadline_s]
+        met = [o for o in chosen if o.status == "succeeded" and o.latency_s is not None
+               and o.latency_s <= deadline_s]
         return round(len(met) / len(chosen), 4)
 
     ups = [e for e in watch.events if e.after > e.before and e.at >= burst_at]
@@ -155,7 +156,10 @@ def summarize(outcomes: list[Outcome], watch: Watch, burst_at: float, deadline_s
         needed = first.after - first.before
         if len(times) >= needed:
             ready_s = times[needed - 1] - burst_at
-    latencies = [o.latency_s for o in outcomes if o.status == "succeeded"]
+    # a succeeded outcome has its latency
+    latencies = [o.latency_s for o in outcomes
+                 if o.status == "succeeded" and o.latency_s is not None]
+    p99_s = percentile(latencies, 99)
     return {
         "requests": len(outcomes),
         "scale_up_decision_s": None if decision_s is None else round(decision_s, 3),
@@ -169,7 +173,7 @@ def summarize(outcomes: list[Outcome], watch: Watch, burst_at: float, deadline_s
                             for o in outcomes),
         "lost": sum(o.status == "lost" for o in outcomes),
         "p50_s": None if not latencies else round(statistics.median(latencies), 3),
-        "p99_s": None if not latencies else round(percentile(latencies, 99), 3),
+        "p99_s": None if p99_s is None else round(p99_s, 3),
         "scale_events": [
             {"at_s": round(e.at - burst_at, 3), "pool": e.pool, "before": e.before,
              "after": e.after}
@@ -237,6 +241,7 @@ def bench_burst(settings: Settings, cfg: BurstConfig) -> dict:
                          Path(tmp) / f"{system}-servers", False) as s:
                 runs, deadline_s = run_system(s, cfg, monolithic, deadline_s, Path(tmp))
                 results[system] = runs[0] if cfg.repeat == 1 else over_runs(runs)
+    assert deadline_s is not None  # the first system's run measured it
     results["config"] = {
         "solo_s": round(deadline_s / cfg.slo_factor, 4), "deadline_s": deadline_s,
         "rate": cfg.rate,

@@ -161,11 +161,11 @@ async def open_loop(url: str, rate: float, duration_s: float, wait_s: float,
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
         start = time.time()
 
-        async def inject() -> None:
+        async def inject(run: Callable[[], Awaitable[float | None]]) -> None:
             await asyncio.sleep(fault_at_s)
-            repaired[0] = await fault()  # type: ignore[misc]
+            repaired[0] = await run()
 
-        injector = asyncio.create_task(inject()) if fault is not None else None
+        injector = asyncio.create_task(inject(fault)) if fault is not None else None
         for i in range(int(rate * duration_s)):
             await asyncio.sleep(max(0.0, start + i / rate - time.time()))
             sent.append(Sent(time.time()))

@@ -26,8 +26,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from common.settings import Settings, load_settings
 
@@ -125,9 +124,12 @@ def _print_stack(stack: Stack, args: argparse.Namespace) -> None:
               "models the autoscaler makes resident there)")
     if settings.workload:
         from common.workflow import shipped_workflows
+        from emulation.profiles import DEFAULT_PROFILE_DIR
 
+        # no profile_dir (a workload set without --emulate): the plug-in's default profiles
+        profile_dir = settings.profile_dir or DEFAULT_PROFILE_DIR
         print(f"emulated {settings.workload} on {len(settings.devices)} devices "
-              f"({settings.profile_dir.name}, {args.system or 'micro'}, time scale "
+              f"({profile_dir.name}, {args.system or 'micro'}, time scale "
               f"{settings.time_scale:g}): {', '.join(sorted(shipped_workflows(settings)))}")
     _print_unserved(stack)
     print(f"logs     {stack.settings.run_dir / 'logs'}")
@@ -135,15 +137,15 @@ def _print_stack(stack: Stack, args: argparse.Namespace) -> None:
           "hold first; a second Ctrl-C does not wait)", flush=True)
 
 
-def _print_unserved(stack: Stack, file: object = None) -> None:
+def _print_unserved(stack: Stack, file: TextIO | None = None) -> None:
     """What the stack does not serve, and why: workflows its model cannot serve, pools that
     cannot start (tried again with a back-off)."""
     for name, why in stack.left_out.items():
-        print(f"not offered  {name}: {why}", file=file)  # type: ignore[arg-type]
+        print(f"not offered  {name}: {why}", file=file)
     for pool, error in stack.failed_pools.items():
         print(f"cannot start {pool} (tried again with a back-off; "
               f"{', '.join(stack.workflows_using(pool))} answer 503 meanwhile): {error}",
-              file=file)  # type: ignore[arg-type]
+              file=file)
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -263,7 +265,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from lego.stack import Stack, hosted, running_stack
 
-    legoclient = _client_package()
+    _require_client()
+    import legoclient
+
     settings = _settings(args)
     if args.workflow is None:
         from common.workflow import default_workflow
@@ -321,7 +325,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 if step:
                     bar.update(task, description=step.node, completed=step.step,
                                total=step.total)
-                else:
+                elif isinstance(event, legoclient.Generation):  # a state with no step running
                     bar.update(task, description=event.status)
 
             try:
@@ -354,14 +358,15 @@ def _format_of(output: str | None) -> str | None:
     return {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "webp"}.get(suffix)
 
 
-def _client_package() -> ModuleType:
-    """The client package (``clients/python``), which scripts/setup.sh installs."""
+def _require_client() -> None:
+    """Exit saying how to install it when the client package (``clients/python``, which
+    scripts/setup.sh installs) is missing; the caller imports it then (typed, unlike a module
+    object handed back)."""
     try:
-        import legoclient
+        import legoclient  # noqa: F401
     except ImportError:
         raise SystemExit("the client package is missing: pip install -e ./clients/python "
                          "(scripts/setup.sh installs it)") from None
-    return legoclient
 
 
 def _api_key(settings: Settings) -> str | None:
@@ -454,7 +459,9 @@ def cmd_history(args: argparse.Namespace) -> int:
 
     from lego.stack import running_stack
 
-    legoclient = _client_package()
+    _require_client()
+    import legoclient
+
     settings = _settings(args)
     gateway = args.gateway or (running_stack(settings) or {}).get("gateway_url")
     if gateway is None:

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
@@ -36,6 +37,9 @@ from common.models import resolve_model_dir
 from common.settings import Settings
 from common.workflow import WorkflowSpec, offered_workflows
 from services.schemes import scheme_of
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
 
 log = logging.getLogger(__name__)
 
@@ -284,8 +288,8 @@ class Stack:
                 self._say(f"loading models ({len(pools) - len(waiting)} of {len(pools)} ready): "
                           f"{', '.join(sorted(set(waiting)))}" if waiting else "models loaded")
 
-            async def on_status(msg: object) -> None:
-                status = decode(msg.data, ReplicaStatus)  # type: ignore[attr-defined]
+            async def on_status(msg: Msg) -> None:
+                status = decode(msg.data, ReplicaStatus)
                 before = len(ready) + len(failed)
                 if status.state == "ready":
                     ready.add(status.pool)

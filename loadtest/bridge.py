@@ -29,7 +29,7 @@ _NativeSelector: type[selectors.BaseSelector] = gevent.monkey.get_original(
 
 
 class _NativeLoop(asyncio.SelectorEventLoop):
-    async def getaddrinfo(  # type: ignore[override]
+    async def getaddrinfo(
         self, host: Any, port: Any, *, family: int = 0, type: int = 0, proto: int = 0,
         flags: int = 0,
     ) -> list[Any]:

@@ -107,6 +107,9 @@ class ModelCore(abc.ABC):
     #: where the models that requests attach are (ControlNets, LoRAs), set by whoever builds
     #: the core (it knows where models are); None: none here
     source: ModelSource | None = None
+    #: whether rows batched into one call give the same bits as one call each (a core that
+    #: batches rows decides at load, ``probe_batch_exact``); None: not known (yet)
+    batch_exact: bool | None = None
 
     def __init__(self, model_dir: Path, *, device: str = "cpu", max_batch: int = 8,
                  dtype: str = "auto") -> None:
@@ -124,8 +127,10 @@ class ModelCore(abc.ABC):
         in eval mode."""
         from common.models import component_class
 
-        model = component_class(self.model_dir, component).from_pretrained(
-            self.model_dir, subfolder=component, torch_dtype=self.torch_dtype)
+        # the diffusers or transformers class its model_index.json names
+        cls: Any = component_class(self.model_dir, component)
+        model = cls.from_pretrained(self.model_dir, subfolder=component,
+                                    torch_dtype=self.torch_dtype)
         return model.to(self.device).eval()
 
     def probe_batch_exact(self, run: Callable[[], Any]) -> bool:
@@ -150,8 +155,8 @@ class ModelCore(abc.ABC):
         """A component without weights (a tokenizer, a feature extractor)."""
         from common.models import component_class
 
-        return component_class(self.model_dir, component).from_pretrained(
-            self.model_dir, subfolder=component)
+        cls: Any = component_class(self.model_dir, component)  # a tokenizer's class, ...
+        return cls.from_pretrained(self.model_dir, subfolder=component)
 
     @abc.abstractmethod
     def load(self) -> None:

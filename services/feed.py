@@ -33,6 +33,7 @@ from common.messages import (
     JoinState,
     NodeTiming,
     Progress,
+    ReplicaState,
     ReplicaStatus,
     Task,
     TensorRef,
@@ -573,7 +574,7 @@ class PoolFeed:
         while True:
             try:
                 entry = await joins.get(key)
-                state = decode(entry.value, JoinState)
+                state = decode(entry.value or b"", JoinState)  # empty reads as None
                 revision = entry.revision
             except KeyNotFoundError:
                 state, revision = JoinState(arrived=[], inputs={}, meta={}, timings=[]), None
@@ -622,14 +623,14 @@ class PoolFeed:
 
     # --- reports --------------------------------------------------------------------------------
 
-    async def publish_status(self, state: str | None = None) -> None:
+    async def publish_status(self, state: ReplicaState | None = None) -> None:
         stats, recent = self.stats, self._recent
         if state is None:
             state = "draining" if stats.draining else "ready" if stats.ready else "starting"
         latencies = [r.latency_ms for r in recent]
         status = ReplicaStatus(
             replica=self.replica, pool=self.pool, kind=self.core.kind, model=self.model,
-            state=state, held=len(self.held),  # type: ignore[arg-type]
+            state=state, held=len(self.held),
             max_batch=self.core.max_batch, load_s=round(stats.loaded_s, 3),
             tasks_done=stats.tasks_done, tasks_failed=stats.tasks_failed, batches=stats.batches,
             batch_items=stats.batch_items, at=now(),

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common import bus, metrics, subjects, telemetry
-from common.messages import ReplicaStatus, encode, now
+from common.messages import ReplicaState, ReplicaStatus, encode, now
 from common.settings import Settings
 from common.store import TensorStore, open_store
 from common.tracking import RequestTracker
@@ -200,14 +200,14 @@ class DeviceHost:
                 await asyncio.wait_for(self.wait_changed(), left)
 
     async def _publish_failed(self, replica: str, failure: LoadFailure | None = None,
-                              state: str = "failed") -> None:
+                              state: ReplicaState = "failed") -> None:
         """Report a pool that could not load (best effort: NATS may be down)."""
         failure = failure or self.failed.get(replica)
         if failure is None:
             return
         status = ReplicaStatus(
             replica=replica, pool=failure.pool, kind=failure.kind, model=failure.model,
-            state=state, held=0, max_batch=self.settings.max_batch,  # type: ignore[arg-type]
+            state=state, held=0, max_batch=self.settings.max_batch,
             load_s=0.0, tasks_done=0, tasks_failed=0, batches=0, batch_items=0, at=now(),
             device=self.device, metrics_port=self.metrics_port, error=failure.error,
             failures=failure.failures,

@@ -106,7 +106,7 @@ class MonolithicCore(ModelCore):
         vaes: dict[Path, Any] = {}
         for (kind, model_dir), core in self.cores.items():
             if kind in ("vae_encoder", "vae_decoder") and hasattr(core, "vae"):
-                core.vae = vaes.setdefault(model_dir, core.vae)  # type: ignore[attr-defined]
+                core.vae = vaes.setdefault(model_dir, core.vae)
 
     def close(self) -> None:
         for core in self.cores.values():

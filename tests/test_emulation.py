@@ -200,7 +200,7 @@ def test_a_replica_attaches_its_workloads_controlnets_as_it_loads():
     assert set(core.preload) == controlnets and not core.attached
     core.load()
     assert core.attached == controlnets
-    assert core.device.used_bytes == PROFILES["Flux1Schnell"].memory_bytes + sum(
+    assert core.gpu.used_bytes == PROFILES["Flux1Schnell"].memory_bytes + sum(
         PROFILES[c.removeprefix("emulated:")].memory_bytes for c in controlnets)
     core.close()
     encoder = build_core("text_encoder", "emulated:T5_Flux", settings, max_batch=4)

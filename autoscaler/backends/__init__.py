@@ -137,25 +137,40 @@ def reconcile(
     return surplus, [d for d, n in sorted(wanted.items()) for _ in range(n)]
 
 
-class HostedReplicas(Generic[R]):
+class HostedReplica(Protocol):
+    """What ``HostedReplicas`` reads of a replica."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def started(self) -> float: ...  # time.monotonic()
+    @property
+    def stopping(self) -> bool: ...
+
+
+H = TypeVar("H", bound=HostedReplica)
+
+
+class HostedReplicas(Generic[H]):
     """What a backend that starts replicas itself (local processes, in-process hosts) keeps: per
-    pool its replicas, each with ``id``, ``device``, ``started`` and ``stopping``. Subclasses
-    say how one starts (``_start``) and is asked to drain (``_stop``)."""
+    pool its replicas (``HostedReplica``). Subclasses say how one starts (``_start``) and is
+    asked to drain (``_stop``)."""
 
     def __init__(self) -> None:
-        self._replicas: dict[str, list[R]] = {}
+        self._replicas: dict[str, list[H]] = {}
 
-    def _start(self, launch: PoolLaunch, device: str) -> R:
+    def _start(self, launch: PoolLaunch, device: str) -> H:
         raise NotImplementedError
 
-    def _stop(self, replica: R) -> None:
+    def _stop(self, replica: H) -> None:
         raise NotImplementedError
 
     def _info(self) -> dict[str, list[ReplicaInfo]]:
         return {
             pool: [
-                ReplicaInfo(r.id, pool, r.device,  # type: ignore[attr-defined]
-                            "stopping" if r.stopping else "running")  # type: ignore[attr-defined]
+                ReplicaInfo(r.id, pool, r.device, "stopping" if r.stopping else "running")
                 for r in replicas
             ]
             for pool, replicas in self._replicas.items()
@@ -163,9 +178,8 @@ class HostedReplicas(Generic[R]):
 
     async def scale(self, launch: PoolLaunch, devices: list[str]) -> None:
         replicas = self._replicas.setdefault(launch.pool, [])
-        running = sorted((r for r in replicas if not r.stopping),  # type: ignore[attr-defined]
-                         key=lambda r: r.started)  # type: ignore[attr-defined]
-        surplus, start_on = reconcile(running, devices, lambda r: r.device)  # type: ignore
+        running = sorted((r for r in replicas if not r.stopping), key=lambda r: r.started)
+        surplus, start_on = reconcile(running, devices, lambda r: r.device)
         for replica in surplus:
             self._stop(replica)
         for device in start_on:

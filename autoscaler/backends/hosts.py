@@ -200,4 +200,5 @@ class HostsBackend:
         except KeyNotFoundError as missing:
             deleted = getattr(missing, "entry", None)
             return (deleted.revision if deleted is not None else 0), HostResidency()
-        return entry.revision, HostResidency.of(entry.value)
+        # a stored entry has its stream sequence as revision (the field is optional)
+        return entry.revision or 0, HostResidency.of(entry.value)

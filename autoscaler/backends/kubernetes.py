@@ -216,6 +216,8 @@ class KubernetesBackend:
         )
         seen: dict[str, _Seen] = {}
         for item in listing.items:
+            if item.metadata is None or item.metadata.name is None:
+                continue  # the API server names every object it lists
             pool = _pool_of(item)
             name = item.metadata.name
             if pool is None:
