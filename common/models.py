@@ -26,7 +26,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from common import families
 
@@ -294,8 +294,10 @@ def build_tiny_tokenizer() -> CLIPTokenizer:
 
     vocab, merges = _tiny_bpe()
     if int(transformers.__version__.split(".")[0]) >= 5:
-        # the tokenizers-backed class takes the vocabulary itself
-        return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
+        # the tokenizers-backed class takes the vocabulary itself (the merges as pairs, though
+        # its annotation says strings)
+        return CLIPTokenizer(vocab=dict(vocab), merges=merges,  # type: ignore[arg-type]
+                             model_max_length=77)
     with tempfile.TemporaryDirectory() as tmp:  # transformers 4.x wants files
         vocab_file, merges_file = Path(tmp) / "vocab.json", Path(tmp) / "merges.txt"
         vocab_file.write_text(json.dumps(vocab, ensure_ascii=False))
@@ -393,10 +395,11 @@ def _tiny_t5(tokenizer, d_model: int):
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(_SEED + 2)
-    return T5EncoderModel(T5Config(
+    config: dict[str, Any] = dict(  # T5's own keys, some not in T5Config's signature
         vocab_size=len(tokenizer), d_model=d_model, d_ff=37, d_kv=8, num_layers=2,
         num_heads=4, relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
-        decoder_start_token_id=0)).eval()
+        decoder_start_token_id=0)
+    return T5EncoderModel(T5Config(**config)).eval()
 
 
 def _tiny_unet(**config):
@@ -569,7 +572,7 @@ def _build_tiny_flux(guidance_embeds: bool = True):
         pooled_projection_dim=clip_hidden,  # CLIP's pooled output
         guidance_embeds=guidance_embeds,
         axes_dims_rope=[4, 4, 8],
-    ).eval()
+    ).eval()  # type: ignore[attr-defined]  # (diffusers' typing of the class hides nn.Module)
     torch.manual_seed(_SEED)
     vae = _tiny_vae(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
                     scaling_factor=1.5035)
@@ -683,7 +686,7 @@ def _build_tiny_upscaler():
     )
 
 
-_BUILDERS: dict[str, Callable[[], object]] = {
+_BUILDERS: dict[str, Callable[[], Any]] = {
     TINY_SD: _build_tiny_sd,
     TINY_SDXL: _build_tiny_sdxl,
     TINY_SD3: _build_tiny_sd3,

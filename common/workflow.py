@@ -474,8 +474,8 @@ def validate_params(
                 out.params[name] = {"width": image.shape[1], "height": image.shape[0]}
             elif p.type == "loras":
                 out.params[name] = check_loras(name, value, p.max_items)
-                for i, lora in enumerate(out.params[name] if models is not None else ()):
-                    problem = models.lora_problem(lora["name"])
+                for i, lora in enumerate(out.params[name]):
+                    problem = None if models is None else models.lora_problem(lora["name"])
                     if problem is not None:
                         raise InvalidField(f"{name}[{i}].name", problem)
             else:

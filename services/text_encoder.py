@@ -21,7 +21,7 @@ from services.lora import Loras, lora_key
 class TextEncoderCore(OneShotCore):
     kind = "text_encoder"
     ops = ("encode",)
-    components = ("text_encoder",)  # the tokenizer has no weights
+    components: tuple[str, ...] = ("text_encoder",)  # the tokenizer has no weights
 
     #: whether items may share one forward; None: decided at load by a bit-exactness probe
     batch_exact: bool | None = None

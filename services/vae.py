@@ -40,13 +40,14 @@ class _VaeCore(OneShotCore):
         # pipelines then use them in place of the plain scaling factor)
         config = self.vae.config
         mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-        self.latents_mean = self.latents_std = None
+        #: SDXL's per-channel (mean, std) of the latents, where the VAE's config has them
+        self.latents_stats: tuple[torch.Tensor, torch.Tensor] | None = None
         # SD3's and FLUX's VAEs shift the latents as well as scale them
         self.shift_factor = getattr(config, "shift_factor", None)
         if mean is not None and std is not None:
             shape = (1, self.latent_channels, 1, 1)
-            self.latents_mean = torch.tensor(mean).view(shape).to(self.device, self.dtype)
-            self.latents_std = torch.tensor(std).view(shape).to(self.device, self.dtype)
+            self.latents_stats = (torch.tensor(mean).view(shape).to(self.device, self.dtype),
+                                  torch.tensor(std).view(shape).to(self.device, self.dtype))
         self.vae_scale_factor = vae_scale_factor(self.model_dir)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
@@ -72,7 +73,7 @@ class VaeDecoderCore(_VaeCore):
 
     def run(self, items: list[WorkItem]) -> list[Result]:
         latents = [it.inputs["latents"].to(device=self.device, dtype=self.dtype) for it in items]
-        images: list[torch.Tensor | None] = [None] * len(items)
+        images: dict[int, torch.Tensor] = {}
         if self.batch_exact:
             groups: dict[tuple[int, ...], list[int]] = {}
             for i, lat in enumerate(latents):
@@ -87,13 +88,14 @@ class VaeDecoderCore(_VaeCore):
         else:
             for i, lat in enumerate(latents):
                 images[i] = self._decode(lat)
-        return [Result(tensors={"image": img}) for img in images]
+        return [Result(tensors={"image": images[i]}) for i in range(len(items))]
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) latents -> (N, H, W, 3) uint8, as StableDiffusionPipeline does."""
         with torch.inference_mode():
-            if self.latents_mean is not None:
-                latents = latents * self.latents_std / self.scaling_factor + self.latents_mean
+            if self.latents_stats is not None:
+                mean, std = self.latents_stats
+                latents = latents * std / self.scaling_factor + mean
             elif self.shift_factor is not None:
                 latents = latents / self.scaling_factor + self.shift_factor
             else:
@@ -150,8 +152,9 @@ class VaeEncoderCore(_VaeCore):
         generator = torch.Generator("cpu").manual_seed(int(item.params.get("seed", 0)))
         with torch.inference_mode():
             latents = retrieve_latents(self.vae.encode(image), generator=generator)
-            if self.latents_mean is not None:
-                latents = (latents - self.latents_mean) * self.scaling_factor / self.latents_std
+            if self.latents_stats is not None:
+                mean, std = self.latents_stats
+                latents = (latents - mean) * self.scaling_factor / std
             elif self.shift_factor is not None:
                 latents = (latents - self.shift_factor) * self.scaling_factor
             else:
