@@ -592,7 +592,9 @@ def _build_tiny_controlnet(**config):
 def _build_tiny_sd3_controlnet():
     """An SD3 ControlNet for tiny-sd3's transformer (its shape, one block): conditioned on the
     control image's VAE latents, with zeros for the pooled projections (the class's default,
-    as SD3.5's ControlNets)."""
+    as SD3.5's ControlNets). On tiny-sd3 it runs but changes nothing: diffusers' SD3
+    transformer adds no ControlNet output to its last block, tiny-sd3's only one; on an SD3
+    transformer of two blocks or more (tests/test_families.py builds one) it steers."""
     from diffusers import SD3ControlNetModel
 
     net = _seeded_controlnet(
