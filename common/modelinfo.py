@@ -6,13 +6,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from common.models import (
-    component_config,
-    count_tokens,
-    load_tokenizer,
-    resolve_model_dir,
-    vae_scale_factor,
-)
+from common.models import count_tokens, load_tokenizer, native_size, resolve_model_dir
 from common.workflow import lora_path
 
 
@@ -42,15 +36,5 @@ class LocalModelInfo:
 
     @functools.lru_cache(maxsize=64)  # noqa: B019
     def native_size(self, model: str) -> tuple[int, int]:
-        """As diffusers picks it when width/height are omitted: the denoising model's (UNet's,
-        or SD3's transformer's) sample_size x VAE scale."""
-        model_dir = self._dir(model)
-        denoiser = "unet" if (model_dir / "unet").is_dir() else "transformer"
-        # FluxPipeline's default_sample_size: its transformer's config has none
-        sample = component_config(model_dir, denoiser).get("sample_size", 128)
-        if isinstance(sample, list | tuple):
-            height, width = sample
-        else:
-            height = width = sample
-        scale = vae_scale_factor(model_dir)
-        return width * scale, height * scale
+        """As diffusers picks it when width/height are omitted (``common.models.native_size``)."""
+        return native_size(self._dir(model))

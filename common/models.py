@@ -48,6 +48,8 @@ TINY_FLUX = "tiny-flux"
 TINY_FLUX_SCHNELL = "tiny-flux-schnell"
 TINY_SD_CONTROLNET = "tiny-sd-controlnet"
 TINY_SDXL_CONTROLNET = "tiny-sdxl-controlnet"
+TINY_SD3_CONTROLNET = "tiny-sd3-controlnet"
+TINY_FLUX_CONTROLNET = "tiny-flux-controlnet"
 TINY_UPSCALER = "tiny-upscaler"
 
 
@@ -113,7 +115,7 @@ def resolve_model_dir(spec: str, cache_dir: Path) -> Path:
 
 #: the classes a directory may hold alone (``config.json`` and its weights, no pipeline):
 #: models that a workflow attaches to another one's node
-SINGLE_MODELS = ("ControlNetModel",)
+SINGLE_MODELS = ("ControlNetModel", "SD3ControlNetModel", "FluxControlNetModel")
 
 
 def is_single_model(path: Path) -> bool:
@@ -599,11 +601,10 @@ def _build_tiny_controlnet(**config):
     """A ControlNet for a tiny UNet (diffusers' ControlNet fast-test layout on tiny-sd's UNet
     shape, with ``config`` for the model it serves): its conditioning embedding halves the
     control image once, as the tiny VAE."""
-    import torch
     from diffusers import ControlNetModel
 
-    torch.manual_seed(_SEED + 3)
-    net = ControlNetModel(
+    net = _seeded_controlnet(
+        ControlNetModel,
         block_out_channels=(4, 8),
         layers_per_block=1,
         in_channels=4,
@@ -611,12 +612,55 @@ def _build_tiny_controlnet(**config):
         conditioning_embedding_out_channels=(4, 8),
         norm_num_groups=2,
         **config,
-    ).eval()
-    # a new ControlNet's output convolutions are zeros (it starts as a no-op); a trained one's
-    # are not, so give the tiny one small random ones: its control image then steers
+    )
+    return _steering(net, [*net.controlnet_down_blocks, net.controlnet_mid_block])
+
+
+def _build_tiny_sd3_controlnet():
+    """An SD3 ControlNet for tiny-sd3's transformer (its shape, one block): conditioned on the
+    control image's VAE latents, with zeros for the pooled projections (the class's default,
+    as SD3.5's ControlNets). On tiny-sd3 it runs but changes nothing: diffusers' SD3
+    transformer adds no ControlNet output to its last block, tiny-sd3's only one; on an SD3
+    transformer of two blocks or more (tests/test_families.py builds one) it steers."""
+    from diffusers import SD3ControlNetModel
+
+    net = _seeded_controlnet(
+        SD3ControlNetModel, sample_size=32, patch_size=1, in_channels=4, num_layers=1,
+        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+        joint_attention_dim=32, pooled_projection_dim=16, out_channels=4)
+    return _steering(net, [net.pos_embed_input.proj, *net.controlnet_blocks])
+
+
+def _build_tiny_flux_controlnet():
+    """A FLUX ControlNet for tiny-flux's transformer (its shape, one double and one single
+    block, dev's guidance embedding): conditioned on the control image's packed VAE latents."""
+    from diffusers import FluxControlNetModel
+
+    net = _seeded_controlnet(
+        FluxControlNetModel, patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+        pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=[4, 4, 8])
+    return _steering(net, [net.controlnet_x_embedder, *net.controlnet_blocks,
+                           *net.controlnet_single_blocks])
+
+
+def _seeded_controlnet(cls, **config):
+    """A new ControlNet of class ``cls`` from the ControlNets' seed."""
+    import torch
+
+    torch.manual_seed(_SEED + 3)
+    return cls(**config).eval()
+
+
+def _steering(net, layers):
+    """``net`` with random weights in ``layers``: a new ControlNet's input and output layers
+    are zeros (it starts as a no-op); a trained one's are not, so give the tiny one small
+    random ones: its control image then steers."""
+    import torch
+
     with torch.no_grad():
-        for conv in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
-            conv.weight.normal_(0.0, 0.2)
+        for layer in layers:
+            layer.weight.normal_(0.0, 0.2)
     return net
 
 
@@ -699,6 +743,8 @@ _BUILDERS: dict[str, Callable[[], Any]] = {
         addition_embed_type="text_time", addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=6 * 8 + 8,
         cross_attention_dim=16),
+    TINY_SD3_CONTROLNET: _build_tiny_sd3_controlnet,
+    TINY_FLUX_CONTROLNET: _build_tiny_flux_controlnet,
     TINY_UPSCALER: _build_tiny_upscaler,
 }
 
@@ -811,3 +857,18 @@ def weights_bytes(model_dir: Path | str, components: Iterable[str]) -> int:
 def vae_scale_factor(model_dir: Path | str) -> int:
     """As the SD pipelines compute it: 2 ** (len(vae.block_out_channels) - 1)."""
     return 2 ** (len(component_config(model_dir, "vae")["block_out_channels"]) - 1)
+
+
+def native_size(model_dir: Path | str) -> tuple[int, int]:
+    """(width, height) as diffusers picks them when a request omits them: the denoising
+    model's (UNet's, or SD3's transformer's) sample_size x the VAE's scale (FLUX's pipelines:
+    a default_sample_size of 128; its transformer's config has none)."""
+    model_dir = Path(model_dir)
+    denoiser = "unet" if (model_dir / "unet").is_dir() else "transformer"
+    sample = component_config(model_dir, denoiser).get("sample_size", 128)
+    if isinstance(sample, list | tuple):
+        height, width = sample
+    else:
+        height = width = sample
+    scale = vae_scale_factor(model_dir)
+    return width * scale, height * scale

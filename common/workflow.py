@@ -50,6 +50,8 @@ class KindSpec:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     optional_inputs: tuple[str, ...] = ()
+    #: optional inputs of which a node must take exactly one
+    one_of: tuple[str, ...] = ()
     requires: tuple[str, ...] = ()
     #: ``requires`` of the families whose directories lay the kind's components out otherwise
     family_requires: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
@@ -81,16 +83,20 @@ KINDS: dict[str, KindSpec] = {
     "denoiser": KindSpec(
         "denoise", ("prompt_embeds",), ("latents",),
         # SDXL's and SD3's pooled embeddings, SD3's T5 embeddings; the emulated workloads' a
-        # second and third text encoder's embeddings (SD3: CLIP-L, CLIP-G, T5; Flux: CLIP, T5)
+        # second and third text encoder's embeddings (SD3: CLIP-L, CLIP-G, T5; Flux: CLIP, T5);
+        # a ControlNet's control image (SD, SDXL) or its latents (SD3, FLUX)
         ("image_latents", "generator_state", "pooled_prompt_embeds", "t5_prompt_embeds",
-         "prompt_embeds_2", "prompt_embeds_3", "control_image"),
+         "prompt_embeds_2", "prompt_embeds_3", "control_image", "control_latents"),
         requires=("unet", "scheduler", "vae"),  # the VAE's config: the latents' scale
         family_requires={family: ("transformer", "scheduler", "vae")
                          for family in (families.SD3, families.FLUX)},
     ),
+    # img2img's image, or the control image of a ControlNet that takes latents (SD3's, FLUX's)
+    "vae_encoder": KindSpec("encode_image", (), ("image_latents", "control_latents",
+                                                 "generator_state"),
+                            ("image", "control_image"), one_of=("image", "control_image"),
+                            requires=("vae",)),
     # the VAE's config says how latents are scaled and shifted, in every family
-    "vae_encoder": KindSpec("encode_image", ("image",), ("image_latents", "generator_state"),
-                            requires=("vae",), across_families=True),
     "vae_decoder": KindSpec("decode", ("latents",), ("image",), requires=("vae",),
                             across_families=True),
     "safety_checker": KindSpec("check", ("image",), ("image",),
@@ -232,6 +238,9 @@ class WorkflowSpec(BaseModel):
             missing = set(kind.inputs) - set(node.inputs)
             if missing:
                 raise ValueError(f"node {name}: missing inputs {sorted(missing)}")
+            if kind.one_of and len(set(kind.one_of) & set(node.inputs)) != 1:
+                raise ValueError(f"node {name}: {node.kind} takes one input of "
+                                 f"{list(kind.one_of)}")
             for input_name, source in node.inputs.items():
                 if input_name not in allowed:
                     raise ValueError(f"node {name}: {node.kind} has no input {input_name!r}")

@@ -29,10 +29,12 @@ _serials = itertools.count()
 
 @dataclass(frozen=True, eq=False)
 class Control:
-    """A ControlNet applied at every step, as StableDiffusionControlNetPipeline applies it."""
+    """A ControlNet applied at every step, as the family's ControlNet pipeline applies it."""
 
     model: str  # its model spec
-    image: torch.Tensor  # (rows, 3, H, W) in [0, 1], the control image once per row
+    #: what the ControlNet is conditioned on (``DenoiserCore.control_input``): SD's and SDXL's
+    #: the control image, (rows, 3, H, W) in [0, 1]; SD3's and FLUX's its latents
+    image: torch.Tensor
     scale: float  # controlnet_conditioning_scale
 
 
@@ -68,6 +70,8 @@ class DenoiserCore(ModelCore):
     #: whether a workflow may attach a ControlNet here (``controlnet:`` on its node), and a
     #: request name LoRAs (``loras``)
     takes_controlnet = takes_loras = True
+    #: the diffusers class of the ControlNets it runs
+    controlnet_class = "ControlNetModel"
 
     def load(self) -> None:
         self.unet = self.weights("unet")
@@ -107,12 +111,7 @@ class DenoiserCore(ModelCore):
     def start(self, item: WorkItem) -> DenoiseState:
         from diffusers.utils.torch_utils import randn_tensor
 
-        self.check_op(item)
-        if item.adapters and not self.takes_controlnet:
-            raise InvalidField("controlnet", "this denoiser runs no ControlNet")
-        loras = lora_key(item.params)
-        if loras and not self.takes_loras:
-            raise InvalidField("loras", "this model family's denoiser runs no LoRA yet")
+        self.check_item(item)
         extra = sorted({"prompt_embeds_2", "prompt_embeds_3"} & item.inputs.keys())
         if extra:
             raise InvalidField(extra[0], "this denoiser takes one text encoder's embeddings")
@@ -147,10 +146,7 @@ class DenoiserCore(ModelCore):
             strength = _float(p, "strength", 0.8)
             if not 0 <= strength <= 1:
                 raise InvalidField("strength", "must be in [0, 1]", limit=[0, 1])
-            state = item.inputs.get("generator_state")
-            if state is None:
-                raise InvalidField("generator_state", "img2img needs the VAE encoder's generator")
-            generator.set_state(state.to(torch.uint8).cpu())
+            resume(generator, item, "img2img")
             init_timestep = min(int(steps * strength), steps)
             t_start = max(steps - init_timestep, 0)
             timesteps = scheduler.timesteps[t_start * scheduler.order :]
@@ -211,8 +207,17 @@ class DenoiserCore(ModelCore):
             extra_step_kwargs=extra,
             timestep_cond=timestep_cond,
             control=control,
-            loras=loras,
+            loras=lora_key(item.params),
         )
+
+    def check_item(self, item: WorkItem) -> None:
+        """What every denoiser checks of an item before its inputs: its op, and that it
+        attaches no ControlNet, and names no LoRAs, where this denoiser runs none."""
+        self.check_op(item)
+        if item.adapters and not self.takes_controlnet:
+            raise InvalidField("controlnet", "this denoiser runs no ControlNet")
+        if lora_key(item.params) and not self.takes_loras:
+            raise InvalidField("loras", "this model family's denoiser runs no LoRA yet")
 
     def needs_prepare(self, item: WorkItem) -> bool:
         if self.takes_controlnet and any(s not in self._controlnets for s in item.adapters):
@@ -227,46 +232,61 @@ class DenoiserCore(ModelCore):
         if self.takes_loras:
             self.loras.read(lora_key(item.params), self.source)
 
-    def _control(self, item: WorkItem, cfg: bool) -> Control:
-        """The item's ControlNet and control image, as StableDiffusionControlNetPipeline
-        prepares them (``prepare_image``: resized to the request's size where it names one,
-        else to a multiple of the VAE's scale; in [0, 1]; once per guidance row)."""
-        import PIL.Image
-        from diffusers.image_processor import VaeImageProcessor
-
+    def _control(self, item: WorkItem, cfg: bool,
+                 latents: torch.Tensor | None = None) -> Control:
+        """The item's ControlNet, its conditioning scale and what it is conditioned on
+        (``control_input``; ``latents``: the request's initial latents where the family knows
+        them before its control input, unpacked)."""
         if "image_latents" in item.inputs:
             raise InvalidField("controlnet", "a ControlNet runs on text to image only here")
         if len(item.adapters) != 1:
             raise InvalidField("controlnet", "one ControlNet per node", limit=1)
+        scale = _float(item.params, "controlnet_conditioning_scale", 1.0)
+        net = self._controlnet(item.adapters[0])
+        return Control(item.adapters[0], self.control_input(item, net, cfg, latents), scale)
+
+    def control_input(self, item: WorkItem, net: Any, cfg: bool,
+                      latents: torch.Tensor | None) -> torch.Tensor:
+        """The control image as StableDiffusionControlNetPipeline prepares it (``prepare_image``:
+        resized to the request's size where it names one, else to a multiple of the VAE's
+        scale; in [0, 1]; once per guidance row)."""
+        import PIL.Image
+        from diffusers.image_processor import VaeImageProcessor
+
         image = item.inputs.get("control_image")
         if (image is None or image.dtype != torch.uint8 or image.ndim != 4
                 or image.shape[0] != 1 or image.shape[-1] != 3):
             raise InvalidField("control_image", "a ControlNet needs a (1, H, W, 3) uint8 image")
         p = item.params
-        scale = _float(p, "controlnet_conditioning_scale", 1.0)
-        net = self._controlnet(item.adapters[0])
         processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor,
                                       do_convert_rgb=True, do_normalize=False)
         sizes = {name: _int(p, name, 0, minimum=8) if name in p else None
                  for name in ("height", "width")}
         pixels = processor.preprocess(PIL.Image.fromarray(image[0].cpu().numpy()), **sizes)
         pixels = pixels.to(dtype=torch.float32).to(device=self.device, dtype=net.dtype)
-        return Control(item.adapters[0], torch.cat([pixels] * 2) if cfg else pixels, scale)
+        return torch.cat([pixels] * 2) if cfg else pixels
 
     def _controlnet(self, spec: str) -> Any:
-        """The ControlNet of model ``spec``, loaded on first use (then kept: the workflows
-        that attach it to this pool share it)."""
+        """The ControlNet of model ``spec`` (of ``controlnet_class``), loaded on first use
+        (then kept: the workflows that attach it to this pool share it)."""
         net = self._controlnets.get(spec)
         if net is None:
-            from diffusers import ControlNetModel
+            import diffusers
+
+            from common.models import component_config
 
             if self.source is None:
                 raise InvalidField("controlnet", "this node was not told where models are")
             try:
                 model_dir = self.source.resolve(spec)
+                found = component_config(model_dir, ".").get("_class_name")
             except (OSError, ValueError) as exc:
                 raise InvalidField("controlnet", f"{spec}: {exc}") from None
-            net = ControlNetModel.from_pretrained(model_dir, torch_dtype=self.torch_dtype)
+            if found != self.controlnet_class:
+                raise InvalidField("controlnet", f"{spec} is a {found}; this model's denoiser "
+                                   f"runs a {self.controlnet_class}")
+            net = getattr(diffusers, self.controlnet_class).from_pretrained(
+                model_dir, torch_dtype=self.torch_dtype)
             net = self._controlnets[spec] = net.to(self.device).eval()
         return net
 
@@ -360,6 +380,28 @@ def positive(tensor: torch.Tensor | None, cfg: bool) -> torch.Tensor | None:
     if tensor is not None and not cfg and tensor.ndim >= 2 and tensor.shape[0] == 2:
         return tensor[-1:]
     return tensor
+
+
+def resume(generator: torch.Generator, item: WorkItem, why: str) -> None:
+    """Continue in ``generator`` the random stream the VAE encoder node drew from (its
+    ``generator_state``): ``why`` needs the same generator as the VAE encoder's."""
+    state = item.inputs.get("generator_state")
+    if state is None:
+        raise InvalidField("generator_state", f"{why} needs the VAE encoder's generator")
+    generator.set_state(state.to(torch.uint8).cpu())
+
+
+def image_size(params: dict[str, Any], default: tuple[int, int],
+               multiple: int) -> tuple[int, int]:
+    """A request's (width, height): ``default`` where it names none, else multiples of
+    ``multiple``."""
+    sides = []
+    for name, fallback in zip(("width", "height"), default, strict=True):
+        value = _int(params, name, fallback, minimum=multiple)
+        if value % multiple:
+            raise InvalidField(name, f"must be divisible by {multiple}", limit=multiple)
+        sides.append(value)
+    return sides[0], sides[1]
 
 
 def _rows(tensors: list[torch.Tensor]) -> torch.Tensor:

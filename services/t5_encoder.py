@@ -14,6 +14,7 @@ import torch
 from common.errors import InvalidField
 from services.core import OneShotCore, Result, WorkItem
 from services.denoiser import _int
+from services.families.sd3 import guided
 from services.text_encoder import PROBE_TEXTS, check_prompt, plain
 
 
@@ -55,9 +56,7 @@ class T5EncoderCore(OneShotCore):
         return super().start(item)
 
     def _cfg(self, item: WorkItem) -> bool:
-        if "true_cfg_scale" in item.params:
-            return true_cfg(item)
-        return float(item.params.get("guidance", 7.0)) > 1
+        return true_cfg(item) if "true_cfg_scale" in item.params else guided(item.params)
 
     def run(self, items: list[WorkItem]) -> list[Result]:
         results = []

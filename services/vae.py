@@ -1,4 +1,5 @@
-"""VAE nodes: latents -> uint8 images (decoder) and uint8 image -> latents (encoder, img2img).
+"""VAE nodes: latents -> uint8 images (decoder) and uint8 image -> latents (encoder: img2img's
+image, and a ControlNet's control image where the ControlNet takes latents).
 
 The decoder reproduces ``StableDiffusionPipeline``: ``vae.decode(latents / scaling_factor)``
 (SDXL's pipelines: ``latents * latents_std / scaling_factor + latents_mean`` where the VAE's
@@ -12,6 +13,14 @@ The encoder reproduces ``StableDiffusionImg2ImgPipeline.prepare_latents``:
 ``retrieve_latents(vae.encode(preprocess(PIL image)), generator) * scaling_factor`` with
 ``generator = torch.Generator("cpu").manual_seed(seed)``, and hands the generator's state on so
 that the denoiser continues the same random stream (the noise for ``add_noise``).
+
+Given a ``control_image`` instead, it encodes it as the ControlNet pipelines of the families
+whose ControlNets are conditioned on latents do (SD3's, FLUX's: ``control_layout`` says at
+what size, how many rows): ``retrieve_latents(vae.encode(preprocess(PIL image, size)),
+generator)`` with the same generator, as ``control_latents``, the distribution's samples
+unscaled (the denoiser scales them as its ControlNet asks), and the generator's state after.
+The pipelines encode it with the VAE they decode with; a node of its own keeps that VAE in the
+VAE pools every workflow of the model shares, out of the denoiser's replicas.
 """
 
 from __future__ import annotations
@@ -119,9 +128,17 @@ class VaeEncoderCore(_VaeCore):
     kind = "vae_encoder"
     ops = ("encode_image",)
 
+    def control_layout(self, params: dict[str, Any]) -> tuple[int, int, int, int]:
+        """How the family's ControlNet pipeline encodes a control image for a request with
+        ``params``: (rows, width, height, the multiple of pixels its image processor rounds
+        sizes down to)."""
+        raise InvalidField("control_image", "this model family's ControlNets take the control "
+                           "image itself (the denoiser's control_image), not its latents")
+
     def start(self, item: WorkItem) -> Any:
         self.check_op(item)
-        image = item.inputs.get("image")
+        name = "control_image" if "control_image" in item.inputs else "image"
+        image = item.inputs.get(name)
         if (
             image is None
             or image.dtype != torch.uint8
@@ -129,12 +146,14 @@ class VaeEncoderCore(_VaeCore):
             or image.shape[0] != 1
             or image.shape[-1] != 3
         ):
-            raise InvalidField("image", "needs a (1, H, W, 3) uint8 tensor")
+            raise InvalidField(name, "needs a (1, H, W, 3) uint8 tensor")
         if image.shape[1] < self.vae_scale_factor or image.shape[2] < self.vae_scale_factor:
-            raise InvalidField("image", f"must be at least {self.vae_scale_factor} pixels a side")
+            raise InvalidField(name, f"must be at least {self.vae_scale_factor} pixels a side")
         seed = item.params.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise InvalidField("seed", "must be a non-negative integer")
+        if name == "control_image":
+            self.control_layout(item.params)  # a size it cannot encode fails here
         return super().start(item)
 
     def run(self, items: list[WorkItem]) -> list[Result]:
@@ -143,21 +162,36 @@ class VaeEncoderCore(_VaeCore):
 
     def _encode(self, item: WorkItem) -> Result:
         import PIL.Image
+        from diffusers.image_processor import VaeImageProcessor
         from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import (
             retrieve_latents,
         )
 
-        pil = PIL.Image.fromarray(item.inputs["image"][0].cpu().numpy())
-        image = self.image_processor.preprocess(pil).to(device=self.device, dtype=self.dtype)
+        control = "control_image" in item.inputs
+        pil = PIL.Image.fromarray(item.inputs["control_image" if control else "image"][0]
+                                  .cpu().numpy())
         generator = torch.Generator("cpu").manual_seed(int(item.params.get("seed", 0)))
+        if control:
+            rows, width, height, multiple = self.control_layout(item.params)
+            image = VaeImageProcessor(vae_scale_factor=multiple).preprocess(
+                pil, height=height, width=width)
+            image = torch.cat([image] * rows)
+        else:
+            image = self.image_processor.preprocess(pil)
+        image = image.to(device=self.device, dtype=self.dtype)
         with torch.inference_mode():
             latents = retrieve_latents(self.vae.encode(image), generator=generator)
-            if self.latents_stats is not None:
-                mean, std = self.latents_stats
-                latents = (latents - mean) * self.scaling_factor / std
-            elif self.shift_factor is not None:
-                latents = (latents - self.shift_factor) * self.scaling_factor
-            else:
-                latents = self.scaling_factor * latents
+            if not control:  # a control image's samples: the denoiser scales them
+                latents = self._scaled(latents)
         latents = latents.detach().cpu().clone()  # a normal tensor, not an inference one
-        return Result(tensors={"image_latents": latents, "generator_state": generator.get_state()})
+        name = "control_latents" if control else "image_latents"
+        return Result(tensors={name: latents, "generator_state": generator.get_state()})
+
+    def _scaled(self, latents: torch.Tensor) -> torch.Tensor:
+        """The latent distribution's samples as the img2img pipelines scale them."""
+        if self.latents_stats is not None:
+            mean, std = self.latents_stats
+            return (latents - mean) * self.scaling_factor / std
+        if self.shift_factor is not None:
+            return (latents - self.shift_factor) * self.scaling_factor
+        return self.scaling_factor * latents

@@ -34,6 +34,7 @@ from common.families import family_of, family_of_dir
 from common.models import resolve_model_dir, weights_bytes
 from common.settings import Settings
 from common.workflow import (
+    WorkflowSpec,
     builtin_workflows,
     default_workflow,
     other_family_workflows,
@@ -55,6 +56,8 @@ SDXL = "builtin:tiny-sdxl"
 SD3 = "builtin:tiny-sd3"
 FLUX = "builtin:tiny-flux"
 FLUX_SCHNELL = "builtin:tiny-flux-schnell"
+SD3_CONTROLNET = "builtin:tiny-sd3-controlnet"
+FLUX_CONTROLNET = "builtin:tiny-flux-controlnet"
 
 
 @pytest.fixture(autouse=True)
@@ -107,11 +110,14 @@ def source_image(height: int = 64, width: int = 64) -> np.ndarray:
     return np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
 
 
-def pipeline_image(pipe, params: dict, image: np.ndarray | None = None) -> np.ndarray:
-    """What the diffusers pipeline makes from ``params`` (a request's, as validated)."""
+def pipeline_image(pipe, params: dict, image: np.ndarray | None = None,
+                   **extra: object) -> np.ndarray:
+    """What the diffusers pipeline makes from ``params`` (a request's, as validated), with
+    ``extra`` arguments."""
     kw = dict(negative_prompt=params.get("negative_prompt"),
               num_inference_steps=params["steps"], guidance_scale=params["guidance"],
-              generator=torch.Generator("cpu").manual_seed(params["seed"]), output_type="np")
+              generator=torch.Generator("cpu").manual_seed(params["seed"]), output_type="np",
+              **extra)
     if image is None:
         kw.update(height=params["height"], width=params["width"])
     else:
@@ -235,13 +241,20 @@ def test_shipped_workflows_follow_the_base_models_family(cache_dir: Path) -> Non
     sd = Settings(cache_dir=cache_dir)
     assert set(shipped_workflows(sdxl)) == {"sdxl-txt2img", "sdxl-img2img", "sdxl-controlnet"}
     sd3 = Settings(base_model=SD3, cache_dir=cache_dir)
-    assert set(shipped_workflows(sd3)) == {"sd3-txt2img"}
+    assert set(shipped_workflows(sd3)) == {"sd3-txt2img", "sd3-controlnet"}
     assert default_workflow(sd3) == "sd3-txt2img"
-    for flux in (FLUX, FLUX_SCHNELL):
-        assert set(shipped_workflows(Settings(base_model=flux, cache_dir=cache_dir))) == {
-            "flux-txt2img"}
+    assert set(shipped_workflows(Settings(base_model=FLUX, cache_dir=cache_dir))) == {
+        "flux-txt2img", "flux-controlnet"}
+    # tiny-flux-controlnet is tiny-flux's: on another FLUX model, once named beside it
+    schnell = Settings(base_model=FLUX_SCHNELL, cache_dir=cache_dir)
+    assert set(shipped_workflows(schnell)) == {"flux-txt2img"}
+    assert "made for builtin:tiny-flux" in other_family_workflows(schnell)["flux-controlnet"]
+    assert "flux-controlnet" in shipped_workflows(schnell.model_copy(
+        update={"models": {"control": FLUX_CONTROLNET}}))
+    assert "must be SD3" in other_family_workflows(sd)["sd3-controlnet"]
     assert {"txt2img", "img2img"} <= set(shipped_workflows(sd))
-    assert not {"sdxl-txt2img", "sdxl-img2img", "sd3-txt2img"} & set(shipped_workflows(sd))
+    assert not {"sdxl-txt2img", "sdxl-img2img", "sd3-txt2img", "sd3-controlnet",
+                "flux-controlnet"} & set(shipped_workflows(sd))
     assert "txt2img" in other_family_workflows(sdxl)
     assert "must be SDXL" in other_family_workflows(sd)["sdxl-txt2img"]
     assert default_workflow(sdxl) == "sdxl-txt2img" and default_workflow(sd) == "txt2img"
@@ -376,12 +389,13 @@ def test_flux_txt2img_equals_the_pipeline(flux, negative, true_cfg_scale) -> Non
     assert np.array_equal(served, flux_pipeline_image(flux.pipe, params))
 
 
-def flux_pipeline_image(pipe, params: dict) -> np.ndarray:
+def flux_pipeline_image(pipe, params: dict, **extra: object) -> np.ndarray:
     out = pipe(params["prompt"], negative_prompt=params.get("negative_prompt"),
                true_cfg_scale=params["true_cfg_scale"], guidance_scale=params["guidance"],
                num_inference_steps=params["steps"], height=params["height"],
                width=params["width"], max_sequence_length=params["max_sequence_length"],
-               generator=torch.Generator("cpu").manual_seed(params["seed"]), output_type="np")
+               generator=torch.Generator("cpu").manual_seed(params["seed"]), output_type="np",
+               **extra)
     return to_uint8(out.images)[0]
 
 
@@ -463,19 +477,29 @@ def sd3_stack(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Iter
         yield stack
 
 
+def png_base64(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 @pytest.mark.timeout(400)
 def test_one_stack_serves_sd3_and_flux_on_shared_t5_and_vae_pools_as_the_pipelines(
-        sd3_stack, sd3_pipe, cache_dir) -> None:
-    """The SD3 stack's T5 and VAE decoder replicas also serve a FLUX workflow registered at
-    run time (the tiny builtins' T5 and VAE are the same bytes): only FLUX's own CLIP and
-    transformer get replicas of their own, and both workflows' images are their pipelines'."""
-    assert set(sd3_stack.workflows) == {"sd3-txt2img"}
-    sd3_pools = sd3_stack.workflows["sd3-txt2img"].pools()
+        sd3_stack, sd3_pipe, flux_control, cache_dir) -> None:
+    """The SD3 stack's workflows, and FLUX's registered at run time on the same stack: the
+    tiny builtins' T5 and VAE are the same bytes, so the SD3 stack's T5 and VAE decoder
+    replicas serve FLUX too, and only FLUX's own CLIP, transformer and VAE encoder (whose
+    core follows FLUX's pipeline) get replicas of their own; every image is its pipeline's."""
+    assert set(sd3_stack.workflows) == {"sd3-txt2img", "sd3-controlnet"}
     # two text encoder pools (CLIP, T5), the transformer's, the VAE decoder's
-    assert sorted(kind for kind, _ in sd3_pools.values()) == [
+    assert sorted(kind for kind, _ in sd3_stack.workflows["sd3-txt2img"].pools().values()) == [
         "denoiser", "t5_encoder", "text_encoder", "vae_decoder"]
-    flux = builtin_workflows()["flux-txt2img"].model_copy(update={"name": "flux-shared"})
-    flux_pools = flux.pools()
+    sd3_pools = {pool: kind_model for spec in sd3_stack.workflows.values()
+                 for pool, kind_model in spec.pools().items()}
+    flux = {name: builtin_workflows()[name].model_copy(update={"name": f"{name}-here"})
+            for name in ("flux-txt2img", "flux-controlnet")}
+    flux_pools = {pool: kind_model for spec in flux.values()
+                  for pool, kind_model in spec.pools().items()}
     assert sorted(sd3_pools[p][0] for p in set(sd3_pools) & set(flux_pools)) == [
         "t5_encoder", "vae_decoder"]
     for pool in set(flux_pools) - set(sd3_pools):
@@ -483,19 +507,34 @@ def test_one_stack_serves_sd3_and_flux_on_shared_t5_and_vae_pools_as_the_pipelin
     pipe = _pipe("FluxPipeline", resolve_model_dir(FLUX, cache_dir / "models"),
                  add_watermarker=None)
     with LegoClient(sd3_stack.gateway_url) as client:
-        client.add_workflow(flux.model_dump(mode="json", exclude_none=True))
+        for spec in flux.values():
+            client.add_workflow(spec.model_dump(mode="json", exclude_none=True))
         params = {"prompt": "a red fox in the snow", "negative_prompt": "blurry", "steps": 3,
                   "guidance": 6.0, "seed": 9, "width": 64, "height": 64}
         state, png = client.generate("sd3-txt2img", **params)
         assert {t.node for t in state.timings} == {"encode", "encode_t5", "denoise", "decode"}
         assert np.array_equal(png_pixels(png), pipeline_image(sd3_pipe, params))
+        params = sd3_control_params(seed=4, width=64, height=48)
+        state, png = client.generate("sd3-controlnet", **{
+            **params, "control_image": png_base64(CONTROL)})
+        assert {t.node for t in state.timings} == {"encode", "encode_t5", "encode_control",
+                                                  "denoise", "decode"}
+        control = controlled(resolve_model_dir(SD3, cache_dir / "models"), SD3_CONTROLNET,
+                             cache_dir, "StableDiffusion3ControlNetPipeline")
+        assert np.array_equal(png_pixels(png),
+                              sd3_control_pipeline_image(control.pipe, params, CONTROL))
         for extra in ({}, {"negative_prompt": "blurry", "true_cfg_scale": 3.0}):
             params = {"prompt": "a red fox in the snow", "steps": 3, "guidance": 4.0,
                       "true_cfg_scale": 1.0, "seed": 9, "width": 64, "height": 64,
                       "max_sequence_length": 512, **extra}
-            state, png = client.generate("flux-shared", **params)
-            assert {t.pool for t in state.timings} == set(flux_pools)
+            state, png = client.generate("flux-txt2img-here", **params)
+            assert {t.pool for t in state.timings} == set(flux["flux-txt2img"].pools())
             assert np.array_equal(png_pixels(png), flux_pipeline_image(pipe, params))
+        params = flux_control_params(seed=4, width=64, height=48)
+        _, png = client.generate("flux-controlnet-here", **{
+            **params, "control_image": png_base64(CONTROL)})
+        assert np.array_equal(png_pixels(png),
+                              flux_control_pipeline_image(flux_control.pipe, params, CONTROL))
     assert len([c for c in sd3_stack.children if "t5_encoder" in c.argv]) == 1
 
 
@@ -627,6 +666,250 @@ def test_controlnet_served_whole_equals_the_pipeline(sd, cache_dir: Path) -> Non
     served = one(core, "run", params, control_image=torch.from_numpy(CONTROL)[None])
     assert np.array_equal(served.tensors["image"][0].numpy(),
                           controlnet_pipeline_image(sd.pipe, params, CONTROL))
+
+
+# --------------------------------------------------------------------------------------------
+# ControlNet for SD3 and FLUX: conditioned on the control image's latents, which the workflow's
+# VAE encoder node makes (the pipelines encode the control image with their VAE)
+# --------------------------------------------------------------------------------------------
+
+
+def workflow_images(cores: SimpleNamespace, spec: WorkflowSpec, requests: list[dict],
+                    images: dict[str, torch.Tensor]) -> list[np.ndarray]:
+    """``spec``'s nodes one after another through ``cores`` (one per node kind), as its plan
+    wires them: the items of every request in one batch a node, each prepared first (its
+    ControlNet loaded) as a replica prepares it."""
+    plan = spec.compile()
+    outputs: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in requests]
+    while plan.output_node not in outputs[0]:
+        node = next(n for n in plan.nodes
+                    if n not in outputs[0] and plan.predecessors(n) <= outputs[0].keys())
+        planned, core = plan.nodes[node], getattr(cores, plan.nodes[node].kind)
+        items = []
+        for i, (params, done) in enumerate(zip(requests, outputs, strict=True)):
+            inputs = {}
+            for name, source in planned.inputs.items():
+                head, _, output = source.partition(".")
+                inputs[name] = images[output] if head == "request" else done[head][output]
+            items.append(WorkItem(f"r{i}", planned.op, params, inputs, tuple(planned.adapters)))
+        for item in items:
+            if core.needs_prepare(item):
+                core.prepare(item)
+        for done, result in zip(outputs, drive(core, items), strict=True):
+            done[node] = result.tensors
+    head, _, output = plan.output.partition(".")
+    return [done[head][output][0].numpy() for done in outputs]
+
+
+def controlled(model_dir: Path, controlnet: str, cache_dir: Path,
+               pipeline: str) -> SimpleNamespace:
+    """A T5 family's cores on ``model_dir`` (its denoiser told where ControlNets are), and
+    ``pipeline`` with ControlNet ``controlnet``."""
+    import functools
+
+    import diffusers
+
+    from services.core import ModelSource
+
+    torch.set_num_threads(1)
+    models = cache_dir / "models"
+    kinds = ("text_encoder", "t5_encoder", "vae_encoder", "denoiser", "vae_decoder")
+    cores = SimpleNamespace(**{kind: _loaded(core_class(kind, model_dir)(model_dir))
+                               for kind in kinds})
+    cores.denoiser.source = ModelSource(functools.partial(resolve_model_dir, cache_dir=models))
+    control_dir = resolve_model_dir(controlnet, models)
+    net = getattr(diffusers, cores.denoiser.controlnet_class).from_pretrained(control_dir)
+    return SimpleNamespace(dir=model_dir, cores=cores, control_dir=control_dir,
+                           pipe=_pipe(pipeline, model_dir, add_watermarker=None, controlnet=net))
+
+
+@pytest.fixture(scope="module")
+def sd3_two_blocks(tmp_path_factory: pytest.TempPathFactory, sd3_dir: Path) -> Path:
+    """tiny-sd3 with a transformer of two blocks: diffusers' SD3 transformer adds no
+    ControlNet output to its last block, the only one of tiny-sd3's."""
+    import json
+    import shutil
+
+    from diffusers import SD3Transformer2DModel
+
+    model_dir = tmp_path_factory.mktemp("sd3-two-blocks") / "model"
+    shutil.copytree(sd3_dir, model_dir)
+    config = json.loads((sd3_dir / "transformer" / "config.json").read_text())
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel.from_config({**config, "num_layers": 2})
+    shutil.rmtree(model_dir / "transformer")
+    transformer.save_pretrained(model_dir / "transformer")
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def sd3_control(sd3_two_blocks: Path, cache_dir: Path) -> SimpleNamespace:
+    return controlled(sd3_two_blocks, SD3_CONTROLNET, cache_dir,
+                      "StableDiffusion3ControlNetPipeline")
+
+
+@pytest.fixture(scope="module")
+def flux_control(cache_dir: Path) -> SimpleNamespace:
+    return controlled(resolve_model_dir(FLUX, cache_dir / "models"), FLUX_CONTROLNET, cache_dir,
+                      "FluxControlNetPipeline")
+
+
+def control_spec(name: str, base: Path) -> WorkflowSpec:
+    """Shipped workflow ``name`` on model directory ``base`` with its builtin ControlNet."""
+    spec = builtin_workflows()[name]
+    return builtin_workflows({"base": str(base), "control": spec.models["control"]})[name]
+
+
+def sd3_control_params(**overrides: object) -> dict:
+    return {"prompt": PROMPT, "negative_prompt": "blurry", "steps": 3, "guidance": 7.0,
+            "seed": 3, "width": 48, "height": 56, "max_sequence_length": 256,
+            "controlnet_conditioning_scale": 1.0, **overrides}
+
+
+def sd3_control_pipeline_image(pipe, params: dict, control: np.ndarray) -> np.ndarray:
+    # the pipeline samples the control image's latents with torch's global generator: seeded
+    # as the VAE encoder node seeds its own
+    torch.manual_seed(params["seed"])
+    return pipeline_image(pipe, params, control_image=Image.fromarray(control),
+                          controlnet_conditioning_scale=params["controlnet_conditioning_scale"])
+
+
+def flux_control_params(**overrides: object) -> dict:
+    return {"prompt": PROMPT, "steps": 3, "guidance": 3.5, "true_cfg_scale": 1.0, "seed": 3,
+            "width": 48, "height": 56, "max_sequence_length": 512,
+            "controlnet_conditioning_scale": 1.0, **overrides}
+
+
+def flux_control_pipeline_image(pipe, params: dict, control: np.ndarray) -> np.ndarray:
+    return flux_pipeline_image(
+        pipe, params, control_image=Image.fromarray(control),
+        controlnet_conditioning_scale=params["controlnet_conditioning_scale"])
+
+
+CONTROL_IMAGE = {"control_image": torch.from_numpy(CONTROL)[None]}
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"controlnet_conditioning_scale": 0.5, "guidance": 1.0},
+    {"controlnet_conditioning_scale": 1.5, "guidance": 4.0, "negative_prompt": "",
+     "width": 64, "height": 40, "seed": 8}])
+def test_sd3_controlnet_equals_the_pipeline(sd3_control, overrides) -> None:
+    params = sd3_control_params(**overrides)
+    spec = control_spec("sd3-controlnet", sd3_control.dir)
+    [served] = workflow_images(sd3_control.cores, spec, [params], CONTROL_IMAGE)
+    assert served.shape == (params["height"], params["width"], 3) and served.std() > 5
+    assert np.array_equal(served, sd3_control_pipeline_image(sd3_control.pipe, params, CONTROL))
+    # the ControlNet steers: the same request without it makes another image
+    [plain] = sd3_images(sd3_control.cores, [params])
+    assert not np.array_equal(served, plain)
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"controlnet_conditioning_scale": 0.5, "guidance": 5.0, "negative_prompt": "blurry",
+         "true_cfg_scale": 4.0},
+    {"controlnet_conditioning_scale": 1.5, "width": 64, "height": 32, "seed": 8}])
+def test_flux_controlnet_equals_the_pipeline(flux_control, overrides) -> None:
+    params = flux_control_params(**overrides)
+    spec = control_spec("flux-controlnet", flux_control.dir)
+    [served] = workflow_images(flux_control.cores, spec, [params], CONTROL_IMAGE)
+    assert served.shape == (params["height"], params["width"], 3) and served.std() > 5
+    assert np.array_equal(served,
+                          flux_control_pipeline_image(flux_control.pipe, params, CONTROL))
+    [plain] = flux_images(flux_control.cores, [params])
+    assert not np.array_equal(served, plain)
+
+
+def test_controlnet_requests_batched_together_match_their_solo_images(
+        sd3_control, flux_control) -> None:
+    # with and without guidance (SD3), a negative pass (FLUX): one row or two each
+    sd3 = [sd3_control_params(seed=1), sd3_control_params(prompt="a cat", seed=2, guidance=1.0),
+           sd3_control_params(prompt="a red house by the sea", seed=3, guidance=5.0)]
+    flux = [flux_control_params(seed=1), flux_control_params(prompt="a cat", seed=2,
+                                                             guidance=5.0),
+            flux_control_params(prompt="a red house by the sea", seed=3,
+                                negative_prompt="blurry", true_cfg_scale=3.0)]
+    for control, name, requests, expect in (
+            (sd3_control, "sd3-controlnet", sd3, sd3_control_pipeline_image),
+            (flux_control, "flux-controlnet", flux, flux_control_pipeline_image)):
+        served = workflow_images(control.cores, control_spec(name, control.dir), requests,
+                                 CONTROL_IMAGE)
+        for params, image in zip(requests, served, strict=True):
+            expected = expect(control.pipe, params, CONTROL)
+            assert np.abs(image.astype(int) - expected.astype(int)).max() <= 1, name
+
+
+@pytest.mark.parametrize("shipped", [False, True], ids=["two-blocks", "tiny-sd3"])
+def test_sd3_controlnet_served_whole_equals_the_pipeline(sd3_control, sd3_dir, cache_dir,
+                                                         shipped) -> None:
+    control = (controlled(sd3_dir, SD3_CONTROLNET, cache_dir,
+                          "StableDiffusion3ControlNetPipeline") if shipped else sd3_control)
+    spec = control_spec("sd3-controlnet", control.dir)
+    core = _loaded(MonolithicCore(spec, {"base": control.dir, "control": control.control_dir}))
+    assert core.components == ("text_encoder", "text_encoder_2", "text_encoder_3",
+                               "transformer", "vae")  # ControlNets load on first use
+    params = sd3_control_params(seed=5, guidance=6.0)
+    served = one(core, "run", params, **CONTROL_IMAGE).tensors["image"][0].numpy()
+    assert np.array_equal(served, sd3_control_pipeline_image(control.pipe, params, CONTROL))
+
+
+def test_flux_controlnet_served_whole_equals_the_pipeline(flux_control) -> None:
+    spec = builtin_workflows()["flux-controlnet"]
+    core = _loaded(MonolithicCore(spec, {"base": flux_control.dir,
+                                         "control": flux_control.control_dir}))
+    params = flux_control_params(seed=5, negative_prompt="fog", true_cfg_scale=2.0)
+    served = one(core, "run", params, **CONTROL_IMAGE).tensors["image"][0].numpy()
+    assert np.array_equal(served, flux_control_pipeline_image(flux_control.pipe, params,
+                                                              CONTROL))
+
+
+def test_sd3_and_flux_controlnets_name_what_they_lack(sd3_control, flux_control, sd) -> None:
+    from common.errors import InvalidField
+
+    for control, name, params in ((sd3_control, "sd3-controlnet", sd3_control_params()),
+                                  (flux_control, "flux-controlnet", flux_control_params())):
+        spec = control_spec(name, control.dir)
+        denoise = spec.compile().nodes["denoise"]
+        item = WorkItem("r", "denoise", params, {}, tuple(denoise.adapters))
+        control.cores.denoiser.prepare(item)
+        texts = {**one(control.cores.text_encoder, "encode", params).tensors}
+        t5 = one(control.cores.t5_encoder, "encode", params).tensors["prompt_embeds"]
+        texts["t5_prompt_embeds" if name.startswith("sd3") else "prompt_embeds"] = t5
+        encoded = one(control.cores.vae_encoder, "encode_image", params,
+                      **CONTROL_IMAGE).tensors
+        # FLUX's pipeline drew the control latents from its generator, SD3's not
+        state = {"generator_state": encoded["generator_state"]}
+        kept, left = (state, {}) if name.startswith("flux") else ({}, state)
+        checks = [({**texts, **kept, **CONTROL_IMAGE}, "control_image"),
+                  ({**texts, **kept, "control_latents": encoded["control_latents"][:, :2]},
+                   "control_latents"),
+                  ({**texts, **left, "control_latents": encoded["control_latents"]},
+                   "generator_state")]
+        for inputs, field in checks:
+            with pytest.raises(InvalidField) as caught:
+                drive(control.cores.denoiser, [WorkItem("r", "denoise", params, inputs,
+                                                        tuple(denoise.adapters))])
+            assert caught.value.to_dict()["field"] == field, (name, field)
+        # another family's ControlNet
+        with pytest.raises(InvalidField, match="is a ControlNetModel; this model's denoiser "
+                                               "runs a"):
+            control.cores.denoiser.prepare(WorkItem("r", "denoise", params, {}, (CONTROLNET,)))
+    # SD's ControlNets take the control image itself: its VAE encoder does not encode one
+    sd_encoder = _loaded(core_class("vae_encoder", sd.dir)(sd.dir))
+    with pytest.raises(InvalidField, match="take the control image itself"):
+        one(sd_encoder, "encode_image", {"seed": 1}, **CONTROL_IMAGE)
+
+
+def test_a_vae_encoder_node_takes_an_image_or_a_control_image() -> None:
+    from common.errors import InvalidRequest
+    from common.workflow import parse_workflow
+
+    spec = builtin_workflows()["flux-controlnet"].model_dump()
+    spec["nodes"]["encode_control"]["inputs"]["image"] = "request.control_image"
+    with pytest.raises(InvalidRequest, match="takes one input of"):
+        parse_workflow(spec)
+    spec["nodes"]["encode_control"]["inputs"] = {}
+    with pytest.raises(InvalidRequest, match="takes one input of"):
+        parse_workflow(spec)
 
 
 # --------------------------------------------------------------------------------------------

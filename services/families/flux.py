@@ -9,10 +9,21 @@
   parameter) where the model has one, and true classifier-free guidance (``true_cfg_scale``
   > 1 with a ``negative_prompt``) as a second pass over the negative prompt; it hands on
   unpacked latents, so the VAE decoder is the shared one (which applies the shift factor).
+
+A ControlNet (``FluxControlNetModel``) runs as ``FluxControlNetPipeline`` runs it: on the
+positive prompt's pass over the packed control image latents, its block outputs added to the
+transformer's in every pass (the negative one reuses them). As for SD3
+(``services.families.sd3``), the workflow's VAE encoder node encodes the control image
+(``FluxVaeEncoderCore``: resized to the request's size) and the denoiser shifts, scales and
+packs the samples. The pipeline samples the control image's latent distribution with the
+request's generator before it draws the latents from the same generator, so the VAE encoder
+node hands on its generator's state (``generator_state``, as for img2img) and the denoiser
+draws the latents where that stream left off: the pipeline's bits.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,10 +32,19 @@ import torch
 
 from common.errors import InvalidField
 from services.core import Result, WorkItem
-from services.denoiser import DenoiseState, _float, _int, _rows, positive
+from services.denoiser import (
+    DenoiseState,
+    _float,
+    _int,
+    _rows,
+    image_size,
+    positive,
+    resume,
+)
 from services.families.sd3 import Sd3DenoiserCore
 from services.t5_encoder import T5EncoderCore, true_cfg
 from services.text_encoder import PROBE_TEXTS, TextEncoderCore, plain
+from services.vae import VaeEncoderCore
 
 
 class FluxClipEncoderCore(TextEncoderCore):
@@ -76,6 +96,8 @@ class FluxState(DenoiseState):
     img_ids: torch.Tensor | None = None  # (patches, 3): each latent patch's position
     txt_ids: torch.Tensor | None = None  # (tokens, 3): zeros
     embedded_guidance: torch.Tensor | None = None  # (1,): dev's guidance scale; schnell None
+    #: (1,): the guidance scale, for a ControlNet with a guidance embedding (else None)
+    control_guidance: torch.Tensor | None = None
     width: int = 0  # pixels, to unpack the latents
     height: int = 0
 
@@ -84,6 +106,7 @@ class FluxDenoiserCore(Sd3DenoiserCore):
     #: whether several rows may share one transformer pass; None: decided at load by a probe
     #: (the pipeline runs the negative prompt's pass apart from the positive one)
     batch_exact: bool | None = None
+    controlnet_class = "FluxControlNetModel"
 
     def load(self) -> None:
         super().load()
@@ -91,8 +114,19 @@ class FluxDenoiserCore(Sd3DenoiserCore):
         if self.batch_exact is None:
             self.batch_exact = self._probe_batching()
 
-    def default_sample_size(self) -> int:
-        return 128  # FluxPipeline's default_sample_size
+    def control_input(self, item: WorkItem, net: Any, cfg: bool,
+                      latents: torch.Tensor | None) -> torch.Tensor:
+        """The control image's latents as the pipeline conditions on them: shifted, scaled
+        and packed, one row (the positive pass's)."""
+        from diffusers import FluxPipeline
+
+        if net.input_hint_block is not None or net.union:
+            raise InvalidField("controlnet", "FLUX ControlNets with an input hint block or "
+                               "control modes (ControlNet-Union) are not served")
+        assert latents is not None
+        control = self.control_latents(item, 1, latents)
+        control = (control - self.vae_shift) * self.vae_scaling
+        return FluxPipeline._pack_latents(control, 1, *control.shape[1:])
 
     def start(self, item: WorkItem) -> FluxState:
         from diffusers import FluxPipeline
@@ -123,8 +157,11 @@ class FluxDenoiserCore(Sd3DenoiserCore):
         lat_w = 2 * (width // (self.vae_scale_factor * 2))
         channels = self.in_channels // 4
         generator = torch.Generator("cpu").manual_seed(seed)
+        if item.adapters:  # the pipeline sampled the control image's latents with it first
+            resume(generator, item, "a FLUX ControlNet")
         latents = randn_tensor((1, channels, lat_h, lat_w), generator=generator,
                                device=self.device, dtype=dtype)
+        control = self._control(item, cfg, latents) if item.adapters else None
         latents = FluxPipeline._pack_latents(latents, 1, channels, lat_h, lat_w)
         img_ids = FluxPipeline._prepare_latent_image_ids(1, lat_h // 2, lat_w // 2,
                                                          self.device, dtype)
@@ -141,15 +178,18 @@ class FluxDenoiserCore(Sd3DenoiserCore):
             scheduler.set_timesteps(sigmas=sigmas, device=self.device, mu=mu)
         scheduler.set_begin_index(0)
         timesteps = scheduler.timesteps
-        embedded = (torch.full([1], guidance, device=self.device, dtype=torch.float32)
-                    if self.guidance_embeds else None)
+        embedded = torch.full([1], guidance, device=self.device, dtype=torch.float32)
+        control_guidance = None
+        if control is not None and self._controlnets[control.model].config.guidance_embeds:
+            control_guidance = embedded
         return FluxState(
             request_id=item.request_id, scheduler=scheduler, generator=generator,
             latents=latents, embeds=embeds, guidance=scale, cfg=cfg, timesteps=timesteps,
             t_rows=timesteps[:, None].expand(len(timesteps), rows), extra_step_kwargs={},
             added_cond={"pooled_projections": pooled.to(self.device)},
             img_ids=img_ids, txt_ids=torch.zeros(embeds.shape[1], 3).to(self.device, dtype),
-            embedded_guidance=embedded, width=width, height=height,
+            embedded_guidance=embedded if self.guidance_embeds else None,
+            control=control, control_guidance=control_guidance, width=width, height=height,
         )
 
     def batch_key(self, state: DenoiseState) -> Any:
@@ -163,18 +203,57 @@ class FluxDenoiserCore(Sd3DenoiserCore):
         if self.guidance_embeds:
             guidance = torch.cat([s.embedded_guidance.expand(s.rows) for s in states])
         first = states[0]  # states step together only with equal shapes: equal ids
+        blocks = None
+        if first.control is not None:
+            blocks = self._control_blocks(states, cond, added["pooled_projections"])
         return self._forward(hidden, timestep / 1000, guidance, added["pooled_projections"],
-                             cond, first.txt_ids, first.img_ids)
+                             cond, first.txt_ids, first.img_ids, blocks)
 
-    def _forward(self, hidden, timestep, guidance, pooled, cond, txt_ids, img_ids):
-        """One pass over every row, or one per row when batching is not bit-exact here."""
-        n = hidden.shape[0]
-        spans = [(0, n)] if self.batch_exact or n == 1 else [(r, r + 1) for r in range(n)]
+    def _control_blocks(self, states: list[FluxState], cond: torch.Tensor,
+                        pooled: torch.Tensor) -> tuple[Any, Any]:
+        """The ControlNet's outputs for every row (double blocks', single blocks'): one pass
+        over each state's positive row, as the pipeline's, shared by its negative row."""
+        control = states[0].control  # states step together with equal ControlNets and scales
+        net = self._controlnets[control.model]
+        rows = list(itertools.accumulate(s.rows for s in states))
+        positive = [r - 1 for r in rows]
+        hidden = _rows([s.latents for s in states])
+        timestep = torch.cat([s.t_rows[s.i][-1:] for s in states]).to(hidden.dtype)
+        guidance = None
+        if net.config.guidance_embeds:
+            guidance = torch.cat([s.control_guidance for s in states])
+        outputs = [net(
+            hidden_states=hidden[a:b], controlnet_cond=_rows([s.control.image
+                                                              for s in states[a:b]]),
+            conditioning_scale=control.scale, timestep=timestep[a:b] / 1000,
+            guidance=None if guidance is None else guidance[a:b],
+            pooled_projections=pooled[positive[a:b]], encoder_hidden_states=cond[positive[a:b]],
+            txt_ids=states[0].txt_ids, img_ids=states[0].img_ids, return_dict=False)
+            for a, b in self._spans(len(states))]
+        repeats = torch.tensor([s.rows for s in states], device=hidden.device)
+        return tuple(
+            None if out[0] is None else [
+                torch.cat(parts).repeat_interleave(repeats, dim=0)
+                for parts in zip(*out, strict=True)]
+            for out in zip(*outputs, strict=True))
+
+    def _spans(self, n: int) -> list[tuple[int, int]]:
+        """Row spans that share a pass: all, or one per row when batching is not bit-exact."""
+        return [(0, n)] if self.batch_exact or n == 1 else [(r, r + 1) for r in range(n)]
+
+    def _forward(self, hidden, timestep, guidance, pooled, cond, txt_ids, img_ids, blocks=None):
+        """One pass over every row, or one per row when batching is not bit-exact here;
+        ``blocks``: a ControlNet's outputs per row (``_control_blocks``)."""
+        double, single = blocks or (None, None)
         return _rows([self.transformer(
             hidden_states=hidden[a:b], timestep=timestep[a:b],
             guidance=None if guidance is None else guidance[a:b],
             pooled_projections=pooled[a:b], encoder_hidden_states=cond[a:b],
-            txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0] for a, b in spans])
+            controlnet_block_samples=None if double is None else [x[a:b] for x in double],
+            controlnet_single_block_samples=(None if single is None
+                                             else [x[a:b] for x in single]),
+            txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+            for a, b in self._spans(hidden.shape[0])])
 
     def _probe_batching(self) -> bool:
         gen = torch.Generator("cpu").manual_seed(0)
@@ -198,3 +277,16 @@ class FluxDenoiserCore(Sd3DenoiserCore):
         latents = FluxPipeline._unpack_latents(result.tensors["latents"], state.height,
                                                state.width, self.vae_scale_factor)
         return Result(tensors={"latents": latents.contiguous()})
+
+
+class FluxVaeEncoderCore(VaeEncoderCore):
+    """The VAE encoder, which also encodes a ControlNet's control image as
+    ``FluxControlNetPipeline`` does: at the request's size (the model's native size by
+    default; multiples of twice the VAE's scale, whole latent patches), once."""
+
+    def control_layout(self, params: dict[str, Any]) -> tuple[int, int, int, int]:
+        from common.models import native_size
+
+        multiple = self.vae_scale_factor * 2
+        width, height = image_size(params, native_size(self.model_dir), multiple)
+        return 1, width, height, multiple

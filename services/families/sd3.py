@@ -8,6 +8,23 @@
 - The denoiser pads the CLIP embeddings to the T5 width, joins both along the sequence, and
   runs the MMDiT transformer under flow matching (one scheduler per request).
 The VAE nodes are the shared ones (they apply the VAE's shift factor).
+
+A ControlNet (``SD3ControlNetModel``) runs as ``StableDiffusion3ControlNetPipeline`` runs it:
+conditioned on the control image's VAE latents, its block outputs added to the transformer's
+at every step. The pipeline's VAE encodes the control image (resized to the request's size;
+twice under guidance, each row sampled apart); here the workflow's VAE encoder node does
+(``Sd3VaeEncoderCore``: ``control_image`` -> ``control_latents``, the latent distribution's
+samples), so the denoiser pool holds the transformer and its ControlNets alone and the VAE
+stays in the VAE pools the other workflows share, and the denoiser shifts and scales the
+samples as the ControlNet asks (no shift where it zeroes its pooled projections,
+``force_zeros_for_pooled_projection``). Same operations on the same tensors: the same bits.
+
+The pipeline samples the control image's latent distribution with torch's global random
+generator, not the request's ``generator``; the VAE encoder node samples it with a generator
+seeded with the request's seed, which is what the pipeline draws when its caller seeds the
+global generator the same way (``torch.manual_seed(seed)``, on a CPU) before the call, as the
+tests do. The latents are drawn from a fresh generator of the seed, as the pipeline's
+``generator``: the denoiser takes no ``generator_state``.
 """
 
 from __future__ import annotations
@@ -17,10 +34,24 @@ from typing import Any
 import torch
 
 from common.errors import InvalidField
-from common.models import vae_scale_factor
+from common.models import component_config, native_size, vae_scale_factor
 from services.core import WorkItem
-from services.denoiser import DenoiserCore, DenoiseState, _float, _int, _rows, positive
+from services.denoiser import (
+    DenoiserCore,
+    DenoiseState,
+    _float,
+    _int,
+    _rows,
+    image_size,
+    positive,
+)
 from services.families.sdxl import SdxlTextEncoderCore
+from services.vae import VaeEncoderCore
+
+
+def guided(params: dict[str, Any]) -> bool:
+    """Whether SD3's pipeline guides a request (``guidance`` > 1; 7.0 by default)."""
+    return float(params.get("guidance", 7.0)) > 1
 
 
 class Sd3ClipEncoderCore(SdxlTextEncoderCore):
@@ -36,7 +67,8 @@ class Sd3ClipEncoderCore(SdxlTextEncoderCore):
 
 class Sd3DenoiserCore(DenoiserCore):
     components = ("transformer",)
-    takes_controlnet = takes_loras = False  # not built yet for SD3 and FLUX
+    takes_loras = False  # not built yet for SD3 and FLUX
+    controlnet_class = "SD3ControlNetModel"
 
     def load(self) -> None:
         self.transformer = self.weights("transformer")
@@ -47,31 +79,46 @@ class Sd3DenoiserCore(DenoiserCore):
         self.pooled_dim = int(config.pooled_projection_dim)
         self.time_cond_proj_dim = None
         self.vae_scale_factor = vae_scale_factor(self.model_dir)
-        self.default_size = self.default_sample_size() * self.vae_scale_factor
+        self.native_size = native_size(self.model_dir)
+        vae = component_config(self.model_dir, "vae")
+        #: how the pipelines scale the control image's latents (``vae.config``'s)
+        self.vae_scaling, self.vae_shift = vae["scaling_factor"], vae.get("shift_factor")
         self.scheduler_cls, self.scheduler_config = self.scheduler()
         self._cond_cache = None
-
-    def default_sample_size(self) -> int:
-        """Latent pixels a side when the request names no size (as the pipeline picks it)."""
-        return int(self.transformer.config.sample_size)
+        self._controlnets = {}
 
     def check_item(self, item: WorkItem) -> None:
-        """What every transformer denoiser checks of an item before its inputs."""
-        self.check_op(item)
-        if item.adapters:
-            raise InvalidField("controlnet", "this denoiser runs no ControlNet")
+        super().check_item(item)
         if "image_latents" in item.inputs:
             raise InvalidField("image_latents", "this denoiser makes images from text only")
 
     def image_size(self, params: dict[str, Any], multiple: int) -> tuple[int, int]:
-        """The request's (width, height): the default size, else multiples of ``multiple``."""
-        sides = []
-        for name in ("width", "height"):
-            value = _int(params, name, self.default_size, minimum=multiple)
-            if value % multiple:
-                raise InvalidField(name, f"must be divisible by {multiple}", limit=multiple)
-            sides.append(value)
-        return sides[0], sides[1]
+        """The request's (width, height): the native size, else multiples of ``multiple``."""
+        return image_size(params, self.native_size, multiple)
+
+    def control_latents(self, item: WorkItem, rows: int, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE encoder's samples of the control image (``control_latents``), checked
+        against the request's ``latents``: one per row, of their channels and size."""
+        if "control_image" in item.inputs:
+            raise InvalidField("control_image", "this family's ControlNets take the control "
+                               "image's latents (control_latents, from the VAE encoder)")
+        control = item.inputs.get("control_latents")
+        shape = (rows, *latents.shape[1:])
+        if control is None or tuple(control.shape) != shape:
+            raise InvalidField("control_latents", f"needs a {shape} tensor: the VAE encoder's "
+                               "of the control image at the request's size")
+        return control.to(self.device)
+
+    def control_input(self, item: WorkItem, net: Any, cfg: bool,
+                      latents: torch.Tensor | None) -> torch.Tensor:
+        """The control image's latents as the pipeline conditions on them."""
+        if "generator_state" in item.inputs:
+            raise InvalidField("generator_state", "SD3 draws its latents from a generator of "
+                               "the seed, not the VAE encoder's")
+        assert latents is not None
+        control = self.control_latents(item, 2 if cfg else 1, latents)
+        shift = 0 if net.config.force_zeros_for_pooled_projection else self.vae_shift
+        return (control - shift) * self.vae_scaling
 
     def start(self, item: WorkItem) -> DenoiseState:
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
@@ -109,6 +156,7 @@ class Sd3DenoiserCore(DenoiserCore):
                  width // self.vae_scale_factor)
         generator = torch.Generator("cpu").manual_seed(seed)
         latents = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
+        control = self._control(item, cfg, latents) if item.adapters else None
         scheduler = self.scheduler_cls.from_config(self.scheduler_config)
         kwargs = {}
         config = scheduler.config
@@ -123,15 +171,37 @@ class Sd3DenoiserCore(DenoiserCore):
             request_id=item.request_id, scheduler=scheduler, generator=generator,
             latents=latents, embeds=embeds, guidance=guidance, cfg=cfg, timesteps=timesteps,
             t_rows=timesteps[:, None].expand(len(timesteps), rows), extra_step_kwargs={},
-            added_cond={"pooled_projections": pooled.to(self.device)},
+            added_cond={"pooled_projections": pooled.to(self.device)}, control=control,
         )
 
     def _predict(self, states: list[DenoiseState]) -> torch.Tensor:
         cond, _, added = self._conditioning(states)
-        return self.transformer(
-            hidden_states=_rows([s.latents for s in states for _ in range(s.rows)]),
-            timestep=torch.cat([s.t_rows[s.i] for s in states]),
-            encoder_hidden_states=cond,
-            pooled_projections=added["pooled_projections"],
-            return_dict=False,
-        )[0]
+        hidden = _rows([s.latents for s in states for _ in range(s.rows)])
+        timestep = torch.cat([s.t_rows[s.i] for s in states])
+        pooled = added["pooled_projections"]
+        control, blocks = states[0].control, None  # states step together with equal ones
+        if control is not None:
+            net = self._controlnets[control.model]
+            blocks = net(
+                hidden_states=hidden, timestep=timestep,
+                encoder_hidden_states=(cond if net.config.joint_attention_dim is not None
+                                       else None),
+                pooled_projections=(torch.zeros_like(pooled)
+                                    if net.config.force_zeros_for_pooled_projection else pooled),
+                controlnet_cond=_rows([s.control.image for s in states]),
+                conditioning_scale=control.scale, return_dict=False)[0]
+        return self.transformer(hidden_states=hidden, timestep=timestep,
+                                encoder_hidden_states=cond, pooled_projections=pooled,
+                                block_controlnet_hidden_states=blocks, return_dict=False)[0]
+
+
+class Sd3VaeEncoderCore(VaeEncoderCore):
+    """The VAE encoder, which also encodes a ControlNet's control image as
+    ``StableDiffusion3ControlNetPipeline`` does: at the request's size (the model's native
+    size by default), once per guidance row."""
+
+    def control_layout(self, params: dict[str, Any]) -> tuple[int, int, int, int]:
+        patch = int(component_config(self.model_dir, "transformer")["patch_size"])
+        width, height = image_size(params, native_size(self.model_dir),
+                                   self.vae_scale_factor * patch)
+        return 2 if guided(params) else 1, width, height, self.vae_scale_factor
