@@ -520,7 +520,7 @@ def _build_tiny_sd3():
         sample_size=32,
         patch_size=1,
         in_channels=4,
-        num_layers=1,
+        num_layers=2,  # an SD3 ControlNet steers every block but the last
         attention_head_dim=8,
         num_attention_heads=4,
         caption_projection_dim=32,
@@ -617,11 +617,10 @@ def _build_tiny_controlnet(**config):
 
 
 def _build_tiny_sd3_controlnet():
-    """An SD3 ControlNet for tiny-sd3's transformer (its shape, one block): conditioned on the
-    control image's VAE latents, with zeros for the pooled projections (the class's default,
-    as SD3.5's ControlNets). On tiny-sd3 it runs but changes nothing: diffusers' SD3
-    transformer adds no ControlNet output to its last block, tiny-sd3's only one; on an SD3
-    transformer of two blocks or more (tests/test_families.py builds one) it steers."""
+    """An SD3 ControlNet for tiny-sd3's transformer (its shape; one block, which steers the
+    first of tiny-sd3's two: diffusers' SD3 transformer adds no ControlNet output to its last
+    block): conditioned on the control image's VAE latents, with zeros for the pooled
+    projections (the class's default, as SD3.5's ControlNets)."""
     from diffusers import SD3ControlNetModel
 
     net = _seeded_controlnet(

@@ -485,7 +485,7 @@ def png_base64(image: np.ndarray) -> str:
 
 @pytest.mark.timeout(400)
 def test_one_stack_serves_sd3_and_flux_on_shared_t5_and_vae_pools_as_the_pipelines(
-        sd3_stack, sd3_pipe, flux_control, cache_dir) -> None:
+        sd3_stack, sd3_pipe, sd3_control, flux_control, cache_dir) -> None:
     """The SD3 stack's workflows, and FLUX's registered at run time on the same stack: the
     tiny builtins' T5 and VAE are the same bytes, so the SD3 stack's T5 and VAE decoder
     replicas serve FLUX too, and only FLUX's own CLIP, transformer and VAE encoder (whose
@@ -519,10 +519,8 @@ def test_one_stack_serves_sd3_and_flux_on_shared_t5_and_vae_pools_as_the_pipelin
             **params, "control_image": png_base64(CONTROL)})
         assert {t.node for t in state.timings} == {"encode", "encode_t5", "encode_control",
                                                   "denoise", "decode"}
-        control = controlled(resolve_model_dir(SD3, cache_dir / "models"), SD3_CONTROLNET,
-                             cache_dir, "StableDiffusion3ControlNetPipeline")
         assert np.array_equal(png_pixels(png),
-                              sd3_control_pipeline_image(control.pipe, params, CONTROL))
+                              sd3_control_pipeline_image(sd3_control.pipe, params, CONTROL))
         for extra in ({}, {"negative_prompt": "blurry", "true_cfg_scale": 3.0}):
             params = {"prompt": "a red fox in the snow", "steps": 3, "guidance": 4.0,
                       "true_cfg_scale": 1.0, "seed": 9, "width": 64, "height": 64,
@@ -724,27 +722,8 @@ def controlled(model_dir: Path, controlnet: str, cache_dir: Path,
 
 
 @pytest.fixture(scope="module")
-def sd3_two_blocks(tmp_path_factory: pytest.TempPathFactory, sd3_dir: Path) -> Path:
-    """tiny-sd3 with a transformer of two blocks: diffusers' SD3 transformer adds no
-    ControlNet output to its last block, the only one of tiny-sd3's."""
-    import json
-    import shutil
-
-    from diffusers import SD3Transformer2DModel
-
-    model_dir = tmp_path_factory.mktemp("sd3-two-blocks") / "model"
-    shutil.copytree(sd3_dir, model_dir)
-    config = json.loads((sd3_dir / "transformer" / "config.json").read_text())
-    torch.manual_seed(0)
-    transformer = SD3Transformer2DModel.from_config({**config, "num_layers": 2})
-    shutil.rmtree(model_dir / "transformer")
-    transformer.save_pretrained(model_dir / "transformer")
-    return model_dir
-
-
-@pytest.fixture(scope="module")
-def sd3_control(sd3_two_blocks: Path, cache_dir: Path) -> SimpleNamespace:
-    return controlled(sd3_two_blocks, SD3_CONTROLNET, cache_dir,
+def sd3_control(sd3_dir: Path, cache_dir: Path) -> SimpleNamespace:
+    return controlled(sd3_dir, SD3_CONTROLNET, cache_dir,
                       "StableDiffusion3ControlNetPipeline")
 
 
@@ -838,11 +817,8 @@ def test_controlnet_requests_batched_together_match_their_solo_images(
             assert np.abs(image.astype(int) - expected.astype(int)).max() <= 1, name
 
 
-@pytest.mark.parametrize("shipped", [False, True], ids=["two-blocks", "tiny-sd3"])
-def test_sd3_controlnet_served_whole_equals_the_pipeline(sd3_control, sd3_dir, cache_dir,
-                                                         shipped) -> None:
-    control = (controlled(sd3_dir, SD3_CONTROLNET, cache_dir,
-                          "StableDiffusion3ControlNetPipeline") if shipped else sd3_control)
+def test_sd3_controlnet_served_whole_equals_the_pipeline(sd3_control) -> None:
+    control = sd3_control
     spec = control_spec("sd3-controlnet", control.dir)
     core = _loaded(MonolithicCore(spec, {"base": control.dir, "control": control.control_dir}))
     assert core.components == ("text_encoder", "text_encoder_2", "text_encoder_3",
