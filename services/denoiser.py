@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,7 +97,7 @@ class DenoiserCore(ModelCore):
         self._controlnets: dict[str, Any] = {}
         self.loras = Loras(self.unet, "unet")
 
-    def scheduler(self) -> tuple[type, dict[str, Any]]:
+    def scheduler(self) -> tuple[Any, dict[str, Any]]:
         """The model's scheduler class and (a copy of) its config; each request makes its own
         scheduler from them."""
         import diffusers
@@ -112,9 +112,9 @@ class DenoiserCore(ModelCore):
         from diffusers.utils.torch_utils import randn_tensor
 
         self.check_item(item)
-        extra = sorted({"prompt_embeds_2", "prompt_embeds_3"} & item.inputs.keys())
-        if extra:
-            raise InvalidField(extra[0], "this denoiser takes one text encoder's embeddings")
+        unused = sorted({"prompt_embeds_2", "prompt_embeds_3"} & item.inputs.keys())
+        if unused:
+            raise InvalidField(unused[0], "this denoiser takes one text encoder's embeddings")
         p = item.params
         steps = _int(p, "steps", 50, minimum=1)
         guidance = _float(p, "guidance", 7.5)
@@ -328,7 +328,7 @@ class DenoiserCore(ModelCore):
         if control is not None:
             down, mid = self._controlnets[control.model](
                 sample, timestep, encoder_hidden_states=cond,
-                controlnet_cond=_rows([s.control.image for s in states]),
+                controlnet_cond=control_inputs(states),
                 conditioning_scale=control.scale, guess_mode=False, added_cond_kwargs=added,
                 return_dict=False)
             residuals = {"down_block_additional_residuals": down,
@@ -354,7 +354,8 @@ class DenoiserCore(ModelCore):
         cond = _rows([s.embeds for s in states])
         timestep_cond = None
         if self.time_cond_proj_dim is not None:
-            timestep_cond = torch.cat([s.timestep_cond for s in states])
+            timestep_cond = torch.cat([s.timestep_cond for s in states
+                                       if s.timestep_cond is not None])
         added = {name: _rows([s.added_cond[name] for s in states])
                  for name in states[0].added_cond} or None
         self._cond_cache = (key, (cond, timestep_cond, added))
@@ -373,13 +374,30 @@ class DenoiserCore(ModelCore):
         return Result(tensors={"latents": latents.clone() if latents.is_inference() else latents})
 
 
-def positive(tensor: torch.Tensor | None, cfg: bool) -> torch.Tensor | None:
-    """Embeddings for a request: ``[negative, positive]`` rows as given when it is guided, else
-    the positive row alone (an encoder shared by several families may guide by another rule,
-    and the negative row is then not used)."""
+def embeddings(item: WorkItem, name: str, ndim: int, cfg: bool, family: str,
+               width: int | None = None) -> torch.Tensor:
+    """Input ``name`` of ``item``: ``ndim`` dimensions, ``width`` values wide where given, and
+    a row per guidance branch: ``[negative, positive]`` when guided, else the positive row (an
+    encoder shared by several families may guide by another rule: its negative row is then
+    dropped). Else ``InvalidField`` naming it and what ``family``'s denoiser needs."""
+    rows = 2 if cfg else 1
+    tensor = item.inputs.get(name)
     if tensor is not None and not cfg and tensor.ndim >= 2 and tensor.shape[0] == 2:
-        return tensor[-1:]
+        tensor = tensor[-1:]
+    if (tensor is None or tensor.ndim != ndim or tensor.shape[0] != rows
+            or (width is not None and tensor.shape[-1] != width)):
+        layout = "(rows, seq, dim)" if ndim == 3 else "(rows, dim)"
+        wide = "" if width is None else f" of {width} values"
+        raise InvalidField(name, f"{family} needs a {layout} tensor with {rows} row(s){wide} "
+                                 f"({'[negative, positive]' if cfg else 'positive'})",
+                           limit=width)
     return tensor
+
+
+def control_inputs(states: Sequence[DenoiseState]) -> torch.Tensor:
+    """What the ControlNet of ``states`` (which step together: one ControlNet) is conditioned
+    on, their rows in order."""
+    return _rows([s.control.image for s in states if s.control is not None])
 
 
 def resume(generator: torch.Generator, item: WorkItem, why: str) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -37,8 +37,9 @@ from services.denoiser import (
     _float,
     _int,
     _rows,
+    control_inputs,
+    embeddings,
     image_size,
-    positive,
     resume,
 )
 from services.families.sd3 import Sd3DenoiserCore
@@ -125,7 +126,7 @@ class FluxDenoiserCore(Sd3DenoiserCore):
                                "control modes (ControlNet-Union) are not served")
         assert latents is not None
         control = self.control_latents(item, 1, latents)
-        control = (control - self.vae_shift) * self.vae_scaling
+        control = (control - (self.vae_shift or 0.0)) * self.vae_scaling
         return FluxPipeline._pack_latents(control, 1, *control.shape[1:])
 
     def start(self, item: WorkItem) -> FluxState:
@@ -141,15 +142,8 @@ class FluxDenoiserCore(Sd3DenoiserCore):
         seed = _int(p, "seed", 0, minimum=0)
         cfg = true_cfg(item)
         rows = 2 if cfg else 1
-        embeds, pooled = (positive(item.inputs.get(name), cfg)
-                          for name in ("prompt_embeds", "pooled_prompt_embeds"))
-        for name, tensor, ndim, width in (("prompt_embeds", embeds, 3, self.joint_dim),
-                                          ("pooled_prompt_embeds", pooled, 2, self.pooled_dim)):
-            if (tensor is None or tensor.ndim != ndim or tensor.shape[0] != rows
-                    or tensor.shape[-1] != width):
-                raise InvalidField(name, f"FLUX needs {rows} row(s) of {width} values "
-                                   f"({'[negative, positive]' if cfg else 'positive'})",
-                                   limit=width)
+        embeds = embeddings(item, "prompt_embeds", 3, cfg, "FLUX", self.joint_dim)
+        pooled = embeddings(item, "pooled_prompt_embeds", 2, cfg, "FLUX", self.pooled_dim)
         embeds, dtype = embeds.to(self.device), embeds.dtype
         width, height = self.image_size(p, self.vae_scale_factor * 2)
         # as prepare_latents: 2x2 patches of latents, one token each
@@ -193,27 +187,31 @@ class FluxDenoiserCore(Sd3DenoiserCore):
         )
 
     def batch_key(self, state: DenoiseState) -> Any:
-        return (super().batch_key(state), state.embedded_guidance is None)
+        return (super().batch_key(state), cast(FluxState, state).embedded_guidance is None)
 
     def _predict(self, states: list[DenoiseState]) -> torch.Tensor:
+        flux = cast("list[FluxState]", states)  # this core makes FluxStates only
         cond, _, added = self._conditioning(states)
-        hidden = _rows([s.latents for s in states for _ in range(s.rows)])
-        timestep = torch.cat([s.t_rows[s.i] for s in states]).to(hidden.dtype)
+        assert added is not None  # every state has its pooled projections
+        hidden = _rows([s.latents for s in flux for _ in range(s.rows)])
+        timestep = torch.cat([s.t_rows[s.i] for s in flux]).to(hidden.dtype)
         guidance = None
         if self.guidance_embeds:
-            guidance = torch.cat([s.embedded_guidance.expand(s.rows) for s in states])
-        first = states[0]  # states step together only with equal shapes: equal ids
+            guidance = torch.cat([s.embedded_guidance.expand(s.rows) for s in flux
+                                  if s.embedded_guidance is not None])
+        first = flux[0]  # states step together only with equal shapes: equal ids
         blocks = None
         if first.control is not None:
-            blocks = self._control_blocks(states, cond, added["pooled_projections"])
+            blocks = self._control_blocks(flux, cond, added["pooled_projections"])
         return self._forward(hidden, timestep / 1000, guidance, added["pooled_projections"],
                              cond, first.txt_ids, first.img_ids, blocks)
 
     def _control_blocks(self, states: list[FluxState], cond: torch.Tensor,
-                        pooled: torch.Tensor) -> tuple[Any, Any]:
+                        pooled: torch.Tensor) -> tuple[Any, ...]:
         """The ControlNet's outputs for every row (double blocks', single blocks'): one pass
         over each state's positive row, as the pipeline's, shared by its negative row."""
         control = states[0].control  # states step together with equal ControlNets and scales
+        assert control is not None
         net = self._controlnets[control.model]
         rows = list(itertools.accumulate(s.rows for s in states))
         positive = [r - 1 for r in rows]
@@ -221,10 +219,10 @@ class FluxDenoiserCore(Sd3DenoiserCore):
         timestep = torch.cat([s.t_rows[s.i][-1:] for s in states]).to(hidden.dtype)
         guidance = None
         if net.config.guidance_embeds:
-            guidance = torch.cat([s.control_guidance for s in states])
+            guidance = torch.cat([s.control_guidance for s in states
+                                  if s.control_guidance is not None])
         outputs = [net(
-            hidden_states=hidden[a:b], controlnet_cond=_rows([s.control.image
-                                                              for s in states[a:b]]),
+            hidden_states=hidden[a:b], controlnet_cond=control_inputs(states[a:b]),
             conditioning_scale=control.scale, timestep=timestep[a:b] / 1000,
             guidance=None if guidance is None else guidance[a:b],
             pooled_projections=pooled[positive[a:b]], encoder_hidden_states=cond[positive[a:b]],

@@ -42,8 +42,9 @@ from services.denoiser import (
     _float,
     _int,
     _rows,
+    control_inputs,
+    embeddings,
     image_size,
-    positive,
 )
 from services.families.sdxl import SdxlTextEncoderCore
 from services.vae import VaeEncoderCore
@@ -117,7 +118,8 @@ class Sd3DenoiserCore(DenoiserCore):
                                "the seed, not the VAE encoder's")
         assert latents is not None
         control = self.control_latents(item, 2 if cfg else 1, latents)
-        shift = 0 if net.config.force_zeros_for_pooled_projection else self.vae_shift
+        shift = (0.0 if net.config.force_zeros_for_pooled_projection or self.vae_shift is None
+                 else self.vae_shift)
         return (control - shift) * self.vae_scaling
 
     def start(self, item: WorkItem) -> DenoiseState:
@@ -133,14 +135,9 @@ class Sd3DenoiserCore(DenoiserCore):
         seed = _int(p, "seed", 0, minimum=0)
         cfg = guidance > 1
         rows = 2 if cfg else 1
-        clip, pooled, t5 = (positive(item.inputs.get(name), cfg) for name in
-                            ("prompt_embeds", "pooled_prompt_embeds", "t5_prompt_embeds"))
-        for name, tensor, ndim in (("prompt_embeds", clip, 3), ("pooled_prompt_embeds", pooled, 2),
-                                   ("t5_prompt_embeds", t5, 3)):
-            if tensor is None or tensor.ndim != ndim or tensor.shape[0] != rows:
-                shape = "(rows, seq, dim)" if ndim == 3 else "(rows, dim)"
-                raise InvalidField(name, f"SD3 needs a {shape} tensor with {rows} row(s) "
-                                         f"({'[negative, positive]' if cfg else 'positive'})")
+        clip = embeddings(item, "prompt_embeds", 3, cfg, "SD3")
+        pooled = embeddings(item, "pooled_prompt_embeds", 2, cfg, "SD3")
+        t5 = embeddings(item, "t5_prompt_embeds", 3, cfg, "SD3")
         if t5.shape[-1] != self.joint_dim or clip.shape[-1] > self.joint_dim:
             raise InvalidField("t5_prompt_embeds", f"the transformer joins {self.joint_dim} "
                                "wide embeddings", limit=self.joint_dim)
@@ -176,6 +173,7 @@ class Sd3DenoiserCore(DenoiserCore):
 
     def _predict(self, states: list[DenoiseState]) -> torch.Tensor:
         cond, _, added = self._conditioning(states)
+        assert added is not None  # every state has its pooled projections
         hidden = _rows([s.latents for s in states for _ in range(s.rows)])
         timestep = torch.cat([s.t_rows[s.i] for s in states])
         pooled = added["pooled_projections"]
@@ -188,7 +186,7 @@ class Sd3DenoiserCore(DenoiserCore):
                                        else None),
                 pooled_projections=(torch.zeros_like(pooled)
                                     if net.config.force_zeros_for_pooled_projection else pooled),
-                controlnet_cond=_rows([s.control.image for s in states]),
+                controlnet_cond=control_inputs(states),
                 conditioning_scale=control.scale, return_dict=False)[0]
         return self.transformer(hidden_states=hidden, timestep=timestep,
                                 encoder_hidden_states=cond, pooled_projections=pooled,
