@@ -22,7 +22,7 @@ import torch
 from common.errors import InvalidField
 from common.models import component_config, model_index, vae_scale_factor
 from services.core import ModelCore, Result, WorkItem
-from services.lora import LoraKey, Loras, lora_key
+from services.lora import LoraKey, Loras, lora_key, pipeline_class
 
 _serials = itertools.count()
 
@@ -95,7 +95,7 @@ class DenoiserCore(ModelCore):
         self._accepts_generator = "generator" in step_params
         self._cond_cache: tuple[tuple[int, ...], tuple] | None = None
         self._controlnets: dict[str, Any] = {}
-        self.loras = Loras(self.unet, "unet")
+        self.loras = Loras(self.unet, "unet", pipeline_class(self.model_dir))
 
     def scheduler(self) -> tuple[Any, dict[str, Any]]:
         """The model's scheduler class and (a copy of) its config; each request makes its own

@@ -1,4 +1,5 @@
-"""LoRAs per request, loaded into a replica's model as diffusers' pipelines load them.
+"""LoRAs per request, loaded into a replica's model as diffusers' pipelines load them: into
+SD's and SDXL's UNet, SD3's and FLUX's transformer, and their CLIP text encoders.
 
 A request names its LoRAs (``loras: [{"name", "scale"}]``); their files are
 ``lora_dir/NAME.safetensors`` (the ``lora_dir`` setting), in any format diffusers reads. A
@@ -39,17 +40,31 @@ class _Read:
     alphas: dict | None
 
 
+def pipeline_class(model_dir: Any) -> Any:
+    """The diffusers pipeline class ``model_dir`` was saved from: its LoRA loaders read its
+    family's LoRA files (their formats differ)."""
+    import diffusers
+
+    from common.models import model_index
+
+    return getattr(diffusers, model_index(model_dir)["_class_name"])
+
+
+#: the components whose adapters the model itself switches (diffusers' ``PeftAdapterMixin``);
+#: a text encoder's go through diffusers' text encoder helpers
+_DENOISERS = ("unet", "transformer")
+
+
 class Loras:
-    """The LoRAs one model of a replica holds: ``component`` ``"unet"``, ``"text_encoder"``
-    or ``"text_encoder_2"`` (the part of a LoRA file it takes); ``pipeline`` the diffusers
-    pipeline class whose loaders read the family's LoRA files (their formats differ)."""
+    """The LoRAs one model of a replica holds: ``component`` ``"unet"``, ``"transformer"``,
+    ``"text_encoder"`` or ``"text_encoder_2"`` (the part of a LoRA file it takes);
+    ``pipeline`` the diffusers pipeline class (``pipeline_class``) whose loaders read the
+    family's LoRA files."""
 
-    def __init__(self, model: Any, component: str, pipeline: Any = None, keep: int = 16) -> None:
-        from diffusers import StableDiffusionPipeline
-
+    def __init__(self, model: Any, component: str, pipeline: Any, keep: int = 16) -> None:
         self.model = model
         self.component = component
-        self.pipeline = pipeline or StableDiffusionPipeline
+        self.pipeline = pipeline
         self.keep = keep
         self._read: dict[str, _Read] = {}  # read from disk, not in the model yet
         self._loaded: OrderedDict[str, tuple[float, str]] = OrderedDict()  # name -> (mtime, id)
@@ -84,8 +99,7 @@ class Loras:
                 if (loaded and loaded[0] == mtime) or (
                         name in self._read and self._read[name].mtime == mtime):
                     continue
-            state_dict, alphas = self.pipeline.lora_state_dict(
-                str(path.parent), weight_name=path.name)
+            state_dict, alphas = self._state_dict(path)
             with self._lock:
                 self._read[name] = _Read(mtime, state_dict, alphas)
 
@@ -121,12 +135,28 @@ class Loras:
 
     # ---------------------------------------------------------------------------------------
 
+    def _state_dict(self, path: Any) -> tuple[dict, dict | None]:
+        """A LoRA file's layers and alphas, as the family's pipeline reads them (SD's and
+        SDXL's loaders give both, SD3's the layers alone, FLUX's the alphas when asked)."""
+        loader = self.pipeline.lora_state_dict
+        kwargs = {"return_alphas": True} if "return_alphas" in _parameters(loader) else {}
+        out = loader(str(path.parent), weight_name=path.name, **kwargs)
+        if isinstance(out, tuple):
+            return out[0], (out[1] if len(out) > 1 else None)
+        return out, None
+
     def _inject(self, read: _Read, adapter: str) -> None:
         from common.errors import InvalidField
 
         if self.component == "unet":
             self.pipeline.load_lora_into_unet(
                 read.state_dict, read.alphas, unet=self.model, adapter_name=adapter)
+            return
+        if self.component == "transformer":
+            load = self.pipeline.load_lora_into_transformer
+            alphas = ({"network_alphas": read.alphas} if "network_alphas" in _parameters(load)
+                      else {})
+            load(read.state_dict, transformer=self.model, adapter_name=adapter, **alphas)
             return
         if not any(key.startswith(f"{self.component}.") for key in read.state_dict):
             return  # no layers for this model (a UNet-only LoRA)
@@ -155,12 +185,12 @@ class Loras:
                   if self._loaded[name][1] in present]
         if not present:
             return
-        unet = self.component == "unet"
+        denoiser = self.component in _DENOISERS
         if not chosen:
-            self.model.disable_lora() if unet else disable_lora_for_text_encoder(self.model)
+            self.model.disable_lora() if denoiser else disable_lora_for_text_encoder(self.model)
             return
         names, weights = [a for a, _ in chosen], [w for _, w in chosen]
-        if unet:
+        if denoiser:
             self.model.enable_lora()
             self.model.set_adapters(names, weights)
         else:
@@ -175,3 +205,9 @@ class Loras:
             delete_adapter_layers(self.model, loaded[1])
             self.model.peft_config.pop(loaded[1], None)
             self._active = None
+
+
+def _parameters(function: Any) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(function).parameters)

@@ -15,7 +15,7 @@ from common.errors import InvalidField
 from common.models import component_config, count_tokens
 from common.workflow import truncation_warning
 from services.core import OneShotCore, Result, WorkItem
-from services.lora import Loras, lora_key
+from services.lora import Loras, lora_key, pipeline_class
 
 
 class TextEncoderCore(OneShotCore):
@@ -36,7 +36,8 @@ class TextEncoderCore(OneShotCore):
             getattr(self.text_encoder.config, "use_attention_mask", False)
         )
         self.time_cond_proj_dim = self._unet_config().get("time_cond_proj_dim")
-        self.lora_models = [Loras(self.text_encoder, "text_encoder")]
+        self.lora_models = [Loras(self.text_encoder, "text_encoder",
+                                  pipeline_class(self.model_dir))]
         if self.batch_exact is None:
             self.batch_exact = self._probe_batching()
 

@@ -31,7 +31,7 @@ from PIL import Image
 
 from common import families
 from common.families import family_of, family_of_dir
-from common.models import resolve_model_dir, weights_bytes
+from common.models import model_index, resolve_model_dir, weights_bytes
 from common.settings import Settings
 from common.workflow import (
     WorkflowSpec,
@@ -1056,6 +1056,76 @@ def test_sdxl_loras_equal_the_pipelines(sdxl_dir: Path, txt2img_pipe,
     pipe.set_adapters(["xl"], [0.7])
     assert np.array_equal(served, pipeline_image(pipe, params))
     assert not np.array_equal(served, pipeline_image(txt2img_pipe, params))  # it steers
+
+
+def transformer_lora(model_dir: Path, pipeline: str, out_dir: Path, name: str, seed: int) -> None:
+    """A random LoRA for the transformer of ``model_dir`` (SD3's or FLUX's), saved as
+    diffusers saves one."""
+    import diffusers
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    cls = getattr(diffusers, pipeline)
+    torch.manual_seed(seed)
+    transformer = getattr(diffusers, model_index(model_dir)["transformer"][1]).from_pretrained(
+        model_dir, subfolder="transformer")
+    transformer.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
+                                       target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    cls.save_lora_weights(str(out_dir), weight_name=f"{name}.safetensors",
+                          transformer_lora_layers=convert_state_dict_to_diffusers(
+                              get_peft_model_state_dict(transformer)))
+
+
+def with_loras(model_dir: Path, lora_dir: Path, params: dict) -> SimpleNamespace:
+    """Fresh cores of ``model_dir``'s T5 workflow (LoRAs change a model) with the LoRAs of
+    ``params`` read, as a replica reads them before a request's first step."""
+    from services.core import ModelSource
+
+    kinds = ("text_encoder", "t5_encoder", "denoiser", "vae_decoder")
+    cores = SimpleNamespace(**{kind: _loaded(core_class(kind, model_dir)(model_dir))
+                               for kind in kinds})
+    item = WorkItem("r", "denoise", params, {})
+    for core in vars(cores).values():
+        core.source = ModelSource(lambda spec: model_dir, lora_dir)
+        if core.needs_prepare(item):
+            core.prepare(item)
+    return cores
+
+
+def lora_pipe(cls_name: str, model_dir: Path, lora_dir: Path, loras: list[dict]):
+    pipe = _pipe(cls_name, model_dir, add_watermarker=None)
+    for lora in loras:
+        pipe.load_lora_weights(str(lora_dir), weight_name=f"{lora['name']}.safetensors",
+                               adapter_name=lora["name"])
+    pipe.set_adapters([lora["name"] for lora in loras], [lora["scale"] for lora in loras])
+    return pipe
+
+
+def test_sd3_loras_equal_the_pipelines(sd3_dir: Path, sd3_pipe, tmp_path: Path) -> None:
+    for name, seed in (("sd3a", 3), ("sd3b", 4)):
+        transformer_lora(sd3_dir, "StableDiffusion3Pipeline", tmp_path, name, seed)
+    loras = [{"name": "sd3a", "scale": 0.8}, {"name": "sd3b", "scale": -0.5}]
+    params = {"prompt": PROMPT, "negative_prompt": "blurry", "steps": 3, "guidance": 6.0,
+              "seed": 6, "width": 64, "height": 64, "loras": loras}
+    cores = with_loras(sd3_dir, tmp_path, params)
+    [served] = sd3_images(cores, [params])
+    pipe = lora_pipe("StableDiffusion3Pipeline", sd3_dir, tmp_path, loras)
+    assert np.array_equal(served, pipeline_image(pipe, params))
+    assert not np.array_equal(served, pipeline_image(sd3_pipe, params))  # it steers
+    plain = {**params, "loras": []}  # the same replica without them: the plain model's
+    assert np.array_equal(sd3_images(cores, [plain])[0], pipeline_image(sd3_pipe, plain))
+
+
+def test_flux_loras_equal_the_pipelines(flux, tmp_path: Path) -> None:
+    transformer_lora(flux.dir, "FluxPipeline", tmp_path, "fx", 5)
+    loras = [{"name": "fx", "scale": 1.2}]
+    params = {"prompt": PROMPT, "negative_prompt": "fog", "steps": 3, "guidance": 3.5,
+              "true_cfg_scale": 2.0, "seed": 6, "width": 64, "height": 48,
+              "max_sequence_length": 512, "loras": loras}
+    [served] = flux_images(with_loras(flux.dir, tmp_path, params), [params])
+    pipe = lora_pipe("FluxPipeline", flux.dir, tmp_path, loras)
+    assert np.array_equal(served, flux_pipeline_image(pipe, params))
+    assert not np.array_equal(served, flux_pipeline_image(flux.pipe, params))
 
 
 def test_lora_errors_name_the_field(lora_cores) -> None:

@@ -43,6 +43,7 @@ from services.denoiser import (
     resume,
 )
 from services.families.sd3 import Sd3DenoiserCore
+from services.lora import lora_key
 from services.t5_encoder import T5EncoderCore, true_cfg
 from services.text_encoder import PROBE_TEXTS, TextEncoderCore, plain
 from services.vae import VaeEncoderCore
@@ -52,7 +53,6 @@ class FluxClipEncoderCore(TextEncoderCore):
     """CLIP's pooled output (``pooler_output``) of the prompt (``[negative, positive]`` under
     true CFG)."""
 
-    takes_loras = False  # FLUX's LoRAs are not built yet
 
     def _cfg(self, item: WorkItem) -> bool:
         return true_cfg(item)
@@ -184,6 +184,7 @@ class FluxDenoiserCore(Sd3DenoiserCore):
             img_ids=img_ids, txt_ids=torch.zeros(embeds.shape[1], 3).to(self.device, dtype),
             embedded_guidance=embedded if self.guidance_embeds else None,
             control=control, control_guidance=control_guidance, width=width, height=height,
+            loras=lora_key(p),
         )
 
     def batch_key(self, state: DenoiseState) -> Any:

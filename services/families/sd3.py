@@ -47,6 +47,7 @@ from services.denoiser import (
     image_size,
 )
 from services.families.sdxl import SdxlTextEncoderCore
+from services.lora import Loras, lora_key, pipeline_class
 from services.vae import VaeEncoderCore
 
 
@@ -57,7 +58,6 @@ def guided(params: dict[str, Any]) -> bool:
 
 class Sd3ClipEncoderCore(SdxlTextEncoderCore):
     pool_all = True
-    takes_loras = False  # SD3's LoRAs are not built yet
 
     def _zero_negative(self, item: WorkItem) -> bool:
         return False  # SD3 encodes a missing negative prompt as ""
@@ -68,7 +68,6 @@ class Sd3ClipEncoderCore(SdxlTextEncoderCore):
 
 class Sd3DenoiserCore(DenoiserCore):
     components = ("transformer",)
-    takes_loras = False  # not built yet for SD3 and FLUX
     controlnet_class = "SD3ControlNetModel"
 
     def load(self) -> None:
@@ -87,6 +86,7 @@ class Sd3DenoiserCore(DenoiserCore):
         self.scheduler_cls, self.scheduler_config = self.scheduler()
         self._cond_cache = None
         self._controlnets = {}
+        self.loras = Loras(self.transformer, "transformer", pipeline_class(self.model_dir))
 
     def check_item(self, item: WorkItem) -> None:
         super().check_item(item)
@@ -169,6 +169,7 @@ class Sd3DenoiserCore(DenoiserCore):
             latents=latents, embeds=embeds, guidance=guidance, cfg=cfg, timesteps=timesteps,
             t_rows=timesteps[:, None].expand(len(timesteps), rows), extra_step_kwargs={},
             added_cond={"pooled_projections": pooled.to(self.device)}, control=control,
+            loras=lora_key(p),
         )
 
     def _predict(self, states: list[DenoiseState]) -> torch.Tensor:

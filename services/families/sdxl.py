@@ -22,15 +22,8 @@ from common.errors import InvalidField
 from common.models import model_index
 from services.core import Result, WorkItem
 from services.denoiser import DenoiserCore, DenoiseState
-from services.lora import Loras
+from services.lora import Loras, pipeline_class
 from services.text_encoder import PROBE_TEXTS, TextEncoderCore, plain
-
-
-def pipeline_class(model_dir: Any) -> Any:
-    """The diffusers pipeline class ``model_dir`` was saved from (its LoRA loaders)."""
-    import diffusers
-
-    return getattr(diffusers, model_index(model_dir)["_class_name"])
 
 #: the pipeline's crop corner (``crops_coords_top_left``)
 CROP = (0, 0)
@@ -117,7 +110,6 @@ class SdxlTextEncoderCore(TextEncoderCore):
 class SdxlDenoiserCore(DenoiserCore):
     def load(self) -> None:
         super().load()
-        self.loras = Loras(self.unet, "unet", pipeline_class(self.model_dir))
         config = self.unet.config
         self.time_embed_dim = config.addition_time_embed_dim
         self.add_embed_in = self.unet.add_embedding.linear_1.in_features
