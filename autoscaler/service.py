@@ -43,7 +43,7 @@ from common.models import resolve_model_dir
 from common.observe import ClusterObserver, PoolView
 from common.registry import WorkflowRegistry
 from common.settings import Settings
-from common.workflow import WorkflowSpec
+from common.workflow import WorkflowSpec, attached_adapters
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,8 @@ class Autoscaler:
     def _footprint(
         self, launch: PoolLaunch, workflow: WorkflowSpec, workflows: Iterable[WorkflowSpec]
     ) -> int:
-        """A replica's memory: the weights it loads (read from the model directories, once;
+        """A replica's memory: the weights it loads, with the ControlNets the workflows attach
+        to its pool, in the dtype it loads them in (read from the model directories, once;
         for a plug-in's models, what its provider says: ``autoscaler.footprint``)."""
         if launch.pool not in self._footprints:
             from services import catalog
@@ -151,16 +152,20 @@ class Autoscaler:
             def model_dir(spec: str) -> Path:
                 return resolve_model_dir(spec, self.settings.cache_dir / "models")
 
+            s = self.settings
+            device = s.devices[0] if s.devices else s.device  # (one kind of device)
             provider = provider_for(launch.kind, launch.model, workflow)
             try:
                 if provider is not None:
-                    size = provider(launch.kind, launch.model, workflow, workflows,
-                                    self.settings)
+                    size = provider(launch.kind, launch.model, workflow, workflows, s)
                 elif launch.kind == "monolithic":
                     dirs = {alias: model_dir(m) for alias, m in workflow.models.items()}
-                    size = catalog.monolithic_footprint_bytes(workflow, dirs)
+                    size = catalog.monolithic_footprint_bytes(workflow, dirs, s.dtype, device)
                 else:
-                    size = catalog.footprint_bytes(launch.kind, model_dir(launch.model))
+                    adapters = attached_adapters(launch.kind, launch.model, workflows)
+                    size = catalog.footprint_bytes(
+                        launch.kind, model_dir(launch.model), s.dtype, device,
+                        [model_dir(adapter) for adapter in adapters])
             except Exception as exc:  # noqa: BLE001 - placement still works by slots
                 log.warning("no memory footprint for %s: %s", launch.pool, exc)
                 size = 0

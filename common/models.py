@@ -835,21 +835,52 @@ def component_class(model_dir: Path | str, component: str) -> type:
     return getattr(module, class_name)
 
 
-def weights_bytes(model_dir: Path | str, components: Iterable[str]) -> int:
-    """Bytes of the weight files a default ``from_pretrained`` reads for ``components`` (the
-    subfolders of a diffusers directory): what a replica holding them needs, since the cores
-    load weights in their stored dtype. Per subfolder only one format counts (safetensors, which
-    diffusers and transformers prefer, else ``.bin``) and dtype variants such as
-    ``*.fp16.safetensors`` are skipped: a real SD repository ships all of them side by side,
-    and summing them would count the same model several times."""
+def weights_bytes(model_dir: Path | str, components: Iterable[str],
+                  dtype: str | None = None) -> int:
+    """Bytes the weights of ``components`` (subfolders of a diffusers directory; ``"."`` for a
+    one-model directory such as a ControlNet's) take once a default ``from_pretrained`` has
+    loaded them: what a replica holding them needs. With ``dtype`` (``float32``, ``float16``,
+    ``bfloat16``: what the cores load in, ``common.families.load_dtype``) a safetensors file's
+    floating-point tensors count at that dtype's size, read from its header; else (or for a
+    ``.bin`` file, which has no header to read) as stored. Per subfolder only one format counts
+    (safetensors, which diffusers and transformers prefer, else ``.bin``) and dtype variants
+    such as ``*.fp16.safetensors`` are skipped: a real SD repository ships all of them side by
+    side, and summing them would count the same model several times."""
     total = 0
     for component in set(components):
         folder = Path(model_dir) / component
         for suffix in (".safetensors", ".bin"):
             files = [f for f in folder.glob(f"*{suffix}") if "." not in f.name[: -len(suffix)]]
             if files:
-                total += sum(f.stat().st_size for f in files)
+                total += sum(_loaded_bytes(f, dtype) for f in files)
                 break
+    return total
+
+
+#: bytes per element of the dtypes weights load in, and the safetensors dtypes that are cast
+_LOAD_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+_FLOATS = {"F64", "F32", "F16", "BF16"}
+
+
+def _loaded_bytes(path: Path, dtype: str | None) -> int:
+    if dtype is None or path.suffix != ".safetensors":
+        return path.stat().st_size
+    if dtype not in _LOAD_BYTES:
+        raise ValueError(f"dtype: {dtype!r} is not one of {', '.join(_LOAD_BYTES)}")
+    with open(path, "rb") as fh:  # an 8-byte little-endian length, then the JSON header
+        header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+    total = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if entry["dtype"] in _FLOATS:
+            count = 1
+            for side in entry["shape"]:
+                count *= side
+            total += count * _LOAD_BYTES[dtype]
+        else:
+            begin, end = entry["data_offsets"]
+            total += end - begin
     return total
 
 

@@ -15,7 +15,7 @@ import hashlib
 import io
 import logging
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -128,6 +128,18 @@ def pool_of(kind: str, model: str) -> str:
     if not spec.across_families:
         digest = hashlib.sha256(f"{family}\0{digest}".encode()).hexdigest()
     return pool_name(kind, _component_slug(model, components[0]), digest=digest)
+
+
+def attached_adapters(kind: str, model: str, workflows: Iterable[WorkflowSpec]) -> list[str]:
+    """The ControlNets ``workflows`` attach to a node on the pool of ``kind`` on ``model``
+    (sorted): what a replica of that pool may load beside its model."""
+    pool = pool_of(kind, model)
+    return sorted({
+        spec.models[node.controlnet]
+        for spec in workflows
+        for node in spec.nodes.values()
+        if node.controlnet and pool_of(node.kind, spec.models[node.model]) == pool
+    })
 
 
 def _component_slug(model: str, component: str) -> str:

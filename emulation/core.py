@@ -30,12 +30,11 @@ import torch
 
 from common.errors import InvalidField
 from common.settings import Settings
-from common.workflow import WorkflowSpec
+from common.workflow import WorkflowSpec, attached_adapters
 from emulation.device import EmulatedDevice, Owner, device_of
 from emulation.profiles import (
     EMULATED_PREFIX,
     ModelProfile,
-    attached_adapters,
     batch_limit,
     batch_limits,
     call_seconds,

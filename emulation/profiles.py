@@ -250,19 +250,11 @@ def pool_footprint_bytes(kind: str, model: str, workflow: WorkflowSpec,
     """Device memory of one replica of a pool: a whole workflow's models (``kind``
     "monolithic", found in ``workflow``), or ``model`` with every ControlNet a workflow attaches
     to a node of ``kind`` on it."""
+    from common.workflow import attached_adapters
+
     if kind == "monolithic":
         return sum(profile_of(m, profiles).memory_bytes for m in pipeline_models(workflow))
     return footprint_bytes(model, profiles, attached_adapters(kind, model, workflows))
-
-
-def attached_adapters(kind: str, model: str, workflows: Iterable[WorkflowSpec]) -> list[str]:
-    """The ControlNets ``workflows`` attach to a node of ``kind`` on ``model`` (sorted)."""
-    return sorted({
-        spec.models[node.controlnet]
-        for spec in workflows
-        for node in spec.nodes.values()
-        if node.controlnet and spec.models[node.model] == model and node.kind == kind
-    })
 
 
 def solo_latency_s(spec: WorkflowSpec, profiles: Mapping[str, ModelProfile],

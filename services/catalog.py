@@ -10,10 +10,10 @@ what the autoscaler places replicas by.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from common.families import family_of_dir
+from common.families import family_of_dir, load_dtype
 from common.models import weights_bytes
 from common.workflow import WorkflowSpec
 from services.core import ModelCore
@@ -45,9 +45,14 @@ def core_class(kind: str, model_dir: Path) -> type[ModelCore]:
     return own.get(kind) or CORES[kind]
 
 
-def footprint_bytes(kind: str, model_dir: Path) -> int:
-    """Weight bytes one replica of the micro node ``kind`` on ``model_dir`` holds."""
-    return weights_bytes(model_dir, core_class(kind, model_dir).components)
+def footprint_bytes(kind: str, model_dir: Path, dtype: str = "auto", device: str = "cpu",
+                    adapters: Iterable[Path] = ()) -> int:
+    """Bytes one replica of the micro node ``kind`` on ``model_dir`` holds on ``device``: its
+    components' weights and those of the ``adapters`` it may load (ControlNet directories),
+    in the dtype the ``dtype`` setting loads them in there (``common.families.load_dtype``)."""
+    loaded = load_dtype(dtype, device, family_of_dir(model_dir))
+    return (weights_bytes(model_dir, core_class(kind, model_dir).components, loaded)
+            + sum(weights_bytes(adapter, ["."], loaded) for adapter in set(adapters)))
 
 
 def workflow_components(
@@ -63,9 +68,15 @@ def workflow_components(
     return {model_dir: tuple(sorted(parts)) for model_dir, parts in found.items()}
 
 
-def monolithic_footprint_bytes(spec: WorkflowSpec, model_dirs: Mapping[str, Path]) -> int:
-    """Weight bytes one monolithic replica of ``spec`` holds: every distinct model counted once."""
-    return sum(
-        weights_bytes(model_dir, parts)
-        for model_dir, parts in workflow_components(spec, model_dirs).items()
-    )
+def monolithic_footprint_bytes(spec: WorkflowSpec, model_dirs: Mapping[str, Path],
+                               dtype: str = "auto", device: str = "cpu") -> int:
+    """Bytes one monolithic replica of ``spec`` holds on ``device``: every distinct model counted
+    once, with the ControlNets its nodes attach (in their base model's dtype)."""
+    total = 0
+    for model_dir, parts in workflow_components(spec, model_dirs).items():
+        total += weights_bytes(model_dir, parts,
+                               load_dtype(dtype, device, family_of_dir(model_dir)))
+    for adapter, base in {(Path(model_dirs[node.controlnet]), Path(model_dirs[node.model]))
+                          for node in spec.nodes.values() if node.controlnet}:
+        total += weights_bytes(adapter, ["."], load_dtype(dtype, device, family_of_dir(base)))
+    return total

@@ -225,15 +225,22 @@ def test_the_cores_follow_the_family(sdxl_dir: Path, sd3_dir: Path, cache_dir: P
     assert core_class("text_encoder", sd3_dir) is Sd3ClipEncoderCore
     assert core_class("t5_encoder", sd3_dir) is T5EncoderCore
     assert core_class("denoiser", sd3_dir) is Sd3DenoiserCore
-    assert footprint_bytes("denoiser", sd3_dir) == weights_bytes(sd3_dir, ["transformer"])
-    assert footprint_bytes("t5_encoder", sd3_dir) == weights_bytes(sd3_dir, ["text_encoder_3"])
+    f32 = "float32"  # a CPU's dtype, which footprints count by default
+    assert footprint_bytes("denoiser", sd3_dir) == weights_bytes(sd3_dir, ["transformer"], f32)
+    assert footprint_bytes("t5_encoder", sd3_dir) == weights_bytes(sd3_dir, ["text_encoder_3"],
+                                                                   f32)
     flux_dir = resolve_model_dir(FLUX, cache_dir / "models")
     assert [core_class(kind, flux_dir) for kind in ("text_encoder", "t5_encoder", "denoiser")] \
         == [FluxClipEncoderCore, FluxT5EncoderCore, FluxDenoiserCore]
-    assert footprint_bytes("t5_encoder", flux_dir) == weights_bytes(flux_dir, ["text_encoder_2"])
+    assert footprint_bytes("t5_encoder", flux_dir) == weights_bytes(flux_dir, ["text_encoder_2"],
+                                                                    f32)
+    # FLUX loads in bfloat16 on a GPU, half of float32
+    assert footprint_bytes("denoiser", flux_dir, "auto", "cuda") * 2 == footprint_bytes(
+        "denoiser", flux_dir)
     # one SDXL text encoder replica holds both encoders
     assert footprint_bytes("text_encoder", sdxl_dir) == weights_bytes(
-        sdxl_dir, ["text_encoder", "text_encoder_2"]) > weights_bytes(sdxl_dir, ["text_encoder"])
+        sdxl_dir, ["text_encoder", "text_encoder_2"], f32) > weights_bytes(
+        sdxl_dir, ["text_encoder"], f32)
 
 
 def test_shipped_workflows_follow_the_base_models_family(cache_dir: Path) -> None:
@@ -561,7 +568,8 @@ def sd(cache_dir: Path) -> SimpleNamespace:
     pipe = _pipe("StableDiffusionControlNetPipeline", sd_dir, add_watermarker=None,
                  controlnet=ControlNetModel.from_pretrained(control_dir), safety_checker=None,
                  requires_safety_checker=False)
-    return SimpleNamespace(dir=sd_dir, cores=cores, pipe=pipe)
+    return SimpleNamespace(dir=sd_dir, cores=cores, pipe=pipe, control_dir=control_dir,
+                           net=pipe.controlnet)
 
 
 CONTROL = np.random.default_rng(1).integers(0, 255, (56, 48, 3), dtype=np.uint8)
@@ -652,6 +660,26 @@ def test_a_shipped_controlnet_is_not_offered_beside_another_base_model(sd) -> No
     assert "made for builtin:tiny-sd" in other_family_workflows(settings)["controlnet"]
     named = settings.model_copy(update={"models": {"control": CONTROLNET}})
     assert "controlnet" in shipped_workflows(named)
+
+
+def test_a_denoiser_replica_counts_the_controlnets_its_workflows_attach(sd) -> None:
+    """Placement reserves for the ControlNets a replica may load beside its model, in the
+    dtype it loads them in (the base model's)."""
+    from common.workflow import attached_adapters
+    from services.catalog import monolithic_footprint_bytes
+
+    flows = builtin_workflows().values()
+    assert attached_adapters("denoiser", "builtin:tiny-sd", flows) == [CONTROLNET]
+    assert attached_adapters("text_encoder", "builtin:tiny-sd", flows) == []
+    net = weights_bytes(sd.control_dir, ["."], "float32")
+    assert net == sum(t.numel() * t.element_size() for t in sd.net.state_dict().values()) > 0
+    for dtype, half in (("float32", 1), ("float16", 2)):
+        assert footprint_bytes("denoiser", sd.dir, dtype, adapters=[sd.control_dir]) == (
+            footprint_bytes("denoiser", sd.dir, dtype) + net // half)
+    spec = builtin_workflows()["controlnet"]
+    dirs = {"base": sd.dir, "control": sd.control_dir}
+    assert monolithic_footprint_bytes(spec, dirs) == monolithic_footprint_bytes(
+        builtin_workflows()["txt2img"], {"base": sd.dir}) + net
 
 
 def test_controlnet_served_whole_equals_the_pipeline(sd, cache_dir: Path) -> None:

@@ -23,7 +23,7 @@ import torch
 from common import bus, subjects
 from common.errors import InvalidField
 from common.messages import merge_meta
-from common.models import resolve_model_dir, weights_bytes
+from common.models import component_class, resolve_model_dir, weights_bytes
 from common.registry import WorkflowRegistry
 from common.settings import Settings
 from common.subjects import pool_name
@@ -293,13 +293,26 @@ def test_build_runner_for_a_registered_workflow(settings):
         build_runner("monolithic", "missing", settings)
 
 
+def loaded_bytes(model_dir: Path, *parts: str, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of the tensors ``parts`` of ``model_dir`` hold once loaded in ``dtype``."""
+    total = 0
+    for part in parts:
+        model = component_class(model_dir, part).from_pretrained(model_dir, subfolder=part,
+                                                                 torch_dtype=dtype)
+        total += sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return total
+
+
 def test_footprints(model_dirs, tmp_path):
     base, up = model_dirs["base"], model_dirs["upscaler"]
-
-    def size(model_dir: Path, *parts: str) -> int:
-        return sum(f.stat().st_size for p in parts for f in (model_dir / p).glob("*.safetensors"))
+    size = loaded_bytes
 
     assert footprint_bytes("denoiser", base) == size(base, "unet") > 0
+    # in the dtype a replica loads them in: what the dtype setting says on that device
+    assert footprint_bytes("denoiser", base, "float16") == size(
+        base, "unet", dtype=torch.float16) == size(base, "unet") // 2
+    assert footprint_bytes("denoiser", base, "auto", "cuda:0") == size(base, "unet") // 2
+    assert footprint_bytes("denoiser", base, "auto", "cpu") == size(base, "unet")
     assert footprint_bytes("upscaler", up) == size(up, "text_encoder", "unet", "vae")
     txt2img = size(base, "text_encoder", "unet", "vae")
     assert monolithic_footprint_bytes(SPECS["txt2img"], model_dirs) == txt2img
