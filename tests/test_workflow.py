@@ -243,6 +243,12 @@ def test_images_are_decoded_and_limited() -> None:
     [
         ({"output": "nowhere.image"}, "names no node"),
         ({"output": "encode.nothing"}, "has no output"),
+        ({"output": "encode"}, "output: 'encode' is not a reference"),
+        ({"nodes": {"a": {"kind": "vae_decoder", "model": "base", "inputs": {"latents": "a"}}},
+          "output": "a.image"}, "node a input latents: 'a' is not a reference"),
+        ({"nodes": {"a": {"kind": "vae_encoder", "model": "base",
+                          "inputs": {"image": "request.prompt"}}}, "output": "a.image_latents"},
+         "'request.prompt' must name an image parameter"),
         ({"nodes": {"a": {"kind": "teleporter", "model": "base"}}}, "unknown node kind"),
         ({"nodes": {"a": {"kind": "vae_decoder", "model": "base"}}}, "missing inputs"),
         ({"nodes": {"a": {"kind": "vae_decoder", "model": "nope",
