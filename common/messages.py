@@ -15,8 +15,10 @@ Everything else here travels between our own processes.
 
 from __future__ import annotations
 
+import functools
 import time
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 
@@ -74,9 +76,54 @@ class NodeTiming(msgspec.Struct):
     batch: int = 1
 
 
+#: the node name of a reference to a tensor the ingress stored (``"request.<param>"``)
+REQUEST = "request"
+
+
+class Ref(NamedTuple):
+    """A reference to a tensor, parsed once from its wire text: ``"<node>.<output>"``, another
+    node's output, or ``"request.<param>"``, a tensor the ingress stored (an uploaded image).
+    Messages keep the text (the wire format stays strings); code reads it as a ``Ref``."""
+
+    node: str
+    name: str
+
+    @staticmethod
+    def of(text: str) -> Ref:
+        """The reference ``text`` spells; ValueError naming it when it is not one."""
+        return _parse_ref(text)
+
+    @staticmethod
+    def request(param: str) -> Ref:
+        """The reference to the tensor the ingress stored for parameter ``param``."""
+        return Ref(REQUEST, param)
+
+    @property
+    def from_request(self) -> bool:
+        return self.node == REQUEST
+
+    def __str__(self) -> str:
+        return f"{self.node}.{self.name}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_ref(text: str) -> Ref:
+    node, dot, name = text.partition(".")
+    if not (node and dot and name):
+        raise ValueError(f"{text!r} is not a reference: expected '<node>.<output>' or "
+                         f"'{REQUEST}.<param>'")
+    return Ref(node, name)
+
+
+def parse_refs(inputs: Mapping[str, str]) -> dict[str, Ref]:
+    """Input name -> the reference its text spells (``PlanNode.inputs``, a workflow node's)."""
+    return {input_name: Ref.of(text) for input_name, text in inputs.items()}
+
+
 class PlanNode(msgspec.Struct):
     """A node of a compiled workflow. ``inputs`` maps an input name to ``"<node>.<output>"`` or
-    ``"request.<param>"`` (a tensor the ingress stored, such as an uploaded image)."""
+    ``"request.<param>"`` (a tensor the ingress stored, such as an uploaded image); ``sources``
+    reads them as ``Ref``s."""
 
     kind: str
     pool: str
@@ -88,6 +135,10 @@ class PlanNode(msgspec.Struct):
     #: pool has shown; 0 when not yet measured): device hosts order work by the slack it leaves
     est_s: float = 0.0
 
+    def sources(self) -> dict[str, Ref]:
+        """Input name -> the tensor it reads."""
+        return parse_refs(self.inputs)
+
 
 class Plan(msgspec.Struct):
     """The compiled DAG of one request; it travels with every task so nodes stay stateless."""
@@ -96,15 +147,15 @@ class Plan(msgspec.Struct):
     output: str  # "<node>.<output>": the finished image
 
     @property
+    def output_ref(self) -> Ref:
+        return Ref.of(self.output)
+
+    @property
     def output_node(self) -> str:
-        return self.output.split(".", 1)[0]
+        return self.output_ref.node
 
     def predecessors(self, node: str) -> set[str]:
-        return {
-            src.split(".", 1)[0]
-            for src in self.nodes[node].inputs.values()
-            if not src.startswith("request.")
-        }
+        return {ref.node for ref in self.nodes[node].sources().values() if not ref.from_request}
 
     def successors(self, node: str) -> list[str]:
         return [name for name in self.nodes if node in self.predecessors(name)]

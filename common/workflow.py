@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from common import families, output_format
 from common.contents import components_digest
 from common.errors import InvalidField, InvalidRequest, PayloadTooLarge
-from common.messages import ENVELOPE_KEYS, Plan, PlanNode, Webhook
+from common.messages import ENVELOPE_KEYS, Plan, PlanNode, Ref, Webhook, parse_refs
 from common.models import BUILTIN_PREFIX, builtin_components, is_builtin, model_index
 from common.subjects import pool_name
 
@@ -198,6 +198,10 @@ class NodeSpec(BaseModel):
             raise ValueError(f"controlnet: only a denoiser takes one, not a {self.kind}")
         return self
 
+    def sources(self) -> dict[str, Ref]:
+        """Input name -> the tensor it reads (``WorkflowSpec`` checks that each is one)."""
+        return parse_refs(self.inputs)
+
 
 #: what a workflow's name may be (also a KV key of ``lego-workflows`` and a URL path segment)
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -262,16 +266,19 @@ class WorkflowSpec(BaseModel):
         return self
 
     def _check_source(self, where: str, source: str) -> None:
-        head, _, tail = source.partition(".")
-        if head == "request":
-            spec = self.params.get(tail)
+        try:
+            ref = Ref.of(source)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        if ref.from_request:
+            spec = self.params.get(ref.name)
             if spec is None or spec.type != "image":
                 raise ValueError(f"{where}: {source!r} must name an image parameter")
             return
-        if head not in self.nodes:
+        if ref.node not in self.nodes:
             raise ValueError(f"{where}: {source!r} names no node")
-        if tail not in KINDS[self.nodes[head].kind].outputs:
-            raise ValueError(f"{where}: node {head} has no output {tail!r}")
+        if ref.name not in KINDS[self.nodes[ref.node].kind].outputs:
+            raise ValueError(f"{where}: {source!r}: node {ref.node} has no output {ref.name!r}")
 
     def _check_acyclic(self) -> None:
         state: dict[str, int] = {}
@@ -282,10 +289,9 @@ class WorkflowSpec(BaseModel):
             if state.get(name) == 2:
                 return
             state[name] = 1
-            for source in self.nodes[name].inputs.values():
-                head = source.split(".", 1)[0]
-                if head != "request":
-                    visit(head)
+            for ref in self.nodes[name].sources().values():
+                if not ref.from_request:
+                    visit(ref.node)
             state[name] = 2
 
         for name in self.nodes:
@@ -310,16 +316,16 @@ class WorkflowSpec(BaseModel):
         workflow and takes every uploaded image the workflow reads (``request.<param>``)."""
         if monolithic:
             images = sorted({
-                source.split(".", 1)[1]
+                ref.name
                 for node in self.nodes.values()
-                for source in node.inputs.values()
-                if source.startswith("request.")
+                for ref in node.sources().values()
+                if ref.from_request
             })
             pipeline = PlanNode(
                 kind="monolithic",
                 pool=self.monolithic_pool(),
                 op="run",
-                inputs={p: f"request.{p}" for p in images},
+                inputs={p: str(Ref.request(p)) for p in images},
             )
             return Plan(nodes={"pipeline": pipeline}, output="pipeline.image")
         return Plan(

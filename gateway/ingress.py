@@ -484,8 +484,8 @@ class Ingress:
                 plan=plan,
                 params=valid.params,
                 inputs={
-                    name: request_tensors[source.split(".", 1)[1]]
-                    for name, source in node.inputs.items()
+                    name: request_tensors[source.name]
+                    for name, source in node.sources().items()
                 },
                 request_tensors=request_tensors,
                 submitted_at=submitted_at,

@@ -474,7 +474,7 @@ class PoolFeed:
             )
             meta = merge_meta(task.meta, result.meta)
             if task.node == plan.output_node:
-                name = plan.output.split(".", 1)[1]
+                name = plan.output_ref.name
                 ref = await host.store.put(
                     tensor_key("out", task.request_id, name),
                     result.tensors[name],
@@ -507,10 +507,10 @@ class PoolFeed:
 
     async def _store_outputs(self, task: Task, tensors: dict) -> dict[str, TensorRef]:
         wanted = {
-            source.split(".", 1)[1]
+            source.name
             for successor in task.plan.successors(task.node)
-            for source in task.plan.nodes[successor].inputs.values()
-            if source.split(".", 1)[0] == task.node
+            for source in task.plan.nodes[successor].sources().values()
+            if source.node == task.node
         }
         return {
             name: await self.host.store.put(
@@ -532,12 +532,11 @@ class PoolFeed:
         """Publish ``successor``'s task, or record our part of its join if it has other inputs."""
         node = task.plan.nodes[successor]
         inputs = {}
-        for name, source in node.inputs.items():
-            head, _, output = source.partition(".")
-            if head == task.node:
-                inputs[name] = refs[output]
-            elif head == "request":
-                inputs[name] = task.request_tensors[output]
+        for name, source in node.sources().items():
+            if source.node == task.node:
+                inputs[name] = refs[source.name]
+            elif source.from_request:
+                inputs[name] = task.request_tensors[source.name]
         if len(task.plan.predecessors(successor)) > 1:
             joined = await self._join(task, successor, inputs, meta, timings)
             if joined is None:

@@ -176,10 +176,9 @@ class MonolithicCore(ModelCore):
             if not self.plan.predecessors(name) <= state.outputs.keys():
                 continue
             inputs = {}
-            for input_name, source in node.inputs.items():
-                head, _, output = source.partition(".")
-                tensors = state.images if head == "request" else state.outputs[head]
-                inputs[input_name] = tensors[output]
+            for input_name, ref in node.sources().items():
+                tensors = state.images if ref.from_request else state.outputs[ref.node]
+                inputs[input_name] = tensors[ref.name]
             core = self.cores[self.node_cores[name]]
             item = WorkItem(state.request_id, node.op, state.params, inputs, tuple(node.adapters))
             if core.needs_prepare(item):  # in the step: one process serves the whole workflow
@@ -205,5 +204,5 @@ class MonolithicCore(ModelCore):
     def finish(self, state: PipelineState) -> Result:
         if state.error is not None:
             raise state.error
-        node, _, name = self.plan.output.partition(".")
-        return Result(tensors={"image": state.outputs[node][name]}, meta=state.meta)
+        out = self.plan.output_ref
+        return Result(tensors={"image": state.outputs[out.node][out.name]}, meta=state.meta)

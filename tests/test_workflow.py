@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from common.errors import InvalidRequest, PayloadTooLarge
+from common.messages import Plan, Ref, decode, encode
 from common.models import model_components
 from common.settings import Settings
 from common.workflow import (
@@ -58,6 +59,40 @@ def test_img2img_is_a_real_join() -> None:
     assert sorted(plan.roots()) == ["encode", "encode_image"]
     assert plan.predecessors("denoise") == {"encode", "encode_image"}
     assert plan.successors("encode_image") == ["denoise"]
+
+
+@pytest.mark.parametrize(
+    ("text", "node", "name", "from_request"),
+    [
+        ("encode.prompt_embeds", "encode", "prompt_embeds", False),
+        ("request.image", "request", "image", True),
+        ("a.b.c", "a", "b.c", False),  # the node is up to the first dot
+    ],
+)
+def test_refs_parse_once_and_read_back(text: str, node: str, name: str,
+                                       from_request: bool) -> None:
+    ref = Ref.of(text)
+    assert (ref.node, ref.name, ref.from_request) == (node, name, from_request)
+    assert str(ref) == text and Ref.of(text) is ref  # cached
+
+
+@pytest.mark.parametrize("text", ["", "encode", ".image", "encode.", "request.", "."])
+def test_malformed_refs_are_refused_by_name(text: str) -> None:
+    with pytest.raises(ValueError, match=f"{text!r} is not a reference"):
+        Ref.of(text)
+
+
+def test_plans_read_their_refs_and_keep_the_wire_text() -> None:
+    plan = builtin_workflows()["img2img"].compile()
+    assert plan.output_ref == Ref("decode", "image") and plan.output_node == "decode"
+    assert plan.nodes["encode_image"].sources() == {"image": Ref.request("image")}
+    assert plan.nodes["denoise"].sources()["image_latents"] == Ref("encode_image", "image_latents")
+    # the wire format stays strings: plans in flight and stored stay readable
+    wire = encode(plan)
+    assert b'"image":"request.image"' in wire and b'"output":"decode.image"' in wire
+    assert decode(wire, Plan) == plan
+    monolithic = builtin_workflows()["img2img"].compile(monolithic=True)
+    assert monolithic.nodes["pipeline"].inputs == {"image": "request.image"}
 
 
 def test_model_override_changes_pools() -> None:
@@ -208,6 +243,12 @@ def test_images_are_decoded_and_limited() -> None:
     [
         ({"output": "nowhere.image"}, "names no node"),
         ({"output": "encode.nothing"}, "has no output"),
+        ({"output": "encode"}, "output: 'encode' is not a reference"),
+        ({"nodes": {"a": {"kind": "vae_decoder", "model": "base", "inputs": {"latents": "a"}}},
+          "output": "a.image"}, "node a input latents: 'a' is not a reference"),
+        ({"nodes": {"a": {"kind": "vae_encoder", "model": "base",
+                          "inputs": {"image": "request.prompt"}}}, "output": "a.image_latents"},
+         "'request.prompt' must name an image parameter"),
         ({"nodes": {"a": {"kind": "teleporter", "model": "base"}}}, "unknown node kind"),
         ({"nodes": {"a": {"kind": "vae_decoder", "model": "base"}}}, "missing inputs"),
         ({"nodes": {"a": {"kind": "vae_decoder", "model": "nope",
