@@ -714,17 +714,16 @@ def workflow_images(cores: SimpleNamespace, spec: WorkflowSpec, requests: list[d
         items = []
         for i, (params, done) in enumerate(zip(requests, outputs, strict=True)):
             inputs = {}
-            for name, source in planned.inputs.items():
-                head, _, output = source.partition(".")
-                inputs[name] = images[output] if head == "request" else done[head][output]
+            for name, ref in planned.sources().items():
+                inputs[name] = images[ref.name] if ref.from_request else done[ref.node][ref.name]
             items.append(WorkItem(f"r{i}", planned.op, params, inputs, tuple(planned.adapters)))
         for item in items:
             if core.needs_prepare(item):
                 core.prepare(item)
         for done, result in zip(outputs, drive(core, items), strict=True):
             done[node] = result.tensors
-    head, _, output = plan.output.partition(".")
-    return [done[head][output][0].numpy() for done in outputs]
+    out = plan.output_ref
+    return [done[out.node][out.name][0].numpy() for done in outputs]
 
 
 def controlled(model_dir: Path, controlnet: str, cache_dir: Path,

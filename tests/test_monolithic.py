@@ -113,14 +113,12 @@ def run_micro(micro, spec: WorkflowSpec, params: dict, images: dict) -> tuple[to
             n for n in plan.nodes if n not in outputs and plan.predecessors(n) <= outputs.keys()
         )
         inputs = {}
-        for name, source in plan.nodes[node].inputs.items():
-            head, _, output = source.partition(".")
-            inputs[name] = images[output] if head == "request" else outputs[head][output]
+        for name, ref in plan.nodes[node].sources().items():
+            inputs[name] = images[ref.name] if ref.from_request else outputs[ref.node][ref.name]
         core = micro(spec.nodes[node].kind, spec.nodes[node].model)
         result = one(core, plan.nodes[node].op, params, **inputs)
         outputs[node], meta = result.tensors, merge_meta(meta, result.meta)
-    head, _, output = plan.output.partition(".")
-    return outputs[head][output], meta
+    return outputs[plan.output_ref.node][plan.output_ref.name], meta
 
 
 # --------------------------------------------------------------------------------------------
