@@ -4,13 +4,16 @@ A family decides how a node kind runs on a model (SDXL's text encoder node runs 
 encoders and hands on their pooled embedding; its denoiser conditions on time ids), so the
 cores are chosen per (kind, family) and a shipped workflow is offered only on a base model of
 its family. The family is read from ``model_index.json``'s ``_class_name`` (the pipeline class
-``save_pretrained`` recorded); nothing is loaded, so the gateway may ask too.
+``save_pretrained`` recorded); nothing is loaded, so the gateway may ask too. The families'
+guidance rules (which requests are guided) are here too, for the nodes that serve several.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 SD = "sd"
 SDXL = "sdxl"
@@ -51,6 +54,26 @@ def load_dtype(setting: str, device: str, family: str | None) -> str:
     if device.split(":")[0] == "cpu":
         return "float32"
     return GPU_DTYPES.get(family or "", "float32")
+
+
+def true_cfg(params: Mapping[str, Any]) -> bool:
+    """Whether ``FluxPipeline`` guides a request with a second pass: only for a negative prompt
+    and a ``true_cfg_scale`` > 1."""
+    return (float(params.get("true_cfg_scale", 1.0)) > 1
+            and params.get("negative_prompt") is not None)
+
+
+def guided(params: Mapping[str, Any], default: float = 7.0) -> bool:
+    """Whether classifier-free guidance runs (diffusers' rule: ``guidance`` > 1)."""
+    return float(params.get("guidance", default)) > 1
+
+
+def guided_request(params: Mapping[str, Any]) -> bool:
+    """Whether a request is guided (its negative prompt encoded, its denoiser's rows doubled),
+    by the rule of the family whose parameters it carries: FLUX's true CFG where its workflow
+    has ``true_cfg_scale``, else classifier-free guidance. What a node that serves several
+    families decides by (the T5 encoder; an emulated model)."""
+    return true_cfg(params) if "true_cfg_scale" in params else guided(params)
 
 
 def family_of_dir(model_dir: Path | str) -> str | None:

@@ -82,11 +82,10 @@ KINDS: dict[str, KindSpec] = {
                            across_families=True, params=("max_sequence_length",)),
     "denoiser": KindSpec(
         "denoise", ("prompt_embeds",), ("latents",),
-        # SDXL's and SD3's pooled embeddings, SD3's T5 embeddings; the emulated workloads' a
-        # second and third text encoder's embeddings (SD3: CLIP-L, CLIP-G, T5; Flux: CLIP, T5);
-        # a ControlNet's control image (SD, SDXL) or its latents (SD3, FLUX)
+        # SDXL's and SD3's pooled embeddings, SD3's T5 embeddings; a ControlNet's control
+        # image (SD, SDXL) or its latents (SD3, FLUX)
         ("image_latents", "generator_state", "pooled_prompt_embeds", "t5_prompt_embeds",
-         "prompt_embeds_2", "prompt_embeds_3", "control_image", "control_latents"),
+         "control_image", "control_latents"),
         requires=("unet", "scheduler", "vae"),  # the VAE's config: the latents' scale
         family_requires={family: ("transformer", "scheduler", "vae")
                          for family in (families.SD3, families.FLUX)},

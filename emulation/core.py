@@ -34,6 +34,7 @@ from common.workflow import WorkflowSpec, attached_adapters
 from emulation.device import EmulatedDevice, Owner, device_of
 from emulation.profiles import (
     EMULATED_PREFIX,
+    ENCODERS,
     ModelProfile,
     batch_limit,
     batch_limits,
@@ -50,16 +51,14 @@ from services.core import ModelCore, Result, WorkItem
 from services.monolithic import MonolithicCore
 
 #: kinds the emulated executor can stand in for (the profiles time these models)
-EMULATED_KINDS = ("text_encoder", "denoiser", "vae_decoder")
+EMULATED_KINDS = ("text_encoder", "t5_encoder", "denoiser", "vae_decoder")
 
 # --- output shapes -------------------------------------------------------------------------
 
-def _embed_shape(name: str) -> tuple[int, ...]:
-    if name.startswith("T5"):
-        return (1, 512 if "Flux" in name else 256, 4096)
-    if name == "CLIP_G":
-        return (1, 77, 1280)
-    return (1, 77, 768)
+def _clip_width(name: str) -> int:
+    """A CLIP text encoder node's embedding width: its encoders' (CLIP-G 1280, the others 768)
+    side by side, as SD3's node concatenates CLIP-L's and CLIP-G's."""
+    return sum(1280 if part == "CLIP_G" else 768 for part in name.split("+"))
 
 
 def _latent_channels(name: str) -> int:
@@ -69,8 +68,13 @@ def _latent_channels(name: str) -> int:
 def output_tensors(kind: str, profile: ModelProfile, rows: int, height: int, width: int
                    ) -> dict[str, torch.Tensor]:
     """Zero tensors of the shapes and dtypes the real node makes (one request: ``rows`` 1)."""
+    if kind == "t5_encoder":
+        length = 512 if "Flux" in profile.name else 256  # the workflows' max_sequence_length
+        return {"prompt_embeds": torch.zeros((1, length, 4096), dtype=torch.float16)}
     if kind == "text_encoder":
-        return {"prompt_embeds": torch.zeros(_embed_shape(profile.name), dtype=torch.float16)}
+        width = _clip_width(profile.name)
+        return {"prompt_embeds": torch.zeros((1, 77, width), dtype=torch.float16),
+                "pooled_prompt_embeds": torch.zeros((1, width), dtype=torch.float16)}
     if kind == "denoiser":
         shape = (rows, _latent_channels(profile.name), height // 8, width // 8)
         return {"latents": torch.zeros(shape, dtype=torch.float16)}
@@ -161,7 +165,7 @@ class EmulatedCore(ModelCore):
             seconds = denoise_step_seconds(self.profile, rows, first.cfg, first.height,
                                            first.width, controlnets)
         else:  # a text encoder encodes the negative prompts too under CFG
-            factor = 2 if first.cfg and self.node_kind == "text_encoder" else 1
+            factor = 2 if first.cfg and self.node_kind in ENCODERS else 1
             seconds = call_seconds(self.profile, self.node_kind, rows * factor, first.height,
                                    first.width)
         self.gpu.run(self.owner, seconds)

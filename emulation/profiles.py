@@ -16,7 +16,7 @@ from __future__ import annotations
 import bisect
 import functools
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -165,10 +165,37 @@ def profiles_in(directory: Path | str | None) -> dict[str, ModelProfile]:
 # --- the timing model of the emulated executor (emulation/core.py) ------------------------
 
 def profile_of(spec: str, profiles: Mapping[str, ModelProfile]) -> ModelProfile:
+    """The profile of ``emulated:NAME``; ``emulated:A+B`` is one node running models A and B
+    one after the other (SD3's CLIP-L and CLIP-G, which one text encoder node runs as the
+    real SD3 node does)."""
     name = emulated_profile(spec)
-    if name not in profiles:
-        raise ValueError(f"{spec}: no profile {name!r}; profiled: {', '.join(sorted(profiles))}")
-    return profiles[name]
+    parts = name.split("+")
+    missing = [part for part in parts if part not in profiles]
+    if missing:
+        raise ValueError(f"{spec}: no profile {missing[0]!r}; profiled: "
+                         f"{', '.join(sorted(profiles))}")
+    if len(parts) == 1:
+        return profiles[name]
+    return joined_profile(name, [profiles[part] for part in parts])
+
+
+def joined_profile(name: str, parts: Sequence[ModelProfile]) -> ModelProfile:
+    """Models run one after the other as one: their memory, load times and (resolution-free)
+    execution times added, at every batch size any of them was measured at."""
+    curves: dict[str, tuple[Curve, ...]] = {}
+    for mode in sorted(set.intersection(*(set(p.curves) for p in parts))):
+        if any(c.pixels is not None for p in parts for c in p.curves[mode]):
+            raise ValueError(f"{name}: only models timed without a resolution run as one")
+        batches = sorted({b for p in parts for b in p.curves[mode][0].batches})
+        curves[mode] = (Curve(None, tuple(batches), tuple(
+            sum(p.curves[mode][0].at(b) for p in parts) for b in batches)),)
+    if not curves:
+        raise ValueError(f"{name}: its models share no profiled mode")
+    return ModelProfile(
+        name=name, memory_bytes=sum(p.memory_bytes for p in parts),
+        disk_to_host_s=sum(p.disk_to_host_s for p in parts),
+        host_to_device_s=sum(p.host_to_device_s for p in parts),
+        device_memory_bytes=parts[0].device_memory_bytes, curves=curves)
 
 
 #: profiles whose resolutions are given in latent pixels (1/8 a side), per ../shared/data/README
@@ -195,9 +222,17 @@ def call_seconds(profile: ModelProfile, kind: str, batch: int, height: int, widt
     return profile.execution_s(batch, mode=profile_mode(profile, kind), height=h, width=w)
 
 
+#: the node kinds that encode the negative prompt too when a request is guided
+ENCODERS = ("text_encoder", "t5_encoder")
+
+
 def cfg_of(params: Mapping[str, Any]) -> bool:
-    """Classifier-free guidance doubles a denoiser's rows (diffusers' rule: guidance > 1)."""
-    return float(params.get("guidance", 0.0) or 0.0) > 1.0
+    """Whether guidance doubles a request's rows, by the rule the real nodes follow
+    (``common.families.guided_request``: FLUX's true CFG where the workflow has
+    ``true_cfg_scale``, else ``guidance`` > 1)."""
+    from common.families import guided_request
+
+    return guided_request(params)
 
 
 def denoise_step_seconds(
@@ -220,7 +255,7 @@ def node_solo_seconds(
 ) -> float:
     """Profiled seconds one request alone spends at a node of ``kind`` on ``profile``."""
     height, width = int(params.get("height", 1024)), int(params.get("width", 1024))
-    if kind == "text_encoder":  # with CFG the negative prompt is encoded too
+    if kind in ENCODERS:  # with CFG the negative prompt is encoded too
         return call_seconds(profile, kind, 2 if cfg_of(params) else 1, height, width)
     if kind != "denoiser":
         return call_seconds(profile, kind, 1, height, width)

@@ -112,9 +112,6 @@ class DenoiserCore(ModelCore):
         from diffusers.utils.torch_utils import randn_tensor
 
         self.check_item(item)
-        unused = sorted({"prompt_embeds_2", "prompt_embeds_3"} & item.inputs.keys())
-        if unused:
-            raise InvalidField(unused[0], "this denoiser takes one text encoder's embeddings")
         p = item.params
         steps = _int(p, "steps", 50, minimum=1)
         guidance = _float(p, "guidance", 7.5)

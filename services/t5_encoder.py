@@ -12,16 +12,10 @@ from typing import Any
 import torch
 
 from common.errors import InvalidField
+from common.families import guided_request
 from services.core import OneShotCore, Result, WorkItem
 from services.denoiser import _int
-from services.families.sd3 import guided
 from services.text_encoder import PROBE_TEXTS, check_prompt, plain
-
-
-def true_cfg(item: WorkItem) -> bool:
-    """FluxPipeline guides with a second pass only for a negative prompt and a scale > 1."""
-    return (float(item.params.get("true_cfg_scale", 1.0)) > 1
-            and item.params.get("negative_prompt") is not None)
 
 
 class T5EncoderCore(OneShotCore):
@@ -56,7 +50,7 @@ class T5EncoderCore(OneShotCore):
         return super().start(item)
 
     def _cfg(self, item: WorkItem) -> bool:
-        return true_cfg(item) if "true_cfg_scale" in item.params else guided(item.params)
+        return guided_request(item.params)
 
     def run(self, items: list[WorkItem]) -> list[Result]:
         results = []

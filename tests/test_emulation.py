@@ -29,6 +29,7 @@ from emulation.traces import (
     zipf_choices,
 )
 from emulation.workloads import (
+    WORKLOADS,
     flux3_split,
     load_workload,
     micro_provision,
@@ -203,7 +204,7 @@ def test_a_replica_attaches_its_workloads_controlnets_as_it_loads():
     assert core.gpu.used_bytes == PROFILES["Flux1Schnell"].memory_bytes + sum(
         PROFILES[c.removeprefix("emulated:")].memory_bytes for c in controlnets)
     core.close()
-    encoder = build_core("text_encoder", "emulated:T5_Flux", settings, max_batch=4)
+    encoder = build_core("t5_encoder", "emulated:T5_Flux", settings, max_batch=4)
     assert encoder.preload == ()
 
 
@@ -272,3 +273,22 @@ def test_micro_residency_places_every_model_and_fills_memory_by_need():
             copies = {p: len(w) for p, w in placed.items() if p.startswith("denoiser-")}
             busiest = max(copies, key=lambda p: settings.initial_replicas.get(p, 0))
             assert copies[busiest] == max(copies.values()) and min(copies.values()) >= 1
+
+
+def test_the_emulated_workflows_have_the_real_workflows_graph():
+    """The emulated and the real path differ only in the core: every emulated workflow wires
+    the node kinds, ports and node names of the shipped workflow of its family (its ControlNet
+    attached as the shipped ones attach theirs; the profiles time no control image), takes the
+    shipped workflow's parameters, and its models are profiles (one per role)."""
+    from common.workflow import builtin_workflows
+
+    shipped = builtin_workflows()
+    for name in WORKLOADS:
+        for spec in load_workload(name, DEFAULT_PROFILE_DIR).workflows.values():
+            real = shipped["flux-txt2img" if spec.name.startswith("flux") else "sd3-txt2img"]
+            graph = {node: (n.kind, n.inputs) for node, n in spec.nodes.items()}
+            assert graph == {node: (n.kind, n.inputs) for node, n in real.nodes.items()}, spec.name
+            assert set(real.params) - {"loras"} <= set(spec.params), spec.name
+            assert all(m.startswith("emulated:") for m in spec.models.values())
+            assert [n.controlnet is not None for n in spec.nodes.values()].count(True) == (
+                not spec.name.endswith("txt2img"))

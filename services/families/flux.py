@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from common.errors import InvalidField
+from common.families import true_cfg
 from services.core import Result, WorkItem
 from services.denoiser import (
     DenoiseState,
@@ -44,7 +45,7 @@ from services.denoiser import (
 )
 from services.families.sd3 import Sd3DenoiserCore
 from services.lora import lora_key
-from services.t5_encoder import T5EncoderCore, true_cfg
+from services.t5_encoder import T5EncoderCore
 from services.text_encoder import PROBE_TEXTS, TextEncoderCore, plain
 from services.vae import VaeEncoderCore
 
@@ -55,7 +56,7 @@ class FluxClipEncoderCore(TextEncoderCore):
 
 
     def _cfg(self, item: WorkItem) -> bool:
-        return true_cfg(item)
+        return true_cfg(item.params)
 
     def run(self, items: list[WorkItem]) -> list[Result]:
         rows = []
@@ -140,7 +141,7 @@ class FluxDenoiserCore(Sd3DenoiserCore):
         guidance = _float(p, "guidance", 3.5)
         scale = _float(p, "true_cfg_scale", 1.0)
         seed = _int(p, "seed", 0, minimum=0)
-        cfg = true_cfg(item)
+        cfg = true_cfg(p)
         rows = 2 if cfg else 1
         embeds = embeddings(item, "prompt_embeds", 3, cfg, "FLUX", self.joint_dim)
         pooled = embeddings(item, "pooled_prompt_embeds", 2, cfg, "FLUX", self.pooled_dim)

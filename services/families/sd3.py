@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from common.errors import InvalidField
+from common.families import guided
 from common.models import component_config, native_size, vae_scale_factor
 from services.core import WorkItem
 from services.denoiser import (
@@ -51,11 +52,6 @@ from services.lora import Loras, lora_key, pipeline_class
 from services.vae import VaeEncoderCore
 
 
-def guided(params: dict[str, Any]) -> bool:
-    """Whether SD3's pipeline guides a request (``guidance`` > 1; 7.0 by default)."""
-    return float(params.get("guidance", 7.0)) > 1
-
-
 class Sd3ClipEncoderCore(SdxlTextEncoderCore):
     pool_all = True
 
@@ -63,7 +59,7 @@ class Sd3ClipEncoderCore(SdxlTextEncoderCore):
         return False  # SD3 encodes a missing negative prompt as ""
 
     def _cfg(self, item: WorkItem) -> bool:
-        return float(item.params.get("guidance", 7.0)) > 1
+        return guided(item.params)
 
 
 class Sd3DenoiserCore(DenoiserCore):
