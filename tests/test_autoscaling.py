@@ -77,10 +77,15 @@ async def _submit(http: httpx.AsyncClient, **params: object) -> str:
 
 async def _outcomes(http: httpx.AsyncClient, ids: list[str]) -> list[dict]:
     async def one(request_id: str) -> dict:
-        while True:
-            state = (await http.get(f"/v1/generations/{request_id}?wait=30")).json()
-            if state["status"] not in ("queued", "running"):
-                return state
+        state: dict = {}
+        try:
+            async with asyncio.timeout(240):  # a request that never ends fails the test here
+                while True:
+                    state = (await http.get(f"/v1/generations/{request_id}?wait=30")).json()
+                    if state["status"] not in ("queued", "running"):
+                        return state
+        except TimeoutError:
+            raise AssertionError(f"request {request_id} did not end: {state}") from None
 
     return await asyncio.gather(*(one(i) for i in ids))
 
