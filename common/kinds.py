@@ -23,7 +23,8 @@ from pathlib import Path
 
 from common import families
 from common.contents import components_digest
-from common.models import BUILTIN_PREFIX, builtin_components, is_builtin, model_index
+from common.modeldirs import model_index
+from common.models import BUILTIN_PREFIX, builtin_components, is_builtin
 from common.subjects import pool_name
 
 #: the kind of a pool that serves a whole workflow in one process (the monolithic baseline)

@@ -6,7 +6,9 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from common.models import count_tokens, load_tokenizer, native_size, resolve_model_dir
+from common.modeldirs import native_size
+from common.models import resolve_model_dir
+from common.tokenizers import count_tokens, load_tokenizer
 from common.workflow import lora_path
 
 
@@ -36,5 +38,5 @@ class LocalModelInfo:
 
     @functools.lru_cache(maxsize=64)  # noqa: B019
     def native_size(self, model: str) -> tuple[int, int]:
-        """As diffusers picks it when width/height are omitted (``common.models.native_size``)."""
+        """As diffusers picks it when width/height are omitted (``common.modeldirs``)."""
         return native_size(self._dir(model))

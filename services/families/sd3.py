@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from common.errors import InvalidField
-from common.models import component_config, native_size, vae_scale_factor
+from common.modeldirs import component_config, native_size, vae_scale_factor
 from services.core import WorkItem
 from services.denoiser import (
     DenoiserCore,
