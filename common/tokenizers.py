@@ -1,16 +1,27 @@
 """Tokenizers: the builtins' tiny ones, built in memory (no download), and counting a prompt's
 tokens as a model's text encoder sees them (truncation warnings).
+
+The gateway counts with ``token_counter``: the model's CLIP tokenizer rebuilt from its files
+(``tokenizer.json``, else ``vocab.json`` and ``merges.txt``; ``tokenizer_config.json``) with the
+``tokenizers`` library alone, exactly as transformers' ``CLIPTokenizer`` builds its backend, so
+validating a request imports neither transformers nor torch and counts what the nodes count
+(under transformers 4.x, whose ``CLIPTokenizer`` cleans text its own way, it counts with that
+one). The nodes count with the tokenizer they loaded (``count_tokens``).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import json
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # heavy imports stay lazy
+    from tokenizers import AddedToken, Tokenizer
     from transformers import CLIPTokenizer
 
 # --------------------------------------------------------------------------------------------
@@ -103,7 +114,7 @@ def build_tiny_tokenizer() -> CLIPTokenizer:
 
 
 # --------------------------------------------------------------------------------------------
-# tokenizer helpers (request validation, truncation warnings)
+# a loaded tokenizer (the nodes)
 # --------------------------------------------------------------------------------------------
 
 
@@ -129,3 +140,143 @@ def count_tokens(tokenizer: CLIPTokenizer, text: str) -> int:
     counts them when it decides whether a prompt was truncated)."""
     # verbose=False: no "sequence length is longer than the maximum" log line per long prompt
     return len(tokenizer(text, padding=False, truncation=False, verbose=False).input_ids)
+
+
+# --------------------------------------------------------------------------------------------
+# counting without transformers (the gateway)
+# --------------------------------------------------------------------------------------------
+
+#: transformers' limit where a tokenizer's config names none
+_NO_LIMIT = int(1e30)
+#: the named special tokens, with the defaults of transformers' ``CLIPTokenizer``
+_SPECIALS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+             "unk_token": "<|endoftext|>", "sep_token": None, "pad_token": "<|endoftext|>",
+             "cls_token": None, "mask_token": None}
+#: what a serialized added token may say of itself
+_TOKEN_FLAGS = ("content", "single_word", "lstrip", "rstrip", "normalized", "special")
+
+
+@dataclass(frozen=True)
+class TokenCounter:
+    """How a model's text encoder counts a prompt: ``count(text)``, the tokens of ``text``
+    before truncation, start and end tokens included (as ``count_tokens``); ``limit``, the
+    tokens it sees (77 for CLIP)."""
+
+    count: Callable[[str], int]
+    limit: int
+
+
+def token_counter(model_dir: Path | str) -> TokenCounter:
+    """The counter of the model's tokenizer (its ``tokenizer`` subfolder, a CLIP tokenizer),
+    built once per directory."""
+    return _token_counter(str(Path(model_dir).resolve()))
+
+
+@functools.lru_cache(maxsize=16)
+def _token_counter(model_dir: str) -> TokenCounter:
+    if int(importlib.metadata.version("transformers").split(".")[0]) < 5:
+        # transformers 4.x's CLIPTokenizer is a Python one that cleans text its own way (each
+        # CJK character apart, control characters dropped): count with it
+        tokenizer = load_tokenizer(model_dir)
+        return TokenCounter(functools.partial(count_tokens, tokenizer),
+                            int(tokenizer.model_max_length))
+    folder = Path(model_dir) / "tokenizer"
+    config = _read_json(folder / "tokenizer_config.json") or {}
+    backend = clip_backend(folder, config)
+    return TokenCounter(lambda text: len(backend.encode(text).ids),
+                        int(config.get("model_max_length", _NO_LIMIT)))
+
+
+def clip_backend(folder: Path, config: dict[str, Any]) -> Tokenizer:
+    """The ``tokenizers`` backend transformers' ``CLIPTokenizer`` (5.x) builds from tokenizer
+    ``folder`` and its ``config`` (``tokenizer_config.json``): a byte-level BPE with CLIP's
+    normalizer, pre-tokenizer and start/end tokens, and the added tokens (special ones too)
+    that its files name, each as its files say it matches."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import BPE
+
+    fast = _read_json(folder / "tokenizer.json")
+    if fast is not None:
+        vocab = fast["model"]["vocab"]
+        merges = [_pair(m) for m in fast["model"]["merges"]]
+    else:
+        vocab, merges = BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    added, named = _added_tokens(folder, config, fast)
+    backend = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None,
+                            continuing_subword_prefix="", end_of_word_suffix="</w>",
+                            fuse_unk=False, unk_token=str(named["unk_token"])))
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(
+            Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|"""
+                  r"""[\p{N}]|[^\s\p{L}\p{N}]+"""),
+            behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
+    backend.add_tokens(added)
+    bos, eos = (_token_id(backend, str(named[key])) for key in ("bos_token", "eos_token"))
+    backend.post_processor = processors.RobertaProcessing(eos, bos, trim_offsets=False,
+                                                          add_prefix_space=False)
+    return backend
+
+
+def _token_id(backend: Tokenizer, token: str) -> tuple[str, int]:
+    found = backend.token_to_id(token)
+    if found is None:
+        raise ValueError(f"the tokenizer's vocabulary has no {token!r}")
+    return token, found
+
+
+def _pair(merge: str | list[str]) -> tuple[str, str]:
+    """A BPE merge as ``tokenizer.json`` writes it ("a b", or ["a", "b"])."""
+    first, second = merge.split(" ") if isinstance(merge, str) else merge
+    return first, second
+
+
+def _added_tokens(folder: Path, config: dict[str, Any], fast: dict[str, Any] | None
+                  ) -> tuple[list[AddedToken], dict[str, str | None]]:
+    """The tokens transformers adds to a CLIP tokenizer's backend, and its named special
+    tokens: those ``added_tokens_decoder`` lists, else (files saved by older versions) those of
+    ``added_tokens.json`` and ``tokenizer.json`` (and the named ones as
+    ``special_tokens_map.json`` says); then each named special token not among them. Each
+    matches as it says of itself (in the normalized text or not, ...)."""
+    from tokenizers import AddedToken
+
+    def serialized(value: dict[str, Any], **flags: Any) -> AddedToken:
+        return AddedToken(**{**{k: v for k, v in value.items() if k in _TOKEN_FLAGS}, **flags})
+
+    named: dict[str, Any] = {}
+    for key, default in _SPECIALS.items():
+        value = config.get(key, default)
+        named[key] = serialized(value) if isinstance(value, dict) else value
+    added: dict[str, AddedToken] = {}
+    if "added_tokens_decoder" in config:
+        for _, value in sorted(config["added_tokens_decoder"].items(), key=lambda e: int(e[0])):
+            added.setdefault(value["content"], serialized(value))
+    else:
+        for key, value in (_read_json(folder / "special_tokens_map.json") or {}).items():
+            if key in named and value:
+                named[key] = serialized(value, special=True) if isinstance(value, dict) else value
+        texts = {str(value) for value in named.values() if value}
+        for content in _read_json(folder / "added_tokens.json") or {}:
+            added.setdefault(content, AddedToken(content, normalized=content not in texts,
+                                                 special=content in texts))
+        for value in (fast or {}).get("added_tokens", []):
+            added.setdefault(value["content"], serialized(value))
+    specials: dict[str, AddedToken] = {}
+    for value in named.values():  # of two with one text the later counts, as in transformers
+        if value and str(value) not in added:
+            special = value if isinstance(value, AddedToken) else AddedToken(value, special=True)
+            special.special = True
+            specials[str(value)] = special
+    added.update(specials)
+    return list(added.values()), {k: str(v) if v else None for k, v in named.items()}
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON in ``path``; None where there is no such file."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
