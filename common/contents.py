@@ -99,7 +99,8 @@ def components_digest(spec: str, components: Iterable[str]) -> str | None:
     folders are called (SD3's T5 is ``text_encoder_3``, FLUX's ``text_encoder_2``); None where
     it cannot be told (a plug-in scheme's model, a directory that is not there or lacks one of
     them)."""
-    from common.models import BUILTIN_PREFIX, RECIPE_VERSION, builtin_components, builtin_names
+    from common.builtins import RECIPE_VERSION
+    from common.models import BUILTIN_PREFIX, builtin_components, builtin_names
 
     h = hashlib.sha256()
     if spec.startswith(BUILTIN_PREFIX):

@@ -1,12 +1,15 @@
 """What request validation needs to know about a model, read from its directory (tokenizer and
-config files only; no weights): token counts for truncation warnings, the native image size."""
+config files only; no weights, no torch, no transformers): token counts for truncation
+warnings, the native image size."""
 
 from __future__ import annotations
 
 import functools
 from pathlib import Path
 
-from common.models import count_tokens, load_tokenizer, native_size, resolve_model_dir
+from common.modeldirs import native_size
+from common.models import resolve_model_dir
+from common.tokenizers import token_counter
 from common.workflow import lora_path
 
 
@@ -31,10 +34,10 @@ class LocalModelInfo:
         return resolve_model_dir(model, self.cache_dir)
 
     def count_tokens(self, model: str, text: str) -> tuple[int, int]:
-        tokenizer = load_tokenizer(self._dir(model))
-        return count_tokens(tokenizer, text), int(tokenizer.model_max_length)
+        counter = token_counter(self._dir(model))
+        return counter.count(text), counter.limit
 
     @functools.lru_cache(maxsize=64)  # noqa: B019
     def native_size(self, model: str) -> tuple[int, int]:
-        """As diffusers picks it when width/height are omitted (``common.models.native_size``)."""
+        """As diffusers picks it when width/height are omitted (``common.modeldirs``)."""
         return native_size(self._dir(model))

@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from common.kinds import exclusive_kinds
+
 #: what an API key may be allowed besides the rest of the API: ``admin`` registers, replaces
 #: and deletes workflows
 API_KEY_SCOPES = ("admin",)
@@ -199,8 +201,9 @@ class Settings(BaseSettings):
         "to each pool's minimum)",
     )
     exclusive_kinds: list[str] = Field(
-        default_factory=lambda: ["denoiser", "monolithic"],
-        description="on GPUs a replica of these kinds takes a whole device",
+        default_factory=exclusive_kinds,
+        description="on GPUs a replica of these kinds takes a whole device (by default the "
+        "big ones: a denoiser, a whole workflow)",
     )
     one_per_device_kinds: list[str] = Field(
         default_factory=list,

@@ -1,9 +1,9 @@
 """Workflows: a DAG of model nodes with typed parameters, validated and compiled to a Plan.
 
 A workflow file (YAML or JSON) names its models (diffusers directories or ``builtin:`` specs),
-its parameters with defaults and limits, its nodes (a node kind on a model) with the edges
-between them, and which node output is the finished image. This module is pure: no NATS, no
-torch. Validation raises ``InvalidRequest`` naming every bad field and its limit.
+its parameters with defaults and limits, its nodes (a node kind of ``common.kinds`` on a model)
+with the edges between them, and which node output is the finished image. This module is pure:
+no NATS, no torch. Validation raises ``InvalidRequest`` naming every bad field and its limit.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-import hashlib
 import io
 import logging
 import secrets
@@ -25,10 +24,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common import families, output_format
-from common.contents import components_digest
 from common.errors import InvalidField, InvalidRequest, PayloadTooLarge
+from common.kinds import KINDS, MONOLITHIC, adapter_kinds, pool_of
 from common.messages import ENVELOPE_KEYS, Plan, PlanNode, Ref, Webhook, parse_refs
-from common.models import BUILTIN_PREFIX, builtin_components, is_builtin, model_index
 from common.subjects import pool_name
 
 if TYPE_CHECKING:
@@ -37,96 +35,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BUILTIN_DIR = Path(__file__).parent / "workflows"
-
-
-@dataclass(frozen=True)
-class KindSpec:
-    """The interface of a node kind: its op, the tensors it takes and makes, the params it
-    reads; and ``requires``, the components of a diffusers directory (entries of its
-    ``model_index.json``, each a subfolder) its core loads, the main one first (a pool by
-    content is named after it)."""
-
-    op: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    optional_inputs: tuple[str, ...] = ()
-    #: optional inputs of which a node must take exactly one
-    one_of: tuple[str, ...] = ()
-    requires: tuple[str, ...] = ()
-    #: ``requires`` of the families whose directories lay the kind's components out otherwise
-    family_requires: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    #: whether its core does the same with the same component bytes in any family's
-    #: directory, so that models of several families may share its pool (else a pool by
-    #: content serves one family)
-    across_families: bool = False
-    #: request parameters a workflow with such a node must declare (so that every task
-    #: carries them: a pool shared by several families' models has no default of its own)
-    params: tuple[str, ...] = ()
-
-    def requires_of(self, family: str | None) -> tuple[str, ...]:
-        return self.family_requires.get(family or "", self.requires)
-
-
-KINDS: dict[str, KindSpec] = {
-    # SDXL's (both CLIP encoders in one node) also makes the pooled embeddings
-    "text_encoder": KindSpec(
-        "encode", (), ("prompt_embeds", "pooled_prompt_embeds"),
-        requires=("text_encoder", "tokenizer"),
-        family_requires={family: ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-                         for family in (families.SDXL, families.SD3)}),
-    # a T5 encoder of its own (SD3's third text encoder, FLUX's second), so that models of
-    # both families may share it
-    "t5_encoder": KindSpec("encode", (), ("prompt_embeds",),
-                           requires=("text_encoder_3", "tokenizer_3"),
-                           family_requires={families.FLUX: ("text_encoder_2", "tokenizer_2")},
-                           across_families=True, params=("max_sequence_length",)),
-    "denoiser": KindSpec(
-        "denoise", ("prompt_embeds",), ("latents",),
-        # SDXL's and SD3's pooled embeddings, SD3's T5 embeddings; a ControlNet's control
-        # image (SD, SDXL) or its latents (SD3, FLUX)
-        ("image_latents", "generator_state", "pooled_prompt_embeds", "t5_prompt_embeds",
-         "control_image", "control_latents"),
-        requires=("unet", "scheduler", "vae"),  # the VAE's config: the latents' scale
-        family_requires={family: ("transformer", "scheduler", "vae")
-                         for family in (families.SD3, families.FLUX)},
-    ),
-    # img2img's image, or the control image of a ControlNet that takes latents (SD3's, FLUX's)
-    "vae_encoder": KindSpec("encode_image", (), ("image_latents", "control_latents",
-                                                 "generator_state"),
-                            ("image", "control_image"), one_of=("image", "control_image"),
-                            requires=("vae",)),
-    # the VAE's config says how latents are scaled and shifted, in every family
-    "vae_decoder": KindSpec("decode", ("latents",), ("image",), requires=("vae",),
-                            across_families=True),
-    "safety_checker": KindSpec("check", ("image",), ("image",),
-                               requires=("safety_checker", "feature_extractor")),
-    # the whole latent upscale pipeline
-    "upscaler": KindSpec("upscale", ("latents",), ("latents",),
-                         requires=("unet", "scheduler", "vae", "text_encoder", "tokenizer")),
-}
-
-
-@functools.lru_cache(maxsize=256)
-def pool_of(kind: str, model: str) -> str:
-    """The pool that serves node ``kind`` on ``model``.
-
-    Where the bytes of the components the kind loads can be told (``common.contents``: a
-    builtin, a readable diffusers directory), the pool is named by them: ``KIND-SLUG-DIGEST``
-    with SLUG the main component's recipe (a builtin) or class (a directory), so every model
-    whose components are the same bytes lands on the same pool, and the name says which
-    components it serves rather than one model. Otherwise (a plug-in's model) by the spec
-    (``common.subjects.pool_name``)."""
-    spec = KINDS.get(kind)
-    family = families.family_of(model)
-    if spec is None or (family is None and not is_builtin(model)):
-        return pool_name(kind, model)
-    components = spec.requires_of(family)
-    digest = components_digest(model, components)
-    if digest is None:
-        return pool_name(kind, model)
-    if not spec.across_families:
-        digest = hashlib.sha256(f"{family}\0{digest}".encode()).hexdigest()
-    return pool_name(kind, _component_slug(model, components[0]), digest=digest)
 
 
 def attached_adapters(kind: str, model: str, workflows: Iterable[WorkflowSpec]) -> list[str]:
@@ -139,19 +47,6 @@ def attached_adapters(kind: str, model: str, workflows: Iterable[WorkflowSpec]) 
         for node in spec.nodes.values()
         if node.controlnet and pool_of(node.kind, spec.models[node.model]) == pool
     })
-
-
-def _component_slug(model: str, component: str) -> str:
-    """What a pool by content is named after: a builtin's recipe of ``component`` (its own name
-    unless the component is shared), else the class its directory's index names."""
-    if is_builtin(model):
-        return builtin_components(model[len(BUILTIN_PREFIX):]).get(
-            component, model[len(BUILTIN_PREFIX):])
-    try:
-        entry = model_index(Path(model).expanduser()).get(component)
-    except (OSError, ValueError):
-        entry = None
-    return str(entry[-1]) if isinstance(entry, list) and entry[-1] else component
 
 
 class ParamSpec(BaseModel):
@@ -186,15 +81,17 @@ class NodeSpec(BaseModel):
     model: str
     inputs: dict[str, str] = {}
     controlnet: str | None = Field(
-        None, description="model alias of a ControlNet applied at every step (denoisers only)"
+        None, description="model alias of a ControlNet applied at every step (a node of a kind "
+        "that takes one: a denoiser)"
     )
 
     @model_validator(mode="after")
     def _known_kind(self) -> NodeSpec:
         if self.kind not in KINDS:
             raise ValueError(f"unknown node kind {self.kind!r}; known: {', '.join(KINDS)}")
-        if self.controlnet is not None and self.kind != "denoiser":
-            raise ValueError(f"controlnet: only a denoiser takes one, not a {self.kind}")
+        if self.controlnet is not None and not KINDS[self.kind].takes_adapters:
+            raise ValueError(f"controlnet: a {self.kind} takes none; "
+                             f"only a {' or a '.join(adapter_kinds())} does")
         return self
 
     def sources(self) -> dict[str, Ref]:
@@ -298,13 +195,13 @@ class WorkflowSpec(BaseModel):
 
     def monolithic_pool(self) -> str:
         """The pool that serves this whole workflow in one process (the monolithic baseline)."""
-        return pool_name("monolithic", self.name)
+        return pool_name(MONOLITHIC, self.name)
 
     def pools(self, *, monolithic: bool = False) -> dict[str, tuple[str, str]]:
         """pool name -> (node kind, model spec) for every node of this workflow; with
         ``monolithic``, the one pool -> ("monolithic", workflow name)."""
         if monolithic:
-            return {self.monolithic_pool(): ("monolithic", self.name)}
+            return {self.monolithic_pool(): (MONOLITHIC, self.name)}
         return {
             pool_of(node.kind, self.models[node.model]): (node.kind, self.models[node.model])
             for node in self.nodes.values()
@@ -321,7 +218,7 @@ class WorkflowSpec(BaseModel):
                 if ref.from_request
             })
             pipeline = PlanNode(
-                kind="monolithic",
+                kind=MONOLITHIC,
                 pool=self.monolithic_pool(),
                 op="run",
                 inputs={p: str(Ref.request(p)) for p in images},

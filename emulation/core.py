@@ -8,10 +8,12 @@ shapes and byte sizes, so the data plane carries real bytes. Transport, batching
 ingress and autoscaler are the real ones: a host drives this core like any other.
 
 Timing (the model is ``emulation.profiles``'; what one ``step`` charges):
-- text encoder: one forward pass of the batch;
-- denoiser: one step = one forward pass of the batch, at twice the batch with classifier-free
-  guidance (``guidance`` > 1; the profiles time one CFG branch), plus, per attached ControlNet,
-  its forward pass over the rows that use it (also doubled with CFG);
+- text encoder: one forward pass of the batch, at twice the batch with classifier-free guidance
+  (the negative prompts too);
+- denoiser (the stepped kind, ``common.kinds``): one step = one forward pass of the batch, at
+  twice the batch with classifier-free guidance (``guidance`` > 1; the profiles time one CFG
+  branch), plus, per attached ControlNet, its forward pass over the rows that use it (also
+  doubled with CFG);
 - VAE decoder: ``decode_latents`` of the batch.
 
 ``build_core`` and ``build_pipeline_core`` are what the ``emulated:`` scheme's factory calls
@@ -29,12 +31,12 @@ from pathlib import Path
 import torch
 
 from common.errors import InvalidField
+from common.kinds import KINDS
 from common.settings import Settings
 from common.workflow import WorkflowSpec, attached_adapters
 from emulation.device import EmulatedDevice, Owner, device_of
 from emulation.profiles import (
     EMULATED_PREFIX,
-    ENCODERS,
     ModelProfile,
     batch_limit,
     batch_limits,
@@ -67,18 +69,28 @@ def _latent_channels(name: str) -> int:
 
 def output_tensors(kind: str, profile: ModelProfile, rows: int, height: int, width: int
                    ) -> dict[str, torch.Tensor]:
-    """Zero tensors of the shapes and dtypes the real node makes (one request: ``rows`` 1)."""
-    if kind == "t5_encoder":
-        length = 512 if "Flux" in profile.name else 256  # the workflows' max_sequence_length
-        return {"prompt_embeds": torch.zeros((1, length, 4096), dtype=torch.float16)}
-    if kind == "text_encoder":
-        width = _clip_width(profile.name)
-        return {"prompt_embeds": torch.zeros((1, 77, width), dtype=torch.float16),
-                "pooled_prompt_embeds": torch.zeros((1, width), dtype=torch.float16)}
-    if kind == "denoiser":
-        shape = (rows, _latent_channels(profile.name), height // 8, width // 8)
-        return {"latents": torch.zeros(shape, dtype=torch.float16)}
-    return {"image": torch.zeros((rows, height, width, 3), dtype=torch.uint8)}
+    """Zero tensors of the shapes and dtypes the real node makes (one request: ``rows`` 1):
+    every output its kind declares (``common.kinds``)."""
+    return {output: _output(output, profile, rows, height, width)
+            for output in KINDS[kind].outputs}
+
+
+def _output(output: str, profile: ModelProfile, rows: int, height: int, width: int
+            ) -> torch.Tensor:
+    name = profile.name
+    if output == "prompt_embeds" and name.startswith("T5"):
+        length = 512 if "Flux" in name else 256  # the workflows' max_sequence_length
+        return torch.zeros((1, length, 4096), dtype=torch.float16)
+    if output == "prompt_embeds":
+        return torch.zeros((1, 77, _clip_width(name)), dtype=torch.float16)
+    if output == "pooled_prompt_embeds":
+        return torch.zeros((1, _clip_width(name)), dtype=torch.float16)
+    if output == "latents":
+        shape = (rows, _latent_channels(name), height // 8, width // 8)
+        return torch.zeros(shape, dtype=torch.float16)
+    if output == "image":
+        return torch.zeros((rows, height, width, 3), dtype=torch.uint8)
+    raise ValueError(f"the emulated executor makes no {output!r}")
 
 
 # --- the core ------------------------------------------------------------------------------
@@ -86,7 +98,7 @@ def output_tensors(kind: str, profile: ModelProfile, rows: int, height: int, wid
 @dataclass(eq=False)
 class EmulatedState:
     item: WorkItem
-    total: int  # steps (denoiser) or 1
+    total: int  # steps (a stepped kind's, a denoiser's) or 1
     height: int
     width: int
     cfg: bool
@@ -147,7 +159,8 @@ class EmulatedCore(ModelCore):
         if unknown:
             raise InvalidField("controlnet", f"{unknown[0]} is not a profiled model",
                                sorted(self.adapter_profiles))
-        total = int(p.get("steps", 1)) if self.node_kind == "denoiser" else 1
+        step_param = KINDS[self.node_kind].step_param
+        total = int(p.get(step_param, 1)) if step_param else 1
         return EmulatedState(item, total, int(p.get("height", 1024)), int(p.get("width", 1024)),
                              cfg_of(p), tuple(item.adapters))
 
@@ -157,7 +170,8 @@ class EmulatedCore(ModelCore):
     def step(self, states: list[EmulatedState]) -> None:
         first = states[0]
         rows = len(states)
-        if self.node_kind == "denoiser":
+        kind = KINDS[self.node_kind]
+        if kind.stepped:
             for spec in sorted({a for s in states for a in s.adapters} - self.attached):
                 self._attach(spec)  # one no workflow was known to use: on its first use
             counts = collections.Counter(a for s in states for a in s.adapters)
@@ -165,7 +179,7 @@ class EmulatedCore(ModelCore):
             seconds = denoise_step_seconds(self.profile, rows, first.cfg, first.height,
                                            first.width, controlnets)
         else:  # a text encoder encodes the negative prompts too under CFG
-            factor = 2 if first.cfg and self.node_kind in ENCODERS else 1
+            factor = 2 if first.cfg and kind.guided else 1
             seconds = call_seconds(self.profile, self.node_kind, rows * factor, first.height,
                                    first.width)
         self.gpu.run(self.owner, seconds)
@@ -190,9 +204,10 @@ def batch_limit_of(kind: str, model: str, settings: Settings) -> int:
 
 
 def pipeline_batch_limit(spec: WorkflowSpec, settings: Settings) -> int:
-    """A whole-workflow replica batches as far as its denoiser does (its costliest stage)."""
+    """A whole-workflow replica batches as far as its stepped nodes do (its denoiser: its
+    costliest stage)."""
     return min([batch_limit_of(n.kind, spec.models[n.model], settings)
-                for n in spec.nodes.values() if n.kind == "denoiser"] or [settings.max_batch])
+                for n in spec.nodes.values() if KINDS[n.kind].stepped] or [settings.max_batch])
 
 
 def pipeline_owner(spec: WorkflowSpec, profiles: Mapping[str, ModelProfile], key: str,

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common.kinds import KINDS
+
 if TYPE_CHECKING:
     from common.workflow import WorkflowSpec
 
@@ -209,21 +211,26 @@ def _profile_size(profile: ModelProfile, height: int, width: int) -> tuple[int, 
     return height, width
 
 
-def profile_mode(profile: ModelProfile, kind: str) -> str:
-    """The profiled mode a node of ``kind`` pays (a VAE decoder: ``decode_latents``)."""
-    if kind == "vae_decoder" and "decode_latents" in profile.curves:
-        return "decode_latents"
+#: the profiled mode a node of a kind pays where the profile has it (a VAE's profile times
+#: decoding apart); any other: the profile's default
+KIND_MODES = {"vae_decoder": "decode_latents"}
+
+
+def profile_mode(profile: ModelProfile, kind: str | None) -> str:
+    """The profiled mode a node of ``kind`` pays (a VAE decoder: ``decode_latents``); None: the
+    profile's default."""
+    mode = KIND_MODES.get(kind or "")
+    if mode is not None and mode in profile.curves:
+        return mode
     return "default" if "default" in profile.curves else profile.modes[0]
 
 
-def call_seconds(profile: ModelProfile, kind: str, batch: int, height: int, width: int) -> float:
-    """Profiled seconds of one call of ``profile`` on ``batch`` rows at ``height`` x ``width``."""
+def call_seconds(profile: ModelProfile, kind: str | None, batch: int, height: int, width: int
+                 ) -> float:
+    """Profiled seconds of one call of ``profile`` on ``batch`` rows at ``height`` x ``width``,
+    in the mode a node of ``kind`` pays (``profile_mode``)."""
     h, w = _profile_size(profile, height, width)
     return profile.execution_s(batch, mode=profile_mode(profile, kind), height=h, width=w)
-
-
-#: the node kinds that encode the negative prompt too when a request is guided
-ENCODERS = ("text_encoder", "t5_encoder")
 
 
 def cfg_of(params: Mapping[str, Any]) -> bool:
@@ -242,10 +249,10 @@ def denoise_step_seconds(
     """One denoising step of ``rows`` requests; ``controlnet_rows``: per ControlNet, (its
     profile, the rows that use it)."""
     factor = 2 if cfg else 1
-    seconds = call_seconds(base, "denoiser", rows * factor, height, width)
+    seconds = call_seconds(base, None, rows * factor, height, width)
     for profile, n in (controlnet_rows or {}).values():
         if n:
-            seconds += call_seconds(profile, "denoiser", n * factor, height, width)
+            seconds += call_seconds(profile, None, n * factor, height, width)
     return seconds
 
 
@@ -255,13 +262,13 @@ def node_solo_seconds(
 ) -> float:
     """Profiled seconds one request alone spends at a node of ``kind`` on ``profile``."""
     height, width = int(params.get("height", 1024)), int(params.get("width", 1024))
-    if kind in ENCODERS:  # with CFG the negative prompt is encoded too
-        return call_seconds(profile, kind, 2 if cfg_of(params) else 1, height, width)
-    if kind != "denoiser":
-        return call_seconds(profile, kind, 1, height, width)
+    spec = KINDS[kind]
+    if spec.step_param is None:  # with CFG a text encoder encodes the negative prompt too
+        return call_seconds(profile, kind, 2 if spec.guided and cfg_of(params) else 1,
+                            height, width)
     controlnets = {p.name: (p, 1) for p in adapters}
     step = denoise_step_seconds(profile, 1, cfg_of(params), height, width, controlnets)
-    return int(params.get("steps", 1)) * step
+    return int(params.get(spec.step_param, 1)) * step
 
 
 # --- footprints (what placement reserves) --------------------------------------------------

@@ -22,8 +22,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.kinds import KINDS, pool_of
 from common.settings import Settings
-from common.workflow import WorkflowSpec, parse_workflow, pool_of
+from common.workflow import WorkflowSpec, parse_workflow
 from emulation.profiles import (
     ModelProfile,
     node_solo_seconds,
@@ -198,16 +199,17 @@ def flux3_split(workload: Workload, system: str, devices: Sequence[str]) -> dict
 
 def micro_provision(workload: Workload, shares: Mapping[str, float], devices: int,
                     small_devices: int = 1) -> dict[str, int]:
-    """Initial replicas for micro-serving: one of every small pool (text encoders, VAEs), and
-    the devices but ``small_devices`` (0: the small pools share devices with denoisers) split
-    between the denoiser pools in proportion to their share of the denoising work, each at
-    least one."""
+    """Initial replicas for micro-serving: one of every small pool (a kind whose replica does
+    not take a whole device, ``common.kinds``: text encoders, VAEs), and the devices but
+    ``small_devices`` (0: the small pools share devices with denoisers) split between the big
+    pools (the denoisers') in proportion to their share of the denoising work, each at least
+    one."""
     work: dict[str, float] = {}
     small: set[str] = set()
     for name, spec in workload.workflows.items():
         for node in spec.nodes.values():
             pool = pool_of(node.kind, spec.models[node.model])
-            if node.kind != "denoiser":
+            if not KINDS[node.kind].exclusive:
                 small.add(pool)
                 continue
             adapters = ([profile_of(spec.models[node.controlnet], workload.profiles)]

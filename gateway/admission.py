@@ -47,6 +47,7 @@ from typing import Any, Literal
 
 from common import subjects
 from common.errors import InvalidField, InvalidRequest, Overloaded
+from common.kinds import KINDS
 from common.messages import Plan, QueueMark, ShedReport, encode, now
 from common.observe import ClusterObserver
 from common.workflow import WorkflowSpec
@@ -115,13 +116,15 @@ class PoolLoad:
 
 
 def steps_of(spec: WorkflowSpec, params: Mapping[str, Any], plan: Plan) -> dict[str, int]:
-    """Steps (progress units) each node of ``plan`` will run for these params: a denoiser its
-    ``steps`` (times img2img's ``strength``), any other node one; a monolithic node the sum."""
+    """Steps (progress units) each node of ``plan`` will run for these params: a node of a
+    stepped kind (a denoiser) its kind's ``step_param`` (times img2img's ``strength``), any
+    other node one; a monolithic node the sum."""
 
     def steps(kind: str) -> int:
-        if kind != "denoiser":
+        step_param = KINDS[kind].step_param
+        if step_param is None:
             return 1
-        n = params.get("steps", 1)
+        n = params.get(step_param, 1)
         n = n if isinstance(n, int | float) and not isinstance(n, bool) else 1
         strength = params.get("strength")
         if isinstance(strength, int | float) and any(

@@ -32,9 +32,10 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 
 from common import output_format, webhooks
+from common.kinds import KINDS
 from common.messages import RequestState, json_schema
 from common.subjects import REQUEST_ID_RULE
-from common.workflow import KINDS, LORA_NAME, LORA_SCALE, ParamSpec, WorkflowSpec
+from common.workflow import LORA_NAME, LORA_SCALE, ParamSpec, WorkflowSpec
 
 if TYPE_CHECKING:
     from common.settings import Settings

@@ -1,4 +1,5 @@
-"""Every node kind and the core that executes it.
+"""Every node kind (``common.kinds.KINDS``, which says what each one is) and the core that
+executes it; the tests check that the two name the same kinds, ops and components.
 
 ``services.runner`` (and ``lego``) pick a core class by kind and the model's family
 (``core_class``: SD 1.x/2.x's ``CORES[kind]`` unless the family runs the kind its own way,
@@ -14,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from common.families import family_of_dir, load_dtype
-from common.models import weights_bytes
+from common.modeldirs import weights_bytes
 from common.workflow import WorkflowSpec
 from services.core import ModelCore
 from services.denoiser import DenoiserCore

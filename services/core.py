@@ -79,7 +79,7 @@ def import_classes(model_dir: Path) -> None:
     its loads would import first (a device host does this while it waits to be told what to
     load). A directory without a ``model_index.json``, or a component that cannot be imported,
     is left to the load that needs it to report."""
-    from common.models import component_class, model_index
+    from common.modeldirs import component_class, model_index
 
     try:
         index = model_index(model_dir)
@@ -125,7 +125,7 @@ class ModelCore(abc.ABC):
         """A model component with weights (``unet``, ``text_encoder`` ...), loaded as diffusers
         loads it (the class its ``model_index.json`` names, in ``torch_dtype``), on the device,
         in eval mode."""
-        from common.models import component_class
+        from common.modeldirs import component_class
 
         # the diffusers or transformers class its model_index.json names
         cls: Any = component_class(self.model_dir, component)
@@ -153,7 +153,7 @@ class ModelCore(abc.ABC):
 
     def part(self, component: str) -> Any:
         """A component without weights (a tokenizer, a feature extractor)."""
-        from common.models import component_class
+        from common.modeldirs import component_class
 
         cls: Any = component_class(self.model_dir, component)  # a tokenizer's class, ...
         return cls.from_pretrained(self.model_dir, subfolder=component)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from common.errors import InvalidField
-from common.models import component_config, model_index, vae_scale_factor
+from common.modeldirs import component_config, model_index, vae_scale_factor
 from services.core import ModelCore, Result, WorkItem
 from services.lora import LoraKey, Loras, lora_key, pipeline_class
 
@@ -270,7 +270,7 @@ class DenoiserCore(ModelCore):
         if net is None:
             import diffusers
 
-            from common.models import component_config
+            from common.modeldirs import component_config
 
             if self.source is None:
                 raise InvalidField("controlnet", "this node was not told where models are")

@@ -45,7 +45,7 @@ def pipeline_class(model_dir: Any) -> Any:
     family's LoRA files (their formats differ)."""
     import diffusers
 
-    from common.models import model_index
+    from common.modeldirs import model_index
 
     return getattr(diffusers, model_index(model_dir)["_class_name"])
 

@@ -13,10 +13,11 @@ import torch
 
 from common import bus, subjects
 from common.errors import UnknownWorkflow
+from common.kinds import pool_of
 from common.models import resolve_model_dir
 from common.registry import WorkflowRegistry
 from common.settings import Settings
-from common.workflow import WorkflowSpec, pool_of, shipped_workflows
+from common.workflow import WorkflowSpec, shipped_workflows
 from services import liveness
 from services.catalog import CORES, core_class
 from services.core import ModelCore, ModelSource

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from common.errors import InvalidField
-from common.models import component_config, count_tokens
+from common.modeldirs import component_config
+from common.tokenizers import count_tokens
 from common.workflow import truncation_warning
 from services.core import OneShotCore, Result, WorkItem
 from services.lora import Loras, lora_key, pipeline_class

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from common.errors import InvalidField
-from common.models import count_tokens
+from common.tokenizers import count_tokens
 from common.workflow import truncation_warning
 from services.core import OneShotCore, Result, WorkItem
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from common.errors import InvalidField
-from common.models import vae_scale_factor
+from common.modeldirs import vae_scale_factor
 from services.core import OneShotCore, Result, WorkItem
 
 

@@ -18,10 +18,10 @@ import httpx
 import pytest
 
 from common import bus, subjects
+from common.kinds import pool_of
 from common.lifetime import stat_fields
 from common.messages import ScaleEvent, decode
 from common.settings import Settings
-from common.workflow import pool_of
 from lego.stack import Stack
 from tests.conftest import nats_server
 from tests.stackutil import ReplicaWatch, replica_pid, running_stack, wait_gone

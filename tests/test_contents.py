@@ -15,14 +15,10 @@ import pytest
 
 from common import contents
 from common.contents import components_digest, file_digest, folder_digest
-from common.models import (
-    BUILTIN_PREFIX,
-    builtin_components,
-    builtin_names,
-    is_single_model,
-    resolve_model_dir,
-)
-from common.workflow import KINDS, builtin_workflows, pool_of
+from common.kinds import KINDS, pool_of
+from common.modeldirs import is_single_model
+from common.models import BUILTIN_PREFIX, builtin_components, builtin_names, resolve_model_dir
+from common.workflow import builtin_workflows
 
 SD3, FLUX, FLUX_SCHNELL = "builtin:tiny-sd3", "builtin:tiny-flux", "builtin:tiny-flux-schnell"
 

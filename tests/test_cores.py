@@ -24,12 +24,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.models import (
-    build_builtin,
-    load_tokenizer,
-    resolve_model_dir,
-    token_limit,
-)
+from common.builtins import build_builtin
+from common.models import resolve_model_dir
+from common.tokenizers import load_tokenizer, token_limit
 from services.catalog import CORES
 from services.core import ModelCore, Result, WorkItem
 from services.denoiser import DenoiserCore

@@ -31,7 +31,8 @@ from PIL import Image
 
 from common import families
 from common.families import family_of, family_of_dir
-from common.models import model_index, resolve_model_dir, weights_bytes
+from common.modeldirs import model_index, weights_bytes
+from common.models import resolve_model_dir
 from common.settings import Settings
 from common.workflow import (
     WorkflowSpec,

@@ -21,10 +21,10 @@ from autoscaler.backends import PoolLaunch
 from autoscaler.backends.hosts import HostsBackend, host_devices, host_processes
 from autoscaler.service import devices_of
 from common import bus, subjects
+from common.kinds import pool_of
 from common.messages import HostResidency, ReplicaStatus, ResidentPool, encode, now
 from common.models import resolve_model_dir
 from common.settings import Settings, load_settings
-from common.workflow import pool_of
 from lego.stack import Stack, hosted
 from services.hostproc import HostProcess, torch_device
 from tests.conftest import nats_server

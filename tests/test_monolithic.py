@@ -23,7 +23,8 @@ import torch
 from common import bus, subjects
 from common.errors import InvalidField
 from common.messages import merge_meta
-from common.models import component_class, resolve_model_dir, weights_bytes
+from common.modeldirs import component_class, weights_bytes
+from common.models import resolve_model_dir
 from common.registry import WorkflowRegistry
 from common.settings import Settings
 from common.subjects import pool_name

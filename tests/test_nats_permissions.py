@@ -25,10 +25,10 @@ from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
 
 from common import bus, subjects
+from common.kinds import pool_of
 from common.messages import Progress, RequestState, decode
 from common.settings import Settings
 from common.store import open_store
-from common.workflow import pool_of
 from gateway.ingress import REPLY_HEADER
 from lego.stack import free_port, nats_server_binary, wait_port
 from tests.stackutil import running_stack

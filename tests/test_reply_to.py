@@ -14,9 +14,10 @@ from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
 
 from common import bus, subjects
+from common.kinds import pool_of
 from common.messages import RequestState, decode
 from common.settings import Settings
-from common.workflow import builtin_workflows, pool_of
+from common.workflow import builtin_workflows
 from gateway.app import Gateway
 from gateway.ingress import REPLY_HEADER
 

@@ -17,7 +17,7 @@ output). Pure: reads the workflow files and nats-accounts.conf, writes YAML.
 
 With ``--base-model`` / ``--upscaler-model`` (the settings LEGO_BASE_MODEL and
 LEGO_UPSCALER_MODEL, which the gateway must be given too) the pools are those of your models.
-Pools are named by the bytes of the components they load (``common.workflow.pool_of``), so run
+Pools are named by the bytes of the components they load (``common.kinds.pool_of``), so run
 it where the model directories are, at the path the pods see them.
 ``--monolithic`` writes the baseline instead: one pool per workflow (``lego node monolithic
 --model WORKFLOW``), for a stack whose gateway and autoscaler run with ``--monolithic``.

@@ -285,7 +285,7 @@ class FluxVaeEncoderCore(VaeEncoderCore):
     default; multiples of twice the VAE's scale, whole latent patches), once."""
 
     def control_layout(self, params: dict[str, Any]) -> tuple[int, int, int, int]:
-        from common.models import native_size
+        from common.modeldirs import native_size
 
         multiple = self.vae_scale_factor * 2
         width, height = image_size(params, native_size(self.model_dir), multiple)

@@ -35,7 +35,7 @@ import torch
 
 from common.errors import InvalidField
 from common.families import guided
-from common.models import component_config, native_size, vae_scale_factor
+from common.modeldirs import component_config, native_size, vae_scale_factor
 from services.core import WorkItem
 from services.denoiser import (
     DenoiserCore,

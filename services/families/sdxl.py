@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from common.errors import InvalidField
-from common.models import model_index
+from common.modeldirs import model_index
 from services.core import Result, WorkItem
 from services.denoiser import DenoiserCore, DenoiseState
 from services.lora import Loras, pipeline_class
