@@ -55,23 +55,28 @@ class WorkflowRegistry:
                 if entry is None:  # initial values delivered
                     first.set()
                     continue
-                self._specs.pop(entry.key, None)
-                if entry.value:  # else deleted
-                    try:
-                        spec = parse_workflow(entry.value)
-                    except LegoError as exc:
-                        log.error("registered workflow %s is not valid, skipped: %s",
-                                  entry.key, exc)
-                    else:
-                        # its pools are named by its models' bytes: read them once here, off
-                        # the event loop, not on its first request (common.contents)
-                        await asyncio.to_thread(spec.pools)
-                        self._specs[entry.key] = spec
+                await self._apply(entry.key, entry.value)
                 if entry.delta == 0:
                     first.set()
 
         self._watch_task = asyncio.create_task(follow())
         await asyncio.wait_for(first.wait(), timeout=10)
+
+    async def _apply(self, name: str, value: bytes | None) -> None:
+        """A change of workflow ``name`` seen in the bucket (``value`` empty: deleted)."""
+        if not value:
+            self._specs.pop(name, None)
+            return
+        try:
+            spec = parse_workflow(value)
+        except LegoError as exc:
+            log.error("registered workflow %s is not valid, skipped: %s", name, exc)
+            self._specs.pop(name, None)
+            return
+        # its pools are named by its models' bytes: read them once here, off the event loop,
+        # not on its first request (common.contents); the entry it replaces serves meanwhile
+        await asyncio.to_thread(spec.pools)
+        self._specs[name] = spec
 
     @staticmethod
     async def fetch(bucket: KeyValue, name: str) -> WorkflowSpec:
