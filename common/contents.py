@@ -9,8 +9,9 @@ relative names and SHA-256 digests. Computing one reads each file once per machi
 - a file in a Hugging Face cache snapshot is a symlink to ``blobs/<sha256>`` for the large
   (LFS) files: the blob's name is the digest, nothing is read;
 - any other file is hashed once and its digest kept, keyed by its real path, size and
-  modification time, in memory and in ``<cache>/digests`` (``LEGO_CACHE_DIR``, else
-  ``~/.cache/legodiffusion``), so every process of a machine and every later start reuses it.
+  modification time, in memory and in ``DIGEST_DIR`` (``digests`` in the default cache
+  directory, ``~/.cache/legodiffusion``: a pool's name must not depend on a process's
+  settings), so every process of a machine and every later start reuses it.
 
 A builtin is identified without building it: ``common.models.builtin_components`` names the
 recipe each of its components is built from, and components of one recipe are byte-identical
@@ -35,10 +36,15 @@ _HF_BLOB = re.compile(r"^[0-9a-f]{64}$")
 _SMALL = 1 << 20
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("LEGO_CACHE_DIR")
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "legodiffusion") \
-        / "digests"
+#: where large files' digests are kept between processes (a machine's, whatever its settings);
+#: None: ``digests`` in the default cache directory
+DIGEST_DIR: Path | None = None
+
+
+def _digest_dir() -> Path:
+    from common.settings import default_cache_dir  # (settings imports the kinds, which us)
+
+    return DIGEST_DIR or default_cache_dir() / "digests"
 
 
 def file_digest(path: Path) -> str:
@@ -54,7 +60,7 @@ def file_digest(path: Path) -> str:
 def _digest(real: str, size: int, mtime_ns: int) -> str:
     if size < _SMALL:
         return _hash(real)
-    entry = _cache_dir() / (hashlib.sha1(real.encode()).hexdigest() + ".json")
+    entry = _digest_dir() / (hashlib.sha1(real.encode()).hexdigest() + ".json")
     try:
         kept = json.loads(entry.read_text())
         if kept["size"] == size and kept["mtime_ns"] == mtime_ns:
@@ -112,9 +118,7 @@ def components_digest(spec: str, components: Iterable[str]) -> str | None:
         for component in components:
             h.update(f"builtin:{recipes.get(component, f'{name}/{component}')}\n".encode())
         return h.hexdigest()
-    if ":" in spec.split("/", 1)[0] and not Path(spec).expanduser().exists():
-        return None  # a scheme's spec (``emulated:...``), not a path
-    root = Path(spec).expanduser()
+    root = Path(spec).expanduser()  # a plug-in's spec (``emulated:...``) is no directory here
     try:
         for component in components:
             h.update(f"{folder_digest(root / component)}\n".encode())

@@ -22,7 +22,7 @@ from common.kinds import exclusive_kinds
 API_KEY_SCOPES = ("admin",)
 
 
-def _default_cache_dir() -> Path:
+def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "legodiffusion"
 
 
@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     result_ttl_s: float = Field(3600.0, gt=0, description="how long finished images are kept")
 
     # --- models ------------------------------------------------------------------------------
-    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    cache_dir: Path = Field(default_factory=default_cache_dir)
     base_model: str = Field(
         "builtin:tiny-sd",
         description="model directory used by the shipped workflows of its family (a diffusers "
@@ -410,7 +410,7 @@ class Settings(BaseSettings):
 
     # --- stack -------------------------------------------------------------------------------
     run_dir: Path = Field(
-        default_factory=lambda: _default_cache_dir() / "run",
+        default_factory=lambda: default_cache_dir() / "run",
         description="where a running `lego up` leaves its address for other lego commands",
     )
     liveness_timeout_s: float = Field(

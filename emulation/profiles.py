@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common.families import guided_request
 from common.kinds import KINDS
 
 if TYPE_CHECKING:
@@ -237,8 +238,6 @@ def cfg_of(params: Mapping[str, Any]) -> bool:
     """Whether guidance doubles a request's rows, by the rule the real nodes follow
     (``common.families.guided_request``: FLUX's true CFG where the workflow has
     ``true_cfg_scale``, else ``guidance`` > 1)."""
-    from common.families import guided_request
-
     return guided_request(params)
 
 

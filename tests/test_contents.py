@@ -89,7 +89,7 @@ def test_directories_with_the_same_component_bytes_share_a_pool(built, tmp_path)
 
 def test_a_file_digest_is_its_sha256_from_a_hugging_face_blob_name_or_a_cache(
         tmp_path, monkeypatch) -> None:
-    monkeypatch.setenv("LEGO_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(contents, "DIGEST_DIR", tmp_path / "cache" / "digests")
     data = os.urandom((1 << 20) + 7)  # large enough to be kept in the on-disk cache
     sha = hashlib.sha256(data).hexdigest()
     # a Hugging Face cache snapshot: the large file is a symlink to blobs/<sha256>
