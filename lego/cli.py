@@ -269,10 +269,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import legoclient
 
     settings = _settings(args)
+    found = running_stack(settings) if args.gateway is None else None
     if args.workflow is None:
         from common.workflow import default_workflow
 
-        args.workflow = default_workflow(settings)
+        # text to image on the running stack's model family, else on the configured one's
+        served = settings.model_copy(update={"base_model": found["base_model"]}) \
+            if found and not args.model and found.get("base_model") else settings
+        args.workflow = default_workflow(served)
     params = {
         "prompt": args.prompt, "negative_prompt": args.negative, "seed": args.seed,
         "steps": args.steps, "width": args.width, "height": args.height,
@@ -285,7 +289,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     stack = None
     gateway = args.gateway
     if gateway is None:
-        found = running_stack(settings)
         if found and args.model and found.get("base_model") != settings.base_model:
             print(f"error: the running stack serves {found.get('base_model')}; stop it or omit "
                   "--model", file=sys.stderr)

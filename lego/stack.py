@@ -145,6 +145,10 @@ class Stack:
     progress: Callable[[str], None] | None = None
     _stop_requested: bool = field(default=False, init=False)
     _hurry: bool = field(default=False, init=False)
+    #: while ``start`` waits in an event loop, a stop signal only sets ``_stop_requested``
+    #: (raised inside the loop, it could land in the NATS client's own tasks): the waiting
+    #: loop sees it within a poll and raises ``StopRequested`` itself
+    _in_event_loop: bool = field(default=False, init=False)
 
     @property
     def stack_file(self) -> Path:
@@ -212,7 +216,10 @@ class Stack:
         ``supervise`` return; while stopping, stop waiting for drains (kill what remains)."""
         if self.phase == "starting":
             self.phase = "stopping"
-            raise StopRequested
+            self._stop_requested = True
+            if not self._in_event_loop:
+                raise StopRequested
+            return
         if self._stop_requested or self.phase == "stopping":
             self._hurry = True
         self._stop_requested = True
@@ -308,7 +315,7 @@ class Stack:
                     self._say("starting the gateway")
                     async with httpx.AsyncClient() as http:
                         while True:
-                            self._check_children()
+                            self._check_starting()
                             with contextlib.suppress(httpx.HTTPError):
                                 if (await http.get(f"{self.gateway_url}/readyz")).is_success:
                                     break
@@ -316,13 +323,14 @@ class Stack:
                     gateway_up.set()
                     report()
                     while not all_ready.is_set():
-                        self._check_children()
+                        self._check_starting()
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(all_ready.wait(), 0.5)
             finally:
                 await sub.unsubscribe()
                 await nc.drain()
 
+        self._in_event_loop = True
         try:
             asyncio.run(wait())
         except TimeoutError:
@@ -330,13 +338,20 @@ class Stack:
             raise RuntimeError(
                 f"the stack was not ready in {timeout_s:.0f} s; see {self.settings.run_dir}/logs"
             ) from None
+        finally:
+            self._in_event_loop = False
+        if self._stop_requested:  # the signal came after the loop's last look
+            raise StopRequested
         self.failed_pools = {pool: failed[pool] for pool in sorted(failed)}
         for pool, error in self.failed_pools.items():
             log.warning("pool %s cannot start (%s); tried again with a back-off; its "
                         "workflows answer 503 meanwhile: %s", pool, error,
                         ", ".join(self.workflows_using(pool)))
 
-    def _check_children(self) -> None:
+    def _check_starting(self) -> None:
+        """While ``start`` waits: a stop signal stops it, and so does a child that exited."""
+        if self._stop_requested:
+            raise StopRequested
         for child in self.children:
             if child.proc is not None and child.proc.poll() is not None:
                 raise RuntimeError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -280,6 +281,21 @@ def test_lego_generate_format(stack: Stack, tmp_path: Path, monkeypatch: pytest.
     assert png_pixels((tmp_path / "out.png").read_bytes()).shape == (64, 64, 3)
     assert lego_main([*base, "--format", "jpeg", "--quality", "101"]) == 1
     assert "output_quality" in capsys.readouterr().err
+
+
+def test_lego_generate_runs_the_running_stacks_family(
+        stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --workflow, `lego generate` asks the stack it finds for text to image on that
+    stack's model family, not on the configured one's."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "stack.json").write_text(json.dumps({  # a stack serving an SDXL model here
+        "pid": os.getpid(), "gateway_url": stack.gateway_url, "base_model": "builtin:tiny-sdxl"}))
+    monkeypatch.setenv("LEGO_RUN_DIR", str(run_dir))
+    monkeypatch.chdir(tmp_path)
+    assert lego_main(["generate", "a red fox", "--steps", "2"]) != 0
+    assert "sdxl-txt2img" in capsys.readouterr().err  # this stack serves txt2img only
 
 
 # --- the package on its own --------------------------------------------------------------------
