@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from common.errors import InvalidField
+from common.kinds import KINDS
 from common.messages import merge_meta
 from common.workflow import WorkflowSpec
 from services.catalog import core_class, workflow_components
@@ -93,20 +94,33 @@ class MonolithicCore(ModelCore):
         self.spec_dirs = {spec.models[alias]: path for alias, path in dirs.items()
                           if alias in spec.models}
 
+    #: each inner core loads by its own rule (``load_serialized``), not the whole pipeline
+    #: under the process's load lock: emulated pipelines (the baselines, every device's in one
+    #: process) load side by side, as emulated micro replicas do
+    serial_load = False
+
     def load(self) -> None:
+        self.load_serialized()
+
+    def load_serialized(self) -> float:
+        """Load every inner core, each one under the process's load lock where it asks for it
+        (a real model; ``ModelCore.serial_load``); returns the seconds they waited for it and
+        imported their classes."""
+        imported_s = 0.0
         for kind, model_dir in dict.fromkeys(self.node_cores.values()):
             core = self.make_inner(kind, model_dir)
             # the workflow's ControlNets; LoRAs where this core was told
             core.source = ModelSource(self.spec_dirs.__getitem__,
                                       self.source.lora_dir if self.source else None)
-            core.load()
+            imported_s += core.load_serialized()
             self.cores[(kind, model_dir)] = core
         # One VAE per model serves encoder and decoder, as in a pipeline (and as its footprint,
         # ``workflow_components``, counts it); the second copy is freed here.
         vaes: dict[Path, Any] = {}
         for (kind, model_dir), core in self.cores.items():
-            if kind in ("vae_encoder", "vae_decoder") and hasattr(core, "vae"):
+            if KINDS[kind].requires[:1] == ("vae",) and hasattr(core, "vae"):
                 core.vae = vaes.setdefault(model_dir, core.vae)
+        return imported_s
 
     def close(self) -> None:
         for core in self.cores.values():

@@ -208,6 +208,34 @@ def test_a_replica_attaches_its_workloads_controlnets_as_it_loads():
     assert encoder.preload == ()
 
 
+def test_pipelines_of_emulated_devices_load_side_by_side():
+    """A baseline's whole-workflow replica loads its emulated models without the process's
+    load lock (which real models take, one load at a time): every device's pipeline of an
+    emulated cluster runs in one process, and waiting for each other's profiled load times
+    kept the baselines' devices idle at the start of every run."""
+    from common.settings import Settings
+    from common.workflow import shipped_workflows
+    from emulation.core import build_pipeline_core
+    from services import core as core_module
+
+    settings = Settings(workload="flux3", time_scale=1000, device_label="emu:pipe",
+                        profile_dir=DEFAULT_PROFILE_DIR)
+    spec = shipped_workflows(settings)["flux-schnell-canny"]
+    pipeline = build_pipeline_core(spec, settings, max_batch=4, replica="r0")
+    loaded = threading.Event()
+
+    def load() -> None:
+        pipeline.load_serialized()
+        loaded.set()
+
+    with core_module._LOADING:  # another replica of this process loading a real model
+        threading.Thread(target=load, daemon=True).start()
+        assert loaded.wait(20), "the emulated pipeline waited for the process's load lock"
+    assert {kind for kind, _ in pipeline.cores} == {"text_encoder", "t5_encoder", "denoiser",
+                                                     "vae_decoder"}
+    pipeline.close()
+
+
 def test_static_splits():
     flux3 = load_workload("flux3", DEFAULT_PROFILE_DIR)
     devices = [f"emu:{i}" for i in range(8)]
