@@ -94,18 +94,15 @@ class MonolithicCore(ModelCore):
         self.spec_dirs = {spec.models[alias]: path for alias, path in dirs.items()
                           if alias in spec.models}
 
-    #: each inner core loads by its own rule (``load_serialized``), not the whole pipeline
-    #: under the process's load lock: emulated pipelines (the baselines, every device's in one
-    #: process) load side by side, as emulated micro replicas do
-    serial_load = False
-
     def load(self) -> None:
         self.load_serialized()
 
     def load_serialized(self) -> float:
         """Load every inner core, each one under the process's load lock where it asks for it
-        (a real model; ``ModelCore.serial_load``); returns the seconds they waited for it and
-        imported their classes."""
+        (a real model; ``ModelCore.serial_load``), not the whole pipeline under it: emulated
+        pipelines (the baselines, every device's in one process) load side by side, as
+        emulated micro replicas do. Returns the seconds they waited for it and imported their
+        classes."""
         imported_s = 0.0
         for kind, model_dir in dict.fromkeys(self.node_cores.values()):
             core = self.make_inner(kind, model_dir)
