@@ -31,7 +31,7 @@ ENVELOPE_KEYS: frozenset[str] = frozenset(
 )
 
 
-class TensorRef(msgspec.Struct, frozen=True):
+class TensorRef(msgspec.Struct, frozen=True, omit_defaults=True):
     """Where a tensor's bytes are: only this travels, the bytes stay in the store."""
 
     store: str
@@ -39,6 +39,10 @@ class TensorRef(msgspec.Struct, frozen=True):
     dtype: str
     shape: list[int]
     nbytes: int
+    #: the dims from outermost to innermost in memory, where that is not their own order (a
+    #: channels-last tensor: ``[0, 2, 3, 1]``); a reader gets the writer's layout back, since
+    #: kernels round differently on other layouts
+    order: list[int] | None = None
 
 
 class ErrorInfo(msgspec.Struct, omit_defaults=True):

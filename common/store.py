@@ -7,9 +7,11 @@ Two stores behind one interface:
   copy-on-write, so it costs no copy whatever the size. One host.
 - ``RedisStore``: Redis keys with a TTL. Several hosts.
 
-Format: the raw bytes of a contiguous tensor; dtype and shape travel in the ``TensorRef``. No
-pickle, so a store can never execute code on a reader. A put takes a torch tensor or a numpy
-array (the gateway stores uploads without importing torch); a get gives a torch tensor.
+Format: the raw bytes of a tensor in its memory order; dtype, shape and, where its dims are
+not laid out in their own order (channels-last), that order travel in the ``TensorRef``, so a
+reader gets the writer's layout and its kernels round as the writer's would have. No pickle,
+so a store can never execute code on a reader. A put takes a torch tensor or a numpy array
+(the gateway stores uploads without importing torch); a get gives a torch tensor.
 
 Keys are ``<area>/<request id>/<name>``; ``area`` is ``tmp`` (intermediates, deleted when the
 request ends) or ``out`` (finished images, kept ``result_ttl_s``). Everything under one
@@ -53,33 +55,63 @@ def dtype_name(tensor: torch.Tensor | np.ndarray) -> str:
     return name
 
 
-def tensor_bytes(tensor: torch.Tensor | np.ndarray) -> memoryview:
-    """The raw bytes of ``tensor`` (copied only if it is not contiguous on the CPU)."""
+def memory_order(tensor: torch.Tensor) -> list[int] | None:
+    """The order of ``tensor``'s dims from outermost to innermost in memory, where it is dense
+    in an order other than its own (channels-last); None where it is contiguous, or dense in
+    no order (a view with gaps: it is stored contiguous)."""
+    if tensor.is_contiguous():
+        return None
+    strides = tensor.stride()
+    order = sorted(range(tensor.ndim), key=lambda d: (-strides[d], d))
+    return order if tensor.permute(order).is_contiguous() else None
+
+
+def tensor_bytes(tensor: torch.Tensor | np.ndarray) -> tuple[memoryview, list[int] | None]:
+    """The raw bytes of ``tensor`` in its memory order, and that order (``memory_order``; the
+    bytes are copied only if the tensor is dense in no order, or not on the CPU)."""
     if isinstance(tensor, np.ndarray):
-        return np.ascontiguousarray(tensor).reshape(-1).view(np.uint8).data
+        return np.ascontiguousarray(tensor).reshape(-1).view(np.uint8).data, None
     import torch
 
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().data
+    tensor = tensor.detach().to("cpu")
+    order = memory_order(tensor)
+    flat = (tensor.contiguous() if order is None else tensor.permute(order)).reshape(-1)
+    return flat.view(torch.uint8).numpy().data, order
 
 
-def array_from_buffer(buffer: bytes | mmap.mmap, dtype: str, shape: list[int]) -> np.ndarray:
+def _stored_shape(shape: list[int], order: list[int] | None) -> tuple[list[int], list[int]]:
+    """The shape of the bytes as stored, and the permutation that gives ``shape`` back."""
+    if order is None:
+        return shape, list(range(len(shape)))
+    if sorted(order) != list(range(len(shape))):
+        raise ValueError(f"bad dim order {order!r} for shape {shape!r}")
+    inverse = [0] * len(order)
+    for position, dim in enumerate(order):
+        inverse[dim] = position
+    return [shape[d] for d in order], inverse
+
+
+def array_from_buffer(buffer: bytes | mmap.mmap, dtype: str, shape: list[int],
+                      order: list[int] | None = None) -> np.ndarray:
     """A numpy array over ``buffer`` without copying it (read-only); not for bfloat16, which
     numpy has not."""
     if dtype not in DTYPES or dtype == "bfloat16":
         raise ValueError(f"unsupported dtype {dtype!r} for numpy")
-    return np.frombuffer(buffer, dtype=np.dtype(dtype)).reshape(shape)
+    stored, inverse = _stored_shape(shape, order)
+    return np.frombuffer(buffer, dtype=np.dtype(dtype)).reshape(stored).transpose(inverse)
 
 
-def tensor_from_buffer(buffer: bytes | mmap.mmap, dtype: str, shape: list[int]) -> torch.Tensor:
-    """A tensor over ``buffer`` without copying it."""
+def tensor_from_buffer(buffer: bytes | mmap.mmap, dtype: str, shape: list[int],
+                       order: list[int] | None = None) -> torch.Tensor:
+    """A tensor over ``buffer`` without copying it, its dims laid out in ``order``."""
     import torch
 
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}")
     torch_dtype = getattr(torch, dtype)
+    stored, inverse = _stored_shape(shape, order)
     if len(memoryview(buffer)) == 0:
-        return torch.empty(shape, dtype=torch_dtype)
+        return torch.empty(stored, dtype=torch_dtype).permute(inverse)
     if isinstance(buffer, bytes):
         with warnings.catch_warnings():
             # Redis hands back immutable bytes; readers never write to inputs.
@@ -87,7 +119,7 @@ def tensor_from_buffer(buffer: bytes | mmap.mmap, dtype: str, shape: list[int]) 
             raw = torch.frombuffer(buffer, dtype=torch.uint8)
     else:
         raw = torch.frombuffer(buffer, dtype=torch.uint8)
-    return raw.view(torch_dtype).reshape(shape)
+    return raw.view(torch_dtype).reshape(stored).permute(inverse)
 
 
 def _check_group(area: str, request_id: str) -> None:
@@ -123,11 +155,11 @@ class TensorStore(abc.ABC):
 
     async def get(self, ref: TensorRef) -> torch.Tensor:
         """The tensor ``ref`` points at; ``KeyError`` when it is gone."""
-        return tensor_from_buffer(await self.read(ref), ref.dtype, ref.shape)
+        return tensor_from_buffer(await self.read(ref), ref.dtype, ref.shape, ref.order)
 
     async def get_array(self, ref: TensorRef) -> np.ndarray:
         """The same as a numpy array (read-only), for readers without torch (the gateway)."""
-        return array_from_buffer(await self.read(ref), ref.dtype, ref.shape)
+        return array_from_buffer(await self.read(ref), ref.dtype, ref.shape, ref.order)
 
     async def put_bytes(self, key: str, data: bytes, ttl_s: float) -> TensorRef:
         """Store a file's bytes (an encoded image) under ``key``, as a 1-D uint8 tensor."""
@@ -156,10 +188,11 @@ class TensorStore(abc.ABC):
     async def close(self) -> None:
         return None
 
-    def _ref(self, key: str, tensor: torch.Tensor | np.ndarray, nbytes: int) -> TensorRef:
+    def _ref(self, key: str, tensor: torch.Tensor | np.ndarray, nbytes: int,
+             order: list[int] | None = None) -> TensorRef:
         return TensorRef(
             store=self.kind, key=key, dtype=dtype_name(tensor), shape=list(tensor.shape),
-            nbytes=nbytes,
+            nbytes=nbytes, order=order,
         )
 
     def _check_ref(self, ref: TensorRef) -> None:
@@ -200,7 +233,7 @@ class ShmStore(TensorStore):
     async def put(self, key: str, tensor: torch.Tensor | np.ndarray, ttl_s: float) -> TensorRef:
         _check_key(key)
         path = self._path(key)
-        data = tensor_bytes(tensor)
+        data, order = tensor_bytes(tensor)
         tmp = f"{path}.{os.getpid()}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -214,7 +247,7 @@ class ShmStore(TensorStore):
         finally:
             os.close(fd)
         os.replace(tmp, path)  # readers never see a half-written tensor
-        return self._ref(key, tensor, len(data))
+        return self._ref(key, tensor, len(data), order)
 
     async def read(self, ref: TensorRef) -> bytes | mmap.mmap:
         self._check_ref(ref)
@@ -290,7 +323,7 @@ class RedisStore(TensorStore):
 
     async def put(self, key: str, tensor: torch.Tensor | np.ndarray, ttl_s: float) -> TensorRef:
         area, request_id = _check_key(key)
-        data = tensor_bytes(tensor)
+        data, order = tensor_bytes(tensor)
         ttl_ms = int(ttl_s * 1000)
         index = self._index(area, request_id)
         async with self.client.pipeline(transaction=False) as pipe:
@@ -298,7 +331,7 @@ class RedisStore(TensorStore):
             pipe.sadd(index, key)
             pipe.pexpire(index, ttl_ms)
             await pipe.execute()
-        return self._ref(key, tensor, len(data))
+        return self._ref(key, tensor, len(data), order)
 
     async def read(self, ref: TensorRef) -> bytes:
         self._check_ref(ref)

@@ -261,7 +261,7 @@ class DenoiserCore(ModelCore):
                  for name in ("height", "width")}
         pixels = processor.preprocess(PIL.Image.fromarray(image[0].cpu().numpy()), **sizes)
         pixels = pixels.to(dtype=torch.float32).to(device=self.device, dtype=net.dtype)
-        return torch.cat([pixels] * 2) if cfg else pixels
+        return control_rows(pixels, 2 if cfg else 1)
 
     def _controlnet(self, spec: str) -> Any:
         """The ControlNet of model ``spec`` (of ``controlnet_class``), loaded on first use
@@ -395,6 +395,14 @@ def control_inputs(states: Sequence[DenoiseState]) -> torch.Tensor:
     """What the ControlNet of ``states`` (which step together: one ControlNet) is conditioned
     on, their rows in order."""
     return _rows([s.control.image for s in states if s.control is not None])
+
+
+def control_rows(image: torch.Tensor, rows: int) -> torch.Tensor:
+    """A preprocessed control image once per guidance row, laid out as the ControlNet
+    pipelines' ``prepare_image`` lays it out: contiguous (its ``repeat_interleave`` copies the
+    image processor's channels-last view; a channels-last batch rounds otherwise in the
+    convolutions)."""
+    return torch.cat([image] * rows).contiguous()
 
 
 def resume(generator: torch.Generator, item: WorkItem, why: str) -> None:

@@ -33,6 +33,7 @@ import torch
 from common.errors import InvalidField
 from common.modeldirs import vae_scale_factor
 from services.core import OneShotCore, Result, WorkItem
+from services.denoiser import control_rows
 
 
 class _VaeCore(OneShotCore):
@@ -175,7 +176,7 @@ class VaeEncoderCore(_VaeCore):
             rows, width, height, multiple = self.control_layout(item.params)
             image = VaeImageProcessor(vae_scale_factor=multiple).preprocess(
                 pil, height=height, width=width)
-            image = torch.cat([image] * rows)
+            image = control_rows(image, rows)
         else:
             image = self.image_processor.preprocess(pil)
         image = image.to(device=self.device, dtype=self.dtype)

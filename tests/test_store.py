@@ -50,6 +50,33 @@ async def test_round_trip(store: TensorStore, tensor: torch.Tensor) -> None:
     assert torch.equal(back, tensor)
 
 
+@pytest.mark.parametrize(
+    ("tensor", "order"),
+    [
+        (torch.randn(1, 4, 6, 5).contiguous(memory_format=torch.channels_last), [0, 2, 3, 1]),
+        (torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last), [0, 2, 3, 1]),
+        (torch.arange(12).reshape(3, 4).t(), [1, 0]),
+        (torch.randn(2, 8)[:, ::2], None),  # gaps: dense in no order, stored contiguous
+        (torch.randn(2, 3), None),
+    ],
+)
+async def test_a_tensor_comes_back_in_its_layout(store: TensorStore, tensor: torch.Tensor,
+                                                 order: list[int] | None) -> None:
+    """Kernels round differently on other layouts (a convolution over a channels-last batch),
+    so a reader gets the writer's dims in the writer's memory order, not a contiguous copy."""
+    ref = await store.put("tmp/r1/node/x", tensor, ttl_s=60)
+    assert ref.order == order
+    back = await store.get(ref)
+    assert torch.equal(back, tensor)
+    if order is not None:
+        assert back.stride() == tensor.stride()
+    else:
+        assert back.is_contiguous()
+    assert (await store.get_array(ref) == tensor.numpy()).all()
+    with pytest.raises(ValueError, match="dim order"):
+        await store.get(msgspec.structs.replace(ref, order=[0] * tensor.ndim))
+
+
 async def test_groups_are_deleted_together(store: TensorStore) -> None:
     for name in ("a", "b"):
         await store.put(f"tmp/r1/n/{name}", torch.ones(3), ttl_s=60)
