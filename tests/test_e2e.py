@@ -121,6 +121,34 @@ def test_controlnet_equals_diffusers(stack: Stack, client: LegoClient) -> None:
     assert np.array_equal(png_pixels(png), (expected[0] * 255).round().astype(np.uint8))
 
 
+def test_img2img_equals_diffusers(stack: Stack, client: LegoClient) -> None:
+    """Through the VAE encoder's and the denoiser's processes: the image latents keep their
+    channels-last layout across the store, so the UNet rounds as in the pipeline."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+    params = dict(prompt="a lighthouse", negative_prompt="fog", steps=4, guidance=7.5,
+                  strength=0.6, seed=2)
+    _, png = client.generate("img2img", image=base64.b64encode(buffer.getvalue()).decode(),
+                             **params)
+    model_dir = resolve_model_dir(stack.settings.base_model, stack.settings.cache_dir / "models")
+    pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
+        model_dir, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the nodes run
+    try:
+        expected = pipe(params["prompt"], image=Image.fromarray(image),
+                        negative_prompt=params["negative_prompt"], num_inference_steps=4,
+                        strength=0.6, guidance_scale=7.5,
+                        generator=torch.Generator("cpu").manual_seed(2), output_type="np").images
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(png_pixels(png), (expected[0] * 255).round().astype(np.uint8))
+
+
 @pytest.mark.parametrize(
     ("workflow", "extra", "size"),
     [
