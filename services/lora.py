@@ -164,7 +164,7 @@ class Loras:
             self.pipeline.load_lora_into_text_encoder(
                 read.state_dict, read.alphas, text_encoder=self.model, prefix=self.component,
                 adapter_name=adapter)
-        except ValueError as exc:  # transformers' PEFT integration may want a newer PEFT
+        except ValueError as exc:  # transformers' PEFT integration checks PEFT's version
             raise InvalidField("loras", f"its text encoder layers cannot load here: {exc}") \
                 from None
 

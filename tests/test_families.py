@@ -918,19 +918,28 @@ def test_a_vae_encoder_node_takes_an_image_or_a_control_image() -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def build_lora(sd_dir: Path, lora_dir: Path, name: str, seed: int) -> Path:
-    """A random LoRA for tiny-sd's UNet, saved as diffusers saves one."""
+def build_lora(sd_dir: Path, lora_dir: Path, name: str, seed: int,
+               text_encoder: bool = False) -> Path:
+    """A random LoRA for tiny-sd's UNet (and its CLIP text encoder), saved as diffusers saves
+    one."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig, get_peft_model_state_dict
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from transformers import CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(sd_dir, subfolder="unet")
     unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    StableDiffusionPipeline.save_lora_weights(
-        str(lora_dir), weight_name=f"{name}.safetensors",
-        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+    layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))}
+    if text_encoder:
+        clip = CLIPTextModel.from_pretrained(sd_dir, subfolder="text_encoder")
+        inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
+                                           target_modules=["q_proj", "v_proj", "fc1"]), clip)
+        layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(
+            get_peft_model_state_dict(clip))
+    StableDiffusionPipeline.save_lora_weights(str(lora_dir), weight_name=f"{name}.safetensors",
+                                              **layers)
     return lora_dir / f"{name}.safetensors"
 
 
@@ -940,6 +949,7 @@ def lora_dir(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
     sd_dir = resolve_model_dir("builtin:tiny-sd", cache_dir / "models")
     for name, seed in (("style", 1), ("ink", 2)):
         build_lora(sd_dir, path, name, seed)
+    build_lora(sd_dir, path, "words", 3, text_encoder=True)
     return path
 
 
@@ -1010,6 +1020,23 @@ def test_loras_equal_the_pipelines_with_the_same_adapters(lora_cores, lora_dir,
     assert not any(np.array_equal(seen[2], other) for other in seen[:2] + seen[3:])
 
 
+def test_a_lora_with_text_encoder_layers_equals_the_pipeline(lora_cores, lora_dir,
+                                                             cache_dir: Path) -> None:
+    """The CLIP text encoder node takes a LoRA's text encoder layers, as the pipeline's
+    ``load_lora_weights`` puts them on its text encoder, beside another LoRA's UNet-only ones."""
+    sd_dir = resolve_model_dir("builtin:tiny-sd", cache_dir / "models")
+    seen = []
+    for loras in ([("words", 1.0)], [("words", 0.6), ("style", 1.0)], [("style", 1.0)]):
+        params = lora_params(loras)
+        [served] = lora_images(lora_cores, [params])
+        assert np.array_equal(served, lora_pipeline_image(sd_dir, lora_dir, params)), loras
+        seen.append(served)
+    [embeds_with, embeds_without] = [
+        drive(lora_cores.text_encoder, [WorkItem("r", "encode", lora_params(loras), {})])[0]
+        .tensors["prompt_embeds"] for loras in ([("words", 1.0)], [])]
+    assert not torch.equal(embeds_with, embeds_without)  # its text encoder layers count
+
+
 def test_requests_with_other_loras_batch_apart_and_match_alone(lora_cores, lora_dir,
                                                                cache_dir: Path) -> None:
     sd_dir = resolve_model_dir("builtin:tiny-sd", cache_dir / "models")
@@ -1052,9 +1079,11 @@ def test_loras_served_whole_equal_the_pipeline(cache_dir: Path, lora_dir: Path) 
 
 def test_sdxl_loras_equal_the_pipelines(sdxl_dir: Path, txt2img_pipe,
                                         tmp_path: Path) -> None:
+    """A LoRA with layers for the UNet and both CLIP text encoders."""
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig, get_peft_model_state_dict
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     from services.core import ModelSource
 
@@ -1062,9 +1091,16 @@ def test_sdxl_loras_equal_the_pipelines(sdxl_dir: Path, txt2img_pipe,
     unet = UNet2DConditionModel.from_pretrained(sdxl_dir, subfolder="unet")
     unet.add_adapter(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    StableDiffusionXLPipeline.save_lora_weights(
-        str(tmp_path), weight_name="xl.safetensors",
-        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+    layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))}
+    for name, cls in (("text_encoder", CLIPTextModel),
+                      ("text_encoder_2", CLIPTextModelWithProjection)):
+        clip = cls.from_pretrained(sdxl_dir, subfolder=name)
+        inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, init_lora_weights=False,
+                                           target_modules=["q_proj", "out_proj"]), clip)
+        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(
+            get_peft_model_state_dict(clip))
+    StableDiffusionXLPipeline.save_lora_weights(str(tmp_path), weight_name="xl.safetensors",
+                                                **layers)
     cores = SimpleNamespace(**{kind: _loaded(core_class(kind, sdxl_dir)(sdxl_dir))
                                for kind in ("text_encoder", "denoiser", "vae_decoder")})
     for core in vars(cores).values():
