@@ -25,6 +25,12 @@ misses: while the pools drop more of their tasks as late than ``admission_miss_t
 allows, the estimate is held against the deadline times a growing factor, which eases back
 once misses are rare again.
 
+With device hosts, several models take turns on one device, the step with the least slack
+first: a new request waits for its own pools' queues (first in, first out until a host
+fetches a task) and for the part of the other models' queued work that is due before its
+deadline. ``Ledger`` keeps, for the requests this gateway admitted, their deadlines and their
+nodes' remaining work (from the nodes' progress reports), so it can tell that part.
+
 The paper's rule (``admission_rule: paper``, the DiFlow artifact's early abort) is kept beside
 it for comparison: a request is rejected when the work in flight, max(queued work / devices,
 the longest single piece of it), exceeds its slack (deadline minus its own solo work); the
@@ -37,18 +43,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import math
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
+
+import msgspec
 
 from common import subjects
 from common.errors import InvalidField, InvalidRequest, Overloaded
 from common.kinds import KINDS
-from common.messages import Plan, QueueMark, ShedReport, encode, now
+from common.messages import Plan, Progress, QueueMark, ShedReport, decode, encode, now
 from common.observe import ClusterObserver
 from common.workflow import WorkflowSpec
 
@@ -210,7 +219,8 @@ def paper_estimate(plan: Plan, loads: Mapping[str, PoolLoad]) -> PaperEstimate:
     say which task belongs to which request, so the longest single piece is the longest task
     queued (a lower bound of the longest request), and a request in flight is one outstanding
     task (its nodes are a chain; each runs after the previous one is done)."""
-    count, competing = _sharing(plan, loads)
+    count, sharing = _sharing(plan, loads)
+    competing = sharing.values()
     total_s = sum(load.queued_work_s() for load in competing)
     longest_s = max((load.work_s or 0.0 for load in competing
                      if load.lag + load.in_progress + load.admitted_requests), default=0.0)
@@ -219,7 +229,7 @@ def paper_estimate(plan: Plan, loads: Mapping[str, PoolLoad]) -> PaperEstimate:
     return PaperEstimate(max(total_s / count, longest_s), count, in_flight)
 
 
-def _sharing(plan: Plan, loads: Mapping[str, PoolLoad]) -> tuple[int, list[PoolLoad]]:
+def _sharing(plan: Plan, loads: Mapping[str, PoolLoad]) -> tuple[int, dict[str, PoolLoad]]:
     """The devices a request of ``plan`` can run on (those a ready replica of its pools runs
     on, else those of any pool; at least 1) and the pools whose work competes for them
     (every pool with a ready replica there, and the request's own; all when no device is
@@ -227,21 +237,32 @@ def _sharing(plan: Plan, loads: Mapping[str, PoolLoad]) -> tuple[int, list[PoolL
     mine = {node.pool for node in plan.nodes.values()}
     devices = frozenset().union(*(loads[p].devices for p in mine if p in loads))
     devices = devices or frozenset().union(*(load.devices for load in loads.values()))
-    competing = [load for pool, load in loads.items()
-                 if pool in mine or load.devices & devices or not devices]
+    competing = {pool: load for pool, load in loads.items()
+                 if pool in mine or load.devices & devices or not devices}
     return max(1, len(devices)), competing
 
 
-def shared_wait_s(plan: Plan, loads: Mapping[str, PoolLoad]) -> float:
+def shared_wait_s(plan: Plan, loads: Mapping[str, PoolLoad],
+                  due_share: Callable[[str], float | None] | None = None) -> float:
     """When pools share devices (device hosts), the least a new request waits for the work
-    ahead of it in its own pools: their remaining work spread evenly over the devices that
-    hold them. The per-pool bound alone counts each pool's copies as devices of their own,
-    while its encoders, denoiser and decoder take turns on the same devices. Other models'
-    work on those devices is left out: the hosts run the most urgent step first, so work
-    with more slack (another model's longer requests) does not delay this one."""
-    mine = [loads[p] for p in {node.pool for node in plan.nodes.values()} if p in loads]
-    devices = frozenset().union(*(load.devices for load in mine))
-    return sum(load.queued_work_s() for load in mine) / max(1, len(devices))
+    ahead of it: the work queued in its own pools, and the part due first of the work of the
+    other pools on its devices, spread evenly over those devices. The per-pool bound alone
+    counts each pool's copies as devices of their own, while its encoders, denoiser and
+    decoder take turns on the same devices.
+
+    Its own pools' work counts whole: their queues are first in, first out until a host
+    fetches a task. Another pool's work counts by ``due_share(pool)``, the share of it due
+    before the new request's deadline (``Ledger.due_share``): the hosts run the step with the
+    least slack first, so that part runs ahead of the new request and the rest after it.
+    Without a figure (no ``due_share``, or no request of that pool on record) it counts
+    nothing."""
+    mine = {node.pool for node in plan.nodes.values()}
+    count, competing = _sharing(plan, loads)
+    total = 0.0
+    for pool, load in competing.items():
+        share = 1.0 if pool in mine else (due_share(pool) if due_share else None) or 0.0
+        total += share * load.queued_work_s()
+    return total / count
 
 
 def bottleneck(plan: Plan, loads: Mapping[str, PoolLoad]) -> str:
@@ -254,6 +275,91 @@ def bottleneck(plan: Plan, loads: Mapping[str, PoolLoad]) -> str:
         return load.queued_work_s() / max(load.ready, 1) + (load.work_s or 0.0)
 
     return max(sorted({node.pool for node in plan.nodes.values()}), key=holds_s)
+
+
+@dataclass
+class _Part:
+    """One node of a booked request: its pool, the device-seconds it takes, the share of them
+    still to run, whether it steps (reports progress), and the nodes that run before it."""
+
+    pool: str
+    work_s: float
+    stepped: bool
+    before: frozenset[str]
+    left: float = 1.0
+
+
+class Ledger:
+    """The requests this gateway admitted, while they may still run: each one's deadline and
+    the work its nodes still have to do, per pool. Admission reads from it which share of a
+    pool's queued work is due before a new request's deadline (``due_shares``), the work a
+    device host runs ahead of that request.
+
+    A request's progress comes from its stepped nodes' progress reports: the nodes before a
+    node that reports are done, and that node's work shrinks with its steps. A request is
+    forgotten once its last stepped node is done (what is left, a decode, is small) or its
+    deadline has passed (no node runs it after that). The queues' own figures stay the
+    measure of how much work there is; the ledger only says how it is spread over deadlines.
+    Requests another gateway replica admitted are not on it: each replica sees its share of
+    the traffic, a sample of the same mix."""
+
+    def __init__(self) -> None:
+        self.bookings: dict[str, tuple[float, dict[str, _Part]]] = {}
+        self._due: list[tuple[float, str]] = []  # (deadline, request id), soonest first
+
+    def book(self, request_id: str, deadline_at: float, plan: Plan,
+             steps: Mapping[str, int], loads: Mapping[str, PoolLoad]) -> None:
+        def before(node: str) -> frozenset[str]:
+            found: set[str] = set()
+            for p in plan.predecessors(node):
+                found |= {p, *before(p)}
+            return frozenset(found)
+
+        parts = {}
+        for name, node in plan.nodes.items():
+            load = loads.get(node.pool)
+            n = steps.get(name, 1)
+            work = load.own_step_s("mean") * n if load is not None else 0.0
+            parts[name] = _Part(node.pool, work, KINDS[node.kind].stepped if node.kind in KINDS
+                                else n > 1, before(name))
+        self.bookings[request_id] = (deadline_at, parts)
+        heapq.heappush(self._due, (deadline_at, request_id))
+
+    def progressed(self, request_id: str, node: str, step: int, total: int) -> None:
+        """Node ``node`` of a booked request reported ``step`` of ``total`` done."""
+        booking = self.bookings.get(request_id)
+        if booking is None or node not in booking[1]:
+            return
+        parts = booking[1]
+        for done in parts[node].before:
+            parts.pop(done, None)
+        parts[node].left = max(0.0, 1 - step / max(total, 1))
+        if step >= total:
+            del parts[node]
+            if not any(part.stepped for part in parts.values()):
+                del self.bookings[request_id]
+
+    def expire(self, at: float) -> None:
+        """Forget the requests whose deadline is before ``at``."""
+        while self._due and self._due[0][0] < at:
+            deadline_at, request_id = heapq.heappop(self._due)
+            booking = self.bookings.get(request_id)
+            if booking is not None and booking[0] == deadline_at:
+                del self.bookings[request_id]
+
+    def due_shares(self, due_at: float, at: float) -> dict[str, float]:
+        """Per pool with booked work still to run: the share of it whose request is due by
+        ``due_at`` (as of ``at``)."""
+        self.expire(at)
+        total: dict[str, float] = {}
+        due: dict[str, float] = {}
+        for deadline_at, parts in self.bookings.values():
+            for part in parts.values():
+                work = part.work_s * part.left
+                total[part.pool] = total.get(part.pool, 0.0) + work
+                if deadline_at <= due_at:
+                    due[part.pool] = due.get(part.pool, 0.0) + work
+        return {pool: due.get(pool, 0.0) / work for pool, work in total.items() if work > 0}
 
 
 @dataclass
@@ -332,11 +438,13 @@ def check(
     workflow: str, plan: Plan, loads: Mapping[str, PoolLoad], deadline: float,
     steps: Mapping[str, int] | None = None, rule: AdmissionRule = "lego",
     shared_devices: bool = False, margin: float = 1.0,
+    due_share: Callable[[str], float | None] | None = None,
 ) -> float:
     """The estimated finish; raises ``Overloaded`` (with when to retry) if it is past
     ``deadline``. ``rule``: ``lego``, the finish bound over the DAG (with ``shared_devices``,
-    at least ``shared_wait_s`` plus the request's own work), times ``margin`` (``Margin``);
-    ``paper``, the DiFlow artifact's (``paper_estimate`` against the request's slack)."""
+    at least ``shared_wait_s`` plus the request's own work, other pools' work counted by
+    ``due_share``), times ``margin`` (``Margin``); ``paper``, the DiFlow artifact's
+    (``paper_estimate`` against the request's slack)."""
     if rule == "paper":
         own = _own_work_s(plan, loads, steps)
         estimate = paper_estimate(plan, loads)
@@ -354,7 +462,7 @@ def check(
                 queued=_queued(plan, loads),
             )
         return estimate.wait_s + own
-    bound = _lego_bound_s(plan, loads, steps, shared_devices, "p90") * margin
+    bound = _lego_bound_s(plan, loads, steps, shared_devices, "p90", due_share) * margin
     if bound > deadline:
         raise Overloaded(
             f"{workflow}: the work queued ahead needs at least {bound:.2f}s, past the deadline "
@@ -366,23 +474,26 @@ def check(
 
 
 def _lego_bound_s(plan: Plan, loads: Mapping[str, PoolLoad], steps: Mapping[str, int] | None,
-                  shared_devices: bool, step: StepTime) -> float:
+                  shared_devices: bool, step: StepTime,
+                  due_share: Callable[[str], float | None] | None = None) -> float:
     bound = finish_bound_s(plan, loads, steps, step)
     if shared_devices:
-        bound = max(bound, shared_wait_s(plan, loads) + _own_work_s(plan, loads, steps, step))
+        bound = max(bound, shared_wait_s(plan, loads, due_share)
+                    + _own_work_s(plan, loads, steps, step))
     return bound
 
 
 def estimate_s(
     plan: Plan, loads: Mapping[str, PoolLoad], steps: Mapping[str, int] | None = None,
     rule: AdmissionRule = "lego", shared_devices: bool = False,
+    due_share: Callable[[str], float | None] | None = None,
 ) -> float:
     """When a new request of ``plan`` should finish, in seconds from now (a request's
     ``eta_s`` when it is accepted): the estimate ``check`` makes, with its own steps at the
     mean step time of recent tasks where ``check`` takes their 90th percentile."""
     if rule == "paper":
         return paper_estimate(plan, loads).wait_s + _own_work_s(plan, loads, steps)
-    return _lego_bound_s(plan, loads, steps, shared_devices, "mean")
+    return _lego_bound_s(plan, loads, steps, shared_devices, "mean", due_share)
 
 
 def queue_position(mark: QueueMark, load: PoolLoad | None) -> int:
@@ -434,16 +545,20 @@ class LoadWatch:
         self.period_s = period_s
         self.loads: dict[str, PoolLoad] = {}
         self.margin = Margin(target=miss_target)
+        self.ledger = Ledger()
         self._counts: dict[str, tuple[int, int]] = {}  # pool -> (finished, expired) last seen
         self.source = uuid.uuid4().hex[:12]
         self.shed: Counter[str] = Counter()  # pool -> tasks turned away, ever
         self.held: Counter[str] = Counter()  # pool -> rejections it was the bottleneck of
         self._shed_news = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._progress: Any = None
 
     async def start(self) -> None:
         await self.observer.start()
         await self.refresh()
+        self._progress = await self.nc.subscribe(subjects.PROGRESS_WILDCARD,
+                                                 cb=self._on_progress)
         self._tasks = [asyncio.create_task(self._loop()), asyncio.create_task(self._shed_loop())]
 
     async def stop(self) -> None:
@@ -451,7 +566,17 @@ class LoadWatch:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self._progress is not None:
+            with contextlib.suppress(Exception):
+                await self._progress.unsubscribe()
         await self.observer.stop()
+
+    async def _on_progress(self, msg: Any) -> None:
+        try:
+            progress = decode(msg.data, Progress)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        self.ledger.progressed(progress.id, progress.node, progress.step, progress.total)
 
     def rejected(self, plan: Plan) -> None:
         """Count a rejected request's tasks: the autoscaler adds them to the pools' demand,

@@ -94,6 +94,9 @@ class Admission:
     deadline_s: float | None
     eta_s: float | None = None
     queue: dict[str, QueueMark] = field(default_factory=dict)
+    #: what the ledger books for it once accepted: its plan and each node's steps
+    plan: Plan | None = None
+    steps: dict[str, int] = field(default_factory=dict)
 
 
 class Ingress:
@@ -206,10 +209,12 @@ class Ingress:
         if watch is None:
             return Admission(deadline)
         rule, shared = self.settings.admission_rule, self.settings.device_hosts
+        at = now()
+        shares = {} if deadline is None else watch.ledger.due_shares(at + deadline, at)
         if deadline is not None and self.settings.admission:
             try:
                 eta = admission.check(spec.name, plan, loads, deadline, steps, rule, shared,
-                                      watch.margin.factor)
+                                      watch.margin.factor, shares.get)
             except Overloaded:
                 if measured is None or measured <= deadline:  # the queues, not the deadline
                     watch.rejected(plan)
@@ -219,7 +224,7 @@ class Ingress:
             eta = admission.estimate_s(plan, loads, steps, rule, shared)
         queue = admission.queue_marks(plan, loads)
         watch.admitted(plan, steps)
-        return Admission(deadline, eta, queue)
+        return Admission(deadline, eta, queue, plan, steps)
 
     def check_startable(self, spec: WorkflowSpec, plan: Plan) -> None:
         """``Unavailable`` (503, retry when the pool tries again) if a pool of ``plan`` cannot
@@ -277,6 +282,9 @@ class Ingress:
         )
         if await self.tracker.create(state):
             _count(spec.name, "accepted")
+            if self.loads is not None and admitted.plan is not None and state.deadline_at:
+                self.loads.ledger.book(request_id, state.deadline_at, admitted.plan,
+                                       admitted.steps, self.loads.loads)
             return state, True
         existing = await self.tracker.get(request_id)
         if existing is None:  # expired between the two calls

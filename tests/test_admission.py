@@ -13,6 +13,7 @@ from common.errors import InvalidRequest, Overloaded
 from common.workflow import builtin_workflows
 from gateway.admission import (
     DeadlinePolicy,
+    Ledger,
     Margin,
     PoolLoad,
     check,
@@ -225,10 +226,58 @@ def test_pools_sharing_devices_wait_for_their_work_together() -> None:
     # tasks in progress are half done on average
     busy = {**shared, POOL["denoise"]: replace(shared[POOL["denoise"]], in_progress=4)}
     assert shared_wait_s(PLAN, busy) == pytest.approx(0.6 + 4 * 0.2 / 2 / 4)
-    # another model's work on those devices does not count: the hosts run the most urgent
-    # step first, and its longer requests have more slack
+    # another model's work on those devices counts by the share of it due before this
+    # request's deadline (the hosts run the least slack first): none known, none counted
     other = PoolLoad(lag=100, ready=4, work_s=1.0, devices=frozenset({"gpu:0"}))
-    assert shared_wait_s(PLAN, {**shared, "denoiser-other-pool": other}) == pytest.approx(0.6)
+    with_other = {**shared, "denoiser-other-pool": other}
+    assert shared_wait_s(PLAN, with_other) == pytest.approx(0.6)
+    assert shared_wait_s(PLAN, with_other, {"denoiser-other-pool": 0.1}.get) == \
+        pytest.approx(0.6 + 0.1 * 100 * 1.0 / 4)
+    # a pool on other devices does not compete, whatever is due there
+    elsewhere = replace(other, devices=frozenset({"gpu:9"}))
+    assert shared_wait_s(PLAN, {**shared, "denoiser-other-pool": elsewhere},
+                         {"denoiser-other-pool": 1.0}.get) == pytest.approx(0.6)
+
+
+def booked(ledger: Ledger, request_id: str, deadline_at: float, steps: int = 4) -> None:
+    ledger.book(request_id, deadline_at, PLAN, {"encode": 1, "denoise": steps, "decode": 1},
+                {pool: replace(load, step_mean_s=load.step_s)
+                 for pool, load in loads().items()})
+
+
+def test_the_ledger_says_which_share_of_a_pools_work_is_due_first() -> None:
+    """Per pool, the work of the admitted requests due by a deadline over all of it: each
+    request's nodes at their mean step times (encode 0.01 s, 4 or 12 steps of 0.05 s, decode
+    0.02 s)."""
+    ledger = Ledger()
+    booked(ledger, "soon", 10.0)
+    booked(ledger, "later", 30.0, steps=12)
+    shares = ledger.due_shares(20.0, at=0.0)
+    assert shares[POOL["denoise"]] == pytest.approx(0.2 / (0.2 + 0.6))
+    assert shares[POOL["encode"]] == pytest.approx(0.5)
+    assert ledger.due_shares(40.0, at=0.0)[POOL["denoise"]] == pytest.approx(1.0)
+    assert ledger.due_shares(5.0, at=0.0)[POOL["denoise"]] == pytest.approx(0.0)
+
+
+def test_the_ledger_follows_progress_and_forgets_what_ended() -> None:
+    ledger = Ledger()
+    booked(ledger, "a", 10.0)
+    booked(ledger, "b", 30.0)
+    # a's denoiser reports 3 of 4 steps: its encode is done, a quarter of its denoise is left
+    ledger.progressed("a", "denoise", 3, 4)
+    shares = ledger.due_shares(20.0, at=0.0)
+    assert shares[POOL["encode"]] == pytest.approx(0.0)
+    assert shares[POOL["denoise"]] == pytest.approx(0.05 / (0.05 + 0.2))
+    # its last stepped node done: forgotten (its decode is what is left)
+    ledger.progressed("a", "denoise", 4, 4)
+    assert set(ledger.bookings) == {"b"}
+    # reports of requests or nodes it does not know change nothing
+    ledger.progressed("zzz", "denoise", 1, 4)
+    ledger.progressed("b", "nowhere", 1, 4)
+    assert ledger.due_shares(40.0, at=0.0)[POOL["denoise"]] == pytest.approx(1.0)
+    # past its deadline a request is forgotten: no node runs it any more
+    assert ledger.due_shares(40.0, at=31.0) == {}
+    assert ledger.bookings == {}
 
 
 def test_eta_is_the_estimate_admission_holds_against_the_deadline() -> None:
