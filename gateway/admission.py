@@ -308,7 +308,11 @@ class Ledger:
         self._due: list[tuple[float, str]] = []  # (deadline, request id), soonest first
 
     def book(self, request_id: str, deadline_at: float, plan: Plan,
-             steps: Mapping[str, int], loads: Mapping[str, PoolLoad]) -> None:
+             steps: Mapping[str, int], loads: Mapping[str, PoolLoad], at: float) -> None:
+        """Book an admitted request (as of ``at``: what is past its deadline is forgotten
+        first, so the ledger holds no more than the requests that may still run)."""
+        self.expire(at)
+
         def before(node: str) -> frozenset[str]:
             found: set[str] = set()
             for p in plan.predecessors(node):

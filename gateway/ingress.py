@@ -210,7 +210,9 @@ class Ingress:
             return Admission(deadline)
         rule, shared = self.settings.admission_rule, self.settings.device_hosts
         at = now()
-        shares = {} if deadline is None else watch.ledger.due_shares(at + deadline, at)
+        # with device hosts, the share of other models' work due before this deadline
+        shares = (watch.ledger.due_shares(at + deadline, at)
+                  if shared and deadline is not None else {})
         if deadline is not None and self.settings.admission:
             try:
                 eta = admission.check(spec.name, plan, loads, deadline, steps, rule, shared,
@@ -284,7 +286,7 @@ class Ingress:
             _count(spec.name, "accepted")
             if self.loads is not None and admitted.plan is not None and state.deadline_at:
                 self.loads.ledger.book(request_id, state.deadline_at, admitted.plan,
-                                       admitted.steps, self.loads.loads)
+                                       admitted.steps, self.loads.loads, at)
             return state, True
         existing = await self.tracker.get(request_id)
         if existing is None:  # expired between the two calls

@@ -242,7 +242,7 @@ def test_pools_sharing_devices_wait_for_their_work_together() -> None:
 def booked(ledger: Ledger, request_id: str, deadline_at: float, steps: int = 4) -> None:
     ledger.book(request_id, deadline_at, PLAN, {"encode": 1, "denoise": steps, "decode": 1},
                 {pool: replace(load, step_mean_s=load.step_s)
-                 for pool, load in loads().items()})
+                 for pool, load in loads().items()}, at=0.0)
 
 
 def test_the_ledger_says_which_share_of_a_pools_work_is_due_first() -> None:
@@ -278,6 +278,10 @@ def test_the_ledger_follows_progress_and_forgets_what_ended() -> None:
     # past its deadline a request is forgotten: no node runs it any more
     assert ledger.due_shares(40.0, at=31.0) == {}
     assert ledger.bookings == {}
+    # and a new booking forgets what is past its deadline first
+    booked(ledger, "c", 50.0)
+    ledger.book("d", 90.0, PLAN, {}, loads(), at=60.0)
+    assert set(ledger.bookings) == {"d"}
 
 
 def test_eta_is_the_estimate_admission_holds_against_the_deadline() -> None:
