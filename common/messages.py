@@ -161,6 +161,13 @@ class Plan(msgspec.Struct):
     def predecessors(self, node: str) -> set[str]:
         return {ref.node for ref in self.nodes[node].sources().values() if not ref.from_request}
 
+    def ancestors(self, node: str) -> set[str]:
+        """The nodes that run before ``node``: its predecessors, theirs, and so on."""
+        found = set()
+        for p in self.predecessors(node):
+            found |= {p, *self.ancestors(p)}
+        return found
+
     def successors(self, node: str) -> list[str]:
         return [name for name in self.nodes if node in self.predecessors(name)]
 

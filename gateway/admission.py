@@ -160,10 +160,7 @@ def finish_bound_s(
     memo: dict[str, float] = {}
 
     def upstream(node: str) -> set[str]:
-        pools = {plan.nodes[node].pool}
-        for p in plan.predecessors(node):
-            pools |= upstream(p)
-        return pools
+        return {plan.nodes[n].pool for n in {node, *plan.ancestors(node)}}
 
     def done_by(node: str) -> float:
         if node not in memo:
@@ -280,7 +277,8 @@ def bottleneck(plan: Plan, loads: Mapping[str, PoolLoad]) -> str:
 @dataclass
 class _Part:
     """One node of a booked request: its pool, the device-seconds it takes, the share of them
-    still to run, whether it steps (reports progress), and the nodes that run before it."""
+    still to run, whether it reports progress (a node of more than one step), and the nodes
+    that run before it."""
 
     pool: str
     work_s: float
@@ -312,20 +310,12 @@ class Ledger:
         """Book an admitted request (as of ``at``: what is past its deadline is forgotten
         first, so the ledger holds no more than the requests that may still run)."""
         self.expire(at)
-
-        def before(node: str) -> frozenset[str]:
-            found: set[str] = set()
-            for p in plan.predecessors(node):
-                found |= {p, *before(p)}
-            return frozenset(found)
-
         parts = {}
         for name, node in plan.nodes.items():
             load = loads.get(node.pool)
             n = steps.get(name, 1)
             work = load.own_step_s("mean") * n if load is not None else 0.0
-            parts[name] = _Part(node.pool, work, KINDS[node.kind].stepped if node.kind in KINDS
-                                else n > 1, before(name))
+            parts[name] = _Part(node.pool, work, n > 1, frozenset(plan.ancestors(name)))
         self.bookings[request_id] = (deadline_at, parts)
         heapq.heappush(self._due, (deadline_at, request_id))
 

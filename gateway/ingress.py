@@ -223,7 +223,7 @@ class Ingress:
                 _count(spec.name, "overloaded")
                 raise
         else:
-            eta = admission.estimate_s(plan, loads, steps, rule, shared)
+            eta = admission.estimate_s(plan, loads, steps, rule, shared, shares.get)
         queue = admission.queue_marks(plan, loads)
         watch.admitted(plan, steps)
         return Admission(deadline, eta, queue, plan, steps)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import concurrent.futures
+import contextlib
 import io
 import re
 import time
@@ -55,6 +56,17 @@ def test_starting_says_what_it_waits_for(stack: Stack) -> None:
     assert all(counts) and [int(m[1]) for m in counts] == sorted({int(m[1]) for m in counts})
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread, as the nodes run (diffusers' bits depend on the thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def diffusers_image(model_dir: Path, **kw: object) -> np.ndarray:
     from diffusers import StableDiffusionPipeline
 
@@ -62,17 +74,13 @@ def diffusers_image(model_dir: Path, **kw: object) -> np.ndarray:
         model_dir, safety_checker=None, requires_safety_checker=False
     )
     pipe.set_progress_bar_config(disable=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the nodes run
-    try:
+    with one_thread():
         out = pipe(
             kw["prompt"], negative_prompt=kw["negative_prompt"],
             num_inference_steps=kw["steps"], guidance_scale=kw["guidance"],
             height=kw["height"], width=kw["width"],
             generator=torch.Generator("cpu").manual_seed(kw["seed"]), output_type="np",
         ).images
-    finally:
-        torch.set_num_threads(threads)
     return (out[0] * 255).round().astype(np.uint8)
 
 
@@ -109,15 +117,11 @@ def test_controlnet_equals_diffusers(stack: Stack, client: LegoClient) -> None:
         controlnet=ControlNetModel.from_pretrained(resolve_model_dir(spec.models["control"],
                                                                      models)))
     pipe.set_progress_bar_config(disable=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the nodes run
-    try:
+    with one_thread():
         expected = pipe(params["prompt"], image=Image.fromarray(control),
                         negative_prompt=params["negative_prompt"], num_inference_steps=3,
                         guidance_scale=6.0, controlnet_conditioning_scale=0.8,
                         generator=torch.Generator("cpu").manual_seed(21), output_type="np").images
-    finally:
-        torch.set_num_threads(threads)
     assert np.array_equal(png_pixels(png), (expected[0] * 255).round().astype(np.uint8))
 
 
@@ -137,15 +141,11 @@ def test_img2img_equals_diffusers(stack: Stack, client: LegoClient) -> None:
     pipe = StableDiffusionImg2ImgPipeline.from_pretrained(
         model_dir, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the nodes run
-    try:
+    with one_thread():
         expected = pipe(params["prompt"], image=Image.fromarray(image),
                         negative_prompt=params["negative_prompt"], num_inference_steps=4,
                         strength=0.6, guidance_scale=7.5,
                         generator=torch.Generator("cpu").manual_seed(2), output_type="np").images
-    finally:
-        torch.set_num_threads(threads)
     assert np.array_equal(png_pixels(png), (expected[0] * 255).round().astype(np.uint8))
 
 

@@ -1025,12 +1025,10 @@ def test_a_lora_with_text_encoder_layers_equals_the_pipeline(lora_cores, lora_di
     """The CLIP text encoder node takes a LoRA's text encoder layers, as the pipeline's
     ``load_lora_weights`` puts them on its text encoder, beside another LoRA's UNet-only ones."""
     sd_dir = resolve_model_dir("builtin:tiny-sd", cache_dir / "models")
-    seen = []
     for loras in ([("words", 1.0)], [("words", 0.6), ("style", 1.0)], [("style", 1.0)]):
         params = lora_params(loras)
         [served] = lora_images(lora_cores, [params])
         assert np.array_equal(served, lora_pipeline_image(sd_dir, lora_dir, params)), loras
-        seen.append(served)
     [embeds_with, embeds_without] = [
         drive(lora_cores.text_encoder, [WorkItem("r", "encode", lora_params(loras), {})])[0]
         .tensors["prompt_embeds"] for loras in ([("words", 1.0)], [])]
