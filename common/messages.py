@@ -177,8 +177,16 @@ class Plan(msgspec.Struct):
     def tail_s(self, node: str) -> float:
         """Estimated work still to run after ``node`` finishes: its longest chain of
         successors, by their ``est_s``."""
-        return max((self.nodes[s].est_s + self.tail_s(s) for s in self.successors(node)),
-                   default=0.0)
+        successors: dict[str, list[str]] = {name: [] for name in self.nodes}
+        for name in self.nodes:
+            for p in self.predecessors(name):
+                successors[p].append(name)
+
+        @functools.cache
+        def tail(n: str) -> float:
+            return max((self.nodes[s].est_s + tail(s) for s in successors[n]), default=0.0)
+
+        return tail(node)
 
 
 class Task(msgspec.Struct, omit_defaults=True):

@@ -24,9 +24,11 @@ key is never a way to read, write or delete anything else.
 from __future__ import annotations
 
 import abc
+import asyncio
 import mmap
 import os
 import shutil
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -64,6 +66,16 @@ def memory_order(tensor: torch.Tensor) -> list[int] | None:
     strides = tensor.stride()
     order = sorted(range(tensor.ndim), key=lambda d: (-strides[d], d))
     return order if tensor.permute(order).is_contiguous() else None
+
+
+#: a tensor at least this large is written to the shared-memory store from a worker thread
+OFF_LOOP_BYTES = 1 << 20
+
+
+def _nbytes(tensor: torch.Tensor | np.ndarray) -> int:
+    if isinstance(tensor, np.ndarray):
+        return tensor.nbytes
+    return tensor.element_size() * tensor.nelement()
 
 
 def tensor_bytes(tensor: torch.Tensor | np.ndarray) -> tuple[memoryview, list[int] | None]:
@@ -233,8 +245,16 @@ class ShmStore(TensorStore):
     async def put(self, key: str, tensor: torch.Tensor | np.ndarray, ttl_s: float) -> TensorRef:
         _check_key(key)
         path = self._path(key)
+        if _nbytes(tensor) >= OFF_LOOP_BYTES:  # copying megabytes would stall the event loop
+            data, order = await asyncio.to_thread(self._write, path, tensor)
+        else:
+            data, order = self._write(path, tensor)
+        return self._ref(key, tensor, len(data), order)
+
+    @staticmethod
+    def _write(path: str, tensor: torch.Tensor | np.ndarray) -> tuple[memoryview, list[int] | None]:
         data, order = tensor_bytes(tensor)
-        tmp = f"{path}.{os.getpid()}.tmp"
+        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         except FileNotFoundError:
@@ -247,7 +267,7 @@ class ShmStore(TensorStore):
         finally:
             os.close(fd)
         os.replace(tmp, path)  # readers never see a half-written tensor
-        return self._ref(key, tensor, len(data), order)
+        return data, order
 
     async def read(self, ref: TensorRef) -> bytes | mmap.mmap:
         self._check_ref(ref)

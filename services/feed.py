@@ -18,7 +18,7 @@ import collections
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -90,6 +90,10 @@ class Held:
     ran_from: float = 0.0  # wall clock of its first step's start, and of its last step's end
     ran_until: float = 0.0
     span: Any = None  # its trace span, when tracing is on
+    tail_s: float = field(init=False)  # estimated work of the nodes after it (``Plan.tail_s``)
+
+    def __post_init__(self) -> None:
+        self.tail_s = self.task.plan.tail_s(self.task.node)
 
 
 @dataclass
@@ -336,10 +340,10 @@ class PoolFeed:
         self.typical_work_s = own_s if self.typical_work_s is None else (
             0.8 * self.typical_work_s + 0.2 * own_s)
         if task.deadline_at is not None:
-            slack_s = task.deadline_at - at - own_s - task.plan.tail_s(task.node)
+            slack_s = task.deadline_at - at - own_s - held.tail_s
             self.typical_slack_s = slack_s if self.typical_slack_s is None else (
                 0.8 * self.typical_slack_s + 0.2 * slack_s)
-        self.typical_tail_s = task.plan.tail_s(task.node)
+        self.typical_tail_s = held.tail_s
 
     def typical(self, at: float) -> scheduling.Urgency:
         """A task as urgent as this pool's recent ones, arriving now (no deadline while none
@@ -371,12 +375,12 @@ class PoolFeed:
         single_s = self._step_by_size.get(1)
         if not held.ran_from and held.state is not None and single_s:
             _, total = self.core.progress(held.state)
-            needed_s = max(needed_s, total * single_s + task.plan.tail_s(task.node))
+            needed_s = max(needed_s, total * single_s + held.tail_s)
         return at + needed_s > task.deadline_at
 
     def least_needed_s(self, held: Held) -> float:
         """The least the task and the nodes after it still need, at the fastest step times."""
-        return self.work_s(held, least=True) + held.task.plan.tail_s(held.task.node)
+        return self.work_s(held, least=True) + held.tail_s
 
     def steps_left(self, held: Held) -> int:
         done, total = self.core.progress(held.state)
@@ -430,7 +434,7 @@ class PoolFeed:
                    f"{-late_s:.3f}s are left before the deadline")
             log.info("%s: %s (least step here %s s, planned %s s for the node, %s s after)",
                      self.replica, why, self.least_step_s, task.plan.nodes[task.node].est_s,
-                     task.plan.tail_s(task.node))
+                     held.tail_s)
         waited = f"; it waited {max(0.0, held.fetched_at - task.published_at):.3f}s for a device"
         if task.handoffs:
             waited += f" (handed back {task.handoffs} time(s))"

@@ -318,7 +318,7 @@ class DeviceHost:
         task = held.task
         own_s, remaining_s = held.feed.work_s(held, remaining=False), held.feed.work_s(held)
         return scheduling.Urgency(
-            deadline_at=task.deadline_at, work_s=own_s + task.plan.tail_s(task.node),
+            deadline_at=task.deadline_at, work_s=own_s + held.tail_s,
             since=task.submitted_at, remaining_s=remaining_s, done_s=own_s - remaining_s,
         )
 
@@ -347,7 +347,7 @@ class DeviceHost:
         group = [h for h in ordered if h.feed is feed and core.batch_key(h.state) == key]
         group = group[: core.max_batch]
         members = [scheduling.Member(h.task.deadline_at, feed.steps_left(h),
-                                     h.task.plan.tail_s(h.task.node)) for h in group]
+                                     h.tail_s) for h in group]
         return group[: scheduling.batch_size(members, feed.step_time_s, at, self.policy)]
 
     async def _end(self, held: Held, ending: Any) -> None:
