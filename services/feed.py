@@ -148,7 +148,12 @@ class PoolFeed:
         """Load the model and bind to the pool's consumer."""
         settings = self.host.settings
         started = time.perf_counter()
-        imported_s = await asyncio.to_thread(self.core.load_serialized)
+        self.host.loading += 1
+        self.host.loads_started += 1
+        try:
+            imported_s = await asyncio.to_thread(self.core.load_serialized)
+        finally:
+            self.host.loading -= 1
         self.stats.loaded_s = time.perf_counter() - started
         self._sub = await bus.pull_subscription(
             self.host.js, subjects.TASKS_STREAM, subjects.pool_consumer(self.pool),
@@ -371,12 +376,16 @@ class PoolFeed:
         task = held.task
         if task.deadline_at is None or not self.host.settings.drop_doomed:
             return False
+        return at + self.needed_s(held) > task.deadline_at
+
+    def needed_s(self, held: Held) -> float:
+        """What the task and the nodes after it still need, as ``doomed`` judges it."""
         needed_s = self.least_needed_s(held)
         single_s = self._step_by_size.get(1)
         if not held.ran_from and held.state is not None and single_s:
             _, total = self.core.progress(held.state)
             needed_s = max(needed_s, total * single_s + held.tail_s)
-        return at + needed_s > task.deadline_at
+        return needed_s
 
     def least_needed_s(self, held: Held) -> float:
         """The least the task and the nodes after it still need, at the fastest step times."""
@@ -390,20 +399,27 @@ class PoolFeed:
         """A step's time here at batch ``size`` (``scheduling.step_time``); 0 before any."""
         return scheduling.step_time(self._step_by_size, size, self.step_s or 0.0)
 
-    def ran(self, group: list[Held], elapsed_s: float, ended_at: float) -> None:
-        """Account one step of ``group`` that took ``elapsed_s``."""
+    def ran(self, group: list[Held], elapsed_s: float, ended_at: float, *,
+            step_s: float | None) -> None:
+        """Account one step of ``group``: ``elapsed_s`` the time it held its tasks, ``step_s``
+        the step's own time, learned as this pool's step time (what judges whether work can
+        still make its deadline, and how large a batch may be). Without ``step_s`` (the step
+        ran beside a model's load on the device, and may have waited for it) only the tasks
+        account it: one such step once made an SD3 copy's one-task step figure seven times its
+        time, and the copy dropped tasks that had the time to finish."""
         size = len(group)
-        previous = self._step_by_size.get(size)
-        self._step_by_size[size] = elapsed_s if previous is None else (
-            0.7 * previous + 0.3 * elapsed_s)
         self.stats.batches += 1
         self.stats.batch_items += len(group)
         self.metrics.batch_size.observe(len(group))
-        # smoothed, so one slow step (a load, a busy host) does not swing the estimates
-        self.step_s = elapsed_s if self.step_s is None else 0.7 * self.step_s + 0.3 * elapsed_s
-        if len(group) == 1:
-            self._single_steps += 1
-            self._least_single_s = min(elapsed_s, self._least_single_s or elapsed_s)
+        if step_s is not None:
+            previous = self._step_by_size.get(size)
+            self._step_by_size[size] = step_s if previous is None else (
+                0.7 * previous + 0.3 * step_s)
+            # smoothed, so one slow step (a busy host) does not swing the estimates
+            self.step_s = step_s if self.step_s is None else 0.7 * self.step_s + 0.3 * step_s
+            if len(group) == 1:
+                self._single_steps += 1
+                self._least_single_s = min(step_s, self._least_single_s or step_s)
         for held in group:
             held.ran_from = held.ran_from or ended_at - elapsed_s
             held.ran_until = ended_at
@@ -429,12 +445,12 @@ class PoolFeed:
         if late_s > 0:
             why = f"the deadline passed {late_s:.3f}s before node {task.node} finished"
         else:
-            needs_s = self.least_needed_s(held)
+            needs_s = self.needed_s(held)
             why = (f"node {task.node} and what follows need at least {needs_s:.3f}s, and "
                    f"{-late_s:.3f}s are left before the deadline")
-            log.info("%s: %s (least step here %s s, planned %s s for the node, %s s after)",
-                     self.replica, why, self.least_step_s, task.plan.nodes[task.node].est_s,
-                     held.tail_s)
+            log.info("%s: %s (least step here %s s, one task's step %s s, planned %s s for the "
+                     "node, %s s after)", self.replica, why, self.least_step_s,
+                     self._step_by_size.get(1), task.plan.nodes[task.node].est_s, held.tail_s)
         waited = f"; it waited {max(0.0, held.fetched_at - task.published_at):.3f}s for a device"
         if task.handoffs:
             waited += f" (handed back {task.handoffs} time(s))"

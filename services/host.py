@@ -62,6 +62,14 @@ class LoadFailure:
     retry_at: float  # monotonic; passed: an attempt is under way
 
 
+def _timed(step: Callable[[list[Any]], None], states: list[Any]) -> float:
+    """Run ``step`` on ``states``; the seconds it took, in the thread that ran it (not the
+    event loop's: a busy loop that takes its time to resume says nothing of the step)."""
+    started = time.perf_counter()
+    step(states)
+    return time.perf_counter() - started
+
+
 class DeviceHost:
     def __init__(self, settings: Settings, name: str, *, device: str | None = None,
                  scheduler: scheduling.Scheduler | None = None) -> None:
@@ -82,6 +90,10 @@ class DeviceHost:
         #: progress of the event loop and of the step in progress, for a process's watchdog
         #: (``services.liveness.watch``; `lego node` and `lego host` start one)
         self.liveness = Liveness(settings.liveness_timeout_s)
+        #: models being loaded onto the device now, and loads ever started: a step that ran
+        #: beside a load may have waited for it, and says nothing of how long a step takes
+        self.loading = 0
+        self.loads_started = 0
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -294,16 +306,20 @@ class DeviceHost:
             group = self._next_group(at)
             feed = group[0].feed
             started = time.perf_counter()
+            clear_of_loads = self.loading == 0
+            loads_before = self.loads_started
             self.liveness.step_started()
             try:
-                await asyncio.to_thread(feed.core.step, [h.state for h in group])
+                step_s = await asyncio.to_thread(_timed, feed.core.step, [h.state for h in group])
             except Exception as exc:  # noqa: BLE001 - classified in fail
                 for held in group:
                     await self._end(held, feed.fail(held, exc))
                 continue
             finally:
                 self.liveness.step_ended()
-            feed.ran(group, time.perf_counter() - started, now())
+            clear_of_loads &= self.loading == 0 and self.loads_started == loads_before
+            feed.ran(group, time.perf_counter() - started, now(),
+                     step_s=step_s if clear_of_loads else None)
             try:
                 await feed.report_progress(group)
             except Exception as exc:  # noqa: BLE001 - progress is best effort; steps go on

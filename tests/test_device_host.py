@@ -372,6 +372,49 @@ async def test_a_new_arrival_goes_to_an_idle_host_not_to_a_busy_ones_next_step(
         assert busy.feeds["pool-b@gpu:1"].stats.tasks_handed_back == 1
 
 
+class DeviceCore(RecordingCore):
+    """A ``RecordingCore`` on a device that computes nothing while it loads a model: its steps
+    and its load (``load_s``) hold ``device``."""
+
+    def __init__(self, name: str, log: list[str], lock: threading.Lock, step_s: float,
+                 device: threading.Lock, load_s: float = 0.0) -> None:
+        super().__init__(name, log, lock, step_s)
+        self.device, self.load_s = device, load_s
+
+    def load(self) -> None:
+        with self.device:
+            time.sleep(self.load_s)
+
+    def step(self, states: list[Any]) -> None:
+        with self.device:
+            super().step(states)
+
+
+@pytest.mark.timeout(90)
+async def test_a_step_that_waited_for_a_load_is_not_a_step_time(settings: Settings):
+    """Pool B's model loads (2 s) onto the device while pool A's task runs 0.1 s steps: the
+    step that waited for the load took its tasks 2 s, but the pool's step figures, which judge
+    what can still make its deadline, stay at 0.1 s."""
+    device = threading.Lock()
+    async with Harness(settings) as h:
+        host = DeviceHost(settings, "gpu:0", device="gpu:0")
+        ready_a, ready_b = asyncio.Event(), asyncio.Event()
+        tasks = [asyncio.create_task(host.serve()), asyncio.create_task(host.run_pool(
+            DeviceCore("a", h.log, h.lock, 0.1, device), "pool-a", "m", "pool-a@gpu:0",
+            ready=ready_a))]
+        h.hosts.append((host, tasks))
+        await ready_a.wait()
+        await h.submit("long", "pool-a", 4, None)
+        await h.started()
+        tasks.append(asyncio.create_task(host.run_pool(
+            DeviceCore("b", h.log, h.lock, 0.1, device, load_s=2.0), "pool-b", "m",
+            "pool-b@gpu:0", ready=ready_b)))
+        (state,) = await h.finished("long")
+        assert state.timings[-1].run_ms > 2000  # its task waited for the load
+        feed = host.feeds["pool-a@gpu:0"]
+        assert feed.step_time_s(1) < 0.15
+
+
 # --- liveness ------------------------------------------------------------------------------
 
 def test_a_stuck_step_or_event_loop_is_caught():
