@@ -168,6 +168,14 @@ class Plan(msgspec.Struct):
             found |= {p, *self.ancestors(p)}
         return found
 
+    def paths_to(self, node: str) -> list[list[str]]:
+        """Every chain of nodes from a root to ``node``'s predecessors, ``node`` left out
+        (one empty chain for a root)."""
+        preds = sorted(self.predecessors(node))
+        if not preds:
+            return [[]]
+        return [[*path, p] for p in preds for path in self.paths_to(p)]
+
     def successors(self, node: str) -> list[str]:
         return [name for name in self.nodes if node in self.predecessors(name)]
 

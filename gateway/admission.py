@@ -7,17 +7,17 @@ needs; if that is past the deadline, the request is rejected (HTTP 503 with Retr
 or an error result on NATS) instead of timing out in a queue. Work whose deadline passes anyway
 is dropped by the node that finds it (``services.runner``), not run.
 
-The bound, for a DAG of nodes: a node cannot start before the tasks ahead of it are done
-(those queued in its pool, and those queued or in progress in the pools upstream of it, which
-will reach it first: ``backlog x work / ready replicas``, FIFO, at the throughput recently
-measured) nor before its predecessors finish, and then takes at least its steps times the
-least time a step of its pool has taken. A request's ``eta_s`` is the expected finish: the same
-walk with its own steps at the mean time recent tasks' steps took (batches shared included);
-what admission holds against the deadline takes their 90th percentile, so that an admitted
-request still finishes in time when its steps run slower than the mean (a fuller batch, a
-busier host). Against the lower bound alone, an overload admitted requests that then ran in
-full batches and missed their deadlines: two thirds of those admitted, on the tiny CPU models;
-against the mean, one in ten.
+The bound, for a DAG of nodes: a node cannot start before the tasks ahead of it are done (those
+queued in its pool, and those queued or in progress upstream of it, which will reach it first,
+the most on any one chain of pools from a root to it: ``backlog x work / ready replicas``,
+FIFO, at the throughput recently measured) nor before its predecessors finish, and then takes
+at least its steps times the least time a step of its pool has taken. A request's ``eta_s`` is
+the expected finish: the same walk with its own steps at the mean time recent tasks' steps took
+(batches shared included); what admission holds against the deadline takes their 90th
+percentile, so that an admitted request still finishes in time when its steps run slower than
+the mean (a fuller batch, a busier host). Against the lower bound alone, an overload admitted
+requests that then ran in full batches and missed their deadlines: two thirds of those
+admitted, on the tiny CPU models; against the mean, one in ten.
 
 Estimates err: a host busier than its recent figures show (on a shared CPU host, the gateway
 itself turning an overload away) makes admitted requests late. ``Margin`` learns from those
@@ -159,15 +159,21 @@ def finish_bound_s(
     say when it should finish (``mean``) or will very likely have finished (``p90``)."""
     memo: dict[str, float] = {}
 
-    def upstream(node: str) -> set[str]:
-        return {plan.nodes[n].pool for n in {node, *plan.ancestors(node)}}
+    def ahead_of(node: str) -> int:
+        """Tasks ahead of a new one at ``node``: those queued in its pool, and the requests
+        upstream of it. A request has a task in each parallel branch (the text encoders
+        feeding one denoiser), so those are the most on any one chain from a root, not the
+        sum over every upstream pool, which counted each request once per branch."""
+        pool = plan.nodes[node].pool
+        own = loads[pool].ahead(upstream=False) if pool in loads else 0
+        chains = ({plan.nodes[n].pool for n in path} - {pool} for path in plan.paths_to(node))
+        return own + max(sum(loads[p].ahead(upstream=True) for p in pools if p in loads)
+                         for pools in chains)
 
     def done_by(node: str) -> float:
         if node not in memo:
             load = loads.get(plan.nodes[node].pool, PoolLoad(0, 0))
-            pool = plan.nodes[node].pool
-            backlog = sum(loads[p].ahead(upstream=p != pool) for p in upstream(node)
-                          if p in loads)
+            backlog = ahead_of(node)
             start = max([load.clear_s(backlog), *(done_by(p) for p in plan.predecessors(node))])
             memo[node] = start + load.own_step_s(step) * (steps or {}).get(node, 1)
         return memo[node]

@@ -62,6 +62,31 @@ def test_queues_ahead_raise_the_bound() -> None:
     assert finish_bound_s(PLAN, two, steps) == pytest.approx(1.0 + 0.2 + 0.02)
 
 
+def test_a_request_in_parallel_branches_is_ahead_once() -> None:
+    """FLUX's two text encoders feed one denoiser: a request queued at both is one request
+    ahead of the denoiser, not two; a chain of pools (encoder, then denoiser) adds up."""
+    plan = SPECS["flux-txt2img"].compile()
+    pools = {name: node.pool for name, node in plan.nodes.items()}
+    figures = {"encode": (0.01, 1), "encode_t5": (0.03, 1), "denoise": (0.2, 4),
+               "decode": (0.02, 1)}
+
+    def queued(**lags: int) -> dict[str, PoolLoad]:
+        return {pools[n]: PoolLoad(lag=lags.get(n, 0), ready=1, work_s=work,
+                                   step_s=work / steps, steps_per_task=steps)
+                for n, (work, steps) in figures.items()}
+
+    steps = {"encode": 1, "encode_t5": 1, "denoise": 4, "decode": 1}
+    idle = finish_bound_s(plan, queued(), steps)
+    assert idle == pytest.approx(0.03 + 0.2 + 0.02)
+    # 5 requests queued at both encoders: 5 denoiser tasks (1 s) ahead, not 10 (2 s); its
+    # own text encodings are done by then
+    both = finish_bound_s(plan, queued(encode=5, encode_t5=5), steps)
+    assert both == pytest.approx(1.0 + 0.2 + 0.02)
+    # 5 more already past the encoders, queued at the denoiser: 10 ahead there
+    chain = finish_bound_s(plan, queued(encode=5, encode_t5=5, denoise=5), steps)
+    assert chain == pytest.approx(both + 1.0)
+
+
 def test_steps_admitted_since_the_last_sample_count() -> None:
     """A burst inside one sampling period: the lag sampled is 0, the admitted steps are not."""
     steps = {"encode": 1, "denoise": 4, "decode": 1}
