@@ -72,6 +72,10 @@ def _mean(values: Any) -> float | None:
     return round(sum(values) / len(values), 3) if values else None
 
 
+#: a step counts to a pool's step figures as at most this many times the figure so far
+_OUTLIER = 2.0
+
+
 @dataclass(eq=False)
 class Held:
     """A task this host holds: fetched, not yet acked."""
@@ -400,26 +404,27 @@ class PoolFeed:
         return scheduling.step_time(self._step_by_size, size, self.step_s or 0.0)
 
     def ran(self, group: list[Held], elapsed_s: float, ended_at: float, *,
-            step_s: float | None) -> None:
-        """Account one step of ``group``: ``elapsed_s`` the time it held its tasks, ``step_s``
-        the step's own time, learned as this pool's step time (what judges whether work can
-        still make its deadline, and how large a batch may be). Without ``step_s`` (the step
-        ran beside a model's load on the device, and may have waited for it) only the tasks
-        account it: one such step once made an SD3 copy's one-task step figure seven times its
-        time, and the copy dropped tasks that had the time to finish."""
+            measured: bool = True) -> None:
+        """Account one step of ``group`` that took ``elapsed_s``. Its time counts to its
+        tasks; to the pool's step times (what judges whether work can still make its deadline,
+        and how large a batch may be) only if ``measured`` (not if it ran beside a model's load
+        on the device, which it may have waited for), and at most ``_OUTLIER`` times the
+        figure so far: a step held up once (a busy event loop, a load on the device) once
+        made an SD3 copy's one-task step figure several times its time, and the copy dropped
+        tasks that had the time to finish. A lasting change still shows within a few steps."""
         size = len(group)
         self.stats.batches += 1
         self.stats.batch_items += len(group)
         self.metrics.batch_size.observe(len(group))
-        if step_s is not None:
+        if measured:
             previous = self._step_by_size.get(size)
-            self._step_by_size[size] = step_s if previous is None else (
-                0.7 * previous + 0.3 * step_s)
-            # smoothed, so one slow step (a busy host) does not swing the estimates
-            self.step_s = step_s if self.step_s is None else 0.7 * self.step_s + 0.3 * step_s
+            self._step_by_size[size] = elapsed_s if previous is None else (
+                0.7 * previous + 0.3 * min(elapsed_s, _OUTLIER * previous))
+            self.step_s = elapsed_s if self.step_s is None else (
+                0.7 * self.step_s + 0.3 * min(elapsed_s, _OUTLIER * self.step_s))
             if len(group) == 1:
                 self._single_steps += 1
-                self._least_single_s = min(step_s, self._least_single_s or step_s)
+                self._least_single_s = min(elapsed_s, self._least_single_s or elapsed_s)
         for held in group:
             held.ran_from = held.ran_from or ended_at - elapsed_s
             held.ran_until = ended_at

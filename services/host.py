@@ -62,14 +62,6 @@ class LoadFailure:
     retry_at: float  # monotonic; passed: an attempt is under way
 
 
-def _timed(step: Callable[[list[Any]], None], states: list[Any]) -> float:
-    """Run ``step`` on ``states``; the seconds it took, in the thread that ran it (not the
-    event loop's: a busy loop that takes its time to resume says nothing of the step)."""
-    started = time.perf_counter()
-    step(states)
-    return time.perf_counter() - started
-
-
 class DeviceHost:
     def __init__(self, settings: Settings, name: str, *, device: str | None = None,
                  scheduler: scheduling.Scheduler | None = None) -> None:
@@ -310,7 +302,7 @@ class DeviceHost:
             loads_before = self.loads_started
             self.liveness.step_started()
             try:
-                step_s = await asyncio.to_thread(_timed, feed.core.step, [h.state for h in group])
+                await asyncio.to_thread(feed.core.step, [h.state for h in group])
             except Exception as exc:  # noqa: BLE001 - classified in fail
                 for held in group:
                     await self._end(held, feed.fail(held, exc))
@@ -318,8 +310,7 @@ class DeviceHost:
             finally:
                 self.liveness.step_ended()
             clear_of_loads &= self.loading == 0 and self.loads_started == loads_before
-            feed.ran(group, time.perf_counter() - started, now(),
-                     step_s=step_s if clear_of_loads else None)
+            feed.ran(group, time.perf_counter() - started, now(), measured=clear_of_loads)
             try:
                 await feed.report_progress(group)
             except Exception as exc:  # noqa: BLE001 - progress is best effort; steps go on
