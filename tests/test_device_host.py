@@ -9,7 +9,8 @@ import math
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from common.store import open_store
 from common.tracking import RequestTracker
 from services import liveness, scheduling
 from services.core import ModelCore, Result, WorkItem
+from services.feed import PoolFeed
 from services.host import DeviceHost
 
 GB = 10**9
@@ -393,8 +395,8 @@ class DeviceCore(RecordingCore):
 @pytest.mark.timeout(90)
 async def test_a_step_that_waited_for_a_load_is_not_a_step_time(settings: Settings):
     """Pool B's model loads (2 s) onto the device while pool A's task runs 0.1 s steps: the
-    step that waited for the load took its tasks 2 s, but the pool's step figures, which judge
-    what can still make its deadline, stay at 0.1 s."""
+    step that waited for the load took its task 2 s, but it does not count to the pool's step
+    figures, which judge what can still make its deadline."""
     device = threading.Lock()
     async with Harness(settings) as h:
         host = DeviceHost(settings, "gpu:0", device="gpu:0")
@@ -404,6 +406,16 @@ async def test_a_step_that_waited_for_a_load_is_not_a_step_time(settings: Settin
             ready=ready_a))]
         h.hosts.append((host, tasks))
         await ready_a.wait()
+        feed = host.feeds["pool-a@gpu:0"]
+        steps: list[tuple[float, bool]] = []
+        ran = feed.ran
+
+        def recording(group: Any, elapsed_s: float, ended_at: float, *,
+                      measured: bool = True) -> None:
+            steps.append((elapsed_s, measured))
+            ran(group, elapsed_s, ended_at, measured=measured)
+
+        feed.ran = recording  # type: ignore[method-assign]
         await h.submit("long", "pool-a", 4, None)
         await h.started()
         tasks.append(asyncio.create_task(host.run_pool(
@@ -411,8 +423,24 @@ async def test_a_step_that_waited_for_a_load_is_not_a_step_time(settings: Settin
             "pool-b@gpu:0", ready=ready_b)))
         (state,) = await h.finished("long")
         assert state.timings[-1].run_ms > 2000  # its task waited for the load
-        feed = host.feeds["pool-a@gpu:0"]
+        assert len(steps) == 4 and any(elapsed > 1.5 for elapsed, _ in steps)
+        assert all(not measured for elapsed, measured in steps if elapsed > 1.5)
         assert feed.step_time_s(1) < 0.15
+
+
+def test_one_slow_step_moves_a_step_figure_by_a_bounded_share():
+    """A step far slower than the figure so far counts as twice the figure: one hold-up does
+    not make the pool's work look several times longer; a step beside a load not at all."""
+    feed = PoolFeed(cast(Any, None), RecordingCore("a", [], threading.Lock(), 0.1), "pool-a",
+                    "m", "pool-a@gpu:0", 0.0)
+    task = SimpleNamespace(ran_from=0.0, ran_until=0.0, run_s=0.0, work_s=0.0, batch=1)
+    group = cast(Any, [task])
+    for elapsed in (0.1, 0.1, 5.0):
+        feed.ran(group, elapsed, 10.0)
+    assert feed.step_time_s(1) == pytest.approx(0.7 * 0.1 + 0.3 * 0.2)
+    feed.ran(group, 5.0, 15.0, measured=False)
+    assert feed.step_time_s(1) == pytest.approx(0.7 * 0.1 + 0.3 * 0.2)
+    assert task.run_s == pytest.approx(10.2)  # the task's own time counts every step
 
 
 # --- liveness ------------------------------------------------------------------------------
