@@ -28,6 +28,10 @@ class TextEncoderCore(OneShotCore):
     batch_exact: bool | None = None
     #: whether a request may name LoRAs (their text encoder layers apply here)
     takes_loras = True
+    #: whether the batch running now has LoRAs: ``batch_exact`` was probed on the plain
+    #: model, and with a LoRA's layers rows encoded together can round differently, on some
+    #: CPUs, from one at a time, as the pipeline encodes a prompt and its negative
+    with_loras = False
 
     def load(self) -> None:
         self.tokenizer = self.part("tokenizer")
@@ -70,10 +74,19 @@ class TextEncoderCore(OneShotCore):
             model.read(lora_key(item.params), self.source)
 
     def step(self, states: list[Any]) -> None:
+        loras = lora_key(states[0].item.params)
         if self.takes_loras:
             for model in self.lora_models:
-                model.activate(lora_key(states[0].item.params))
+                model.activate(loras)
+        self.with_loras = bool(loras)
         super().step(states)
+
+    def row_chunks(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """``rows`` as one forward's input when batching them is bit-exact here, else one
+        row each."""
+        if self.batch_exact and not self.with_loras:
+            return [rows]
+        return [rows[r : r + 1] for r in range(rows.shape[0])]
 
     def _cfg(self, item: WorkItem) -> bool:
         return float(item.params.get("guidance", 7.5)) > 1 and self.time_cond_proj_dim is None
@@ -127,20 +140,13 @@ class TextEncoderCore(OneShotCore):
     def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """One forward over all rows, or one per row when batching is not bit-exact."""
         input_ids = input_ids.to(self.device)
-        mask = attention_mask.to(self.device) if self.use_attention_mask else None
+        masks = (self.row_chunks(attention_mask.to(self.device)) if self.use_attention_mask
+                 else None)
         with torch.inference_mode():
-            if self.batch_exact or input_ids.shape[0] == 1:
-                out = self.text_encoder(input_ids, attention_mask=mask)[0]
-            else:
-                out = torch.cat(
-                    [
-                        self.text_encoder(
-                            input_ids[r : r + 1],
-                            attention_mask=None if mask is None else mask[r : r + 1],
-                        )[0]
-                        for r in range(input_ids.shape[0])
-                    ]
-                )
+            out = torch.cat([
+                self.text_encoder(ids, attention_mask=None if masks is None else masks[i])[0]
+                for i, ids in enumerate(self.row_chunks(input_ids))
+            ])
             return out.to(dtype=self.text_encoder.dtype)
 
     def _meta(self, item: WorkItem) -> dict[str, Any]:

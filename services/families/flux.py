@@ -76,7 +76,7 @@ class FluxClipEncoderCore(TextEncoderCore):
     def _pool(self, texts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(texts, padding="max_length", max_length=self.max_length,
                              truncation=True, return_tensors="pt").input_ids.to(self.device)
-        chunks = [ids] if self.batch_exact else [ids[r : r + 1] for r in range(len(ids))]
+        chunks = self.row_chunks(ids)
         with torch.inference_mode():
             out = [self.text_encoder(chunk, output_hidden_states=False).pooler_output
                    for chunk in chunks]

@@ -94,7 +94,7 @@ class SdxlTextEncoderCore(TextEncoderCore):
             for tok, enc in self.pairs:
                 ids = tok(texts, padding="max_length", max_length=tok.model_max_length,
                           truncation=True, return_tensors="pt").input_ids.to(self.device)
-                chunks = [ids] if self.batch_exact else [ids[r : r + 1] for r in range(len(ids))]
+                chunks = self.row_chunks(ids)
                 outputs = [enc(chunk, output_hidden_states=True) for chunk in chunks]
                 hidden.append(torch.cat([out.hidden_states[-2] for out in outputs]))
                 if outputs[0][0].ndim == 2 and (self.pool_all or not projected):
