@@ -163,10 +163,7 @@ class Plan(msgspec.Struct):
 
     def ancestors(self, node: str) -> set[str]:
         """The nodes that run before ``node``: its predecessors, theirs, and so on."""
-        found = set()
-        for p in self.predecessors(node):
-            found |= {p, *self.ancestors(p)}
-        return found
+        return {n for path in self.paths_to(node) for n in path}
 
     def paths_to(self, node: str) -> list[list[str]]:
         """Every chain of nodes from a root to ``node``'s predecessors, ``node`` left out
@@ -177,7 +174,15 @@ class Plan(msgspec.Struct):
         return [[*path, p] for p in preds for path in self.paths_to(p)]
 
     def successors(self, node: str) -> list[str]:
-        return [name for name in self.nodes if node in self.predecessors(name)]
+        return self._successor_map()[node]
+
+    def _successor_map(self) -> dict[str, list[str]]:
+        """Node -> the nodes that read its outputs, in the plan's order."""
+        successors: dict[str, list[str]] = {name: [] for name in self.nodes}
+        for name in self.nodes:
+            for p in self.predecessors(name):
+                successors[p].append(name)
+        return successors
 
     def roots(self) -> list[str]:
         return [name for name in self.nodes if not self.predecessors(name)]
@@ -185,10 +190,7 @@ class Plan(msgspec.Struct):
     def tail_s(self, node: str) -> float:
         """Estimated work still to run after ``node`` finishes: its longest chain of
         successors, by their ``est_s``."""
-        successors: dict[str, list[str]] = {name: [] for name in self.nodes}
-        for name in self.nodes:
-            for p in self.predecessors(name):
-                successors[p].append(name)
+        successors = self._successor_map()
 
         @functools.cache
         def tail(n: str) -> float:

@@ -72,12 +72,6 @@ def memory_order(tensor: torch.Tensor) -> list[int] | None:
 OFF_LOOP_BYTES = 1 << 20
 
 
-def _nbytes(tensor: torch.Tensor | np.ndarray) -> int:
-    if isinstance(tensor, np.ndarray):
-        return tensor.nbytes
-    return tensor.element_size() * tensor.nelement()
-
-
 def tensor_bytes(tensor: torch.Tensor | np.ndarray) -> tuple[memoryview, list[int] | None]:
     """The raw bytes of ``tensor`` in its memory order, and that order (``memory_order``; the
     bytes are copied only if the tensor is dense in no order, or not on the CPU)."""
@@ -245,7 +239,7 @@ class ShmStore(TensorStore):
     async def put(self, key: str, tensor: torch.Tensor | np.ndarray, ttl_s: float) -> TensorRef:
         _check_key(key)
         path = self._path(key)
-        if _nbytes(tensor) >= OFF_LOOP_BYTES:  # copying megabytes would stall the event loop
+        if tensor.nbytes >= OFF_LOOP_BYTES:  # copying megabytes would stall the event loop
             data, order = await asyncio.to_thread(self._write, path, tensor)
         else:
             data, order = self._write(path, tensor)

@@ -152,12 +152,8 @@ class PoolFeed:
         """Load the model and bind to the pool's consumer."""
         settings = self.host.settings
         started = time.perf_counter()
-        self.host.loading += 1
-        self.host.loads_started += 1
-        try:
+        with self.host.loading_model():
             imported_s = await asyncio.to_thread(self.core.load_serialized)
-        finally:
-            self.host.loading -= 1
         self.stats.loaded_s = time.perf_counter() - started
         self._sub = await bus.pull_subscription(
             self.host.js, subjects.TASKS_STREAM, subjects.pool_consumer(self.pool),

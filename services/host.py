@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -230,6 +230,16 @@ class DeviceHost:
         self.changed()  # a pool waiting to be loaded again stops waiting
 
     # --- what feeds ask -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def loading_model(self) -> Iterator[None]:
+        """Mark a model's load onto this device, for the steps that run beside it."""
+        self.loading += 1
+        self.loads_started += 1
+        try:
+            yield
+        finally:
+            self.loading -= 1
 
     def may_fetch(self, feed: PoolFeed) -> bool:
         return not feed.stopping and self.may_start(feed)
