@@ -138,6 +138,9 @@ class PlanNode(msgspec.Struct):
     #: estimated compute of this node for this request, seconds (its steps at the step time the
     #: pool has shown; 0 when not yet measured): device hosts order work by the slack it leaves
     est_s: float = 0.0
+    #: whether a step's two guidance branches may run on two devices (CFG parallelism,
+    #: ``services.parallel``): "off", "auto" or "always"
+    parallel: str = "off"
 
     def sources(self) -> dict[str, Ref]:
         """Input name -> the tensor it reads."""
@@ -231,6 +234,28 @@ def merge_meta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     if warnings:
         merged["warnings"] = warnings
     return merged
+
+
+class BranchStep(msgspec.Struct):
+    """One denoising step's negative guidance branch, asked of another device that holds the
+    model (CFG parallelism, ``services.branches``): the batch's tasks (their inputs give the
+    helper each request's conditioning), each task's step index, and the step's model inputs,
+    one row per task, in the tensor store."""
+
+    host: str  # the asking host: a host does not help itself
+    tasks: list[Task]
+    steps: list[int]
+    sample: TensorRef
+
+
+class BranchResult(msgspec.Struct, omit_defaults=True):
+    """A helper's answers to a ``BranchStep``: first that it took it (``accepted``), then the
+    branch's predictions, one row per task, in the tensor store; or why it does not run it
+    (the asking host then runs it itself)."""
+
+    accepted: bool = False
+    noise: TensorRef | None = None
+    declined: str | None = None
 
 
 class JoinState(msgspec.Struct):
@@ -349,6 +374,10 @@ class ReplicaStatus(msgspec.Struct):
     error: str | None = None
     failures: int = 0  # attempts to load that failed in a row
     retry_in_s: float | None = None  # until the next attempt (0: under way)
+    #: steps whose negative guidance branch another device ran (CFG parallelism), and
+    #: branches this replica ran for another device's steps
+    split_steps: int = 0
+    helped_steps: int = 0
 
 
 class ResidentPool(msgspec.Struct, frozen=True):

@@ -142,6 +142,13 @@ class Settings(BaseSettings):
         8, ge=0, description="times a task fetched by a host that got busy meanwhile may be "
         "handed back to its queue for an idle device (then the host keeps it)",
     )
+    parallel: Literal["off", "auto", "always"] = Field(
+        "off", description="CFG parallelism of the denoiser steps of workflows that name none "
+        "(a workflow's ``parallel``): off; auto, the negative guidance branch on an idle device "
+        "holding the model while that is faster; always, whenever one is idle. Split guidance "
+        "rounds differently from batched guidance (within 1/255 per pixel), so off is the "
+        "default: the same seed gives the same bits",
+    )
     drop_doomed: bool = Field(
         True, description="drop a task whose request can no longer meet its deadline (its "
         "remaining work at the fastest measured step times exceeds the time left), not only "

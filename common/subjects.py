@@ -10,6 +10,10 @@
                                   shared by every gateway replica: a request's events to POST
                                   to its webhook_url, kept until delivered or given up
     lego.replicas.<pool>          core NATS: every replica's status, once a second
+    lego.branch.<pool>            core NATS, queue group "helpers": a denoising step's
+                                  negative guidance branch, for an idle device that holds the
+                                  model (only those subscribe; CFG parallelism); answered on
+                                  the asking host's inbox, accepted first, then done
     lego.autoscaler.events        core NATS: the autoscaler's scale decisions (ScaleEvent)
     lego.admission.shed           core NATS: tasks each ingress turned away, per pool (ShedReport)
     KV lego-requests              request state, any gateway replica answers from it
@@ -116,6 +120,14 @@ def webhook_subject(request_id: str, event: str) -> str:
 
 def replica_subject(pool: str) -> str:
     return f"lego.replicas.{pool}"
+
+
+#: the queue group of every pool's branch subject: one idle helper gets each step
+BRANCH_QUEUE = "helpers"
+
+
+def branch_subject(pool: str) -> str:
+    return f"lego.branch.{pool}"
 
 
 def task_msg_id(request_id: str, node: str, handoffs: int = 0) -> str:

@@ -115,6 +115,12 @@ class WorkflowSpec(BaseModel):
     #: seconds one request takes alone; deadlines default to a multiple of it (a number > 0:
     #: not a boolean, nor a string that looks like one)
     solo_latency_s: float | None = Field(None, gt=0, strict=True)
+    #: whether its denoising steps may run their two guidance branches on two devices (CFG
+    #: parallelism, ``services.parallel``); None: the deployment's default (``parallel``)
+    parallel: Literal["off", "auto", "always"] | None = Field(
+        None, description="CFG parallelism of its denoiser steps: off, auto (when a device "
+        "holding the model is idle and it pays), always (when a device is idle); default: "
+        "the deployment's")
 
     @model_validator(mode="after")
     def _output_params(self) -> WorkflowSpec:
@@ -207,9 +213,10 @@ class WorkflowSpec(BaseModel):
             for node in self.nodes.values()
         }
 
-    def compile(self, *, monolithic: bool = False) -> Plan:
+    def compile(self, *, monolithic: bool = False, parallel: str = "off") -> Plan:
         """The DAG of node tasks; with ``monolithic``, one node ``pipeline`` that runs the whole
-        workflow and takes every uploaded image the workflow reads (``request.<param>``)."""
+        workflow and takes every uploaded image the workflow reads (``request.<param>``).
+        ``parallel``: the CFG parallelism of its stepped nodes where it names none."""
         if monolithic:
             images = sorted({
                 ref.name
@@ -232,6 +239,7 @@ class WorkflowSpec(BaseModel):
                     op=KINDS[node.kind].op,
                     inputs=dict(node.inputs),
                     adapters=[self.models[node.controlnet]] if node.controlnet else [],
+                    parallel=(self.parallel or parallel) if KINDS[node.kind].stepped else "off",
                 )
                 for name, node in self.nodes.items()
             },

@@ -130,6 +130,7 @@ class EmulatedCore(ModelCore):
             raise ValueError(f"the emulated executor has no {self.node_kind!r} (profiled: "
                              f"{', '.join(EMULATED_KINDS)})")
         self.kind = self.node_kind
+        self.guidance_branches = KINDS[self.node_kind].stepped
         self.ops = ()
         self.components = ()
         self.device = torch.device("cpu")  # where its zero tensors are (``output_tensors``)
@@ -169,20 +170,45 @@ class EmulatedCore(ModelCore):
 
     def step(self, states: list[EmulatedState]) -> None:
         first = states[0]
-        rows = len(states)
         kind = KINDS[self.node_kind]
         if kind.stepped:
-            for spec in sorted({a for s in states for a in s.adapters} - self.attached):
-                self._attach(spec)  # one no workflow was known to use: on its first use
-            counts = collections.Counter(a for s in states for a in s.adapters)
-            controlnets = {a: (self.adapter_profiles[a], n) for a, n in counts.items()}
-            seconds = denoise_step_seconds(self.profile, rows, first.cfg, first.height,
-                                           first.width, controlnets)
+            seconds = self._denoise_s(states, first.cfg)
         else:  # a text encoder encodes the negative prompts too under CFG
             factor = 2 if first.cfg and kind.guided else 1
-            seconds = call_seconds(self.profile, self.node_kind, rows * factor, first.height,
-                                   first.width)
+            seconds = call_seconds(self.profile, self.node_kind, len(states) * factor,
+                                   first.height, first.width)
         self.gpu.run(self.owner, seconds)
+        for state in states:
+            state.done_steps += 1
+
+    def _denoise_s(self, states: list[EmulatedState], cfg: bool) -> float:
+        """A denoising step of ``states`` (one branch's: ``cfg`` False), ControlNets
+        included (attached on their first use where no workflow was known to use them)."""
+        for spec in sorted({a for s in states for a in s.adapters} - self.attached):
+            self._attach(spec)
+        counts = collections.Counter(a for s in states for a in s.adapters)
+        controlnets = {a: (self.adapter_profiles[a], n) for a, n in counts.items()}
+        first = states[0]
+        return denoise_step_seconds(self.profile, len(states), cfg, first.height, first.width,
+                                    controlnets)
+
+    # CFG parallelism: each branch costs a step of one row per state, and the devices hand
+    # over latent-sized tensors (real bytes through the tensor store)
+
+    def splits(self, states: list[EmulatedState]) -> bool:
+        return KINDS[self.node_kind].stepped and all(s.cfg for s in states)
+
+    def branch_inputs(self, states: list[EmulatedState]) -> torch.Tensor:
+        first = states[0]
+        return _output("latents", self.profile, len(states), first.height, first.width)
+
+    def run_branch(self, states: list[EmulatedState], branch: int, inputs: torch.Tensor,
+                   steps: list[int]) -> torch.Tensor:
+        self.gpu.run(self.owner, self._denoise_s(states, cfg=False))
+        return torch.zeros_like(inputs)
+
+    def join_branches(self, states: list[EmulatedState], negative: torch.Tensor,
+                      positive: torch.Tensor) -> None:
         for state in states:
             state.done_steps += 1
 

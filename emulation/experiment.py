@@ -172,13 +172,33 @@ def eta_errors(outcomes: list[Outcome]) -> dict[str, Any]:
 
 def run_slo(base: Settings, run: SloRun, *, seed: int = 0) -> dict[str, Any]:
     """One system on one trace, on a fresh stack (its own NATS, store and autoscaler)."""
-    from lego.stack import Stack, free_port
-
     workload = load_workload(run.workload, base.profile_dir, run.time_scale)
     limit = bound(workload, run.arrivals, run.devices, slo_factor=base.slo_factor, seed=seed)
     requests = list(zip((a.at_s for a in run.arrivals),
                         workload.assign(run.arrivals, seed=seed), strict=True))
     deadline_s = {name: base.slo_factor * workload.solo_s(name) for name in workload.workflows}
+    outcomes, wall_s = replay_on_stack(base, run, requests, max(deadline_s.values()))
+    span_s = max(duration_s(run.arrivals), 1e-9)
+    result = {"system": run.system, **summarize(outcomes, deadline_s, run.time_scale, span_s)}
+    result["bound_attainment"] = limit["slo_attainment"]
+    if getattr(base, "admission_rule", None) is not None:  # a setting newer than this code
+        result["admission_rule"] = base.admission_rule
+    result.update({
+        "workload": run.workload, "devices": run.devices, "time_scale": run.time_scale,
+        "trace_s": round(span_s, 3), "wall_s": round(wall_s, 3),
+        "capacity_rps": round(workload.capacity_rps(run.devices, run.arrivals), 4),
+        "offered_rps": round(len(run.arrivals) / span_s, 4),
+    })
+    return result
+
+
+def replay_on_stack(base: Settings, run: SloRun, requests: Sequence[tuple[float, str]],
+                    deadline_s: float) -> tuple[list[Outcome], float]:
+    """Send ``requests`` ((trace time, workflow)) to a fresh stack of ``run``'s system,
+    workload, devices and time scale (its own NATS, store and autoscaler); their outcomes and
+    the wall seconds the replay took. ``deadline_s``: the longest deadline, in wall seconds."""
+    from lego.stack import Stack, free_port
+
     tag = uuid.uuid4().hex[:8]
     with tempfile.TemporaryDirectory(prefix=f"lego-slo-{tag}-") as tmp:
         settings = emulated_settings(
@@ -194,25 +214,13 @@ def run_slo(base: Settings, run: SloRun, *, seed: int = 0) -> dict[str, Any]:
             stack.start()
             # every request ends by then: dropped at its deadline, or by a replica started
             # for it (a pool at zero waits out another's scale-down delay, then a cold start)
-            wait_s = 4 * max(deadline_s.values()) + settings.scale_down_delay_s + 10.0
+            wait_s = 4 * deadline_s + settings.scale_down_delay_s + 10.0
             started = time.perf_counter()
             outcomes = run_async(replay(stack.gateway_url, requests, run.time_scale, wait_s))
-            wall_s = time.perf_counter() - started
+            return outcomes, time.perf_counter() - started
         finally:
             stack.stop(timeout_s=30)
             shutil.rmtree(settings.shm_root, ignore_errors=True)
-    span_s = max(duration_s(run.arrivals), 1e-9)
-    result = {"system": run.system, **summarize(outcomes, deadline_s, run.time_scale, span_s)}
-    result["bound_attainment"] = limit["slo_attainment"]
-    if getattr(base, "admission_rule", None) is not None:  # a setting newer than this code
-        result["admission_rule"] = base.admission_rule
-    result.update({
-        "workload": run.workload, "devices": run.devices, "time_scale": run.time_scale,
-        "trace_s": round(span_s, 3), "wall_s": round(wall_s, 3),
-        "capacity_rps": round(workload.capacity_rps(run.devices, run.arrivals), 4),
-        "offered_rps": round(len(run.arrivals) / span_s, 4),
-    })
-    return result
 
 
 def repeat_slo(base: Settings, make_run: Callable[[int], SloRun], repeat: int = 1, *,
@@ -386,7 +394,7 @@ def _cell(entrants: dict[str, tuple[str, Settings]], label: str, workload: str,
     return result
 
 
-def _at_scale(scale: float, *, seed: int) -> list[Arrival]:
+def at_scale(scale: float, *, seed: int) -> list[Arrival]:
     return trace_for_scale(scale)  # the shipped traces' order: the seed bears on Mix-12 only
 
 
@@ -425,7 +433,7 @@ def sweep_workload(
     for label in entrants:
         for scale in scales:
             rows.append({"rate_scale": scale,
-                         **cell(label, arrivals_for=functools.partial(_at_scale, scale))})
+                         **cell(label, arrivals_for=functools.partial(at_scale, scale))})
             log(_row_line(rows[-1]))
     rate = {s: sustained(rows, s) for s in entrants}
     loaded: Workload = load_workload(workload, base.profile_dir)

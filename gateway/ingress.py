@@ -183,7 +183,7 @@ class Ingress:
         return pinned
 
     def plan(self, spec: WorkflowSpec) -> Plan:
-        return spec.compile(monolithic=self.settings.monolithic)
+        return spec.compile(monolithic=self.settings.monolithic, parallel=self.settings.parallel)
 
     def estimated(self, plan: Plan, spec: WorkflowSpec, params: dict[str, Any]) -> Plan:
         """``plan`` with each node's estimated compute (its steps at the least step time its

@@ -384,6 +384,21 @@ def main(args: argparse.Namespace) -> int:
                     f"{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}" for r in rows[i:i + len(HOP_MODES)]))
     elif args.which in ("slo", "sweep", "bound", "eta"):
         return _emulated(settings, args)
+    elif args.which == "parallel":
+        from emulation.parallelism import bench_parallel, print_parallel
+
+        if args.repeat is not None and args.repeat < 1:
+            raise SystemExit("lego bench parallel: --repeat must be >= 1")
+        result = bench_parallel(
+            settings, [args.workload] if args.workload else ["flux3", "mix12"],
+            devices=args.devices, time_scale=args.time_scale or 4.0,
+            scales=[float(x) for x in args.scales.split(",")] if args.scales else None,
+            repeat=args.repeat or 3, rows=not args.solo_only,
+            log=lambda line: print(line, file=sys.stderr, flush=True))
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print_parallel(result)
     elif args.which == "overhead":
         from lego.overhead import bench_overhead, print_overhead
 
@@ -444,6 +459,8 @@ def _emulated(settings: Settings, args: argparse.Namespace) -> int:
 
     if args.repeat is not None and args.repeat < 1:
         raise SystemExit(f"lego bench {args.which}: --repeat must be >= 1")
+    if args.parallel:
+        settings = settings.model_copy(update={"parallel": args.parallel})
     if args.which == "eta":  # a loaded trace replay, shortened as the sweep's cells are
         args.rate_scale = args.rate_scale if args.rate_scale is not None else ETA_RATE_SCALE
         args.time_scale = args.time_scale or 4.0

@@ -13,6 +13,7 @@
     lego schema                  JSON Schemas of the request and the result
     lego bench hop|e2e|burst     benchmarks
     lego bench slo|sweep|bound   the emulated GPU cluster's experiment, and its physical limit
+    lego bench parallel          CFG parallelism on the emulated cluster: solo latency, load
     lego bench eta               the error of the ETA a request gets, on an emulated replay
     lego bench chaos             faults (replica, NATS, store, cluster member) and overload
 """
@@ -617,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench.add_argument("which", choices=["hop", "e2e", "overhead", "burst", "slo", "sweep", "bound",
-                                         "eta", "chaos"])
+                                         "eta", "chaos", "parallel"])
     bench.add_argument("--json", action="store_true")
     bench.add_argument("--iterations", type=int, default=None)
     burst = bench.add_argument_group("burst")
@@ -667,6 +668,12 @@ def build_parser() -> argparse.ArgumentParser:
     slo.add_argument("--admission", choices=["lego", "paper", "both"],
                      help="micro's admission rule (the admission_rule setting); sweep: both "
                           "runs micro with each, as micro and micro-paper (default lego)")
+    slo.add_argument("--parallel", choices=["off", "auto", "always"],
+                     help="slo, sweep: CFG parallelism of the workflows' denoiser steps (the "
+                          "parallel setting; default off); parallel: the modes it compares "
+                          "(default off,auto)")
+    slo.add_argument("--solo-only", action="store_true",
+                     help="parallel: the solo latencies only, not the rate scales' rows")
     slo.add_argument("--out", type=Path, default=Path("bench-results"),
                      help="sweep: where the plots and JSON go (default bench-results/)")
     bench.set_defaults(func=cmd_bench)

@@ -110,6 +110,9 @@ class ModelCore(abc.ABC):
     #: whether rows batched into one call give the same bits as one call each (a core that
     #: batches rows decides at load, ``probe_batch_exact``); None: not known (yet)
     batch_exact: bool | None = None
+    #: whether it can run a step's guidance branches apart (``splits``): a host offers to run
+    #: them for another device's steps only then (``services.branches``)
+    guidance_branches: bool = False
 
     def __init__(self, model_dir: Path, *, device: str = "cpu", max_batch: int = 8,
                  dtype: str = "auto") -> None:
@@ -211,6 +214,32 @@ class ModelCore(abc.ABC):
     @abc.abstractmethod
     def finish(self, state: Any) -> Result:
         """The outputs of a finished state."""
+
+    # --- a step's two guidance branches on two devices (CFG parallelism) --------------------
+    # A step that ``splits`` runs as: ``branch_inputs`` (what the other device needs), the
+    # negative branch (0) there and the positive one (1) here, each ``run_branch``, then
+    # ``join_branches``; ``services.branches`` moves the tensors between the devices.
+
+    def splits(self, states: list[Any]) -> bool:
+        """Whether the next step of ``states`` (a batch) may run its guidance branches apart."""
+        return False
+
+    def branch_inputs(self, states: list[Any]) -> torch.Tensor:
+        """This step's model input of each state, one row each: what both branches read."""
+        raise NotImplementedError(f"{type(self).__name__} does not split its steps")
+
+    def run_branch(self, states: list[Any], branch: int, inputs: torch.Tensor,
+                   steps: list[int]) -> torch.Tensor:
+        """Guidance branch ``branch`` (0: the negative prompt's, 1: the positive's) of step
+        ``steps[i]`` of each state, on ``inputs`` (``branch_inputs``, maybe another device's):
+        its predictions, one row per state. The states may be another device's copies, made
+        by ``start`` from the same items (a helper's)."""
+        raise NotImplementedError(f"{type(self).__name__} does not split its steps")
+
+    def join_branches(self, states: list[Any], negative: torch.Tensor,
+                      positive: torch.Tensor) -> None:
+        """End the step as ``step`` would from the two branches' predictions."""
+        raise NotImplementedError(f"{type(self).__name__} does not split its steps")
 
 
 class OneShotCore(ModelCore):

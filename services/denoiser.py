@@ -11,6 +11,7 @@ tolerance (a batched convolution may round differently from a single one).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
 from collections.abc import Hashable, Sequence
@@ -57,6 +58,10 @@ class DenoiseState:
     loras: LoraKey = ()
     i: int = 0
     serial: int = field(default_factory=lambda: next(_serials))
+    #: a view of one guidance branch of another state (``DenoiserCore.branch_view``): its
+    #: ``latents`` are a step's model input, given
+    view: bool = False
+    views: dict[int, DenoiseState] = field(default_factory=dict)  # branch -> its view
 
     @property
     def rows(self) -> int:
@@ -72,6 +77,7 @@ class DenoiserCore(ModelCore):
     takes_controlnet = takes_loras = True
     #: the diffusers class of the ControlNets it runs
     controlnet_class = "ControlNetModel"
+    guidance_branches = True
 
     def load(self) -> None:
         self.unet = self.weights("unet")
@@ -297,7 +303,12 @@ class DenoiserCore(ModelCore):
         if self.takes_loras:
             self.loras.activate(states[0].loras)  # the states of a step share their LoRAs
         with torch.inference_mode():
-            noise = self._predict(states)
+            self._advance(states, self._predict(states))
+
+    def _advance(self, states: list[DenoiseState], noise: torch.Tensor) -> None:
+        """Guidance and each state's scheduler step, from the model's predictions of every
+        row of ``states``."""
+        with torch.inference_mode():
             row = 0
             for s in states:
                 if s.cfg:
@@ -312,11 +323,55 @@ class DenoiserCore(ModelCore):
                 )[0]
                 s.i += 1
 
+    # --- CFG parallelism: a step's guidance branches on two devices ---------------------------
+
+    def splits(self, states: list[DenoiseState]) -> bool:
+        return all(s.cfg for s in states)
+
+    def model_input(self, state: DenoiseState) -> torch.Tensor:
+        """What the model reads of ``state``'s latents this step (a view's: as given)."""
+        if state.view:
+            return state.latents
+        return state.scheduler.scale_model_input(state.latents, state.timesteps[state.i])
+
+    def branch_inputs(self, states: list[DenoiseState]) -> torch.Tensor:
+        return _rows([self.model_input(s) for s in states])
+
+    def run_branch(self, states: list[DenoiseState], branch: int, inputs: torch.Tensor,
+                   steps: list[int]) -> torch.Tensor:
+        views = [self.branch_view(s, branch) for s in states]
+        for view, x, i in zip(views, inputs.split(1), steps, strict=True):
+            view.latents, view.i = x, i
+        if self.takes_loras:
+            self.loras.activate(states[0].loras)
+        with torch.inference_mode():
+            return self._predict(views)
+
+    def join_branches(self, states: list[DenoiseState], negative: torch.Tensor,
+                      positive: torch.Tensor) -> None:
+        # rows as one forward over both branches has them: each state's negative, positive
+        self._advance(states, torch.stack([negative, positive], 1).flatten(0, 1))
+
+    def branch_view(self, state: DenoiseState, branch: int) -> DenoiseState:
+        """``state`` as a state of one row, its guidance branch ``branch``'s conditioning (the
+        negative prompt's, 0, or the positive's, 1): what ``_predict`` runs that branch of;
+        made once a state."""
+        view = state.views.get(branch)
+        if view is None:
+            row = slice(branch, branch + 1)
+            control = state.control and dataclasses.replace(state.control,
+                                                            image=state.control.image[row])
+            view = state.views[branch] = dataclasses.replace(
+                state, embeds=state.embeds[row], cfg=False, t_rows=state.t_rows[:, row],
+                added_cond={k: v[row] for k, v in state.added_cond.items()}, control=control,
+                serial=next(_serials), view=True, views={})
+        return view
+
     def _predict(self, states: list[DenoiseState]) -> torch.Tensor:
         """One forward of the model over every row of ``states``: the noise predictions."""
         inputs = []
         for s in states:
-            x = s.scheduler.scale_model_input(s.latents, s.timesteps[s.i])
+            x = self.model_input(s)
             inputs.extend([x] * s.rows)
         cond, timestep_cond, added = self._conditioning(states)
         sample, timestep = _rows(inputs), torch.cat([s.t_rows[s.i] for s in states])
@@ -365,7 +420,8 @@ class DenoiserCore(ModelCore):
         return (state.i, len(state.timesteps))
 
     def finish(self, state: DenoiseState) -> Result:
-        if self._cond_cache is not None and state.serial in self._cond_cache[0]:
+        serials = {state.serial, *(v.serial for v in state.views.values())}
+        if self._cond_cache is not None and serials & set(self._cond_cache[0]):
             self._cond_cache = None  # do not keep a finished request's embeddings alive
         latents = state.latents.detach().cpu()
         return Result(tensors={"latents": latents.clone() if latents.is_inference() else latents})

@@ -45,7 +45,7 @@ from common.messages import (
 )
 from common.metrics import percentile
 from common.store import tensor_key
-from services import scheduling
+from services import parallel, scheduling
 from services.core import ModelCore, WorkItem
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ class TaskFigures:
 
     latency_ms: float  # queue + run + store I/O
     work_ms: float  # compute amortised over the batches it shared
-    unit_ms: float  # compute per step
+    unit_ms: float  # compute per step (a split step's at a whole one's time here)
     units: int  # steps
 
 
@@ -87,6 +87,9 @@ class Held:
     attempt: int
     state: Any = None
     run_s: float = 0.0
+    #: ``run_s`` with each split step counted at the time a whole step takes here: what the
+    #: pool's task figures (and admission) see, since a split needs an idle device
+    whole_s: float = 0.0
     work_s: float = 0.0  # run time amortised over the batch sizes it ran in
     io_s: float = 0.0
     batch: int = 1
@@ -113,6 +116,8 @@ class FeedStats:
     tasks_handed_back: int = 0
     batches: int = 0
     batch_items: int = 0
+    split_steps: int = 0  # steps whose negative guidance branch a helper ran
+    helped_steps: int = 0  # branches run for another host's steps
     ready: bool = False
     draining: bool = False
 
@@ -140,6 +145,8 @@ class PoolFeed:
         self.typical_work_s: float | None = None
         self.typical_slack_s: float | None = None
         self.typical_tail_s = 0.0
+        #: what its split steps took here (CFG parallelism, ``services.parallel``)
+        self.split = parallel.SplitFigures()
         self.stopping = False
         self.done = asyncio.Event()  # drained: fetching stopped, nothing held
         self._fetch_ended = False
@@ -400,15 +407,22 @@ class PoolFeed:
         return scheduling.step_time(self._step_by_size, size, self.step_s or 0.0)
 
     def ran(self, group: list[Held], elapsed_s: float, ended_at: float, *,
-            measured: bool = True) -> None:
+            measured: bool = True, split: bool = False) -> None:
         """Account one step of ``group`` that took ``elapsed_s``. Its time counts to its
         tasks; to the pool's step times (what judges whether work can still make its deadline,
         and how large a batch may be) only if ``measured`` (not if it ran beside a model's load
         on the device, which it may have waited for), and at most ``_OUTLIER`` times the
         figure so far: a step held up once (a busy event loop, a load on the device) once
         made an SD3 copy's one-task step figure several times its time, and the copy dropped
-        tasks that had the time to finish. A lasting change still shows within a few steps."""
+        tasks that had the time to finish. A lasting change still shows within a few steps.
+        A ``split`` step (a helper ran its negative branch) counts to the split figures only,
+        and to its tasks' ``whole_s`` at a whole step's time."""
         size = len(group)
+        whole_s = elapsed_s
+        if split:
+            self.split.ran(size, elapsed_s)
+            whole_s = max(elapsed_s, self.step_time_s(size))
+            measured = False
         self.stats.batches += 1
         self.stats.batch_items += len(group)
         self.metrics.batch_size.observe(len(group))
@@ -425,7 +439,8 @@ class PoolFeed:
             held.ran_from = held.ran_from or ended_at - elapsed_s
             held.ran_until = ended_at
             held.run_s += elapsed_s
-            held.work_s += elapsed_s / len(group)
+            held.whole_s += whole_s
+            held.work_s += whole_s / len(group)
             held.batch = max(held.batch, len(group))
 
     # --- ending a task --------------------------------------------------------------------------
@@ -523,7 +538,7 @@ class PoolFeed:
         telemetry.end(held.span, outcome="done")
         self._recent.append(TaskFigures(
             latency_ms=timing.queue_ms + timing.run_ms + timing.io_ms,
-            work_ms=held.work_s * 1000, unit_ms=held.run_s * 1000 / units, units=units,
+            work_ms=held.work_s * 1000, unit_ms=held.whole_s * 1000 / units, units=units,
         ))
 
     async def _store_outputs(self, task: Task, tensors: dict) -> dict[str, TensorRef]:
@@ -664,7 +679,8 @@ class PoolFeed:
             unit_ms_p90=percentile([r.unit_ms for r in recent], 90),
             steps_per_task=_mean(r.units for r in recent),
             tasks_dropped=stats.tasks_dropped, tasks_expired=stats.tasks_expired,
-            metrics_port=self.host.metrics_port,
+            metrics_port=self.host.metrics_port, split_steps=stats.split_steps,
+            helped_steps=stats.helped_steps,
         )
         metrics.REPLICA_REPORTS.report(status)
         await self.host.nc.publish(subjects.replica_subject(self.pool), encode(status))

@@ -32,6 +32,7 @@ from common.settings import Settings
 from common.store import TensorStore, open_store
 from common.tracking import RequestTracker
 from services import scheduling
+from services.branches import Branches
 from services.core import ModelCore
 from services.feed import Held, PoolFeed
 from services.liveness import Liveness
@@ -86,6 +87,8 @@ class DeviceHost:
         #: beside a load may have waited for it, and says nothing of how long a step takes
         self.loading = 0
         self.loads_started = 0
+        #: CFG parallelism: its offers to help other devices' steps, and its own split steps
+        self.branches = Branches(self)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -105,6 +108,7 @@ class DeviceHost:
             asyncio.create_task(self._watch_cancels(watcher)),
             asyncio.create_task(self._status_loop()),
             asyncio.create_task(self._heartbeat_loop()),
+            asyncio.create_task(self.branches.offer_loop()),
         ]
         self._connected.set()
         if ready is not None:
@@ -115,6 +119,7 @@ class DeviceHost:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            await self.branches.close()
             if self._side_tasks:
                 await asyncio.gather(*self._side_tasks, return_exceptions=True)
             await watcher.stop()
@@ -142,6 +147,7 @@ class DeviceHost:
         try:
             await feed.start()
             self.failed.pop(replica, None)  # its ready report stands from now on
+            self.changed()  # it may take work, and offer help (``Branches.offer_loop``)
             if ready is not None:
                 ready.set()
             await feed.fetch_loop()
@@ -286,8 +292,15 @@ class DeviceHost:
 
     # --- the step loop --------------------------------------------------------------------------
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
     async def _step_loop(self) -> None:
         while True:
+            if self.branches.pending():  # another device waits for it: it was idle when asked
+                await self.branches.help_next()
+                continue
             if not self._held:
                 if self._stopping and not self.feeds:
                     return
@@ -311,16 +324,22 @@ class DeviceHost:
             clear_of_loads = self.loading == 0
             loads_before = self.loads_started
             self.liveness.step_started()
+            split = helped = False
             try:
-                await asyncio.to_thread(feed.core.step, [h.state for h in group])
+                if split := self.branches.should_split(feed, group):
+                    helped = await self.branches.split_step(feed, group)
+                else:
+                    await asyncio.to_thread(feed.core.step, [h.state for h in group])
             except Exception as exc:  # noqa: BLE001 - classified in fail
                 for held in group:
                     await self._end(held, feed.fail(held, exc))
                 continue
             finally:
                 self.liveness.step_ended()
+            # a split that no helper took waited for one: no step figure either way
             clear_of_loads &= self.loading == 0 and self.loads_started == loads_before
-            feed.ran(group, time.perf_counter() - started, now(), measured=clear_of_loads)
+            feed.ran(group, time.perf_counter() - started, now(),
+                     measured=clear_of_loads and not split, split=helped)
             try:
                 await feed.report_progress(group)
             except Exception as exc:  # noqa: BLE001 - progress is best effort; steps go on

@@ -411,9 +411,9 @@ async def test_a_step_that_waited_for_a_load_is_not_a_step_time(settings: Settin
         ran = feed.ran
 
         def recording(group: Any, elapsed_s: float, ended_at: float, *,
-                      measured: bool = True) -> None:
+                      measured: bool = True, **kwargs: Any) -> None:
             steps.append((elapsed_s, measured))
-            ran(group, elapsed_s, ended_at, measured=measured)
+            ran(group, elapsed_s, ended_at, measured=measured, **kwargs)
 
         feed.ran = recording  # type: ignore[method-assign]
         await h.submit("long", "pool-a", 4, None)
@@ -433,7 +433,8 @@ def test_one_slow_step_moves_a_step_figure_by_a_bounded_share():
     not make the pool's work look several times longer; a step beside a load not at all."""
     feed = PoolFeed(cast(Any, None), RecordingCore("a", [], threading.Lock(), 0.1), "pool-a",
                     "m", "pool-a@gpu:0", 0.0)
-    task = SimpleNamespace(ran_from=0.0, ran_until=0.0, run_s=0.0, work_s=0.0, batch=1)
+    task = SimpleNamespace(ran_from=0.0, ran_until=0.0, run_s=0.0, whole_s=0.0, work_s=0.0,
+                           batch=1)
     group = cast(Any, [task])
     for elapsed in (0.1, 0.1, 5.0):
         feed.ran(group, elapsed, 10.0)
@@ -441,6 +442,12 @@ def test_one_slow_step_moves_a_step_figure_by_a_bounded_share():
     feed.ran(group, 5.0, 15.0, measured=False)
     assert feed.step_time_s(1) == pytest.approx(0.7 * 0.1 + 0.3 * 0.2)
     assert task.run_s == pytest.approx(10.2)  # the task's own time counts every step
+    # a split step (a helper ran its negative branch) counts to the split figures only, and
+    # to what the task's figures report at a whole step's time
+    feed.ran(group, 0.06, 16.0, split=True)
+    assert feed.step_time_s(1) == pytest.approx(0.7 * 0.1 + 0.3 * 0.2)
+    assert feed.split.split_s == {1: 0.06}
+    assert task.whole_s == pytest.approx(10.2 + feed.step_time_s(1))
 
 
 # --- liveness ------------------------------------------------------------------------------

@@ -191,11 +191,15 @@ class FluxDenoiserCore(Sd3DenoiserCore):
     def batch_key(self, state: DenoiseState) -> Any:
         return (super().batch_key(state), cast(FluxState, state).embedded_guidance is None)
 
+    def splits(self, states: list[DenoiseState]) -> bool:
+        # a ControlNet's outputs come from the positive row and serve both branches
+        return super().splits(states) and all(s.control is None for s in states)
+
     def _predict(self, states: list[DenoiseState]) -> torch.Tensor:
         flux = cast("list[FluxState]", states)  # this core makes FluxStates only
         cond, _, added = self._conditioning(states)
         assert added is not None  # every state has its pooled projections
-        hidden = _rows([s.latents for s in flux for _ in range(s.rows)])
+        hidden = _rows([self.model_input(s) for s in flux for _ in range(s.rows)])
         timestep = torch.cat([s.t_rows[s.i] for s in flux]).to(hidden.dtype)
         guidance = None
         if self.guidance_embeds:

@@ -168,10 +168,13 @@ class Sd3DenoiserCore(DenoiserCore):
             loras=lora_key(p),
         )
 
+    def model_input(self, state: DenoiseState) -> torch.Tensor:
+        return state.latents  # the flow-matching pipelines give the model the latents as they are
+
     def _predict(self, states: list[DenoiseState]) -> torch.Tensor:
         cond, _, added = self._conditioning(states)
         assert added is not None  # every state has its pooled projections
-        hidden = _rows([s.latents for s in states for _ in range(s.rows)])
+        hidden = _rows([self.model_input(s) for s in states for _ in range(s.rows)])
         timestep = torch.cat([s.t_rows[s.i] for s in states])
         pooled = added["pooled_projections"]
         control, blocks = states[0].control, None  # states step together with equal ones

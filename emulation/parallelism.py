@@ -1,0 +1,117 @@
+"""`lego bench parallel`: CFG parallelism on the emulated cluster.
+
+Two parts, per workload:
+
+- **Solo latency** of every workflow, micro-served on the emulated H800s, one request at a time
+  (each workflow once to warm up, then ``reps`` times, the median kept): with parallelism off
+  (``serial_s``) and with every step split whenever a device holding the model is idle
+  (``always``: ``cfg_parallel_s``). Latencies are in trace time (wall x the time scale).
+  ControlNet and latent parallelism are not built: their keys are null.
+- **Attainment under load**: the sweep's rate scales, parallelism off against ``auto``, each
+  cell the median of ``repeat`` runs, with p50 and p99 latency.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from common.settings import Settings
+from emulation.experiment import (
+    RATE_SCALES,
+    SloRun,
+    at_scale,
+    repeat_slo,
+    replay_on_stack,
+)
+from emulation.workloads import load_workload
+
+#: the modes a row compares, and what the solo part runs split
+ROW_MODES = ("off", "auto")
+SOLO_SPLIT = "always"
+#: solo requests are this many of their workflow's solo latencies apart (trace time)
+SOLO_GAP = 3.0
+
+
+def solo_latencies(base: Settings, workload: str, mode: str, *, devices: int,
+                   time_scale: float, reps: int) -> dict[str, float | None]:
+    """Each workflow's latency alone on the cluster with parallelism ``mode`` (trace seconds,
+    the median of ``reps`` after one warm-up; None where none succeeded)."""
+    loaded = load_workload(workload, base.profile_dir, time_scale)
+    requests, at_s = [], 0.0
+    for name in sorted(loaded.workflows):
+        for _ in range(reps + 1):
+            requests.append((at_s, name))
+            at_s += SOLO_GAP * loaded.work_s(name)
+    settings = base.model_copy(update={"parallel": mode})
+    run = SloRun("micro", workload, [], devices, time_scale)
+    deadline_s = max(base.slo_factor * loaded.solo_s(n) for n in loaded.workflows)
+    outcomes, _ = replay_on_stack(settings, run, requests, deadline_s)
+    found: dict[str, float | None] = {}
+    for name in sorted(loaded.workflows):
+        measured = [o for o in outcomes if o.phase == name][1:]  # after its warm-up
+        ok = [o.served_s * time_scale for o in measured
+              if o.status == "succeeded" and o.served_s is not None]
+        found[name] = round(statistics.median(ok), 3) if ok else None
+    return found
+
+
+def bench_parallel(base: Settings, workloads: Sequence[str], *, devices: int = 8,
+                   time_scale: float = 4.0, scales: Sequence[float] | None = None,
+                   repeat: int = 3, reps: int = 2, rows: bool = True,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    result: dict[str, Any] = {"workflows": {}, "rows": [], "config": {
+        "devices": devices, "time_scale": time_scale, "repeat": repeat, "solo_reps": reps,
+        "solo_split": SOLO_SPLIT, "modes": list(ROW_MODES)}}
+    for workload in workloads:
+        serial = solo_latencies(base, workload, "off", devices=devices,
+                                time_scale=time_scale, reps=reps)
+        split = solo_latencies(base, workload, SOLO_SPLIT, devices=devices,
+                               time_scale=time_scale, reps=reps)
+        for name in serial:
+            s, p = serial[name], split[name]
+            result["workflows"][name] = {
+                "workload": workload, "serial_s": s, "cfg_parallel_s": p,
+                "cfg_ratio": round(p / s, 3) if s and p else None,
+                "controlnet_parallel_s": None, "latent_parallel_s": None}
+            log(f"{workload} {name}: serial {s} s, CFG-parallel {p} s")
+        if not rows:
+            continue
+        for scale in scales or RATE_SCALES[workload]:
+            row: dict[str, Any] = {"workload": workload, "rate_scale": scale}
+            make_run = functools.partial(_run_at, workload, scale, devices, time_scale)
+            for mode in ROW_MODES:
+                cell = repeat_slo(base.model_copy(update={"parallel": mode}), make_run, repeat,
+                                  log=log)
+                row[mode] = {k: cell.get(k) for k in (
+                    "slo_attainment", "slo_attainment_min", "slo_attainment_max",
+                    "bound_attainment", "p50_s", "p99_s", "rejected", "dropped_late")}
+                log(f"{workload} x{scale} {mode}: {row[mode]['slo_attainment']} "
+                    f"(p50 {row[mode]['p50_s']} s, p99 {row[mode]['p99_s']} s)")
+            result["rows"].append(row)
+    return result
+
+
+def _run_at(workload: str, scale: float, devices: int, time_scale: float,
+            seed: int) -> SloRun:
+    return SloRun("micro", workload, at_scale(scale, seed=seed), devices, time_scale)
+
+
+def print_parallel(result: dict[str, Any]) -> None:
+    print(f"{'workflow':34} {'serial s':>9} {'CFG-par s':>10} {'ratio':>6}")
+    for name, w in result["workflows"].items():
+        print(f"{name:34} {_f(w['serial_s']):>9} {_f(w['cfg_parallel_s']):>10} "
+              f"{_f(w['cfg_ratio']):>6}")
+    if result["rows"]:
+        print(f"\n{'workload':8} {'scale':>5}" + "".join(
+            f" {m + ' attain':>13} {'p50':>6} {'p99':>6}" for m in ROW_MODES))
+        for row in result["rows"]:
+            print(f"{row['workload']:8} {row['rate_scale']:>5}" + "".join(
+                f" {_f(row[m]['slo_attainment']):>13} {_f(row[m]['p50_s']):>6} "
+                f"{_f(row[m]['p99_s']):>6}" for m in ROW_MODES))
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"

@@ -1,0 +1,304 @@
+"""CFG parallelism between device hosts: one denoising step's two guidance branches on two
+devices that hold the model (the policy is ``services.parallel``).
+
+- **Helpers.** A host offers to help a pool it holds (a core with ``guidance_branches``) while
+  it is idle: it subscribes to the pool's branch subject (``subjects.branch_subject``) in one
+  queue group, so the NATS server hands each request to one idle helper, and answers "no
+  responders" at once when there is none. A host that got busy since unsubscribes, and declines
+  what still reaches it. An accepted branch runs at the host's next step boundary, before its
+  own work (it was idle): the helper makes the request's state from the task's inputs once
+  (``ModelCore.start``: its conditioning; kept while the request steps, forgotten at its last
+  step or when unused for ``STATE_TTL_S``), runs the negative branch on the step's model input
+  and answers with its prediction, both through the tensor store.
+- **The home** (the host that holds the task) stores the step's model input, asks, runs the
+  positive branch meanwhile, and joins the two. A helper that declines, fails or does not answer
+  in time: the home runs the negative branch itself. Nothing durable moves: the home holds the
+  task, un-acked, throughout (a helper that dies costs a timeout; a home that dies, the task's
+  redelivery, as before).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from nats.aio.msg import Msg
+
+from common import subjects
+from common.messages import BranchResult, BranchStep, Task, decode, encode
+from common.store import tensor_key
+from services import parallel
+from services.core import WorkItem
+
+if TYPE_CHECKING:
+    from services.feed import Held, PoolFeed
+    from services.host import DeviceHost
+
+log = logging.getLogger(__name__)
+
+#: how long a home waits for a helper to take its ask (an answer within a round trip of an
+#: idle host's event loop), in wall seconds
+ACCEPT_S = 0.05
+#: a helper forgets a request's branch state unused for this long (its home finished it, or
+#: another helper took its steps)
+STATE_TTL_S = 60.0
+#: the least a home waits for a helper's answer; else four whole steps of the batch
+ANSWER_MIN_S = 1.0
+#: after no helper answered, a pool's steps run whole this long (times the step) before asking
+#: again: a busy cluster pays no store write and request each step
+NO_HELPER_STEPS = 2
+_REASON_CHARS = 500
+
+
+@dataclass(eq=False)
+class _Job:
+    feed: PoolFeed
+    ask: BranchStep
+    msg: Msg
+
+
+class Branches:
+    """One device host's side of CFG parallelism: its offers, the branches it runs for other
+    hosts, and its own split steps."""
+
+    def __init__(self, host: DeviceHost) -> None:
+        self.host = host
+        self._offers: dict[str, Any] = {}  # replica -> its subscription to the branch subject
+        self._jobs: deque[_Job] = deque()
+        self._states: dict[tuple[str, str, str], tuple[Any, float]] = {}  # -> (state, used)
+        self._splitting = False  # one of its own steps is split: it helps no one meanwhile
+        self._no_helper: dict[str, float] = {}  # replica -> monotonic time to ask again
+        self._inbox: str | None = None  # where helpers answer its asks (one token each)
+        self._reply_sub: Any = None
+        self._tokens = itertools.count()
+        self._waiting: dict[str, asyncio.Queue[Msg]] = {}
+
+    # --- helping ---------------------------------------------------------------------------------
+
+    def _may_help(self, feed: PoolFeed) -> bool:
+        host = self.host
+        return (not host.stopping and not feed.stopping and feed.stats.ready
+                and feed.core.guidance_branches and host.feeds.get(feed.replica) is feed
+                and not self._jobs and not self._splitting and host.loading == 0
+                and host.idle())
+
+    async def offer_loop(self) -> None:
+        """Keep each pool's offer in step with whether this host may help (on every change of
+        the host, and at least twice a second)."""
+        while True:
+            for replica, feed in list(self.host.feeds.items()):
+                wanted = self._may_help(feed)
+                if wanted and replica not in self._offers:
+                    self._offers[replica] = await self.host.nc.subscribe(
+                        subjects.branch_subject(feed.pool), queue=subjects.BRANCH_QUEUE,
+                        cb=functools.partial(self._asked, feed))
+                elif not wanted and replica in self._offers:
+                    await self._withdraw(replica)
+            for replica in [r for r in self._offers if r not in self.host.feeds]:
+                await self._withdraw(replica)
+            with contextlib.suppress(TimeoutError):  # (not wait_for: it may swallow a cancel)
+                async with asyncio.timeout(0.5):
+                    await self.host.wait_changed()
+
+    async def _withdraw(self, replica: str) -> None:
+        sub = self._offers.pop(replica)
+        with contextlib.suppress(Exception):  # a closed connection has no subscription left
+            await sub.unsubscribe()
+
+    async def _asked(self, feed: PoolFeed, msg: Msg) -> None:
+        try:
+            ask = decode(msg.data, BranchStep)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            await _answer(msg, BranchResult(declined=f"malformed: {exc}"))
+            return
+        if ask.host == self.host.name or not self._may_help(feed):
+            await _answer(msg, BranchResult(declined=f"{self.host.name} is busy"))
+            return
+        self._jobs.append(_Job(feed, ask, msg))
+        await _answer(msg, BranchResult(accepted=True))
+        self.host.changed()  # the step loop runs it next; the offers are withdrawn
+
+    def offering(self) -> list[str]:
+        """The replicas whose offer to help stands."""
+        return list(self._offers)
+
+    def pending(self) -> bool:
+        return bool(self._jobs)
+
+    async def help_next(self) -> None:
+        """Run the oldest branch another host asked for, and answer it."""
+        job = self._jobs.popleft()
+        feed, ask = job.feed, job.ask
+        host = self.host
+        try:
+            states = [await self._state(feed, task) for task in ask.tasks]
+            sample = await host.store.get(ask.sample)
+            host.liveness.step_started()
+            try:
+                noise = await asyncio.to_thread(feed.core.run_branch, states, 0, sample,
+                                                ask.steps)
+            finally:
+                host.liveness.step_ended()
+            first = ask.tasks[0]
+            ref = await host.store.put(
+                tensor_key("tmp", first.request_id, first.node, "cfg_negative"), noise,
+                host.settings.tensor_ttl_s)
+            answer = BranchResult(noise=ref)
+            feed.stats.helped_steps += 1
+        except Exception as exc:  # noqa: BLE001 - the home runs the branch itself
+            log.warning("%s: could not run a branch for %s: %s: %s", feed.replica, ask.host,
+                        type(exc).__name__, exc)
+            answer = BranchResult(declined=f"{type(exc).__name__}: {exc}"[:_REASON_CHARS])
+        await _answer(job.msg, answer)
+        for task, step in zip(ask.tasks, ask.steps, strict=True):
+            key = (feed.replica, task.request_id, task.node)
+            entry = self._states.get(key)
+            if entry is not None and step + 1 >= feed.core.progress(entry[0])[1]:
+                del self._states[key]  # its last step
+        host.changed()
+
+    async def _state(self, feed: PoolFeed, task: Task) -> Any:
+        """The helper's state of ``task`` (its conditioning), made once from its inputs."""
+        at = time.monotonic()
+        for key, (_, used) in list(self._states.items()):
+            if at - used > STATE_TTL_S:
+                del self._states[key]
+        key = (feed.replica, task.request_id, task.node)
+        entry = self._states.get(key)
+        if entry is None:
+            store, node = self.host.store, task.plan.nodes[task.node]
+            inputs = {name: await store.get(ref) for name, ref in task.inputs.items()}
+            item = WorkItem(task.request_id, node.op, task.params, inputs, tuple(node.adapters))
+            if feed.core.needs_prepare(item):
+                await asyncio.to_thread(feed.core.prepare, item)
+            entry = (await asyncio.to_thread(feed.core.start, item), at)
+        self._states[key] = (entry[0], at)
+        return entry[0]
+
+    async def close(self) -> None:
+        for replica in list(self._offers):
+            await self._withdraw(replica)
+        if self._reply_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._reply_sub.unsubscribe()
+        while self._jobs:
+            await _answer(self._jobs.popleft().msg, BranchResult(declined="stopping"))
+
+    # --- splitting its own steps -----------------------------------------------------------------
+
+    def should_split(self, feed: PoolFeed, group: list[Held]) -> bool:
+        """Whether the next step of ``group`` (its tasks' modes, the core, the measured times
+        and whether a helper answered lately) runs its branches apart."""
+        mode = parallel.batch_mode(h.task.plan.nodes[h.task.node].parallel for h in group)
+        if mode == "off" or time.monotonic() < self._no_helper.get(feed.replica, 0.0):
+            return False
+        if not feed.core.splits([h.state for h in group]):
+            return False
+        return feed.split.wants(mode, len(group), feed.step_time_s(len(group)))
+
+    async def split_step(self, feed: PoolFeed, group: list[Held]) -> bool:
+        """Run the next step of ``group``: its negative branch on a helper that takes it, the
+        positive here meanwhile; where none takes it, the whole step here (the same bits as
+        without parallelism). Whether a helper ran the branch."""
+        host, core = self.host, feed.core
+        states = [h.state for h in group]
+        steps = [core.progress(s)[0] for s in states]
+        self._splitting = True
+        token = f"{next(self._tokens)}"
+        try:
+            if feed.replica in self._offers:  # before the ask, on the same connection
+                await self._withdraw(feed.replica)
+            inputs = core.branch_inputs(states)
+            first = group[0].task
+            sample = await host.store.put(
+                tensor_key("tmp", first.request_id, first.node, "cfg_sample"), inputs,
+                host.settings.tensor_ttl_s)
+            ask = BranchStep(host=host.name, tasks=[h.task for h in group], steps=steps,
+                             sample=sample)
+            answers = await self._ask(feed, ask, token)
+            if answers is None:
+                await asyncio.to_thread(core.step, states)
+                return False
+            positive = await asyncio.to_thread(core.run_branch, states, 1, inputs, steps)
+            whole_s = feed.step_time_s(len(group))
+            negative = await self._prediction(feed, answers, max(ANSWER_MIN_S, 4 * whole_s))
+            helped = negative is not None
+            if negative is None:
+                negative = await asyncio.to_thread(core.run_branch, states, 0, inputs, steps)
+            await asyncio.to_thread(core.join_branches, states, negative, positive)
+        finally:
+            self._splitting = False
+            self._waiting.pop(token, None)
+        if helped:
+            feed.stats.split_steps += 1
+        return helped
+
+    async def _ask(self, feed: PoolFeed, ask: BranchStep,
+                   token: str) -> asyncio.Queue[Msg] | None:
+        """Ask for ``ask``'s branch; the queue its answers arrive on once a helper took it.
+        None where none did: none offers (the server's "no responders"), the one asked
+        declined, or it did not take it within ``ACCEPT_S`` (an offer withdrawn while the ask
+        was on its way loses it)."""
+        host = self.host
+        if self._inbox is None:
+            self._inbox = host.nc.new_inbox()
+            self._reply_sub = await host.nc.subscribe(f"{self._inbox}.*", cb=self._on_reply)
+        answers: asyncio.Queue[Msg] = asyncio.Queue()
+        self._waiting[token] = answers
+        try:
+            await host.nc.publish(subjects.branch_subject(feed.pool), encode(ask),
+                                  reply=f"{self._inbox}.{token}")
+            async with asyncio.timeout(ACCEPT_S):
+                first = await answers.get()
+        except Exception as exc:  # noqa: BLE001 - NATS is down, no answer: run it whole
+            log.debug("%s: no helper took the branch (%s)", feed.replica, exc)
+            return None
+        if _no_responders(first):
+            pause_s = NO_HELPER_STEPS * feed.step_time_s(len(ask.tasks))
+            self._no_helper[feed.replica] = time.monotonic() + pause_s
+            return None
+        answer = decode(first.data, BranchResult)
+        if not answer.accepted:
+            log.debug("%s: a helper declined: %s", feed.replica, answer.declined)
+            return None
+        return answers
+
+    async def _prediction(self, feed: PoolFeed, answers: asyncio.Queue[Msg],
+                          timeout_s: float) -> Any:
+        """The helper's prediction, once it answers; None if it fails, or takes longer than
+        ``timeout_s`` (it died, say)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                answer = decode((await answers.get()).data, BranchResult)
+            if answer.noise is None:
+                log.info("%s: the helper did not run the branch: %s", feed.replica,
+                         answer.declined)
+                return None
+            return await self.host.store.get(answer.noise)
+        except Exception as exc:  # noqa: BLE001 - a timeout, a lost store entry: run it here
+            log.warning("%s: no branch from the helper (%s: %s); running it here",
+                        feed.replica, type(exc).__name__, exc)
+            return None
+
+    async def _on_reply(self, msg: Msg) -> None:
+        answers = self._waiting.get(msg.subject.rsplit(".", 1)[-1])
+        if answers is not None:  # else: for an ask given up on
+            answers.put_nowait(msg)
+
+
+def _no_responders(msg: Msg) -> bool:
+    """Whether ``msg`` is the server's status for a message nobody was subscribed to."""
+    return not msg.data and (msg.headers or {}).get("Status") == "503"
+
+
+async def _answer(msg: Msg, answer: BranchResult) -> None:
+    with contextlib.suppress(Exception):  # the asker gave up (timed out) or NATS is down
+        await msg.respond(encode(answer))

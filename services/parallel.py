@@ -1,0 +1,74 @@
+"""Whether a denoising step runs its two guidance branches on two devices (CFG parallelism):
+pure policy.
+
+With classifier-free guidance a step runs the model over two rows per request, the negative
+prompt's branch and the positive's, as one batch. Split, a device that holds the model and is
+idle runs the negative branch while this one runs the positive: the step takes about one row's
+time instead of two, plus the hand-off of the model input and of the prediction through the
+tensor store (``services.branches`` does the I/O). A workflow chooses (``parallel``; the
+deployment's ``parallel`` setting where it names none):
+
+- ``off``: never. Split guidance rounds differently from batched guidance (within 1/255 per
+  pixel), so this is the default: the same seed gives the same bits.
+- ``always``: at every step a helper takes: a device that holds the model and is idle. A host
+  offers itself only then (held work under ``host_eligible_s``, no branch of its own running),
+  so a split never takes a device that work already queued for it needs; under load no device
+  is idle, and every step runs whole on one device.
+- ``auto``: as ``always``, while splitting pays on this device: split steps, hand-offs
+  included, measured at most ``GAIN`` of the whole step's time at the batch's size (tiny
+  models on a CPU, whose steps take less than the hand-offs, stay whole). A split that stopped
+  paying is tried again after ``PROBE_EVERY`` whole steps, so a change shows.
+
+A batch splits only where every task in it allows it: its mode is the least of theirs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+MODES = ("off", "auto", "always")
+#: in ``auto``, a split step must take at most this share of a whole one
+GAIN = 0.9
+#: in ``auto``, whole steps between two tries of a split that did not pay
+PROBE_EVERY = 32
+_SMOOTHING = 0.3
+
+
+def batch_mode(modes: Iterable[str]) -> str:
+    """The mode of a batch: the least permissive of its tasks' (an unknown one: off)."""
+    return MODES[min((MODES.index(m) if m in MODES else 0 for m in modes), default=0)]
+
+
+@dataclass
+class SplitFigures:
+    """What split steps of one pool took on one device, and whether the next one should split."""
+
+    split_s: dict[int, float] = field(default_factory=dict)  # batch size -> seconds, smoothed
+    whole_since: int = 0  # whole steps since a split did not pay
+
+    def wants(self, mode: str, size: int, whole_s: float) -> bool:
+        """Whether a step of ``size`` tasks in ``mode`` should split, the whole step taking
+        ``whole_s`` here (0: not measured yet)."""
+        if mode == "always":
+            return True
+        if mode != "auto":
+            return False
+        split_s = self.split_s.get(size)
+        if split_s is None:
+            return True  # try it
+        if whole_s <= 0:
+            return False  # measure a whole one to compare
+        if split_s <= GAIN * whole_s:
+            return True
+        self.whole_since += 1
+        if self.whole_since >= PROBE_EVERY:
+            self.whole_since = 0
+            return True
+        return False
+
+    def ran(self, size: int, elapsed_s: float) -> None:
+        """Account a split step of ``size`` tasks that a helper shared."""
+        previous = self.split_s.get(size)
+        self.split_s[size] = elapsed_s if previous is None else (
+            (1 - _SMOOTHING) * previous + _SMOOTHING * elapsed_s)

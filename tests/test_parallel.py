@@ -1,0 +1,213 @@
+"""CFG parallelism: a denoising step's two guidance branches on two devices. The policy (pure);
+every family's split step against its whole step on real tiny models (within 1/255 per pixel:
+split guidance rounds differently from batched guidance); and two device hosts on a real
+nats-server, one helping the other's steps through the tensor store."""
+# ruff: noqa: E402  (HF_HUB_OFFLINE must be set before diffusers/transformers are imported)
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from common.messages import Plan, PlanNode, RequestState, Task, encode, now
+from common.models import resolve_model_dir
+from common.settings import Settings
+from common.store import tensor_key
+from common.workflow import parse_workflow
+from services import parallel
+from services.catalog import core_class
+from services.core import ModelCore, WorkItem
+from services.host import DeviceHost
+from tests.test_cores import drive
+from tests.test_device_host import Harness
+
+PROMPT, NEGATIVE = "a photo of an astronaut riding a horse on mars", "blurry, low quality"
+
+
+# --- the policy (pure) -----------------------------------------------------------------------
+
+def test_a_batch_splits_only_where_every_task_allows_it():
+    assert parallel.batch_mode(["always", "auto"]) == "auto"
+    assert parallel.batch_mode(["always", "off", "always"]) == "off"
+    assert parallel.batch_mode(["always"]) == "always"
+    assert parallel.batch_mode(["sideways"]) == "off"
+
+
+def test_auto_splits_while_it_pays_and_tries_again_now_and_then():
+    figures = parallel.SplitFigures()
+    assert not figures.wants("off", 1, 0.1)
+    assert figures.wants("always", 1, 0.1)
+    assert figures.wants("auto", 1, 0.1)  # not tried yet: try it
+    figures.ran(1, 0.06)
+    assert not figures.wants("auto", 1, 0.0)  # no whole step to compare with: measure one
+    assert figures.wants("auto", 1, 0.1)  # 0.06 s split against 0.1 s whole: it pays
+    assert not figures.wants("auto", 2, 0.1) or figures.split_s.get(2) is None
+    for _ in range(20):
+        figures.ran(1, 0.2)  # hand-offs grew: now slower than a whole step
+    tries = [figures.wants("auto", 1, 0.1) for _ in range(3 * parallel.PROBE_EVERY)]
+    assert tries.count(True) == 3  # once every PROBE_EVERY whole steps
+    assert figures.wants("always", 1, 0.1)  # always is always
+
+
+def test_a_workflow_names_its_parallelism_and_the_deployment_gives_the_default():
+    spec = {
+        "name": "w", "models": {"base": "builtin:tiny-sd"},
+        "params": {"prompt": {"type": "string", "required": True},
+                   "negative_prompt": {"type": "string", "default": ""},
+                   "guidance": {"type": "number", "default": 7.5},
+                   "steps": {"type": "integer", "default": 4},
+                   "seed": {"type": "integer", "default": 0},
+                   "width": {"type": "integer", "default": 64},
+                   "height": {"type": "integer", "default": 64}},
+        "nodes": {"encode": {"kind": "text_encoder", "model": "base"},
+                  "denoise": {"kind": "denoiser", "model": "base",
+                              "inputs": {"prompt_embeds": "encode.prompt_embeds"}},
+                  "decode": {"kind": "vae_decoder", "model": "base",
+                             "inputs": {"latents": "denoise.latents"}}},
+        "output": "decode.image",
+    }
+    plan = parse_workflow(spec).compile(parallel="auto")
+    assert plan.nodes["denoise"].parallel == "auto"
+    assert plan.nodes["encode"].parallel == plan.nodes["decode"].parallel == "off"
+    named = parse_workflow({**spec, "parallel": "always"}).compile(parallel="off")
+    assert named.nodes["denoise"].parallel == "always"
+    with pytest.raises(Exception, match="parallel"):
+        parse_workflow({**spec, "parallel": "sometimes"})
+
+
+# --- every family's split step, on real tiny models ------------------------------------------
+
+FAMILIES = {"sd": "builtin:tiny-sd", "sdxl": "builtin:tiny-sdxl", "sd3": "builtin:tiny-sd3",
+            "flux": "builtin:tiny-flux"}
+
+
+def _cores(model_dir: Path, kinds: tuple[str, ...]) -> SimpleNamespace:
+    found = {}
+    for kind in kinds:
+        core = core_class(kind, model_dir)(model_dir)
+        core.load()
+        found[kind] = core
+    return SimpleNamespace(**found)
+
+
+def split_drive(core: ModelCore, helper: ModelCore, items: list[WorkItem]) -> list:
+    """Run ``items`` as a home and a helper would: every step's negative branch on
+    ``helper`` (its own states, made from the same items), the positive on ``core``."""
+    states = [core.start(item) for item in items]
+    copies = [helper.start(item) for item in items]
+    while not all(core.done(s) for s in states):
+        assert core.splits(states)
+        inputs = core.branch_inputs(states)
+        steps = [core.progress(s)[0] for s in states]
+        negative = helper.run_branch(copies, 0, inputs.clone(), steps)
+        positive = core.run_branch(states, 1, inputs, steps)
+        core.join_branches(states, negative, positive)
+    return [core.finish(s) for s in states]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_split_step_makes_the_whole_steps_image(family: str, cache_dir: Path) -> None:
+    torch.set_num_threads(1)
+    model_dir = resolve_model_dir(FAMILIES[family], cache_dir / "models")
+    t5 = {"sd3": "t5_prompt_embeds", "flux": "prompt_embeds"}.get(family)
+    kinds = ("text_encoder", "denoiser", "vae_decoder") + (("t5_encoder",) if t5 else ())
+    cores = _cores(model_dir, kinds)
+    helper = _cores(model_dir, ("denoiser",)).denoiser  # another device's copy
+    requests = [{"prompt": PROMPT, "negative_prompt": NEGATIVE, "guidance": 6.0,
+                 "true_cfg_scale": 4.0, "steps": 3, "seed": 11, "max_sequence_length": 32},
+                {"prompt": "a red dragon", "negative_prompt": "", "guidance": 3.0,
+                 "true_cfg_scale": 2.0, "steps": 3, "seed": 5, "max_sequence_length": 32}]
+    items = []
+    for i, params in enumerate(requests):
+        inputs = dict(drive(cores.text_encoder, [WorkItem(f"r{i}", "encode", params, {})])[0]
+                      .tensors)
+        if t5:
+            inputs[t5] = drive(cores.t5_encoder, [WorkItem(f"r{i}", "encode", params, {})]
+                               )[0].tensors["prompt_embeds"]
+        items.append(WorkItem(f"r{i}", "denoise", params, inputs))
+    whole = drive(cores.denoiser, items)
+    split = split_drive(cores.denoiser, helper, items)
+    for a, b in zip(whole, split, strict=True):
+        images = [drive(cores.vae_decoder, [WorkItem("d", "decode", {}, {
+            "latents": r.tensors["latents"]})])[0].tensors["image"].int() for r in (a, b)]
+        assert (images[0] - images[1]).abs().max() <= 1  # 1/255 per pixel
+
+
+# --- two device hosts on a real nats-server ---------------------------------------------------
+
+async def _denoise(h: Harness, request_id: str, pool: str, embeds: torch.Tensor,
+                   params: dict, mode: str) -> torch.Tensor:
+    """Publish one denoiser task (its embeddings in the store) and return its latents."""
+    at = now()
+    plan = Plan(nodes={
+        "encode": PlanNode(kind="text_encoder", pool="unused", op="encode"),
+        "denoise": PlanNode(kind="denoiser", pool=pool, op="denoise",
+                            inputs={"prompt_embeds": "encode.prompt_embeds"}, parallel=mode)},
+        output="denoise.latents")
+    ref = await h.store.put(tensor_key("tmp", request_id, "encode", "prompt_embeds"), embeds,
+                            600)
+    await h.tracker.create(RequestState(id=request_id, workflow="t", status="queued",
+                                        created_at=at, updated_at=at))
+    task = Task(request_id=request_id, workflow="t", node="denoise", plan=plan, params=params,
+                inputs={"prompt_embeds": ref}, submitted_at=at, published_at=at)
+    await h.js.publish(f"lego.tasks.{pool}", encode(task))
+    (state,) = await h.finished(request_id)
+    assert state.image is not None
+    return await h.store.get(state.image)
+
+
+async def _host(h: Harness, name: str, model_dir: Path, pool: str) -> DeviceHost:
+    host = DeviceHost(h.settings, name, device=name)
+    ready = asyncio.Event()
+    core = core_class("denoiser", model_dir)(model_dir)
+    tasks = [asyncio.create_task(host.serve()), asyncio.create_task(
+        host.run_pool(core, pool, str(model_dir), f"{pool}@{name}", ready=ready))]
+    h.hosts.append((host, tasks))
+    await ready.wait()
+    return host
+
+
+@pytest.mark.timeout(180)
+async def test_an_idle_host_runs_the_negative_branch_of_another_hosts_steps(
+        settings: Settings, cache_dir: Path) -> None:
+    """Host 1 holds a request's task; host 2, idle with the same model, runs the negative
+    branch of its steps (asked over NATS, tensors through the store). The latents equal the
+    whole steps' within float tolerance; with parallelism off, or alone, the steps run whole
+    and the latents are the same bits as the core's own."""
+    torch.set_num_threads(1)
+    model_dir = resolve_model_dir("builtin:tiny-sd", cache_dir / "models")
+    cores = _cores(model_dir, ("text_encoder", "denoiser"))
+    params = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "guidance": 7.5, "steps": 6,
+              "seed": 3, "width": 64, "height": 64}
+    embeds = drive(cores.text_encoder, [WorkItem("r", "encode", params, {})])[0].tensors[
+        "prompt_embeds"]
+    expected = drive(cores.denoiser, [WorkItem("r", "denoise", params,
+                                               {"prompt_embeds": embeds})])[0].tensors["latents"]
+    pool = "denoiser-tiny-sd"
+    async with Harness(settings.model_copy(update={"host_poll_s": 0.1})) as h:
+        first = await _host(h, "cpu:1", model_dir, pool)
+        alone = await _denoise(h, "alone", pool, embeds, params, "always")
+        assert torch.equal(alone, expected)  # no helper answered: whole steps
+        assert first.feeds[f"{pool}@cpu:1"].stats.split_steps == 0
+        second = await _host(h, "cpu:2", model_dir, pool)
+        async with asyncio.timeout(10):
+            while not second.branches.offering():  # idle with the model: it offers to help
+                await asyncio.sleep(0.01)
+        latents = await _denoise(h, "split", pool, embeds, params, "always")
+        feeds = [first.feeds[f"{pool}@cpu:1"], second.feeds[f"{pool}@cpu:2"]]
+        split = sum(f.stats.split_steps for f in feeds)
+        helped = sum(f.stats.helped_steps for f in feeds)
+        assert split == helped >= 1  # every split step was another host's branch
+        torch.testing.assert_close(latents, expected, rtol=0, atol=1e-3)
+        off = await _denoise(h, "off", pool, embeds, params, "off")
+        assert torch.equal(off, expected)
+        assert sum(f.stats.split_steps for f in feeds) == split
