@@ -233,7 +233,7 @@ class Branches:
             helped = negative is not None
             if negative is None:
                 negative = await asyncio.to_thread(core.run_branch, states, 0, inputs, steps)
-            await asyncio.to_thread(core.join_branches, states, negative, positive)
+            core.join_branches(states, negative, positive)  # guidance, the scheduler: cheap
         finally:
             self._splitting = False
             self._waiting.pop(token, None)
