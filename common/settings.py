@@ -149,6 +149,13 @@ class Settings(BaseSettings):
         "rounds differently from batched guidance (within 1/255 per pixel), so off is the "
         "default: the same seed gives the same bits",
     )
+    parallel_busy_max: float = Field(
+        0.5, ge=0, le=1, description="a host offers to run other devices' guidance branches "
+        "only while idle and busy at most this share of the last parallel_window_s: on a "
+        "loaded cluster an idle moment is soon taken by a new arrival",
+    )
+    parallel_window_s: float = Field(
+        5.0, gt=0, description="the window over which a host's busy share is measured")
     drop_doomed: bool = Field(
         True, description="drop a task whose request can no longer meet its deadline (its "
         "remaining work at the fastest measured step times exceeds the time left), not only "

@@ -31,8 +31,9 @@ from emulation.workloads import load_workload
 #: the modes a row compares, and what the solo part runs split
 ROW_MODES = ("off", "auto")
 SOLO_SPLIT = "always"
-#: solo requests are this many of their workflow's solo latencies apart (trace time)
-SOLO_GAP = 3.0
+#: solo requests are this many of their workflow's solo latencies apart (trace time): one
+#: alone ends within about one, so the next finds the cluster idle
+SOLO_GAP = 1.5
 
 
 def solo_latencies(base: Settings, workload: str, mode: str, *, devices: int,

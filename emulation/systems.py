@@ -53,6 +53,7 @@ def emulated_settings(
         "scale_down_delay_s": base.scale_down_delay_s / (time_scale or 1.0),
         "admission_sample_s": max(0.05, base.admission_sample_s / (time_scale or 1.0)),
         "host_eligible_s": base.host_eligible_s / (time_scale or 1.0),
+        "parallel_window_s": base.parallel_window_s / (time_scale or 1.0),
         # a task fetched by a host that got busy may be handed on past every other device
         "host_max_handoffs": max(base.host_max_handoffs, n),
         "profile_dir": profile_dir, "time_scale": time_scale or 1.0, "workflows": [],

@@ -75,6 +75,8 @@ class Branches:
         self._jobs: deque[_Job] = deque()
         self._states: dict[tuple[str, str, str], tuple[Any, float]] = {}  # -> (state, used)
         self._splitting = False  # one of its own steps is split: it helps no one meanwhile
+        #: how busy the device has been lately (its steps and the branches it ran)
+        self.utilization = parallel.Utilization(host.settings.parallel_window_s)
         self._no_helper: dict[str, float] = {}  # replica -> monotonic time to ask again
         self._inbox: str | None = None  # where helpers answer its asks (one token each)
         self._reply_sub: Any = None
@@ -88,7 +90,8 @@ class Branches:
         return (not host.stopping and not feed.stopping and feed.stats.ready
                 and feed.core.guidance_branches and host.feeds.get(feed.replica) is feed
                 and not self._jobs and not self._splitting and host.loading == 0
-                and host.idle())
+                and host.idle() and self.utilization.share(time.monotonic())
+                <= host.settings.parallel_busy_max)
 
     async def offer_loop(self) -> None:
         """Keep each pool's offer in step with whether this host may help (on every change of
@@ -142,11 +145,13 @@ class Branches:
             states = [await self._state(feed, task) for task in ask.tasks]
             sample = await host.store.get(ask.sample)
             host.liveness.step_started()
+            started = time.monotonic()
             try:
                 noise = await asyncio.to_thread(feed.core.run_branch, states, 0, sample,
                                                 ask.steps)
             finally:
                 host.liveness.step_ended()
+                self.utilization.ran(started, time.monotonic())
             first = ask.tasks[0]
             ref = await host.store.put(
                 tensor_key("tmp", first.request_id, first.node, "cfg_negative"), noise,

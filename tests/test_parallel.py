@@ -57,6 +57,16 @@ def test_auto_splits_while_it_pays_and_tries_again_now_and_then():
     assert figures.wants("always", 1, 0.1)  # always is always
 
 
+def test_a_device_s_busy_share_counts_its_recent_steps_only():
+    busy = parallel.Utilization(window_s=10.0)
+    assert busy.share(100.0) == 0.0
+    busy.ran(85.0, 89.0)  # wholly before the window
+    busy.ran(89.0, 93.0)  # 3 s of it inside
+    busy.ran(95.0, 97.0)
+    assert busy.share(100.0) == pytest.approx(0.5)
+    assert busy.share(120.0) == 0.0
+
+
 def test_a_workflow_names_its_parallelism_and_the_deployment_gives_the_default():
     spec = {
         "name": "w", "models": {"base": "builtin:tiny-sd"},
