@@ -52,9 +52,9 @@ ACCEPT_S = 0.05
 STATE_TTL_S = 60.0
 #: the least a home waits for a helper's answer; else four whole steps of the batch
 ANSWER_MIN_S = 1.0
-#: after no helper answered, a pool's steps run whole this long (times the step) before asking
-#: again: a busy cluster pays no store write and request each step
-NO_HELPER_STEPS = 2
+#: after no helper took a step, a pool's steps run whole this long (times the step) before
+#: asking again: a busy cluster pays no store write and ask each step
+NO_HELPER_STEPS = 8
 _REASON_CHARS = 500
 
 
@@ -266,15 +266,14 @@ class Branches:
         except Exception as exc:  # noqa: BLE001 - NATS is down, no answer: run it whole
             log.debug("%s: no helper took the branch (%s)", feed.replica, exc)
             return None
-        if _no_responders(first):
-            pause_s = NO_HELPER_STEPS * feed.step_time_s(len(ask.tasks))
-            self._no_helper[feed.replica] = time.monotonic() + pause_s
-            return None
-        answer = decode(first.data, BranchResult)
-        if not answer.accepted:
+        answer = None if _no_responders(first) else decode(first.data, BranchResult)
+        if answer is not None and answer.accepted:
+            return answers
+        if answer is not None:
             log.debug("%s: a helper declined: %s", feed.replica, answer.declined)
-            return None
-        return answers
+        pause_s = NO_HELPER_STEPS * feed.step_time_s(len(ask.tasks))
+        self._no_helper[feed.replica] = time.monotonic() + pause_s
+        return None
 
     async def _prediction(self, feed: PoolFeed, answers: asyncio.Queue[Msg],
                           timeout_s: float) -> Any:
