@@ -97,19 +97,25 @@ class Branches:
         """Keep each pool's offer in step with whether this host may help (on every change of
         the host, and at least twice a second)."""
         while True:
-            for replica, feed in list(self.host.feeds.items()):
-                wanted = self._may_help(feed)
-                if wanted and replica not in self._offers:
-                    self._offers[replica] = await self.host.nc.subscribe(
-                        subjects.branch_subject(feed.pool), queue=subjects.BRANCH_QUEUE,
-                        cb=functools.partial(self._asked, feed))
-                elif not wanted and replica in self._offers:
-                    await self._withdraw(replica)
-            for replica in [r for r in self._offers if r not in self.host.feeds]:
-                await self._withdraw(replica)
+            try:
+                await self._update_offers()
+            except Exception as exc:  # noqa: BLE001 - NATS is down: offer again once it is back
+                log.warning("%s: could not update its offers to help: %s", self.host.name, exc)
             with contextlib.suppress(TimeoutError):  # (not wait_for: it may swallow a cancel)
                 async with asyncio.timeout(0.5):
                     await self.host.wait_changed()
+
+    async def _update_offers(self) -> None:
+        for replica, feed in list(self.host.feeds.items()):
+            wanted = self._may_help(feed)
+            if wanted and replica not in self._offers:
+                self._offers[replica] = await self.host.nc.subscribe(
+                    subjects.branch_subject(feed.pool), queue=subjects.BRANCH_QUEUE,
+                    cb=functools.partial(self._asked, feed))
+            elif not wanted and replica in self._offers:
+                await self._withdraw(replica)
+        for replica in [r for r in self._offers if r not in self.host.feeds]:
+            await self._withdraw(replica)
 
     async def _withdraw(self, replica: str) -> None:
         sub = self._offers.pop(replica)
@@ -142,6 +148,8 @@ class Branches:
         feed, ask = job.feed, job.ask
         host = self.host
         try:
+            if host.feeds.get(feed.replica) is not feed:
+                raise RuntimeError(f"{feed.replica} is no longer resident here")
             states = [await self._state(feed, task) for task in ask.tasks]
             sample = await host.store.get(ask.sample)
             host.liveness.step_started()
