@@ -2,17 +2,20 @@
 devices that hold the model (the policy is ``services.parallel``).
 
 - **Helpers.** A host offers to help a pool it holds (a core with ``guidance_branches``) while
-  it is idle: it subscribes to the pool's branch subject (``subjects.branch_subject``) in one
-  queue group, so the NATS server hands each request to one idle helper, and answers "no
-  responders" at once when there is none. A host that got busy since unsubscribes, and declines
-  what still reaches it. An accepted branch runs at the host's next step boundary, before its
-  own work (it was idle): the helper makes the request's state from the task's inputs once
-  (``ModelCore.start``: its conditioning; kept while the request steps, forgotten at its last
-  step or when unused for ``STATE_TTL_S``), runs the negative branch on the step's model input
-  and answers with its prediction, both through the tensor store.
+  it is idle, once parallelism is asked for here (the ``parallel`` setting, or a task taken of
+  a workflow that asks for it): it subscribes to the pool's branch subject
+  (``subjects.branch_subject``) in one queue group, so the NATS server hands each request to
+  one idle helper, and answers "no responders" at once when there is none. A host that got
+  busy since unsubscribes, and declines what still reaches it. An accepted branch runs at the
+  host's next step boundary, before its own work (it was idle): the helper makes the request's
+  state from the task's inputs once (``ModelCore.start``: its conditioning; kept while the
+  request steps, forgotten at its last step or when unused for ``STATE_TTL_S``), runs the
+  negative branch on the step's model input and answers with its prediction, both through the
+  tensor store.
 - **The home** (the host that holds the task) stores the step's model input, asks, runs the
-  positive branch meanwhile, and joins the two. A helper that declines, fails or does not answer
-  in time: the home runs the negative branch itself. Nothing durable moves: the home holds the
+  positive branch once a helper took it, and joins the two. No helper, or a decline: the step
+  runs whole, here. A helper that took it and then fails or does not answer in time: the home
+  runs the negative branch itself. Nothing durable moves: the home holds the
   task, un-acked, throughout (a helper that dies costs a timeout; a home that dies, the task's
   redelivery, as before).
 """
@@ -75,6 +78,9 @@ class Branches:
         self._jobs: deque[_Job] = deque()
         self._states: dict[tuple[str, str, str], tuple[Any, float]] = {}  # -> (state, used)
         self._splitting = False  # one of its own steps is split: it helps no one meanwhile
+        #: whether parallelism is asked for here: by the deployment's default, or by a task
+        #: taken (``saw``)
+        self.wanted = host.settings.parallel != "off"
         #: how busy the device has been lately (its steps and the branches it ran)
         self.utilization = parallel.Utilization(host.settings.parallel_window_s)
         self._no_helper: dict[str, float] = {}  # replica -> monotonic time to ask again
@@ -85,9 +91,17 @@ class Branches:
 
     # --- helping ---------------------------------------------------------------------------------
 
+    def saw(self, task: Task) -> None:
+        """Note a task taken here: once one of a workflow that asks for CFG parallelism came,
+        this host offers to help (before, it never subscribes: no churn on a deployment
+        that splits nothing)."""
+        if not self.wanted and any(n.parallel != "off" for n in task.plan.nodes.values()):
+            self.wanted = True
+            self.host.changed()
+
     def _may_help(self, feed: PoolFeed) -> bool:
         host = self.host
-        return (not host.stopping and not feed.stopping and feed.stats.ready
+        return (self.wanted and not host.stopping and not feed.stopping and feed.stats.ready
                 and feed.core.guidance_branches and host.feeds.get(feed.replica) is feed
                 and not self._jobs and not self._splitting and host.loading == 0
                 and host.idle() and self.utilization.share(time.monotonic())

@@ -249,6 +249,7 @@ class PoolFeed:
             await msg.term()
             return None
         held = Held(self, msg, task, fetched_at, msg.metadata.num_delivered or 1)
+        host.branches.saw(task)
         self.metrics.queue_wait.observe(max(0.0, fetched_at - task.published_at))
         if telemetry.enabled():
             self._trace(held)

@@ -175,8 +175,9 @@ async def _denoise(h: Harness, request_id: str, pool: str, embeds: torch.Tensor,
     return await h.store.get(state.image)
 
 
-async def _host(h: Harness, name: str, model_dir: Path, pool: str) -> DeviceHost:
-    host = DeviceHost(h.settings, name, device=name)
+async def _host(h: Harness, name: str, model_dir: Path, pool: str,
+                **settings: str) -> DeviceHost:
+    host = DeviceHost(h.settings.model_copy(update=settings), name, device=name)
     ready = asyncio.Event()
     core = core_class("denoiser", model_dir)(model_dir)
     tasks = [asyncio.create_task(host.serve()), asyncio.create_task(
@@ -208,7 +209,9 @@ async def test_an_idle_host_runs_the_negative_branch_of_another_hosts_steps(
         alone = await _denoise(h, "alone", pool, embeds, params, "always")
         assert torch.equal(alone, expected)  # no helper answered: whole steps
         assert first.feeds[f"{pool}@cpu:1"].stats.split_steps == 0
-        second = await _host(h, "cpu:2", model_dir, pool)
+        # a host offers once parallelism is asked for: by its settings, or a task taken
+        assert first.branches.wanted  # it took a task that asks for it
+        second = await _host(h, "cpu:2", model_dir, pool, parallel="auto")
         async with asyncio.timeout(10):
             while not second.branches.offering():  # idle with the model: it offers to help
                 await asyncio.sleep(0.01)
