@@ -81,7 +81,8 @@ class Branches:
         #: whether parallelism is asked for here: by the deployment's default, or by a task
         #: taken (``saw``)
         self.wanted = host.settings.parallel != "off"
-        #: how busy the device has been lately (its steps and the branches it ran)
+        #: how busy the device has been lately (its steps and the branches it ran; on
+        #: ``time.perf_counter``, as the host times its steps)
         self.utilization = parallel.Utilization(host.settings.parallel_window_s)
         self._no_helper: dict[str, float] = {}  # replica -> monotonic time to ask again
         self._inbox: str | None = None  # where helpers answer its asks (one token each)
@@ -104,7 +105,7 @@ class Branches:
         return (self.wanted and not host.stopping and not feed.stopping and feed.stats.ready
                 and feed.core.guidance_branches and host.feeds.get(feed.replica) is feed
                 and not self._jobs and not self._splitting and host.loading == 0
-                and host.idle() and self.utilization.share(time.monotonic())
+                and host.idle() and self.utilization.share(time.perf_counter())
                 <= host.settings.parallel_busy_max)
 
     async def offer_loop(self) -> None:
@@ -167,13 +168,13 @@ class Branches:
             states = [await self._state(feed, task) for task in ask.tasks]
             sample = await host.store.get(ask.sample)
             host.liveness.step_started()
-            started = time.monotonic()
+            started = time.perf_counter()
             try:
                 noise = await asyncio.to_thread(feed.core.run_branch, states, 0, sample,
                                                 ask.steps)
             finally:
                 host.liveness.step_ended()
-                self.utilization.ran(started, time.monotonic())
+                self.utilization.ran(started, time.perf_counter())
             first = ask.tasks[0]
             ref = await host.store.put(
                 tensor_key("tmp", first.request_id, first.node, "cfg_negative"), noise,

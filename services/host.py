@@ -324,7 +324,6 @@ class DeviceHost:
             clear_of_loads = self.loading == 0
             loads_before = self.loads_started
             self.liveness.step_started()
-            started_at = time.monotonic()
             split = helped = False
             try:
                 if split := self.branches.should_split(feed, group):
@@ -337,7 +336,7 @@ class DeviceHost:
                 continue
             finally:
                 self.liveness.step_ended()
-                self.branches.utilization.ran(started_at, time.monotonic())
+                self.branches.utilization.ran(started, time.perf_counter())
             # a split that no helper took waited for one: no step figure either way
             clear_of_loads &= self.loading == 0 and self.loads_started == loads_before
             feed.ran(group, time.perf_counter() - started, now(),
