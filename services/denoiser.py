@@ -359,8 +359,9 @@ class DenoiserCore(ModelCore):
         view = state.views.get(branch)
         if view is None:
             row = slice(branch, branch + 1)
-            control = state.control and dataclasses.replace(state.control,
-                                                            image=state.control.image[row])
+            control = state.control
+            if control is not None and control.image.shape[0] == state.rows:  # one per row
+                control = dataclasses.replace(control, image=control.image[row])
             view = state.views[branch] = dataclasses.replace(
                 state, embeds=state.embeds[row], cfg=False, t_rows=state.t_rows[:, row],
                 added_cond={k: v[row] for k, v in state.added_cond.items()}, control=control,

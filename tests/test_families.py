@@ -698,10 +698,11 @@ def test_controlnet_served_whole_equals_the_pipeline(sd, cache_dir: Path) -> Non
 
 
 def workflow_images(cores: SimpleNamespace, spec: WorkflowSpec, requests: list[dict],
-                    images: dict[str, torch.Tensor]) -> list[np.ndarray]:
+                    images: dict[str, torch.Tensor], denoise=drive) -> list[np.ndarray]:
     """``spec``'s nodes one after another through ``cores`` (one per node kind), as its plan
     wires them: the items of every request in one batch a node, each prepared first (its
-    ControlNet loaded) as a replica prepares it."""
+    ControlNet loaded) as a replica prepares it; ``denoise(core, items)`` runs the
+    denoiser's."""
     plan = spec.compile()
     outputs: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in requests]
     while plan.output_node not in outputs[0]:
@@ -717,7 +718,8 @@ def workflow_images(cores: SimpleNamespace, spec: WorkflowSpec, requests: list[d
         for item in items:
             if core.needs_prepare(item):
                 core.prepare(item)
-        for done, result in zip(outputs, drive(core, items), strict=True):
+        run = denoise if planned.kind == "denoiser" else drive
+        for done, result in zip(outputs, run(core, items), strict=True):
             done[node] = result.tensors
     out = plan.output_ref
     return [done[out.node][out.name][0].numpy() for done in outputs]
@@ -840,6 +842,29 @@ def test_controlnet_requests_batched_together_match_their_solo_images(
         for params, image in zip(requests, served, strict=True):
             expected = expect(control.pipe, params, CONTROL)
             assert np.abs(image.astype(int) - expected.astype(int)).max() <= 1, name
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("name", ["sd3-controlnet", "flux-controlnet"])
+def test_a_split_step_with_a_controlnet_makes_the_whole_steps_image(
+        request, name: str) -> None:
+    """CFG parallelism with a ControlNet: each device runs it for its branch (FLUX's on the
+    positive prompt for both, as the pipeline shares it); the image is the whole steps' within
+    1/255 per pixel."""
+    from tests.test_parallel import split_drive
+
+    control = request.getfixturevalue(name.replace("-controlnet", "_control"))
+    helper = _loaded(core_class("denoiser", control.dir)(control.dir))  # another device's
+    helper.source = control.cores.denoiser.source
+    guided = {"negative_prompt": "blurry", "guidance": 5.0, "true_cfg_scale": 3.0}
+    requests = [{**sd3_control_params(seed=1), **guided},
+                {**sd3_control_params(prompt="a red house by the sea", seed=2), **guided}]
+    spec = control_spec(name, control.dir)
+    whole = workflow_images(control.cores, spec, requests, CONTROL_IMAGE)
+    split = workflow_images(control.cores, spec, requests, CONTROL_IMAGE,
+                            denoise=lambda core, items: split_drive(core, helper, items))
+    for a, b in zip(whole, split, strict=True):
+        assert a.std() > 5 and np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
 def test_sd3_controlnet_served_whole_equals_the_pipeline(sd3_control) -> None:

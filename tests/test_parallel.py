@@ -112,6 +112,9 @@ def split_drive(core: ModelCore, helper: ModelCore, items: list[WorkItem]) -> li
     """Run ``items`` as a home and a helper would: every step's negative branch on
     ``helper`` (its own states, made from the same items), the positive on ``core``."""
     states = [core.start(item) for item in items]
+    for item in items:
+        if helper.needs_prepare(item):  # its ControlNet, loaded there too
+            helper.prepare(item)
     copies = [helper.start(item) for item in items]
     while not all(core.done(s) for s in states):
         assert core.splits(states)

@@ -23,7 +23,6 @@ draws the latents where that stream left off: the pipeline's bits.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -100,6 +99,9 @@ class FluxState(DenoiseState):
     embedded_guidance: torch.Tensor | None = None  # (1,): dev's guidance scale; schnell None
     #: (1,): the guidance scale, for a ControlNet with a guidance embedding (else None)
     control_guidance: torch.Tensor | None = None
+    #: (1, seq, dim) and (1, dim): the positive prompt's embeddings, what a ControlNet reads
+    #: on either guidance branch (a branch view keeps its state's)
+    control_text: tuple[torch.Tensor, torch.Tensor] | None = None
     width: int = 0  # pixels, to unpack the latents
     height: int = 0
 
@@ -184,16 +186,14 @@ class FluxDenoiserCore(Sd3DenoiserCore):
             added_cond={"pooled_projections": pooled.to(self.device)},
             img_ids=img_ids, txt_ids=torch.zeros(embeds.shape[1], 3).to(self.device, dtype),
             embedded_guidance=embedded if self.guidance_embeds else None,
-            control=control, control_guidance=control_guidance, width=width, height=height,
+            control=control, control_guidance=control_guidance,
+            control_text=None if control is None else (embeds[-1:], pooled[-1:].to(self.device)),
+            width=width, height=height,
             loras=lora_key(p),
         )
 
     def batch_key(self, state: DenoiseState) -> Any:
         return (super().batch_key(state), cast(FluxState, state).embedded_guidance is None)
-
-    def splits(self, states: list[DenoiseState]) -> bool:
-        # a ControlNet's outputs come from the positive row and serve both branches
-        return super().splits(states) and all(s.control is None for s in states)
 
     def _predict(self, states: list[DenoiseState]) -> torch.Tensor:
         flux = cast("list[FluxState]", states)  # this core makes FluxStates only
@@ -208,19 +208,19 @@ class FluxDenoiserCore(Sd3DenoiserCore):
         first = flux[0]  # states step together only with equal shapes: equal ids
         blocks = None
         if first.control is not None:
-            blocks = self._control_blocks(flux, cond, added["pooled_projections"])
+            blocks = self._control_blocks(flux)
         return self._forward(hidden, timestep / 1000, guidance, added["pooled_projections"],
                              cond, first.txt_ids, first.img_ids, blocks)
 
-    def _control_blocks(self, states: list[FluxState], cond: torch.Tensor,
-                        pooled: torch.Tensor) -> tuple[Any, ...]:
+    def _control_blocks(self, states: list[FluxState]) -> tuple[Any, ...]:
         """The ControlNet's outputs for every row (double blocks', single blocks'): one pass
-        over each state's positive row, as the pipeline's, shared by its negative row."""
+        over each state's positive row, as the pipeline's, shared by its negative row (so a
+        negative branch's view runs it on the positive prompt too)."""
         control = states[0].control  # states step together with equal ControlNets and scales
         assert control is not None
         net = self._controlnets[control.model]
-        rows = list(itertools.accumulate(s.rows for s in states))
-        positive = [r - 1 for r in rows]
+        text = [s.control_text for s in states if s.control_text is not None]
+        cond, pooled = _rows([t[0] for t in text]), _rows([t[1] for t in text])
         hidden = _rows([s.latents for s in states])
         timestep = torch.cat([s.t_rows[s.i][-1:] for s in states]).to(hidden.dtype)
         guidance = None
@@ -231,7 +231,7 @@ class FluxDenoiserCore(Sd3DenoiserCore):
             hidden_states=hidden[a:b], controlnet_cond=control_inputs(states[a:b]),
             conditioning_scale=control.scale, timestep=timestep[a:b] / 1000,
             guidance=None if guidance is None else guidance[a:b],
-            pooled_projections=pooled[positive[a:b]], encoder_hidden_states=cond[positive[a:b]],
+            pooled_projections=pooled[a:b], encoder_hidden_states=cond[a:b],
             txt_ids=states[0].txt_ids, img_ids=states[0].img_ids, return_dict=False)
             for a, b in self._spans(len(states))]
         repeats = torch.tensor([s.rows for s in states], device=hidden.device)
