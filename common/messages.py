@@ -31,6 +31,13 @@ ENVELOPE_KEYS: frozenset[str] = frozenset(
 )
 
 
+#: whether a workflow's denoiser steps run parts on other devices (``services.parallel``)
+ParallelMode = Literal["off", "auto", "always"]
+#: what part of a denoising step may run on another device: its negative guidance branch
+#: (CFG parallelism) or its ControlNet (ControlNet parallelism)
+StepPart = Literal["cfg", "controlnet"]
+
+
 class TensorRef(msgspec.Struct, frozen=True, omit_defaults=True):
     """Where a tensor's bytes are: only this travels, the bytes stay in the store."""
 
@@ -237,24 +244,28 @@ def merge_meta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 
 class BranchStep(msgspec.Struct):
-    """One denoising step's negative guidance branch, asked of another device that holds the
-    model (CFG parallelism, ``services.branches``): the batch's tasks (their inputs give the
-    helper each request's conditioning), each task's step index, and the step's model inputs,
-    one row per task, in the tensor store."""
+    """Part of one denoising step, asked of another device that holds the model
+    (``services.branches``): its negative guidance branch (``part`` "cfg": CFG parallelism)
+    or its ControlNet ("controlnet"); the batch's tasks (their inputs give the helper each
+    request's conditioning), each task's step index, and the step's model inputs, one row per
+    task, in the tensor store."""
 
     host: str  # the asking host: a host does not help itself
     tasks: list[Task]
     steps: list[int]
     sample: TensorRef
+    part: StepPart = "cfg"
 
 
 class BranchResult(msgspec.Struct, omit_defaults=True):
-    """A helper's answers to a ``BranchStep``: first that it took it (``accepted``), then the
-    branch's predictions, one row per task, in the tensor store; or why it does not run it
-    (the asking host then runs it itself)."""
+    """A helper's answers to a ``BranchStep``: first that it took it (``accepted``), then what
+    it made, in the tensor store: the branch's predictions, one row per task (``noise``), or
+    the ControlNet's outputs (``outputs``); or why it does not run it (the asking host then
+    runs it itself)."""
 
     accepted: bool = False
     noise: TensorRef | None = None
+    outputs: list[TensorRef] | None = None
     declined: str | None = None
 
 

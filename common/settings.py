@@ -16,6 +16,7 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator, model_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.kinds import exclusive_kinds
+from common.messages import ParallelMode, StepPart
 
 #: what an API key may be allowed besides the rest of the API: ``admin`` registers, replaces
 #: and deletes workflows
@@ -142,12 +143,18 @@ class Settings(BaseSettings):
         8, ge=0, description="times a task fetched by a host that got busy meanwhile may be "
         "handed back to its queue for an idle device (then the host keeps it)",
     )
-    parallel: Literal["off", "auto", "always"] = Field(
+    parallel: ParallelMode = Field(
         "off", description="CFG parallelism of the denoiser steps of workflows that name none "
         "(a workflow's ``parallel``): off; auto, the negative guidance branch on an idle device "
         "holding the model while that is faster; always, whenever one is idle. Split guidance "
         "rounds differently from batched guidance (within 1/255 per pixel), so off is the "
         "default: the same seed gives the same bits",
+    )
+    parallel_parts: list[StepPart] = Field(
+        ["cfg", "controlnet"], description="what of a step parallelism may run on another "
+        "device: cfg, its negative guidance branch; controlnet, its ControlNet (for a step "
+        "that does not split its guidance branches), whose outputs the model takes once its "
+        "first blocks ran. A ControlNet run apart gives the same bits as run here",
     )
     parallel_busy_max: float = Field(
         0.5, ge=0, le=1, description="a host offers to run other devices' guidance branches "

@@ -26,7 +26,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from common import families, output_format
 from common.errors import InvalidField, InvalidRequest, PayloadTooLarge
 from common.kinds import KINDS, MONOLITHIC, adapter_kinds, pool_of
-from common.messages import ENVELOPE_KEYS, Plan, PlanNode, Ref, Webhook, parse_refs
+from common.messages import (
+    ENVELOPE_KEYS,
+    ParallelMode,
+    Plan,
+    PlanNode,
+    Ref,
+    Webhook,
+    parse_refs,
+)
 from common.subjects import pool_name
 
 if TYPE_CHECKING:
@@ -117,7 +125,7 @@ class WorkflowSpec(BaseModel):
     solo_latency_s: float | None = Field(None, gt=0, strict=True)
     #: whether its denoising steps may run their two guidance branches on two devices (CFG
     #: parallelism, ``services.parallel``); None: the deployment's default (``parallel``)
-    parallel: Literal["off", "auto", "always"] | None = Field(
+    parallel: ParallelMode | None = Field(
         None, description="CFG parallelism of its denoiser steps: off, auto (when a device "
         "holding the model is idle and it pays), always (when a device is idle); default: "
         "the deployment's")

@@ -23,8 +23,9 @@ Timing (the model is ``emulation.profiles``'; what one ``step`` charges):
 from __future__ import annotations
 
 import collections
+import functools
 import uuid
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +92,57 @@ def _output(output: str, profile: ModelProfile, rows: int, height: int, width: i
     if output == "image":
         return torch.zeros((rows, height, width, 3), dtype=torch.uint8)
     raise ValueError(f"the emulated executor makes no {output!r}")
+
+
+#: per transformer base model (a profile name's start): its blocks (FLUX's 19 double blocks
+#: weigh two of its 38 single ones), the values per token of a block's output (a token per
+#: 16x16 pixels), and what a ControlNet layer weighs in blocks (FLUX's are double blocks). A
+#: ControlNet hands on one output per layer, its layers estimated from its profiled memory
+#: against the base model's per block (FLUX's XLabs ControlNets: 2 layers; SD3's: 7; SD3.5
+#: large's: 10), and the transformer adds the first after its first block
+_DIT_CONTROL: dict[str, tuple[int, int, int]] = {  # (blocks, values per token, layer weight)
+    "Flux": (76, 3072, 2), "StableDiffusion35Large": (38, 2432, 1),
+    "StableDiffusion3": (24, 1536, 1)}
+#: a UNet's ControlNet returns a residual per down-block output (SD 1.5: 6.7 M values a row at
+#: 512x512; SDXL: 26.8 M at 1024x1024), which the UNet adds after its down blocks (about 0.4
+#: of its step)
+_UNET_CONTROL_VALUES = {"StableDiffusionXL": (26.8e6, 1024), "StableDiffusion15": (6.7e6, 512)}
+_UNET_GATE = 0.4
+
+
+def _dit(profile: ModelProfile) -> tuple[int, int, int] | None:
+    return next((v for k, v in _DIT_CONTROL.items() if profile.name.startswith(k)), None)
+
+
+def control_gate(profile: ModelProfile) -> float:
+    """The share of a base model's step before it first adds its ControlNet's outputs."""
+    found = _dit(profile)
+    return _UNET_GATE if found is None else found[2] / found[0]
+
+
+def control_outputs(profile: ModelProfile, controlnet: ModelProfile, guided: list[bool],
+                    height: int, width: int) -> list[torch.Tensor]:
+    """Zero tensors of the sizes ``controlnet`` on base model ``profile`` hands on a step of
+    requests ``guided`` or not (a row per guidance branch; FLUX's one row, which both
+    branches share)."""
+    rows = len(guided) if profile.name.startswith("Flux") else sum(1 + g for g in guided)
+    found = _dit(profile)
+    if found is not None:
+        blocks, values, weight = found
+        layer_bytes = weight * profile.memory_bytes / blocks
+        layers = max(1, round(controlnet.memory_bytes / layer_bytes))
+        tokens = (height // 16) * (width // 16)
+        return [_zeros((rows, tokens, values))] * layers
+    per_row, side = next((v for k, v in _UNET_CONTROL_VALUES.items()
+                          if profile.name.startswith(k)), _UNET_CONTROL_VALUES["StableDiffusion15"])
+    return [_zeros((rows, int(per_row * height * width / side**2)))]
+
+
+@functools.lru_cache(maxsize=16)
+def _zeros(shape: tuple[int, ...]) -> torch.Tensor:
+    """Zeros of ``shape`` (half precision), made once: tens of megabytes take longer to make
+    than the ControlNet pass they stand for, and the store only reads them."""
+    return torch.zeros(shape, dtype=torch.float16)
 
 
 # --- the core ------------------------------------------------------------------------------
@@ -184,13 +236,18 @@ class EmulatedCore(ModelCore):
     def _denoise_s(self, states: list[EmulatedState], cfg: bool) -> float:
         """A denoising step of ``states`` (one branch's: ``cfg`` False), ControlNets
         included (attached on their first use where no workflow was known to use them)."""
+        return sum(self._step_parts(states, cfg))
+
+    def _step_parts(self, states: list[EmulatedState], cfg: bool) -> tuple[float, float]:
+        """A denoising step's seconds: the base model's, its ControlNets'."""
         for spec in sorted({a for s in states for a in s.adapters} - self.attached):
             self._attach(spec)
         counts = collections.Counter(a for s in states for a in s.adapters)
         controlnets = {a: (self.adapter_profiles[a], n) for a, n in counts.items()}
         first = states[0]
-        return denoise_step_seconds(self.profile, len(states), cfg, first.height, first.width,
-                                    controlnets)
+        base = denoise_step_seconds(self.profile, len(states), cfg, first.height, first.width)
+        return base, denoise_step_seconds(self.profile, len(states), cfg, first.height,
+                                          first.width, controlnets) - base
 
     # CFG parallelism: each branch costs a step of one row per state, and the devices hand
     # over latent-sized tensors (real bytes through the tensor store)
@@ -209,6 +266,32 @@ class EmulatedCore(ModelCore):
 
     def join_branches(self, states: list[EmulatedState], negative: torch.Tensor,
                       positive: torch.Tensor) -> None:
+        for state in states:
+            state.done_steps += 1
+
+    # ControlNet parallelism: the ControlNet costs its profiled pass on the other device and
+    # hands on outputs of its real size; the base model runs its blocks before the first
+    # that adds them (``control_gate``), then waits for them
+
+    def control_splits(self, states: list[EmulatedState]) -> bool:
+        return KINDS[self.node_kind].stepped and any(s.adapters for s in states)
+
+    def run_control(self, states: list[EmulatedState], inputs: torch.Tensor,
+                    steps: list[int]) -> list[torch.Tensor]:
+        first = states[0]
+        self.gpu.run(self.owner, self._step_parts(states, first.cfg)[1])
+        controlnet = self.adapter_profiles[next(a for s in states for a in s.adapters)]
+        return control_outputs(self.profile, controlnet, [s.cfg for s in states if s.adapters],
+                               first.height, first.width)
+
+    def step_controlled(self, states: list[EmulatedState],
+                        outputs: Callable[[], list[torch.Tensor] | None]) -> None:
+        base, control = self._step_parts(states, states[0].cfg)
+        before = base * control_gate(self.profile)
+        self.gpu.run(self.owner, before)
+        if outputs() is None:
+            self.gpu.run(self.owner, control)
+        self.gpu.run(self.owner, base - before)
         for state in states:
             state.done_steps += 1
 

@@ -1,12 +1,14 @@
-"""`lego bench parallel`: CFG parallelism on the emulated cluster.
+"""`lego bench parallel`: CFG and ControlNet parallelism on the emulated cluster.
 
 Two parts, per workload:
 
 - **Solo latency** of every workflow, micro-served on the emulated H800s, one request at a time
   (each workflow once to warm up, then ``reps`` times, the median kept): with parallelism off
-  (``serial_s``) and with every step split whenever a device holding the model is idle
-  (``always``: ``cfg_parallel_s``). Latencies are in trace time (wall x the time scale).
-  ControlNet and latent parallelism are not built: their keys are null.
+  (``serial_s``), and with a part of every step on another device whenever one holding the
+  model is idle (``always``): its negative guidance branch (``cfg_parallel_s``), or, for a
+  workflow with a ControlNet, its ControlNet (``controlnet_parallel_s``; null without one).
+  Latencies are in trace time (wall x the time scale). Latent parallelism is not built
+  (``latent_parallel_s`` null; docs/emulation.md says why).
 - **Attainment under load**: the sweep's rate scales, parallelism off against ``auto``, each
   cell the median of ``repeat`` runs, with p50 and p99 latency.
 """
@@ -37,16 +39,19 @@ SOLO_GAP = 1.5
 
 
 def solo_latencies(base: Settings, workload: str, mode: str, *, devices: int,
-                   time_scale: float, reps: int) -> dict[str, float | None]:
-    """Each workflow's latency alone on the cluster with parallelism ``mode`` (trace seconds,
-    the median of ``reps`` after one warm-up; None where none succeeded)."""
+                   time_scale: float, reps: int,
+                   parts: Sequence[str] | None = None) -> dict[str, float | None]:
+    """Each workflow's latency alone on the cluster with parallelism ``mode`` of ``parts``
+    (None: the settings') (trace seconds, the median of ``reps`` after one warm-up; None
+    where none succeeded)."""
     loaded = load_workload(workload, base.profile_dir, time_scale)
     requests, at_s = [], 0.0
     for name in sorted(loaded.workflows):
         for _ in range(reps + 1):
             requests.append((at_s, name))
             at_s += SOLO_GAP * loaded.work_s(name)
-    settings = base.model_copy(update={"parallel": mode})
+    settings = base.model_copy(update={"parallel": mode, "parallel_parts": list(
+        base.parallel_parts if parts is None else parts)})
     run = SloRun("micro", workload, [], devices, time_scale)
     deadline_s = max(base.slo_factor * loaded.solo_s(n) for n in loaded.workflows)
     outcomes, _ = replay_on_stack(settings, run, requests, deadline_s)
@@ -69,15 +74,20 @@ def bench_parallel(base: Settings, workloads: Sequence[str], *, devices: int = 8
     for workload in workloads:
         serial = solo_latencies(base, workload, "off", devices=devices,
                                 time_scale=time_scale, reps=reps)
-        split = solo_latencies(base, workload, SOLO_SPLIT, devices=devices,
-                               time_scale=time_scale, reps=reps)
+        split = {part: solo_latencies(base, workload, SOLO_SPLIT, devices=devices,
+                                      time_scale=time_scale, reps=reps, parts=[part])
+                 for part in ("cfg", "controlnet")}
+        controlled = {name for name, spec in load_workload(workload, base.profile_dir)
+                      .workflows.items() if any(n.controlnet for n in spec.nodes.values())}
         for name in serial:
-            s, p = serial[name], split[name]
+            s, p = serial[name], split["cfg"][name]
+            c = split["controlnet"][name] if name in controlled else None
             result["workflows"][name] = {
                 "workload": workload, "serial_s": s, "cfg_parallel_s": p,
-                "cfg_ratio": round(p / s, 3) if s and p else None,
-                "controlnet_parallel_s": None, "latent_parallel_s": None}
-            log(f"{workload} {name}: serial {s} s, CFG-parallel {p} s")
+                "cfg_ratio": _ratio(p, s), "controlnet_parallel_s": c,
+                "controlnet_ratio": _ratio(c, s), "latent_parallel_s": None}
+            log(f"{workload} {name}: serial {s} s, CFG-parallel {p} s, "
+                f"ControlNet-parallel {c} s")
         if not rows:
             continue
         for scale in scales or RATE_SCALES[workload]:
@@ -100,11 +110,17 @@ def _run_at(workload: str, scale: float, devices: int, time_scale: float,
     return SloRun("micro", workload, at_scale(scale, seed=seed), devices, time_scale)
 
 
+def _ratio(split_s: float | None, serial_s: float | None) -> float | None:
+    return round(split_s / serial_s, 3) if split_s and serial_s else None
+
+
 def print_parallel(result: dict[str, Any]) -> None:
-    print(f"{'workflow':34} {'serial s':>9} {'CFG-par s':>10} {'ratio':>6}")
+    print(f"{'workflow':34} {'serial s':>9} {'CFG-par s':>10} {'ratio':>6} {'CN-par s':>9} "
+          f"{'ratio':>6}")
     for name, w in result["workflows"].items():
         print(f"{name:34} {_f(w['serial_s']):>9} {_f(w['cfg_parallel_s']):>10} "
-              f"{_f(w['cfg_ratio']):>6}")
+              f"{_f(w['cfg_ratio']):>6} {_f(w['controlnet_parallel_s']):>9} "
+              f"{_f(w['controlnet_ratio']):>6}")
     if result["rows"]:
         print(f"\n{'workload':8} {'scale':>5}" + "".join(
             f" {m + ' attain':>13} {'p50':>6} {'p99':>6}" for m in ROW_MODES))

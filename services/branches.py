@@ -1,5 +1,6 @@
-"""CFG parallelism between device hosts: one denoising step's two guidance branches on two
-devices that hold the model (the policy is ``services.parallel``).
+"""Parallelism between device hosts: part of one denoising step on another device that holds
+the model, its negative guidance branch (CFG parallelism) or its ControlNet (ControlNet
+parallelism); the policy is ``services.parallel``.
 
 - **Helpers.** A host offers to help a pool it holds (a core with ``guidance_branches``) while
   it is idle, once parallelism is asked for here (the ``parallel`` setting, or a task taken of
@@ -10,12 +11,13 @@ devices that hold the model (the policy is ``services.parallel``).
   host's next step boundary, before its own work (it was idle): the helper makes the request's
   state from the task's inputs once (``ModelCore.start``: its conditioning; kept while the
   request steps, forgotten at its last step or when unused for ``STATE_TTL_S``), runs the
-  negative branch on the step's model input and answers with its prediction, both through the
-  tensor store.
-- **The home** (the host that holds the task) stores the step's model input, asks, runs the
-  positive branch once a helper took it, and joins the two. No helper, or a decline: the step
+  negative branch (or the ControlNet) on the step's model input and answers with its
+  prediction (or the ControlNet's outputs), both through the tensor store.
+- **The home** (the host that holds the task) stores the step's model input, asks, and once a
+  helper took it runs the positive branch and joins the two (or runs the step, taking the
+  ControlNet's outputs where the model first adds them). No helper, or a decline: the step
   runs whole, here. A helper that took it and then fails or does not answer in time: the home
-  runs the negative branch itself. Nothing durable moves: the home holds the
+  runs that part itself. Nothing durable moves: the home holds the
   task, un-acked, throughout (a helper that dies costs a timeout; a home that dies, the task's
   redelivery, as before).
 """
@@ -36,7 +38,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from common import subjects
-from common.messages import BranchResult, BranchStep, Task, decode, encode
+from common.messages import BranchResult, BranchStep, StepPart, Task, decode, encode
 from common.store import tensor_key
 from services import parallel
 from services.core import WorkItem
@@ -69,8 +71,8 @@ class _Job:
 
 
 class Branches:
-    """One device host's side of CFG parallelism: its offers, the branches it runs for other
-    hosts, and its own split steps."""
+    """One device host's side of parallelism: its offers, the parts of steps it runs for
+    other hosts, and its own split steps."""
 
     def __init__(self, host: DeviceHost) -> None:
         self.host = host
@@ -158,7 +160,7 @@ class Branches:
         return bool(self._jobs)
 
     async def help_next(self) -> None:
-        """Run the oldest branch another host asked for, and answer it."""
+        """Run the oldest part of a step another host asked for, and answer it."""
         job = self._jobs.popleft()
         feed, ask = job.feed, job.ask
         host = self.host
@@ -170,16 +172,21 @@ class Branches:
             host.liveness.step_started()
             started = time.perf_counter()
             try:
-                noise = await asyncio.to_thread(feed.core.run_branch, states, 0, sample,
-                                                ask.steps)
+                if ask.part == "controlnet":
+                    made = await asyncio.to_thread(feed.core.run_control, states, sample,
+                                                   ask.steps)
+                else:
+                    made = [await asyncio.to_thread(feed.core.run_branch, states, 0, sample,
+                                                    ask.steps)]
             finally:
                 host.liveness.step_ended()
                 self.utilization.ran(started, time.perf_counter())
-            first = ask.tasks[0]
-            ref = await host.store.put(
-                tensor_key("tmp", first.request_id, first.node, "cfg_negative"), noise,
-                host.settings.tensor_ttl_s)
-            answer = BranchResult(noise=ref)
+            first, ttl_s = ask.tasks[0], host.settings.tensor_ttl_s
+            refs = [await host.store.put(
+                tensor_key("tmp", first.request_id, first.node, f"{ask.part}_{n}"), tensor,
+                ttl_s) for n, tensor in enumerate(made)]
+            answer = (BranchResult(outputs=refs) if ask.part == "controlnet"
+                      else BranchResult(noise=refs[0]))
             feed.stats.helped_steps += 1
         except Exception as exc:  # noqa: BLE001 - the home runs the branch itself
             log.warning("%s: could not run a branch for %s: %s: %s", feed.replica, ask.host,
@@ -222,20 +229,24 @@ class Branches:
 
     # --- splitting its own steps -----------------------------------------------------------------
 
-    def should_split(self, feed: PoolFeed, group: list[Held]) -> bool:
-        """Whether the next step of ``group`` (its tasks' modes, the core, the measured times
-        and whether a helper answered lately) runs its branches apart."""
+    def split_part(self, feed: PoolFeed, group: list[Held]) -> StepPart | None:
+        """What part of the next step of ``group`` runs on another device, if any (its tasks'
+        modes, the core, the measured times and whether a helper answered lately)."""
         mode = parallel.batch_mode(h.task.plan.nodes[h.task.node].parallel for h in group)
         if mode == "off" or time.monotonic() < self._no_helper.get(feed.replica, 0.0):
-            return False
-        if not feed.core.splits([h.state for h in group]):
-            return False
-        return feed.split.wants(mode, len(group), feed.step_time_s(len(group)))
+            return None
+        states = [h.state for h in group]
+        can: dict[StepPart, bool] = {"cfg": feed.core.splits(states),
+                                     "controlnet": feed.core.control_splits(states)}
+        return parallel.step_part(mode, self.host.settings.parallel_parts, can, feed.splits,
+                                  len(group), feed.step_time_s(len(group)))
 
-    async def split_step(self, feed: PoolFeed, group: list[Held]) -> bool:
-        """Run the next step of ``group``: its negative branch on a helper that takes it, the
-        positive here meanwhile; where none takes it, the whole step here (the same bits as
-        without parallelism). Whether a helper ran the branch."""
+    async def split_step(self, feed: PoolFeed, group: list[Held], part: StepPart) -> bool:
+        """Run the next step of ``group`` with ``part`` of it on a helper that takes it:
+        its negative branch (the positive runs here meanwhile), or its ControlNet (the step
+        runs here meanwhile, taking its outputs when the model needs them). Where none takes
+        it, the whole step here (the same bits as without parallelism). Whether a helper ran
+        the part."""
         host, core = self.host, feed.core
         states = [h.state for h in group]
         steps = [core.progress(s)[0] for s in states]
@@ -247,27 +258,46 @@ class Branches:
             inputs = core.branch_inputs(states)
             first = group[0].task
             sample = await host.store.put(
-                tensor_key("tmp", first.request_id, first.node, "cfg_sample"), inputs,
+                tensor_key("tmp", first.request_id, first.node, f"{part}_sample"), inputs,
                 host.settings.tensor_ttl_s)
             ask = BranchStep(host=host.name, tasks=[h.task for h in group], steps=steps,
-                             sample=sample)
+                             sample=sample, part=part)
             answers = await self._ask(feed, ask, token)
             if answers is None:
                 await asyncio.to_thread(core.step, states)
                 return False
-            positive = await asyncio.to_thread(core.run_branch, states, 1, inputs, steps)
-            whole_s = feed.step_time_s(len(group))
-            negative = await self._prediction(feed, answers, max(ANSWER_MIN_S, 4 * whole_s))
-            helped = negative is not None
-            if negative is None:
-                negative = await asyncio.to_thread(core.run_branch, states, 0, inputs, steps)
-            core.join_branches(states, negative, positive)  # guidance, the scheduler: cheap
+            timeout_s = max(ANSWER_MIN_S, 4 * feed.step_time_s(len(group)))
+            if part == "controlnet":
+                helped = await self._controlled_step(feed, states, answers, timeout_s)
+            else:
+                positive = await asyncio.to_thread(core.run_branch, states, 1, inputs, steps)
+                made = await self._made(feed, answers, timeout_s)
+                helped = made is not None
+                negative = made[0] if made is not None else await asyncio.to_thread(
+                    core.run_branch, states, 0, inputs, steps)
+                core.join_branches(states, negative, positive)  # guidance, the scheduler
         finally:
             self._splitting = False
             self._waiting.pop(token, None)
         if helped:
             feed.stats.split_steps += 1
         return helped
+
+    async def _controlled_step(self, feed: PoolFeed, states: list[Any],
+                               answers: asyncio.Queue[Msg], timeout_s: float) -> bool:
+        """The step, here, the ControlNet's outputs being the helper's (waited for in the
+        step's thread where the model first needs them). Whether the helper's came."""
+        loop = asyncio.get_running_loop()
+        came: list[bool] = []
+
+        def outputs() -> list[Any] | None:
+            made = asyncio.run_coroutine_threadsafe(
+                self._made(feed, answers, timeout_s), loop).result()
+            came.append(made is not None)
+            return made
+
+        await asyncio.to_thread(feed.core.step_controlled, states, outputs)
+        return any(came)
 
     async def _ask(self, feed: PoolFeed, ask: BranchStep,
                    token: str) -> asyncio.Queue[Msg] | None:
@@ -298,20 +328,21 @@ class Branches:
         self._no_helper[feed.replica] = time.monotonic() + pause_s
         return None
 
-    async def _prediction(self, feed: PoolFeed, answers: asyncio.Queue[Msg],
-                          timeout_s: float) -> Any:
-        """The helper's prediction, once it answers; None if it fails, or takes longer than
-        ``timeout_s`` (it died, say)."""
+    async def _made(self, feed: PoolFeed, answers: asyncio.Queue[Msg],
+                    timeout_s: float) -> list[Any] | None:
+        """What the helper made (its prediction, or the ControlNet's outputs), once it
+        answers; None if it fails, or takes longer than ``timeout_s`` (it died, say)."""
         try:
             async with asyncio.timeout(timeout_s):
                 answer = decode((await answers.get()).data, BranchResult)
-            if answer.noise is None:
-                log.info("%s: the helper did not run the branch: %s", feed.replica,
+            refs = answer.outputs if answer.noise is None else [answer.noise]
+            if refs is None:
+                log.info("%s: the helper did not run its part: %s", feed.replica,
                          answer.declined)
                 return None
-            return await self.host.store.get(answer.noise)
+            return [await self.host.store.get(ref) for ref in refs]
         except Exception as exc:  # noqa: BLE001 - a timeout, a lost store entry: run it here
-            log.warning("%s: no branch from the helper (%s: %s); running it here",
+            log.warning("%s: nothing from the helper (%s: %s); running its part here",
                         feed.replica, type(exc).__name__, exc)
             return None
 

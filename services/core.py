@@ -242,6 +242,29 @@ class ModelCore(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} does not split its steps")
 
 
+    # --- a step's ControlNet on another device (ControlNet parallelism) ----------------------
+    # A step that ``control_splits`` runs as: ``branch_inputs`` (what the other device needs),
+    # ``run_control`` there (the ControlNet's outputs for every row) while ``step_controlled``
+    # runs the step here, taking the outputs only where its model first adds them.
+
+    def control_splits(self, states: list[Any]) -> bool:
+        """Whether the next step of ``states`` runs a ControlNet another device may run."""
+        return False
+
+    def run_control(self, states: list[Any], inputs: torch.Tensor,
+                    steps: list[int]) -> list[torch.Tensor]:
+        """The ControlNet's outputs for step ``steps[i]`` of each state, on ``inputs``
+        (``branch_inputs``, maybe another device's): a flat list, as ``step_controlled``
+        takes them."""
+        raise NotImplementedError(f"{type(self).__name__} runs no ControlNet apart")
+
+    def step_controlled(self, states: list[Any],
+                        outputs: Callable[[], list[torch.Tensor] | None]) -> None:
+        """``step``, the ControlNet's outputs being ``outputs()`` (``run_control``'s, called
+        once the model needs them: it may wait; None: the ControlNet runs here then)."""
+        raise NotImplementedError(f"{type(self).__name__} runs no ControlNet apart")
+
+
 class OneShotCore(ModelCore):
     """A core whose items complete in one batched call of ``run``."""
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import itertools
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -352,10 +352,16 @@ class DenoiserCore(ModelCore):
         # rows as one forward over both branches has them: each state's negative, positive
         self._advance(states, torch.stack([negative, positive], 1).flatten(0, 1))
 
-    def branch_view(self, state: DenoiseState, branch: int) -> DenoiseState:
+    def branch_view(self, state: DenoiseState, branch: int | None) -> DenoiseState:
         """``state`` as a state of one row, its guidance branch ``branch``'s conditioning (the
-        negative prompt's, 0, or the positive's, 1): what ``_predict`` runs that branch of;
-        made once a state."""
+        negative prompt's, 0, or the positive's, 1), or of all its rows (None): what
+        ``_predict`` runs that branch of on a given model input; made once a state."""
+        if branch is None:  # all rows
+            view = state.views.get(-1)
+            if view is None:
+                view = state.views[-1] = dataclasses.replace(state, serial=next(_serials),
+                                                             view=True, views={})
+            return view
         view = state.views.get(branch)
         if view is None:
             row = slice(branch, branch + 1)
@@ -368,23 +374,67 @@ class DenoiserCore(ModelCore):
                 serial=next(_serials), view=True, views={})
         return view
 
-    def _predict(self, states: list[DenoiseState]) -> torch.Tensor:
-        """One forward of the model over every row of ``states``: the noise predictions."""
+    # --- the ControlNet on another device (``ModelCore.control_splits``) -----------------------
+
+    def control_splits(self, states: list[DenoiseState]) -> bool:
+        return states[0].control is not None  # states step together with equal ControlNets
+
+    def run_control(self, states: list[DenoiseState], inputs: torch.Tensor,
+                    steps: list[int]) -> list[torch.Tensor]:
+        views = [self.branch_view(s, None) for s in states]
+        for view, x, i in zip(views, inputs.split(1), steps, strict=True):
+            view.latents, view.i = x, i
+        with torch.inference_mode():
+            return self._control_outputs(views)
+
+    def step_controlled(self, states: list[DenoiseState],
+                        outputs: Callable[[], list[torch.Tensor] | None]) -> None:
+        if self.takes_loras:
+            self.loras.activate(states[0].loras)
+        with torch.inference_mode():
+            self._advance(states, self._predict(states, outputs))
+
+    def _control_outputs(self, states: list[DenoiseState]) -> list[torch.Tensor]:
+        """The ControlNet's outputs for every row of ``states``: its down blocks' residuals,
+        then its mid block's."""
+        sample, timestep, cond, _, added = self._model_args(states)
+        control = states[0].control  # states step together with equal ControlNets and scales
+        assert control is not None
+        down, mid = self._controlnets[control.model](
+            sample, timestep, encoder_hidden_states=cond, controlnet_cond=control_inputs(states),
+            conditioning_scale=control.scale, guess_mode=False, added_cond_kwargs=added,
+            return_dict=False)
+        return [*down, mid]
+
+    def _model_args(self, states: list[DenoiseState]) -> tuple[Any, ...]:
+        """The UNet's (and its ControlNet's) inputs for every row of ``states``: sample,
+        timestep, text embeddings, LCM guidance embeddings, added conditioning."""
         inputs = []
         for s in states:
             x = self.model_input(s)
             inputs.extend([x] * s.rows)
         cond, timestep_cond, added = self._conditioning(states)
-        sample, timestep = _rows(inputs), torch.cat([s.t_rows[s.i] for s in states])
+        return (_rows(inputs), torch.cat([s.t_rows[s.i] for s in states]), cond, timestep_cond,
+                added)
+
+    def _predict(self, states: list[DenoiseState],
+                 outputs: Callable[[], list[torch.Tensor] | None] | None = None) -> torch.Tensor:
+        """One forward of the model over every row of ``states``: the noise predictions;
+        ``outputs``: where the ControlNet's come from (``step_controlled``), else it runs
+        here first."""
+        sample, timestep, cond, timestep_cond, added = self._model_args(states)
         residuals = {}
-        control = states[0].control  # states step together with equal ControlNets and scales
-        if control is not None:
-            down, mid = self._controlnets[control.model](
-                sample, timestep, encoder_hidden_states=cond,
-                controlnet_cond=control_inputs(states),
-                conditioning_scale=control.scale, guess_mode=False, added_cond_kwargs=added,
-                return_dict=False)
-            residuals = {"down_block_additional_residuals": down,
+        if states[0].control is not None:
+            flat = Late(outputs_or(outputs, lambda: self._control_outputs(states)))
+            # the UNet adds the down blocks' residuals after its own down blocks, the mid
+            # block's after its mid block: it runs those first while the ControlNet runs
+            mid = torch.empty(0, dtype=sample.dtype, device=sample.device)
+
+            def down() -> list[torch.Tensor]:
+                mid.resize_(flat[-1].shape).copy_(flat[-1])
+                return flat[:-1]
+
+            residuals = {"down_block_additional_residuals": Late(down),
                          "mid_block_additional_residual": mid}
         return self.unet(
             sample,
@@ -426,6 +476,39 @@ class DenoiserCore(ModelCore):
             self._cond_cache = None  # do not keep a finished request's embeddings alive
         latents = state.latents.detach().cpu()
         return Result(tensors={"latents": latents.clone() if latents.is_inference() else latents})
+
+
+class Late(list):  # noqa: FURB189 - a list the models index, iterate and measure
+    """A list made on first use (indexed, iterated or measured): a ControlNet's outputs,
+    which the model reads only once its first blocks ran, so another device's may still be on
+    their way when the step starts."""
+
+    def __init__(self, make: Callable[[], list[Any]]) -> None:
+        super().__init__()
+        self._make: Callable[[], list[Any]] | None = make
+
+    def _made(self) -> None:
+        if self._make is not None:
+            make, self._make = self._make, None
+            self.extend(make())
+
+    def __len__(self) -> int:
+        self._made()
+        return super().__len__()
+
+    def __getitem__(self, index: Any) -> Any:
+        self._made()
+        return super().__getitem__(index)
+
+    def __iter__(self) -> Any:
+        self._made()
+        return super().__iter__()
+
+
+def outputs_or(outputs: Callable[[], list[torch.Tensor] | None] | None,
+               here: Callable[[], list[torch.Tensor]]) -> Callable[[], list[torch.Tensor]]:
+    """The ControlNet's outputs from ``outputs`` (another device's), else made ``here``."""
+    return lambda: (None if outputs is None else outputs()) or here()
 
 
 def embeddings(item: WorkItem, name: str, ndim: int, cfg: bool, family: str,

@@ -35,6 +35,7 @@ from common.messages import (
     Progress,
     ReplicaState,
     ReplicaStatus,
+    StepPart,
     Task,
     TensorRef,
     decode,
@@ -116,8 +117,8 @@ class FeedStats:
     tasks_handed_back: int = 0
     batches: int = 0
     batch_items: int = 0
-    split_steps: int = 0  # steps whose negative guidance branch a helper ran
-    helped_steps: int = 0  # branches run for another host's steps
+    split_steps: int = 0  # steps a helper ran part of (a guidance branch, the ControlNet)
+    helped_steps: int = 0  # parts of another host's steps run here
     ready: bool = False
     draining: bool = False
 
@@ -145,8 +146,9 @@ class PoolFeed:
         self.typical_work_s: float | None = None
         self.typical_slack_s: float | None = None
         self.typical_tail_s = 0.0
-        #: what its split steps took here (CFG parallelism, ``services.parallel``)
-        self.split = parallel.SplitFigures()
+        #: what its steps with a part on another device took here, per part
+        #: (``services.parallel``)
+        self.splits = {part: parallel.SplitFigures() for part in parallel.PARTS}
         self.stopping = False
         self.done = asyncio.Event()  # drained: fetching stopped, nothing held
         self._fetch_ended = False
@@ -408,7 +410,7 @@ class PoolFeed:
         return scheduling.step_time(self._step_by_size, size, self.step_s or 0.0)
 
     def ran(self, group: list[Held], elapsed_s: float, ended_at: float, *,
-            measured: bool = True, split: bool = False) -> None:
+            measured: bool = True, split: StepPart | None = None) -> None:
         """Account one step of ``group`` that took ``elapsed_s``. Its time counts to its
         tasks; to the pool's step times (what judges whether work can still make its deadline,
         and how large a batch may be) only if ``measured`` (not if it ran beside a model's load
@@ -416,12 +418,12 @@ class PoolFeed:
         figure so far: a step held up once (a busy event loop, a load on the device) once
         made an SD3 copy's one-task step figure several times its time, and the copy dropped
         tasks that had the time to finish. A lasting change still shows within a few steps.
-        A ``split`` step (a helper ran its negative branch) counts to the split figures only,
-        and to its tasks' ``whole_s`` at a whole step's time."""
+        A ``split`` step (a helper ran that part of it, ``services.parallel``) counts to that
+        part's split figures only, and to its tasks' ``whole_s`` at a whole step's time."""
         size = len(group)
         whole_s = elapsed_s
         if split:
-            self.split.ran(size, elapsed_s)
+            self.splits[split].ran(size, elapsed_s)
             whole_s = max(elapsed_s, self.step_time_s(size))
             measured = False
         self.stats.batches += 1

@@ -1,12 +1,21 @@
-"""Whether a denoising step runs its two guidance branches on two devices (CFG parallelism):
-pure policy.
+"""Whether part of a denoising step runs on another device: pure policy.
 
-With classifier-free guidance a step runs the model over two rows per request, the negative
-prompt's branch and the positive's, as one batch. Split, a device that holds the model and is
-idle runs the negative branch while this one runs the positive: the step takes about one row's
-time instead of two, plus the hand-off of the model input and of the prediction through the
-tensor store (``services.branches`` does the I/O). A workflow chooses (``parallel``; the
-deployment's ``parallel`` setting where it names none):
+Two parts may (the ``parallel_parts`` setting), both on a device that holds the model and is
+idle (``services.branches`` does the I/O):
+
+- ``cfg`` (CFG parallelism). With classifier-free guidance a step runs the model over two rows
+  per request, the negative prompt's branch and the positive's, as one batch. Split, the
+  other device runs the negative branch while this one runs the positive: the step takes
+  about one row's time instead of two, plus the hand-off of the model input and of the
+  prediction through the tensor store.
+- ``controlnet`` (ControlNet parallelism), for a step with a ControlNet that does not split
+  its branches: the other device runs the ControlNet on the step's model input while this one
+  runs the model's blocks before the first that adds the ControlNet's outputs (a UNet's down
+  blocks; a transformer's first block), then takes them through the store. It pays where the
+  ControlNet takes about as long as those blocks and its outputs move fast (a UNet's), not
+  where the model needs them at once (a transformer's).
+
+A workflow chooses (``parallel``; the deployment's ``parallel`` setting where it names none):
 
 - ``off``: never. Split guidance rounds differently from batched guidance (within 1/255 per
   pixel), so this is the default: the same seed gives the same bits.
@@ -15,7 +24,8 @@ deployment's ``parallel`` setting where it names none):
   so a split never takes a device that work already queued for it needs; under load no device
   is idle, and every step runs whole on one device.
 - ``auto``: as ``always``, while splitting pays on this device: split steps, hand-offs
-  included, measured at most ``GAIN`` of the whole step's time at the batch's size (tiny
+  included, measured at most ``GAIN`` of the whole step's time at the batch's size, per part
+  (tiny
   models on a CPU, whose steps take less than the hand-offs, stay whole). A split that stopped
   paying is tried again after ``PROBE_EVERY`` whole steps, so a change shows.
 
@@ -32,8 +42,12 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import get_args
 
-MODES = ("off", "auto", "always")
+from common.messages import ParallelMode, StepPart
+
+MODES: tuple[ParallelMode, ...] = get_args(ParallelMode)
+PARTS: tuple[StepPart, ...] = get_args(StepPart)
 #: in ``auto``, a split step must take at most this share of a whole one
 GAIN = 0.9
 #: in ``auto``, whole steps between two tries of a split that did not pay
@@ -44,6 +58,18 @@ _SMOOTHING = 0.3
 def batch_mode(modes: Iterable[str]) -> str:
     """The mode of a batch: the least permissive of its tasks' (an unknown one: off)."""
     return MODES[min((MODES.index(m) if m in MODES else 0 for m in modes), default=0)]
+
+
+def step_part(mode: str, parts: Iterable[StepPart], can: dict[StepPart, bool],
+              figures: dict[StepPart, SplitFigures], size: int, whole_s: float
+              ) -> StepPart | None:
+    """What part of a step of ``size`` tasks in ``mode`` to run on another device: the first
+    of ``parts`` (allowed, in order) that the step ``can`` run apart and whose ``figures`` want
+    it (the whole step taking ``whole_s`` here); None: the step runs whole."""
+    for part in parts:
+        if can.get(part) and figures[part].wants(mode, size, whole_s):
+            return part
+    return None
 
 
 @dataclass

@@ -187,6 +187,40 @@ def test_one_request_on_the_emulated_core_takes_its_profiled_steps():
     assert tuple(latents.shape) == (1, 16, 128, 128) and latents.nbytes == 524288
 
 
+def test_an_emulated_controlnet_on_another_device_costs_its_profiles():
+    """ControlNet parallelism, emulated: the helper's ControlNet costs its profiled pass and
+    hands on its outputs' real size (FLUX's XLabs ControlNet: 2 layers of one row a request);
+    the home's step costs the base model alone when the outputs came, and the ControlNet too
+    when they did not, and takes them only after its first block."""
+    device = EmulatedDevice("emu:cn", 80 * GB, time_scale=4)
+    flux, canny = PROFILES["Flux1Schnell"], PROFILES["Flux1DevControlNetCanny"]
+    spec = "emulated:Flux1DevControlNetCanny"
+    core = EmulatedCore("denoiser", flux, device, Owner("d", flux.memory_bytes, flux.load_s),
+                        adapter_profiles={spec: canny}, attached={spec})
+    core.load()
+    params = {"steps": 4, "guidance": 7.0, "height": 1024, "width": 1024}
+    states = [core.start(WorkItem(f"r{i}", "denoise", params, {}, (spec,))) for i in (0, 1)]
+    assert core.control_splits(states)
+    inputs = core.branch_inputs(states)
+    core.run_control(states, inputs, [0, 0])  # its zero tensors are made once
+    started = time.perf_counter()
+    outputs = core.run_control(states, inputs, [0, 0])
+    control_s = time.perf_counter() - started
+    assert control_s * 4 == pytest.approx(
+        denoise_step_seconds(flux, 2, True, 1024, 1024, {"c": (canny, 2)})
+        - denoise_step_seconds(flux, 2, True, 1024, 1024), rel=0.1)
+    assert [tuple(t.shape) for t in outputs] == [(2, 4096, 3072)] * 2
+    base_s = denoise_step_seconds(flux, 2, True, 1024, 1024) / 4
+    for given, expected_s in ((outputs, base_s), (None, base_s + control_s)):
+        taken: list[float] = []
+        started = time.perf_counter()
+        core.step_controlled(states, lambda given=given, taken=taken, started=started: (
+            taken.append(time.perf_counter() - started) or given))
+        assert time.perf_counter() - started == pytest.approx(expected_s, rel=0.1)
+        assert taken[0] == pytest.approx(base_s * 2 / 76, abs=0.005)  # after its first block
+    assert [s.done_steps for s in states] == [2, 2]
+
+
 def test_a_replica_attaches_its_workloads_controlnets_as_it_loads():
     """The ControlNets the workload's workflows attach to a denoiser's model load with it, at
     the replica's start (their memory and load time), so no request's first step pays them;

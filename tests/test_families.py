@@ -844,6 +844,18 @@ def test_controlnet_requests_batched_together_match_their_solo_images(
             assert np.abs(image.astype(int) - expected.astype(int)).max() <= 1, name
 
 
+def _two_devices(request, name: str) -> tuple[SimpleNamespace, ModelCore, list[dict]]:
+    """The ControlNet fixture of family ``name``, a second denoiser core on its model (another
+    device's), and two guided requests that batch together."""
+    control = request.getfixturevalue(name.replace("-controlnet", "_control"))
+    helper = _loaded(core_class("denoiser", control.dir)(control.dir))
+    helper.source = control.cores.denoiser.source
+    guided = {"negative_prompt": "blurry", "guidance": 5.0, "true_cfg_scale": 3.0}
+    return control, helper, [
+        {**sd3_control_params(seed=1), **guided},
+        {**sd3_control_params(prompt="a red house by the sea", seed=2), **guided}]
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("name", ["sd3-controlnet", "flux-controlnet"])
 def test_a_split_step_with_a_controlnet_makes_the_whole_steps_image(
@@ -853,18 +865,48 @@ def test_a_split_step_with_a_controlnet_makes_the_whole_steps_image(
     1/255 per pixel."""
     from tests.test_parallel import split_drive
 
-    control = request.getfixturevalue(name.replace("-controlnet", "_control"))
-    helper = _loaded(core_class("denoiser", control.dir)(control.dir))  # another device's
-    helper.source = control.cores.denoiser.source
-    guided = {"negative_prompt": "blurry", "guidance": 5.0, "true_cfg_scale": 3.0}
-    requests = [{**sd3_control_params(seed=1), **guided},
-                {**sd3_control_params(prompt="a red house by the sea", seed=2), **guided}]
+    control, helper, requests = _two_devices(request, name)
     spec = control_spec(name, control.dir)
     whole = workflow_images(control.cores, spec, requests, CONTROL_IMAGE)
     split = workflow_images(control.cores, spec, requests, CONTROL_IMAGE,
                             denoise=lambda core, items: split_drive(core, helper, items))
     for a, b in zip(whole, split, strict=True):
         assert a.std() > 5 and np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("name", ["sd", "sd3-controlnet", "flux-controlnet"])
+def test_a_controlnet_on_another_device_makes_the_same_image(request, name: str) -> None:
+    """ControlNet parallelism: another device runs the ControlNet on each step's model input
+    while the base model runs the blocks before the first that adds its outputs (the UNet's
+    down blocks, a transformer's first block); the same bits as the whole steps."""
+    from tests.test_parallel import control_drive
+
+    control, helper, requests = _two_devices(request, name)
+    core, order = control.cores.denoiser, []
+    model = getattr(core, "unet", None) or core.transformer
+    gate = model.down_blocks[-1] if hasattr(model, "down_blocks") else model.transformer_blocks[0]
+    hook = gate.register_forward_hook(lambda *_: order.append("block"))
+    try:
+        if name == "sd":  # SD's ControlNet reads the control image itself
+            items = [WorkItem(f"r{i}", "denoise", params,
+                              {**one(control.cores.text_encoder, "encode", params).tensors,
+                               **CONTROL_IMAGE}, (CONTROLNET,))
+                     for i, params in enumerate(requests)]
+            whole = [r.tensors["latents"] for r in drive(core, items)]
+            apart = [r.tensors["latents"] for r in control_drive(core, helper, items, order)]
+        else:
+            spec = control_spec(name, control.dir)
+            whole = workflow_images(control.cores, spec, requests, CONTROL_IMAGE)
+            apart = workflow_images(control.cores, spec, requests, CONTROL_IMAGE,
+                                    denoise=lambda c, items: control_drive(c, helper, items,
+                                                                           order))
+    finally:
+        hook.remove()
+    assert all(np.array_equal(a, b) for a, b in zip(whole, apart, strict=True))
+    assert order.count("outputs") == requests[0]["steps"]
+    taken = [i for i, what in enumerate(order) if what == "outputs"]
+    assert all(order[i - 1] == "block" for i in taken)  # after the model's first blocks
 
 
 def test_sd3_controlnet_served_whole_equals_the_pipeline(sd3_control) -> None:

@@ -24,7 +24,7 @@ from common.store import tensor_key
 from common.workflow import parse_workflow
 from services import parallel
 from services.catalog import core_class
-from services.core import ModelCore, WorkItem
+from services.core import ModelCore, ModelSource, WorkItem
 from services.host import DeviceHost
 from tests.test_cores import drive
 from tests.test_device_host import Harness
@@ -126,6 +126,31 @@ def split_drive(core: ModelCore, helper: ModelCore, items: list[WorkItem]) -> li
     return [core.finish(s) for s in states]
 
 
+def control_drive(core: ModelCore, helper: ModelCore, items: list[WorkItem],
+                  order: list[str] | None = None) -> list:
+    """Run ``items`` as a home and a helper would with ControlNet parallelism: every step's
+    ControlNet on ``helper`` (its own states), the step on ``core``, which takes the
+    ControlNet's outputs when its model needs them (noted in ``order``)."""
+    states = [core.start(item) for item in items]
+    for item in items:
+        if helper.needs_prepare(item):
+            helper.prepare(item)
+    copies = [helper.start(item) for item in items]
+
+    def taken(outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        if order is not None:
+            order.append("outputs")
+        return outputs
+
+    while not all(core.done(s) for s in states):
+        assert core.control_splits(states)
+        inputs = core.branch_inputs(states)
+        steps = [core.progress(s)[0] for s in states]
+        outputs = helper.run_control(copies, inputs.clone(), steps)
+        core.step_controlled(states, lambda outputs=outputs: taken(outputs))
+    return [core.finish(s) for s in states]
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_a_split_step_makes_the_whole_steps_image(family: str, cache_dir: Path) -> None:
@@ -157,21 +182,23 @@ def test_a_split_step_makes_the_whole_steps_image(family: str, cache_dir: Path) 
 
 # --- two device hosts on a real nats-server ---------------------------------------------------
 
-async def _denoise(h: Harness, request_id: str, pool: str, embeds: torch.Tensor,
-                   params: dict, mode: str) -> torch.Tensor:
-    """Publish one denoiser task (its embeddings in the store) and return its latents."""
+async def _denoise(h: Harness, request_id: str, pool: str, inputs: dict[str, torch.Tensor],
+                   params: dict, mode: str, adapters: tuple[str, ...] = ()) -> torch.Tensor:
+    """Publish one denoiser task (its inputs in the store; ``adapters``: its ControlNet) and
+    return its latents."""
     at = now()
     plan = Plan(nodes={
         "encode": PlanNode(kind="text_encoder", pool="unused", op="encode"),
         "denoise": PlanNode(kind="denoiser", pool=pool, op="denoise",
-                            inputs={"prompt_embeds": "encode.prompt_embeds"}, parallel=mode)},
+                            inputs={"prompt_embeds": "encode.prompt_embeds"}, parallel=mode,
+                            adapters=list(adapters))},
         output="denoise.latents")
-    ref = await h.store.put(tensor_key("tmp", request_id, "encode", "prompt_embeds"), embeds,
-                            600)
+    refs = {name: await h.store.put(tensor_key("tmp", request_id, "encode", name), tensor, 600)
+            for name, tensor in inputs.items()}
     await h.tracker.create(RequestState(id=request_id, workflow="t", status="queued",
                                         created_at=at, updated_at=at))
     task = Task(request_id=request_id, workflow="t", node="denoise", plan=plan, params=params,
-                inputs={"prompt_embeds": ref}, submitted_at=at, published_at=at)
+                inputs=refs, submitted_at=at, published_at=at)
     await h.js.publish(f"lego.tasks.{pool}", encode(task))
     (state,) = await h.finished(request_id)
     assert state.image is not None
@@ -179,10 +206,11 @@ async def _denoise(h: Harness, request_id: str, pool: str, embeds: torch.Tensor,
 
 
 async def _host(h: Harness, name: str, model_dir: Path, pool: str,
-                **settings: str) -> DeviceHost:
+                source: ModelSource | None = None, **settings: object) -> DeviceHost:
     host = DeviceHost(h.settings.model_copy(update=settings), name, device=name)
     ready = asyncio.Event()
     core = core_class("denoiser", model_dir)(model_dir)
+    core.source = source  # where its ControlNets are
     tasks = [asyncio.create_task(host.serve()), asyncio.create_task(
         host.run_pool(core, pool, str(model_dir), f"{pool}@{name}", ready=ready))]
     h.hosts.append((host, tasks))
@@ -209,7 +237,7 @@ async def test_an_idle_host_runs_the_negative_branch_of_another_hosts_steps(
     pool = "denoiser-tiny-sd"
     async with Harness(settings.model_copy(update={"host_poll_s": 0.1})) as h:
         first = await _host(h, "cpu:1", model_dir, pool)
-        alone = await _denoise(h, "alone", pool, embeds, params, "always")
+        alone = await _denoise(h, "alone", pool, {"prompt_embeds": embeds}, params, "always")
         assert torch.equal(alone, expected)  # no helper answered: whole steps
         assert first.feeds[f"{pool}@cpu:1"].stats.split_steps == 0
         # a host offers once parallelism is asked for: by its settings, or a task taken
@@ -218,12 +246,50 @@ async def test_an_idle_host_runs_the_negative_branch_of_another_hosts_steps(
         async with asyncio.timeout(10):
             while not second.branches.offering():  # idle with the model: it offers to help
                 await asyncio.sleep(0.01)
-        latents = await _denoise(h, "split", pool, embeds, params, "always")
+        latents = await _denoise(h, "split", pool, {"prompt_embeds": embeds}, params, "always")
         feeds = [first.feeds[f"{pool}@cpu:1"], second.feeds[f"{pool}@cpu:2"]]
         split = sum(f.stats.split_steps for f in feeds)
         helped = sum(f.stats.helped_steps for f in feeds)
         assert split == helped >= 1  # every split step was another host's branch
         torch.testing.assert_close(latents, expected, rtol=0, atol=1e-3)
-        off = await _denoise(h, "off", pool, embeds, params, "off")
+        off = await _denoise(h, "off", pool, {"prompt_embeds": embeds}, params, "off")
         assert torch.equal(off, expected)
         assert sum(f.stats.split_steps for f in feeds) == split
+
+
+@pytest.mark.timeout(180)
+async def test_an_idle_host_runs_the_controlnet_of_another_hosts_steps(
+        settings: Settings, cache_dir: Path) -> None:
+    """ControlNet parallelism: host 2, idle with the model, runs the ControlNet of each step
+    of host 1's task while host 1 runs the UNet's down blocks, and hands its outputs on
+    through the store: the latents are the same bits as the whole steps'."""
+    import functools
+
+    torch.set_num_threads(1)
+    models = cache_dir / "models"
+    model_dir = resolve_model_dir("builtin:tiny-sd", models)
+    source = ModelSource(functools.partial(resolve_model_dir, cache_dir=models))
+    cores = _cores(model_dir, ("text_encoder", "denoiser"))
+    cores.denoiser.source = source
+    params = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "guidance": 7.5, "steps": 4,
+              "seed": 3, "width": 64, "height": 64, "controlnet_conditioning_scale": 1.0}
+    controlnet = ("builtin:tiny-sd-controlnet",)
+    image = torch.randint(0, 255, (1, 64, 64, 3), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(1))
+    inputs = {**drive(cores.text_encoder, [WorkItem("r", "encode", params, {})])[0].tensors,
+              "control_image": image}
+    item = WorkItem("r", "denoise", params, inputs, controlnet)
+    cores.denoiser.prepare(item)
+    expected = drive(cores.denoiser, [item])[0].tensors["latents"]
+    pool = "denoiser-tiny-sd"
+    async with Harness(settings.model_copy(update={"host_poll_s": 0.1})) as h:
+        hosts = [await _host(h, f"cpu:{n}", model_dir, pool, source, parallel="auto",
+                             parallel_parts=["controlnet"]) for n in (1, 2)]
+        async with asyncio.timeout(10):
+            while not all(host.branches.offering() for host in hosts):
+                await asyncio.sleep(0.01)
+        latents = await _denoise(h, "apart", pool, inputs, params, "always", controlnet)
+        feeds = [host.feeds[f"{pool}@cpu:{n}"] for n, host in enumerate(hosts, 1)]
+        split = sum(f.stats.split_steps for f in feeds)
+        assert split == sum(f.stats.helped_steps for f in feeds) >= 1
+        assert torch.equal(latents, expected)

@@ -23,6 +23,7 @@ draws the latents where that stream left off: the pipeline's bits.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -34,12 +35,14 @@ from common.families import true_cfg
 from services.core import Result, WorkItem
 from services.denoiser import (
     DenoiseState,
+    Late,
     _float,
     _int,
     _rows,
     control_inputs,
     embeddings,
     image_size,
+    outputs_or,
     resume,
 )
 from services.families.sd3 import Sd3DenoiserCore
@@ -195,7 +198,8 @@ class FluxDenoiserCore(Sd3DenoiserCore):
     def batch_key(self, state: DenoiseState) -> Any:
         return (super().batch_key(state), cast(FluxState, state).embedded_guidance is None)
 
-    def _predict(self, states: list[DenoiseState]) -> torch.Tensor:
+    def _predict(self, states: list[DenoiseState],
+                 outputs: Callable[[], list[torch.Tensor] | None] | None = None) -> torch.Tensor:
         flux = cast("list[FluxState]", states)  # this core makes FluxStates only
         cond, _, added = self._conditioning(states)
         assert added is not None  # every state has its pooled projections
@@ -208,38 +212,45 @@ class FluxDenoiserCore(Sd3DenoiserCore):
         first = flux[0]  # states step together only with equal shapes: equal ids
         blocks = None
         if first.control is not None:
-            blocks = self._control_blocks(flux)
+            # the transformer adds them from its first block's output on
+            flat = Late(outputs_or(outputs, lambda: self._control_outputs(states)))
+            net = self._controlnets[first.control.model]
+            double, single = len(net.controlnet_blocks), len(net.controlnet_single_blocks)
+            repeats = torch.tensor([s.rows for s in flux], device=hidden.device)
+
+            def every_row(outs: list[torch.Tensor]) -> list[torch.Tensor]:
+                return [x.repeat_interleave(repeats, dim=0) for x in outs]
+
+            blocks = (Late(lambda: every_row(flat[:double])) if double else None,
+                      Late(lambda: every_row(flat[double:])) if single else None)
         return self._forward(hidden, timestep / 1000, guidance, added["pooled_projections"],
                              cond, first.txt_ids, first.img_ids, blocks)
 
-    def _control_blocks(self, states: list[FluxState]) -> tuple[Any, ...]:
-        """The ControlNet's outputs for every row (double blocks', single blocks'): one pass
-        over each state's positive row, as the pipeline's, shared by its negative row (so a
-        negative branch's view runs it on the positive prompt too)."""
-        control = states[0].control  # states step together with equal ControlNets and scales
+    def _control_outputs(self, states: list[DenoiseState]) -> list[torch.Tensor]:
+        """The ControlNet's outputs, double blocks' then single blocks', one row per state: one
+        pass over each state's positive row, as the pipeline's, shared by its negative row
+        (so a negative branch's view runs it on the positive prompt too)."""
+        flux = cast("list[FluxState]", states)  # this core makes FluxStates only
+        control = flux[0].control  # states step together with equal ControlNets and scales
         assert control is not None
         net = self._controlnets[control.model]
-        text = [s.control_text for s in states if s.control_text is not None]
+        text = [s.control_text for s in flux if s.control_text is not None]
         cond, pooled = _rows([t[0] for t in text]), _rows([t[1] for t in text])
-        hidden = _rows([s.latents for s in states])
-        timestep = torch.cat([s.t_rows[s.i][-1:] for s in states]).to(hidden.dtype)
+        hidden = _rows([s.latents for s in flux])
+        timestep = torch.cat([s.t_rows[s.i][-1:] for s in flux]).to(hidden.dtype)
         guidance = None
         if net.config.guidance_embeds:
-            guidance = torch.cat([s.control_guidance for s in states
+            guidance = torch.cat([s.control_guidance for s in flux
                                   if s.control_guidance is not None])
         outputs = [net(
-            hidden_states=hidden[a:b], controlnet_cond=control_inputs(states[a:b]),
+            hidden_states=hidden[a:b], controlnet_cond=control_inputs(flux[a:b]),
             conditioning_scale=control.scale, timestep=timestep[a:b] / 1000,
             guidance=None if guidance is None else guidance[a:b],
             pooled_projections=pooled[a:b], encoder_hidden_states=cond[a:b],
-            txt_ids=states[0].txt_ids, img_ids=states[0].img_ids, return_dict=False)
-            for a, b in self._spans(len(states))]
-        repeats = torch.tensor([s.rows for s in states], device=hidden.device)
-        return tuple(
-            None if out[0] is None else [
-                torch.cat(parts).repeat_interleave(repeats, dim=0)
+            txt_ids=flux[0].txt_ids, img_ids=flux[0].img_ids, return_dict=False)
+            for a, b in self._spans(len(flux))]
+        return [torch.cat(parts) for out in zip(*outputs, strict=True) if out[0] is not None
                 for parts in zip(*out, strict=True)]
-            for out in zip(*outputs, strict=True))
 
     def _spans(self, n: int) -> list[tuple[int, int]]:
         """Row spans that share a pass: all, or one per row when batching is not bit-exact."""
@@ -247,15 +258,14 @@ class FluxDenoiserCore(Sd3DenoiserCore):
 
     def _forward(self, hidden, timestep, guidance, pooled, cond, txt_ids, img_ids, blocks=None):
         """One pass over every row, or one per row when batching is not bit-exact here;
-        ``blocks``: a ControlNet's outputs per row (``_control_blocks``)."""
+        ``blocks``: a ControlNet's outputs per row (``_control_outputs``, split)."""
         double, single = blocks or (None, None)
         return _rows([self.transformer(
             hidden_states=hidden[a:b], timestep=timestep[a:b],
             guidance=None if guidance is None else guidance[a:b],
             pooled_projections=pooled[a:b], encoder_hidden_states=cond[a:b],
-            controlnet_block_samples=None if double is None else [x[a:b] for x in double],
-            controlnet_single_block_samples=(None if single is None
-                                             else [x[a:b] for x in single]),
+            controlnet_block_samples=_rows_of(double, a, b),
+            controlnet_single_block_samples=_rows_of(single, a, b),
             txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
             for a, b in self._spans(hidden.shape[0])])
 
@@ -294,3 +304,8 @@ class FluxVaeEncoderCore(VaeEncoderCore):
         multiple = self.vae_scale_factor * 2
         width, height = image_size(params, native_size(self.model_dir), multiple)
         return 1, width, height, multiple
+
+
+def _rows_of(blocks: list[torch.Tensor] | None, a: int, b: int) -> list[torch.Tensor] | None:
+    """Rows ``a:b`` of each of a ControlNet's outputs, made when the transformer reads them."""
+    return None if blocks is None else Late(lambda: [x[a:b] for x in blocks])

@@ -29,6 +29,7 @@ tests do. The latents are drawn from a fresh generator of the seed, as the pipel
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,12 +41,14 @@ from services.core import WorkItem
 from services.denoiser import (
     DenoiserCore,
     DenoiseState,
+    Late,
     _float,
     _int,
     _rows,
     control_inputs,
     embeddings,
     image_size,
+    outputs_or,
 )
 from services.families.sdxl import SdxlTextEncoderCore
 from services.lora import Loras, lora_key, pipeline_class
@@ -171,25 +174,35 @@ class Sd3DenoiserCore(DenoiserCore):
     def model_input(self, state: DenoiseState) -> torch.Tensor:
         return state.latents  # the flow-matching pipelines give the model the latents as they are
 
-    def _predict(self, states: list[DenoiseState]) -> torch.Tensor:
+    def _model_args(self, states: list[DenoiseState]) -> tuple[Any, ...]:
         cond, _, added = self._conditioning(states)
         assert added is not None  # every state has its pooled projections
         hidden = _rows([self.model_input(s) for s in states for _ in range(s.rows)])
-        timestep = torch.cat([s.t_rows[s.i] for s in states])
+        return hidden, torch.cat([s.t_rows[s.i] for s in states]), cond, None, added
+
+    def _control_outputs(self, states: list[DenoiseState]) -> list[torch.Tensor]:
+        hidden, timestep, cond, _, added = self._model_args(states)
         pooled = added["pooled_projections"]
-        control, blocks = states[0].control, None  # states step together with equal ones
-        if control is not None:
-            net = self._controlnets[control.model]
-            blocks = net(
-                hidden_states=hidden, timestep=timestep,
-                encoder_hidden_states=(cond if net.config.joint_attention_dim is not None
-                                       else None),
-                pooled_projections=(torch.zeros_like(pooled)
-                                    if net.config.force_zeros_for_pooled_projection else pooled),
-                controlnet_cond=control_inputs(states),
-                conditioning_scale=control.scale, return_dict=False)[0]
+        control = states[0].control  # states step together with equal ControlNets and scales
+        assert control is not None
+        net = self._controlnets[control.model]
+        return list(net(
+            hidden_states=hidden, timestep=timestep,
+            encoder_hidden_states=cond if net.config.joint_attention_dim is not None else None,
+            pooled_projections=(torch.zeros_like(pooled)
+                                if net.config.force_zeros_for_pooled_projection else pooled),
+            controlnet_cond=control_inputs(states), conditioning_scale=control.scale,
+            return_dict=False)[0])
+
+    def _predict(self, states: list[DenoiseState],
+                 outputs: Callable[[], list[torch.Tensor] | None] | None = None) -> torch.Tensor:
+        hidden, timestep, cond, _, added = self._model_args(states)
+        blocks = None  # the transformer adds them from its first block's output on
+        if states[0].control is not None:
+            blocks = Late(outputs_or(outputs, lambda: self._control_outputs(states)))
         return self.transformer(hidden_states=hidden, timestep=timestep,
-                                encoder_hidden_states=cond, pooled_projections=pooled,
+                                encoder_hidden_states=cond,
+                                pooled_projections=added["pooled_projections"],
                                 block_controlnet_hidden_states=blocks, return_dict=False)[0]
 
 
