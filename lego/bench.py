@@ -393,7 +393,7 @@ def main(args: argparse.Namespace) -> int:
             settings, [args.workload] if args.workload else ["flux3", "mix12"],
             devices=args.devices, time_scale=args.time_scale or 4.0,
             scales=[float(x) for x in args.scales.split(",")] if args.scales else None,
-            repeat=args.repeat or 3, rows=not args.solo_only,
+            repeat=args.repeat or 3, reps=args.repeat or 3, rows=not args.solo_only,
             log=lambda line: print(line, file=sys.stderr, flush=True))
         if args.json:
             print(json.dumps(result, indent=2))

@@ -13,7 +13,7 @@
     lego schema                  JSON Schemas of the request and the result
     lego bench hop|e2e|burst     benchmarks
     lego bench slo|sweep|bound   the emulated GPU cluster's experiment, and its physical limit
-    lego bench parallel          CFG parallelism on the emulated cluster: solo latency, load
+    lego bench parallel          CFG and ControlNet parallelism, emulated: solo latency, load
     lego bench eta               the error of the ETA a request gets, on an emulated replay
     lego bench chaos             faults (replica, NATS, store, cluster member) and overload
 """
@@ -657,8 +657,10 @@ def build_parser() -> argparse.ArgumentParser:
     slo.add_argument("--systems", help="sweep: comma-separated baselines to compare micro with "
                                        "(default all of the workload's)")
     slo.add_argument("--repeat", type=int, help="runs of each cell, seeds 0..N-1; the median "
-                                                "is reported (slo: default 1; sweep: 3); "
-                                                "burst: bursts per system, their spread reported")
+                                                "is reported (slo: default 1; sweep, parallel: "
+                                                "3; parallel: also each workflow's solo "
+                                                "requests); burst: bursts per system, their "
+                                                "spread reported")
     slo.add_argument("--burst-factor", type=float,
                      help="slo, bound: the sweep's burst cell on this trace: its first 60 s "
                           "with a 10 s spike of K x its rate at 20 s")

@@ -340,7 +340,7 @@ class DenoiserCore(ModelCore):
     def run_branch(self, states: list[DenoiseState], branch: int, inputs: torch.Tensor,
                    steps: list[int]) -> torch.Tensor:
         views = [self.branch_view(s, branch) for s in states]
-        for view, x, i in zip(views, inputs.split(1), steps, strict=True):
+        for view, x, i in zip(views, inputs.to(self.device).split(1), steps, strict=True):
             view.latents, view.i = x, i
         if self.takes_loras:
             self.loras.activate(states[0].loras)
@@ -350,6 +350,7 @@ class DenoiserCore(ModelCore):
     def join_branches(self, states: list[DenoiseState], negative: torch.Tensor,
                       positive: torch.Tensor) -> None:
         # rows as one forward over both branches has them: each state's negative, positive
+        negative = negative.to(positive.device)  # another device's, through the store
         self._advance(states, torch.stack([negative, positive], 1).flatten(0, 1))
 
     def branch_view(self, state: DenoiseState, branch: int | None) -> DenoiseState:
@@ -382,7 +383,7 @@ class DenoiserCore(ModelCore):
     def run_control(self, states: list[DenoiseState], inputs: torch.Tensor,
                     steps: list[int]) -> list[torch.Tensor]:
         views = [self.branch_view(s, None) for s in states]
-        for view, x, i in zip(views, inputs.split(1), steps, strict=True):
+        for view, x, i in zip(views, inputs.to(self.device).split(1), steps, strict=True):
             view.latents, view.i = x, i
         with torch.inference_mode():
             return self._control_outputs(views)
@@ -425,7 +426,8 @@ class DenoiserCore(ModelCore):
         sample, timestep, cond, timestep_cond, added = self._model_args(states)
         residuals = {}
         if states[0].control is not None:
-            flat = Late(outputs_or(outputs, lambda: self._control_outputs(states)))
+            flat = Late(outputs_or(outputs, lambda: self._control_outputs(states),
+                                   sample.device))
             # the UNet adds the down blocks' residuals after its own down blocks, the mid
             # block's after its mid block: it runs those first while the ControlNet runs
             mid = torch.empty(0, dtype=sample.dtype, device=sample.device)
@@ -489,8 +491,9 @@ class Late(list):  # noqa: FURB189 - a list the models index, iterate and measur
 
     def _made(self) -> None:
         if self._make is not None:
-            make, self._make = self._make, None
-            self.extend(make())
+            made = self._make()  # (raising, it stays unmade)
+            self._make = None
+            self.extend(made)
 
     def __len__(self) -> int:
         self._made()
@@ -506,9 +509,14 @@ class Late(list):  # noqa: FURB189 - a list the models index, iterate and measur
 
 
 def outputs_or(outputs: Callable[[], list[torch.Tensor] | None] | None,
-               here: Callable[[], list[torch.Tensor]]) -> Callable[[], list[torch.Tensor]]:
-    """The ControlNet's outputs from ``outputs`` (another device's), else made ``here``."""
-    return lambda: (None if outputs is None else outputs()) or here()
+               here: Callable[[], list[torch.Tensor]],
+               device: torch.device) -> Callable[[], list[torch.Tensor]]:
+    """The ControlNet's outputs from ``outputs`` (another device's, read from the store: moved
+    to ``device``), else made ``here``."""
+    def made() -> list[torch.Tensor]:
+        given = None if outputs is None else outputs()
+        return here() if given is None else [t.to(device) for t in given]
+    return made
 
 
 def embeddings(item: WorkItem, name: str, ndim: int, cfg: bool, family: str,

@@ -199,7 +199,8 @@ class Sd3DenoiserCore(DenoiserCore):
         hidden, timestep, cond, _, added = self._model_args(states)
         blocks = None  # the transformer adds them from its first block's output on
         if states[0].control is not None:
-            blocks = Late(outputs_or(outputs, lambda: self._control_outputs(states)))
+            blocks = Late(outputs_or(outputs, lambda: self._control_outputs(states),
+                                     hidden.device))
         return self.transformer(hidden_states=hidden, timestep=timestep,
                                 encoder_hidden_states=cond,
                                 pooled_projections=added["pooled_projections"],
