@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from common.settings import Settings
@@ -36,27 +36,34 @@ SOLO_SPLIT = "always"
 #: solo requests are this many of their workflow's solo latencies apart (trace time): one
 #: alone ends within about one, so the next finds the cluster idle
 SOLO_GAP = 1.5
+SOLO_CONTROLNET_GAP = 5.0
+#: solo requests' deadline, in the workload's longest solo latency
+SOLO_DEADLINE = 10.0
 
 
 def solo_latencies(base: Settings, workload: str, mode: str, *, devices: int,
-                   time_scale: float, reps: int,
-                   parts: Sequence[str] | None = None) -> dict[str, float | None]:
-    """Each workflow's latency alone on the cluster with parallelism ``mode`` of ``parts``
-    (None: the settings') (trace seconds, the median of ``reps`` after one warm-up; None
+                   time_scale: float, reps: int, parts: Sequence[str] | None = None,
+                   names: Collection[str] | None = None,
+                   gap: float = SOLO_GAP) -> dict[str, float | None]:
+    """The latency alone on the cluster of each of the workload's workflows (``names``: of
+    those) with parallelism ``mode`` of ``parts`` (None: the settings') (trace seconds, the
+    median of ``reps`` after one warm-up, requests ``gap`` of their serial work apart; None
     where none succeeded)."""
     loaded = load_workload(workload, base.profile_dir, time_scale)
+    chosen = sorted(n for n in loaded.workflows if names is None or n in names)
     requests, at_s = [], 0.0
-    for name in sorted(loaded.workflows):
+    for name in chosen:
         for _ in range(reps + 1):
             requests.append((at_s, name))
-            at_s += SOLO_GAP * loaded.work_s(name)
+            at_s += gap * loaded.work_s(name)
     settings = base.model_copy(update={"parallel": mode, "parallel_parts": list(
         base.parallel_parts if parts is None else parts)})
     run = SloRun("micro", workload, [], devices, time_scale)
-    deadline_s = max(base.slo_factor * loaded.solo_s(n) for n in loaded.workflows)
+    # no request is dropped for its deadline: a part that does not pay shows how slow it is
+    deadline_s = SOLO_DEADLINE * max(loaded.solo_s(n) for n in loaded.workflows)
     outcomes, _ = replay_on_stack(settings, run, requests, deadline_s)
     found: dict[str, float | None] = {}
-    for name in sorted(loaded.workflows):
+    for name in chosen:
         measured = [o for o in outcomes if o.phase == name][1:]  # after its warm-up
         ok = [o.served_s * time_scale for o in measured
               if o.status == "succeeded" and o.served_s is not None]
@@ -74,14 +81,17 @@ def bench_parallel(base: Settings, workloads: Sequence[str], *, devices: int = 8
     for workload in workloads:
         serial = solo_latencies(base, workload, "off", devices=devices,
                                 time_scale=time_scale, reps=reps)
-        split = {part: solo_latencies(base, workload, SOLO_SPLIT, devices=devices,
-                                      time_scale=time_scale, reps=reps, parts=[part])
-                 for part in ("cfg", "controlnet")}
         controlled = {name for name, spec in load_workload(workload, base.profile_dir)
                       .workflows.items() if any(n.controlnet for n in spec.nodes.values())}
+        cfg = solo_latencies(base, workload, SOLO_SPLIT, devices=devices,
+                             time_scale=time_scale, reps=reps, parts=["cfg"])
+        # a ControlNet apart may take several times the serial latency: requests further
+        # apart, so each still runs alone
+        controlnet = solo_latencies(base, workload, SOLO_SPLIT, devices=devices,
+                                    time_scale=time_scale, reps=reps, parts=["controlnet"],
+                                    names=controlled, gap=SOLO_CONTROLNET_GAP)
         for name in serial:
-            s, p = serial[name], split["cfg"][name]
-            c = split["controlnet"][name] if name in controlled else None
+            s, p, c = serial[name], cfg[name], controlnet.get(name)
             result["workflows"][name] = {
                 "workload": workload, "serial_s": s, "cfg_parallel_s": p,
                 "cfg_ratio": _ratio(p, s), "controlnet_parallel_s": c,

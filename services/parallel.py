@@ -27,7 +27,8 @@ A workflow chooses (``parallel``; the deployment's ``parallel`` setting where it
   included, measured at most ``GAIN`` of the whole step's time at the batch's size, per part
   (tiny
   models on a CPU, whose steps take less than the hand-offs, stay whole). A split that stopped
-  paying is tried again after ``PROBE_EVERY`` whole steps, so a change shows.
+  paying is tried again after ``PROBE_EVERY`` whole steps, so a change shows (twice as long
+  after each try that still did not pay).
 
 A batch splits only where every task in it allows it: its mode is the least of theirs.
 
@@ -50,8 +51,11 @@ MODES: tuple[ParallelMode, ...] = get_args(ParallelMode)
 PARTS: tuple[StepPart, ...] = get_args(StepPart)
 #: in ``auto``, a split step must take at most this share of a whole one
 GAIN = 0.9
-#: in ``auto``, whole steps between two tries of a split that did not pay
+#: in ``auto``, whole steps before a split that did not pay is tried again; twice as many
+#: after each try that still did not pay, up to ``PROBE_MAX`` (a part that never pays here,
+#: a transformer's ControlNet through a host-memory store, costs ever fewer tries)
 PROBE_EVERY = 32
+PROBE_MAX = 1024
 _SMOOTHING = 0.3
 
 
@@ -78,6 +82,7 @@ class SplitFigures:
 
     split_s: dict[int, float] = field(default_factory=dict)  # batch size -> seconds, smoothed
     whole_since: int = 0  # whole steps since a split did not pay
+    probe_every: int = PROBE_EVERY  # whole steps between tries while it does not pay
 
     def wants(self, mode: str, size: int, whole_s: float) -> bool:
         """Whether a step of ``size`` tasks in ``mode`` should split, the whole step taking
@@ -92,10 +97,12 @@ class SplitFigures:
         if whole_s <= 0:
             return False  # measure a whole one to compare
         if split_s <= GAIN * whole_s:
+            self.probe_every = PROBE_EVERY
             return True
         self.whole_since += 1
-        if self.whole_since >= PROBE_EVERY:
+        if self.whole_since >= self.probe_every:
             self.whole_since = 0
+            self.probe_every = min(2 * self.probe_every, PROBE_MAX)
             return True
         return False
 

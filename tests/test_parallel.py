@@ -52,8 +52,13 @@ def test_auto_splits_while_it_pays_and_tries_again_now_and_then():
     assert not figures.wants("auto", 2, 0.1) or figures.split_s.get(2) is None
     for _ in range(20):
         figures.ran(1, 0.2)  # hand-offs grew: now slower than a whole step
-    tries = [figures.wants("auto", 1, 0.1) for _ in range(3 * parallel.PROBE_EVERY)]
-    assert tries.count(True) == 3  # once every PROBE_EVERY whole steps
+    tries = [figures.wants("auto", 1, 0.1) for _ in range(7 * parallel.PROBE_EVERY)]
+    # after PROBE_EVERY whole steps, then twice as many after each try that did not pay
+    assert [i + 1 for i, tried in enumerate(tries) if tried] == [
+        parallel.PROBE_EVERY, 3 * parallel.PROBE_EVERY, 7 * parallel.PROBE_EVERY]
+    for _ in range(20):
+        figures.ran(1, 0.05)  # it pays again: tries come every PROBE_EVERY once it stops
+    assert figures.wants("auto", 1, 0.1) and figures.probe_every == parallel.PROBE_EVERY
     assert figures.wants("always", 1, 0.1)  # always is always
 
 
