@@ -37,7 +37,7 @@ SOLO_SPLIT = "always"
 #: alone ends within about one, so the next finds the cluster idle
 SOLO_GAP = 1.5
 SOLO_CONTROLNET_GAP = 5.0
-#: solo requests' deadline, in the workload's longest solo latency
+#: solo requests' deadlines, in their solo latencies (the longest's: how long a replay waits)
 SOLO_DEADLINE = 10.0
 
 
@@ -56,10 +56,11 @@ def solo_latencies(base: Settings, workload: str, mode: str, *, devices: int,
         for _ in range(reps + 1):
             requests.append((at_s, name))
             at_s += gap * loaded.work_s(name)
-    settings = base.model_copy(update={"parallel": mode, "parallel_parts": list(
-        base.parallel_parts if parts is None else parts)})
+    # deadlines far off: a part that does not pay shows how slow it is, not a drop
+    settings = base.model_copy(update={"parallel": mode, "slo_factor": SOLO_DEADLINE,
+                                       "parallel_parts": list(
+                                           base.parallel_parts if parts is None else parts)})
     run = SloRun("micro", workload, [], devices, time_scale)
-    # no request is dropped for its deadline: a part that does not pay shows how slow it is
     deadline_s = SOLO_DEADLINE * max(loaded.solo_s(n) for n in loaded.workflows)
     outcomes, _ = replay_on_stack(settings, run, requests, deadline_s)
     found: dict[str, float | None] = {}
