@@ -152,9 +152,9 @@ class Settings(BaseSettings):
     )
     parallel_parts: list[StepPart] = Field(
         ["cfg", "controlnet"], description="what of a step parallelism may run on another "
-        "device: cfg, its negative guidance branch; controlnet, its ControlNet (for a step "
-        "that does not split its guidance branches), whose outputs the model takes once its "
-        "first blocks ran. A ControlNet run apart gives the same bits as run here",
+        "device, a step running apart the first of these it can: cfg, its negative guidance "
+        "branch; controlnet, its ControlNet, whose outputs the model takes once its first "
+        "blocks ran (the same bits as run here)",
     )
     parallel_busy_max: float = Field(
         0.5, ge=0, le=1, description="a host offers to run other devices' guidance branches "

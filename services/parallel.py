@@ -68,12 +68,12 @@ def step_part(mode: str, parts: Iterable[StepPart], can: dict[StepPart, bool],
               figures: dict[StepPart, SplitFigures], size: int, whole_s: float
               ) -> StepPart | None:
     """What part of a step of ``size`` tasks in ``mode`` to run on another device: the first
-    of ``parts`` (allowed, in order) that the step ``can`` run apart and whose ``figures`` want
-    it (the whole step taking ``whole_s`` here); None: the step runs whole."""
-    for part in parts:
-        if can.get(part) and figures[part].wants(mode, size, whole_s):
-            return part
-    return None
+    of ``parts`` (allowed, in order) that the step ``can`` run apart, if its ``figures`` want
+    it (the whole step taking ``whole_s`` here); None: the step runs whole. A later part is
+    no fallback for an earlier one that does not pay now: a ControlNet apart is for the steps
+    whose branches do not split (and through the store it pays less often)."""
+    part = next((p for p in parts if can.get(p)), None)
+    return part if part is not None and figures[part].wants(mode, size, whole_s) else None
 
 
 @dataclass

@@ -62,6 +62,18 @@ def test_auto_splits_while_it_pays_and_tries_again_now_and_then():
     assert figures.wants("always", 1, 0.1)  # always is always
 
 
+def test_a_step_runs_apart_the_first_part_it_can_while_that_pays():
+    figures = {part: parallel.SplitFigures() for part in parallel.PARTS}
+    both, control_only = {"cfg": True, "controlnet": True}, {"cfg": False, "controlnet": True}
+    parts = ["cfg", "controlnet"]
+    assert parallel.step_part("auto", parts, both, figures, 1, 0.1) == "cfg"
+    assert parallel.step_part("auto", parts, control_only, figures, 1, 0.1) == "controlnet"
+    assert parallel.step_part("auto", ["cfg"], control_only, figures, 1, 0.1) is None
+    assert parallel.step_part("off", parts, both, figures, 1, 0.1) is None
+    figures["cfg"].ran(1, 0.2)  # the branches apart do not pay: the step runs whole, its
+    assert parallel.step_part("auto", parts, both, figures, 1, 0.1) is None  # ControlNet too
+
+
 def test_a_device_s_busy_share_counts_its_recent_steps_only():
     busy = parallel.Utilization(window_s=10.0)
     assert busy.share(100.0) == 0.0
