@@ -83,8 +83,9 @@ class Branches:
         #: whether parallelism is asked for here: by the deployment's default, or by a task
         #: taken (``saw``)
         self.wanted = host.settings.parallel != "off"
-        #: how busy the device has been lately (its steps and the branches it ran; on
-        #: ``time.perf_counter``, as the host times its steps)
+        #: how busy the device has been lately with its own work (its steps, not the parts
+        #: it ran for others: helping one long request would otherwise end its offers
+        #: midway; on ``time.perf_counter``, as the host times its steps)
         self.utilization = parallel.Utilization(host.settings.parallel_window_s)
         self._no_helper: dict[str, float] = {}  # replica -> monotonic time to ask again
         self._inbox: str | None = None  # where helpers answer its asks (one token each)
@@ -170,7 +171,6 @@ class Branches:
             states = [await self._state(feed, task) for task in ask.tasks]
             sample = await host.store.get(ask.sample)
             host.liveness.step_started()
-            started = time.perf_counter()
             try:
                 if ask.part == "controlnet":
                     made = await asyncio.to_thread(feed.core.run_control, states, sample,
@@ -180,7 +180,6 @@ class Branches:
                                                     ask.steps)]
             finally:
                 host.liveness.step_ended()
-                self.utilization.ran(started, time.perf_counter())
             first, ttl_s = ask.tasks[0], host.settings.tensor_ttl_s
             refs = [await host.store.put(
                 tensor_key("tmp", first.request_id, first.node, f"{ask.part}_{n}"), tensor,
