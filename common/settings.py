@@ -157,9 +157,9 @@ class Settings(BaseSettings):
         "blocks ran (the same bits as run here)",
     )
     parallel_busy_max: float = Field(
-        0.5, ge=0, le=1, description="a host offers to run parts of other devices' steps only "
-        "while idle and busy with its own steps at most this share of the last "
-        "parallel_window_s: on a loaded cluster an idle moment is soon taken by a new arrival",
+        0.5, ge=0, le=1, description="a host offers to run other devices' guidance branches "
+        "only while idle and busy at most this share of the last parallel_window_s: on a "
+        "loaded cluster an idle moment is soon taken by a new arrival",
     )
     parallel_window_s: float = Field(
         5.0, gt=0, description="the window over which a host's busy share is measured")

@@ -83,9 +83,10 @@ class Branches:
         #: whether parallelism is asked for here: by the deployment's default, or by a task
         #: taken (``saw``)
         self.wanted = host.settings.parallel != "off"
-        #: how busy the device has been lately with its own work (its steps, not the parts
-        #: it ran for others: helping one long request would otherwise end its offers
-        #: midway; on ``time.perf_counter``, as the host times its steps)
+        #: how busy the device has been lately (its steps and the parts it ran for others:
+        #: counting its own alone, helpers kept helping on a loaded cluster, and Flux-3 at
+        #: rate scale 5 attained 0.05 less; on ``time.perf_counter``, as the host times
+        #: its steps)
         self.utilization = parallel.Utilization(host.settings.parallel_window_s)
         self._no_helper: dict[str, float] = {}  # replica -> monotonic time to ask again
         self._inbox: str | None = None  # where helpers answer its asks (one token each)
@@ -171,6 +172,7 @@ class Branches:
             states = [await self._state(feed, task) for task in ask.tasks]
             sample = await host.store.get(ask.sample)
             host.liveness.step_started()
+            started = time.perf_counter()
             try:
                 if ask.part == "controlnet":
                     made = await asyncio.to_thread(feed.core.run_control, states, sample,
@@ -180,6 +182,7 @@ class Branches:
                                                     ask.steps)]
             finally:
                 host.liveness.step_ended()
+                self.utilization.ran(started, time.perf_counter())
             first, ttl_s = ask.tasks[0], host.settings.tensor_ttl_s
             refs = [await host.store.put(
                 tensor_key("tmp", first.request_id, first.node, f"{ask.part}_{n}"), tensor,

@@ -480,7 +480,7 @@ class DenoiserCore(ModelCore):
         return Result(tensors={"latents": latents.clone() if latents.is_inference() else latents})
 
 
-class Late(list):  # noqa: FURB189 - a list the models index, iterate and measure
+class Late(list):
     """A list made on first use (indexed, iterated or measured): a ControlNet's outputs,
     which the model reads only once its first blocks ran, so another device's may still be on
     their way when the step starts."""

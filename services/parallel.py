@@ -32,10 +32,8 @@ A workflow chooses (``parallel``; the deployment's ``parallel`` setting where it
 
 A batch splits only where every task in it allows it: its mode is the least of theirs.
 
-A helper offers only while idle *and* busy with its own work for at most
-``parallel_busy_max`` of the last ``parallel_window_s`` (``Utilization``; the parts it ran for
-others do not count, or helping one long request would end its offers midway): on a loaded
-cluster a device idle for a moment is soon
+A helper offers only while idle *and* busy for at most ``parallel_busy_max`` of the last
+``parallel_window_s`` (``Utilization``): on a loaded cluster a device idle for a moment is soon
 needed by a new arrival, which would then wait behind another device's branch (on Flux-3 at
 rate scale 4, helping at every idle moment cost 0.02 of attainment).
 """
