@@ -300,10 +300,7 @@ class DenoiserCore(ModelCore):
                 control, state.loras)
 
     def step(self, states: list[DenoiseState]) -> None:
-        if self.takes_loras:
-            self.loras.activate(states[0].loras)  # the states of a step share their LoRAs
-        with torch.inference_mode():
-            self._advance(states, self._predict(states))
+        self.step_controlled(states, None)
 
     def _advance(self, states: list[DenoiseState], noise: torch.Tensor) -> None:
         """Guidance and each state's scheduler step, from the model's predictions of every
@@ -339,13 +336,20 @@ class DenoiserCore(ModelCore):
 
     def run_branch(self, states: list[DenoiseState], branch: int, inputs: torch.Tensor,
                    steps: list[int]) -> torch.Tensor:
-        views = [self.branch_view(s, branch) for s in states]
-        for view, x, i in zip(views, inputs.to(self.device).split(1), steps, strict=True):
-            view.latents, view.i = x, i
+        views = self._views(states, branch, inputs, steps)
         if self.takes_loras:
             self.loras.activate(states[0].loras)
         with torch.inference_mode():
             return self._predict(views)
+
+    def _views(self, states: list[DenoiseState], branch: int | None, inputs: torch.Tensor,
+               steps: list[int]) -> list[DenoiseState]:
+        """``branch_view`` of each state at step ``steps[i]`` on its row of ``inputs``
+        (``branch_inputs``, maybe another device's)."""
+        views = [self.branch_view(s, branch) for s in states]
+        for view, x, i in zip(views, inputs.to(self.device).split(1), steps, strict=True):
+            view.latents, view.i = x, i
+        return views
 
     def join_branches(self, states: list[DenoiseState], negative: torch.Tensor,
                       positive: torch.Tensor) -> None:
@@ -382,18 +386,30 @@ class DenoiserCore(ModelCore):
 
     def run_control(self, states: list[DenoiseState], inputs: torch.Tensor,
                     steps: list[int]) -> list[torch.Tensor]:
-        views = [self.branch_view(s, None) for s in states]
-        for view, x, i in zip(views, inputs.to(self.device).split(1), steps, strict=True):
-            view.latents, view.i = x, i
+        views = self._views(states, None, inputs, steps)
         with torch.inference_mode():
             return self._control_outputs(views)
 
     def step_controlled(self, states: list[DenoiseState],
-                        outputs: Callable[[], list[torch.Tensor] | None]) -> None:
+                        outputs: Callable[[], list[torch.Tensor] | None] | None) -> None:
+        """(``outputs`` None: ``step``, the ControlNet, if any, run here.)"""
         if self.takes_loras:
-            self.loras.activate(states[0].loras)
+            self.loras.activate(states[0].loras)  # the states of a step share their LoRAs
         with torch.inference_mode():
             self._advance(states, self._predict(states, outputs))
+
+    def _late_outputs(self, states: list[DenoiseState],
+                      outputs: Callable[[], list[torch.Tensor] | None] | None,
+                      device: torch.device) -> Late:
+        """The ControlNet's outputs for ``states``, made when the model first reads them:
+        ``outputs()`` (another device's, read from the store: moved to ``device``), else
+        ``_control_outputs`` here."""
+        def made() -> list[torch.Tensor]:
+            given = None if outputs is None else outputs()
+            if given is None:
+                return self._control_outputs(states)
+            return [t.to(device) for t in given]
+        return Late(made)
 
     def _control_outputs(self, states: list[DenoiseState]) -> list[torch.Tensor]:
         """The ControlNet's outputs for every row of ``states``: its down blocks' residuals,
@@ -426,8 +442,7 @@ class DenoiserCore(ModelCore):
         sample, timestep, cond, timestep_cond, added = self._model_args(states)
         residuals = {}
         if states[0].control is not None:
-            flat = Late(outputs_or(outputs, lambda: self._control_outputs(states),
-                                   sample.device))
+            flat = self._late_outputs(states, outputs, sample.device)
             # the UNet adds the down blocks' residuals after its own down blocks, the mid
             # block's after its mid block: it runs those first while the ControlNet runs
             mid = torch.empty(0, dtype=sample.dtype, device=sample.device)
@@ -506,17 +521,6 @@ class Late(list):
     def __iter__(self) -> Any:
         self._made()
         return super().__iter__()
-
-
-def outputs_or(outputs: Callable[[], list[torch.Tensor] | None] | None,
-               here: Callable[[], list[torch.Tensor]],
-               device: torch.device) -> Callable[[], list[torch.Tensor]]:
-    """The ControlNet's outputs from ``outputs`` (another device's, read from the store: moved
-    to ``device``), else made ``here``."""
-    def made() -> list[torch.Tensor]:
-        given = None if outputs is None else outputs()
-        return here() if given is None else [t.to(device) for t in given]
-    return made
 
 
 def embeddings(item: WorkItem, name: str, ndim: int, cfg: bool, family: str,

@@ -42,7 +42,6 @@ from services.denoiser import (
     control_inputs,
     embeddings,
     image_size,
-    outputs_or,
     resume,
 )
 from services.families.sd3 import Sd3DenoiserCore
@@ -213,8 +212,7 @@ class FluxDenoiserCore(Sd3DenoiserCore):
         blocks = None
         if first.control is not None:
             # the transformer adds them from its first block's output on
-            flat = Late(outputs_or(outputs, lambda: self._control_outputs(states),
-                                   hidden.device))
+            flat = self._late_outputs(states, outputs, hidden.device)
             net = self._controlnets[first.control.model]
             double, single = len(net.controlnet_blocks), len(net.controlnet_single_blocks)
             repeats = torch.tensor([s.rows for s in flux], device=hidden.device)

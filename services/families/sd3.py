@@ -41,14 +41,12 @@ from services.core import WorkItem
 from services.denoiser import (
     DenoiserCore,
     DenoiseState,
-    Late,
     _float,
     _int,
     _rows,
     control_inputs,
     embeddings,
     image_size,
-    outputs_or,
 )
 from services.families.sdxl import SdxlTextEncoderCore
 from services.lora import Loras, lora_key, pipeline_class
@@ -199,8 +197,7 @@ class Sd3DenoiserCore(DenoiserCore):
         hidden, timestep, cond, _, added = self._model_args(states)
         blocks = None  # the transformer adds them from its first block's output on
         if states[0].control is not None:
-            blocks = Late(outputs_or(outputs, lambda: self._control_outputs(states),
-                                     hidden.device))
+            blocks = self._late_outputs(states, outputs, hidden.device)
         return self.transformer(hidden_states=hidden, timestep=timestep,
                                 encoder_hidden_states=cond,
                                 pooled_projections=added["pooled_projections"],
