@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import ssl
 import weakref
 from typing import Any
@@ -91,12 +92,38 @@ class Client(NATS):
 
 
 def run_async(main: Any) -> Any:
-    """Run a process's main coroutine, on uvloop where it is installed (faster NATS I/O)."""
+    """Run a process's main coroutine, on uvloop where it is installed (faster NATS I/O).
+    SIGUSR1 logs where each of its tasks waits (``kill -USR1 PID``: a process that seems stuck
+    tells why)."""
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(main)
-    return uvloop.run(main)
+        return asyncio.run(_dumping_tasks(main))
+    return uvloop.run(_dumping_tasks(main))
+
+
+async def _dumping_tasks(main: Any) -> Any:
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, log_tasks)
+    return await main
+
+
+def log_tasks() -> None:
+    """Log every task of the running loop with the chain of awaits it waits in, innermost
+    last (``Task.print_stack`` shows only the outermost frame of a suspended task)."""
+    tasks = asyncio.all_tasks()
+    for i, task in enumerate(tasks, 1):
+        lines: list[str] = []
+        awaited: Any = task.get_coro()
+        while awaited is not None:
+            frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+            if frame is None:
+                lines.append(f"  awaiting {awaited!r}")
+                break
+            lines.append(f'  File "{frame.f_code.co_filename}", line {frame.f_lineno}, '
+                         f"in {frame.f_code.co_name}")
+            awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+        log.warning("task %d of %d, %s:\n%s", i, len(tasks), task.get_name(), "\n".join(lines))
 
 
 async def connect(settings: Settings, name: str) -> NATS:

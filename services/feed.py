@@ -216,7 +216,9 @@ class PoolFeed:
                     [msg] = await self._sub.fetch(
                         1, timeout=settings.host_poll_s if idle else settings.host_probe_s)
                 except TimeoutError:
-                    if not idle:
+                    # Busy still, as of now (not as of the fetch: its work may have ended
+                    # meanwhile, and then no step boundary would ever wake this loop).
+                    if not self.host.idle():
                         await self.host.wait_changed()
                     continue
                 except Exception as exc:  # noqa: BLE001 - NATS is down: wait for it, never stop

@@ -280,9 +280,10 @@ class Harness:
         return host
 
     async def submit(self, request_id: str, pool: str, steps: int,
-                     deadline_s: float | None) -> None:
+                     deadline_s: float | None, est_s: float = 0.0) -> None:
         at = now()
-        plan_ = Plan(nodes={"decode": PlanNode(kind="vae_decoder", pool=pool, op="decode")},
+        plan_ = Plan(nodes={"decode": PlanNode(kind="vae_decoder", pool=pool, op="decode",
+                                               est_s=est_s)},
                      output="decode.image")
         await self.tracker.create(RequestState(id=request_id, workflow="t", status="queued",
                                                created_at=at, updated_at=at))
@@ -372,6 +373,23 @@ async def test_a_new_arrival_goes_to_an_idle_host_not_to_a_busy_ones_next_step(
         assert blocker.timings[-1].replica == "pool-a@gpu:1"
         assert spare.timings[-1].replica == "pool-b@gpu:2"
         assert busy.feeds["pool-b@gpu:1"].stats.tasks_handed_back == 1
+
+
+@pytest.mark.timeout(90)
+async def test_a_fetch_that_began_busy_does_not_wait_once_the_work_ended(settings: Settings):
+    """A busy host's fetch (batches of 2: it may take a second task) outlasts its only task,
+    which ends meanwhile: the host is idle by then, so it fetches again at once, rather than
+    waiting for a step boundary that will never come. (The next task would wait forever.)"""
+    async with Harness(settings) as h:
+        host = await h.host("cpu:0", ("pool-a",), host_eligible_s=0.0, host_probe_s=1.5,
+                            host_poll_s=0.2)
+        host.feeds["pool-a@cpu:0"].core.max_batch = 2
+        await h.submit("first", "pool-a", 1, None, est_s=0.3)
+        await h.finished("first")
+        await asyncio.sleep(1.5)  # the fetch that went out while it ran has timed out
+        await h.submit("second", "pool-a", 1, None, est_s=0.3)
+        async with asyncio.timeout(5):
+            await h.finished("second")
 
 
 class DeviceCore(RecordingCore):

@@ -10,6 +10,8 @@ import asyncio
 import logging
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -285,3 +287,29 @@ def test_sigterm_drains_a_host_and_a_restarted_host_takes_up_its_entry(stack: St
         assert state.status == "succeeded"
         denoise = next(t for t in state.timings if t.node == "denoise")
         assert denoise.attempt == 1 and denoise.replica == holder.replica
+
+
+def test_sigusr1_logs_where_each_task_of_a_process_waits() -> None:
+    """``kill -USR1`` on a process run by ``bus.run_async`` logs each task's stack, so one that
+    seems stuck tells where it waits."""
+    code = (
+        "import asyncio, logging\n"
+        "from common.bus import run_async\n"
+        "logging.basicConfig()\n"
+        "async def parked():\n"
+        "    await asyncio.sleep(60)\n"
+        "async def main():\n"
+        "    task = asyncio.create_task(parked())\n"
+        "    await asyncio.sleep(0)\n"
+        "    print('up', flush=True)\n"
+        "    await asyncio.sleep(3)\n"
+        "    task.cancel()\n"
+        "run_async(main())\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "up\n"
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "of 2, " in err and ", in parked" in err and ", in main" in err
