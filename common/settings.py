@@ -157,9 +157,10 @@ class Settings(BaseSettings):
         "blocks ran (the same bits as run here)",
     )
     parallel_busy_max: float = Field(
-        0.5, ge=0, le=1, description="a host offers to run other devices' guidance branches "
-        "only while idle and busy at most this share of the last parallel_window_s: on a "
-        "loaded cluster an idle moment is soon taken by a new arrival",
+        0.5, ge=0, le=1, description="an idle host offers to run parts of any other "
+        "device's steps only while busy at most this share of the last parallel_window_s (on "
+        "a loaded cluster an idle moment is soon taken by a new arrival); beyond it, only of "
+        "steps whose deadline the split decides",
     )
     parallel_window_s: float = Field(
         5.0, gt=0, description="the window over which a host's busy share is measured")

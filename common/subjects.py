@@ -10,10 +10,12 @@
                                   shared by every gateway replica: a request's events to POST
                                   to its webhook_url, kept until delivered or given up
     lego.replicas.<pool>          core NATS: every replica's status, once a second
-    lego.branch.<pool>            core NATS, queue group "helpers": a denoising step's
-                                  negative guidance branch, for an idle device that holds the
-                                  model (only those subscribe; CFG parallelism); answered on
-                                  the asking host's inbox, accepted first, then done
+    lego.branch.<pool>[.urgent]   core NATS, queue group "helpers": part of a denoising step
+                                  (its negative guidance branch, or its ControlNet), for an
+                                  idle device that holds the model (only those subscribe: to
+                                  .urgent, also one busy lately; CFG and ControlNet
+                                  parallelism); answered on the asking host's inbox, accepted
+                                  first, then done
     lego.autoscaler.events        core NATS: the autoscaler's scale decisions (ScaleEvent)
     lego.admission.shed           core NATS: tasks each ingress turned away, per pool (ShedReport)
     KV lego-requests              request state, any gateway replica answers from it
@@ -126,8 +128,10 @@ def replica_subject(pool: str) -> str:
 BRANCH_QUEUE = "helpers"
 
 
-def branch_subject(pool: str) -> str:
-    return f"lego.branch.{pool}"
+def branch_subject(pool: str, urgent: bool = False) -> str:
+    """Where part of a step of ``pool`` is asked for: of a helper idle and not busy lately,
+    or (``urgent``: a step whose deadline the split decides) of any idle one."""
+    return f"lego.branch.{pool}" + (".urgent" if urgent else "")
 
 
 def task_msg_id(request_id: str, node: str, handoffs: int = 0) -> str:

@@ -4,16 +4,19 @@ parallelism); the policy is ``services.parallel``.
 
 - **Helpers.** A host offers to help a pool it holds (a core with ``guidance_branches``) while
   it is idle, once parallelism is asked for here (the ``parallel`` setting, or a task taken of
-  a workflow that asks for it): it subscribes to the pool's branch subject
+  a workflow that asks for it): it subscribes to the pool's branch subjects
   (``subjects.branch_subject``) in one queue group, so the NATS server hands each request to
-  one idle helper, and answers "no responders" at once when there is none. A host that got
-  busy since unsubscribes, and declines what still reaches it. An accepted branch runs at the
+  one idle helper, and answers "no responders" at once when there is none. Two subjects, two
+  offers: to any step while the host was not busy lately, and to a step whose deadline is at
+  stake while it was (``services.parallel``). A host that got busy since unsubscribes, and
+  declines what still reaches it. An accepted branch runs at the
   host's next step boundary, before its own work (it was idle): the helper makes the request's
   state from the task's inputs once (``ModelCore.start``: its conditioning; kept while the
   request steps, forgotten at its last step or when unused for ``STATE_TTL_S``), runs the
   negative branch (or the ControlNet) on the step's model input and answers with its
   prediction (or the ControlNet's outputs), both through the tensor store.
-- **The home** (the host that holds the task) stores the step's model input, asks, and once a
+- **The home** (the host that holds the task) stores the step's model input, asks (on the
+  urgent subject where the step's deadline is at stake), and once a
   helper took it runs the positive branch and joins the two (or runs the step, taking the
   ControlNet's outputs where the model first adds them). No helper, or a decline: the step
   runs whole, here. A helper that took it and then fails or does not answer in time: the home
@@ -38,7 +41,7 @@ import msgspec
 from nats.aio.msg import Msg
 
 from common import subjects
-from common.messages import BranchResult, BranchStep, StepPart, Task, decode, encode
+from common.messages import BranchResult, BranchStep, StepPart, Task, decode, encode, now
 from common.store import tensor_key
 from services import parallel
 from services.core import WorkItem
@@ -76,7 +79,8 @@ class Branches:
 
     def __init__(self, host: DeviceHost) -> None:
         self.host = host
-        self._offers: dict[str, Any] = {}  # replica -> its subscription to the branch subject
+        #: (replica, urgent) -> its subscription to the branch subject
+        self._offers: dict[tuple[str, bool], Any] = {}
         self._jobs: deque[_Job] = deque()
         self._states: dict[tuple[str, str, str], tuple[Any, float]] = {}  # -> (state, used)
         self._splitting = False  # one of its own steps is split: it helps no one meanwhile
@@ -88,7 +92,8 @@ class Branches:
         #: rate scale 5 attained 0.05 less; on ``time.perf_counter``, as the host times
         #: its steps)
         self.utilization = parallel.Utilization(host.settings.parallel_window_s)
-        self._no_helper: dict[str, float] = {}  # replica -> monotonic time to ask again
+        #: (replica, urgent) -> monotonic time to ask again
+        self._no_helper: dict[tuple[str, bool], float] = {}
         self._inbox: str | None = None  # where helpers answer its asks (one token each)
         self._reply_sub: Any = None
         self._tokens = itertools.count()
@@ -104,13 +109,15 @@ class Branches:
             self.wanted = True
             self.host.changed()
 
-    def _may_help(self, feed: PoolFeed) -> bool:
+    def _may_help(self, feed: PoolFeed, urgent: bool) -> bool:
+        """Whether to offer to run parts of ``feed``'s steps: while idle, and (but for a step
+        whose deadline is at stake, ``urgent``) not busy lately."""
         host = self.host
         return (self.wanted and not host.stopping and not feed.stopping and feed.stats.ready
                 and feed.core.guidance_branches and host.feeds.get(feed.replica) is feed
                 and not self._jobs and not self._splitting and host.loading == 0
-                and host.idle() and self.utilization.share(time.perf_counter())
-                <= host.settings.parallel_busy_max)
+                and host.idle() and (urgent or self.utilization.share(time.perf_counter())
+                                     <= host.settings.parallel_busy_max))
 
     async def offer_loop(self) -> None:
         """Keep each pool's offer in step with whether this host may help (on every change of
@@ -126,37 +133,40 @@ class Branches:
 
     async def _update_offers(self) -> None:
         for replica, feed in list(self.host.feeds.items()):
-            wanted = self._may_help(feed)
-            if wanted and replica not in self._offers:
-                self._offers[replica] = await self.host.nc.subscribe(
-                    subjects.branch_subject(feed.pool), queue=subjects.BRANCH_QUEUE,
-                    cb=functools.partial(self._asked, feed))
-            elif not wanted and replica in self._offers:
-                await self._withdraw(replica)
-        for replica in [r for r in self._offers if r not in self.host.feeds]:
-            await self._withdraw(replica)
+            for urgent in (False, True):
+                key, wanted = (replica, urgent), self._may_help(feed, urgent)
+                if wanted and key not in self._offers:
+                    self._offers[key] = await self.host.nc.subscribe(
+                        subjects.branch_subject(feed.pool, urgent),
+                        queue=subjects.BRANCH_QUEUE,
+                        cb=functools.partial(self._asked, feed, urgent))
+                elif not wanted and key in self._offers:
+                    await self._withdraw(key)
+        for key in [k for k in self._offers if k[0] not in self.host.feeds]:
+            await self._withdraw(key)
 
-    async def _withdraw(self, replica: str) -> None:
-        sub = self._offers.pop(replica)
+    async def _withdraw(self, key: tuple[str, bool]) -> None:
+        sub = self._offers.pop(key)
         with contextlib.suppress(Exception):  # a closed connection has no subscription left
             await sub.unsubscribe()
 
-    async def _asked(self, feed: PoolFeed, msg: Msg) -> None:
+    async def _asked(self, feed: PoolFeed, urgent: bool, msg: Msg) -> None:
         try:
             ask = decode(msg.data, BranchStep)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             await _answer(msg, BranchResult(declined=f"malformed: {exc}"))
             return
-        if ask.host == self.host.name or not self._may_help(feed):
+        if ask.host == self.host.name or not self._may_help(feed, urgent):
             await _answer(msg, BranchResult(declined=f"{self.host.name} is busy"))
             return
         self._jobs.append(_Job(feed, ask, msg))
         await _answer(msg, BranchResult(accepted=True))
         self.host.changed()  # the step loop runs it next; the offers are withdrawn
 
-    def offering(self) -> list[str]:
-        """The replicas whose offer to help stands."""
-        return list(self._offers)
+    def offering(self, urgent: bool = False) -> list[str]:
+        """The replicas whose offer to help (steps whose deadline is at stake, if
+        ``urgent``) stands."""
+        return [replica for replica, tier in self._offers if tier == urgent]
 
     def pending(self) -> bool:
         return bool(self._jobs)
@@ -221,8 +231,8 @@ class Branches:
         return entry[0]
 
     async def close(self) -> None:
-        for replica in list(self._offers):
-            await self._withdraw(replica)
+        for key in list(self._offers):
+            await self._withdraw(key)
         if self._reply_sub is not None:
             with contextlib.suppress(Exception):
                 await self._reply_sub.unsubscribe()
@@ -235,13 +245,25 @@ class Branches:
         """What part of the next step of ``group`` runs on another device, if any (its tasks'
         modes, the core, the measured times and whether a helper answered lately)."""
         mode = parallel.batch_mode(h.task.plan.nodes[h.task.node].parallel for h in group)
-        if mode == "off" or time.monotonic() < self._no_helper.get(feed.replica, 0.0):
+        if mode == "off":
             return None
         states = [h.state for h in group]
         can: dict[StepPart, bool] = {"cfg": feed.core.splits(states),
                                      "controlnet": feed.core.control_splits(states)}
-        return parallel.step_part(mode, self.host.settings.parallel_parts, can, feed.splits,
+        part = parallel.step_part(mode, self.host.settings.parallel_parts, can, feed.splits,
                                   len(group), feed.step_time_s(len(group)))
+        if part is None or time.monotonic() < self._no_helper.get(
+                (feed.replica, self.at_stake(feed, group, part)), 0.0):
+            return None
+        return part
+
+    def at_stake(self, feed: PoolFeed, group: list[Held], part: StepPart) -> bool:
+        """Whether splitting ``part`` off the steps of ``group`` decides a deadline of theirs
+        (``parallel.at_stake``, at this device's step figures): its ask is urgent."""
+        at, size = now(), len(group)
+        ratio = feed.splits[part].ratio(size, feed.step_time_s(size))
+        urgencies = [self.host.urgency(h, at) for h in group]
+        return any(parallel.at_stake(u.spare_s(at), u.remaining_s, ratio) for u in urgencies)
 
     async def split_step(self, feed: PoolFeed, group: list[Held], part: StepPart) -> bool:
         """Run the next step of ``group`` with ``part`` of it on a helper that takes it:
@@ -254,9 +276,10 @@ class Branches:
         steps = [core.progress(s)[0] for s in states]
         self._splitting = True
         token = f"{next(self._tokens)}"
+        urgent = self.at_stake(feed, group, part)
         try:
-            if feed.replica in self._offers:  # before the ask, on the same connection
-                await self._withdraw(feed.replica)
+            for key in [k for k in self._offers if k[0] == feed.replica]:
+                await self._withdraw(key)  # before the ask, on the same connection
             inputs = core.branch_inputs(states)
             first = group[0].task
             sample = await host.store.put(
@@ -264,7 +287,7 @@ class Branches:
                 host.settings.tensor_ttl_s)
             ask = BranchStep(host=host.name, tasks=[h.task for h in group], steps=steps,
                              sample=sample, part=part)
-            answers = await self._ask(feed, ask, token)
+            answers = await self._ask(feed, ask, token, urgent)
             if answers is None:
                 await asyncio.to_thread(core.step, states)
                 return False
@@ -301,9 +324,10 @@ class Branches:
         await asyncio.to_thread(feed.core.step_controlled, states, outputs)
         return any(came)
 
-    async def _ask(self, feed: PoolFeed, ask: BranchStep,
-                   token: str) -> asyncio.Queue[Msg] | None:
-        """Ask for ``ask``'s branch; the queue its answers arrive on once a helper took it.
+    async def _ask(self, feed: PoolFeed, ask: BranchStep, token: str,
+                   urgent: bool) -> asyncio.Queue[Msg] | None:
+        """Ask for ``ask``'s branch (of any idle helper, if ``urgent``); the queue its answers
+        arrive on once a helper took it.
         None where none did: none offers (the server's "no responders"), the one asked
         declined, or it did not take it within ``ACCEPT_S`` (an offer withdrawn while the ask
         was on its way loses it)."""
@@ -314,7 +338,7 @@ class Branches:
         answers: asyncio.Queue[Msg] = asyncio.Queue()
         self._waiting[token] = answers
         try:
-            await host.nc.publish(subjects.branch_subject(feed.pool), encode(ask),
+            await host.nc.publish(subjects.branch_subject(feed.pool, urgent), encode(ask),
                                   reply=f"{self._inbox}.{token}")
             async with asyncio.timeout(ACCEPT_S):
                 first = await answers.get()
@@ -327,7 +351,7 @@ class Branches:
         if answer is not None:
             log.debug("%s: a helper declined: %s", feed.replica, answer.declined)
         pause_s = NO_HELPER_STEPS * feed.step_time_s(len(ask.tasks))
-        self._no_helper[feed.replica] = time.monotonic() + pause_s
+        self._no_helper[(feed.replica, urgent)] = time.monotonic() + pause_s
         return None
 
     async def _made(self, feed: PoolFeed, answers: asyncio.Queue[Msg],

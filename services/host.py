@@ -257,10 +257,10 @@ class DeviceHost:
             return False
         at = now()
         if held is not None:
-            newcomer, own_s = self._urgency(held, at), feed.work_s(held, remaining=False)
+            newcomer, own_s = self.urgency(held, at), feed.work_s(held, remaining=False)
         else:
             newcomer, own_s = feed.typical(at), feed.typical_work_s or 0.0
-        others = [self._urgency(h, at) for h in self._held if h.feed is not feed]
+        others = [self.urgency(h, at) for h in self._held if h.feed is not feed]
         return scheduling.may_take(newcomer, own_s, others, at, self.policy,
                                    self.settings.host_eligible_s)
 
@@ -351,7 +351,7 @@ class DeviceHost:
                     self.spawn(self._complete(held))  # overlapped with the next step
             self.changed()
 
-    def _urgency(self, held: Held, at: float) -> scheduling.Urgency:
+    def urgency(self, held: Held, at: float) -> scheduling.Urgency:
         task = held.task
         own_s, remaining_s = held.feed.work_s(held, remaining=False), held.feed.work_s(held)
         return scheduling.Urgency(
@@ -366,7 +366,7 @@ class DeviceHost:
                    and h.task.handoffs < self.settings.host_max_handoffs]
         if not waiting:
             return []
-        urgency = {id(h): self._urgency(h, at) for h in self._held}
+        urgency = {id(h): self.urgency(h, at) for h in self._held}
         others = [[urgency[id(o)] for o in self._held if o.feed is not h.feed] for h in waiting]
         chosen = scheduling.overtaken([urgency[id(h)] for h in waiting], others, at,
                                       self.policy, self.settings.host_eligible_s)
@@ -376,7 +376,7 @@ class DeviceHost:
         """The most urgent task and its batch-compatible peers of the same pool, most urgent
         first, up to the pool's batch and as many as their deadlines allow
         (``scheduling.batch_size``)."""
-        urgencies = [self._urgency(h, at) for h in self._held]
+        urgencies = [self.urgency(h, at) for h in self._held]
         ordered = [self._held[i] for i in scheduling.run_next(urgencies, at, self.policy)]
         first = ordered[0]
         feed, core = first.feed, first.feed.core

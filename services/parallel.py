@@ -32,10 +32,15 @@ A workflow chooses (``parallel``; the deployment's ``parallel`` setting where it
 
 A batch splits only where every task in it allows it: its mode is the least of theirs.
 
-A helper offers only while idle *and* busy for at most ``parallel_busy_max`` of the last
+Which requests get a helper depends on their slack and on how loaded the helpers are. A helper
+offers to any request only while idle *and* busy for at most ``parallel_busy_max`` of the last
 ``parallel_window_s`` (``Utilization``): on a loaded cluster a device idle for a moment is soon
 needed by a new arrival, which would then wait behind another device's branch (on Flux-3 at
-rate scale 4, helping at every idle moment cost 0.02 of attainment).
+rate scale 4, helping at every idle moment cost 0.02 of attainment). An idle helper busy
+beyond that still offers to a step whose deadline is at stake (``at_stake``): its request's
+slack is within what splitting its remaining steps saves, so the split decides whether it
+makes its deadline. A request with slack to spare leaves such a helper to new arrivals; one
+that would miss even split is not helped.
 """
 
 from __future__ import annotations
@@ -62,6 +67,15 @@ _SMOOTHING = 0.3
 def batch_mode(modes: Iterable[str]) -> str:
     """The mode of a batch: the least permissive of its tasks' (an unknown one: off)."""
     return MODES[min((MODES.index(m) if m in MODES else 0 for m in modes), default=0)]
+
+
+def at_stake(spare_s: float, remaining_s: float, split_ratio: float) -> bool:
+    """Whether splitting a task's remaining steps decides its deadline: what it can spare
+    (its deadline less now, its remaining work run whole and the work after it; ``inf``
+    without a deadline) is less than what the split saves (``split_ratio``: a split step's
+    time over a whole one's), and not so far below that even split it would miss."""
+    saved_s = remaining_s * (1.0 - split_ratio)
+    return -saved_s <= spare_s < saved_s
 
 
 def step_part(mode: str, parts: Iterable[StepPart], can: dict[StepPart, bool],
@@ -105,6 +119,12 @@ class SplitFigures:
             self.probe_every = min(2 * self.probe_every, PROBE_MAX)
             return True
         return False
+
+    def ratio(self, size: int, whole_s: float) -> float:
+        """A split step's time over a whole one's at batch ``size`` (``GAIN`` until both are
+        measured)."""
+        split_s = self.split_s.get(size)
+        return split_s / whole_s if split_s is not None and whole_s > 0 else GAIN
 
     def ran(self, size: int, elapsed_s: float) -> None:
         """Account a split step of ``size`` tasks that a helper shared."""

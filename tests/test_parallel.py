@@ -11,13 +11,27 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import asyncio
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from nats.errors import NoRespondersError
 
-from common.messages import Plan, PlanNode, RequestState, Task, encode, now
+from common import subjects
+from common.messages import (
+    BranchResult,
+    BranchStep,
+    Plan,
+    PlanNode,
+    RequestState,
+    Task,
+    TensorRef,
+    decode,
+    encode,
+    now,
+)
 from common.models import resolve_model_dir
 from common.settings import Settings
 from common.store import tensor_key
@@ -72,6 +86,20 @@ def test_a_step_runs_apart_the_first_part_it_can_while_that_pays():
     assert parallel.step_part("off", parts, both, figures, 1, 0.1) is None
     figures["cfg"].ran(1, 0.2)  # the branches apart do not pay: the step runs whole, its
     assert parallel.step_part("auto", parts, both, figures, 1, 0.1) is None  # ControlNet too
+
+
+def test_a_deadline_is_at_stake_only_where_the_split_decides_it():
+    # 10 s of steps left; splitting them at 0.6 of the time saves 4 s
+    assert parallel.at_stake(3.0, 10.0, 0.6)  # it makes it whole, by less than the split saves
+    assert parallel.at_stake(-3.0, 10.0, 0.6)  # it misses whole, makes it split
+    assert not parallel.at_stake(5.0, 10.0, 0.6)  # time to spare: leave the helper be
+    assert not parallel.at_stake(-5.0, 10.0, 0.6)  # it misses even split
+    assert not parallel.at_stake(float("inf"), 10.0, 0.6)  # no deadline
+    assert not parallel.at_stake(0.0, 10.0, 1.2)  # a split that does not pay saves nothing
+    figures = parallel.SplitFigures()
+    assert figures.ratio(1, 0.1) == parallel.GAIN  # not measured yet
+    figures.ran(1, 0.06)
+    assert figures.ratio(1, 0.1) == pytest.approx(0.6) and figures.ratio(2, 0.1) == parallel.GAIN
 
 
 def test_a_device_s_busy_share_counts_its_recent_steps_only():
@@ -233,6 +261,42 @@ async def _host(h: Harness, name: str, model_dir: Path, pool: str,
     h.hosts.append((host, tasks))
     await ready.wait()
     return host
+
+
+@pytest.mark.timeout(120)
+async def test_a_helper_busy_lately_helps_only_steps_whose_deadline_is_at_stake(
+        settings: Settings, cache_dir: Path) -> None:
+    """An idle host busy for most of the last window offers on the urgent branch subject
+    only: an ordinary ask finds no helper, an urgent one is taken. Idle and not busy lately,
+    it offers on both."""
+    torch.set_num_threads(1)
+    model_dir = resolve_model_dir("builtin:tiny-sd", cache_dir / "models")
+    pool = "denoiser-tiny-sd"
+    async with Harness(settings.model_copy(update={"host_poll_s": 0.1})) as h:
+        helper = await _host(h, "cpu:1", model_dir, pool, parallel="auto",
+                             parallel_window_s=30.0)
+        async with asyncio.timeout(10):
+            while not (helper.branches.offering() and helper.branches.offering(urgent=True)):
+                await asyncio.sleep(0.01)
+        started = time.perf_counter()
+        helper.branches.utilization.ran(started - 20.0, started)  # busy 2/3 of the window
+        helper.changed()
+        async with asyncio.timeout(10):
+            while helper.branches.offering():
+                await asyncio.sleep(0.01)
+        assert helper.branches.offering(urgent=True) == [f"{pool}@cpu:1"]
+        at = now()
+        plan = Plan(nodes={"denoise": PlanNode(kind="denoiser", pool=pool, op="denoise")},
+                    output="denoise.latents")
+        task = Task(request_id="r", workflow="t", node="denoise", plan=plan, params={},
+                    inputs={}, submitted_at=at, published_at=at)
+        ask = BranchStep(host="cpu:0", tasks=[task], steps=[0], sample=TensorRef(
+            store="shm", key="tmp/r/denoise/cfg_sample", dtype="float32", shape=[1], nbytes=4))
+        with pytest.raises(NoRespondersError):
+            await h.nc.request(subjects.branch_subject(pool), encode(ask), timeout=2)
+        answer = await h.nc.request(subjects.branch_subject(pool, urgent=True), encode(ask),
+                                    timeout=2)
+        assert decode(answer.data, BranchResult).accepted
 
 
 @pytest.mark.timeout(180)
