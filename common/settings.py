@@ -163,7 +163,8 @@ class Settings(BaseSettings):
         "steps whose deadline the split decides",
     )
     parallel_window_s: float = Field(
-        5.0, gt=0, description="the window over which a host's busy share is measured")
+        20.0, gt=0, description="the window over which a host's busy share is measured "
+        "(long enough that a loaded device's idle moments do not read as a light load)")
     drop_doomed: bool = Field(
         True, description="drop a task whose request can no longer meet its deadline (its "
         "remaining work at the fastest measured step times exceeds the time left), not only "

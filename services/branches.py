@@ -84,6 +84,7 @@ class Branches:
         self._jobs: deque[_Job] = deque()
         self._states: dict[tuple[str, str, str], tuple[Any, float]] = {}  # -> (state, used)
         self._splitting = False  # one of its own steps is split: it helps no one meanwhile
+        self._helping = False  # it runs part of another host's step
         #: whether parallelism is asked for here: by the deployment's default, or by a task
         #: taken (``saw``)
         self.wanted = host.settings.parallel != "off"
@@ -171,9 +172,22 @@ class Branches:
     def pending(self) -> bool:
         return bool(self._jobs)
 
+    def helping(self) -> bool:
+        """Whether it runs, or has taken, part of another host's step: the device is not
+        idle (a new arrival would wait behind it)."""
+        return bool(self._jobs) or self._helping
+
     async def help_next(self) -> None:
         """Run the oldest part of a step another host asked for, and answer it."""
         job = self._jobs.popleft()
+        self._helping = True
+        try:
+            await self._help(job)
+        finally:
+            self._helping = False
+            self.host.changed()
+
+    async def _help(self, job: _Job) -> None:
         feed, ask = job.feed, job.ask
         host = self.host
         try:
@@ -210,7 +224,6 @@ class Branches:
             entry = self._states.get(key)
             if entry is not None and step + 1 >= feed.core.progress(entry[0])[1]:
                 del self._states[key]  # its last step
-        host.changed()
 
     async def _state(self, feed: PoolFeed, task: Task) -> Any:
         """The helper's state of ``task`` (its conditioning), made once from its inputs."""

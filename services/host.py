@@ -268,8 +268,10 @@ class DeviceHost:
         """Whether the device is nearly idle: the work it holds, of every pool, is under
         ``host_eligible_s`` (the artifact's eligibility). A new arrival belongs to such a
         device first, rather than to a busy one's next step boundary, or to its running batch
-        (which it would slow down while other devices idle)."""
-        return sum(h.feed.work_s(h) for h in self._held) <= self.settings.host_eligible_s
+        (which it would slow down while other devices idle). A device running, or about to
+        run, part of another device's step is not idle either."""
+        return (not self.branches.helping() and sum(h.feed.work_s(h) for h in self._held)
+                <= self.settings.host_eligible_s)
 
     def changed(self) -> None:
         """Wake whoever waits for the host's state to change (fetch loops, the step loop)."""

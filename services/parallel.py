@@ -34,13 +34,16 @@ A batch splits only where every task in it allows it: its mode is the least of t
 
 Which requests get a helper depends on their slack and on how loaded the helpers are. A helper
 offers to any request only while idle *and* busy for at most ``parallel_busy_max`` of the last
-``parallel_window_s`` (``Utilization``): on a loaded cluster a device idle for a moment is soon
-needed by a new arrival, which would then wait behind another device's branch (on Flux-3 at
-rate scale 4, helping at every idle moment cost 0.02 of attainment). An idle helper busy
-beyond that still offers to a step whose deadline is at stake (``at_stake``): its request's
-slack is within what splitting its remaining steps saves, so the split decides whether it
-makes its deadline. A request with slack to spare leaves such a helper to new arrivals; one
-that would miss even split is not helped.
+``parallel_window_s`` (``Utilization``, 20 s: a shorter window reads a loaded device's idle
+moments as a light load): on a loaded cluster a device idle for a moment is soon needed by a
+new arrival, which would then wait behind another device's branch (on Flux-3 at rate scale 4,
+helping at every idle moment cost 0.02 of attainment). While it runs another's branch a
+device is not idle (``DeviceHost.idle``): an arrival it fetched goes back to the queue.
+
+An idle helper busy beyond that still offers to a step whose deadline is at stake
+(``at_stake``): its request's slack is within what splitting its remaining steps saves, so
+the split decides whether it makes its deadline. A request with slack to spare leaves such a
+helper to new arrivals; one that would miss even split is not helped.
 """
 
 from __future__ import annotations

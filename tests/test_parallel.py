@@ -14,6 +14,7 @@ import asyncio
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -267,8 +268,8 @@ async def _host(h: Harness, name: str, model_dir: Path, pool: str,
 async def test_a_helper_busy_lately_helps_only_steps_whose_deadline_is_at_stake(
         settings: Settings, cache_dir: Path) -> None:
     """An idle host busy for most of the last window offers on the urgent branch subject
-    only: an ordinary ask finds no helper, an urgent one is taken. Idle and not busy lately,
-    it offers on both."""
+    only: an ordinary ask finds no helper, an urgent one is taken (and until it has run, the
+    host is not idle). Idle and not busy lately, it offers on both."""
     torch.set_num_threads(1)
     model_dir = resolve_model_dir("builtin:tiny-sd", cache_dir / "models")
     pool = "denoiser-tiny-sd"
@@ -294,9 +295,23 @@ async def test_a_helper_busy_lately_helps_only_steps_whose_deadline_is_at_stake(
             store="shm", key="tmp/r/denoise/cfg_sample", dtype="float32", shape=[1], nbytes=4))
         with pytest.raises(NoRespondersError):
             await h.nc.request(subjects.branch_subject(pool), encode(ask), timeout=2)
+        idle_while_helping: list[bool] = []
+        help_ = helper.branches._help
+
+        async def spying(job: Any) -> None:
+            idle_while_helping.append(helper.idle())
+            await help_(job)
+
+        helper.branches._help = spying  # type: ignore[method-assign]
         answer = await h.nc.request(subjects.branch_subject(pool, urgent=True), encode(ask),
                                     timeout=2)
         assert decode(answer.data, BranchResult).accepted
+        async with asyncio.timeout(10):
+            while not idle_while_helping or not helper.idle():
+                await asyncio.sleep(0.01)
+        # while it helped, a new arrival would have waited behind it: not idle, so its fetch
+        # took only queued work, and one that reached it went back to the queue
+        assert idle_while_helping == [False]
 
 
 @pytest.mark.timeout(180)
