@@ -35,7 +35,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 from nats.aio.msg import Msg
@@ -64,6 +64,14 @@ ANSWER_MIN_S = 1.0
 #: asking again: a busy cluster pays no store write and ask each step
 NO_HELPER_STEPS = 8
 _REASON_CHARS = 500
+
+
+class Split(NamedTuple):
+    """What part of a step runs on another device, and whether its ask is urgent (a deadline
+    of the batch is at stake)."""
+
+    part: StepPart
+    urgent: bool
 
 
 @dataclass(eq=False)
@@ -254,9 +262,10 @@ class Branches:
 
     # --- splitting its own steps -----------------------------------------------------------------
 
-    def split_part(self, feed: PoolFeed, group: list[Held]) -> StepPart | None:
+    def split_part(self, feed: PoolFeed, group: list[Held]) -> Split | None:
         """What part of the next step of ``group`` runs on another device, if any (its tasks'
-        modes, the core, the measured times and whether a helper answered lately)."""
+        modes, the core, the measured times and whether a helper answered lately), and
+        whether it is asked for urgently."""
         mode = parallel.batch_mode(h.task.plan.nodes[h.task.node].parallel for h in group)
         if mode == "off":
             return None
@@ -265,10 +274,12 @@ class Branches:
                                      "controlnet": feed.core.control_splits(states)}
         part = parallel.step_part(mode, self.host.settings.parallel_parts, can, feed.splits,
                                   len(group), feed.step_time_s(len(group)))
-        if part is None or time.monotonic() < self._no_helper.get(
-                (feed.replica, self.at_stake(feed, group, part)), 0.0):
+        if part is None:
             return None
-        return part
+        split = Split(part, self.at_stake(feed, group, part))
+        if time.monotonic() < self._no_helper.get((feed.replica, split.urgent), 0.0):
+            return None
+        return split
 
     def at_stake(self, feed: PoolFeed, group: list[Held], part: StepPart) -> bool:
         """Whether splitting ``part`` off the steps of ``group`` decides a deadline of theirs
@@ -278,8 +289,9 @@ class Branches:
         urgencies = [self.host.urgency(h, at) for h in group]
         return any(parallel.at_stake(u.spare_s(at), u.remaining_s, ratio) for u in urgencies)
 
-    async def split_step(self, feed: PoolFeed, group: list[Held], part: StepPart) -> bool:
-        """Run the next step of ``group`` with ``part`` of it on a helper that takes it:
+    async def split_step(self, feed: PoolFeed, group: list[Held], split: Split) -> bool:
+        """Run the next step of ``group`` with ``split.part`` of it on a helper that takes it
+        (asked on the urgent subject where ``split.urgent``):
         its negative branch (the positive runs here meanwhile), or its ControlNet (the step
         runs here meanwhile, taking its outputs when the model needs them). Where none takes
         it, the whole step here (the same bits as without parallelism). Whether a helper ran
@@ -289,7 +301,7 @@ class Branches:
         steps = [core.progress(s)[0] for s in states]
         self._splitting = True
         token = f"{next(self._tokens)}"
-        urgent = self.at_stake(feed, group, part)
+        part = split.part
         try:
             for key in [k for k in self._offers if k[0] == feed.replica]:
                 await self._withdraw(key)  # before the ask, on the same connection
@@ -300,7 +312,7 @@ class Branches:
                 host.settings.tensor_ttl_s)
             ask = BranchStep(host=host.name, tasks=[h.task for h in group], steps=steps,
                              sample=sample, part=part)
-            answers = await self._ask(feed, ask, token, urgent)
+            answers = await self._ask(feed, ask, token, split.urgent)
             if answers is None:
                 await asyncio.to_thread(core.step, states)
                 return False

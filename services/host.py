@@ -326,10 +326,10 @@ class DeviceHost:
             clear_of_loads = self.loading == 0
             loads_before = self.loads_started
             self.liveness.step_started()
-            part, helped = None, False
+            split, helped = None, False
             try:
-                if part := self.branches.split_part(feed, group):
-                    helped = await self.branches.split_step(feed, group, part)
+                if split := self.branches.split_part(feed, group):
+                    helped = await self.branches.split_step(feed, group, split)
                 else:
                     await asyncio.to_thread(feed.core.step, [h.state for h in group])
             except Exception as exc:  # noqa: BLE001 - classified in fail
@@ -342,7 +342,8 @@ class DeviceHost:
             # a split that no helper took waited for one: no step figure either way
             clear_of_loads &= self.loading == 0 and self.loads_started == loads_before
             feed.ran(group, time.perf_counter() - started, now(),
-                     measured=clear_of_loads and not part, split=part if helped else None)
+                     measured=clear_of_loads and not split,
+                     split=split.part if split and helped else None)
             try:
                 await feed.report_progress(group)
             except Exception as exc:  # noqa: BLE001 - progress is best effort; steps go on
