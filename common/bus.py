@@ -8,6 +8,9 @@ import contextlib
 import logging
 import signal
 import ssl
+import sys
+import threading
+import traceback
 import weakref
 from typing import Any
 
@@ -103,14 +106,26 @@ def run_async(main: Any) -> Any:
 
 
 async def _dumping_tasks(main: Any) -> Any:
+    dump_tasks_on_signal()
+    return await main
+
+
+def dump_tasks_on_signal() -> None:
+    """From now on SIGUSR1 runs ``log_tasks`` in the running loop (where one can be set)."""
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, log_tasks)
-    return await main
 
 
 def log_tasks() -> None:
     """Log every task of the running loop with the chain of awaits it waits in, innermost
-    last (``Task.print_stack`` shows only the outermost frame of a suspended task)."""
+    last (``Task.print_stack`` shows only the outermost frame of a suspended task), then
+    every other thread's stack (a thread that never ends keeps the process alive)."""
+    current = threading.get_ident()
+    for thread in threading.enumerate():
+        frame = sys._current_frames().get(thread.ident or 0)
+        if thread.ident != current and frame is not None:
+            log.warning("thread %s%s:\n%s", thread.name, " (daemon)" if thread.daemon else "",
+                        "".join(traceback.format_stack(frame)).rstrip())
     tasks = asyncio.all_tasks()
     for i, task in enumerate(tasks, 1):
         lines: list[str] = []

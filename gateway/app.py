@@ -27,7 +27,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any
 
 import orjson
@@ -101,6 +101,11 @@ class NatsFirst:
         await self.app(scope, receive, send)
 #: the longest /readyz waits for the store to answer
 DEPENDENCY_TIMEOUT_S = 0.5
+#: the longest one part of the gateway's shutdown may take (webhooks: their attempt's timeout
+#: more); a part that overruns is left, named in the log, and the process ends all the same
+STOP_STEP_S = 10.0
+#: how long uvicorn lets open requests (a long poll, an event stream) finish at a stop
+GRACEFUL_SHUTDOWN_S = 5
 
 
 def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -222,15 +227,31 @@ class Gateway:
             raise InvalidRequest(list(errors.values()))
 
     async def stop(self) -> None:
+        """Stop each part in turn; one that hangs is named in the log and left after
+        ``STOP_STEP_S``, so a stop always ends (what it held is delivered again)."""
         self.ready = False
         self.stop_event.set()
+        steps: list[tuple[str, Callable[[], Awaitable[Any]], float]] = [
+            ("the ingress", self._stop_ingress, STOP_STEP_S),
+            ("the webhooks", self.webhooks.stop,
+             STOP_STEP_S + self.settings.webhook_timeout_s),
+            ("the load watch", self.loads.stop, STOP_STEP_S),
+            ("the workflow registry", self.registry.stop, STOP_STEP_S),
+            ("the tensor store", self.store.close, STOP_STEP_S),
+            ("the NATS connection", lambda: bus.close(self.nc), STOP_STEP_S),
+        ]
+        for what, step, timeout_s in steps:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await step()
+            except TimeoutError:
+                log.error("stopping: %s did not stop within %g s; going on without it",
+                          what, timeout_s)
+                bus.log_tasks()  # where it waits
+
+    async def _stop_ingress(self) -> None:
         if self.ingress_task:
             await self.ingress_task
-        await self.webhooks.stop()
-        await self.loads.stop()
-        await self.registry.stop()
-        await self.store.close()
-        await bus.close(self.nc)
 
     async def dependencies(self) -> dict[str, str]:
         """Each dependency: "ok", or why it cannot be used now."""
@@ -417,6 +438,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        bus.dump_tasks_on_signal()  # uvicorn runs the loop: its own handlers are for SIGINT/TERM
         await gw.start()
         yield
         await gw.stop()
@@ -682,5 +704,6 @@ def serve(settings: Settings, seed_builtin: bool = False) -> None:
     seed = shipped_workflows(settings) if seed_builtin else None
     app = create_app(settings, seed)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
-                loop="auto", http="auto")  # uvloop and httptools when installed
+                loop="auto", http="auto",  # uvloop and httptools when installed
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
 

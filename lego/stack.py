@@ -267,6 +267,17 @@ class Stack:
             **child_options(env),  # Ctrl-C reaches the stack, which drains the children
         )
 
+    def _say_where_stuck(self) -> None:
+        """Ask each child still running to log where it waits (SIGUSR1), and say where."""
+        stuck = [c for c in self.children if c.proc is not None and c.proc.poll() is None]
+        for child in stuck:
+            with contextlib.suppress(ProcessLookupError):
+                child.proc.send_signal(signal.SIGUSR1)  # type: ignore[union-attr]
+        if stuck:
+            time.sleep(0.5)  # the dumps are written
+            log.warning("stopping: %s did not stop; where each waits is at the end of its log "
+                        "in %s", ", ".join(c.name for c in stuck), self.settings.run_dir / "logs")
+
     def workflows_using(self, pool: str) -> list[str]:
         """The served workflows one of whose nodes runs on ``pool``."""
         monolithic = self.settings.monolithic
@@ -414,6 +425,7 @@ class Stack:
             if why is not None:
                 log.warning("stopping: killing %d processes still running (%s)",
                             len(remaining), why)
+                self._say_where_stuck()
                 tree.kill()
                 break
             time.sleep(0.05)

@@ -5,17 +5,20 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
+import signal
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 from PIL import Image
 
 from common.lifetime import stat_fields
 from common.settings import Settings
-from lego.stack import Stack, free_port
+from lego.stack import Child, Stack, free_port
 from tests.conftest import nats_server
 
 
@@ -49,6 +52,37 @@ def txt2img_stack(tmp: Path, cache_dir: Path, **overrides: object) -> Iterator[S
         tmp, url, cache_dir, workflows=["txt2img"], autoscale=False, **overrides,
     ) as stack:
         yield stack
+
+
+def stopped(stack: Stack, child: Child, sig: int = signal.SIGTERM, timeout_s: float = 30) -> int:
+    """Send ``child`` ``sig`` and wait for it to end: its exit code. If it does not end within
+    ``timeout_s``, it is asked where it waits (SIGUSR1), and the test fails with its log's end."""
+    assert child.proc is not None
+    child.proc.send_signal(sig)
+    try:
+        return child.proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        child.proc.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+        log = (stack.settings.run_dir / "logs" / f"{child.name}.log").read_text(errors="replace")
+        raise AssertionError(f"{child.name} did not stop within {timeout_s:g} s; the end of its "
+                             f"log:\n{log[-12000:]}") from None
+
+
+def respawned_gateway(stack: Stack, http: httpx.Client, timeout_s: float = 120) -> None:
+    """Start the stack's gateway again and wait until it is ready."""
+    gateway = stack.children[0]
+    assert gateway.name == "gateway"
+    stack._spawn(gateway)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if http.get("/readyz").status_code == 200:
+                return
+        except httpx.TransportError:  # not listening yet
+            pass
+        assert time.monotonic() < deadline, "the gateway did not come back"
+        time.sleep(0.2)
 
 
 def png_pixels(png: bytes) -> np.ndarray:

@@ -28,7 +28,7 @@ from common.store import open_store
 from gateway.ingress import REPLY_HEADER
 from lego.stack import Stack
 from tests.conftest import nats_server
-from tests.stackutil import png_pixels, running_stack
+from tests.stackutil import png_pixels, respawned_gateway, running_stack, stopped
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -338,17 +338,9 @@ def test_the_gateway_serves_without_torch(stack: Stack, client: LegoClient) -> N
 def test_gateway_restart_loses_nothing(stack: Stack, client: LegoClient) -> None:
     state, png = client.generate("txt2img", prompt="before the restart", steps=2, seed=3)
     gateway = stack.children[0]
-    assert gateway.name == "gateway" and gateway.proc is not None
-    gateway.proc.terminate()
-    assert gateway.proc.wait(30) in (0, -15)  # uvicorn re-raises SIGTERM after shutting down
-    stack._spawn(gateway)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if client.http.get("/readyz").status_code == 200:
-                break
-        except Exception:  # noqa: BLE001 - not listening yet
-            time.sleep(0.2)
+    assert gateway.name == "gateway"
+    assert stopped(stack, gateway) in (0, -15)  # uvicorn re-raises SIGTERM after shutting down
+    respawned_gateway(stack, client.http)
     again = client.status(state.id)
     assert again.status == "succeeded" and again.params == state.params
     assert client.image(state.id) == png

@@ -30,7 +30,7 @@ from common.settings import Settings, load_settings
 from lego.stack import Stack, hosted
 from services.hostproc import HostProcess, torch_device
 from tests.conftest import nats_server
-from tests.stackutil import ReplicaWatch, png_pixels, running_stack
+from tests.stackutil import ReplicaWatch, png_pixels, running_stack, stopped
 from tests.test_delivery import SLOW, _submit_slow
 from tests.test_e2e import diffusers_image
 
@@ -278,8 +278,7 @@ def test_sigterm_drains_a_host_and_a_restarted_host_takes_up_its_entry(stack: St
     with LegoClient(stack.gateway_url) as client:
         request_id, holder = asyncio.run(_submit_slow(stack, client, seed=6, replicas=1))
         host = _host(stack, holder.device)
-        host.proc.send_signal(signal.SIGTERM)
-        assert host.proc.wait(120) == 0  # drained: it finished and acked what it held
+        assert stopped(stack, host, timeout_s=120) == 0  # drained: finished, acked what it held
         # the only host left is gone; started again (as `lego up`'s supervisor does), it
         # serves what its entry lists, and the request goes on with its next node
         stack._spawn(host)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import http.server
 import re
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from common.bus import connect
 from common.messages import RequestState, WebhookEvent, decode
 from gateway.ingress import REPLY_HEADER
 from lego.stack import Stack
-from tests.stackutil import txt2img_stack
+from tests.stackutil import respawned_gateway, stopped, txt2img_stack
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -274,19 +275,9 @@ def test_delivery_cut_off_by_the_gateways_death_is_made_after_restart(
     hook.until(lambda: len(hook.posts) == 1)
     gateway = stack.children[0]
     assert gateway.name == "gateway" and gateway.proc is not None
-    gateway.proc.kill()  # mid-attempt: nothing acked, nothing noted
-    gateway.proc.wait(30)
+    assert stopped(stack, gateway, signal.SIGKILL) == -9  # mid-attempt: nothing acked, noted
     hook.released.set()
-    stack._spawn(gateway)
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if client.http.get("/readyz").status_code == 200:
-                break
-        except Exception:  # noqa: BLE001 - not listening yet
-            pass
-        assert time.monotonic() < deadline, "the gateway did not come back"
-        time.sleep(0.2)
+    respawned_gateway(stack, client.http)
     noted = hook_state(client, state["id"], lambda h: h.get("delivered"))
     assert noted["delivered"] == {"completed": 1}
     assert len(hook.posts) == 2
