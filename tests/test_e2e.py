@@ -10,6 +10,7 @@ import concurrent.futures
 import contextlib
 import io
 import re
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -333,6 +334,19 @@ def test_the_gateway_serves_without_torch(stack: Stack, client: LegoClient) -> N
     assert gateway.name == "gateway" and gateway.proc is not None
     maps = Path(f"/proc/{gateway.proc.pid}/maps").read_text()
     assert "libtorch" not in maps
+
+
+def test_sigusr1_makes_the_gateway_log_where_it_waits(stack: Stack) -> None:
+    gateway = stack.children[0]
+    assert gateway.name == "gateway" and gateway.proc is not None
+    log = stack.settings.run_dir / "logs" / "gateway.log"
+    before = log.stat().st_size
+    gateway.proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 30
+    while b", in serve" not in log.read_bytes()[before:]:  # the ingress's loop
+        assert time.monotonic() < deadline, log.read_bytes()[before:]
+        time.sleep(0.1)
+    assert gateway.proc.poll() is None
 
 
 def test_gateway_restart_loses_nothing(stack: Stack, client: LegoClient) -> None:

@@ -289,12 +289,13 @@ def test_sigterm_drains_a_host_and_a_restarted_host_takes_up_its_entry(stack: St
 
 
 def test_sigusr1_logs_where_each_task_of_a_process_waits() -> None:
-    """``kill -USR1`` on a process run by ``bus.run_async`` logs each task's stack, so one that
-    seems stuck tells where it waits."""
+    """``kill -USR1`` on a process run by ``bus.run_async`` logs each task's stack and each
+    other thread's, so one that seems stuck tells where it waits."""
     code = (
-        "import asyncio, logging\n"
+        "import asyncio, logging, threading, time\n"
         "from common.bus import run_async\n"
         "logging.basicConfig()\n"
+        "threading.Thread(target=time.sleep, args=(4,), name='sleeper').start()\n"
         "async def parked():\n"
         "    await asyncio.sleep(60)\n"
         "async def main():\n"
@@ -312,3 +313,4 @@ def test_sigusr1_logs_where_each_task_of_a_process_waits() -> None:
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "of 2, " in err and ", in parked" in err and ", in main" in err
+    assert "thread sleeper:" in err and "in _bootstrap" in err.split("thread sleeper:")[1]
