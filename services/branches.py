@@ -60,9 +60,6 @@ ACCEPT_S = 0.05
 STATE_TTL_S = 60.0
 #: the least a home waits for a helper's answer; else four whole steps of the batch
 ANSWER_MIN_S = 1.0
-#: after no helper took a step, a pool's steps run whole this long (times the step) before
-#: asking again: a busy cluster pays no store write and ask each step
-NO_HELPER_STEPS = 8
 _REASON_CHARS = 500
 
 
@@ -72,6 +69,14 @@ class Split(NamedTuple):
 
     part: StepPart
     urgent: bool
+
+
+class SplitRun(NamedTuple):
+    """How a split step ran: whether a helper ran its part, and, where none took it, the
+    seconds the step took run whole here after the ask (a step figure like any other)."""
+
+    helped: bool
+    whole_s: float | None = None
 
 
 @dataclass(eq=False)
@@ -101,8 +106,9 @@ class Branches:
         #: rate scale 5 attained 0.05 less; on ``time.perf_counter``, as the host times
         #: its steps)
         self.utilization = parallel.Utilization(host.settings.parallel_window_s)
-        #: (replica, urgent) -> monotonic time to ask again
-        self._no_helper: dict[tuple[str, bool], float] = {}
+        #: (replica, urgent) -> [its steps to run whole before asking again, asks in a row
+        #: none took]
+        self._no_helper: dict[tuple[str, bool], list[int]] = {}
         self._inbox: str | None = None  # where helpers answer its asks (one token each)
         self._reply_sub: Any = None
         self._tokens = itertools.count()
@@ -277,7 +283,9 @@ class Branches:
         if part is None:
             return None
         split = Split(part, self.at_stake(feed, group, part))
-        if time.monotonic() < self._no_helper.get((feed.replica, split.urgent), 0.0):
+        paused = self._no_helper.get((feed.replica, split.urgent))
+        if paused is not None and paused[0] > 0:
+            paused[0] -= 1
             return None
         return split
 
@@ -289,13 +297,12 @@ class Branches:
         urgencies = [self.host.urgency(h, at) for h in group]
         return any(parallel.at_stake(u.spare_s(at), u.remaining_s, ratio) for u in urgencies)
 
-    async def split_step(self, feed: PoolFeed, group: list[Held], split: Split) -> bool:
+    async def split_step(self, feed: PoolFeed, group: list[Held], split: Split) -> SplitRun:
         """Run the next step of ``group`` with ``split.part`` of it on a helper that takes it
         (asked on the urgent subject where ``split.urgent``):
         its negative branch (the positive runs here meanwhile), or its ControlNet (the step
         runs here meanwhile, taking its outputs when the model needs them). Where none takes
-        it, the whole step here (the same bits as without parallelism). Whether a helper ran
-        the part."""
+        it, the whole step here (the same bits as without parallelism)."""
         host, core = self.host, feed.core
         states = [h.state for h in group]
         steps = [core.progress(s)[0] for s in states]
@@ -314,8 +321,9 @@ class Branches:
                              sample=sample, part=part)
             answers = await self._ask(feed, ask, token, split.urgent)
             if answers is None:
+                started = time.perf_counter()
                 await asyncio.to_thread(core.step, states)
-                return False
+                return SplitRun(False, time.perf_counter() - started)
             timeout_s = max(ANSWER_MIN_S, 4 * feed.step_time_s(len(group)))
             if part == "controlnet":
                 helped = await self._controlled_step(feed, states, answers, timeout_s)
@@ -331,7 +339,7 @@ class Branches:
             self._waiting.pop(token, None)
         if helped:
             feed.stats.split_steps += 1
-        return helped
+        return SplitRun(helped)
 
     async def _controlled_step(self, feed: PoolFeed, states: list[Any],
                                answers: asyncio.Queue[Msg], timeout_s: float) -> bool:
@@ -362,21 +370,22 @@ class Branches:
             self._reply_sub = await host.nc.subscribe(f"{self._inbox}.*", cb=self._on_reply)
         answers: asyncio.Queue[Msg] = asyncio.Queue()
         self._waiting[token] = answers
+        key = (feed.replica, urgent)
         try:
             await host.nc.publish(subjects.branch_subject(feed.pool, urgent), encode(ask),
                                   reply=f"{self._inbox}.{token}")
             async with asyncio.timeout(ACCEPT_S):
                 first = await answers.get()
-        except Exception as exc:  # noqa: BLE001 - NATS is down, no answer: run it whole
+            answer = None if _no_responders(first) else decode(first.data, BranchResult)
+            if answer is not None and answer.accepted:
+                self._no_helper.pop(key, None)
+                return answers
+            log.debug("%s: no helper took the branch: %s", feed.replica,
+                      "none offers" if answer is None else answer.declined)
+        except Exception as exc:  # noqa: BLE001 - NATS is down, no answer in time: run it whole
             log.debug("%s: no helper took the branch (%s)", feed.replica, exc)
-            return None
-        answer = None if _no_responders(first) else decode(first.data, BranchResult)
-        if answer is not None and answer.accepted:
-            return answers
-        if answer is not None:
-            log.debug("%s: a helper declined: %s", feed.replica, answer.declined)
-        pause_s = NO_HELPER_STEPS * feed.step_time_s(len(ask.tasks))
-        self._no_helper[(feed.replica, urgent)] = time.monotonic() + pause_s
+        misses = self._no_helper.get(key, [0, 0])[1] + 1
+        self._no_helper[key] = [parallel.no_helper_steps(misses), misses]
         return None
 
     async def _made(self, feed: PoolFeed, answers: asyncio.Queue[Msg],

@@ -412,7 +412,8 @@ class PoolFeed:
         return scheduling.step_time(self._step_by_size, size, self.step_s or 0.0)
 
     def ran(self, group: list[Held], elapsed_s: float, ended_at: float, *,
-            measured: bool = True, split: StepPart | None = None) -> None:
+            measured: bool = True, split: StepPart | None = None,
+            step_s: float | None = None) -> None:
         """Account one step of ``group`` that took ``elapsed_s``. Its time counts to its
         tasks; to the pool's step times (what judges whether work can still make its deadline,
         and how large a batch may be) only if ``measured`` (not if it ran beside a model's load
@@ -421,7 +422,9 @@ class PoolFeed:
         made an SD3 copy's one-task step figure several times its time, and the copy dropped
         tasks that had the time to finish. A lasting change still shows within a few steps.
         A ``split`` step (a helper ran that part of it, ``services.parallel``) counts to that
-        part's split figures only, and to its tasks' ``whole_s`` at a whole step's time."""
+        part's split figures only, and to its tasks' ``whole_s`` at a whole step's time.
+        ``step_s``: the step's own time for the figures, where ``elapsed_s`` holds more (an
+        ask for a helper that none took)."""
         size = len(group)
         whole_s = elapsed_s
         if split:
@@ -432,14 +435,15 @@ class PoolFeed:
         self.stats.batch_items += len(group)
         self.metrics.batch_size.observe(len(group))
         if measured:
+            figure_s = elapsed_s if step_s is None else step_s
             previous = self._step_by_size.get(size)
-            self._step_by_size[size] = elapsed_s if previous is None else (
-                0.7 * previous + 0.3 * min(elapsed_s, _OUTLIER * previous))
-            self.step_s = elapsed_s if self.step_s is None else (
-                0.7 * self.step_s + 0.3 * min(elapsed_s, _OUTLIER * self.step_s))
+            self._step_by_size[size] = figure_s if previous is None else (
+                0.7 * previous + 0.3 * min(figure_s, _OUTLIER * previous))
+            self.step_s = figure_s if self.step_s is None else (
+                0.7 * self.step_s + 0.3 * min(figure_s, _OUTLIER * self.step_s))
             if len(group) == 1:
                 self._single_steps += 1
-                self._least_single_s = min(elapsed_s, self._least_single_s or elapsed_s)
+                self._least_single_s = min(figure_s, self._least_single_s or figure_s)
         for held in group:
             held.ran_from = held.ran_from or ended_at - elapsed_s
             held.ran_until = ended_at

@@ -32,7 +32,7 @@ from common.settings import Settings
 from common.store import TensorStore, open_store
 from common.tracking import RequestTracker
 from services import scheduling
-from services.branches import Branches
+from services.branches import Branches, SplitRun
 from services.core import ModelCore
 from services.feed import Held, PoolFeed
 from services.liveness import Liveness
@@ -326,10 +326,10 @@ class DeviceHost:
             clear_of_loads = self.loading == 0
             loads_before = self.loads_started
             self.liveness.step_started()
-            split, helped = None, False
+            split, run = None, SplitRun(False)
             try:
                 if split := self.branches.split_part(feed, group):
-                    helped = await self.branches.split_step(feed, group, split)
+                    run = await self.branches.split_step(feed, group, split)
                 else:
                     await asyncio.to_thread(feed.core.step, [h.state for h in group])
             except Exception as exc:  # noqa: BLE001 - classified in fail
@@ -339,11 +339,12 @@ class DeviceHost:
             finally:
                 self.liveness.step_ended()
                 self.branches.utilization.ran(started, time.perf_counter())
-            # a split that no helper took waited for one: no step figure either way
+            # a split that no helper took: the whole step's own time, after the ask, is its
+            # figure (a pool that asks at every step still measures its steps)
             clear_of_loads &= self.loading == 0 and self.loads_started == loads_before
             feed.ran(group, time.perf_counter() - started, now(),
-                     measured=clear_of_loads and not split,
-                     split=split.part if split and helped else None)
+                     measured=clear_of_loads and (not split or run.whole_s is not None),
+                     split=split.part if split and run.helped else None, step_s=run.whole_s)
             try:
                 await feed.report_progress(group)
             except Exception as exc:  # noqa: BLE001 - progress is best effort; steps go on

@@ -44,6 +44,12 @@ An idle helper busy beyond that still offers to a step whose deadline is at stak
 (``at_stake``): its request's slack is within what splitting its remaining steps saves, so
 the split decides whether it makes its deadline. A request with slack to spare leaves such a
 helper to new arrivals; one that would miss even split is not helped.
+
+An ask costs the home a store write and a round trip before its step. Where no helper takes
+it, the pool's next ``NO_HELPER_STEPS`` steps run whole without asking, and twice as many
+after each further ask in a row that none took (``no_helper_steps``): on a loaded cluster,
+where no device is idle, a home asks ever more seldom; the first ask a helper takes starts
+the count again.
 """
 
 from __future__ import annotations
@@ -64,12 +70,22 @@ GAIN = 0.9
 #: a transformer's ControlNet through a host-memory store, costs ever fewer tries)
 PROBE_EVERY = 32
 PROBE_MAX = 1024
+#: after an ask that no helper took, a pool's steps run whole this many steps before it asks
+#: again; twice as many after each further ask in a row that none took, up to
+#: ``NO_HELPER_MAX`` (a busy cluster pays ever fewer store writes and round trips for asks)
+NO_HELPER_STEPS = 8
+NO_HELPER_MAX = 128
 _SMOOTHING = 0.3
 
 
 def batch_mode(modes: Iterable[str]) -> str:
     """The mode of a batch: the least permissive of its tasks' (an unknown one: off)."""
     return MODES[min((MODES.index(m) if m in MODES else 0 for m in modes), default=0)]
+
+
+def no_helper_steps(misses: int) -> int:
+    """Whole steps before asking again after ``misses`` asks in a row that no helper took."""
+    return min(NO_HELPER_MAX, NO_HELPER_STEPS << max(0, min(misses - 1, 16)))
 
 
 def at_stake(spare_s: float, remaining_s: float, split_ratio: float) -> bool:

@@ -103,6 +103,11 @@ def test_a_deadline_is_at_stake_only_where_the_split_decides_it():
     assert figures.ratio(1, 0.1) == pytest.approx(0.6) and figures.ratio(2, 0.1) == parallel.GAIN
 
 
+def test_asks_that_no_helper_takes_come_ever_more_seldom():
+    assert [parallel.no_helper_steps(n) for n in range(1, 7)] == [8, 16, 32, 64, 128, 128]
+    assert parallel.no_helper_steps(10_000) == parallel.NO_HELPER_MAX
+
+
 def test_a_device_s_busy_share_counts_its_recent_steps_only():
     busy = parallel.Utilization(window_s=10.0)
     assert busy.share(100.0) == 0.0
@@ -312,6 +317,44 @@ async def test_a_helper_busy_lately_helps_only_steps_whose_deadline_is_at_stake(
         # while it helped, a new arrival would have waited behind it: not idle, so its fetch
         # took only queued work, and one that reached it went back to the queue
         assert idle_while_helping == [False]
+
+
+@pytest.mark.timeout(180)
+async def test_a_home_no_helper_answers_asks_ever_more_seldom_and_still_measures_its_steps(
+        settings: Settings, cache_dir: Path) -> None:
+    """Alone with a workflow that asks for parallelism at every step, and a helper that
+    declines each ask: the host asks at the first step, then after 8 whole steps, then after
+    16, ...; and every step, those it asked at included, counts to its step figures (a pool
+    that asked at every step once never measured one, and asked at every step for good)."""
+    torch.set_num_threads(1)
+    model_dir = resolve_model_dir("builtin:tiny-sd", cache_dir / "models")
+    cores = _cores(model_dir, ("text_encoder",))
+    steps = 30
+    params = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "guidance": 7.5, "steps": steps,
+              "seed": 3, "width": 64, "height": 64}
+    embeds = drive(cores.text_encoder, [WorkItem("r", "encode", params, {})])[0].tensors[
+        "prompt_embeds"]
+    pool = "denoiser-tiny-sd"
+    async with Harness(settings.model_copy(update={"host_poll_s": 0.1})) as h:
+        asked: list[int] = []
+
+        async def decline(msg: Any) -> None:
+            asked.extend(decode(msg.data, BranchStep).steps)
+            await msg.respond(encode(BranchResult(declined="busy")))
+
+        for urgent in (False, True):
+            await h.nc.subscribe(subjects.branch_subject(pool, urgent), cb=decline)
+        host = await _host(h, "cpu:1", model_dir, pool)
+        await _denoise(h, "r", pool, {"prompt_embeds": embeds}, params, "always")
+        expected, step, misses = [], 0, 0
+        while step < steps:
+            expected.append(step)
+            misses += 1
+            step += 1 + parallel.no_helper_steps(misses)
+        assert asked == expected == [0, 9, 26]
+        feed = host.feeds[f"{pool}@cpu:1"]
+        assert feed.stats.split_steps == 0
+        assert feed._single_steps == steps and feed.step_time_s(1) > 0
 
 
 @pytest.mark.timeout(180)
