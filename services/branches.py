@@ -79,6 +79,15 @@ class SplitRun(NamedTuple):
     whole_s: float | None = None
 
 
+@dataclass
+class _Pause:
+    """A pool's asks after one that no helper took: steps to run whole before asking again,
+    and the asks in a row none took."""
+
+    steps: int = 0
+    misses: int = 0
+
+
 @dataclass(eq=False)
 class _Job:
     feed: PoolFeed
@@ -106,9 +115,8 @@ class Branches:
         #: rate scale 5 attained 0.05 less; on ``time.perf_counter``, as the host times
         #: its steps)
         self.utilization = parallel.Utilization(host.settings.parallel_window_s)
-        #: (replica, urgent) -> [its steps to run whole before asking again, asks in a row
-        #: none took]
-        self._no_helper: dict[tuple[str, bool], list[int]] = {}
+        #: (replica, urgent) -> its asks' pause, after one that no helper took
+        self._no_helper: dict[tuple[str, bool], _Pause] = {}
         self._inbox: str | None = None  # where helpers answer its asks (one token each)
         self._reply_sub: Any = None
         self._tokens = itertools.count()
@@ -283,9 +291,9 @@ class Branches:
         if part is None:
             return None
         split = Split(part, self.at_stake(feed, group, part))
-        paused = self._no_helper.get((feed.replica, split.urgent))
-        if paused is not None and paused[0] > 0:
-            paused[0] -= 1
+        pause = self._no_helper.get((feed.replica, split.urgent))
+        if pause is not None and pause.steps > 0:
+            pause.steps -= 1
             return None
         return split
 
@@ -384,8 +392,9 @@ class Branches:
                       "none offers" if answer is None else answer.declined)
         except Exception as exc:  # noqa: BLE001 - NATS is down, no answer in time: run it whole
             log.debug("%s: no helper took the branch (%s)", feed.replica, exc)
-        misses = self._no_helper.get(key, [0, 0])[1] + 1
-        self._no_helper[key] = [parallel.no_helper_steps(misses), misses]
+        pause = self._no_helper.setdefault(key, _Pause())
+        pause.misses += 1
+        pause.steps = parallel.no_helper_steps(pause.misses)
         return None
 
     async def _made(self, feed: PoolFeed, answers: asyncio.Queue[Msg],
