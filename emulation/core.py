@@ -261,7 +261,7 @@ class EmulatedCore(ModelCore):
 
     def run_branch(self, states: list[EmulatedState], branch: int, inputs: torch.Tensor,
                    steps: list[int]) -> torch.Tensor:
-        self.gpu.run(self.owner, self._denoise_s(states, cfg=False))
+        self.gpu.run(self.owner, self._denoise_s(states, cfg=False), queued=False)
         return torch.zeros_like(inputs)
 
     def join_branches(self, states: list[EmulatedState], negative: torch.Tensor,
@@ -279,7 +279,7 @@ class EmulatedCore(ModelCore):
     def run_control(self, states: list[EmulatedState], inputs: torch.Tensor,
                     steps: list[int]) -> list[torch.Tensor]:
         first = states[0]
-        self.gpu.run(self.owner, self._step_parts(states, first.cfg)[1])
+        self.gpu.run(self.owner, self._step_parts(states, first.cfg)[1], queued=False)
         controlnet = self.adapter_profiles[next(a for s in states for a in s.adapters)]
         return control_outputs(self.profile, controlnet, [s.cfg for s in states if s.adapters],
                                first.height, first.width)
@@ -288,10 +288,10 @@ class EmulatedCore(ModelCore):
                         outputs: Callable[[], list[torch.Tensor] | None]) -> None:
         base, control = self._step_parts(states, states[0].cfg)
         before = base * control_gate(self.profile)
-        self.gpu.run(self.owner, before)
+        self.gpu.run(self.owner, before, queued=False)
         if outputs() is None:
-            self.gpu.run(self.owner, control)
-        self.gpu.run(self.owner, base - before)
+            self.gpu.run(self.owner, control, queued=False)
+        self.gpu.run(self.owner, base - before, queued=False)
         for state in states:
             state.done_steps += 1
 

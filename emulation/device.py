@@ -27,6 +27,9 @@ from emulation.profiles import EMULATED_DEVICE_BYTES
 
 #: how long a load waits for memory that an eviction in progress still holds (wall seconds)
 MEMORY_WAIT_S = 30.0
+#: a call that a host could have queued behind the device's previous one (``run``, queued)
+#: and that comes within this much wall time of that one's end starts where it ended
+QUEUED_GAP_S = 0.005
 
 
 class OutOfDeviceMemory(TerminalError):
@@ -58,6 +61,7 @@ class EmulatedDevice:
         self.memory_bytes = memory_bytes
         self.time_scale = time_scale
         self._compute = threading.Lock()  # one step (or load) at a time: time-sharing
+        self._end: float | None = None  # where the last queueable call ended (perf_counter)
         self._ledger = threading.Lock()
         self._resident: collections.OrderedDict[str, int] = collections.OrderedDict()  # LRU
         self.evictions = 0
@@ -106,6 +110,7 @@ class EmulatedDevice:
                         raise
                 else:
                     self.wait(owner.load_s if load_s is None else load_s)
+                    self._end = None
                     return
             time.sleep(0.01)
 
@@ -113,17 +118,33 @@ class EmulatedDevice:
         with self._ledger:
             self._resident.pop(owner.key, None)
 
-    def run(self, owner: Owner, seconds: float) -> None:
+    def run(self, owner: Owner, seconds: float, *, queued: bool = True) -> None:
         """One call of ``seconds`` profiled time on this device's compute; a swap owner not
-        resident is loaded first (evicting the least recently used)."""
+        resident is loaded first (evicting the least recently used).
+
+        A ``queued`` call (a step its host could have queued on the GPU behind the last one)
+        that comes within ``QUEUED_GAP_S`` of the previous queued call's end starts where that
+        one ended: on a GPU the host launches the next step's kernels while the last ones
+        run, so the few milliseconds between two calls (here the emulator's own: every
+        device's host in one process on a few shared cores, which the time scale would
+        multiply) do not idle the device. A call after a hand-off between devices (part of a
+        split step) is not queued, and the call after it starts afresh: that wait is real."""
         with self._compute:
             if owner.swap and owner.key not in self._resident:
                 self._admit(owner, owner.memory_bytes, evict=True)
                 self.wait(owner.load_s)
+                self._end = None
             with self._ledger:
                 if owner.key in self._resident:
                     self._resident.move_to_end(owner.key)
-            self.wait(seconds)
+            start = time.perf_counter()
+            if queued and self._end is not None and start - self._end <= QUEUED_GAP_S:
+                start = self._end
+            end = start + max(0.0, seconds) / self.time_scale
+            pause = end - time.perf_counter()
+            if pause > 0:
+                time.sleep(pause)
+            self._end = end if queued else None
 
 
 _DEVICES: dict[str, EmulatedDevice] = {}

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from emulation.core import EmulatedCore
-from emulation.device import EmulatedDevice, OutOfDeviceMemory, Owner
+from emulation.device import QUEUED_GAP_S, EmulatedDevice, OutOfDeviceMemory, Owner
 from emulation.profiles import (
     DEFAULT_PROFILE_DIR,
     batch_limit,
@@ -162,6 +162,29 @@ def test_replicas_on_one_device_share_its_compute():
     apart = elapsed([EmulatedDevice(f"emu:{i}", 80 * GB, time_scale=20) for i in range(2)])
     assert shared == pytest.approx(0.2, rel=0.25)
     assert apart == pytest.approx(0.1, rel=0.25)
+
+
+def test_steps_a_host_could_queue_run_back_to_back_and_a_hand_off_costs_its_wait():
+    """The few milliseconds a host takes between two steps (its own work, here the emulator's
+    on shared cores) do not idle the device, as on a GPU that runs the next kernels the host
+    queued; a longer pause does, and so does the wait before and after part of a split step
+    (a hand-off between devices)."""
+    device = EmulatedDevice("emu:0", 80 * GB, time_scale=1)
+    owner = Owner("d", GB, 0.0)
+    step_s, gap_s = 0.02, QUEUED_GAP_S / 2
+
+    def run(queued: list[bool], pause_s: float) -> float:
+        device.run(owner, step_s)  # the device's last step before these
+        started = time.perf_counter()
+        for q in queued:
+            time.sleep(pause_s)
+            device.run(owner, step_s, queued=q)
+        return time.perf_counter() - started
+
+    assert run([True] * 10, gap_s) == pytest.approx(10 * step_s, abs=gap_s)
+    assert run([True] * 10, 2 * QUEUED_GAP_S) >= 10 * (step_s + 2 * QUEUED_GAP_S)
+    # a split step's part, and the whole step after it, each pay the wait before them
+    assert run([False, True], gap_s) >= 2 * (step_s + gap_s)
 
 
 def test_one_request_on_the_emulated_core_takes_its_profiled_steps():
