@@ -255,6 +255,7 @@ class BranchStep(msgspec.Struct):
     steps: list[int]
     sample: TensorRef
     part: StepPart = "cfg"
+    accept_by: float | None = None  # epoch seconds: the asking host runs it all after this
 
 
 class BranchResult(msgspec.Struct, omit_defaults=True):

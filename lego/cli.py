@@ -652,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "sweep: default 4)")
     slo.add_argument("--scales", help="sweep: comma-separated rate scales (default "
                                       "flux3 0.5,1,2,3,4,4.5,5,6,8; mix12 0.25,0.5,0.75,1,"
-                                      "1.25,1.5,2,3,4,8)")
+                                      "1.1,1.25,1.5,2,3,4,8)")
     slo.add_argument("--no-bursts", action="store_true", help="sweep: skip the burst ratio")
     slo.add_argument("--systems", help="sweep: comma-separated baselines to compare micro with "
                                        "(default all of the workload's)")

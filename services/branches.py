@@ -55,6 +55,10 @@ log = logging.getLogger(__name__)
 #: how long a home waits for a helper to take its ask (an answer within a round trip of an
 #: idle host's event loop), in wall seconds
 ACCEPT_S = 0.05
+#: a helper takes an ask only this long before its home stops waiting (``BranchStep
+#: .accept_by``), so that its acceptance arrives in time: one that came after would have it run
+#: a branch that nobody waits for, while a new arrival might need the device
+ACCEPT_MARGIN_S = 0.01
 #: a helper forgets a request's branch state unused for this long (its home finished it, or
 #: another helper took its steps)
 STATE_TTL_S = 60.0
@@ -181,6 +185,9 @@ class Branches:
             return
         if ask.host == self.host.name or not self._may_help(feed, urgent):
             await _answer(msg, BranchResult(declined=f"{self.host.name} is busy"))
+            return
+        if ask.accept_by is not None and now() > ask.accept_by - ACCEPT_MARGIN_S:
+            await _answer(msg, BranchResult(declined=f"{self.host.name} got it too late"))
             return
         self._jobs.append(_Job(feed, ask, msg))
         await _answer(msg, BranchResult(accepted=True))
@@ -326,7 +333,7 @@ class Branches:
                 tensor_key("tmp", first.request_id, first.node, f"{part}_sample"), inputs,
                 host.settings.tensor_ttl_s)
             ask = BranchStep(host=host.name, tasks=[h.task for h in group], steps=steps,
-                             sample=sample, part=part)
+                             sample=sample, part=part, accept_by=now() + ACCEPT_S)
             answers = await self._ask(feed, ask, token, split.urgent)
             if answers is None:
                 started = time.perf_counter()

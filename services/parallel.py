@@ -83,9 +83,15 @@ def batch_mode(modes: Iterable[str]) -> str:
     return MODES[min((MODES.index(m) if m in MODES else 0 for m in modes), default=0)]
 
 
+def backoff(first: int, failures: int, most: int) -> int:
+    """``first``, doubled ``failures`` times, at most ``most``: how long a try that keeps
+    failing waits before the next."""
+    return min(most, first << max(0, min(failures, 16)))
+
+
 def no_helper_steps(misses: int) -> int:
     """Whole steps before asking again after ``misses`` asks in a row that no helper took."""
-    return min(NO_HELPER_MAX, NO_HELPER_STEPS << max(0, min(misses - 1, 16)))
+    return backoff(NO_HELPER_STEPS, misses - 1, NO_HELPER_MAX)
 
 
 def at_stake(spare_s: float, remaining_s: float, split_ratio: float) -> bool:
@@ -115,7 +121,12 @@ class SplitFigures:
 
     split_s: dict[int, float] = field(default_factory=dict)  # batch size -> seconds, smoothed
     whole_since: int = 0  # whole steps since a split did not pay
-    probe_every: int = PROBE_EVERY  # whole steps between tries while it does not pay
+    failed_probes: int = 0  # tries in a row since it last paid
+
+    @property
+    def probe_every(self) -> int:
+        """Whole steps between tries while it does not pay."""
+        return backoff(PROBE_EVERY, self.failed_probes, PROBE_MAX)
 
     def wants(self, mode: str, size: int, whole_s: float) -> bool:
         """Whether a step of ``size`` tasks in ``mode`` should split, the whole step taking
@@ -130,12 +141,12 @@ class SplitFigures:
         if whole_s <= 0:
             return False  # measure a whole one to compare
         if split_s <= GAIN * whole_s:
-            self.probe_every = PROBE_EVERY
+            self.failed_probes = 0
             return True
         self.whole_since += 1
         if self.whole_since >= self.probe_every:
             self.whole_since = 0
-            self.probe_every = min(2 * self.probe_every, PROBE_MAX)
+            self.failed_probes += 1
             return True
         return False
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import msgspec
 import pytest
 import torch
 from nats.errors import NoRespondersError
@@ -274,7 +275,8 @@ async def test_a_helper_busy_lately_helps_only_steps_whose_deadline_is_at_stake(
         settings: Settings, cache_dir: Path) -> None:
     """An idle host busy for most of the last window offers on the urgent branch subject
     only: an ordinary ask finds no helper, an urgent one is taken (and until it has run, the
-    host is not idle). Idle and not busy lately, it offers on both."""
+    host is not idle), unless it came too late to be taken in time. Idle and not busy lately,
+    it offers on both."""
     torch.set_num_threads(1)
     model_dir = resolve_model_dir("builtin:tiny-sd", cache_dir / "models")
     pool = "denoiser-tiny-sd"
@@ -316,6 +318,16 @@ async def test_a_helper_busy_lately_helps_only_steps_whose_deadline_is_at_stake(
                 await asyncio.sleep(0.01)
         # while it helped, a new arrival would have waited behind it: not idle, so its fetch
         # took only queued work, and one that reached it went back to the queue
+        assert idle_while_helping == [False]
+        # an ask that reached it too late for its acceptance to arrive before its home stops
+        # waiting: declined (it would have run a branch nobody waits for)
+        async with asyncio.timeout(10):
+            while not helper.branches.offering(urgent=True):
+                await asyncio.sleep(0.01)
+        late = msgspec.structs.replace(ask, accept_by=now())
+        answer = await h.nc.request(subjects.branch_subject(pool, urgent=True), encode(late),
+                                    timeout=2)
+        assert "too late" in (decode(answer.data, BranchResult).declined or "")
         assert idle_while_helping == [False]
 
 
