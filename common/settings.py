@@ -162,6 +162,12 @@ class Settings(BaseSettings):
         "a loaded cluster an idle moment is soon taken by a new arrival); beyond it, only of "
         "steps whose deadline the split decides",
     )
+    parallel_urgent_busy_max: float = Field(
+        0.8, ge=0, le=1, description="a host busy more than this share of the last "
+        "parallel_window_s helps no step, not even one whose deadline the split decides: "
+        "near capacity every idle moment is soon needed by a new arrival, and a split step "
+        "costs more device time than a whole one",
+    )
     parallel_window_s: float = Field(
         20.0, gt=0, description="the window over which a host's busy share is measured "
         "(long enough that a loaded device's idle moments do not read as a light load)")

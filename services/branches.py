@@ -137,14 +137,15 @@ class Branches:
             self.host.changed()
 
     def _may_help(self, feed: PoolFeed, urgent: bool) -> bool:
-        """Whether to offer to run parts of ``feed``'s steps: while idle, and (but for a step
-        whose deadline is at stake, ``urgent``) not busy lately."""
+        """Whether to offer to run parts of ``feed``'s steps: while idle, and not busy lately
+        (for a step whose deadline is at stake, ``urgent``: not nearly always busy)."""
         host = self.host
         return (self.wanted and not host.stopping and not feed.stopping and feed.stats.ready
                 and feed.core.guidance_branches and host.feeds.get(feed.replica) is feed
                 and not self._jobs and not self._splitting and host.loading == 0
-                and host.idle() and (urgent or self.utilization.share(time.perf_counter())
-                                     <= host.settings.parallel_busy_max))
+                and host.idle() and self.utilization.share(time.perf_counter()) <= (
+                    host.settings.parallel_urgent_busy_max if urgent
+                    else host.settings.parallel_busy_max))
 
     async def offer_loop(self) -> None:
         """Keep each pool's offer in step with whether this host may help (on every change of

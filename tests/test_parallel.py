@@ -275,8 +275,8 @@ async def test_a_helper_busy_lately_helps_only_steps_whose_deadline_is_at_stake(
         settings: Settings, cache_dir: Path) -> None:
     """An idle host busy for most of the last window offers on the urgent branch subject
     only: an ordinary ask finds no helper, an urgent one is taken (and until it has run, the
-    host is not idle), unless it came too late to be taken in time. Idle and not busy lately,
-    it offers on both."""
+    host is not idle), unless it came too late to be taken in time; busy nearly all of it, on
+    neither. Idle and not busy lately, it offers on both."""
     torch.set_num_threads(1)
     model_dir = resolve_model_dir("builtin:tiny-sd", cache_dir / "models")
     pool = "denoiser-tiny-sd"
@@ -292,6 +292,7 @@ async def test_a_helper_busy_lately_helps_only_steps_whose_deadline_is_at_stake(
         async with asyncio.timeout(10):
             while helper.branches.offering():
                 await asyncio.sleep(0.01)
+        await helper.nc.flush()  # the server took its withdrawal before the ask
         assert helper.branches.offering(urgent=True) == [f"{pool}@cpu:1"]
         at = now()
         plan = Plan(nodes={"denoise": PlanNode(kind="denoiser", pool=pool, op="denoise")},
@@ -324,11 +325,20 @@ async def test_a_helper_busy_lately_helps_only_steps_whose_deadline_is_at_stake(
         async with asyncio.timeout(10):
             while not helper.branches.offering(urgent=True):
                 await asyncio.sleep(0.01)
+        await helper.nc.flush()  # the server has its offer (subscription) before the ask
         late = msgspec.structs.replace(ask, accept_by=now())
         answer = await h.nc.request(subjects.branch_subject(pool, urgent=True), encode(late),
                                     timeout=2)
         assert "too late" in (decode(answer.data, BranchResult).declined or "")
         assert idle_while_helping == [False]
+        # busy nearly all of the window (near capacity): it helps no step at all
+        at_s = time.perf_counter()
+        helper.branches.utilization.ran(at_s - 30.0, at_s)
+        helper.changed()
+        async with asyncio.timeout(10):
+            while helper.branches.offering(urgent=True):
+                await asyncio.sleep(0.01)
+        assert helper.branches.offering() == []
 
 
 @pytest.mark.timeout(180)
