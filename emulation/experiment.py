@@ -33,6 +33,7 @@ setting); the ratios are micro's, micro-paper's stand beside them.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import shutil
 import statistics
@@ -74,8 +75,10 @@ BURST_KINDS = {"": "all", "_hot": "hot", "_cold": "cold"}
 ADMISSION_LABELS = {"lego": "micro", "paper": "micro-paper"}
 #: what each run of a repeated cell keeps under ``runs``
 RUN_KEYS = ("seed", "slo_attainment", "bound_attainment", "p50_s", "p99_s", "goodput_rps",
-            "rejected", "dropped_late", "failed_other", "lost", "eta_error_p50",
+            "rejected", "dropped_late", "failed_other", "lost", "lost_why", "eta_error_p50",
             "eta_error_p90", "wall_s", "by_workflow")
+#: why a request counts as lost when the load generator has no error for it
+NO_FINAL_STATE = "no final state by the end of the replay's wait"
 PROMPT = "a lighthouse on a cliff at dawn"
 
 
@@ -146,6 +149,8 @@ def summarize(outcomes: list[Outcome], deadline_s: dict[str, float], time_scale:
         "failed_other": sum(o.status == "failed" and o.error != "deadline_exceeded"
                             for o in outcomes),
         "lost": sum(o.status == "lost" for o in outcomes),
+        "lost_why": dict(collections.Counter(
+            o.error or NO_FINAL_STATE for o in outcomes if o.status == "lost")),
         **eta_errors(outcomes),
         "by_workflow": {
             w: round(sum(o in met for o in group) / len(group), 4)
@@ -276,6 +281,8 @@ def print_slo(result: dict[str, Any]) -> None:
           f"{_f(r['p99_s'])} s   goodput {r['goodput_rps']:.3f}/s")
     print(f"  rejected {r['rejected']}   dropped late {r['dropped_late']}   other failures "
           f"{r['failed_other']}   lost {r['lost']}")
+    for why, n in (r.get("lost_why") or {}).items():
+        print(f"    lost {n}: {why}")
     if r.get("eta_measured"):
         print(f"  ETA error |actual - eta_s| / actual over {r['eta_measured']} finished: median "
               f"{_f(r['eta_error_p50'], 3)}, p90 {_f(r['eta_error_p90'], 3)}; median "

@@ -43,7 +43,11 @@ device is not idle (``DeviceHost.idle``): an arrival it fetched goes back to the
 An idle helper busy beyond that still offers to a step whose deadline is at stake
 (``at_stake``): its request's slack is within what splitting its remaining steps saves, so
 the split decides whether it makes its deadline. A request with slack to spare leaves such a
-helper to new arrivals; one that would miss even split is not helped.
+helper to new arrivals; one that would miss even split is not helped. A helper busy beyond
+``parallel_urgent_busy_max`` helps no step: near capacity a split's extra device time (two
+one-row passes and a hand-off for one two-row pass) costs the requests that arrive next more
+than it saves the one it helps (Flux-3 at rate scale 5: 0.862 with the urgent tier open to
+every idle helper, 0.871 without it near capacity, 0.876 with parallelism off).
 
 An ask costs the home a store write and a round trip before its step. Where no helper takes
 it, the pool's next ``NO_HELPER_STEPS`` steps run whole without asking, and twice as many

@@ -102,6 +102,19 @@ def test_a_repeated_cell_reports_the_median_and_the_spread():
     assert experiment.combine_runs([_run(0, None)])["slo_attainment"] is None
 
 
+def test_a_run_says_why_each_lost_request_was_lost():
+    from lego.burst import Outcome
+
+    done = Outcome("txt2img", 0.0, status="succeeded", served_s=1.0)
+    broken = Outcome("txt2img", 0.0, error="ReadTimeout: timed out")
+    unfinished = Outcome("txt2img", 0.0)  # still waiting when the replay's wait ended
+    result = experiment.summarize([done, broken, unfinished, Outcome("txt2img", 0.0)],
+                                  {"txt2img": 2.0}, 1.0, 10.0)
+    assert result["lost"] == 3
+    assert result["lost_why"] == {"ReadTimeout: timed out": 1, experiment.NO_FINAL_STATE: 2}
+    assert experiment.summarize([done], {"txt2img": 2.0}, 1.0, 10.0)["lost_why"] == {}
+
+
 def test_sustained_uses_the_medians_and_the_bound():
     rows = [{"system": "micro", "rate_scale": s, "slo_attainment": a, "bound_attainment": b}
             for s, a, b in ((1, 0.95, 1.0), (2, 0.91, 1.0), (4, 0.5, 0.93), (8, 0.95, 0.6))]
