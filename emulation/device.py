@@ -73,10 +73,12 @@ class EmulatedDevice:
     def resident(self, owner: Owner) -> bool:
         return owner.key in self._resident
 
-    def wait(self, seconds: float) -> None:
-        """Sleep ``seconds`` of profiled time (divided by the time scale)."""
+    def _load_for(self, seconds: float) -> None:
+        """Copy a model in for ``seconds`` of profiled time (divided by the time scale); the
+        step after it starts afresh, not where the step before the load ended."""
         if seconds > 0:
             time.sleep(seconds / self.time_scale)
+        self._end = None
 
     def _admit(self, owner: Owner, nbytes: int, *, evict: bool) -> None:
         with self._ledger:
@@ -109,8 +111,7 @@ class EmulatedDevice:
                     if time.monotonic() >= give_up:
                         raise
                 else:
-                    self.wait(owner.load_s if load_s is None else load_s)
-                    self._end = None
+                    self._load_for(owner.load_s if load_s is None else load_s)
                     return
             time.sleep(0.01)
 
@@ -132,8 +133,7 @@ class EmulatedDevice:
         with self._compute:
             if owner.swap and owner.key not in self._resident:
                 self._admit(owner, owner.memory_bytes, evict=True)
-                self.wait(owner.load_s)
-                self._end = None
+                self._load_for(owner.load_s)
             with self._ledger:
                 if owner.key in self._resident:
                     self._resident.move_to_end(owner.key)
