@@ -8,7 +8,10 @@ Two parts, per workload:
   model is idle (``always``): its negative guidance branch (``cfg_parallel_s``), or, for a
   workflow with a ControlNet, its ControlNet (``controlnet_parallel_s``; null without one).
   Latencies are in trace time (wall x the time scale). Latent parallelism is not built
-  (``latent_parallel_s`` null; docs/emulation.md says why).
+  (``latent_parallel_s`` null; docs/emulation.md says why). Beside each, the part the split
+  acts on: the run time of the workflow's stepped nodes (its denoiser: ``denoise_serial_s``,
+  ``denoise_cfg_parallel_s``, ...), without the encoders and the decoder that run whole
+  either way.
 - **Attainment under load**: the sweep's rate scales, parallelism off against ``auto``, each
   cell the median of ``repeat`` runs, with p50 and p99 latency.
 """
@@ -18,8 +21,9 @@ from __future__ import annotations
 import functools
 import statistics
 from collections.abc import Callable, Collection, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
+from common.kinds import KINDS
 from common.settings import Settings
 from emulation.experiment import (
     RATE_SCALES,
@@ -41,14 +45,28 @@ SOLO_CONTROLNET_GAP = 5.0
 SOLO_DEADLINE = 10.0
 
 
+class Solo(NamedTuple):
+    """A workflow alone on the cluster (trace seconds, medians; None where none succeeded)."""
+
+    latency_s: float | None  # the request's, from acceptance to its result
+    stepped_s: float | None  # what its stepped nodes (the denoiser) ran
+
+
+def stepped_run_s(timings: Sequence[dict[str, Any]]) -> float | None:
+    """The run time of a request's stepped nodes (``NodeTiming`` dicts; a pool's name starts
+    with its kind), in seconds; None where it has none."""
+    ran = [t["run_ms"] for t in timings
+           if (kind := KINDS.get(str(t.get("pool", "")).split("-", 1)[0])) and kind.stepped]
+    return sum(ran) / 1000 if ran else None
+
+
 def solo_latencies(base: Settings, workload: str, mode: str, *, devices: int,
                    time_scale: float, reps: int, parts: Sequence[str] | None = None,
                    names: Collection[str] | None = None,
-                   gap: float = SOLO_GAP) -> dict[str, float | None]:
-    """The latency alone on the cluster of each of the workload's workflows (``names``: of
-    those) with parallelism ``mode`` of ``parts`` (None: the settings') (trace seconds, the
-    median of ``reps`` after one warm-up, requests ``gap`` of their serial work apart; None
-    where none succeeded)."""
+                   gap: float = SOLO_GAP) -> dict[str, Solo]:
+    """Each of the workload's workflows (``names``: of those) alone on the cluster with
+    parallelism ``mode`` of ``parts`` (None: the settings'): the median of ``reps`` after one
+    warm-up, requests ``gap`` of their serial work apart."""
     loaded = load_workload(workload, base.profile_dir, time_scale)
     chosen = sorted(n for n in loaded.workflows if names is None or n in names)
     requests, at_s = [], 0.0
@@ -63,13 +81,18 @@ def solo_latencies(base: Settings, workload: str, mode: str, *, devices: int,
     run = SloRun("micro", workload, [], devices, time_scale)
     deadline_s = SOLO_DEADLINE * max(loaded.solo_s(n) for n in loaded.workflows)
     outcomes, _ = replay_on_stack(settings, run, requests, deadline_s)
-    found: dict[str, float | None] = {}
+    found: dict[str, Solo] = {}
     for name in chosen:
         measured = [o for o in outcomes if o.phase == name][1:]  # after its warm-up
-        ok = [o.served_s * time_scale for o in measured
-              if o.status == "succeeded" and o.served_s is not None]
-        found[name] = round(statistics.median(ok), 3) if ok else None
+        ok = [o for o in measured if o.status == "succeeded"]
+        served = [o.served_s for o in ok if o.served_s is not None]
+        stepped = [s for o in ok if (s := stepped_run_s(o.timings)) is not None]
+        found[name] = Solo(_median(served, time_scale), _median(stepped, time_scale))
     return found
+
+
+def _median(values: Sequence[float], time_scale: float) -> float | None:
+    return round(statistics.median(values) * time_scale, 3) if values else None
 
 
 def bench_parallel(base: Settings, workloads: Sequence[str], *, devices: int = 8,
@@ -91,14 +114,21 @@ def bench_parallel(base: Settings, workloads: Sequence[str], *, devices: int = 8
         controlnet = solo_latencies(base, workload, SOLO_SPLIT, devices=devices,
                                     time_scale=time_scale, reps=reps, parts=["controlnet"],
                                     names=controlled, gap=SOLO_CONTROLNET_GAP)
+        none = Solo(None, None)
         for name in serial:
-            s, p, c = serial[name], cfg[name], controlnet.get(name)
+            s, p, c = serial[name], cfg[name], controlnet.get(name, none)
             result["workflows"][name] = {
-                "workload": workload, "serial_s": s, "cfg_parallel_s": p,
-                "cfg_ratio": _ratio(p, s), "controlnet_parallel_s": c,
-                "controlnet_ratio": _ratio(c, s), "latent_parallel_s": None}
-            log(f"{workload} {name}: serial {s} s, CFG-parallel {p} s, "
-                f"ControlNet-parallel {c} s")
+                "workload": workload, "serial_s": s.latency_s, "cfg_parallel_s": p.latency_s,
+                "cfg_ratio": _ratio(p.latency_s, s.latency_s),
+                "controlnet_parallel_s": c.latency_s,
+                "controlnet_ratio": _ratio(c.latency_s, s.latency_s), "latent_parallel_s": None,
+                "denoise_serial_s": s.stepped_s, "denoise_cfg_parallel_s": p.stepped_s,
+                "denoise_cfg_ratio": _ratio(p.stepped_s, s.stepped_s),
+                "denoise_controlnet_parallel_s": c.stepped_s,
+                "denoise_controlnet_ratio": _ratio(c.stepped_s, s.stepped_s)}
+            log(f"{workload} {name}: serial {s.latency_s} s, CFG-parallel {p.latency_s} s, "
+                f"ControlNet-parallel {c.latency_s} s; its denoiser {s.stepped_s}, "
+                f"{p.stepped_s}, {c.stepped_s} s")
         if not rows:
             continue
         for scale in scales or RATE_SCALES[workload]:
@@ -128,10 +158,13 @@ def _ratio(split_s: float | None, serial_s: float | None) -> float | None:
 def print_parallel(result: dict[str, Any]) -> None:
     print(f"{'workflow':34} {'serial s':>9} {'CFG-par s':>10} {'ratio':>6} {'CN-par s':>9} "
           f"{'ratio':>6}")
-    for name, w in result["workflows"].items():
-        print(f"{name:34} {_f(w['serial_s']):>9} {_f(w['cfg_parallel_s']):>10} "
-              f"{_f(w['cfg_ratio']):>6} {_f(w['controlnet_parallel_s']):>9} "
-              f"{_f(w['controlnet_ratio']):>6}")
+    for prefix, title in (("", "the request"), ("denoise_", "its denoiser")):
+        print(f"-- {title}")
+        for name, w in result["workflows"].items():
+            print(f"{name:34} {_f(w[prefix + 'serial_s']):>9} "
+                  f"{_f(w[prefix + 'cfg_parallel_s']):>10} {_f(w[prefix + 'cfg_ratio']):>6} "
+                  f"{_f(w[prefix + 'controlnet_parallel_s']):>9} "
+                  f"{_f(w[prefix + 'controlnet_ratio']):>6}")
     if result["rows"]:
         print(f"\n{'workload':8} {'scale':>5}" + "".join(
             f" {m + ' attain':>13} {'p50':>6} {'p99':>6}" for m in ROW_MODES))

@@ -244,6 +244,21 @@ def test_an_emulated_controlnet_on_another_device_costs_its_profiles():
     assert [s.done_steps for s in states] == [2, 2]
 
 
+def test_the_parallel_bench_times_a_requests_denoiser_apart_from_the_rest():
+    """`lego bench parallel` reports, beside a request's latency, what its stepped nodes ran
+    (the part CFG parallelism splits), from the nodes' timings; none where it has none."""
+    from common.subjects import pool_name
+    from emulation.parallelism import stepped_run_s
+
+    def timing(kind: str, model: str, run_ms: float) -> dict[str, object]:
+        return {"node": kind, "pool": pool_name(kind, f"emulated:{model}"), "run_ms": run_ms}
+
+    timings = [timing("t5_encoder", "T5_Flux", 24.0), timing("text_encoder", "CLIP_Flux", 3.0),
+               timing("denoiser", "Flux1Schnell", 900.0), timing("vae_decoder", "Flux1VAE", 250.0)]
+    assert stepped_run_s(timings) == pytest.approx(0.9)
+    assert stepped_run_s(timings[:2]) is None
+
+
 def test_a_replica_attaches_its_workloads_controlnets_as_it_loads():
     """The ControlNets the workload's workflows attach to a denoiser's model load with it, at
     the replica's start (their memory and load time), so no request's first step pays them;
