@@ -411,31 +411,29 @@ class PoolFeed:
         """A step's time here at batch ``size`` (``scheduling.step_time``); 0 before any."""
         return scheduling.step_time(self._step_by_size, size, self.step_s or 0.0)
 
-    def ran(self, group: list[Held], elapsed_s: float, ended_at: float, *,
-            measured: bool = True, split: StepPart | None = None,
-            step_s: float | None = None) -> None:
+    def ran(self, group: list[Held], elapsed_s: float, ended_at: float,
+            figure_s: float | None, *, split: StepPart | None = None) -> None:
         """Account one step of ``group`` that took ``elapsed_s``. Its time counts to its
-        tasks; to the pool's step times (what judges whether work can still make its deadline,
-        and how large a batch may be) only if ``measured`` (not if it ran beside a model's load
-        on the device, which it may have waited for), and at most ``_OUTLIER`` times the
-        figure so far: a step held up once (a busy event loop, a load on the device) once
-        made an SD3 copy's one-task step figure several times its time, and the copy dropped
-        tasks that had the time to finish. A lasting change still shows within a few steps.
-        A ``split`` step (a helper ran that part of it, ``services.parallel``) counts to that
-        part's split figures only, and to its tasks' ``whole_s`` at a whole step's time.
-        ``step_s``: the step's own time for the figures, where ``elapsed_s`` holds more (an
-        ask for a helper that none took)."""
+        tasks; ``figure_s``, the step's own time (less than ``elapsed_s`` after an ask for a
+        helper that none took), to the pool's step times (what judges whether work can still
+        make its deadline, and how large a batch may be): None where the step is no figure
+        (it ran beside a model's load on the device, which it may have waited for), and at
+        most ``_OUTLIER`` times the figure so far: a step held up once (a busy event loop, a
+        load on the device) once made an SD3 copy's one-task step figure several times its
+        time, and the copy dropped tasks that had the time to finish. A lasting change still
+        shows within a few steps. A ``split`` step (a helper ran that part of it,
+        ``services.parallel``) counts to that part's split figures only, and to its tasks'
+        ``whole_s`` at a whole step's time."""
         size = len(group)
         whole_s = elapsed_s
         if split:
             self.splits[split].ran(size, elapsed_s)
             whole_s = max(elapsed_s, self.step_time_s(size))
-            measured = False
+            figure_s = None
         self.stats.batches += 1
         self.stats.batch_items += len(group)
         self.metrics.batch_size.observe(len(group))
-        if measured:
-            figure_s = elapsed_s if step_s is None else step_s
+        if figure_s is not None:
             previous = self._step_by_size.get(size)
             self._step_by_size[size] = figure_s if previous is None else (
                 0.7 * previous + 0.3 * min(figure_s, _OUTLIER * previous))

@@ -339,12 +339,14 @@ class DeviceHost:
             finally:
                 self.liveness.step_ended()
                 self.branches.utilization.ran(started, time.perf_counter())
-            # a split that no helper took: the whole step's own time, after the ask, is its
-            # figure (a pool that asks at every step still measures its steps)
+            elapsed_s = time.perf_counter() - started
+            # the step's figure: none beside a load; for a split that no helper took, the
+            # whole step's own time after the ask (a pool that asks at every step still
+            # measures its steps); none for one a helper shared (its split figures count it)
             clear_of_loads &= self.loading == 0 and self.loads_started == loads_before
-            feed.ran(group, time.perf_counter() - started, now(),
-                     measured=clear_of_loads and (not split or run.whole_s is not None),
-                     split=split.part if split and run.helped else None, step_s=run.whole_s)
+            figure_s = (run.whole_s if split else elapsed_s) if clear_of_loads else None
+            feed.ran(group, elapsed_s, now(), figure_s,
+                     split=split.part if split and run.helped else None)
             try:
                 await feed.report_progress(group)
             except Exception as exc:  # noqa: BLE001 - progress is best effort; steps go on

@@ -455,14 +455,14 @@ def test_one_slow_step_moves_a_step_figure_by_a_bounded_share():
                            batch=1)
     group = cast(Any, [task])
     for elapsed in (0.1, 0.1, 5.0):
-        feed.ran(group, elapsed, 10.0)
+        feed.ran(group, elapsed, 10.0, elapsed)
     assert feed.step_time_s(1) == pytest.approx(0.7 * 0.1 + 0.3 * 0.2)
-    feed.ran(group, 5.0, 15.0, measured=False)
+    feed.ran(group, 5.0, 15.0, None)
     assert feed.step_time_s(1) == pytest.approx(0.7 * 0.1 + 0.3 * 0.2)
     assert task.run_s == pytest.approx(10.2)  # the task's own time counts every step
     # a split step (a helper ran its negative branch) counts to the split figures only, and
     # to what the task's figures report at a whole step's time
-    feed.ran(group, 0.06, 16.0, split="cfg")
+    feed.ran(group, 0.06, 16.0, 0.06, split="cfg")
     assert feed.step_time_s(1) == pytest.approx(0.7 * 0.1 + 0.3 * 0.2)
     assert feed.splits["cfg"].split_s == {1: 0.06} and not feed.splits["controlnet"].split_s
     assert task.whole_s == pytest.approx(10.2 + feed.step_time_s(1))
