@@ -31,7 +31,8 @@ ENVELOPE_KEYS: frozenset[str] = frozenset(
 )
 
 
-#: whether a workflow's denoiser steps run parts on other devices (``services.parallel``)
+#: whether a workflow's denoiser steps (and T5 encodings) run parts on other devices
+#: (``services.parallel``)
 ParallelMode = Literal["off", "auto", "always"]
 #: what part of a denoising step may run on another device: its negative guidance branch
 #: (CFG parallelism) or its ControlNet (ControlNet parallelism)
@@ -145,8 +146,8 @@ class PlanNode(msgspec.Struct):
     #: estimated compute of this node for this request, seconds (its steps at the step time the
     #: pool has shown; 0 when not yet measured): device hosts order work by the slack it leaves
     est_s: float = 0.0
-    #: whether a step's two guidance branches may run on two devices (CFG parallelism,
-    #: ``services.parallel``): "off", "auto" or "always"
+    #: whether a step's two guidance branches (a T5 encoder's two prompts) may run on two
+    #: devices (CFG parallelism, ``services.parallel``): "off", "auto" or "always"
     parallel: str = "off"
 
     def sources(self) -> dict[str, Ref]:

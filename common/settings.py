@@ -144,9 +144,10 @@ class Settings(BaseSettings):
         "handed back to its queue for an idle device (then the host keeps it)",
     )
     parallel: ParallelMode = Field(
-        "off", description="CFG parallelism of the denoiser steps of workflows that name none "
-        "(a workflow's ``parallel``): off; auto, the negative guidance branch on an idle device "
-        "holding the model while that is faster; always, whenever one is idle. Split guidance "
+        "off", description="CFG parallelism of the denoiser steps (and T5 encodings) of "
+        "workflows that name none (a workflow's ``parallel``): off; auto, the negative guidance "
+        "branch (prompt) on an idle device holding the model while that is faster; always, "
+        "whenever one is idle. Split guidance "
         "rounds differently from batched guidance (within 1/255 per pixel), so off is the "
         "default: the same seed gives the same bits",
     )

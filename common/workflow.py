@@ -123,10 +123,12 @@ class WorkflowSpec(BaseModel):
     #: seconds one request takes alone; deadlines default to a multiple of it (a number > 0:
     #: not a boolean, nor a string that looks like one)
     solo_latency_s: float | None = Field(None, gt=0, strict=True)
-    #: whether its denoising steps may run their two guidance branches on two devices (CFG
-    #: parallelism, ``services.parallel``); None: the deployment's default (``parallel``)
+    #: whether its denoising steps (and its T5 encoding) may run their two guidance branches
+    #: on two devices (CFG parallelism, ``services.parallel``); None: the deployment's default
+    #: (``parallel``)
     parallel: ParallelMode | None = Field(
-        None, description="CFG parallelism of its denoiser steps: off, auto (when a device "
+        None, description="CFG parallelism of its denoiser steps and T5 encoding: off, auto "
+        "(when a device "
         "holding the model is idle and it pays), always (when a device is idle); default: "
         "the deployment's")
 
@@ -224,7 +226,8 @@ class WorkflowSpec(BaseModel):
     def compile(self, *, monolithic: bool = False, parallel: str = "off") -> Plan:
         """The DAG of node tasks; with ``monolithic``, one node ``pipeline`` that runs the whole
         workflow and takes every uploaded image the workflow reads (``request.<param>``).
-        ``parallel``: the CFG parallelism of its stepped nodes where it names none."""
+        ``parallel``: the CFG parallelism of its guided nodes (those whose rows guidance
+        doubles; a node's core says whether it splits them) where it names none."""
         if monolithic:
             images = sorted({
                 ref.name
@@ -247,7 +250,7 @@ class WorkflowSpec(BaseModel):
                     op=KINDS[node.kind].op,
                     inputs=dict(node.inputs),
                     adapters=[self.models[node.controlnet]] if node.controlnet else [],
-                    parallel=(self.parallel or parallel) if KINDS[node.kind].stepped else "off",
+                    parallel=(self.parallel or parallel) if KINDS[node.kind].guided else "off",
                 )
                 for name, node in self.nodes.items()
             },

@@ -55,6 +55,9 @@ from services.monolithic import MonolithicCore
 
 #: kinds the emulated executor can stand in for (the profiles time these models)
 EMULATED_KINDS = ("text_encoder", "t5_encoder", "denoiser", "vae_decoder")
+#: the kinds whose real node encodes a guided request's two prompts on two devices
+#: (``services.t5_encoder``); a denoiser splits its steps' guidance branches
+SPLIT_ENCODERS = ("t5_encoder",)
 
 # --- output shapes -------------------------------------------------------------------------
 
@@ -78,19 +81,21 @@ def output_tensors(kind: str, profile: ModelProfile, rows: int, height: int, wid
 
 def _output(output: str, profile: ModelProfile, rows: int, height: int, width: int
             ) -> torch.Tensor:
+    """Zeros of ``output``'s shape and dtype for ``rows`` requests (its embeddings: rows of one
+    prompt each), made once per shape: the store only reads them, and making megabytes of
+    zeros anew for every task cost the emulator's host the time of a T5 pass."""
     name = profile.name
     if output == "prompt_embeds" and name.startswith("T5"):
         length = 512 if "Flux" in name else 256  # the workflows' max_sequence_length
-        return torch.zeros((1, length, 4096), dtype=torch.float16)
+        return _zeros((rows, length, 4096))
     if output == "prompt_embeds":
-        return torch.zeros((1, 77, _clip_width(name)), dtype=torch.float16)
+        return _zeros((rows, 77, _clip_width(name)))
     if output == "pooled_prompt_embeds":
-        return torch.zeros((1, _clip_width(name)), dtype=torch.float16)
+        return _zeros((rows, _clip_width(name)))
     if output == "latents":
-        shape = (rows, _latent_channels(name), height // 8, width // 8)
-        return torch.zeros(shape, dtype=torch.float16)
+        return _zeros((rows, _latent_channels(name), height // 8, width // 8))
     if output == "image":
-        return torch.zeros((rows, height, width, 3), dtype=torch.uint8)
+        return _zeros((rows, height, width, 3), torch.uint8)
     raise ValueError(f"the emulated executor makes no {output!r}")
 
 
@@ -138,11 +143,11 @@ def control_outputs(profile: ModelProfile, controlnet: ModelProfile, guided: lis
     return [_zeros((rows, int(per_row * height * width / side**2)))]
 
 
-@functools.lru_cache(maxsize=16)
-def _zeros(shape: tuple[int, ...]) -> torch.Tensor:
-    """Zeros of ``shape`` (half precision), made once: tens of megabytes take longer to make
-    than the ControlNet pass they stand for, and the store only reads them."""
-    return torch.zeros(shape, dtype=torch.float16)
+@functools.lru_cache(maxsize=64)
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """Zeros of ``shape`` (half precision unless ``dtype``), made once: tens of megabytes take
+    longer to make than the ControlNet pass they stand for, and the store only reads them."""
+    return torch.zeros(shape, dtype=dtype)
 
 
 # --- the core ------------------------------------------------------------------------------
@@ -182,7 +187,8 @@ class EmulatedCore(ModelCore):
             raise ValueError(f"the emulated executor has no {self.node_kind!r} (profiled: "
                              f"{', '.join(EMULATED_KINDS)})")
         self.kind = self.node_kind
-        self.guidance_branches = KINDS[self.node_kind].stepped
+        self.guidance_branches = (KINDS[self.node_kind].stepped
+                                  or self.node_kind in SPLIT_ENCODERS)
         self.ops = ()
         self.components = ()
         self.device = torch.device("cpu")  # where its zero tensors are (``output_tensors``)
@@ -249,20 +255,29 @@ class EmulatedCore(ModelCore):
         return base, denoise_step_seconds(self.profile, len(states), cfg, first.height,
                                           first.width, controlnets) - base
 
-    # CFG parallelism: each branch costs a step of one row per state, and the devices hand
-    # over latent-sized tensors (real bytes through the tensor store)
+    # CFG parallelism: each branch costs a step (a T5 encoder's pass) of one row per state,
+    # and the devices hand over tensors of the real sizes through the tensor store: the
+    # latents and a prediction of their size; none and one prompt's embeddings
 
     def splits(self, states: list[EmulatedState]) -> bool:
-        return KINDS[self.node_kind].stepped and all(s.cfg for s in states)
+        return self.guidance_branches and all(s.cfg for s in states)
 
     def branch_inputs(self, states: list[EmulatedState]) -> torch.Tensor:
         first = states[0]
+        if not KINDS[self.node_kind].stepped:
+            return torch.zeros(0)  # the prompts come with the task
         return _output("latents", self.profile, len(states), first.height, first.width)
 
     def run_branch(self, states: list[EmulatedState], branch: int, inputs: torch.Tensor,
                    steps: list[int]) -> torch.Tensor:
+        first = states[0]
+        if not KINDS[self.node_kind].stepped:
+            self.gpu.run(self.owner, call_seconds(self.profile, self.node_kind, len(states),
+                                                  first.height, first.width), queued=False)
+            return _output("prompt_embeds", self.profile, len(states), first.height,
+                           first.width)
         self.gpu.run(self.owner, self._denoise_s(states, cfg=False), queued=False)
-        return torch.zeros_like(inputs)
+        return _output("latents", self.profile, len(states), first.height, first.width)
 
     def join_branches(self, states: list[EmulatedState], negative: torch.Tensor,
                       positive: torch.Tensor) -> None:

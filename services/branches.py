@@ -1,6 +1,7 @@
 """Parallelism between device hosts: part of one denoising step on another device that holds
 the model, its negative guidance branch (CFG parallelism) or its ControlNet (ControlNet
-parallelism); the policy is ``services.parallel``.
+parallelism), or a T5 encoder's negative prompt (CFG parallelism of a one-step task: "step"
+below is its one pass); the policy is ``services.parallel``.
 
 - **Helpers.** A host offers to help a pool it holds (a core with ``guidance_branches``) while
   it is idle, once parallelism is asked for here (the ``parallel`` setting, or a task taken of

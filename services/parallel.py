@@ -7,7 +7,8 @@ idle (``services.branches`` does the I/O):
   per request, the negative prompt's branch and the positive's, as one batch. Split, the
   other device runs the negative branch while this one runs the positive: the step takes
   about one row's time instead of two, plus the hand-off of the model input and of the
-  prediction through the tensor store.
+  prediction through the tensor store. A T5 encoder's guided pass splits the same way: the
+  negative prompt encoded on the other device, the positive here (``services.t5_encoder``).
 - ``controlnet`` (ControlNet parallelism), for a step with a ControlNet that does not split
   its branches: the other device runs the ControlNet on the step's model input while this one
   runs the model's blocks before the first that adds the ControlNet's outputs (a UNet's down

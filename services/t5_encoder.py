@@ -26,7 +26,13 @@ class T5EncoderCore(OneShotCore):
     pool of it may serve both families' models (``common.workflow.pool_of``): what differs
     comes with each task. ``max_sequence_length`` is a parameter every workflow with a T5 node
     declares; the request is guided by FLUX's true CFG where its workflow has
-    ``true_cfg_scale``, else by SD3's classifier-free guidance (``guidance`` > 1)."""
+    ``true_cfg_scale``, else by SD3's classifier-free guidance (``guidance`` > 1).
+
+    A guided request's two prompts may be encoded on two devices (CFG parallelism,
+    ``services.branches``): the negative on a helper, the positive here. Each prompt is
+    encoded alone either way or batched only where that gives the same bits
+    (``batch_exact``), so the split embeddings are the whole ones. T5-XXL's pass is the only
+    encoder pass worth it: a CLIP encoder's takes about as long as the hand-off."""
 
     kind = "t5_encoder"
     ops = ("encode",)
@@ -34,6 +40,7 @@ class T5EncoderCore(OneShotCore):
     tokenizer_folder, encoder_folder = "tokenizer_3", "text_encoder_3"
     components = ("text_encoder_3",)
     batch_exact: bool | None = None
+    guidance_branches = True
 
     def load(self) -> None:
         self.tokenizer = self.part(self.tokenizer_folder)
@@ -56,13 +63,33 @@ class T5EncoderCore(OneShotCore):
         results = []
         # one forward per padded length; items of one length share it
         for item in items:
-            length = int(item.params["max_sequence_length"])
             texts = [item.params["prompt"]]
             if self._cfg(item):
-                texts.insert(0, item.params.get("negative_prompt") or "")
-            embeds = self._encode(texts, length)
+                texts.insert(0, _negative(item))
+            embeds = self._encode(texts, _length(item))
             results.append(Result(tensors={"prompt_embeds": plain(embeds)}))
         return results
+
+    # CFG parallelism: branch 0 encodes the negative prompts, branch 1 the positive ones; the
+    # prompts come with the task, so the other device needs no tensor of this one
+
+    def splits(self, states: list[Any]) -> bool:
+        return (all(self._cfg(s.item) for s in states)
+                and len({_length(s.item) for s in states}) == 1)
+
+    def branch_inputs(self, states: list[Any]) -> torch.Tensor:
+        return torch.zeros(0)
+
+    def run_branch(self, states: list[Any], branch: int, inputs: torch.Tensor,
+                   steps: list[int]) -> torch.Tensor:
+        texts = [_negative(s.item) if branch == 0 else s.item.params["prompt"] for s in states]
+        return plain(self._encode(texts, _length(states[0].item)))
+
+    def join_branches(self, states: list[Any], negative: torch.Tensor,
+                      positive: torch.Tensor) -> None:
+        for row, state in enumerate(states):
+            embeds = torch.cat([negative[row : row + 1], positive[row : row + 1]])
+            state.result = Result(tensors={"prompt_embeds": embeds})
 
     def _encode(self, texts: list[str], length: int) -> torch.Tensor:
         ids = self.tokenizer(texts, padding="max_length", max_length=length, truncation=True,
@@ -77,3 +104,11 @@ class T5EncoderCore(OneShotCore):
 
     def _probe_batching(self) -> bool:
         return self.probe_batch_exact(lambda: self._encode(PROBE_TEXTS, 32))
+
+
+def _negative(item: WorkItem) -> str:
+    return item.params.get("negative_prompt") or ""
+
+
+def _length(item: WorkItem) -> int:
+    return int(item.params["max_sequence_length"])

@@ -244,6 +244,36 @@ def test_an_emulated_controlnet_on_another_device_costs_its_profiles():
     assert [s.done_steps for s in states] == [2, 2]
 
 
+def test_an_emulated_t5_encoder_splits_its_guided_pass_as_the_real_one():
+    """CFG parallelism of an emulated T5 encoder: each prompt's pass costs the profiled time of
+    one row and hands on one prompt's embeddings (their real size); a CLIP encoder, whose real
+    node does not split, does not either."""
+    device = EmulatedDevice("emu:t5", 80 * GB, time_scale=4)
+    t5, clip = PROFILES["T5_Flux"], PROFILES["CLIP_Flux"]
+    core = EmulatedCore("t5_encoder", t5, device, Owner("t", t5.memory_bytes, t5.load_s))
+    core.load()
+    params = {"prompt": "p", "negative_prompt": "", "true_cfg_scale": 4.0,
+              "max_sequence_length": 512}
+    states = [core.start(WorkItem("r", "encode", params, {}))]
+    assert core.guidance_branches and core.splits(states)
+    inputs = core.branch_inputs(states)
+    assert inputs.numel() == 0  # the prompts come with the task
+    core.run_branch(states, 0, inputs, [0])  # its zeros are made once
+    started = time.perf_counter()
+    made = core.run_branch(states, 0, inputs, [0])
+    assert (time.perf_counter() - started) * 4 == pytest.approx(
+        call_seconds(t5, "t5_encoder", 1, 1024, 1024), rel=0.2)
+    assert tuple(made.shape) == (1, 512, 4096)
+    core.join_branches(states, made, made)
+    assert core.done(states[0])
+    unguided = [core.start(WorkItem("u", "encode", {**params, "true_cfg_scale": 1.0}, {}))]
+    assert not core.splits(unguided)
+    encoder = EmulatedCore("text_encoder", clip, device, Owner("c", clip.memory_bytes,
+                                                                clip.load_s))
+    assert not encoder.guidance_branches
+    assert not encoder.splits([encoder.start(WorkItem("r", "encode", params, {}))])
+
+
 def test_the_parallel_bench_times_a_requests_denoiser_apart_from_the_rest():
     """`lego bench parallel` reports, beside a request's latency, what its stepped nodes ran
     (the part CFG parallelism splits), from the nodes' timings; none where it has none."""

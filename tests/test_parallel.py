@@ -137,8 +137,9 @@ def test_a_workflow_names_its_parallelism_and_the_deployment_gives_the_default()
         "output": "decode.image",
     }
     plan = parse_workflow(spec).compile(parallel="auto")
-    assert plan.nodes["denoise"].parallel == "auto"
-    assert plan.nodes["encode"].parallel == plan.nodes["decode"].parallel == "off"
+    # the nodes whose rows guidance doubles (a node's core says whether it splits them)
+    assert plan.nodes["denoise"].parallel == plan.nodes["encode"].parallel == "auto"
+    assert plan.nodes["decode"].parallel == "off"
     named = parse_workflow({**spec, "parallel": "always"}).compile(parallel="off")
     assert named.nodes["denoise"].parallel == "always"
     with pytest.raises(Exception, match="parallel"):
@@ -232,13 +233,35 @@ def test_a_split_step_makes_the_whole_steps_image(family: str, cache_dir: Path) 
         assert (images[0] - images[1]).abs().max() <= 1  # 1/255 per pixel
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_a_split_t5_encoding_makes_the_whole_embeddings(family: str, cache_dir: Path) -> None:
+    """CFG parallelism of a T5 encoder: each request's negative prompt encoded on a helper
+    and its positive one here give the bits of the whole guided pass; an unguided request
+    has nothing to split."""
+    torch.set_num_threads(1)
+    model_dir = resolve_model_dir(FAMILIES[family], cache_dir / "models")
+    core, helper = (_cores(model_dir, ("t5_encoder",)).t5_encoder for _ in range(2))
+    guided = {"guidance": 6.0, "true_cfg_scale": 4.0, "max_sequence_length": 32}
+    items = [WorkItem(f"r{i}", "encode", {"prompt": prompt, "negative_prompt": negative,
+                                          **guided}, {})
+             for i, (prompt, negative) in enumerate(((PROMPT, NEGATIVE), ("a red dragon", "")))]
+    whole = drive(core, items)
+    split = split_drive(core, helper, items)
+    for a, b in zip(whole, split, strict=True):
+        assert a.tensors["prompt_embeds"].shape[0] == 2  # negative, positive
+        assert torch.equal(a.tensors["prompt_embeds"], b.tensors["prompt_embeds"])
+    unguided = WorkItem("u", "encode", {"prompt": PROMPT, "guidance": 1.0,
+                                        "max_sequence_length": 32}, {})
+    assert not core.splits([core.start(unguided)])
+
+
 # --- two device hosts on a real nats-server ---------------------------------------------------
 
 async def _denoise(h: Harness, request_id: str, pool: str, inputs: dict[str, torch.Tensor],
                    params: dict, mode: str, adapters: tuple[str, ...] = ()) -> torch.Tensor:
     """Publish one denoiser task (its inputs in the store; ``adapters``: its ControlNet) and
     return its latents."""
-    at = now()
     plan = Plan(nodes={
         "encode": PlanNode(kind="text_encoder", pool="unused", op="encode"),
         "denoise": PlanNode(kind="denoiser", pool=pool, op="denoise",
@@ -247,9 +270,16 @@ async def _denoise(h: Harness, request_id: str, pool: str, inputs: dict[str, tor
         output="denoise.latents")
     refs = {name: await h.store.put(tensor_key("tmp", request_id, "encode", name), tensor, 600)
             for name, tensor in inputs.items()}
+    return await _run_task(h, request_id, pool, plan, "denoise", params, refs)
+
+
+async def _run_task(h: Harness, request_id: str, pool: str, plan: Plan, node: str,
+                    params: dict, refs: dict[str, TensorRef]) -> torch.Tensor:
+    """Publish ``node``'s task of a request of ``plan`` and return its output."""
+    at = now()
     await h.tracker.create(RequestState(id=request_id, workflow="t", status="queued",
                                         created_at=at, updated_at=at))
-    task = Task(request_id=request_id, workflow="t", node="denoise", plan=plan, params=params,
+    task = Task(request_id=request_id, workflow="t", node=node, plan=plan, params=params,
                 inputs=refs, submitted_at=at, published_at=at)
     await h.js.publish(f"lego.tasks.{pool}", encode(task))
     (state,) = await h.finished(request_id)
@@ -258,10 +288,11 @@ async def _denoise(h: Harness, request_id: str, pool: str, inputs: dict[str, tor
 
 
 async def _host(h: Harness, name: str, model_dir: Path, pool: str,
-                source: ModelSource | None = None, **settings: object) -> DeviceHost:
+                source: ModelSource | None = None, kind: str = "denoiser",
+                **settings: object) -> DeviceHost:
     host = DeviceHost(h.settings.model_copy(update=settings), name, device=name)
     ready = asyncio.Event()
-    core = core_class("denoiser", model_dir)(model_dir)
+    core = core_class(kind, model_dir)(model_dir)
     core.source = source  # where its ControlNets are
     tasks = [asyncio.create_task(host.serve()), asyncio.create_task(
         host.run_pool(core, pool, str(model_dir), f"{pool}@{name}", ready=ready))]
@@ -416,6 +447,34 @@ async def test_an_idle_host_runs_the_negative_branch_of_another_hosts_steps(
         off = await _denoise(h, "off", pool, {"prompt_embeds": embeds}, params, "off")
         assert torch.equal(off, expected)
         assert sum(f.stats.split_steps for f in feeds) == split
+
+
+@pytest.mark.timeout(180)
+async def test_an_idle_host_encodes_the_negative_prompt_of_another_hosts_t5_task(
+        settings: Settings, cache_dir: Path) -> None:
+    """CFG parallelism of a one-step task: host 2, idle with the same T5 encoder, encodes the
+    negative prompt of host 1's guided task, which encodes the positive one; the embeddings
+    are the same bits as the whole pass's."""
+    torch.set_num_threads(1)
+    model_dir = resolve_model_dir("builtin:tiny-sd3", cache_dir / "models")
+    params = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "guidance": 6.0,
+              "max_sequence_length": 32}
+    expected = drive(_cores(model_dir, ("t5_encoder",)).t5_encoder,
+                     [WorkItem("r", "encode", params, {})])[0].tensors["prompt_embeds"]
+    pool = "t5_encoder-tiny-sd3"
+    plan = Plan(nodes={"encode": PlanNode(kind="t5_encoder", pool=pool, op="encode",
+                                          parallel="always")}, output="encode.prompt_embeds")
+    async with Harness(settings.model_copy(update={"host_poll_s": 0.1})) as h:
+        first, second = [await _host(h, name, model_dir, pool, kind="t5_encoder",
+                                     parallel="auto") for name in ("cpu:1", "cpu:2")]
+        async with asyncio.timeout(10):  # idle with the model, each offers to help
+            while not (first.branches.offering() and second.branches.offering()):
+                await asyncio.sleep(0.01)
+        embeds = await _run_task(h, "split", pool, plan, "encode", params, {})
+        feeds = [first.feeds[f"{pool}@cpu:1"], second.feeds[f"{pool}@cpu:2"]]
+        assert sum(f.stats.split_steps for f in feeds) == 1
+        assert sum(f.stats.helped_steps for f in feeds) == 1
+        assert torch.equal(embeds, expected)
 
 
 @pytest.mark.timeout(180)
