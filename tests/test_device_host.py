@@ -425,13 +425,13 @@ async def test_a_step_that_waited_for_a_load_is_not_a_step_time(settings: Settin
         h.hosts.append((host, tasks))
         await ready_a.wait()
         feed = host.feeds["pool-a@gpu:0"]
-        steps: list[tuple[float, bool]] = []
+        steps: list[tuple[float, float | None]] = []
         ran = feed.ran
 
-        def recording(group: Any, elapsed_s: float, ended_at: float, *,
-                      measured: bool = True, **kwargs: Any) -> None:
-            steps.append((elapsed_s, measured))
-            ran(group, elapsed_s, ended_at, measured=measured, **kwargs)
+        def recording(group: Any, elapsed_s: float, ended_at: float, figure_s: float | None,
+                      **kwargs: Any) -> None:
+            steps.append((elapsed_s, figure_s))
+            ran(group, elapsed_s, ended_at, figure_s, **kwargs)
 
         feed.ran = recording  # type: ignore[method-assign]
         await h.submit("long", "pool-a", 4, None)
@@ -442,7 +442,7 @@ async def test_a_step_that_waited_for_a_load_is_not_a_step_time(settings: Settin
         (state,) = await h.finished("long")
         assert state.timings[-1].run_ms > 2000  # its task waited for the load
         assert len(steps) == 4 and any(elapsed > 1.5 for elapsed, _ in steps)
-        assert all(not measured for elapsed, measured in steps if elapsed > 1.5)
+        assert all(figure is None for elapsed, figure in steps if elapsed > 1.5)
         assert feed.step_time_s(1) < 0.15
 
 
