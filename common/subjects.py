@@ -87,6 +87,11 @@ def pool_name(kind: str, model: str, digest: str | None = None) -> str:
     return f"{kind}-{slug}-{digest[:8]}"
 
 
+def pool_kind(pool: str) -> str:
+    """The node kind a pool named by ``pool_name`` serves (its name's first part)."""
+    return pool.split("-", 1)[0]
+
+
 _NOT_KEY = re.compile(r"[^A-Za-z0-9_-]+")
 
 

@@ -50,14 +50,12 @@ from emulation.profiles import (
     profiles_in,
 )
 from emulation.workloads import workload_workflows
+from services.catalog import CORES
 from services.core import ModelCore, Result, WorkItem
 from services.monolithic import MonolithicCore
 
 #: kinds the emulated executor can stand in for (the profiles time these models)
 EMULATED_KINDS = ("text_encoder", "t5_encoder", "denoiser", "vae_decoder")
-#: the kinds whose real node encodes a guided request's two prompts on two devices
-#: (``services.t5_encoder``); a denoiser splits its steps' guidance branches
-SPLIT_ENCODERS = ("t5_encoder",)
 
 # --- output shapes -------------------------------------------------------------------------
 
@@ -187,8 +185,8 @@ class EmulatedCore(ModelCore):
             raise ValueError(f"the emulated executor has no {self.node_kind!r} (profiled: "
                              f"{', '.join(EMULATED_KINDS)})")
         self.kind = self.node_kind
-        self.guidance_branches = (KINDS[self.node_kind].stepped
-                                  or self.node_kind in SPLIT_ENCODERS)
+        # it splits what the real node of its kind splits (a denoiser's steps, a T5 pass)
+        self.guidance_branches = CORES[self.node_kind].guidance_branches
         self.ops = ()
         self.components = ()
         self.device = torch.device("cpu")  # where its zero tensors are (``output_tensors``)

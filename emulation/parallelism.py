@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 from common.kinds import KINDS
 from common.settings import Settings
+from common.subjects import pool_kind
 from emulation.experiment import (
     RATE_SCALES,
     SloRun,
@@ -53,10 +54,10 @@ class Solo(NamedTuple):
 
 
 def stepped_run_s(timings: Sequence[dict[str, Any]]) -> float | None:
-    """The run time of a request's stepped nodes (``NodeTiming`` dicts; a pool's name starts
-    with its kind), in seconds; None where it has none."""
+    """The run time of a request's stepped nodes (``NodeTiming`` dicts), in seconds; None
+    where it has none."""
     ran = [t["run_ms"] for t in timings
-           if (kind := KINDS.get(str(t.get("pool", "")).split("-", 1)[0])) and kind.stepped]
+           if (kind := KINDS.get(pool_kind(str(t.get("pool", ""))))) and kind.stepped]
     return sum(ran) / 1000 if ran else None
 
 
