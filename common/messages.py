@@ -76,7 +76,8 @@ def error_info(exc: Any, node: str | None = None) -> ErrorInfo:
 
 
 class NodeTiming(msgspec.Struct):
-    """One node's part of a request: how long its task waited, ran and moved tensors."""
+    """One node's part of a request: how long its task waited in its queue, ran, waited on
+    its device and moved tensors."""
 
     node: str
     pool: str
@@ -86,6 +87,9 @@ class NodeTiming(msgspec.Struct):
     io_ms: float
     attempt: int = 1
     batch: int = 1
+    #: held on its device but not running: until its first step, and between its steps while
+    #: other work's steps ran (a device runs one step at a time)
+    held_ms: float = 0.0
 
 
 #: the node name of a reference to a tensor the ingress stored (``"request.<param>"``)

@@ -131,6 +131,11 @@ class Settings(BaseSettings):
         0.01, ge=0, description="a host fetches another pool's task only while the work it "
         "holds for its other pools is under this (pull when nearly idle)",
     )
+    host_fetch_lead_s: float = Field(
+        0.005, ge=0, description="a busy host takes queued work this long before its running "
+        "step is expected to end (a fetch's round trip and the task's admission), so that the "
+        "task is held by the step boundary and runs next rather than a step later",
+    )
     host_poll_s: float = Field(
         0.25, gt=0, description="longest wait of one fetch of a nearly idle host: a host "
         "that gets busy meanwhile may still receive the task (it then hands it back)",

@@ -62,7 +62,7 @@ _TRUSTED_STEPS = 8
 class TaskFigures:
     """What one finished task tells about the replica's speed (reported in ReplicaStatus)."""
 
-    latency_ms: float  # queue + run + store I/O
+    latency_ms: float  # queue + run + held + store I/O
     work_ms: float  # compute amortised over the batches it shared
     unit_ms: float  # compute per step (a split step's at a whole one's time here)
     units: int  # steps
@@ -154,6 +154,7 @@ class PoolFeed:
         self._fetch_ended = False
         self._recent: collections.deque[TaskFigures] = collections.deque(maxlen=256)
         self._sub: Any = None
+        self._window = -1  # the host's fetch window it last looked at the queue in, busy
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -210,8 +211,15 @@ class PoolFeed:
                 # where any device holding the model can take it). A busy host (one that would
                 # run it by joining a batch or taking a turn from its other work) waits for no
                 # new arrival, so an idle device's fetch gets those: it takes what is already
-                # queued, and asks again at its next step boundary.
+                # queued, once a step, in the step's fetch window (``host_fetch_lead_s`` before
+                # it is expected to end), so that what it takes is held by the boundary and
+                # runs next, not a step later.
                 idle = self.host.idle()
+                if not idle:
+                    if self._window == self.host.windows:
+                        await self.host.wait_changed()
+                        continue
+                    self._window = self.host.windows
                 try:
                     [msg] = await self._sub.fetch(
                         1, timeout=settings.host_poll_s if idle else settings.host_probe_s)
@@ -514,6 +522,8 @@ class PoolFeed:
                 io_ms=0.0,
                 attempt=held.attempt,
                 batch=held.batch,
+                held_ms=round(max(0.0, now() - held.fetched_at - held.run_s - held.io_s)
+                              * 1000, 3),
             )
             meta = merge_meta(task.meta, result.meta)
             if task.node == plan.output_node:
@@ -544,7 +554,7 @@ class PoolFeed:
         self.metrics.execution.observe(held.run_s)
         telemetry.end(held.span, outcome="done")
         self._recent.append(TaskFigures(
-            latency_ms=timing.queue_ms + timing.run_ms + timing.io_ms,
+            latency_ms=timing.queue_ms + timing.run_ms + timing.held_ms + timing.io_ms,
             work_ms=held.work_s * 1000, unit_ms=held.whole_s * 1000 / units, units=units,
         ))
 

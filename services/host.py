@@ -8,7 +8,8 @@ runs, at every step boundary, the batch whose tasks are most urgent across all r
 of expensive ones and a burst on one model uses every device that holds it. Feeds fetch only
 when the host could start their task soon, so work waits in JetStream where any device can take
 it; and only a nearly idle host waits for new arrivals: a busy one takes what is already
-queued, at its step boundaries, so a new task goes to an idle device first. Finished tasks
+queued, just before each step ends (its fetch window), so a new task goes to an idle device
+first and a queued one runs at the next boundary. Finished tasks
 are completed (outputs stored, successors published, acked) while the next step already runs.
 
 ``services.runner.NodeRunner`` is a host with one pool (a `lego node` process); a backend that
@@ -80,6 +81,10 @@ class DeviceHost:
         self._connected = asyncio.Event()
         self._stopping = False
         self._side_tasks: set[asyncio.Task] = set()
+        #: fetch windows opened, one per step, ``host_fetch_lead_s`` before it is expected to
+        #: end (or at its end): a busy host's feeds take queued work then (``PoolFeed.fetch_loop``)
+        self.windows = 0
+        self._window_timer: asyncio.TimerHandle | None = None
         #: progress of the event loop and of the step in progress, for a process's watchdog
         #: (``services.liveness.watch``; `lego node` and `lego host` start one)
         self.liveness = Liveness(settings.liveness_timeout_s)
@@ -328,15 +333,22 @@ class DeviceHost:
             self.liveness.step_started()
             split, run = None, SplitRun(False)
             try:
+                expected_s = feed.step_time_s(len(group))
                 if split := self.branches.split_part(feed, group):
+                    self._open_window_in(
+                        expected_s * feed.splits[split.part].ratio(len(group), expected_s))
                     run = await self.branches.split_step(feed, group, split)
                 else:
+                    self._open_window_in(expected_s)
                     await asyncio.to_thread(feed.core.step, [h.state for h in group])
             except Exception as exc:  # noqa: BLE001 - classified in fail
                 for held in group:
                     await self._end(held, feed.fail(held, exc))
                 continue
             finally:
+                if self._window_timer is not None:  # it ended before its window opened
+                    self._window_timer.cancel()
+                    self._open_window()
                 self.liveness.step_ended()
                 self.branches.utilization.ran(started, time.perf_counter())
             elapsed_s = time.perf_counter() - started
@@ -356,6 +368,18 @@ class DeviceHost:
                     self._held.remove(held)
                     self.spawn(self._complete(held))  # overlapped with the next step
             self.changed()
+
+    def _open_window_in(self, expected_s: float) -> None:
+        """Open the fetch window of the step starting now, expected to take ``expected_s``."""
+        self._window_timer = asyncio.get_running_loop().call_later(
+            max(0.0, expected_s - self.settings.host_fetch_lead_s), self._open_window)
+
+    def _open_window(self) -> None:
+        """The running step ends within the fetch lead: a busy host's feeds may take
+        queued work now, to be held by the step boundary (``PoolFeed.fetch_loop``)."""
+        self._window_timer = None
+        self.windows += 1
+        self.changed()
 
     def urgency(self, held: Held, at: float) -> scheduling.Urgency:
         task = held.task

@@ -392,6 +392,28 @@ async def test_a_fetch_that_began_busy_does_not_wait_once_the_work_ended(setting
             await h.finished("second")
 
 
+@pytest.mark.timeout(90)
+async def test_a_busy_host_takes_queued_work_just_before_its_step_ends(settings: Settings):
+    """An urgent pool-B task queues while the host runs a pool-A task's steps and no other
+    device holds pool B: the host takes it in the step's fetch window, just before the step
+    ends, so it runs at that boundary. (Taken at the boundary, it came once the next step had
+    begun, and waited for that whole step too.)"""
+    async with Harness(settings) as h:
+        await h.host("gpu:1", ("pool-a", "pool-b"))
+        await h.submit("warm", "pool-b", 1, 5.0)  # pool B's tasks are urgent ones
+        await h.finished("warm")
+        await h.submit("blocker", "pool-a", 6, 60.0)
+        async with asyncio.timeout(10):
+            while h.log.count("blocker") < 2:  # its steps' time is measured by the third
+                await asyncio.sleep(0.005)
+        await asyncio.sleep(0.1)  # into the third step
+        await h.submit("urgent", "pool-b", 1, 5.0)
+        _, urgent = await h.finished("blocker", "urgent")
+        assert h.log == ["warm", *["blocker"] * 3, "urgent", *["blocker"] * 3]
+        # held on the device only for the rest of the step it came in, not for another one
+        assert urgent.timings[-1].held_ms < 150
+
+
 class DeviceCore(RecordingCore):
     """A ``RecordingCore`` on a device that computes nothing while it loads a model: its steps
     and its load (``load_s``) hold ``device``."""

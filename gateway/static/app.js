@@ -258,7 +258,7 @@ function describe(state) {
     lines.push(`${((state.finished_at - state.created_at) * 1000).toFixed(0)} ms from submission`);
   }
   const timings = (state.timings || []).map(
-    (t) => `${t.node} ${(t.queue_ms + t.run_ms + t.io_ms).toFixed(0)} ms (batch ${t.batch})`);
+    (t) => `${t.node} ${(t.queue_ms + t.run_ms + (t.held_ms || 0) + t.io_ms).toFixed(0)} ms (batch ${t.batch})`);
   if (timings.length) lines.push(timings.join(", "));
   for (const warning of state.warnings || []) lines.push(`warning: ${warning}`);
   if (state.meta && state.meta.nsfw) lines.push("flagged by the safety checker");

@@ -43,7 +43,8 @@ class ErrorInfo:
 
 @dataclass(frozen=True)
 class Timing:
-    """One node's part of a request: how long its task waited, ran and moved tensors."""
+    """One node's part of a request: how long its task waited in its queue, ran, waited on
+    its device and moved tensors."""
 
     node: str
     pool: str
@@ -53,6 +54,7 @@ class Timing:
     io_ms: float
     attempt: int = 1
     batch: int = 1
+    held_ms: float = 0.0
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Timing:
