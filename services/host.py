@@ -346,9 +346,10 @@ class DeviceHost:
                     await self._end(held, feed.fail(held, exc))
                 continue
             finally:
-                if self._window_timer is not None:  # it ended before its window opened
-                    self._window_timer.cancel()
-                    self._open_window()
+                if self._window_timer is not None:  # it ended before its window opened: its
+                    self._window_timer.cancel()  # end (announced below) opens it
+                    self._window_timer = None
+                    self.windows += 1
                 self.liveness.step_ended()
                 self.branches.utilization.ran(started, time.perf_counter())
             elapsed_s = time.perf_counter() - started
@@ -370,9 +371,15 @@ class DeviceHost:
             self.changed()
 
     def _open_window_in(self, expected_s: float) -> None:
-        """Open the fetch window of the step starting now, expected to take ``expected_s``."""
-        self._window_timer = asyncio.get_running_loop().call_later(
-            max(0.0, expected_s - self.settings.host_fetch_lead_s), self._open_window)
+        """Open the fetch window of the step starting now, expected to take ``expected_s``:
+        ``host_fetch_lead_s`` before its end, or, for a step shorter than that (tiny models
+        on a CPU), at its end, when the step loop announces the boundary anyway."""
+        wait_s = expected_s - self.settings.host_fetch_lead_s
+        if wait_s <= 0:
+            self.windows += 1
+        else:
+            self._window_timer = asyncio.get_running_loop().call_later(
+                wait_s, self._open_window)
 
     def _open_window(self) -> None:
         """The running step ends within the fetch lead: a busy host's feeds may take
