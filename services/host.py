@@ -347,9 +347,7 @@ class DeviceHost:
                 continue
             finally:
                 if self._window_timer is not None:  # it ended before its window opened: its
-                    self._window_timer.cancel()  # end (announced below) opens it
-                    self._window_timer = None
-                    self.windows += 1
+                    self._open_window(announce=False)  # end (announced below) opens it
                 self.liveness.step_ended()
                 self.branches.utilization.ran(started, time.perf_counter())
             elapsed_s = time.perf_counter() - started
@@ -376,17 +374,21 @@ class DeviceHost:
         on a CPU), at its end, when the step loop announces the boundary anyway."""
         wait_s = expected_s - self.settings.host_fetch_lead_s
         if wait_s <= 0:
-            self.windows += 1
+            self._open_window(announce=False)
         else:
             self._window_timer = asyncio.get_running_loop().call_later(
                 wait_s, self._open_window)
 
-    def _open_window(self) -> None:
-        """The running step ends within the fetch lead: a busy host's feeds may take
-        queued work now, to be held by the step boundary (``PoolFeed.fetch_loop``)."""
-        self._window_timer = None
+    def _open_window(self, announce: bool = True) -> None:
+        """The running step ends within the fetch lead (or has ended): a busy host's feeds
+        may take queued work now, to be held by the step boundary (``PoolFeed.fetch_loop``);
+        ``announce``: wake them now, not at the boundary the step loop announces anyway."""
+        if self._window_timer is not None:
+            self._window_timer.cancel()  # (a no-op when it is the timer that fired)
+            self._window_timer = None
         self.windows += 1
-        self.changed()
+        if announce:
+            self.changed()
 
     def urgency(self, held: Held, at: float) -> scheduling.Urgency:
         task = held.task
