@@ -41,7 +41,7 @@ from redis import exceptions as redis_errors
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from common import bus, history, metrics, output_format, subjects, telemetry
+from common import bus, heap, history, metrics, output_format, subjects, telemetry
 from common.errors import (
     Conflict,
     InvalidField,
@@ -440,6 +440,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         bus.dump_tasks_on_signal()  # uvicorn runs the loop: its own handlers are for SIGINT/TERM
         await gw.start()
+        heap.freeze(collect=True)  # uvicorn runs the loop, not ``bus.run_async``
         yield
         await gw.stop()
         # export the spans still batched: uvicorn ends the process by the signal it caught

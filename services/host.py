@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from common import bus, metrics, subjects, telemetry
+from common import bus, heap, metrics, subjects, telemetry
 from common.messages import ReplicaState, ReplicaStatus, encode, now
 from common.settings import Settings
 from common.store import TensorStore, open_store
@@ -151,6 +151,7 @@ class DeviceHost:
             feed.drain()
         try:
             await feed.start()
+            heap.freeze()  # the model stays loaded: no collection should walk it
             self.failed.pop(replica, None)  # its ready report stands from now on
             self.changed()  # it may take work, and offer help (``Branches.offer_loop``)
             if ready is not None:

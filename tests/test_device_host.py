@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import math
 import threading
 import time
@@ -308,6 +309,16 @@ class Harness:
         async with asyncio.timeout(10):
             while not self.log:
                 await asyncio.sleep(0.02)
+
+
+@pytest.mark.timeout(60)
+async def test_a_model_made_resident_is_out_of_the_garbage_collectors_walks(settings: Settings):
+    """A full collection walks every tracked object (125 ms with torch and diffusers loaded,
+    every host of the process standing still): a loaded model is not among them."""
+    async with Harness(settings) as h:
+        host = await h.host("cpu:0", ("pool-a",))
+        core = host.feeds["pool-a@cpu:0"].core
+        assert not any(o is core for o in gc.get_objects())
 
 
 async def _order(settings: Settings, scheduler: str) -> list[str]:
