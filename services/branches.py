@@ -338,6 +338,7 @@ class Branches:
                              sample=sample, part=part, accept_by=now() + ACCEPT_S)
             answers = await self._ask(feed, ask, token, split.urgent)
             if answers is None:
+                host.open_window_in(feed.step_time_s(len(group)))  # the whole step, from now
                 started = time.perf_counter()
                 await asyncio.to_thread(core.step, states)
                 return SplitRun(False, time.perf_counter() - started)

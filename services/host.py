@@ -336,11 +336,11 @@ class DeviceHost:
             try:
                 expected_s = feed.step_time_s(len(group))
                 if split := self.branches.split_part(feed, group):
-                    self._open_window_in(
+                    self.open_window_in(
                         expected_s * feed.splits[split.part].ratio(len(group), expected_s))
                     run = await self.branches.split_step(feed, group, split)
                 else:
-                    self._open_window_in(expected_s)
+                    self.open_window_in(expected_s)
                     await asyncio.to_thread(feed.core.step, [h.state for h in group])
             except Exception as exc:  # noqa: BLE001 - classified in fail
                 for held in group:
@@ -369,10 +369,15 @@ class DeviceHost:
                     self.spawn(self._complete(held))  # overlapped with the next step
             self.changed()
 
-    def _open_window_in(self, expected_s: float) -> None:
-        """Open the fetch window of the step starting now, expected to take ``expected_s``:
+    def open_window_in(self, expected_s: float) -> None:
+        """Open the fetch window of the running step, expected to end ``expected_s`` from now:
         ``host_fetch_lead_s`` before its end, or, for a step shorter than that (tiny models
-        on a CPU), at its end, when the step loop announces the boundary anyway."""
+        on a CPU), at its end, when the step loop announces the boundary anyway. Called again
+        while the step runs, the window moves: a split step that no helper took runs whole
+        (``Branches.split_step``), so it ends later than its split was expected to."""
+        if self._window_timer is not None:
+            self._window_timer.cancel()
+            self._window_timer = None
         wait_s = expected_s - self.settings.host_fetch_lead_s
         if wait_s <= 0:
             self._open_window(announce=False)

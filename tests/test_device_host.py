@@ -311,6 +311,21 @@ class Harness:
                 await asyncio.sleep(0.02)
 
 
+async def test_a_step_s_fetch_window_moves_when_its_expected_end_does(settings: Settings):
+    """A split step whose ask no helper took runs whole, so ends later than its split was
+    expected to: its window moves to the whole step's end; a step that ended opens it."""
+    host = DeviceHost(settings.model_copy(update={"host_fetch_lead_s": 0.005}), "h",
+                      device="cpu:0")
+    host.open_window_in(0.05)  # the split's expected end
+    host.open_window_in(0.5)  # no helper took it: the whole step's, from now
+    await asyncio.sleep(0.2)
+    assert host.windows == 0  # not at the split's end
+    host.open_window_in(0.0)  # it ended early: at once, and no later one
+    assert host.windows == 1
+    await asyncio.sleep(0.5)
+    assert host.windows == 1
+
+
 @pytest.mark.timeout(60)
 async def test_a_model_made_resident_is_out_of_the_garbage_collectors_walks(settings: Settings):
     """A full collection walks every tracked object (125 ms with torch and diffusers loaded,
