@@ -375,13 +375,11 @@ class DeviceHost:
         on a CPU), at its end, when the step loop announces the boundary anyway. Called again
         while the step runs, the window moves: a split step that no helper took runs whole
         (``Branches.split_step``), so it ends later than its split was expected to."""
-        if self._window_timer is not None:
-            self._window_timer.cancel()
-            self._window_timer = None
         wait_s = expected_s - self.settings.host_fetch_lead_s
         if wait_s <= 0:
             self._open_window(announce=False)
         else:
+            self._cancel_window_timer()
             self._window_timer = asyncio.get_running_loop().call_later(
                 wait_s, self._open_window)
 
@@ -389,12 +387,15 @@ class DeviceHost:
         """The running step ends within the fetch lead (or has ended): a busy host's feeds
         may take queued work now, to be held by the step boundary (``PoolFeed.fetch_loop``);
         ``announce``: wake them now, not at the boundary the step loop announces anyway."""
-        if self._window_timer is not None:
-            self._window_timer.cancel()  # (a no-op when it is the timer that fired)
-            self._window_timer = None
+        self._cancel_window_timer()  # (a no-op when it is the timer that fired)
         self.windows += 1
         if announce:
             self.changed()
+
+    def _cancel_window_timer(self) -> None:
+        if self._window_timer is not None:
+            self._window_timer.cancel()
+            self._window_timer = None
 
     def urgency(self, held: Held, at: float) -> scheduling.Urgency:
         task = held.task
