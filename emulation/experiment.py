@@ -73,6 +73,8 @@ BURST_FACTORS = (2, 4, 8, 16, 32, 64)
 BURST_KINDS = {"": "all", "_hot": "hot", "_cold": "cold"}
 #: micro's admission rules (the ``admission_rule`` setting) and the system label of each
 ADMISSION_LABELS = {"lego": "micro", "paper": "micro-paper"}
+#: a run's finished requests' latencies (trace seconds), kept for its cell's percentiles
+LATENCIES = "latencies_s"
 #: what each run of a repeated cell keeps under ``runs``
 RUN_KEYS = ("seed", "slo_attainment", "bound_attainment", "p50_s", "p99_s", "goodput_rps",
             "rejected", "dropped_late", "failed_other", "lost", "lost_why", "eta_error_p50",
@@ -143,6 +145,7 @@ def summarize(outcomes: list[Outcome], deadline_s: dict[str, float], time_scale:
         "slo_attainment": round(len(met) / n, 4) if n else None,
         "p50_s": round(statistics.median(latencies), 3) if latencies else None,
         "p99_s": None if p99_s is None else round(p99_s, 3),
+        LATENCIES: sorted(round(x, 4) for x in latencies),
         "goodput_rps": round(len(met) / max(span_s, 1e-9), 4),
         "rejected": sum(o.status == "rejected" for o in outcomes),
         "dropped_late": sum(o.error == "deadline_exceeded" for o in outcomes),
@@ -218,6 +221,7 @@ def replay_on_stack(base: Settings, run: SloRun, requests: Sequence[tuple[float,
         stack = Stack(settings, port=free_port(), quiet=True)
         try:
             stack.start()
+            stack.wait_settled()  # the copies placed beyond each pool's first, loaded too
             # every request ends by then: dropped at its deadline, or by a replica started
             # for it (a pool at zero waits out another's scale-down delay, then a cold start)
             wait_s = 4 * deadline_s + settings.scale_down_delay_s + 10.0
@@ -254,13 +258,22 @@ def repeat_slo(base: Settings, make_run: Callable[[int], SloRun], repeat: int = 
 
 
 def combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One cell's figures from its runs (see ``repeat_slo``); pure."""
+    """One cell's figures from its runs (see ``repeat_slo``); pure. Where the runs kept their
+    requests' latencies, the cell's ``p50_s`` and ``p99_s`` are over all of them: a light
+    load's run has a few dozen requests, so its own p99 is its slowest one or two."""
     ranked = sorted(runs, key=lambda r: (r["slo_attainment"] is None, r["slo_attainment"] or 0))
     middle = ranked[(len(ranked) - 1) // 2]
     attained = [r["slo_attainment"] for r in runs if r["slo_attainment"] is not None]
     bounds = [r["bound_attainment"] for r in runs if r.get("bound_attainment") is not None]
+    pooled = {}
+    if all(LATENCIES in r for r in runs):
+        latencies = [x for r in runs for x in r[LATENCIES]]
+        p99_s = percentile(latencies, 99)
+        pooled = {"p50_s": round(statistics.median(latencies), 3) if latencies else None,
+                  "p99_s": None if p99_s is None else round(p99_s, 3)}
     return {
-        **{k: v for k, v in middle.items() if k != "seed"},
+        **{k: v for k, v in middle.items() if k not in ("seed", LATENCIES)},
+        **pooled,
         "slo_attainment": round(statistics.median(attained), 4) if attained else None,
         "slo_attainment_min": min(attained, default=None),
         "slo_attainment_max": max(attained, default=None),

@@ -102,6 +102,15 @@ def test_a_repeated_cell_reports_the_median_and_the_spread():
     assert experiment.combine_runs([_run(0, None)])["slo_attainment"] is None
 
 
+def test_a_cell_s_latency_percentiles_are_over_all_its_runs_requests():
+    runs = [{**_run(seed, 1.0), experiment.LATENCIES: [1.0 + seed] * 50 + [9.0 + seed]}
+            for seed in range(3)]
+    cell = experiment.combine_runs(runs)
+    # 153 requests: the p99 is the third slowest of all, not the median run's slowest
+    assert cell["p50_s"] == 2.0 and cell["p99_s"] == 9.0
+    assert experiment.LATENCIES not in cell and experiment.LATENCIES not in cell["runs"][0]
+
+
 def test_a_run_says_why_each_lost_request_was_lost():
     from lego.burst import Outcome
 
