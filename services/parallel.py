@@ -77,8 +77,11 @@ PROBE_EVERY = 32
 PROBE_MAX = 1024
 #: after an ask that no helper took, a pool's steps run whole this many steps before it asks
 #: again; twice as many after each further ask in a row that none took, up to
-#: ``NO_HELPER_MAX`` (a busy cluster pays ever fewer store writes and round trips for asks)
-NO_HELPER_STEPS = 8
+#: ``NO_HELPER_MAX`` (a busy cluster pays ever fewer store writes and round trips for asks).
+#: One step first: on a light load an ask finds every helper busy only for a moment, and a
+#: pause of 8 (Flux-3 at rate scale 1) left the next two FLUX.1-schnell requests of that
+#: device unsplit, a tenth of all, which made the tail
+NO_HELPER_STEPS = 1
 NO_HELPER_MAX = 128
 _SMOOTHING = 0.3
 

@@ -105,7 +105,8 @@ def test_a_deadline_is_at_stake_only_where_the_split_decides_it():
 
 
 def test_asks_that_no_helper_takes_come_ever_more_seldom():
-    assert [parallel.no_helper_steps(n) for n in range(1, 7)] == [8, 16, 32, 64, 128, 128]
+    assert [parallel.no_helper_steps(n) for n in range(1, 10)] == [1, 2, 4, 8, 16, 32, 64, 128,
+                                                                  128]
     assert parallel.no_helper_steps(10_000) == parallel.NO_HELPER_MAX
 
 
@@ -404,7 +405,7 @@ async def test_a_home_no_helper_answers_asks_ever_more_seldom_and_still_measures
             expected.append(step)
             misses += 1
             step += 1 + parallel.no_helper_steps(misses)
-        assert asked == expected == [0, 9, 26]
+        assert asked == expected == [0, 2, 5, 10, 19]
         feed = host.feeds[f"{pool}@cpu:1"]
         assert feed.stats.split_steps == 0
         assert feed._single_steps == steps and feed.step_time_s(1) > 0
