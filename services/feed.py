@@ -274,14 +274,11 @@ class PoolFeed:
         self._learn(held, fetched_at)
         # Handed back: a task this host cannot start soon, and a new arrival that reached the
         # fetch it made while idle after it got busy (an idle device's fetch may be waiting;
-        # not when others queue behind it, which it would then wait behind). JetStream serves
-        # the oldest fetch first, likely one that another host made before it got busy too:
-        # so it goes back each time, up to ``host_max_handoffs``, until an idle host takes it
-        # (once only, it stayed with the second busy host; on Flux-3 at rate scale 2, a task
-        # in ten waited there for a step while other devices idled).
+        # not when others queue behind it, which it would then wait behind).
         if task.handoffs < host.settings.host_max_handoffs and (
                 not host.may_start(self, held)
-                or waited and not msg.metadata.num_pending and not host.idle()):
+                or waited and task.handoffs == 0 and not msg.metadata.num_pending
+                and not host.idle()):
             try:
                 await self.hand_back(held)
                 return None
