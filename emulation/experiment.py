@@ -139,12 +139,10 @@ def summarize(outcomes: list[Outcome], deadline_s: dict[str, float], time_scale:
     for o in outcomes:
         by_workflow.setdefault(o.phase, []).append(o)
     n = len(outcomes)
-    p99_s = percentile(latencies, 99)
     return {
         "requests": n,
         "slo_attainment": round(len(met) / n, 4) if n else None,
-        "p50_s": round(statistics.median(latencies), 3) if latencies else None,
-        "p99_s": None if p99_s is None else round(p99_s, 3),
+        **latency_percentiles(latencies),
         LATENCIES: sorted(round(x, 4) for x in latencies),
         "goodput_rps": round(len(met) / max(span_s, 1e-9), 4),
         "rejected": sum(o.status == "rejected" for o in outcomes),
@@ -160,6 +158,13 @@ def summarize(outcomes: list[Outcome], deadline_s: dict[str, float], time_scale:
             for w, group in sorted(by_workflow.items())
         },
     }
+
+
+def latency_percentiles(latencies: list[float]) -> dict[str, float | None]:
+    """``p50_s`` and ``p99_s`` of ``latencies`` (None where there are none)."""
+    p99_s = percentile(latencies, 99)
+    return {"p50_s": round(statistics.median(latencies), 3) if latencies else None,
+            "p99_s": None if p99_s is None else round(p99_s, 3)}
 
 
 def eta_errors(outcomes: list[Outcome]) -> dict[str, Any]:
@@ -265,12 +270,8 @@ def combine_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     middle = ranked[(len(ranked) - 1) // 2]
     attained = [r["slo_attainment"] for r in runs if r["slo_attainment"] is not None]
     bounds = [r["bound_attainment"] for r in runs if r.get("bound_attainment") is not None]
-    pooled = {}
-    if all(LATENCIES in r for r in runs):
-        latencies = [x for r in runs for x in r[LATENCIES]]
-        p99_s = percentile(latencies, 99)
-        pooled = {"p50_s": round(statistics.median(latencies), 3) if latencies else None,
-                  "p99_s": None if p99_s is None else round(p99_s, 3)}
+    pooled = (latency_percentiles([x for r in runs for x in r[LATENCIES]])
+              if all(LATENCIES in r for r in runs) else {})
     return {
         **{k: v for k, v in middle.items() if k not in ("seed", LATENCIES)},
         **pooled,

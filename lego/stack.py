@@ -25,7 +25,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,6 +40,8 @@ from services.schemes import scheme_of
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
+
+    from common.messages import ReplicaStatus
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,27 @@ def wait_port(port: int, proc: subprocess.Popen, what: str, timeout_s: float = 2
         time.sleep(0.05)
     proc.kill()
     raise RuntimeError(f"{what} did not start within {timeout_s:g} s")
+
+
+@contextlib.asynccontextmanager
+async def _replica_statuses(settings: Settings, name: str,
+                            on_status: Callable[[ReplicaStatus], None]) -> AsyncIterator[None]:
+    """Within: connected to NATS as ``name``, every replica's status report decoded and given
+    to ``on_status``."""
+    from common import bus, subjects
+    from common.messages import ReplicaStatus, decode
+
+    nc = await bus.connect(settings, name=name)
+
+    async def on_msg(msg: Msg) -> None:
+        on_status(decode(msg.data, ReplicaStatus))
+
+    sub = await nc.subscribe(subjects.REPLICAS_WILDCARD, cb=on_msg)
+    try:
+        yield
+    finally:
+        await sub.unsubscribe()
+        await nc.drain()
 
 
 @dataclass
@@ -290,13 +313,9 @@ class Stack:
         serves the rest). ``progress`` hears what is still awaited whenever that changes."""
         import asyncio
 
-        from common import bus, subjects
-        from common.messages import ReplicaStatus, decode
-
         failed: dict[str, str] = {}
 
         async def wait() -> None:
-            nc = await bus.connect(self.settings, name="lego-up")
             ready: set[str] = set()
             all_ready = asyncio.Event()
 
@@ -306,8 +325,7 @@ class Stack:
                 self._say(f"loading models ({len(pools) - len(waiting)} of {len(pools)} ready): "
                           f"{', '.join(sorted(set(waiting)))}" if waiting else "models loaded")
 
-            async def on_status(msg: Msg) -> None:
-                status = decode(msg.data, ReplicaStatus)
+            def on_status(status: ReplicaStatus) -> None:
                 before = len(ready) + len(failed)
                 if status.state == "ready":
                     ready.add(status.pool)
@@ -320,26 +338,22 @@ class Stack:
                     report()
 
             gateway_up = asyncio.Event()
-            sub = await nc.subscribe(subjects.REPLICAS_WILDCARD, cb=on_status)
-            try:
-                async with asyncio.timeout(timeout_s):
-                    self._say("starting the gateway")
-                    async with httpx.AsyncClient() as http:
-                        while True:
-                            self._check_starting()
-                            with contextlib.suppress(httpx.HTTPError):
-                                if (await http.get(f"{self.gateway_url}/readyz")).is_success:
-                                    break
-                            await asyncio.sleep(0.1)
-                    gateway_up.set()
-                    report()
-                    while not all_ready.is_set():
+            async with _replica_statuses(self.settings, "lego-up", on_status), \
+                    asyncio.timeout(timeout_s):
+                self._say("starting the gateway")
+                async with httpx.AsyncClient() as http:
+                    while True:
                         self._check_starting()
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(all_ready.wait(), 0.5)
-            finally:
-                await sub.unsubscribe()
-                await nc.drain()
+                        with contextlib.suppress(httpx.HTTPError):
+                            if (await http.get(f"{self.gateway_url}/readyz")).is_success:
+                                break
+                        await asyncio.sleep(0.1)
+                gateway_up.set()
+                report()
+                while not all_ready.is_set():
+                    self._check_starting()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(all_ready.wait(), 0.5)
 
         self._in_event_loop = True
         try:
@@ -369,34 +383,25 @@ class Stack:
         p99 of a light load's run). Whether it settled within ``timeout_s``."""
         import asyncio
 
-        from common import bus, subjects
-        from common.messages import ReplicaStatus, decode
-
         async def wait() -> bool:
-            nc = await bus.connect(self.settings, name="lego-settle")
             last_change = time.monotonic()
             ready: set[str] = set()
 
-            async def on_status(msg: Msg) -> None:
+            def on_status(status: ReplicaStatus) -> None:
                 nonlocal last_change
-                status = decode(msg.data, ReplicaStatus)
                 if status.state == "ready" and status.replica not in ready:
                     ready.add(status.replica)
                     last_change = time.monotonic()
                 elif status.state == "starting":
                     last_change = time.monotonic()
 
-            sub = await nc.subscribe(subjects.REPLICAS_WILDCARD, cb=on_status)
-            try:
+            async with _replica_statuses(self.settings, "lego-settle", on_status):
                 deadline = time.monotonic() + timeout_s
                 while time.monotonic() - last_change < quiet_s:
                     if time.monotonic() > deadline:
                         return False
                     await asyncio.sleep(0.1)
                 return True
-            finally:
-                await sub.unsubscribe()
-                await nc.drain()
 
         return asyncio.run(wait())
 
