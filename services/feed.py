@@ -142,6 +142,7 @@ class PoolFeed:
         self._least_single_s: float | None = None  # the least a step of one task took here
         self._single_steps = 0
         self._step_by_size: dict[int, float] = {}  # batch size -> its step time (smoothed)
+        self._figured_at: float | None = None  # when a step last counted to those figures
         #: how long and how urgent this pool's tasks have recently been (``typical``)
         self.typical_work_s: float | None = None
         self.typical_slack_s: float | None = None
@@ -396,16 +397,24 @@ class PoolFeed:
         task = held.task
         if task.deadline_at is None or not self.host.settings.drop_doomed:
             return False
-        return at + self.needed_s(held) > task.deadline_at
+        return at + self.needed_s(held, at) > task.deadline_at
 
-    def needed_s(self, held: Held) -> float:
-        """What the task and the nodes after it still need, as ``doomed`` judges it."""
+    def needed_s(self, held: Held, at: float) -> float:
+        """What the task and the nodes after it still need, as ``doomed`` judges it (one
+        task's step time only while ``fresh``)."""
         needed_s = self.least_needed_s(held)
-        single_s = self._step_by_size.get(1)
+        single_s = self._step_by_size.get(1) if self.fresh(at) else None
         if not held.ran_from and held.state is not None and single_s:
             _, total = self.core.progress(held.state)
             needed_s = max(needed_s, total * single_s + held.tail_s)
         return needed_s
+
+    def fresh(self, at: float) -> bool:
+        """Whether this pool's step figures here are recent enough to count where they are
+        slower than its fastest (``figure_max_age_s``): a pool whose every task is turned away
+        on figures from a busier time measures no new ones, so they age out instead."""
+        return (self._figured_at is not None
+                and at - self._figured_at <= self.host.settings.figure_max_age_s)
 
     def least_needed_s(self, held: Held) -> float:
         """The least the task and the nodes after it still need, at the fastest step times."""
@@ -442,6 +451,7 @@ class PoolFeed:
         self.stats.batch_items += len(group)
         self.metrics.batch_size.observe(len(group))
         if figure_s is not None:
+            self._figured_at = ended_at
             previous = self._step_by_size.get(size)
             self._step_by_size[size] = figure_s if previous is None else (
                 0.7 * previous + 0.3 * min(figure_s, _OUTLIER * previous))
@@ -476,7 +486,7 @@ class PoolFeed:
         if late_s > 0:
             why = f"the deadline passed {late_s:.3f}s before node {task.node} finished"
         else:
-            needs_s = self.needed_s(held)
+            needs_s = self.needed_s(held, at)
             why = (f"node {task.node} and what follows need at least {needs_s:.3f}s, and "
                    f"{-late_s:.3f}s are left before the deadline")
             log.info("%s: %s (least step here %s s, one task's step %s s, planned %s s for the "
@@ -680,6 +690,11 @@ class PoolFeed:
         if state is None:
             state = "draining" if stats.draining else "ready" if stats.ready else "starting"
         latencies = [r.latency_ms for r in recent]
+        units = [r.unit_ms for r in recent]
+        least_ms = round(min(units), 3) if units else None
+        # idle past figure_max_age_s: its next task's steps go as fast as its fastest, as far
+        # as anything known says (its recent ones may have shared a burst's contention)
+        fresh = self.fresh(now())
         status = ReplicaStatus(
             replica=self.replica, pool=self.pool, kind=self.core.kind, model=self.model,
             state=state, held=len(self.held),
@@ -691,9 +706,9 @@ class PoolFeed:
             startup_s=None if stats.startup_s is None else round(stats.startup_s, 3),
             startup_parts=stats.startup_parts,
             work_ms=_mean(r.work_ms for r in recent),
-            unit_ms_min=round(min(r.unit_ms for r in recent), 3) if recent else None,
-            unit_ms_mean=_mean(r.unit_ms for r in recent),
-            unit_ms_p90=percentile([r.unit_ms for r in recent], 90),
+            unit_ms_min=least_ms,
+            unit_ms_mean=_mean(units) if fresh else least_ms,
+            unit_ms_p90=percentile(units, 90) if fresh else least_ms,
             steps_per_task=_mean(r.units for r in recent),
             tasks_dropped=stats.tasks_dropped, tasks_expired=stats.tasks_expired,
             metrics_port=self.host.metrics_port, split_steps=stats.split_steps,

@@ -18,8 +18,17 @@ import torch
 
 from autoscaler.placement import Device
 from autoscaler.residency import PoolNeed, Residency, copies_wanted, erlang_c, plan
-from common import bus
-from common.messages import Plan, PlanNode, RequestState, Task, encode, now
+from common import bus, subjects
+from common.messages import (
+    Plan,
+    PlanNode,
+    ReplicaStatus,
+    RequestState,
+    Task,
+    decode,
+    encode,
+    now,
+)
 from common.settings import Settings
 from common.store import open_store
 from common.tracking import RequestTracker
@@ -294,6 +303,12 @@ class Harness:
         await self.js.publish(f"lego.tasks.{pool}", encode(task))
 
     async def finished(self, *request_ids: str) -> list[RequestState]:
+        states = await self.ended(*request_ids)
+        for state in states:
+            assert state.status == "succeeded", state
+        return states
+
+    async def ended(self, *request_ids: str) -> list[RequestState]:
         states = []
         async with asyncio.timeout(30):
             for request_id in request_ids:
@@ -301,7 +316,6 @@ class Harness:
                 while state is None or not state.done:
                     await asyncio.sleep(0.05)
                     state = await self.tracker.get(request_id)
-                assert state.status == "succeeded", state
                 states.append(state)
         return states
 
@@ -492,6 +506,54 @@ async def test_a_step_that_waited_for_a_load_is_not_a_step_time(settings: Settin
         assert len(steps) == 4 and any(elapsed > 1.5 for elapsed, _ in steps)
         assert all(figure is None for elapsed, figure in steps if elapsed > 1.5)
         assert feed.step_time_s(1) < 0.15
+
+
+@pytest.mark.timeout(60)
+async def test_step_figures_from_a_slower_time_age_out_rather_than_turn_work_away(
+        settings: Settings):
+    """Steps measured slow (a burst's contention, a noisy neighbour) make a task look doomed;
+    dropped unrun, it measures nothing, so on those figures every later task would be dropped
+    too. Once the pool has run no step for ``figure_max_age_s`` its fastest figures stand in:
+    the next task runs, and the replica reports its fastest step as its recent tasks' mean and
+    90th percentile, which admission holds against deadlines."""
+    async with Harness(settings) as h:
+        host = await h.host("cpu:0", ("pool-a",), figure_max_age_s=1.0)
+        feed = host.feeds["pool-a@cpu:0"]
+        reports: asyncio.Queue[ReplicaStatus] = asyncio.Queue()
+
+        async def on_status(msg: Any) -> None:
+            await reports.put(decode(msg.data, ReplicaStatus))
+
+        sub = await h.nc.subscribe(subjects.replica_subject("pool-a"), cb=on_status)
+
+        async def report() -> ReplicaStatus:
+            while not reports.empty():
+                reports.get_nowait()
+            await feed.publish_status()
+            async with asyncio.timeout(5):
+                while (status := await reports.get()).replica != feed.replica:
+                    pass
+            return status
+
+        await h.submit("slow", "pool-a", 2, None)  # 0.3 s steps
+        await h.finished("slow")
+        feed.core.step_s = 0.05  # the contention is over
+        await h.submit("fast", "pool-a", 2, None)
+        await h.finished("fast")
+        assert feed.step_time_s(1) > 0.15  # still weighed down by the slow steps
+        fresh = await report()
+        assert fresh.unit_ms_p90 is not None and fresh.unit_ms_min is not None
+        assert fresh.unit_ms_p90 > 2 * fresh.unit_ms_min
+        await h.submit("hopeless", "pool-a", 2, 0.3)  # 2 x 0.17 s on those figures
+        (hopeless,) = await h.ended("hopeless")
+        assert hopeless.error is not None and hopeless.error.code == "deadline_exceeded"
+        await asyncio.sleep(1.2)
+        stale = await report()
+        assert stale.unit_ms_p90 == stale.unit_ms_mean == stale.unit_ms_min == fresh.unit_ms_min
+        await h.submit("again", "pool-a", 2, 0.3)
+        await h.finished("again")
+        assert feed.step_time_s(1) < 0.15  # measured again
+        await sub.unsubscribe()
 
 
 def test_one_slow_step_moves_a_step_figure_by_a_bounded_share():
