@@ -75,6 +75,8 @@ def _mean(values: Any) -> float | None:
 
 #: a step counts to a pool's step figures as at most this many times the figure so far
 _OUTLIER = 2.0
+#: times a new arrival goes back from busy hosts' fetches made while they were idle
+_STALE_FETCH_HANDOFFS = 2
 
 
 @dataclass(eq=False)
@@ -275,11 +277,15 @@ class PoolFeed:
         self._learn(held, fetched_at)
         # Handed back: a task this host cannot start soon, and a new arrival that reached the
         # fetch it made while idle after it got busy (an idle device's fetch may be waiting;
-        # not when others queue behind it, which it would then wait behind).
+        # not when others queue behind it, which it would then wait behind). JetStream serves
+        # the oldest fetch first, often another host's that got busy since too, so such an
+        # arrival goes back up to ``_STALE_FETCH_HANDOFFS`` times: handed back once, it stayed
+        # on the second busy host for a step while other devices idled; with no bound, when
+        # every host is busy (a burst), it only moves between them.
         if task.handoffs < host.settings.host_max_handoffs and (
                 not host.may_start(self, held)
-                or waited and task.handoffs == 0 and not msg.metadata.num_pending
-                and not host.idle()):
+                or waited and task.handoffs < _STALE_FETCH_HANDOFFS
+                and not msg.metadata.num_pending and not host.idle()):
             try:
                 await self.hand_back(held)
                 return None

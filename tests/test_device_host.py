@@ -416,6 +416,31 @@ async def test_a_new_arrival_goes_to_an_idle_host_not_to_a_busy_ones_next_step(
 
 
 @pytest.mark.timeout(90)
+async def test_a_new_arrival_passes_two_busy_hosts_stale_fetches_to_reach_an_idle_one(
+        settings: Settings):
+    """Hosts 1 and 2 each fetched for pool B while idle, then got busy with pool A; host 3,
+    idle, fetches for pool B after them. JetStream hands a new pool-B task to the oldest
+    fetch first: host 1's or 2's, which hand it back, each in turn, until it reaches host 3.
+    (Handed back once only, it stayed on the second busy host, behind its step.)"""
+    async with Harness(settings) as h:
+        busy = [await h.host(f"gpu:{n}", ("pool-a", "pool-b"), host_poll_s=10.0)
+                for n in (1, 2)]
+        for n in (1, 2):
+            await h.submit(f"blocker{n}", "pool-a", 6, None)
+        async with asyncio.timeout(10):
+            while {"blocker1", "blocker2"} - set(h.log):
+                await asyncio.sleep(0.02)
+        await h.host("gpu:3", ("pool-b",), host_poll_s=0.2)
+        await asyncio.sleep(0.3)
+        await h.submit("spare", "pool-b", 1, 30.0)
+        [spare] = await h.finished("spare")
+        assert spare.timings[-1].replica == "pool-b@gpu:3"
+        assert spare.timings[-1].held_ms < 100  # it did not wait for a blocker's step
+        assert sum(b.feeds[f"pool-b@gpu:{n}"].stats.tasks_handed_back
+                   for n, b in zip((1, 2), busy, strict=True)) == 2
+
+
+@pytest.mark.timeout(90)
 async def test_a_fetch_that_began_busy_does_not_wait_once_the_work_ended(settings: Settings):
     """A busy host's fetch (batches of 2: it may take a second task) outlasts its only task,
     which ends meanwhile: the host is idle by then, so it fetches again at once, rather than
