@@ -378,7 +378,7 @@ class ReplicaStatus(msgspec.Struct):
     unit_ms_mean: float | None = None
     #: the 90th percentile of recent tasks' step times: what admission holds against the
     #: deadline, so that a step slower than the mean (a fuller batch, a busier host) does not
-    #: make an admitted request late. Both are ``unit_ms_min`` once the replica has run no step
+    #: make an admitted request late. Both are ``unit_ms_min`` once the replica has measured no step
     #: for ``figure_max_age_s``: figures from a busier time must not keep turning work away
     unit_ms_p90: float | None = None
     steps_per_task: float | None = None  # mean over recent tasks

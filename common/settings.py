@@ -186,9 +186,10 @@ class Settings(BaseSettings):
         5.0, gt=0, description="a replica's step figures slower than its fastest (one "
         "task's smoothed step time, which judges what can still make its deadline; its recent "
         "tasks' mean and 90th percentile, which admission holds against deadlines) count only "
-        "while it has run a step within this many seconds; after that its fastest figures "
-        "stand in until it runs again. Figures measured under a burst's contention would "
-        "otherwise keep turning away, for good, the work that would measure them again",
+        "while it has measured a step (a whole one, not beside a model load) within this "
+        "many seconds; after that its fastest figures stand in until it runs again. Figures "
+        "measured under a burst's contention would otherwise keep turning away, for good, the "
+        "work that would measure them again",
     )
     device_hosts: bool = Field(
         False, description="one device host per device, serving every pool resident there: "

@@ -144,7 +144,9 @@ class PoolFeed:
         self._least_single_s: float | None = None  # the least a step of one task took here
         self._single_steps = 0
         self._step_by_size: dict[int, float] = {}  # batch size -> its step time (smoothed)
-        self._figured_at: float | None = None  # when a step last counted to those figures
+        #: when a step last counted to those figures (a split step, or one beside a model's
+        #: load, does not: ``fresh``)
+        self._figured_at: float | None = None
         #: how long and how urgent this pool's tasks have recently been (``typical``)
         self.typical_work_s: float | None = None
         self.typical_slack_s: float | None = None
